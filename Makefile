@@ -1,0 +1,35 @@
+# stoa: the two commands are `make run` and `make test`; both install what is missing.
+CARGO ?= cargo
+
+.PHONY: run test deps build lint fmt check-configs clean
+
+## Demo upstreams + gateway on config/demo.toml (gateway :8080, admin :9901).
+run: deps
+	$(CARGO) build --release --workspace --bins
+	./scripts/run-demo.sh
+
+## Everything CI checks: unit and end-to-end tests, formatting and lints.
+test: deps
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+deps:
+	./scripts/install-deps.sh
+	@rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+## Validate every shipped configuration, like `nginx -t`.
+check-configs: build
+	for f in config/*.toml; do ./target/release/stoa check --config $$f || exit 1; done
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

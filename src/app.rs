@@ -1,0 +1,165 @@
+//! Builds the pingora server from a validated configuration and runs it until shutdown.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::gateway::Gateway;
+use crate::lifecycle::Lifecycle;
+use crate::proxy::StoaProxy;
+
+/// How long to wait for the proxy listener to accept its first probe before giving up on
+/// readiness (the process keeps serving, and `/readyz` stays 503).
+const READINESS_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Serves `config` until SIGTERM or SIGINT, then drains in-flight requests and returns.
+pub fn run(config: Config) -> anyhow::Result<()> {
+    for (what, addr) in [
+        ("server.listen", config.server.listen),
+        ("admin.listen", config.admin.listen),
+    ] {
+        std::net::TcpListener::bind(addr)
+            .with_context(|| format!("{what}: cannot listen on {addr}"))?;
+    }
+
+    let lifecycle = Lifecycle::new();
+    let gateway = Arc::new(ArcSwap::new(Gateway::new(&config)));
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        // stoa drains in-flight requests itself (see `SignalWatch`), so pingora need not wait.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let server_conf = server.configuration.clone();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server_conf,
+        StoaProxy::new(gateway, lifecycle.clone()),
+        "stoa proxy",
+    );
+    proxy.add_tcp(&config.server.listen.to_string());
+
+    let mut admin = Service::new("stoa admin".to_string(), AdminApp::new(lifecycle.clone()));
+    admin.add_tcp(&config.admin.listen.to_string());
+    admin.threads = Some(1);
+
+    let probe = background_service(
+        "stoa readiness",
+        ReadinessProbe {
+            addr: config.server.listen,
+            lifecycle: lifecycle.clone(),
+        },
+    );
+
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(probe);
+
+    tracing::info!(
+        listen = %config.server.listen,
+        admin = %config.admin.listen,
+        routes = config.routes.len(),
+        "stoa starting"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(SignalWatch {
+            lifecycle,
+            timeout: config.server.shutdown_timeout,
+        }),
+    });
+    tracing::info!("stoa stopped");
+    Ok(())
+}
+
+/// Marks the process ready once the proxy listener accepts connections.
+struct ReadinessProbe {
+    addr: SocketAddr,
+    lifecycle: Arc<Lifecycle>,
+}
+
+#[async_trait]
+impl BackgroundService for ReadinessProbe {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let target = connectable(self.addr);
+        let deadline = tokio::time::Instant::now() + READINESS_DEADLINE;
+        while tokio::time::Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(target).await.is_ok() {
+                self.lifecycle.mark_ready();
+                tracing::info!(listen = %self.addr, "ready");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::error!(listen = %self.addr, "proxy listener never accepted a connection");
+    }
+}
+
+/// A wildcard listen address is probed on loopback.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), addr.port())
+        }
+        _ => addr,
+    }
+}
+
+/// SIGTERM and SIGINT both shut down gracefully: `/readyz` turns 503, in-flight requests
+/// finish (up to `server.shutdown_timeout`), then pingora stops its services.
+struct SignalWatch {
+    lifecycle: Arc<Lifecycle>,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for SignalWatch {
+    async fn recv(&self) -> ShutdownSignal {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                tracing::info!(
+                    in_flight = self.lifecycle.in_flight(),
+                    "{name} received: draining"
+                );
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("cannot watch shutdown signals: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+        self.lifecycle.begin_drain();
+        if self.lifecycle.drained(self.timeout).await {
+            tracing::info!("all in-flight requests finished");
+        } else {
+            tracing::warn!(
+                in_flight = self.lifecycle.in_flight(),
+                "shutdown timeout reached with requests still in flight"
+            );
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}

@@ -1,0 +1,769 @@
+//! Loading and validating the TOML configuration.
+//!
+//! The file is read with figment and merged with `STOA_<SECTION>__<KEY>` environment
+//! overrides. Each section and each entry is deserialized on its own and then validated
+//! into typed settings, collecting **every** problem with its key path, like `nginx -t`.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Value};
+use figment::Figment;
+use serde::de::DeserializeOwned;
+
+use crate::routes::{PathTemplate, RewriteTemplate};
+use raw::{RawAdmin, RawDuration, RawRoute, RawServer, RawSize, RawUpstream};
+
+/// Methods a route may list.
+const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "STOA_";
+
+/// One thing wrong with a configuration, at a key path such as `routes[2].upstream`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration the gateway is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+}
+
+/// An upstream service. Its host name is resolved once, when the configuration is loaded,
+/// so that no request ever waits on DNS.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub url: String,
+    pub addr: SocketAddr,
+    /// The `Host` header sent upstream (`host` or `host:port`, as in the URL).
+    pub host_header: String,
+    /// A path prefix from the URL (`http://h/base` -> `/base`), prepended to every request.
+    pub base_path: String,
+    pub connect_timeout: Duration,
+    /// Longest wait for any read from the upstream: the response head or the next body chunk.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    /// `None`: every method.
+    pub methods: Option<Vec<http::Method>>,
+    pub path: PathTemplate,
+    pub upstream: Arc<Upstream>,
+    pub rewrite: Option<RewriteTemplate>,
+}
+
+impl Config {
+    /// A one-line summary for `stoa check`.
+    pub fn summary(&self) -> String {
+        format!(
+            "configuration ok: {} upstream(s), {} route(s), listening on {}, admin on {}",
+            self.upstreams.len(),
+            self.routes.len(),
+            self.server.listen,
+            self.admin.listen
+        )
+    }
+}
+
+/// Where configuration values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvOverrides {
+    /// Apply `STOA_<SECTION>__<KEY>` variables from the process environment.
+    Apply,
+    /// Use the file alone.
+    Ignore,
+}
+
+/// Reads, merges and validates the configuration file at `path`.
+pub fn load(path: &Path, env: EnvOverrides) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![Problem {
+            path: String::new(),
+            message: format!("cannot read configuration file {}: {e}", path.display()),
+        }])
+    })?;
+    load_str(&text, env)
+}
+
+/// Merges and validates configuration text.
+pub fn load_str(text: &str, env: EnvOverrides) -> Result<Config, ConfigErrors> {
+    let mut figment = Figment::from(Toml::string(text));
+    if env == EnvOverrides::Apply {
+        // Only `SECTION__KEY` variables are overrides; e.g. `STOA_CONFIG` is not.
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
+    }
+    let root: Dict = figment.extract().map_err(|e| {
+        ConfigErrors(
+            e.into_iter()
+                .map(|e| Problem {
+                    path: e.path.join("."),
+                    message: e.to_string(),
+                })
+                .collect(),
+        )
+    })?;
+    Validator::new(&figment).run(root)
+}
+
+/// Collects problems while turning raw values into typed settings.
+struct Validator<'f> {
+    figment: &'f Figment,
+    problems: Vec<Problem>,
+}
+
+impl<'f> Validator<'f> {
+    fn new(figment: &'f Figment) -> Self {
+        Validator {
+            figment,
+            problems: Vec::new(),
+        }
+    }
+
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one section or entry, reporting a failure at its path.
+    fn section<T: DeserializeOwned>(&mut self, path: &str, value: &Value) -> Option<T> {
+        match value.deserialize::<T>() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let source = self
+                    .figment
+                    .get_metadata(value.tag())
+                    .filter(|m| m.name.contains("environment"))
+                    .map(|_| " (set from the environment)")
+                    .unwrap_or("");
+                for err in e {
+                    let mut full = path.to_string();
+                    for p in &err.path {
+                        full.push('.');
+                        full.push_str(p);
+                    }
+                    let message = match &err.kind {
+                        figment::error::Kind::UnknownField(field, expected) => format!(
+                            "unknown key {field:?} (expected one of: {})",
+                            expected.join(", ")
+                        ),
+                        other => other.to_string(),
+                    };
+                    self.problem(full, format!("{message}{source}"));
+                }
+                None
+            }
+        }
+    }
+
+    fn run(mut self, mut root: Dict) -> Result<Config, ConfigErrors> {
+        let server_raw: RawServer = match root.remove("server") {
+            Some(v) => self.section("server", &v).unwrap_or_default(),
+            None => RawServer::default(),
+        };
+        let admin_raw: RawAdmin = match root.remove("admin") {
+            Some(v) => self.section("admin", &v).unwrap_or_default(),
+            None => RawAdmin::default(),
+        };
+        let upstreams_raw = root.remove("upstreams");
+        let routes_raw = root.remove("routes");
+        for key in root.keys() {
+            self.problem(
+                key.clone(),
+                "unknown section (expected server, admin, upstreams or routes)",
+            );
+        }
+
+        let server = self.server(server_raw);
+        let admin = self.admin(admin_raw);
+        if let (Some(s), Some(a)) = (&server, &admin) {
+            if s.listen == a.listen {
+                self.problem("admin.listen", "must differ from server.listen");
+            }
+        }
+        let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
+        let routes = self.routes(routes_raw, &upstreams, &upstream_names);
+
+        match (server, admin) {
+            (Some(server), Some(admin)) if self.problems.is_empty() => Ok(Config {
+                server,
+                admin,
+                upstreams,
+                routes,
+            }),
+            _ => Err(ConfigErrors(self.problems)),
+        }
+    }
+
+    fn address(&mut self, path: &str, value: Option<&str>, default: &str) -> Option<SocketAddr> {
+        let text = value.unwrap_or(default);
+        match text.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    path,
+                    format!("{text:?} is not an address like \"127.0.0.1:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        path: &str,
+        value: Option<&RawDuration>,
+        default: Duration,
+    ) -> Option<Duration> {
+        let parsed = match value {
+            None => return Some(default),
+            Some(RawDuration::Number(n)) => Err(format!(
+                "{n} has no unit; write a duration like \"{n}s\" or \"{n}ms\""
+            )),
+            Some(RawDuration::Text(t)) => humantime::parse_duration(t).map_err(|e| {
+                format!("{t:?} is not a duration like \"250ms\", \"5s\" or \"5m\": {e}")
+            }),
+        };
+        match parsed {
+            Ok(d) if d.is_zero() => {
+                self.problem(path, "must be greater than zero");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(msg) => {
+                self.problem(path, msg);
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, path: &str, value: Option<&RawSize>, default: u64) -> Option<u64> {
+        let parsed = match value {
+            None => return Some(default),
+            Some(RawSize::Bytes(n)) => Ok(*n),
+            Some(RawSize::Text(t)) => t
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|b| b.as_u64())
+                .map_err(|e| format!("{t:?} is not a size like \"64KiB\" or \"256MiB\": {e}")),
+        };
+        match parsed {
+            Ok(0) => {
+                self.problem(path, "must be greater than zero");
+                None
+            }
+            Ok(n) => Some(n),
+            Err(msg) => {
+                self.problem(path, msg);
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: RawServer) -> Option<ServerSettings> {
+        let listen = self.address("server.listen", raw.listen.as_deref(), "127.0.0.1:8080");
+        let threads = match raw.threads {
+            None => Some(2),
+            Some(n) if (1..=1024).contains(&n) => Some(n as usize),
+            Some(n) => {
+                self.problem("server.threads", format!("{n} is not between 1 and 1024"));
+                None
+            }
+        };
+        let max_body_bytes = self.size(
+            "server.max_body_bytes",
+            raw.max_body_bytes.as_ref(),
+            1024 * 1024,
+        );
+        let shutdown_timeout = self.duration(
+            "server.shutdown_timeout",
+            raw.shutdown_timeout.as_ref(),
+            Duration::from_secs(30),
+        );
+        Some(ServerSettings {
+            listen: listen?,
+            threads: threads?,
+            max_body_bytes: max_body_bytes?,
+            shutdown_timeout: shutdown_timeout?,
+        })
+    }
+
+    fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
+        let listen = self.address("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901")?;
+        Some(AdminSettings { listen })
+    }
+
+    fn name_ok(&mut self, path: &str, name: &str) -> bool {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !ok {
+            self.problem(
+                path,
+                format!("name {name:?} must be 1-64 letters, digits, '_' or '-'"),
+            );
+        }
+        ok
+    }
+
+    /// The valid upstreams, and the names of all defined ones (valid or not), so that a
+    /// route naming a broken upstream is not reported twice.
+    fn upstreams(&mut self, raw: Option<Value>) -> (BTreeMap<String, Arc<Upstream>>, Vec<String>) {
+        let mut out = BTreeMap::new();
+        let Some(raw) = raw else {
+            return (out, Vec::new());
+        };
+        let Some(dict) = raw.into_dict() else {
+            self.problem("upstreams", "must be a table of named upstreams");
+            return (out, Vec::new());
+        };
+        let names = dict.keys().cloned().collect();
+        for (name, value) in dict {
+            let path = format!("upstreams.{name}");
+            let name_ok = self.name_ok(&path, &name);
+            let Some(raw) = self.section::<RawUpstream>(&path, &value) else {
+                continue;
+            };
+            if let (Some(up), true) = (self.upstream(&path, &name, raw), name_ok) {
+                out.insert(name, Arc::new(up));
+            }
+        }
+        (out, names)
+    }
+
+    fn upstream(&mut self, path: &str, name: &str, raw: RawUpstream) -> Option<Upstream> {
+        let connect_timeout = self.duration(
+            &format!("{path}.connect_timeout"),
+            raw.connect_timeout.as_ref(),
+            Duration::from_secs(2),
+        );
+        let timeout = self.duration(
+            &format!("{path}.timeout"),
+            raw.timeout.as_ref(),
+            Duration::from_secs(30),
+        );
+        let url_path = format!("{path}.url");
+        let target = match parse_upstream_url(&raw.url) {
+            Ok(t) => Some(t),
+            Err(msg) => {
+                self.problem(url_path, msg);
+                None
+            }
+        };
+        let (addr, host_header, base_path) = target?;
+        Some(Upstream {
+            name: name.to_string(),
+            url: raw.url,
+            addr,
+            host_header,
+            base_path,
+            connect_timeout: connect_timeout?,
+            timeout: timeout?,
+        })
+    }
+
+    fn routes(
+        &mut self,
+        raw: Option<Value>,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        upstream_names: &[String],
+    ) -> Vec<RouteSpec> {
+        let Some(raw) = raw else { return Vec::new() };
+        let Some(items) = raw.into_array() else {
+            self.problem("routes", "must be an array of tables ([[routes]])");
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut shapes: Vec<RouteShape> = Vec::new();
+        for (i, value) in items.iter().enumerate() {
+            let path = format!("routes[{i}]");
+            let Some(raw) = self.section::<RawRoute>(&path, value) else {
+                continue;
+            };
+            let (route, shape) = self.route(&path, raw, upstreams, upstream_names);
+            self.check_route_conflicts(i, &shape, &shapes);
+            shapes.push(shape);
+            out.extend(route);
+        }
+        out
+    }
+
+    fn route(
+        &mut self,
+        path: &str,
+        raw: RawRoute,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        upstream_names: &[String],
+    ) -> (Option<RouteSpec>, RouteShape) {
+        let name_ok = self.name_ok(&format!("{path}.name"), &raw.name);
+        let methods = match raw.methods {
+            None => Some(None),
+            Some(list) => self.methods(&format!("{path}.methods"), &list).map(Some),
+        };
+        let template = match PathTemplate::parse(&raw.path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.problem(format!("{path}.path"), format!("{:?} {e}", raw.path));
+                None
+            }
+        };
+        let upstream = upstreams.get(&raw.upstream).cloned();
+        if !upstream_names.contains(&raw.upstream) {
+            self.problem(
+                format!("{path}.upstream"),
+                format!("no upstream named {:?}", raw.upstream),
+            );
+        }
+        let rewrite = match (&raw.rewrite, &template) {
+            (Some(text), Some(t)) => match RewriteTemplate::parse(text, t) {
+                Ok(r) => Some(Some(r)),
+                Err(e) => {
+                    self.problem(format!("{path}.rewrite"), format!("{text:?} {e}"));
+                    None
+                }
+            },
+            (Some(_), None) => None,
+            (None, _) => Some(None),
+        };
+        let shape = RouteShape {
+            name: raw.name.clone(),
+            methods: methods.clone().flatten(),
+            path: template.clone(),
+        };
+        let route = (|| {
+            name_ok.then_some(())?;
+            Some(RouteSpec {
+                name: raw.name,
+                methods: methods?,
+                path: template?,
+                upstream: upstream?,
+                rewrite: rewrite?,
+            })
+        })();
+        (route, shape)
+    }
+
+    fn methods(&mut self, path: &str, list: &[String]) -> Option<Vec<http::Method>> {
+        if list.is_empty() {
+            self.problem(
+                path,
+                "must name at least one method (or be left out for all)",
+            );
+            return None;
+        }
+        let mut out: Vec<http::Method> = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for (i, m) in list.iter().enumerate() {
+            let valid = KNOWN_METHODS.contains(&m.as_str());
+            match http::Method::from_bytes(m.as_bytes()) {
+                Ok(method) if valid => {
+                    if out.contains(&method) {
+                        self.problem(format!("{path}[{i}]"), format!("{m} is listed twice"));
+                        ok = false;
+                    }
+                    out.push(method);
+                }
+                _ => {
+                    self.problem(
+                        format!("{path}[{i}]"),
+                        format!("{m:?} is not one of {}", KNOWN_METHODS.join(", ")),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(out)
+    }
+
+    /// Names must be unique, and no two routes may match the same requests.
+    fn check_route_conflicts(&mut self, i: usize, route: &RouteShape, earlier: &[RouteShape]) {
+        for (j, other) in earlier.iter().enumerate() {
+            if other.name == route.name {
+                self.problem(
+                    format!("routes[{i}].name"),
+                    format!("{:?} is already the name of routes[{j}]", route.name),
+                );
+            }
+            let methods_overlap = match (&route.methods, &other.methods) {
+                (None, _) | (_, None) => true,
+                (Some(a), Some(b)) => a.iter().any(|m| b.contains(m)),
+            };
+            let (Some(path), Some(other_path)) = (&route.path, &other.path) else {
+                continue;
+            };
+            if methods_overlap && path.equivalent(other_path) {
+                self.problem(
+                    format!("routes[{i}].path"),
+                    format!(
+                        "{:?} matches the same requests as routes[{j}] ({:?}, path {:?})",
+                        path.as_str(),
+                        other.name,
+                        other_path.as_str()
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// What conflict checks need of a route, kept even when the route has other problems.
+struct RouteShape {
+    name: String,
+    methods: Option<Vec<http::Method>>,
+    path: Option<PathTemplate>,
+}
+
+/// Splits an upstream URL into its resolved address, `Host` header and base path.
+fn parse_upstream_url(text: &str) -> Result<(SocketAddr, String, String), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    match url.scheme() {
+        "http" => {}
+        "https" => {
+            return Err(format!(
+                "{text:?}: https upstreams are not supported yet; use http"
+            ))
+        }
+        other => return Err(format!("{text:?}: scheme {other:?} is not http")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{text:?}: credentials in upstream URLs are not supported"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{text:?}: an upstream URL takes no query or fragment"
+        ));
+    }
+    let host = url
+        .host_str()
+        .ok_or_else(|| format!("{text:?} has no host"))?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let lookup_host = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (lookup_host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{text:?}: cannot resolve {host}: {e}"))?
+        .min_by_key(|a| a.is_ipv6())
+        .ok_or_else(|| format!("{text:?}: {host} resolves to no address"))?;
+    let host_header = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    let base_path = url.path().trim_end_matches('/').to_string();
+    Ok((addr, host_header, base_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match load_str(text, EnvOverrides::Ignore) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+        [server]
+        listen = "127.0.0.1:18080"
+        max_body_bytes = "64KiB"
+        [admin]
+        listen = "127.0.0.1:19901"
+        [upstreams.menu]
+        url = "http://127.0.0.1:9001/base/"
+        timeout = "5s"
+        [[routes]]
+        name = "restaurant"
+        methods = ["GET"]
+        path = "/restaurant/{id}"
+        upstream = "menu"
+        rewrite = "/api/restaurant/{id}"
+    "#;
+
+    #[test]
+    fn a_good_file_gives_typed_settings() {
+        let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
+        assert_eq!(c.server.max_body_bytes, 64 * 1024);
+        assert_eq!(c.server.threads, 2);
+        let up = &c.upstreams["menu"];
+        assert_eq!(up.timeout, Duration::from_secs(5));
+        assert_eq!(up.host_header, "127.0.0.1:9001");
+        assert_eq!(up.base_path, "/base");
+        assert_eq!(
+            c.routes[0].rewrite.as_ref().unwrap().as_str(),
+            "/api/restaurant/{id}"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+            bogus = 1
+            [server]
+            listen = "nowhere"
+            max_body_bytes = "lots"
+            shutdown_timeout = 5
+            [upstreams.a]
+            url = "ftp://x"
+            [upstreams.b]
+            url = "http://127.0.0.1:1"
+            colour = "red"
+            [[routes]]
+            name = "one"
+            path = "/x/{id}"
+            upstream = "clvv"
+            rewrite = "/y/{name}"
+            [[routes]]
+            name = "one"
+            methods = ["get"]
+            path = "no-slash"
+            upstream = "a"
+        "#;
+        let p = problems(text);
+        let expect = [
+            "bogus: unknown section",
+            "server.listen: \"nowhere\"",
+            "server.max_body_bytes:",
+            "server.shutdown_timeout: 5 has no unit",
+            "upstreams.a.url:",
+            "upstreams.b.colour: unknown key \"colour\"",
+            "routes[0].upstream: no upstream named \"clvv\"",
+            "routes[0].rewrite: \"/y/{name}\" uses parameter {name}",
+            "routes[1].methods[0]:",
+            "routes[1].path: \"no-slash\" must start with '/'",
+            "routes[1].name: \"one\" is already the name of routes[0]",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+    }
+
+    #[test]
+    fn duplicate_names_and_overlapping_routes_are_errors() {
+        let text = r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "a"
+            methods = ["GET"]
+            path = "/p/{id}"
+            upstream = "u"
+            [[routes]]
+            name = "b"
+            methods = ["GET", "POST"]
+            path = "/p/{other}"
+            upstream = "u"
+            [[routes]]
+            name = "c"
+            methods = ["DELETE"]
+            path = "/p/{id}"
+            upstream = "u"
+            [[routes]]
+            name = "a"
+            path = "/q"
+            upstream = "u"
+        "#;
+        let p = problems(text);
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(p[0]
+            .starts_with("routes[1].path: \"/p/{other}\" matches the same requests as routes[0]"));
+        assert!(p[1].starts_with("routes[3].name: \"a\" is already the name of routes[0]"));
+    }
+
+    #[test]
+    fn same_address_for_admin_and_server_is_an_error() {
+        let p = problems("[server]\nlisten = \"127.0.0.1:1\"\n[admin]\nlisten = \"127.0.0.1:1\"\n");
+        assert_eq!(
+            p,
+            vec!["admin.listen: must differ from server.listen".to_string()]
+        );
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_reported() {
+        let p = problems("[server\nlisten = 1");
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn upstream_urls_are_checked() {
+        assert!(parse_upstream_url("https://127.0.0.1").is_err());
+        assert!(parse_upstream_url("http://127.0.0.1/?q=1").is_err());
+        assert!(parse_upstream_url("http://user:pw@127.0.0.1/").is_err());
+        let (addr, host, base) = parse_upstream_url("http://localhost").unwrap();
+        assert_eq!(addr.port(), 80);
+        assert_eq!(host, "localhost");
+        assert_eq!(base, "");
+    }
+}

@@ -1,0 +1,55 @@
+//! The configuration file's format: plain serde structs, every one denying unknown keys.
+//! Values are kept loose here (strings for durations, sizes, addresses) and checked in
+//! [`super::validate`], so that every problem can be reported at once.
+
+use serde::Deserialize;
+
+/// A size: a number of bytes, or a string with a unit such as `"64KiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+/// A duration: a string with a unit such as `"250ms"` or `"5s"`. Bare numbers are rejected
+/// during validation with a hint, rather than guessed at.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawDuration {
+    Number(f64),
+    Text(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub threads: Option<i64>,
+    pub max_body_bytes: Option<RawSize>,
+    pub shutdown_timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: String,
+    pub connect_timeout: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub methods: Option<Vec<String>>,
+    pub path: String,
+    pub upstream: String,
+    pub rewrite: Option<String>,
+}

@@ -1,0 +1,119 @@
+//! Every error stoa answers itself, and the one table from error to HTTP status.
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde::Serialize;
+
+/// An error answered to the client by stoa itself, as JSON
+/// `{"error":"<kind>","message":"<sentence>"}`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoaError {
+    #[error("no route matches {path}")]
+    NoRoute { path: String },
+    #[error("method {method} is not allowed here; allowed: {allow}")]
+    MethodNotAllowed { method: String, allow: String },
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("upstream {upstream} could not be reached: {detail}")]
+    UpstreamUnreachable { upstream: String, detail: String },
+    #[error("upstream {upstream} did not answer within {timeout_ms} ms")]
+    UpstreamTimeout { upstream: String, timeout_ms: u128 },
+    #[error("upstream {upstream} failed: {detail}")]
+    UpstreamFailed { upstream: String, detail: String },
+    #[error("stoa is not ready to serve")]
+    NotReady,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl StoaError {
+    /// The HTTP status for this error: the single place that decides it.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            StoaError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            StoaError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            StoaError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            StoaError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            StoaError::UpstreamUnreachable { .. } | StoaError::UpstreamFailed { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            StoaError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            StoaError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            StoaError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The machine-readable kind, the `error` field of the JSON body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoaError::NoRoute { .. } => "not_found",
+            StoaError::MethodNotAllowed { .. } => "method_not_allowed",
+            StoaError::BodyTooLarge { .. } => "payload_too_large",
+            StoaError::BadRequest(_) => "bad_request",
+            StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
+            StoaError::UpstreamTimeout { .. } => "upstream_timeout",
+            StoaError::UpstreamFailed { .. } => "upstream_failed",
+            StoaError::NotReady => "not_ready",
+            StoaError::Internal(_) => "internal",
+        }
+    }
+
+    /// Extra response headers this error carries (e.g. `Allow` on 405).
+    pub fn extra_header(&self) -> Option<(&'static str, &str)> {
+        match self {
+            StoaError::MethodNotAllowed { allow, .. } => Some(("allow", allow.as_str())),
+            _ => None,
+        }
+    }
+
+    /// The JSON body sent to the client.
+    pub fn body(&self) -> Bytes {
+        json_error_body(self.kind(), &self.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+}
+
+/// Renders `{"error":kind,"message":message}`.
+pub fn json_error_body(kind: &str, message: &str) -> Bytes {
+    // Serializing two strings cannot fail; fall back to a fixed body all the same.
+    serde_json::to_vec(&ErrorBody {
+        error: kind,
+        message,
+    })
+    .map(Bytes::from)
+    .unwrap_or_else(|_| Bytes::from_static(br#"{"error":"internal","message":"error"}"#))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_bodies_are_json_with_kind_and_message() {
+        let e = StoaError::MethodNotAllowed {
+            method: "POST".into(),
+            allow: "GET, HEAD".into(),
+        };
+        assert_eq!(e.status(), StatusCode::METHOD_NOT_ALLOWED);
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"], "method_not_allowed");
+        assert!(v["message"].as_str().unwrap().contains("GET, HEAD"));
+        assert_eq!(e.extra_header(), Some(("allow", "GET, HEAD")));
+    }
+
+    #[test]
+    fn messages_with_quotes_stay_valid_json() {
+        let e = StoaError::NoRoute {
+            path: "/a\"b".into(),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["message"], "no route matches /a\"b");
+    }
+}

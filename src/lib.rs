@@ -1,0 +1,13 @@
+//! stoa: a caching reverse proxy and API aggregator for slow JSON APIs, built on pingora.
+//!
+//! The binary is a thin shell around this library: [`config::load`] validates a TOML file
+//! into a [`config::Config`], and [`app::run`] serves it.
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod lifecycle;
+pub mod proxy;
+pub mod routes;

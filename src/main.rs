@@ -1,0 +1,86 @@
+//! The `stoa` command line: serve a configuration, or check one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use stoa::config::{self, EnvOverrides};
+
+/// stoa: a caching reverse proxy and API aggregator for slow JSON APIs.
+#[derive(Debug, Parser)]
+#[command(name = "stoa", version, about, long_about = None)]
+struct Cli {
+    /// The TOML configuration file. Keys can be overridden from the environment as
+    /// STOA_<SECTION>__<KEY>, e.g. STOA_SERVER__LISTEN=0.0.0.0:8080.
+    #[arg(long, short, global = true, env = "STOA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the configuration (the default).
+    Run,
+    /// Validate the configuration without serving; list every problem and exit 1 if any.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Some(path) = cli.config else {
+        eprintln!("stoa: no configuration file; pass --config FILE (or set STOA_CONFIG)");
+        return ExitCode::from(2);
+    };
+    let loaded = config::load(&path, EnvOverrides::Apply);
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => match loaded {
+            Ok(config) => {
+                println!("{}: {}", path.display(), config.summary());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                report(&path, &errors);
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run => {
+            let config = match loaded {
+                Ok(config) => config,
+                Err(errors) => {
+                    report(&path, &errors);
+                    return ExitCode::FAILURE;
+                }
+            };
+            init_tracing();
+            match stoa::app::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stoa: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn report(path: &std::path::Path, errors: &config::ConfigErrors) {
+    eprintln!(
+        "{}: {} problem(s) in the configuration:",
+        path.display(),
+        errors.0.len()
+    );
+    for problem in &errors.0 {
+        eprintln!("  {problem}");
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,249 @@
+//! Test harness: starts the real `stoa` binary on ephemeral ports with a generated
+//! configuration, in front of real upstream servers.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub use stoa_demo::{Api, DemoServer, Knobs};
+
+pub const STOA: &str = env!("CARGO_BIN_EXE_stoa");
+
+/// A port nobody listens on right now (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Starts a demo upstream on an ephemeral port with its default knobs.
+pub async fn demo(api: Api) -> DemoServer {
+    demo_with(api, Knobs::default_for(api)).await
+}
+
+pub async fn demo_with(api: Api, knobs: Knobs) -> DemoServer {
+    DemoServer::start(api, "127.0.0.1:0".parse().unwrap(), knobs)
+        .await
+        .expect("demo upstream failed to start")
+}
+
+/// The `[server]` and `[admin]` sections for fresh ports, followed by `rest`.
+pub fn config_with(rest: &str) -> (String, u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nshutdown_timeout = \"10s\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{rest}"
+    );
+    (text, port, admin)
+}
+
+/// A running gateway process, killed when dropped.
+pub struct Gateway {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Writes `rest` (upstreams and routes) into a config with fresh ports and starts stoa.
+    pub async fn start(rest: &str) -> Gateway {
+        let (text, port, admin_port) = config_with(rest);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stoa.toml");
+        std::fs::write(&path, text).unwrap();
+        let log = std::fs::File::create(dir.path().join("stoa.log")).unwrap();
+        let child = Command::new(STOA)
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("cannot start stoa");
+        let mut gw = Gateway {
+            child,
+            port,
+            admin_port,
+            dir,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("stoa exited early ({status}):\n{}", self.log());
+            }
+            if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("stoa never became ready:\n{}", self.log());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stoa.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `stoa` with arguments and returns (exit code, stdout, stderr).
+pub fn stoa(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(STOA);
+    cmd.args(args).stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("cannot run stoa");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    path
+}
+
+/// A minimal upstream that answers every request with a JSON description of what it
+/// received (method, target, headers, body). Used to check what stoa sends upstream.
+pub struct EchoUpstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EchoUpstream {
+    pub async fn start() -> EchoUpstream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // Read one request: head, then a Content-Length body.
+                        let head_end = loop {
+                            if let Some(pos) = find(&buf, b"\r\n\r\n") {
+                                break pos + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+                        let mut lines = head.split("\r\n");
+                        let request_line = lines.next().unwrap_or_default().to_string();
+                        let mut headers = serde_json::Map::new();
+                        let mut length = 0usize;
+                        for line in lines.filter(|l| !l.is_empty()) {
+                            if let Some((k, v)) = line.split_once(':') {
+                                let k = k.trim().to_ascii_lowercase();
+                                if k == "content-length" {
+                                    length = v.trim().parse().unwrap_or(0);
+                                }
+                                headers.insert(k, serde_json::Value::String(v.trim().to_string()));
+                            }
+                        }
+                        while buf.len() < head_end + length {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let body =
+                            String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+                        buf.drain(..head_end + length);
+                        let mut parts = request_line.split(' ');
+                        let reply = serde_json::json!({
+                            "method": parts.next(),
+                            "target": parts.next(),
+                            "headers": headers,
+                            "body": body,
+                        })
+                        .to_string();
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{reply}",
+                            reply.len()
+                        );
+                        if sock.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        EchoUpstream { addr, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for EchoUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,0 +1,95 @@
+//! `stoa check`, the CLI and the shipped configuration files.
+
+mod common;
+
+use common::{repo_path, stoa, write_temp};
+
+#[test]
+fn every_shipped_config_passes_check() {
+    let dir = repo_path("config");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let (code, out, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+        assert_eq!(code, 0, "{} failed check:\n{out}{err}", path.display());
+        assert!(out.contains("configuration ok"), "{out}");
+        checked += 1;
+    }
+    assert!(
+        checked >= 6,
+        "expected demo.toml and one file per seed, found {checked}"
+    );
+}
+
+#[test]
+fn a_broken_config_reports_every_mistake_and_exits_1() {
+    let path = repo_path("tests/fixtures/broken.toml");
+    let (code, out, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = [
+        "colour: unknown section",
+        "admin.token: unknown key \"token\"",
+        "server.listen: \"localhost-8080\" is not an address",
+        "server.threads: 0 is not between 1 and 1024",
+        "server.max_body_bytes: \"lots\" is not a size",
+        "upstreams.clv.timeout: \"soon\" is not a duration",
+        "upstreams.menus.url: \"ftp://127.0.0.1:9001\": scheme \"ftp\" is not http",
+        "routes[1].rewrite: \"/api/restaurant/{name}\" uses parameter {name}",
+        "routes[2].upstream: no upstream named \"clvv\"",
+        "routes[2].path: \"/get_clv\" matches the same requests as routes[0]",
+        "routes[3].methods[0]: \"FETCH\" is not one of",
+        "routes[3].path: \"restaurants\" must start with '/'",
+        "routes[3].name: \"clv\" is already the name of routes[0]",
+    ];
+    for line in expected {
+        assert!(err.contains(line), "missing {line:?} in:\n{err}");
+    }
+    assert!(err.contains("13 problem(s)"), "{err}");
+}
+
+#[test]
+fn environment_overrides_apply_and_are_validated() {
+    let demo = repo_path("config/demo.toml");
+    let demo = demo.to_str().unwrap();
+    let (code, out, _) = stoa(
+        &["check", "--config", demo],
+        &[("STOA_SERVER__LISTEN", "127.0.0.1:18181")],
+    );
+    assert_eq!(code, 0);
+    assert!(out.contains("listening on 127.0.0.1:18181"), "{out}");
+
+    let (code, _, err) = stoa(
+        &["check", "--config", demo],
+        &[("STOA_UPSTREAMS__CLV__TIMEOUT", "forever")],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("upstreams.clv.timeout: \"forever\""), "{err}");
+}
+
+#[test]
+fn a_missing_file_or_bad_toml_is_a_clear_error() {
+    let (code, _, err) = stoa(&["check", "--config", "/nonexistent/stoa.toml"], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read configuration file"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_temp(dir.path(), "bad.toml", "[server\nlisten = ");
+    let (code, _, err) = stoa(&["check", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("1 problem(s)"), "{err}");
+}
+
+#[test]
+fn help_and_version() {
+    let (code, out, _) = stoa(&["--version"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("stoa "), "{out}");
+    let (code, out, _) = stoa(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("check") && out.contains("--config"), "{out}");
+    let (code, _, err) = stoa(&[], &[("STOA_CONFIG", "")]);
+    assert_eq!(code, 2, "{err}");
+}
