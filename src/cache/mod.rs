@@ -1,0 +1,54 @@
+//! The response cache: key derivation, storage, single flight and freshness.
+
+/// How a response on a cached route was produced: the `X-Cache` header (*contract*) and
+/// the `cache` label of the request metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CacheStatus {
+    /// Served fresh from memory.
+    Hit,
+    /// This request led the upstream fetch and got its result.
+    Miss,
+    /// Served an expired copy (stale-while-revalidate or stale-if-error).
+    Stale,
+    /// Went to the upstream without the cache (private request or response, lock timeout).
+    Bypass,
+    /// Waited for another request's fetch and got its result.
+    Coalesced,
+    /// Not a cached route.
+    None,
+}
+
+impl CacheStatus {
+    pub const ALL: [CacheStatus; 6] = [
+        CacheStatus::Hit,
+        CacheStatus::Miss,
+        CacheStatus::Stale,
+        CacheStatus::Bypass,
+        CacheStatus::Coalesced,
+        CacheStatus::None,
+    ];
+
+    /// The `X-Cache` header value; `None` for routes without a cache.
+    pub fn header_value(self) -> Option<&'static str> {
+        match self {
+            CacheStatus::Hit => Some("HIT"),
+            CacheStatus::Miss => Some("MISS"),
+            CacheStatus::Stale => Some("STALE"),
+            CacheStatus::Bypass => Some("BYPASS"),
+            CacheStatus::Coalesced => Some("COALESCED"),
+            CacheStatus::None => None,
+        }
+    }
+
+    /// The metrics label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::None => "none",
+        }
+    }
+}
