@@ -14,6 +14,7 @@ use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::AdminApp;
+use crate::cache::CacheEngine;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
@@ -34,7 +35,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let lifecycle = Lifecycle::new();
-    let gateway = Arc::new(ArcSwap::new(Gateway::new(&config)));
+    let cache = CacheEngine::new(config.cache.max_bytes);
+    let gateway = Arc::new(ArcSwap::new(Gateway::new(&config, cache)?));
 
     let conf = ServerConf {
         threads: config.server.threads,

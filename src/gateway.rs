@@ -1,12 +1,16 @@
 //! The runtime form of a validated configuration: the compiled route table with a ready
 //! upstream peer per route. The proxy reads it once per request.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::upstreams::peer::HttpPeer;
 
+use crate::cache::{CacheEngine, CachedRoute};
 use crate::config::{Config, RouteSpec, Upstream};
+use crate::error::StoaError;
+use crate::fetch::UpstreamClient;
 use crate::routes::{PathTemplate, Routable, RouteTable};
 
 /// How long an idle pooled upstream connection is kept.
@@ -17,6 +21,8 @@ const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Route {
     pub spec: RouteSpec,
     pub peer: HttpPeer,
+    /// Set on cached routes, which are answered from `request_filter`.
+    pub cache: Option<Arc<CachedRoute>>,
 }
 
 impl Routable for Route {
@@ -39,22 +45,45 @@ impl Route {
 pub struct Gateway {
     pub routes: RouteTable<Route>,
     pub max_body_bytes: u64,
+    pub cache: Arc<CacheEngine>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config) -> Arc<Self> {
-        let routes = config
-            .routes
-            .iter()
-            .map(|spec| Route {
+    /// Compiles `config`; cached routes share `cache` (which outlives configurations).
+    pub fn new(config: &Config, cache: Arc<CacheEngine>) -> Result<Arc<Self>, StoaError> {
+        let mut clients: HashMap<&str, UpstreamClient> = HashMap::new();
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for spec in &config.routes {
+            let cached = match &spec.cache {
+                None => None,
+                Some(settings) => {
+                    let name = spec.upstream.name.as_str();
+                    let client = match clients.get(name) {
+                        Some(c) => c.clone(),
+                        None => {
+                            let c = UpstreamClient::new(&spec.upstream)?;
+                            clients.insert(name, c.clone());
+                            c
+                        }
+                    };
+                    Some(Arc::new(CachedRoute {
+                        name: spec.name.clone(),
+                        settings: settings.clone(),
+                        client,
+                    }))
+                }
+            };
+            routes.push(Route {
                 peer: peer_for(&spec.upstream),
                 spec: spec.clone(),
-            })
-            .collect();
-        Arc::new(Gateway {
+                cache: cached,
+            });
+        }
+        Ok(Arc::new(Gateway {
             routes: RouteTable::new(routes),
             max_body_bytes: config.server.max_body_bytes,
-        })
+            cache,
+        }))
     }
 }
 

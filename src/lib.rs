@@ -8,6 +8,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod gateway;
 pub mod lifecycle;
 pub mod proxy;

@@ -11,7 +11,11 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use crate::cache::settings::CacheSettings;
+use crate::cache::store::Entry;
+use crate::cache::{key, CacheStatus, CachedRoute, Served};
 use crate::error::StoaError;
+use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::routes::{upstream_uri, Lookup};
@@ -25,6 +29,73 @@ pub struct StoaProxy {
 impl StoaProxy {
     pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
         StoaProxy { gateway, lifecycle }
+    }
+
+    /// Answers a request on a cached route entirely from `request_filter`: from memory,
+    /// from the single flight, or (private requests) from a direct fetch.
+    async fn serve_cached(
+        &self,
+        session: &mut Session,
+        gateway: &Gateway,
+        cached: &Arc<CachedRoute>,
+        upstream_path: String,
+    ) -> Result<()> {
+        let body = match read_body(session, gateway.max_body_bytes).await? {
+            Ok(body) => body,
+            Err(e) => return respond_error(session, &e).await,
+        };
+        let req = session.req_header();
+        let settings = &cached.settings;
+        let (path, query) = match upstream_path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (upstream_path.as_str(), None),
+        };
+        let key = key::derive(
+            &key::KeyParts {
+                route: &cached.name,
+                method: &req.method,
+                path,
+                query,
+                body: &body,
+                headers: &req.headers,
+            },
+            &settings.key_query,
+            &settings.key_body,
+            &settings.key_headers,
+        );
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => return respond_error(session, &e).await,
+        };
+        let method = if req.method == http::Method::HEAD {
+            http::Method::GET
+        } else {
+            req.method.clone()
+        };
+        let served = if is_private_request(req, settings) {
+            let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            let fetch = FetchRequest {
+                method,
+                headers: private_fetch_headers(req, client),
+                path_and_query: upstream_path,
+                body,
+            };
+            gateway.cache.bypass(cached, fetch).await
+        } else {
+            let make_fetch = || FetchRequest {
+                method,
+                headers: shared_fetch_headers(req, settings),
+                path_and_query: upstream_path.clone(),
+                body,
+            };
+            gateway.cache.serve(cached, &key, make_fetch).await
+        };
+        match served {
+            Served::Entry(entry, status) => {
+                respond_entry(session, &entry, status, self.lifecycle.is_draining()).await
+            }
+            Served::Error(e) => respond_error(session, &e).await,
+        }
     }
 }
 
@@ -62,6 +133,109 @@ async fn respond_error(session: &mut Session, error: &StoaError) -> Result<()> {
         .write_response_header(Box::new(header), false)
         .await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// Writes a cached (or fetched) answer from memory, with `X-Cache` and `Age`.
+async fn respond_entry(
+    session: &mut Session,
+    entry: &Entry,
+    status: CacheStatus,
+    draining: bool,
+) -> Result<()> {
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let mut header = entry.header.clone();
+    if let Some(value) = status.header_value() {
+        header.insert_header("x-cache", value)?;
+    }
+    header.insert_header("age", entry.age_secs(std::time::Instant::now()))?;
+    if draining {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if !head_only {
+        session
+            .write_response_body(Some(entry.body.clone()), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reads the whole request body, or says it is over `limit`.
+async fn read_body(session: &mut Session, limit: u64) -> Result<std::result::Result<Bytes, StoaError>> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Ok(Err(StoaError::BodyTooLarge { limit }));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body.freeze()))
+}
+
+/// Request headers that must not be forwarded as they are.
+fn is_hop_by_hop(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Headers for a fetch whose answer may be shared: only what the answer may depend on
+/// and the key covers, never credentials (unless keyed) nor Accept-Encoding (so the stored
+/// body is the identity encoding every client can read).
+fn shared_fetch_headers(req: &RequestHeader, settings: &CacheSettings) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    let always = [http::header::CONTENT_TYPE, http::header::ACCEPT];
+    for name in always.iter().chain(settings.key_headers.iter()) {
+        for value in req.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers
+}
+
+/// Headers for a fetch made for one client only: everything end-to-end, plus forwarding.
+fn private_fetch_headers(req: &RequestHeader, client: Option<std::net::IpAddr>) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(req.headers.len() + 2);
+    for (name, value) in req.headers.iter() {
+        if !is_hop_by_hop(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(ip) = client {
+        let forwarded = forwarded_for(headers.get("x-forwarded-for"), ip);
+        if let Ok(v) = http::HeaderValue::from_str(&forwarded) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    headers
+}
+
+/// The `X-Forwarded-For` value with `ip` appended to what a client sent.
+fn forwarded_for(prior: Option<&http::HeaderValue>, ip: std::net::IpAddr) -> String {
+    match prior.and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip.to_string(),
+    }
+}
+
+/// A request carrying credentials the key does not cover must not share answers.
+fn is_private_request(req: &RequestHeader, settings: &CacheSettings) -> bool {
+    [http::header::AUTHORIZATION, http::header::COOKIE]
+        .iter()
+        .any(|h| req.headers.contains_key(h) && !settings.keys_on_header(h))
 }
 
 /// The content length a request announces, if any.
@@ -172,6 +346,11 @@ impl ProxyHttp for StoaProxy {
             path,
             req.uri.query(),
         );
+        ctx.route = Some(index);
+        if let Some(cached) = route.cache.clone() {
+            self.serve_cached(session, &gateway, &cached, uri).await?;
+            return Ok(true);
+        }
         let uri = match uri.parse::<http::Uri>() {
             Ok(uri) => uri,
             Err(e) => {
@@ -180,7 +359,6 @@ impl ProxyHttp for StoaProxy {
                 return Ok(true);
             }
         };
-        ctx.route = Some(index);
         ctx.upstream_uri = Some(uri);
         Ok(false)
     }
@@ -227,15 +405,7 @@ impl ProxyHttp for StoaProxy {
         upstream_request
             .insert_header(http::header::HOST, route.upstream().host_header.as_str())?;
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let ip = client.ip().to_string();
-            let forwarded = match upstream_request
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-                _ => ip,
-            };
+            let forwarded = forwarded_for(upstream_request.headers.get("x-forwarded-for"), client.ip());
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;

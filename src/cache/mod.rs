@@ -1,5 +1,13 @@
 //! The response cache: key derivation, storage, single flight and freshness.
 
+pub mod engine;
+pub mod flight;
+pub mod key;
+pub mod settings;
+pub mod store;
+
+pub use engine::{CacheEngine, CachedRoute, Served};
+
 /// How a response on a cached route was produced: the `X-Cache` header (*contract*) and
 /// the `cache` label of the request metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

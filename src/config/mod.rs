@@ -4,6 +4,7 @@
 //! overrides. Each section and each entry is deserialized on its own and then validated
 //! into typed settings, collecting **every** problem with its key path, like `nginx -t`.
 
+mod cache;
 mod raw;
 
 use std::collections::BTreeMap;
@@ -19,7 +20,8 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 
 use crate::routes::{PathTemplate, RewriteTemplate};
-use raw::{RawAdmin, RawDuration, RawRoute, RawServer, RawSize, RawUpstream};
+use crate::cache::settings::CacheSettings;
+use raw::{RawAdmin, RawCacheSection, RawDuration, RawRoute, RawServer, RawSize, RawUpstream};
 
 /// Methods a route may list.
 const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -65,6 +67,7 @@ impl fmt::Display for ConfigErrors {
 pub struct Config {
     pub server: ServerSettings,
     pub admin: AdminSettings,
+    pub cache: CacheStoreSettings,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<RouteSpec>,
 }
@@ -78,6 +81,13 @@ pub struct ServerSettings {
     pub max_body_bytes: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
+}
+
+/// The `[cache]` section: the one store all cached routes share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStoreSettings {
+    /// Bound on the bytes held (bodies, headers and keys).
+    pub max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -109,15 +119,18 @@ pub struct RouteSpec {
     pub path: PathTemplate,
     pub upstream: Arc<Upstream>,
     pub rewrite: Option<RewriteTemplate>,
+    /// `None`: a pass-through route.
+    pub cache: Option<CacheSettings>,
 }
 
 impl Config {
     /// A one-line summary for `stoa check`.
     pub fn summary(&self) -> String {
         format!(
-            "configuration ok: {} upstream(s), {} route(s), listening on {}, admin on {}",
+            "configuration ok: {} upstream(s), {} route(s) ({} cached), listening on {}, admin on {}",
             self.upstreams.len(),
             self.routes.len(),
+            self.routes.iter().filter(|r| r.cache.is_some()).count(),
             self.server.listen,
             self.admin.listen
         )
@@ -229,16 +242,27 @@ impl<'f> Validator<'f> {
             Some(v) => self.section("admin", &v).unwrap_or_default(),
             None => RawAdmin::default(),
         };
+        let cache_raw: RawCacheSection = match root.remove("cache") {
+            Some(v) => self.section("cache", &v).unwrap_or_default(),
+            None => RawCacheSection::default(),
+        };
         let upstreams_raw = root.remove("upstreams");
         let routes_raw = root.remove("routes");
         for key in root.keys() {
             self.problem(
                 key.clone(),
-                "unknown section (expected server, admin, upstreams or routes)",
+                "unknown section (expected server, admin, cache, upstreams or routes)",
             );
         }
 
         let server = self.server(server_raw);
+        let cache = self
+            .size(
+                "cache.max_bytes",
+                cache_raw.max_bytes.as_ref(),
+                256 * 1024 * 1024,
+            )
+            .map(|max_bytes| CacheStoreSettings { max_bytes });
         let admin = self.admin(admin_raw);
         if let (Some(s), Some(a)) = (&server, &admin) {
             if s.listen == a.listen {
@@ -248,10 +272,11 @@ impl<'f> Validator<'f> {
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
         let routes = self.routes(routes_raw, &upstreams, &upstream_names);
 
-        match (server, admin) {
-            (Some(server), Some(admin)) if self.problems.is_empty() => Ok(Config {
+        match (server, admin, cache) {
+            (Some(server), Some(admin), Some(cache)) if self.problems.is_empty() => Ok(Config {
                 server,
                 admin,
+                cache,
                 upstreams,
                 routes,
             }),
@@ -491,6 +516,17 @@ impl<'f> Validator<'f> {
             (Some(_), None) => None,
             (None, _) => Some(None),
         };
+        let cache = match (raw.cache, &methods) {
+            (None, _) => Some(None),
+            (Some(c), Some(ms)) => {
+                let lock_timeout = upstream
+                    .as_ref()
+                    .map_or(Duration::from_secs(30), |u| u.timeout);
+                self.cache_settings(&format!("{path}.cache"), c, ms.as_deref(), lock_timeout)
+                    .map(Some)
+            }
+            (Some(_), None) => None,
+        };
         let shape = RouteShape {
             name: raw.name.clone(),
             methods: methods.clone().flatten(),
@@ -504,6 +540,7 @@ impl<'f> Validator<'f> {
                 path: template?,
                 upstream: upstream?,
                 rewrite: rewrite?,
+                cache: cache?,
             })
         })();
         (route, shape)

@@ -52,4 +52,36 @@ pub struct RawRoute {
     pub path: String,
     pub upstream: String,
     pub rewrite: Option<String>,
+    pub cache: Option<RawCache>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheSection {
+    pub max_bytes: Option<RawSize>,
+}
+
+/// `key_body = true` (the whole body) or `key_body = ["field", ...]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawKeyBody {
+    Whole(bool),
+    Fields(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub ttl: RawDuration,
+    pub stale_while_revalidate: Option<RawDuration>,
+    pub stale_if_error: Option<RawDuration>,
+    pub statuses: Option<std::collections::BTreeMap<String, RawDuration>>,
+    pub key_query: Option<Vec<String>>,
+    pub key_body: Option<RawKeyBody>,
+    pub key_headers: Option<Vec<String>>,
+    pub lock_timeout: Option<RawDuration>,
+    pub on_lock_timeout: Option<String>,
+    pub refresh_ahead: Option<f64>,
+    pub jitter: Option<f64>,
+    pub ignore_upstream_cache_control: Option<bool>,
 }

@@ -1,0 +1,313 @@
+//! The cache engine: answers a cached route's request from memory, from the single flight
+//! it leads or joins, or from a stale copy, following the route's settings.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header;
+use pingora::http::ResponseHeader;
+
+use super::flight::{self, Flights, Joined, Lead, Outcome};
+use super::settings::{CacheSettings, OnLockTimeout};
+use super::store::{Entry, Lifetimes, Store};
+use super::CacheStatus;
+use crate::error::StoaError;
+use crate::fetch::{FetchRequest, Fetched, UpstreamClient};
+
+/// A cached route's settings and the client for its upstream.
+#[derive(Debug)]
+pub struct CachedRoute {
+    pub name: String,
+    pub settings: CacheSettings,
+    pub client: UpstreamClient,
+}
+
+/// The answer to a request on a cached route.
+pub enum Served {
+    Entry(Arc<Entry>, CacheStatus),
+    Error(StoaError),
+}
+
+/// The store and the flights, shared by every cached route.
+pub struct CacheEngine {
+    pub store: Store,
+    flights: Flights,
+}
+
+/// Response headers never stored or replayed: hop-by-hop, and the length (set anew).
+const DROPPED_RESPONSE_HEADERS: [header::HeaderName; 7] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::PROXY_AUTHENTICATE,
+];
+
+impl std::fmt::Debug for CacheEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheEngine")
+            .field("entries", &self.store.len())
+            .field("bytes", &self.store.bytes())
+            .field("fetches_in_flight", &self.flights.in_flight())
+            .finish()
+    }
+}
+
+impl CacheEngine {
+    pub fn new(max_bytes: u64) -> Arc<Self> {
+        Arc::new(CacheEngine {
+            store: Store::new(max_bytes),
+            flights: Flights::default(),
+        })
+    }
+
+    pub fn fetches_in_flight(&self) -> usize {
+        self.flights.in_flight()
+    }
+
+    /// Serves a request whose cache key is `key`. `make_fetch` builds the upstream request;
+    /// it is called at most once, only when the upstream must be asked.
+    pub async fn serve(
+        self: &Arc<Self>,
+        route: &Arc<CachedRoute>,
+        key: &str,
+        make_fetch: impl FnOnce() -> FetchRequest,
+    ) -> Served {
+        let now = Instant::now();
+        let current = self.store.get(key);
+        if let Some(entry) = &current {
+            if now < entry.fresh_until {
+                if entry.refresh_at.is_some_and(|at| now >= at) {
+                    self.refresh(route, entry, key, make_fetch);
+                }
+                return Served::Entry(entry.clone(), CacheStatus::Hit);
+            }
+            if now < entry.revalidate_until {
+                self.refresh(route, entry, key, make_fetch);
+                return Served::Entry(entry.clone(), CacheStatus::Stale);
+            }
+        }
+        let stale = current.filter(|e| now < e.error_until);
+
+        let joined = self.flights.join(key, || {
+            self.store
+                .get(key)
+                .filter(|e| e.is_fresh(Instant::now()))
+        });
+        let (slot, leader, make_fetch) = match joined {
+            Err(fresh) => return Served::Entry(fresh, CacheStatus::Hit),
+            Ok(Joined::Lead(lead, slot)) => {
+                self.spawn_fetch(route.clone(), lead, make_fetch(), None);
+                (slot, true, None)
+            }
+            Ok(Joined::Wait(slot)) => (slot, false, Some(make_fetch)),
+        };
+
+        let settings = &route.settings;
+        match tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await {
+            Ok(Some(Outcome::Shared(entry))) => {
+                let status = if leader {
+                    CacheStatus::Miss
+                } else {
+                    CacheStatus::Coalesced
+                };
+                Served::Entry(entry, status)
+            }
+            Ok(Some(Outcome::Private(entry))) if leader => Served::Entry(entry, CacheStatus::Miss),
+            Ok(Some(Outcome::Private(_))) => match make_fetch {
+                Some(make) => self.bypass(route, make()).await,
+                None => Served::Error(StoaError::Internal("no request to send".into())),
+            },
+            Ok(Some(Outcome::Failed(err))) => match stale {
+                Some(entry) => Served::Entry(entry, CacheStatus::Stale),
+                None => Served::Error(err),
+            },
+            Ok(None) => Served::Error(StoaError::Internal(
+                "the upstream fetch ended without an answer".into(),
+            )),
+            Err(_) => {
+                let timeout = StoaError::UpstreamTimeout {
+                    upstream: route.client.name().to_string(),
+                    timeout_ms: settings.lock_timeout.as_millis(),
+                };
+                match (settings.on_lock_timeout, stale, make_fetch) {
+                    (OnLockTimeout::ServeStale, Some(entry), _) => {
+                        Served::Entry(entry, CacheStatus::Stale)
+                    }
+                    (OnLockTimeout::Bypass, _, Some(make)) => self.bypass(route, make()).await,
+                    // The leader built its request for the fetch it started; it waits no more.
+                    _ => Served::Error(timeout),
+                }
+            }
+        }
+    }
+
+    /// Asks the upstream without the cache: nothing is stored or shared.
+    pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
+        match route.client.fetch(fetch).await {
+            Ok(fetched) => match fetched_to_entry(fetched, route.client.name(), &route.settings, 0, Instant::now()) {
+                Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
+                Err(e) => Served::Error(e),
+            },
+            Err(e) => Served::Error(e),
+        }
+    }
+
+    /// Starts one background refresh of `entry`, unless one is running already.
+    fn refresh(
+        self: &Arc<Self>,
+        route: &Arc<CachedRoute>,
+        entry: &Arc<Entry>,
+        key: &str,
+        make_fetch: impl FnOnce() -> FetchRequest,
+    ) {
+        if !entry.claim_refresh() {
+            return;
+        }
+        match self.flights.lead_if_idle(key) {
+            Some(lead) => self.spawn_fetch(route.clone(), lead, make_fetch(), Some(entry.clone())),
+            None => entry.release_refresh(),
+        }
+    }
+
+    /// Runs the fetch in its own task: a client that goes away cancels nothing.
+    fn spawn_fetch(
+        self: &Arc<Self>,
+        route: Arc<CachedRoute>,
+        lead: Lead,
+        fetch: FetchRequest,
+        refreshing: Option<Arc<Entry>>,
+    ) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let outcome = match route.client.fetch(fetch).await {
+                Ok(fetched) => engine.settle(&route, lead.key(), fetched),
+                Err(e) => Outcome::Failed(e),
+            };
+            if let (Outcome::Failed(_), Some(entry)) = (&outcome, refreshing) {
+                entry.release_refresh();
+            }
+            lead.finish(outcome);
+        });
+    }
+
+    /// Turns an upstream answer into an outcome, storing it when cacheable.
+    fn settle(&self, route: &CachedRoute, key: &Arc<str>, fetched: Fetched) -> Outcome {
+        match fetched_to_entry(
+            fetched,
+            route.client.name(),
+            &route.settings,
+            key.len(),
+            Instant::now(),
+        ) {
+            Err(e) => Outcome::Failed(e),
+            Ok((entry, Disposition::Store)) => {
+                self.store.insert(key.clone(), entry.clone());
+                Outcome::Shared(entry)
+            }
+            Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
+            Ok((entry, Disposition::Private)) => Outcome::Private(entry),
+        }
+    }
+}
+
+/// What may be done with an upstream answer.
+#[derive(Debug, PartialEq, Eq)]
+enum Disposition {
+    /// Cacheable: store it and hand it to every waiter.
+    Store,
+    /// Not cacheable by status, but the same answer for everyone asking now.
+    Share,
+    /// Personal (`Set-Cookie`, `private`, `no-store`, an unkeyed `Vary`): the leader only.
+    Private,
+}
+
+fn fetched_to_entry(
+    fetched: Fetched,
+    upstream: &str,
+    settings: &CacheSettings,
+    key_len: usize,
+    now: Instant,
+) -> Result<(Arc<Entry>, Disposition), StoaError> {
+    let status = fetched.status.as_u16();
+    if fetched.status.is_server_error() {
+        return Err(StoaError::UpstreamFailed {
+            upstream: upstream.to_string(),
+            detail: format!("answered {status}"),
+        });
+    }
+    let disposition = disposition(&fetched, settings);
+    let ttl = settings.ttl_for(status).unwrap_or(Duration::ZERO);
+    let ttl = if settings.jitter > 0.0 {
+        ttl.mul_f64(1.0 - settings.jitter * fastrand::f64())
+    } else {
+        ttl
+    };
+    let mut header = ResponseHeader::build_no_case(fetched.status, Some(fetched.headers.len() + 3))
+        .map_err(|e| StoaError::Internal(e.to_string()))?;
+    for (name, value) in &fetched.headers {
+        if DROPPED_RESPONSE_HEADERS.contains(name) || name.as_str() == "keep-alive" {
+            continue;
+        }
+        header
+            .append_header(name.clone(), value.clone())
+            .map_err(|e| StoaError::Internal(e.to_string()))?;
+    }
+    header
+        .insert_header(header::CONTENT_LENGTH, fetched.body.len())
+        .map_err(|e| StoaError::Internal(e.to_string()))?;
+    let life = Lifetimes {
+        ttl,
+        stale_while_revalidate: settings.stale_while_revalidate,
+        stale_if_error: settings.stale_if_error,
+        refresh_ahead: settings.refresh_ahead,
+    };
+    let entry = Arc::new(Entry::new(header, fetched.body, key_len, now, life));
+    let disposition = match disposition {
+        Disposition::Store if ttl.is_zero() => Disposition::Share,
+        d => d,
+    };
+    Ok((entry, disposition))
+}
+
+fn disposition(fetched: &Fetched, settings: &CacheSettings) -> Disposition {
+    let headers = &fetched.headers;
+    if headers.contains_key(header::SET_COOKIE) {
+        return Disposition::Private;
+    }
+    if !settings.ignore_upstream_cache_control {
+        let private = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|d| {
+                    let d = d.trim();
+                    d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private")
+                })
+            })
+        });
+        if private {
+            return Disposition::Private;
+        }
+    }
+    let unkeyed_vary = headers.get_all(header::VARY).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',').map(str::trim).any(|h| {
+                !h.is_empty()
+                    && !h.eq_ignore_ascii_case("accept-encoding")
+                    && !settings
+                        .key_headers
+                        .iter()
+                        .any(|k| k.as_str().eq_ignore_ascii_case(h))
+            })
+        })
+    });
+    if unkeyed_vary {
+        return Disposition::Private;
+    }
+    if settings.ttl_for(fetched.status.as_u16()).is_some() {
+        Disposition::Store
+    } else {
+        Disposition::Share
+    }
+}

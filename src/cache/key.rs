@@ -1,0 +1,207 @@
+//! Cache keys: route name, method, rewritten path, chosen query parameters, canonical JSON
+//! of the chosen body fields (or the whole body) and chosen headers.
+//!
+//! Canonical JSON has its object keys sorted and no insignificant white space, with
+//! numbers as parsed, so `{"customer_id":"a"}` and `{ "customer_id" : "a" }` share a key.
+
+use http::{HeaderMap, HeaderName, Method};
+use serde_json::Value;
+
+use super::settings::{KeyBody, KeyQuery};
+use crate::error::StoaError;
+
+/// Separates the parts of a key; cannot occur in a path, an encoded query or a header name.
+const SEP: char = '\n';
+
+/// The inputs of a key, borrowed from the request.
+pub struct KeyParts<'a> {
+    pub route: &'a str,
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub body: &'a [u8],
+    pub headers: &'a HeaderMap,
+}
+
+/// Derives the key; a body that is not valid JSON on a body-keyed route is a 400.
+pub fn derive(
+    parts: &KeyParts<'_>,
+    key_query: &KeyQuery,
+    key_body: &KeyBody,
+    key_headers: &[HeaderName],
+) -> Result<String, StoaError> {
+    let mut key = String::with_capacity(parts.route.len() + parts.path.len() + 64);
+    key.push_str(parts.route);
+    key.push(SEP);
+    // HEAD is answered from the GET entry.
+    let method = if parts.method == Method::HEAD {
+        "GET"
+    } else {
+        parts.method.as_str()
+    };
+    key.push_str(method);
+    key.push(SEP);
+    key.push_str(parts.path);
+    key.push(SEP);
+    push_query(&mut key, parts.query, key_query);
+    key.push(SEP);
+    push_body(&mut key, parts.body, key_body)?;
+    key.push(SEP);
+    for name in key_headers {
+        key.push_str(name.as_str());
+        key.push('=');
+        let mut first = true;
+        for value in parts.headers.get_all(name) {
+            if !first {
+                key.push(',');
+            }
+            first = false;
+            key.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+        key.push(SEP);
+    }
+    Ok(key)
+}
+
+/// The route name a key belongs to (keys start with it).
+pub fn route_of(key: &str) -> &str {
+    key.split(SEP).next().unwrap_or("")
+}
+
+fn push_query(key: &mut String, query: Option<&str>, which: &KeyQuery) {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return;
+    };
+    let mut pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .filter(|(name, _)| match which {
+            KeyQuery::All => true,
+            KeyQuery::Only(names) => names.iter().any(|n| n == name),
+        })
+        .map(|(n, v)| (n.into_owned(), v.into_owned()))
+        .collect();
+    // Stable: repeated parameters keep their relative order.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let encoded = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish();
+    key.push_str(&encoded);
+}
+
+fn push_body(key: &mut String, body: &[u8], which: &KeyBody) -> Result<(), StoaError> {
+    let fields = match which {
+        KeyBody::None => return Ok(()),
+        KeyBody::Whole => None,
+        KeyBody::Fields(fields) => Some(fields),
+    };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(StoaError::BadRequest(
+            "this route needs a JSON request body".into(),
+        ));
+    }
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| StoaError::BadRequest(format!("request body is not valid JSON: {e}")))?;
+    let canonical = match fields {
+        None => value,
+        Some(fields) => {
+            let Value::Object(mut object) = value else {
+                return Err(StoaError::BadRequest(
+                    "request body must be a JSON object".into(),
+                ));
+            };
+            let chosen: serde_json::Map<String, Value> = fields
+                .iter()
+                .map(|f| (f.clone(), object.remove(f).unwrap_or(Value::Null)))
+                .collect();
+            Value::Object(chosen)
+        }
+    };
+    // serde_json's map is ordered by key, so this writes canonical JSON.
+    key.push_str(&canonical.to_string());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(path: &str, query: Option<&str>, body: &str, kq: KeyQuery, kb: KeyBody) -> Result<String, StoaError> {
+        let headers = HeaderMap::new();
+        derive(
+            &KeyParts {
+                route: "r",
+                method: &Method::GET,
+                path,
+                query,
+                body: body.as_bytes(),
+                headers: &headers,
+            },
+            &kq,
+            &kb,
+            &[],
+        )
+    }
+
+    #[test]
+    fn canonical_json_ignores_white_space_and_key_order() {
+        let a = key("/c", None, r#"{"customer_id":"a","x":1}"#, KeyQuery::All, KeyBody::Whole).unwrap();
+        let b = key("/c", None, "{ \"x\" : 1 ,\n \"customer_id\" : \"a\" }", KeyQuery::All, KeyBody::Whole).unwrap();
+        assert_eq!(a, b);
+        let c = key("/c", None, r#"{"customer_id":"b","x":1}"#, KeyQuery::All, KeyBody::Whole).unwrap();
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn chosen_fields_ignore_the_rest() {
+        let f = || KeyBody::Fields(vec!["customer_id".into()]);
+        let a = key("/c", None, r#"{"customer_id":"a","noise":1}"#, KeyQuery::All, f()).unwrap();
+        let b = key("/c", None, r#"{ "customer_id" : "a" }"#, KeyQuery::All, f()).unwrap();
+        assert_eq!(a, b);
+        assert!(a.contains(r#"{"customer_id":"a"}"#));
+    }
+
+    #[test]
+    fn bad_or_missing_json_is_a_400() {
+        let e = key("/c", None, "{nope", KeyQuery::All, KeyBody::Whole).unwrap_err();
+        assert_eq!(e.status(), 400);
+        let e = key("/c", None, "", KeyQuery::All, KeyBody::Whole).unwrap_err();
+        assert_eq!(e.status(), 400);
+        let e = key("/c", None, "[1]", KeyQuery::All, KeyBody::Fields(vec!["a".into()])).unwrap_err();
+        assert_eq!(e.status(), 400);
+        // Routes that do not key on the body ignore it.
+        assert!(key("/c", None, "{nope", KeyQuery::All, KeyBody::None).is_ok());
+    }
+
+    #[test]
+    fn query_parameters_are_sorted_and_filtered() {
+        let a = key("/p", Some("b=2&a=1"), "", KeyQuery::All, KeyBody::None).unwrap();
+        let b = key("/p", Some("a=1&b=2"), "", KeyQuery::All, KeyBody::None).unwrap();
+        assert_eq!(a, b);
+        let only = || KeyQuery::Only(vec!["a".into()]);
+        let c = key("/p", Some("a=1&utm=x"), "", only(), KeyBody::None).unwrap();
+        let d = key("/p", Some("utm=y&a=1"), "", only(), KeyBody::None).unwrap();
+        assert_eq!(c, d);
+        let e = key("/p", Some("a=2"), "", only(), KeyBody::None).unwrap();
+        assert_ne!(c, e);
+        assert_eq!(route_of(&c), "r");
+    }
+
+    #[test]
+    fn chosen_headers_are_part_of_the_key() {
+        let mut h1 = HeaderMap::new();
+        h1.insert("accept-language", "sv".parse().unwrap());
+        let mut h2 = HeaderMap::new();
+        h2.insert("accept-language", "en".parse().unwrap());
+        let names = [HeaderName::from_static("accept-language")];
+        let k = |h: &HeaderMap| {
+            derive(
+                &KeyParts { route: "r", method: &Method::GET, path: "/", query: None, body: b"", headers: h },
+                &KeyQuery::All,
+                &KeyBody::None,
+                &names,
+            )
+            .unwrap()
+        };
+        assert_ne!(k(&h1), k(&h2));
+        assert_eq!(k(&h1), k(&h1.clone()));
+    }
+}

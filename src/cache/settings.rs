@@ -1,0 +1,73 @@
+//! A route's cache settings, as validated from its `cache` table.
+
+use std::time::Duration;
+
+use http::HeaderName;
+
+/// Which query parameters are part of the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyQuery {
+    All,
+    Only(Vec<String>),
+}
+
+/// Which part of the JSON request body is part of the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyBody {
+    None,
+    Whole,
+    Fields(Vec<String>),
+}
+
+/// What a waiter does when the fetch it waits for takes longer than `lock_timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLockTimeout {
+    /// Serve the stale copy if there is one, else answer 504.
+    ServeStale,
+    /// Answer 504.
+    Error,
+    /// Go to the upstream without the cache.
+    Bypass,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSettings {
+    /// Freshness of a 200 answer.
+    pub ttl: Duration,
+    /// After expiry, serve the stale copy at once while one background refresh runs.
+    pub stale_while_revalidate: Duration,
+    /// After expiry, serve the stale copy when the upstream fails.
+    pub stale_if_error: Duration,
+    /// Other cacheable statuses, each with its own TTL (e.g. 404 for 30 s).
+    pub statuses: Vec<(u16, Duration)>,
+    pub key_query: KeyQuery,
+    pub key_body: KeyBody,
+    pub key_headers: Vec<HeaderName>,
+    pub lock_timeout: Duration,
+    pub on_lock_timeout: OnLockTimeout,
+    /// Fraction of the TTL after which a request triggers a background refresh.
+    pub refresh_ahead: Option<f64>,
+    /// Up to this fraction is taken off each TTL at random, so keys filled together do not
+    /// expire together.
+    pub jitter: f64,
+    /// Cache even when the upstream says `Cache-Control: no-store` or `private`.
+    pub ignore_upstream_cache_control: bool,
+}
+
+impl CacheSettings {
+    /// The TTL for an upstream status, if that status is cacheable.
+    pub fn ttl_for(&self, status: u16) -> Option<Duration> {
+        if status == 200 {
+            return Some(self.ttl);
+        }
+        self.statuses
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map(|(_, ttl)| *ttl)
+    }
+
+    /// Whether the key includes this request header (so requests carrying it may share).
+    pub fn keys_on_header(&self, name: &HeaderName) -> bool {
+        self.key_headers.contains(name)
+    }
+}

@@ -1,0 +1,169 @@
+//! Validation of the `[cache]` section and of each route's `cache` table.
+
+use std::time::Duration;
+
+use http::HeaderName;
+
+use super::raw::{RawCache, RawKeyBody};
+use super::Validator;
+use crate::cache::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout};
+
+impl Validator<'_> {
+    pub(super) fn cache_settings(
+        &mut self,
+        path: &str,
+        raw: RawCache,
+        methods: Option<&[http::Method]>,
+        default_lock_timeout: Duration,
+    ) -> Option<CacheSettings> {
+        let ttl = self.duration(&format!("{path}.ttl"), Some(&raw.ttl), Duration::ZERO);
+        let swr = self.optional_duration(
+            &format!("{path}.stale_while_revalidate"),
+            raw.stale_while_revalidate.as_ref(),
+        );
+        let sie = self.optional_duration(&format!("{path}.stale_if_error"), raw.stale_if_error.as_ref());
+        let lock_timeout = self.duration(
+            &format!("{path}.lock_timeout"),
+            raw.lock_timeout.as_ref(),
+            default_lock_timeout,
+        );
+
+        let mut statuses = Vec::new();
+        let mut statuses_ok = true;
+        for (code, ttl) in raw.statuses.unwrap_or_default() {
+            let key = format!("{path}.statuses.{code}");
+            let parsed = code.parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+            match parsed {
+                None => {
+                    self.problem(key, format!("{code:?} is not an HTTP status code"));
+                    statuses_ok = false;
+                }
+                Some(200) => {
+                    self.problem(key, "200 uses the route's ttl; list other statuses here");
+                    statuses_ok = false;
+                }
+                Some(c) => match self.duration(&key, Some(&ttl), Duration::ZERO) {
+                    Some(d) => statuses.push((c, d)),
+                    None => statuses_ok = false,
+                },
+            }
+        }
+
+        let key_query = match raw.key_query {
+            None => KeyQuery::All,
+            Some(names) if names.iter().any(|n| n.is_empty()) => {
+                self.problem(format!("{path}.key_query"), "parameter names must not be empty");
+                KeyQuery::All
+            }
+            Some(names) => KeyQuery::Only(names),
+        };
+        let key_body = match raw.key_body {
+            None | Some(RawKeyBody::Whole(false)) => KeyBody::None,
+            Some(RawKeyBody::Whole(true)) => KeyBody::Whole,
+            Some(RawKeyBody::Fields(f)) if f.is_empty() || f.iter().any(|n| n.is_empty()) => {
+                self.problem(
+                    format!("{path}.key_body"),
+                    "list JSON field names, or write true for the whole body",
+                );
+                KeyBody::None
+            }
+            Some(RawKeyBody::Fields(f)) => KeyBody::Fields(f),
+        };
+        let mut key_headers = Vec::new();
+        for (i, name) in raw.key_headers.unwrap_or_default().iter().enumerate() {
+            match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(h) => key_headers.push(h),
+                Err(_) => self.problem(
+                    format!("{path}.key_headers[{i}]"),
+                    format!("{name:?} is not a header name"),
+                ),
+            }
+        }
+        let on_lock_timeout = match raw.on_lock_timeout.as_deref() {
+            None | Some("serve_stale") => Some(OnLockTimeout::ServeStale),
+            Some("error") => Some(OnLockTimeout::Error),
+            Some("bypass") => Some(OnLockTimeout::Bypass),
+            Some(other) => {
+                self.problem(
+                    format!("{path}.on_lock_timeout"),
+                    format!("{other:?} is not one of serve_stale, error, bypass"),
+                );
+                None
+            }
+        };
+        let refresh_ahead = match raw.refresh_ahead {
+            Some(f) if !(f > 0.0 && f < 1.0) => {
+                self.problem(
+                    format!("{path}.refresh_ahead"),
+                    format!("{f} is not a fraction of the TTL between 0 and 1 (e.g. 0.8)"),
+                );
+                None
+            }
+            other => Some(other),
+        };
+        let jitter = match raw.jitter {
+            None => Some(0.0),
+            Some(j) if (0.0..=0.5).contains(&j) => Some(j),
+            Some(j) => {
+                self.problem(
+                    format!("{path}.jitter"),
+                    format!("{j} is not a fraction between 0 and 0.5 (e.g. 0.05)"),
+                );
+                None
+            }
+        };
+
+        // Only safe or pure methods may be cached, and a POST only when keyed on its body.
+        match methods {
+            None => self.problem(
+                format!("{path}.methods"),
+                "a cached route must list its methods (GET, HEAD, or POST keyed on the body)",
+            ),
+            Some(ms) => {
+                for m in ms {
+                    let ok = m == http::Method::GET
+                        || m == http::Method::HEAD
+                        || (m == http::Method::POST && key_body != KeyBody::None);
+                    if !ok {
+                        self.problem(
+                            format!("{path}.methods"),
+                            format!(
+                                "{m} cannot be cached (GET and HEAD can; POST only with key_body)"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+
+        Some(CacheSettings {
+            ttl: ttl?,
+            stale_while_revalidate: swr?,
+            stale_if_error: sie?,
+            statuses: statuses_ok.then_some(statuses)?,
+            key_query,
+            key_body,
+            key_headers,
+            lock_timeout: lock_timeout?,
+            on_lock_timeout: on_lock_timeout?,
+            refresh_ahead: refresh_ahead?,
+            jitter: jitter?,
+            ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
+        })
+    }
+
+    /// A duration that may be left out (zero) or set to zero explicitly.
+    fn optional_duration(
+        &mut self,
+        path: &str,
+        value: Option<&super::raw::RawDuration>,
+    ) -> Option<Duration> {
+        match value {
+            None => Some(Duration::ZERO),
+            Some(super::raw::RawDuration::Text(t)) if t.trim() == "0s" || t.trim() == "0" => {
+                Some(Duration::ZERO)
+            }
+            Some(v) => self.duration(path, Some(v), Duration::ZERO),
+        }
+    }
+}
