@@ -73,10 +73,7 @@ impl UpstreamClient {
         let url = format!("{}{}", self.base_url, req.path_and_query);
         let mut headers = req.headers;
         headers.insert(http::header::HOST, self.host_header.clone());
-        let mut builder = self
-            .client
-            .request(req.method, url)
-            .headers(headers);
+        let mut builder = self.client.request(req.method, url).headers(headers);
         if !req.body.is_empty() {
             builder = builder.body(req.body);
         }

@@ -73,7 +73,10 @@ impl StoaProxy {
             req.method.clone()
         };
         let served = if is_private_request(req, settings) {
-            let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+            let client = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
             let fetch = FetchRequest {
                 method,
                 headers: private_fetch_headers(req, client),
@@ -163,7 +166,10 @@ async fn respond_entry(
 }
 
 /// Reads the whole request body, or says it is over `limit`.
-async fn read_body(session: &mut Session, limit: u64) -> Result<std::result::Result<Bytes, StoaError>> {
+async fn read_body(
+    session: &mut Session,
+    limit: u64,
+) -> Result<std::result::Result<Bytes, StoaError>> {
     let mut body = bytes::BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if (body.len() + chunk.len()) as u64 > limit {
@@ -405,7 +411,8 @@ impl ProxyHttp for StoaProxy {
         upstream_request
             .insert_header(http::header::HOST, route.upstream().host_header.as_str())?;
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let forwarded = forwarded_for(upstream_request.headers.get("x-forwarded-for"), client.ip());
+            let forwarded =
+                forwarded_for(upstream_request.headers.get("x-forwarded-for"), client.ip());
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;

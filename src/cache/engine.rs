@@ -92,20 +92,22 @@ impl CacheEngine {
         let stale = current.filter(|e| now < e.error_until);
 
         let joined = self.flights.join(key, || {
-            self.store
-                .get(key)
-                .filter(|e| e.is_fresh(Instant::now()))
+            self.store.get(key).filter(|e| e.is_fresh(Instant::now()))
         });
-        let (slot, leader, make_fetch) = match joined {
+        let settings = &route.settings;
+        let (slot, leader, later) = match joined {
             Err(fresh) => return Served::Entry(fresh, CacheStatus::Hit),
             Ok(Joined::Lead(lead, slot)) => {
-                self.spawn_fetch(route.clone(), lead, make_fetch(), None);
-                (slot, true, None)
+                let fetch = make_fetch();
+                // The leader keeps a copy only if it may have to go upstream itself.
+                let spare =
+                    (settings.on_lock_timeout == OnLockTimeout::Bypass).then(|| fetch.clone());
+                self.spawn_fetch(route.clone(), lead, fetch, None);
+                (slot, true, Later::Built(spare))
             }
-            Ok(Joined::Wait(slot)) => (slot, false, Some(make_fetch)),
+            Ok(Joined::Wait(slot)) => (slot, false, Later::Lazy(make_fetch)),
         };
 
-        let settings = &route.settings;
         match tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await {
             Ok(Some(Outcome::Shared(entry))) => {
                 let status = if leader {
@@ -116,8 +118,8 @@ impl CacheEngine {
                 Served::Entry(entry, status)
             }
             Ok(Some(Outcome::Private(entry))) if leader => Served::Entry(entry, CacheStatus::Miss),
-            Ok(Some(Outcome::Private(_))) => match make_fetch {
-                Some(make) => self.bypass(route, make()).await,
+            Ok(Some(Outcome::Private(_))) => match later.take() {
+                Some(fetch) => self.bypass(route, fetch).await,
                 None => Served::Error(StoaError::Internal("no request to send".into())),
             },
             Ok(Some(Outcome::Failed(err))) => match stale {
@@ -132,12 +134,14 @@ impl CacheEngine {
                     upstream: route.client.name().to_string(),
                     timeout_ms: settings.lock_timeout.as_millis(),
                 };
-                match (settings.on_lock_timeout, stale, make_fetch) {
-                    (OnLockTimeout::ServeStale, Some(entry), _) => {
+                match (settings.on_lock_timeout, stale) {
+                    (OnLockTimeout::ServeStale, Some(entry)) => {
                         Served::Entry(entry, CacheStatus::Stale)
                     }
-                    (OnLockTimeout::Bypass, _, Some(make)) => self.bypass(route, make()).await,
-                    // The leader built its request for the fetch it started; it waits no more.
+                    (OnLockTimeout::Bypass, _) => match later.take() {
+                        Some(fetch) => self.bypass(route, fetch).await,
+                        None => Served::Error(timeout),
+                    },
                     _ => Served::Error(timeout),
                 }
             }
@@ -147,7 +151,13 @@ impl CacheEngine {
     /// Asks the upstream without the cache: nothing is stored or shared.
     pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
         match route.client.fetch(fetch).await {
-            Ok(fetched) => match fetched_to_entry(fetched, route.client.name(), &route.settings, 0, Instant::now()) {
+            Ok(fetched) => match fetched_to_entry(
+                fetched,
+                route.client.name(),
+                &route.settings,
+                0,
+                Instant::now(),
+            ) {
                 Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
                 Err(e) => Served::Error(e),
             },
@@ -209,6 +219,21 @@ impl CacheEngine {
             }
             Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
             Ok((entry, Disposition::Private)) => Outcome::Private(entry),
+        }
+    }
+}
+
+/// A request to send upstream later, if at all: built already, or built on demand.
+enum Later<F> {
+    Built(Option<FetchRequest>),
+    Lazy(F),
+}
+
+impl<F: FnOnce() -> FetchRequest> Later<F> {
+    fn take(self) -> Option<FetchRequest> {
+        match self {
+            Later::Built(fetch) => fetch,
+            Later::Lazy(make) => Some(make()),
         }
     }
 }

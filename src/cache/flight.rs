@@ -108,7 +108,11 @@ impl Drop for Lead {
 
 /// Waits for a flight's outcome. `None` if the leader vanished without publishing.
 pub async fn wait(mut slot: Slot) -> Option<Outcome> {
-    let published = slot.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+    let published = slot
+        .wait_for(Option::is_some)
+        .await
+        .ok()
+        .and_then(|v| v.clone());
     published.or_else(|| slot.borrow().clone())
 }
 
@@ -134,7 +138,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         lead.finish(Outcome::Failed(StoaError::NotReady));
         for w in waiters {
-            assert!(matches!(w.await.unwrap(), Some(Outcome::Failed(StoaError::NotReady))));
+            assert!(matches!(
+                w.await.unwrap(),
+                Some(Outcome::Failed(StoaError::NotReady))
+            ));
         }
         assert!(matches!(wait(first).await, Some(Outcome::Failed(_))));
         assert_eq!(flights.in_flight(), 0);

@@ -124,7 +124,13 @@ fn push_body(key: &mut String, body: &[u8], which: &KeyBody) -> Result<(), StoaE
 mod tests {
     use super::*;
 
-    fn key(path: &str, query: Option<&str>, body: &str, kq: KeyQuery, kb: KeyBody) -> Result<String, StoaError> {
+    fn key(
+        path: &str,
+        query: Option<&str>,
+        body: &str,
+        kq: KeyQuery,
+        kb: KeyBody,
+    ) -> Result<String, StoaError> {
         let headers = HeaderMap::new();
         derive(
             &KeyParts {
@@ -143,17 +149,45 @@ mod tests {
 
     #[test]
     fn canonical_json_ignores_white_space_and_key_order() {
-        let a = key("/c", None, r#"{"customer_id":"a","x":1}"#, KeyQuery::All, KeyBody::Whole).unwrap();
-        let b = key("/c", None, "{ \"x\" : 1 ,\n \"customer_id\" : \"a\" }", KeyQuery::All, KeyBody::Whole).unwrap();
+        let a = key(
+            "/c",
+            None,
+            r#"{"customer_id":"a","x":1}"#,
+            KeyQuery::All,
+            KeyBody::Whole,
+        )
+        .unwrap();
+        let b = key(
+            "/c",
+            None,
+            "{ \"x\" : 1 ,\n \"customer_id\" : \"a\" }",
+            KeyQuery::All,
+            KeyBody::Whole,
+        )
+        .unwrap();
         assert_eq!(a, b);
-        let c = key("/c", None, r#"{"customer_id":"b","x":1}"#, KeyQuery::All, KeyBody::Whole).unwrap();
+        let c = key(
+            "/c",
+            None,
+            r#"{"customer_id":"b","x":1}"#,
+            KeyQuery::All,
+            KeyBody::Whole,
+        )
+        .unwrap();
         assert_ne!(a, c);
     }
 
     #[test]
     fn chosen_fields_ignore_the_rest() {
         let f = || KeyBody::Fields(vec!["customer_id".into()]);
-        let a = key("/c", None, r#"{"customer_id":"a","noise":1}"#, KeyQuery::All, f()).unwrap();
+        let a = key(
+            "/c",
+            None,
+            r#"{"customer_id":"a","noise":1}"#,
+            KeyQuery::All,
+            f(),
+        )
+        .unwrap();
         let b = key("/c", None, r#"{ "customer_id" : "a" }"#, KeyQuery::All, f()).unwrap();
         assert_eq!(a, b);
         assert!(a.contains(r#"{"customer_id":"a"}"#));
@@ -165,7 +199,14 @@ mod tests {
         assert_eq!(e.status(), 400);
         let e = key("/c", None, "", KeyQuery::All, KeyBody::Whole).unwrap_err();
         assert_eq!(e.status(), 400);
-        let e = key("/c", None, "[1]", KeyQuery::All, KeyBody::Fields(vec!["a".into()])).unwrap_err();
+        let e = key(
+            "/c",
+            None,
+            "[1]",
+            KeyQuery::All,
+            KeyBody::Fields(vec!["a".into()]),
+        )
+        .unwrap_err();
         assert_eq!(e.status(), 400);
         // Routes that do not key on the body ignore it.
         assert!(key("/c", None, "{nope", KeyQuery::All, KeyBody::None).is_ok());
@@ -194,7 +235,14 @@ mod tests {
         let names = [HeaderName::from_static("accept-language")];
         let k = |h: &HeaderMap| {
             derive(
-                &KeyParts { route: "r", method: &Method::GET, path: "/", query: None, body: b"", headers: h },
+                &KeyParts {
+                    route: "r",
+                    method: &Method::GET,
+                    path: "/",
+                    query: None,
+                    body: b"",
+                    headers: h,
+                },
                 &KeyQuery::All,
                 &KeyBody::None,
                 &names,

@@ -43,7 +43,13 @@ pub struct Lifetimes {
 }
 
 impl Entry {
-    pub fn new(header: ResponseHeader, body: Bytes, key_len: usize, now: Instant, life: Lifetimes) -> Self {
+    pub fn new(
+        header: ResponseHeader,
+        body: Bytes,
+        key_len: usize,
+        now: Instant,
+        life: Lifetimes,
+    ) -> Self {
         let header_bytes: usize = header
             .headers
             .iter()
@@ -179,7 +185,13 @@ mod tests {
             stale_if_error: Duration::ZERO,
             refresh_ahead: None,
         };
-        Arc::new(Entry::new(header, Bytes::from(vec![b'x'; body_len]), 8, Instant::now(), life))
+        Arc::new(Entry::new(
+            header,
+            Bytes::from(vec![b'x'; body_len]),
+            8,
+            Instant::now(),
+            life,
+        ))
     }
 
     #[test]

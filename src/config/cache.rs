@@ -21,7 +21,10 @@ impl Validator<'_> {
             &format!("{path}.stale_while_revalidate"),
             raw.stale_while_revalidate.as_ref(),
         );
-        let sie = self.optional_duration(&format!("{path}.stale_if_error"), raw.stale_if_error.as_ref());
+        let sie = self.optional_duration(
+            &format!("{path}.stale_if_error"),
+            raw.stale_if_error.as_ref(),
+        );
         let lock_timeout = self.duration(
             &format!("{path}.lock_timeout"),
             raw.lock_timeout.as_ref(),
@@ -52,7 +55,10 @@ impl Validator<'_> {
         let key_query = match raw.key_query {
             None => KeyQuery::All,
             Some(names) if names.iter().any(|n| n.is_empty()) => {
-                self.problem(format!("{path}.key_query"), "parameter names must not be empty");
+                self.problem(
+                    format!("{path}.key_query"),
+                    "parameter names must not be empty",
+                );
                 KeyQuery::All
             }
             Some(names) => KeyQuery::Only(names),
@@ -114,9 +120,10 @@ impl Validator<'_> {
         };
 
         // Only safe or pure methods may be cached, and a POST only when keyed on its body.
+        let route_path = path.strip_suffix(".cache").unwrap_or(path);
         match methods {
             None => self.problem(
-                format!("{path}.methods"),
+                format!("{route_path}.methods"),
                 "a cached route must list its methods (GET, HEAD, or POST keyed on the body)",
             ),
             Some(ms) => {
@@ -126,7 +133,7 @@ impl Validator<'_> {
                         || (m == http::Method::POST && key_body != KeyBody::None);
                     if !ok {
                         self.problem(
-                            format!("{path}.methods"),
+                            format!("{route_path}.methods"),
                             format!(
                                 "{m} cannot be cached (GET and HEAD can; POST only with key_body)"
                             ),

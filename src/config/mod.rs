@@ -19,8 +19,8 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::de::DeserializeOwned;
 
-use crate::routes::{PathTemplate, RewriteTemplate};
 use crate::cache::settings::CacheSettings;
+use crate::routes::{PathTemplate, RewriteTemplate};
 use raw::{RawAdmin, RawCacheSection, RawDuration, RawRoute, RawServer, RawSize, RawUpstream};
 
 /// Methods a route may list.
@@ -776,6 +776,75 @@ mod tests {
         assert!(p[0]
             .starts_with("routes[1].path: \"/p/{other}\" matches the same requests as routes[0]"));
         assert!(p[1].starts_with("routes[3].name: \"a\" is already the name of routes[0]"));
+    }
+
+    #[test]
+    fn cache_tables_are_validated() {
+        let text = r#"
+            [cache]
+            max_bytes = "1MiB"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "ok"
+            methods = ["GET", "HEAD"]
+            path = "/ok/{id}"
+            upstream = "u"
+            cache = { ttl = "10s", stale_while_revalidate = "30s", statuses = { 404 = "30s" }, key_query = ["a"], key_headers = ["Accept-Language"], refresh_ahead = 0.8, jitter = 0.05, on_lock_timeout = "bypass" }
+            [[routes]]
+            name = "bad"
+            methods = ["GET", "DELETE", "POST"]
+            path = "/bad"
+            upstream = "u"
+            cache = { ttl = "0s", statuses = { 200 = "1s", 999 = "1s", 404 = "x" }, refresh_ahead = 1.5, jitter = 0.9, on_lock_timeout = "wait", key_body = [], colour = 1 }
+        "#;
+        let p = problems(text);
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].starts_with("routes[1].cache.colour: unknown key"),
+            "{p:#?}"
+        );
+
+        let p = problems(&text.replace(", colour = 1", ""));
+        let expect = [
+            "routes[1].cache.ttl: must be greater than zero",
+            "routes[1].cache.statuses.200:",
+            "routes[1].cache.statuses.404: \"x\" is not a duration",
+            "routes[1].cache.statuses.999: \"999\" is not an HTTP status code",
+            "routes[1].cache.key_body:",
+            "routes[1].cache.on_lock_timeout: \"wait\"",
+            "routes[1].cache.refresh_ahead: 1.5",
+            "routes[1].cache.jitter: 0.9",
+            "routes[1].methods: DELETE cannot be cached",
+            "routes[1].methods: POST cannot be cached",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        let c = load_str(
+            &text
+                .replace(
+                    r#"[[routes]]
+            name = "bad""#,
+                    r#"[[skipped]]
+            name = "bad""#,
+                )
+                .split("[[skipped]]")
+                .next()
+                .unwrap(),
+            EnvOverrides::Ignore,
+        )
+        .unwrap();
+        let cache = c.routes[0].cache.as_ref().unwrap();
+        assert_eq!(cache.ttl_for(404), Some(Duration::from_secs(30)));
+        assert_eq!(cache.ttl_for(500), None);
+        assert_eq!(cache.key_headers[0].as_str(), "accept-language");
+        assert_eq!(c.cache.max_bytes, 1024 * 1024);
     }
 
     #[test]

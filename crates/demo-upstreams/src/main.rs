@@ -43,7 +43,8 @@ struct Cli {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8003", value_parser = parse_addr)]
     campaigns: SocketAddr,
 
-    /// Start only this API (repeatable); by default all five start.
+    /// Start only this API (repeatable): restaurants, clv, voucher, orders or campaigns; by
+    /// default all five start.
     #[arg(long, value_name = "API")]
     only: Vec<Api>,
 
@@ -188,6 +189,9 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Listen for signals before announcing anything, so a script that waits for our output
+    // and then signals us is never ignored.
+    let signals = Signals::new()?;
 
     let mut servers = BTreeMap::new();
     for api in cli.apis() {
@@ -212,29 +216,47 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
-    wait_for_signal().await?;
+    signals.wait().await;
     for server in servers.into_values() {
         server.shutdown().await;
     }
     Ok(())
 }
 
-/// Waits for SIGINT (Ctrl-C) or, on Unix, SIGTERM.
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGINT (Ctrl-C) and, on Unix, SIGTERM, registered as soon as this is created.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Waits for the first signal.
+    async fn wait(mut self) {
+        #[cfg(unix)]
         tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("cannot listen for SIGINT")?,
-            _ = terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("cannot listen for Ctrl-C")?;
-    Ok(())
 }
 
 #[cfg(test)]
