@@ -10,5 +10,6 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod lifecycle;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
