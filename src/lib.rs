@@ -13,3 +13,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
+pub mod telemetry;
