@@ -11,5 +11,7 @@ pub mod error;
 pub mod fetch;
 pub mod gateway;
 pub mod lifecycle;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
+pub mod telemetry;

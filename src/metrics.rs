@@ -1,0 +1,767 @@
+//! Prometheus metrics: one [`Metrics`] owns a private registry and every stoa series.
+//!
+//! Handles are resolved once per route, upstream and rate-limit policy when a configuration
+//! is built ([`Metrics::route`], [`Metrics::upstream`], [`Metrics::rate_limited`]) and again
+//! on reload for new names. Recording through them costs a few atomic operations: no label
+//! lookup, no formatting, no lock and no allocation per request once warm.
+//!
+//! Label values are bounded by the configuration: route, upstream and policy names, cache
+//! statuses, fetch outcomes and HTTP status codes; never paths or client identities.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::cache::CacheStatus;
+
+/// The `Content-Type` of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
+pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
+
+/// Latency buckets in seconds: from 100µs (memory hits) to 30s (slow upstream misses).
+pub const DURATION_BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Status codes 100..=599 get one slot each; anything else shares the last one.
+const STATUS_SLOTS: usize = 501;
+const OTHER_STATUS_SLOT: usize = STATUS_SLOTS - 1;
+
+/// How an upstream fetch ended: the `outcome` label of `stoa_upstream_fetches_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FetchOutcome {
+    /// The upstream answered (any HTTP status).
+    Ok,
+    /// Connection or protocol failure.
+    Error,
+    /// The upstream did not answer in time.
+    Timeout,
+}
+
+impl FetchOutcome {
+    pub const ALL: [FetchOutcome; 3] =
+        [FetchOutcome::Ok, FetchOutcome::Error, FetchOutcome::Timeout];
+
+    /// The metrics label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            FetchOutcome::Ok => "ok",
+            FetchOutcome::Error => "error",
+            FetchOutcome::Timeout => "timeout",
+        }
+    }
+}
+
+/// Every stoa series, in a registry of its own (no global registry).
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    upstream_fetches: IntCounterVec,
+    upstream_duration: HistogramVec,
+    coalesced_waiters: IntCounterVec,
+    rate_limited: IntCounterVec,
+    cache_entries: IntGauge,
+    cache_bytes: IntGauge,
+    cache_evictions: IntCounter,
+    in_flight: IntGauge,
+    reloads_ok: IntCounter,
+    reloads_error: IntCounter,
+}
+
+impl Metrics {
+    /// Registers every series; `stoa_build_info{version}` is set to 1 here.
+    pub fn new() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
+                labels,
+            )
+        };
+        let requests = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_requests_total",
+                    "Requests answered, by route, HTTP status and cache status.",
+                ),
+                &["route", "status", "cache"],
+            )?,
+        )?;
+        let request_duration = register(
+            &registry,
+            histogram(
+                "stoa_request_duration_seconds",
+                "Time from request to response, by route and cache status.",
+                &["route", "cache"],
+            )?,
+        )?;
+        let upstream_fetches = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_upstream_fetches_total",
+                    "Upstream fetches, by upstream, route and outcome (ok, error, timeout).",
+                ),
+                &["upstream", "route", "outcome"],
+            )?,
+        )?;
+        let upstream_duration = register(
+            &registry,
+            histogram(
+                "stoa_upstream_duration_seconds",
+                "Duration of upstream fetches, whatever their outcome, by upstream.",
+                &["upstream"],
+            )?,
+        )?;
+        let coalesced_waiters = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_coalesced_waiters_total",
+                    "Requests that waited for another request's upstream fetch, by route.",
+                ),
+                &["route"],
+            )?,
+        )?;
+        let rate_limited = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_rate_limited_total",
+                    "Requests refused with 429 by a rate limit, by route and policy.",
+                ),
+                &["route", "policy"],
+            )?,
+        )?;
+        let cache_entries = register(
+            &registry,
+            IntGauge::new("stoa_cache_entries", "Entries in the response cache.")?,
+        )?;
+        let cache_bytes = register(
+            &registry,
+            IntGauge::new("stoa_cache_bytes", "Weight of the response cache in bytes.")?,
+        )?;
+        let cache_evictions = register(
+            &registry,
+            IntCounter::new(
+                "stoa_cache_evictions_total",
+                "Entries evicted from the response cache to stay within its size.",
+            )?,
+        )?;
+        let in_flight = register(
+            &registry,
+            IntGauge::new(
+                "stoa_requests_in_flight",
+                "Requests being handled right now.",
+            )?,
+        )?;
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_config_reloads_total",
+                    "Configuration reloads, by result (ok, error).",
+                ),
+                &["result"],
+            )?,
+        )?;
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "stoa_build_info",
+                    "Always 1; the version label names the running build.",
+                ),
+                &["version"],
+            )?,
+        )?;
+        build_info
+            .get_metric_with_label_values(&[env!("CARGO_PKG_VERSION")])?
+            .set(1);
+        Ok(Metrics {
+            reloads_ok: reloads.get_metric_with_label_values(&["ok"])?,
+            reloads_error: reloads.get_metric_with_label_values(&["error"])?,
+            registry,
+            requests,
+            request_duration,
+            upstream_fetches,
+            upstream_duration,
+            coalesced_waiters,
+            rate_limited,
+            cache_entries,
+            cache_bytes,
+            cache_evictions,
+            in_flight,
+        })
+    }
+
+    /// Handles for one route. `cached` says which `cache` values the route will report
+    /// (hit, miss, stale, bypass, coalesced for a cached route; none otherwise): their
+    /// latency histograms and `stoa_coalesced_waiters_total` are exported at zero from
+    /// the start. Calling it again for the same name (on reload) continues the same series.
+    pub fn route(&self, name: &str, cached: bool) -> prometheus::Result<RouteMetrics> {
+        let route = RouteMetrics {
+            name: name.into(),
+            requests: self.requests.clone(),
+            durations: self.request_duration.clone(),
+            by_cache: std::array::from_fn(|_| CacheSlot::default()),
+            coalesced: self
+                .coalesced_waiters
+                .get_metric_with_label_values(&[name])?,
+        };
+        for cache in CacheStatus::ALL {
+            if cached == (cache != CacheStatus::None) {
+                let histogram = self
+                    .request_duration
+                    .get_metric_with_label_values(&[name, cache.label()])?;
+                // A fresh slot: the cell is empty, so this stores `histogram`.
+                let _ = route.slot(cache).duration.set(histogram);
+            }
+        }
+        Ok(route)
+    }
+
+    /// Handles for the fetches a route makes to an upstream; every outcome starts at zero.
+    pub fn upstream(&self, upstream: &str, route: &str) -> prometheus::Result<UpstreamMetrics> {
+        let fetches = |outcome: FetchOutcome| {
+            self.upstream_fetches
+                .get_metric_with_label_values(&[upstream, route, outcome.label()])
+        };
+        Ok(UpstreamMetrics {
+            ok: fetches(FetchOutcome::Ok)?,
+            error: fetches(FetchOutcome::Error)?,
+            timeout: fetches(FetchOutcome::Timeout)?,
+            duration: self
+                .upstream_duration
+                .get_metric_with_label_values(&[upstream])?,
+        })
+    }
+
+    /// The counter of 429s a policy gives on a route (exported at zero from the start).
+    pub fn rate_limited(&self, route: &str, policy: &str) -> prometheus::Result<IntCounter> {
+        self.rate_limited
+            .get_metric_with_label_values(&[route, policy])
+    }
+
+    /// Sets `stoa_cache_entries` and `stoa_cache_bytes` (e.g. from the store before a scrape).
+    pub fn set_cache_stats(&self, entries: u64, bytes: u64) {
+        self.cache_entries.set(saturating_i64(entries));
+        self.cache_bytes.set(saturating_i64(bytes));
+    }
+
+    /// Counts `n` cache evictions.
+    pub fn cache_evicted(&self, n: u64) {
+        self.cache_evictions.inc_by(n);
+    }
+
+    /// Sets `stoa_requests_in_flight` from a count kept elsewhere. Use this or
+    /// [`Metrics::in_flight_guard`], not both.
+    pub fn set_in_flight(&self, n: u64) {
+        self.in_flight.set(saturating_i64(n));
+    }
+
+    /// Counts one request in flight until the guard is dropped.
+    pub fn in_flight_guard(&self) -> InFlightGuard {
+        self.in_flight.inc();
+        InFlightGuard(self.in_flight.clone())
+    }
+
+    /// Counts one configuration reload attempt.
+    pub fn config_reload(&self, ok: bool) {
+        if ok {
+            self.reloads_ok.inc();
+        } else {
+            self.reloads_error.inc();
+        }
+    }
+
+    /// The registry, for collectors of other modules.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Every series in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# stoa: encoding metrics failed: {e}\n"))
+    }
+}
+
+/// Keeps `stoa_requests_in_flight` one higher while it lives.
+pub struct InFlightGuard(IntGauge);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The request series of one route.
+///
+/// The `status` label is dynamic, so its counters are created lazily but looked up without
+/// locks: per cache status, a table with one `OnceLock<IntCounter>` per status code
+/// 100..=599 (plus one slot, labelled `other`, for codes outside that range), itself
+/// allocated on the first request with that cache status. The first request with a given
+/// (cache, status) pair pays one registry lookup and the formatting of the label; every later
+/// one is an array index, an atomic load and an atomic add. A table is about 8 KiB, and a
+/// route only allocates the tables of the cache statuses it actually reports. A fixed set of
+/// common codes would need a fallback (a lock or a map) for the rest; this keeps one path.
+pub struct RouteMetrics {
+    name: Box<str>,
+    requests: IntCounterVec,
+    durations: HistogramVec,
+    by_cache: [CacheSlot; CacheStatus::ALL.len()],
+    coalesced: IntCounter,
+}
+
+#[derive(Default)]
+struct CacheSlot {
+    duration: OnceLock<Histogram>,
+    statuses: OnceLock<Box<[OnceLock<IntCounter>]>>,
+}
+
+impl RouteMetrics {
+    /// Records one answered request: `stoa_requests_total` and `stoa_request_duration_seconds`.
+    pub fn observe(&self, status: u16, cache: CacheStatus, elapsed: Duration) {
+        if let Some(counter) = self.status_counter(status, cache) {
+            counter.inc();
+        }
+        if let Some(histogram) = self.duration(cache) {
+            histogram.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Counts one request that waited for another request's fetch.
+    pub fn coalesced_waiter(&self) {
+        self.coalesced.inc();
+    }
+
+    /// The route name these handles report.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn slot(&self, cache: CacheStatus) -> &CacheSlot {
+        let index = match cache {
+            CacheStatus::Hit => 0,
+            CacheStatus::Miss => 1,
+            CacheStatus::Stale => 2,
+            CacheStatus::Bypass => 3,
+            CacheStatus::Coalesced => 4,
+            CacheStatus::None => 5,
+        };
+        &self.by_cache[index]
+    }
+
+    fn status_counter(&self, status: u16, cache: CacheStatus) -> Option<&IntCounter> {
+        let table = self
+            .slot(cache)
+            .statuses
+            .get_or_init(|| (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect());
+        let index = match status {
+            100..=599 => usize::from(status - 100),
+            _ => OTHER_STATUS_SLOT,
+        };
+        let cell = table.get(index)?;
+        if let Some(counter) = cell.get() {
+            return Some(counter);
+        }
+        let label = match status {
+            100..=599 => status.to_string(),
+            _ => "other".to_string(),
+        };
+        let counter = self
+            .requests
+            .get_metric_with_label_values(&[&*self.name, &label, cache.label()])
+            .ok()?;
+        Some(cell.get_or_init(|| counter))
+    }
+
+    fn duration(&self, cache: CacheStatus) -> Option<&Histogram> {
+        let cell = &self.slot(cache).duration;
+        if let Some(histogram) = cell.get() {
+            return Some(histogram);
+        }
+        let histogram = self
+            .durations
+            .get_metric_with_label_values(&[&*self.name, cache.label()])
+            .ok()?;
+        Some(cell.get_or_init(|| histogram))
+    }
+}
+
+/// The fetch series of one (upstream, route) pair.
+pub struct UpstreamMetrics {
+    ok: IntCounter,
+    error: IntCounter,
+    timeout: IntCounter,
+    duration: Histogram,
+}
+
+impl UpstreamMetrics {
+    /// Records one upstream fetch: `stoa_upstream_fetches_total` and
+    /// `stoa_upstream_duration_seconds` (observed for every outcome).
+    pub fn fetch(&self, outcome: FetchOutcome, elapsed: Duration) {
+        match outcome {
+            FetchOutcome::Ok => self.ok.inc(),
+            FetchOutcome::Error => self.error.inc(),
+            FetchOutcome::Timeout => self.timeout.inc(),
+        }
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+fn register<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The lines of `text` whose series name is exactly `name`.
+    fn series<'a>(text: &'a str, name: &str) -> BTreeSet<&'a str> {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .collect()
+    }
+
+    fn set(lines: &[&'static str]) -> BTreeSet<&'static str> {
+        lines.iter().copied().collect()
+    }
+
+    #[test]
+    fn recordings_render_as_exact_counter_lines() {
+        let m = Metrics::new().unwrap();
+        let restaurant = m.route("restaurant", true).unwrap();
+        let upstream = m.upstream("restaurants", "restaurant").unwrap();
+        let limited = m.rate_limited("restaurant", "default").unwrap();
+
+        restaurant.observe(200, CacheStatus::Hit, Duration::from_micros(200));
+        restaurant.observe(200, CacheStatus::Hit, Duration::from_micros(300));
+        restaurant.observe(200, CacheStatus::Miss, ms(1200));
+        restaurant.observe(404, CacheStatus::Miss, ms(40));
+        restaurant.observe(200, CacheStatus::Coalesced, ms(900));
+        restaurant.observe(1000, CacheStatus::Bypass, ms(1));
+        restaurant.coalesced_waiter();
+        upstream.fetch(FetchOutcome::Ok, ms(1100));
+        upstream.fetch(FetchOutcome::Ok, ms(35));
+        upstream.fetch(FetchOutcome::Timeout, ms(5000));
+        limited.inc();
+        limited.inc();
+        limited.inc();
+        m.set_cache_stats(10, 2048);
+        m.cache_evicted(2);
+        m.set_in_flight(4);
+        m.config_reload(true);
+        m.config_reload(false);
+        m.config_reload(true);
+
+        let text = m.render();
+        assert_eq!(
+            series(&text, "stoa_requests_total"),
+            set(&[
+                r#"stoa_requests_total{cache="bypass",route="restaurant",status="other"} 1"#,
+                r#"stoa_requests_total{cache="coalesced",route="restaurant",status="200"} 1"#,
+                r#"stoa_requests_total{cache="hit",route="restaurant",status="200"} 2"#,
+                r#"stoa_requests_total{cache="miss",route="restaurant",status="200"} 1"#,
+                r#"stoa_requests_total{cache="miss",route="restaurant",status="404"} 1"#,
+            ])
+        );
+        assert_eq!(
+            series(&text, "stoa_upstream_fetches_total"),
+            set(&[
+                r#"stoa_upstream_fetches_total{outcome="error",route="restaurant",upstream="restaurants"} 0"#,
+                r#"stoa_upstream_fetches_total{outcome="ok",route="restaurant",upstream="restaurants"} 2"#,
+                r#"stoa_upstream_fetches_total{outcome="timeout",route="restaurant",upstream="restaurants"} 1"#,
+            ])
+        );
+        assert_eq!(
+            series(&text, "stoa_coalesced_waiters_total"),
+            set(&[r#"stoa_coalesced_waiters_total{route="restaurant"} 1"#])
+        );
+        assert_eq!(
+            series(&text, "stoa_rate_limited_total"),
+            set(&[r#"stoa_rate_limited_total{policy="default",route="restaurant"} 3"#])
+        );
+        assert_eq!(
+            series(&text, "stoa_config_reloads_total"),
+            set(&[
+                r#"stoa_config_reloads_total{result="error"} 1"#,
+                r#"stoa_config_reloads_total{result="ok"} 2"#,
+            ])
+        );
+        assert_eq!(
+            series(&text, "stoa_cache_entries"),
+            set(&["stoa_cache_entries 10"])
+        );
+        assert_eq!(
+            series(&text, "stoa_cache_bytes"),
+            set(&["stoa_cache_bytes 2048"])
+        );
+        assert_eq!(
+            series(&text, "stoa_cache_evictions_total"),
+            set(&["stoa_cache_evictions_total 2"])
+        );
+        assert_eq!(
+            series(&text, "stoa_requests_in_flight"),
+            set(&["stoa_requests_in_flight 4"])
+        );
+        assert_eq!(
+            series(&text, "stoa_request_duration_seconds_count"),
+            set(&[
+                r#"stoa_request_duration_seconds_count{cache="bypass",route="restaurant"} 1"#,
+                r#"stoa_request_duration_seconds_count{cache="coalesced",route="restaurant"} 1"#,
+                r#"stoa_request_duration_seconds_count{cache="hit",route="restaurant"} 2"#,
+                r#"stoa_request_duration_seconds_count{cache="miss",route="restaurant"} 2"#,
+                r#"stoa_request_duration_seconds_count{cache="stale",route="restaurant"} 0"#,
+            ])
+        );
+        assert_eq!(
+            series(&text, "stoa_upstream_duration_seconds_count"),
+            set(&[r#"stoa_upstream_duration_seconds_count{upstream="restaurants"} 3"#])
+        );
+    }
+
+    #[test]
+    fn histograms_have_every_bucket() {
+        let m = Metrics::new().unwrap();
+        let route = m.route("restaurant", true).unwrap();
+        route.observe(200, CacheStatus::Hit, Duration::from_micros(200));
+        route.observe(200, CacheStatus::Hit, Duration::from_micros(300));
+        route.observe(200, CacheStatus::Hit, Duration::from_secs(60));
+        let text = m.render();
+
+        let hit_buckets: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("stoa_request_duration_seconds_bucket{cache=\"hit\",")
+                    && l.contains("route=\"restaurant\"")
+            })
+            .collect();
+        assert_eq!(hit_buckets.len(), DURATION_BUCKETS.len() + 1, "{text}");
+        for (line, le) in hit_buckets.iter().zip(DURATION_BUCKETS) {
+            assert!(line.contains(&format!("le=\"{le}\"")), "{line}");
+        }
+        // Cumulative counts: nothing at 100µs, both fast hits by 250µs and 500µs, all at +Inf.
+        assert!(hit_buckets[0].ends_with(" 0"), "{}", hit_buckets[0]);
+        assert!(hit_buckets[1].contains("le=\"0.00025\"") && hit_buckets[1].ends_with(" 1"));
+        assert!(hit_buckets[2].contains("le=\"0.0005\"") && hit_buckets[2].ends_with(" 2"));
+        assert!(hit_buckets[16].contains("le=\"30\"") && hit_buckets[16].ends_with(" 2"));
+        assert!(hit_buckets[17].contains("le=\"+Inf\"") && hit_buckets[17].ends_with(" 3"));
+        assert!(text.contains(
+            "stoa_request_duration_seconds_sum{cache=\"hit\",route=\"restaurant\"} 60.0005"
+        ));
+        assert!(text
+            .contains("stoa_request_duration_seconds_count{cache=\"hit\",route=\"restaurant\"} 3"));
+    }
+
+    #[test]
+    fn build_info_and_zero_series_appear_before_any_request() {
+        let m = Metrics::new().unwrap();
+        let _clv = m.route("clv", true).unwrap();
+        let _health = m.route("health", false).unwrap();
+        let _fetch = m.upstream("clv", "clv").unwrap();
+        let _limit = m.rate_limited("clv", "default").unwrap();
+        let text = m.render();
+
+        let version = env!("CARGO_PKG_VERSION");
+        assert!(text.contains(&format!("stoa_build_info{{version=\"{version}\"}} 1\n")));
+        for line in [
+            r#"stoa_coalesced_waiters_total{route="clv"} 0"#,
+            r#"stoa_coalesced_waiters_total{route="health"} 0"#,
+            r#"stoa_upstream_fetches_total{outcome="ok",route="clv",upstream="clv"} 0"#,
+            r#"stoa_upstream_fetches_total{outcome="error",route="clv",upstream="clv"} 0"#,
+            r#"stoa_upstream_fetches_total{outcome="timeout",route="clv",upstream="clv"} 0"#,
+            r#"stoa_upstream_duration_seconds_count{upstream="clv"} 0"#,
+            r#"stoa_rate_limited_total{policy="default",route="clv"} 0"#,
+            r#"stoa_request_duration_seconds_count{cache="hit",route="clv"} 0"#,
+            r#"stoa_request_duration_seconds_count{cache="miss",route="clv"} 0"#,
+            r#"stoa_request_duration_seconds_count{cache="none",route="health"} 0"#,
+            r#"stoa_config_reloads_total{result="ok"} 0"#,
+            r#"stoa_config_reloads_total{result="error"} 0"#,
+            "stoa_cache_entries 0",
+            "stoa_cache_bytes 0",
+            "stoa_cache_evictions_total 0",
+            "stoa_requests_in_flight 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        // Pass-through routes do not export cache-status histograms, nor cached ones `none`.
+        assert!(!text.contains(r#"cache="hit",route="health""#));
+        assert!(!text.contains(r#"cache="none",route="clv""#));
+        // No status is known before the first request.
+        assert!(series(&text, "stoa_requests_total").is_empty());
+    }
+
+    #[test]
+    fn resolving_again_on_reload_continues_the_series() {
+        let m = Metrics::new().unwrap();
+        m.route("r", true)
+            .unwrap()
+            .observe(200, CacheStatus::Hit, ms(1));
+        let again = m.route("r", true).unwrap();
+        again.observe(200, CacheStatus::Hit, ms(1));
+        again.coalesced_waiter();
+        assert_eq!(again.name(), "r");
+        let text = m.render();
+        assert!(text.contains("stoa_requests_total{cache=\"hit\",route=\"r\",status=\"200\"} 2\n"));
+        assert!(text.contains("stoa_coalesced_waiters_total{route=\"r\"} 1\n"));
+    }
+
+    #[test]
+    fn in_flight_guard_counts_while_alive() {
+        let m = Metrics::new().unwrap();
+        let a = m.in_flight_guard();
+        let b = m.in_flight_guard();
+        assert!(m.render().contains("stoa_requests_in_flight 2\n"));
+        drop(a);
+        drop(b);
+        assert!(m.render().contains("stoa_requests_in_flight 0\n"));
+    }
+
+    #[test]
+    fn handles_are_shareable_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Metrics>();
+        send_sync::<RouteMetrics>();
+        send_sync::<UpstreamMetrics>();
+        send_sync::<InFlightGuard>();
+    }
+
+    /// A Metrics with every series populated, for format checks.
+    fn populated() -> Metrics {
+        let m = Metrics::new().unwrap();
+        let route = m.route("restaurant", true).unwrap();
+        route.observe(200, CacheStatus::Hit, ms(1));
+        route.observe(502, CacheStatus::Miss, ms(30));
+        route.coalesced_waiter();
+        m.upstream("restaurants", "restaurant")
+            .unwrap()
+            .fetch(FetchOutcome::Error, ms(20));
+        m.rate_limited("restaurant", "default").unwrap().inc();
+        m.set_cache_stats(1, 100);
+        m.cache_evicted(1);
+        m.config_reload(true);
+        m
+    }
+
+    #[test]
+    fn every_family_has_help_type_and_base_unit_names() {
+        let text = populated().render();
+        let mut families = 0;
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let mut parts = line["# TYPE ".len()..].split(' ');
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                panic!("bad TYPE line {line}");
+            };
+            families += 1;
+            assert!(name.starts_with("stoa_"), "{name}");
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}"
+            );
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                "histogram" => assert!(name.ends_with("_seconds"), "{name}"),
+                "gauge" => assert!(!name.ends_with("_total"), "{name}"),
+                other => panic!("unexpected type {other} for {name}"),
+            }
+        }
+        assert_eq!(families, 12, "{text}");
+    }
+
+    /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.
+    #[test]
+    fn dashboard_queries_only_exposed_metrics() {
+        let dashboard = include_str!("../dashboards/stoa-grafana.json");
+        let parsed: serde_json::Value = serde_json::from_str(dashboard).unwrap();
+        assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 7));
+
+        let text = populated().render();
+        let exposed: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+
+        let mut names = BTreeSet::new();
+        let mut rest = dashboard;
+        while let Some(at) = rest.find("stoa_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            names.insert(&tail[..end]);
+            rest = &tail[end..];
+        }
+        assert!(names.len() >= 7, "{names:?}");
+        for name in names {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .filter(|base| exposed.contains(base))
+                .unwrap_or(name);
+            assert!(exposed.contains(base), "dashboard queries unknown {name}");
+        }
+    }
+
+    /// Runs `promtool check metrics` on the output when `STOA_PROMTOOL` names the binary.
+    #[test]
+    fn promtool_accepts_the_output() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+
+        let Some(promtool) = std::env::var_os("STOA_PROMTOOL") else {
+            eprintln!("STOA_PROMTOOL not set: skipping promtool check metrics");
+            return;
+        };
+        let text = populated().render();
+        let mut child = Command::new(promtool)
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "promtool: {report}\n{text}");
+        assert!(report.trim().is_empty(), "promtool: {report}");
+    }
+}
