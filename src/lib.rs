@@ -11,4 +11,5 @@ pub mod error;
 pub mod gateway;
 pub mod lifecycle;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
