@@ -13,5 +13,6 @@ pub mod gateway;
 pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod telemetry;
