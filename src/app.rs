@@ -16,8 +16,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::admin::AdminApp;
 use crate::cache::CacheEngine;
 use crate::config::Config;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Shared};
 use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
 use crate::proxy::StoaProxy;
 
 /// How long to wait for the proxy listener to accept its first probe before giving up on
@@ -35,8 +36,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let lifecycle = Lifecycle::new();
-    let cache = CacheEngine::new(config.cache.max_bytes);
-    let gateway = Arc::new(ArcSwap::new(Gateway::new(&config, cache)?));
+    let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
+    let shared = Shared {
+        cache: CacheEngine::new(config.cache.max_bytes),
+        metrics: metrics.clone(),
+    };
+    let gateway = Arc::new(ArcSwap::new(Gateway::new(&config, &shared)?));
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -51,12 +56,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server_conf,
-        StoaProxy::new(gateway, lifecycle.clone()),
+        StoaProxy::new(gateway.clone(), lifecycle.clone()),
         "stoa proxy",
     );
     proxy.add_tcp(&config.server.listen.to_string());
 
-    let mut admin = Service::new("stoa admin".to_string(), AdminApp::new(lifecycle.clone()));
+    let mut admin = Service::new(
+        "stoa admin".to_string(),
+        AdminApp::new(lifecycle.clone(), metrics, gateway.clone()),
+    );
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
 
@@ -68,9 +76,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         },
     );
 
+    let pruner = background_service("stoa rate-limit pruner", Pruner { gateway });
+
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(probe);
+    server.add_service(pruner);
 
     tracing::info!(
         listen = %config.server.listen,
@@ -108,6 +119,31 @@ impl BackgroundService for ReadinessProbe {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tracing::error!(listen = %self.addr, "proxy listener never accepted a connection");
+    }
+}
+
+/// How often idle clients' rate-limit state is dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps rate-limiter memory bounded: clients whose buckets are full again are forgotten.
+struct Pruner {
+    gateway: Arc<ArcSwap<Gateway>>,
+}
+
+#[async_trait]
+impl BackgroundService for Pruner {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    for limiter in self.gateway.load().limiters.values() {
+                        limiter.prune();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

@@ -22,6 +22,18 @@ pub enum StoaError {
     UpstreamTimeout { upstream: String, timeout_ms: u128 },
     #[error("upstream {upstream} failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    #[error(
+        "too many requests under rate limit policy {policy}; retry after {retry_after_secs} s"
+    )]
+    RateLimited {
+        policy: String,
+        retry_after_secs: u64,
+    },
+    #[error("upstream {upstream} is at capacity; retry after {retry_after_secs} s")]
+    Overloaded {
+        upstream: String,
+        retry_after_secs: u64,
+    },
     #[error("stoa is not ready to serve")]
     NotReady,
     #[error("internal error: {0}")]
@@ -40,7 +52,8 @@ impl StoaError {
                 StatusCode::BAD_GATEWAY
             }
             StoaError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            StoaError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            StoaError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            StoaError::Overloaded { .. } | StoaError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             StoaError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -55,15 +68,24 @@ impl StoaError {
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
             StoaError::UpstreamFailed { .. } => "upstream_failed",
+            StoaError::RateLimited { .. } => "rate_limited",
+            StoaError::Overloaded { .. } => "upstream_overloaded",
             StoaError::NotReady => "not_ready",
             StoaError::Internal(_) => "internal",
         }
     }
 
-    /// Extra response headers this error carries (e.g. `Allow` on 405).
-    pub fn extra_header(&self) -> Option<(&'static str, &str)> {
+    /// The extra response header this error carries: `Allow` on 405, `Retry-After` on
+    /// 429 and 503.
+    pub fn extra_header(&self) -> Option<(&'static str, String)> {
         match self {
-            StoaError::MethodNotAllowed { allow, .. } => Some(("allow", allow.as_str())),
+            StoaError::MethodNotAllowed { allow, .. } => Some(("allow", allow.clone())),
+            StoaError::RateLimited {
+                retry_after_secs, ..
+            }
+            | StoaError::Overloaded {
+                retry_after_secs, ..
+            } => Some(("retry-after", retry_after_secs.to_string())),
             _ => None,
         }
     }
@@ -105,7 +127,13 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
         assert_eq!(v["error"], "method_not_allowed");
         assert!(v["message"].as_str().unwrap().contains("GET, HEAD"));
-        assert_eq!(e.extra_header(), Some(("allow", "GET, HEAD")));
+        assert_eq!(e.extra_header(), Some(("allow", "GET, HEAD".to_string())));
+        let e = StoaError::RateLimited {
+            policy: "default".into(),
+            retry_after_secs: 3,
+        };
+        assert_eq!(e.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(e.extra_header(), Some(("retry-after", "3".to_string())));
     }
 
     #[test]

@@ -6,8 +6,11 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
+use std::sync::Arc;
+
 use crate::config::Upstream;
 use crate::error::StoaError;
+use crate::ratelimit::UpstreamGuard;
 
 /// Largest upstream body a cached route reads into memory.
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
@@ -30,10 +33,11 @@ pub struct Fetched {
     pub body: Bytes,
 }
 
-/// A pooled client for one upstream.
-#[derive(Debug, Clone)]
+/// A pooled client for one upstream, within the upstream's protection limits.
+#[derive(Clone)]
 pub struct UpstreamClient {
     client: reqwest::Client,
+    guard: Arc<UpstreamGuard>,
     name: String,
     base_url: String,
     host_header: HeaderValue,
@@ -42,7 +46,7 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    pub fn new(upstream: &Upstream) -> Result<Self, StoaError> {
+    pub fn new(upstream: &Upstream, guard: Arc<UpstreamGuard>) -> Result<Self, StoaError> {
         let client = reqwest::Client::builder()
             .connect_timeout(upstream.connect_timeout)
             .timeout(upstream.timeout)
@@ -56,6 +60,7 @@ impl UpstreamClient {
             .map_err(|e| StoaError::Internal(format!("bad Host header: {e}")))?;
         Ok(UpstreamClient {
             client,
+            guard,
             name: upstream.name.clone(),
             base_url: format!("http://{}", upstream.addr),
             host_header,
@@ -68,8 +73,17 @@ impl UpstreamClient {
         &self.name
     }
 
-    /// Sends `req` and reads the whole answer. Errors are the ones stoa answers with.
+    /// Sends `req` and reads the whole answer, holding one of the upstream's slots (waiting
+    /// at most its `queue_timeout` for one). Errors are the ones stoa answers with.
     pub async fn fetch(&self, req: FetchRequest) -> Result<Fetched, StoaError> {
+        let _permit = self
+            .guard
+            .acquire()
+            .await
+            .map_err(|o| StoaError::Overloaded {
+                upstream: self.name.clone(),
+                retry_after_secs: o.retry_after_secs,
+            })?;
         let url = format!("{}{}", self.base_url, req.path_and_query);
         let mut headers = req.headers;
         headers.insert(http::header::HOST, self.host_header.clone());
@@ -120,6 +134,15 @@ impl UpstreamClient {
                 detail: root_cause(e),
             }
         }
+    }
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .finish()
     }
 }
 

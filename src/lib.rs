@@ -14,5 +14,6 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod respond;
 pub mod routes;
 pub mod telemetry;

@@ -53,7 +53,13 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_tracing();
+            let _log_writer = match stoa::telemetry::init(&config.log.level, config.log.format) {
+                Ok(guard) => guard,
+                Err(e) => {
+                    eprintln!("stoa: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            };
             match stoa::app::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -74,13 +80,4 @@ fn report(path: &std::path::Path, errors: &config::ConfigErrors) {
     for problem in &errors.0 {
         eprintln!("  {problem}");
     }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }

@@ -1,7 +1,9 @@
 //! The pingora `ProxyHttp` implementation: each phase is a short delegation to the
-//! routing, gateway and error modules.
+//! routing, cache, rate-limit, metrics and response modules.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -11,237 +13,60 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
-use crate::cache::settings::CacheSettings;
-use crate::cache::store::Entry;
 use crate::cache::{key, CacheStatus, CachedRoute, Served};
 use crate::error::StoaError;
 use crate::fetch::FetchRequest;
-use crate::gateway::{Gateway, Route};
+use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lifecycle::{InFlight, Lifecycle};
+use crate::metrics::FetchOutcome;
+use crate::ratelimit::{client_key, AppliesTo, Decision, Mode, UpstreamPermit};
+use crate::respond::{self, Decorations};
 use crate::routes::{upstream_uri, Lookup};
+use crate::telemetry::{access_log, AccessRecord};
 
-/// The proxy service: routes each request and forwards it to its upstream.
+/// The proxy service: routes each request and answers it from the cache or the upstream.
 pub struct StoaProxy {
     gateway: Arc<ArcSwap<Gateway>>,
     lifecycle: Arc<Lifecycle>,
 }
 
-impl StoaProxy {
-    pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
-        StoaProxy { gateway, lifecycle }
-    }
-
-    /// Answers a request on a cached route entirely from `request_filter`: from memory,
-    /// from the single flight, or (private requests) from a direct fetch.
-    async fn serve_cached(
-        &self,
-        session: &mut Session,
-        gateway: &Gateway,
-        cached: &Arc<CachedRoute>,
-        upstream_path: String,
-    ) -> Result<()> {
-        let body = match read_body(session, gateway.max_body_bytes).await? {
-            Ok(body) => body,
-            Err(e) => return respond_error(session, &e).await,
-        };
-        let req = session.req_header();
-        let settings = &cached.settings;
-        let (path, query) = match upstream_path.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (upstream_path.as_str(), None),
-        };
-        let key = key::derive(
-            &key::KeyParts {
-                route: &cached.name,
-                method: &req.method,
-                path,
-                query,
-                body: &body,
-                headers: &req.headers,
-            },
-            &settings.key_query,
-            &settings.key_body,
-            &settings.key_headers,
-        );
-        let key = match key {
-            Ok(key) => key,
-            Err(e) => return respond_error(session, &e).await,
-        };
-        let method = if req.method == http::Method::HEAD {
-            http::Method::GET
-        } else {
-            req.method.clone()
-        };
-        let served = if is_private_request(req, settings) {
-            let client = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            let fetch = FetchRequest {
-                method,
-                headers: private_fetch_headers(req, client),
-                path_and_query: upstream_path,
-                body,
-            };
-            gateway.cache.bypass(cached, fetch).await
-        } else {
-            let make_fetch = || FetchRequest {
-                method,
-                headers: shared_fetch_headers(req, settings),
-                path_and_query: upstream_path.clone(),
-                body,
-            };
-            gateway.cache.serve(cached, &key, make_fetch).await
-        };
-        match served {
-            Served::Entry(entry, status) => {
-                respond_entry(session, &entry, status, self.lifecycle.is_draining()).await
-            }
-            Served::Error(e) => respond_error(session, &e).await,
-        }
-    }
-}
-
 /// Per-request state.
 pub struct RequestCtx {
     _in_flight: InFlight,
+    started: Instant,
     /// The configuration this request is served with, from start to end.
     gateway: Arc<Gateway>,
     route: Option<usize>,
     upstream_uri: Option<http::Uri>,
     body_bytes: u64,
+    request_id: String,
+    cache: CacheStatus,
+    rate: Option<Decision>,
+    /// Held while a pass-through request uses one of the upstream's slots.
+    permit: Option<UpstreamPermit>,
+    upstream_started: Option<Instant>,
+    upstream_elapsed: Option<Duration>,
 }
 
 impl RequestCtx {
     fn route(&self) -> Option<&Route> {
         self.route.and_then(|i| self.gateway.routes.routes().get(i))
     }
+
+    fn decorations(&self, draining: bool) -> Decorations<'_> {
+        Decorations {
+            request_id: &self.request_id,
+            rate: self.rate.as_ref(),
+            close: draining,
+        }
+    }
 }
 
-/// Writes one of stoa's own JSON errors. The connection is only kept if the request body
-/// was fully read, so an unread body can never be mistaken for the next request.
-async fn respond_error(session: &mut Session, error: &StoaError) -> Result<()> {
-    let body = error.body();
-    let mut header = ResponseHeader::build(error.status(), Some(4))?;
-    header.insert_header("content-type", "application/json")?;
-    header.insert_header("content-length", body.len().to_string())?;
-    header.insert_header("cache-control", "no-store")?;
-    if let Some((name, value)) = error.extra_header() {
-        header.insert_header(name, value)?;
-    }
-    if !session.is_body_done() {
-        session.set_keepalive(None);
-    }
+fn client_ip(session: &Session) -> Option<IpAddr> {
     session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await
-}
-
-/// Writes a cached (or fetched) answer from memory, with `X-Cache` and `Age`.
-async fn respond_entry(
-    session: &mut Session,
-    entry: &Entry,
-    status: CacheStatus,
-    draining: bool,
-) -> Result<()> {
-    let head_only = session.req_header().method == http::Method::HEAD;
-    let mut header = entry.header.clone();
-    if let Some(value) = status.header_value() {
-        header.insert_header("x-cache", value)?;
-    }
-    header.insert_header("age", entry.age_secs(std::time::Instant::now()))?;
-    if draining {
-        session.set_keepalive(None);
-    }
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
-    if !head_only {
-        session
-            .write_response_body(Some(entry.body.clone()), true)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Reads the whole request body, or says it is over `limit`.
-async fn read_body(
-    session: &mut Session,
-    limit: u64,
-) -> Result<std::result::Result<Bytes, StoaError>> {
-    let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = session.read_request_body().await? {
-        if (body.len() + chunk.len()) as u64 > limit {
-            return Ok(Err(StoaError::BodyTooLarge { limit }));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Ok(body.freeze()))
-}
-
-/// Request headers that must not be forwarded as they are.
-fn is_hop_by_hop(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
-}
-
-/// Headers for a fetch whose answer may be shared: only what the answer may depend on
-/// and the key covers, never credentials (unless keyed) nor Accept-Encoding (so the stored
-/// body is the identity encoding every client can read).
-fn shared_fetch_headers(req: &RequestHeader, settings: &CacheSettings) -> http::HeaderMap {
-    let mut headers = http::HeaderMap::new();
-    let always = [http::header::CONTENT_TYPE, http::header::ACCEPT];
-    for name in always.iter().chain(settings.key_headers.iter()) {
-        for value in req.headers.get_all(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    headers
-}
-
-/// Headers for a fetch made for one client only: everything end-to-end, plus forwarding.
-fn private_fetch_headers(req: &RequestHeader, client: Option<std::net::IpAddr>) -> http::HeaderMap {
-    let mut headers = http::HeaderMap::with_capacity(req.headers.len() + 2);
-    for (name, value) in req.headers.iter() {
-        if !is_hop_by_hop(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Some(ip) = client {
-        let forwarded = forwarded_for(headers.get("x-forwarded-for"), ip);
-        if let Ok(v) = http::HeaderValue::from_str(&forwarded) {
-            headers.insert("x-forwarded-for", v);
-        }
-    }
-    headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
-    headers
-}
-
-/// The `X-Forwarded-For` value with `ip` appended to what a client sent.
-fn forwarded_for(prior: Option<&http::HeaderValue>, ip: std::net::IpAddr) -> String {
-    match prior.and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
-    }
-}
-
-/// A request carrying credentials the key does not cover must not share answers.
-fn is_private_request(req: &RequestHeader, settings: &CacheSettings) -> bool {
-    [http::header::AUTHORIZATION, http::header::COOKIE]
-        .iter()
-        .any(|h| req.headers.contains_key(h) && !settings.keys_on_header(h))
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// The content length a request announces, if any.
@@ -302,6 +127,142 @@ fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> O
     Some(err)
 }
 
+impl StoaProxy {
+    pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
+        StoaProxy { gateway, lifecycle }
+    }
+
+    /// Applies the route's rate-limit policy. `Err` carries the 429 to answer.
+    fn rate_limit(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        would_reach_upstream: bool,
+    ) -> std::result::Result<(), StoaError> {
+        let Some(limiter) = &route.limiter else {
+            return Ok(());
+        };
+        let policy = limiter.settings();
+        if policy.applies_to == AppliesTo::Misses && !would_reach_upstream {
+            return Ok(());
+        }
+        let key = client_key(
+            client_ip(session),
+            &session.req_header().headers,
+            &policy.client,
+            &ctx.gateway.trusted_proxies,
+        );
+        let decision = limiter.check(&key);
+        if decision.over_limit {
+            if let Some(counter) = &route.rate_limited {
+                counter.inc();
+            }
+            if policy.mode == Mode::DryRun {
+                tracing::info!(route = %route.spec.name, policy = %policy.name, client = ?key, "rate limit exceeded (dry run)");
+            }
+        }
+        let refused = !decision.allowed;
+        let retry_after_secs = decision.retry_after_secs.unwrap_or(1);
+        ctx.rate = Some(decision);
+        if refused {
+            return Err(StoaError::RateLimited {
+                policy: policy.name.clone(),
+                retry_after_secs,
+            });
+        }
+        Ok(())
+    }
+
+    /// Answers a request on a cached route entirely from `request_filter`: from memory,
+    /// from the single flight, or (private requests) from a direct fetch.
+    async fn serve_cached(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        cached: &Arc<CachedRoute>,
+        upstream_path: String,
+    ) -> Result<()> {
+        let gateway = ctx.gateway.clone();
+        let draining = self.lifecycle.is_draining();
+        let body = match respond::read_body(session, gateway.max_body_bytes).await? {
+            Ok(body) => body,
+            Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
+        };
+        ctx.body_bytes = body.len() as u64;
+        let req = session.req_header();
+        let settings = &cached.settings;
+        let (path, query) = match upstream_path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (upstream_path.as_str(), None),
+        };
+        let key = key::derive(
+            &key::KeyParts {
+                route: &cached.name,
+                method: &req.method,
+                path,
+                query,
+                body: &body,
+                headers: &req.headers,
+            },
+            &settings.key_query,
+            &settings.key_body,
+            &settings.key_headers,
+        );
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
+        };
+        let private = respond::is_private_request(req, settings);
+        let from_memory = !private && gateway.cache.answers_from_memory(&key);
+        if let Err(e) = self.rate_limit(session, ctx, route, !from_memory) {
+            return respond::error(session, &e, &ctx.decorations(draining)).await;
+        }
+        let req = session.req_header();
+        let method = if req.method == http::Method::HEAD {
+            http::Method::GET
+        } else {
+            req.method.clone()
+        };
+        let asked = Instant::now();
+        let served = if private {
+            let fetch = FetchRequest {
+                method,
+                headers: respond::private_fetch_headers(req, client_ip(session), &ctx.request_id),
+                path_and_query: upstream_path,
+                body,
+            };
+            gateway.cache.bypass(cached, fetch).await
+        } else {
+            let request_id = &ctx.request_id;
+            let make_fetch = || FetchRequest {
+                method,
+                headers: respond::shared_fetch_headers(req, settings, request_id),
+                path_and_query: upstream_path.clone(),
+                body,
+            };
+            gateway.cache.serve(cached, &key, make_fetch).await
+        };
+        match served {
+            Served::Entry(entry, status) => {
+                ctx.cache = status;
+                if matches!(
+                    status,
+                    CacheStatus::Miss | CacheStatus::Bypass | CacheStatus::Coalesced
+                ) {
+                    ctx.upstream_elapsed = Some(asked.elapsed());
+                }
+                respond::entry(session, &entry, status, &ctx.decorations(draining)).await
+            }
+            Served::Error(e) => {
+                ctx.upstream_elapsed = Some(asked.elapsed());
+                respond::error(session, &e, &ctx.decorations(draining)).await
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for StoaProxy {
     type CTX = RequestCtx;
@@ -309,15 +270,24 @@ impl ProxyHttp for StoaProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             _in_flight: self.lifecycle.track(),
+            started: Instant::now(),
             gateway: self.gateway.load_full(),
             route: None,
             upstream_uri: None,
             body_bytes: 0,
+            request_id: String::new(),
+            cache: CacheStatus::None,
+            rate: None,
+            permit: None,
+            upstream_started: None,
+            upstream_elapsed: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let gateway = ctx.gateway.clone();
+        let draining = self.lifecycle.is_draining();
+        ctx.request_id = respond::request_id(session.req_header());
         let req = session.req_header();
         let path = req.uri.path();
         let (index, route, captures) = match gateway.routes.lookup(&req.method, path) {
@@ -327,22 +297,23 @@ impl ProxyHttp for StoaProxy {
                     method: req.method.to_string(),
                     allow,
                 };
-                respond_error(session, &err).await?;
+                respond::error(session, &err, &ctx.decorations(draining)).await?;
                 return Ok(true);
             }
             Lookup::NotFound => {
                 let err = StoaError::NoRoute {
                     path: path.to_string(),
                 };
-                respond_error(session, &err).await?;
+                respond::error(session, &err, &ctx.decorations(draining)).await?;
                 return Ok(true);
             }
         };
+        ctx.route = Some(index);
         if content_length(req).is_some_and(|n| n > gateway.max_body_bytes) {
             let err = StoaError::BodyTooLarge {
                 limit: gateway.max_body_bytes,
             };
-            respond_error(session, &err).await?;
+            respond::error(session, &err, &ctx.decorations(draining)).await?;
             return Ok(true);
         }
         let uri = upstream_uri(
@@ -352,16 +323,36 @@ impl ProxyHttp for StoaProxy {
             path,
             req.uri.query(),
         );
-        ctx.route = Some(index);
+        // The same route, borrowed from the configuration rather than the request.
+        let Some(route) = gateway.routes.routes().get(index) else {
+            return Error::e_explain(ErrorType::InternalError, "route vanished");
+        };
         if let Some(cached) = route.cache.clone() {
-            self.serve_cached(session, &gateway, &cached, uri).await?;
+            self.serve_cached(session, ctx, route, &cached, uri).await?;
             return Ok(true);
+        }
+
+        // Pass-through: rate limit, then a slot of the upstream, then pingora proxies.
+        if let Err(e) = self.rate_limit(session, ctx, route, true) {
+            respond::error(session, &e, &ctx.decorations(draining)).await?;
+            return Ok(true);
+        }
+        match route.guard.acquire().await {
+            Ok(permit) => ctx.permit = Some(permit),
+            Err(o) => {
+                let err = StoaError::Overloaded {
+                    upstream: route.upstream().name.clone(),
+                    retry_after_secs: o.retry_after_secs,
+                };
+                respond::error(session, &err, &ctx.decorations(draining)).await?;
+                return Ok(true);
+            }
         }
         let uri = match uri.parse::<http::Uri>() {
             Ok(uri) => uri,
             Err(e) => {
                 let err = StoaError::BadRequest(format!("cannot build the upstream URI: {e}"));
-                respond_error(session, &err).await?;
+                respond::error(session, &err, &ctx.decorations(draining)).await?;
                 return Ok(true);
             }
         };
@@ -374,6 +365,7 @@ impl ProxyHttp for StoaProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started = Some(Instant::now());
         match ctx.route() {
             Some(route) => Ok(Box::new(route.peer.clone())),
             None => Error::e_explain(ErrorType::InternalError, "no route selected"),
@@ -410,22 +402,28 @@ impl ProxyHttp for StoaProxy {
         };
         upstream_request
             .insert_header(http::header::HOST, route.upstream().host_header.as_str())?;
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+        if let Some(ip) = client_ip(session) {
             let forwarded =
-                forwarded_for(upstream_request.headers.get("x-forwarded-for"), client.ip());
+                respond::forwarded_for(upstream_request.headers.get("x-forwarded-for"), ip);
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;
+        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
     }
 
     async fn response_filter(
         &self,
         session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if self.lifecycle.is_draining() {
+        if let Some(started) = ctx.upstream_started {
+            ctx.upstream_elapsed = Some(started.elapsed());
+        }
+        let draining = self.lifecycle.is_draining();
+        ctx.decorations(draining).apply(upstream_response)?;
+        if draining {
             // Shutting down: finish this request, then close the connection.
             session.set_keepalive(None);
         }
@@ -446,13 +444,61 @@ impl ProxyHttp for StoaProxy {
         };
         let code = err.status().as_u16();
         if session.response_written().is_none() {
-            if let Err(write_err) = respond_error(session, &err).await {
+            let deco = ctx.decorations(true);
+            if let Err(write_err) = respond::error(session, &err, &deco).await {
                 tracing::debug!("could not send the error response: {write_err}");
             }
         }
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.permit = None;
+        let gateway = &ctx.gateway;
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let elapsed = ctx.started.elapsed();
+        let route = ctx.route();
+        if gateway.record_metrics {
+            match route {
+                Some(route) => {
+                    route.metrics.observe(status, ctx.cache, elapsed);
+                    if ctx.cache == CacheStatus::Coalesced {
+                        route.metrics.coalesced_waiter();
+                    }
+                    if let Some(started) = ctx.upstream_started {
+                        let outcome = match e.map(|e| e.etype()) {
+                            None => FetchOutcome::Ok,
+                            Some(ErrorType::ConnectTimedout)
+                            | Some(ErrorType::ReadTimedout)
+                            | Some(ErrorType::WriteTimedout) => FetchOutcome::Timeout,
+                            Some(_) => FetchOutcome::Error,
+                        };
+                        let took = ctx.upstream_elapsed.unwrap_or_else(|| started.elapsed());
+                        route.upstream_metrics.fetch(outcome, took);
+                    }
+                }
+                None => gateway
+                    .unmatched
+                    .observe(status, CacheStatus::None, elapsed),
+            }
+        }
+        if gateway.access_log {
+            let req = session.req_header();
+            access_log(&AccessRecord {
+                client: client_ip(session),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                route: route.map_or(UNMATCHED_ROUTE, |r| r.spec.name.as_str()),
+                status,
+                cache: ctx.cache,
+                bytes: session.body_bytes_sent() as u64,
+                duration: elapsed,
+                upstream_duration: ctx.upstream_elapsed,
+                request_id: &ctx.request_id,
+            });
         }
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -32,22 +33,28 @@ pub enum LogFormat {
 /// Installs the global subscriber, writing to stderr, and the `log` bridge so that
 /// pingora's `log` records show as tracing events.
 ///
+/// Lines go through a background writer thread, so a request never waits on a write to
+/// stderr; if that writer falls far behind, lines are dropped rather than blocking. Keep
+/// the returned guard alive: dropping it flushes what is pending.
+///
 /// `level` is a filter such as `info` or `info,stoa=debug`; a non-empty `RUST_LOG`
 /// replaces it. Fails on a bad filter or if a subscriber is already installed.
-pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
+pub fn init(level: &str, format: LogFormat) -> anyhow::Result<WorkerGuard> {
     let filter = filter(level, std::env::var("RUST_LOG").ok())?;
+    let (writer, guard) = tracing_appender::non_blocking(io::stderr());
     // `try_init` also installs the `log` -> tracing bridge (tracing-subscriber's
     // default `tracing-log` feature).
     match format {
         LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_ansi(io::stderr().is_terminal())
-            .with_writer(io::stderr)
+            .with_writer(writer)
             .finish()
             .try_init(),
-        LogFormat::Json => json_subscriber(filter, io::stderr).try_init(),
+        LogFormat::Json => json_subscriber(filter, writer).try_init(),
     }
-    .context("cannot install the log subscriber")
+    .context("cannot install the log subscriber")?;
+    Ok(guard)
 }
 
 /// The filter: `RUST_LOG` when set and non-empty, else `level`.

@@ -13,13 +13,34 @@ use super::store::{Entry, Lifetimes, Store};
 use super::CacheStatus;
 use crate::error::StoaError;
 use crate::fetch::{FetchRequest, Fetched, UpstreamClient};
+use crate::metrics::{FetchOutcome, UpstreamMetrics};
 
 /// A cached route's settings and the client for its upstream.
-#[derive(Debug)]
 pub struct CachedRoute {
     pub name: String,
     pub settings: CacheSettings,
     pub client: UpstreamClient,
+    pub fetch_metrics: Arc<UpstreamMetrics>,
+}
+
+impl CachedRoute {
+    /// Fetches from the upstream, counting the fetch (a request refused by the upstream's
+    /// protection limits never reached it and is not counted).
+    async fn fetch(&self, fetch: FetchRequest) -> Result<Fetched, StoaError> {
+        let started = Instant::now();
+        let result = self.client.fetch(fetch).await;
+        let outcome = match &result {
+            Ok(f) if f.status.is_server_error() => Some(FetchOutcome::Error),
+            Ok(_) => Some(FetchOutcome::Ok),
+            Err(StoaError::UpstreamTimeout { .. }) => Some(FetchOutcome::Timeout),
+            Err(StoaError::Overloaded { .. }) => None,
+            Err(_) => Some(FetchOutcome::Error),
+        };
+        if let Some(outcome) = outcome {
+            self.fetch_metrics.fetch(outcome, started.elapsed());
+        }
+        result
+    }
 }
 
 /// The answer to a request on a cached route.
@@ -61,6 +82,15 @@ impl CacheEngine {
             store: Store::new(max_bytes),
             flights: Flights::default(),
         })
+    }
+
+    /// Whether a request for `key` would be answered from memory right now (fresh, or
+    /// stale within stale-while-revalidate), without reaching the upstream.
+    pub fn answers_from_memory(&self, key: &str) -> bool {
+        let now = Instant::now();
+        self.store
+            .get(key)
+            .is_some_and(|e| now < e.revalidate_until)
     }
 
     pub fn fetches_in_flight(&self) -> usize {
@@ -150,7 +180,7 @@ impl CacheEngine {
 
     /// Asks the upstream without the cache: nothing is stored or shared.
     pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
-        match route.client.fetch(fetch).await {
+        match route.fetch(fetch).await {
             Ok(fetched) => match fetched_to_entry(
                 fetched,
                 route.client.name(),
@@ -192,7 +222,7 @@ impl CacheEngine {
     ) {
         let engine = self.clone();
         tokio::spawn(async move {
-            let outcome = match route.client.fetch(fetch).await {
+            let outcome = match route.fetch(fetch).await {
                 Ok(fetched) => engine.settle(&route, lead.key(), fetched),
                 Err(e) => Outcome::Failed(e),
             };

@@ -20,8 +20,15 @@ use figment::Figment;
 use serde::de::DeserializeOwned;
 
 use crate::cache::settings::CacheSettings;
+use crate::ratelimit::{self, PolicySettings, RawPolicy, UpstreamGuardSettings};
 use crate::routes::{PathTemplate, RewriteTemplate};
-use raw::{RawAdmin, RawCacheSection, RawDuration, RawRoute, RawServer, RawSize, RawUpstream};
+use crate::telemetry::LogFormat;
+use raw::{
+    RawAdmin, RawCacheSection, RawDuration, RawLog, RawRoute, RawServer, RawSize, RawUpstream,
+};
+
+/// `rate_limit = "off"` exempts a route from `server.default_rate_limit`.
+const NO_RATE_LIMIT: &str = "off";
 
 /// Methods a route may list.
 const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -67,7 +74,9 @@ impl fmt::Display for ConfigErrors {
 pub struct Config {
     pub server: ServerSettings,
     pub admin: AdminSettings,
+    pub log: LogSettings,
     pub cache: CacheStoreSettings,
+    pub rate_limits: BTreeMap<String, PolicySettings>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<RouteSpec>,
 }
@@ -81,6 +90,18 @@ pub struct ServerSettings {
     pub max_body_bytes: u64,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed when identifying clients.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// The `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// A filter such as `info` or `info,stoa=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+    /// One line per request (target `stoa::access`).
+    pub access_log: bool,
 }
 
 /// The `[cache]` section: the one store all cached routes share.
@@ -93,6 +114,8 @@ pub struct CacheStoreSettings {
 #[derive(Debug, Clone)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// Whether requests are counted for `/metrics`.
+    pub metrics: bool,
 }
 
 /// An upstream service. Its host name is resolved once, when the configuration is loaded,
@@ -109,6 +132,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     /// Longest wait for any read from the upstream: the response head or the next body chunk.
     pub timeout: Duration,
+    /// Concurrency and pacing limits protecting the upstream.
+    pub guard: UpstreamGuardSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -121,6 +146,8 @@ pub struct RouteSpec {
     pub rewrite: Option<RewriteTemplate>,
     /// `None`: a pass-through route.
     pub cache: Option<CacheSettings>,
+    /// The rate-limit policy applied to this route, by name.
+    pub rate_limit: Option<String>,
 }
 
 impl Config {
@@ -246,16 +273,32 @@ impl<'f> Validator<'f> {
             Some(v) => self.section("cache", &v).unwrap_or_default(),
             None => RawCacheSection::default(),
         };
+        let log_raw: RawLog = match root.remove("log") {
+            Some(v) => self.section("log", &v).unwrap_or_default(),
+            None => RawLog::default(),
+        };
+        let rate_limits_raw = root.remove("rate_limits");
         let upstreams_raw = root.remove("upstreams");
         let routes_raw = root.remove("routes");
         for key in root.keys() {
             self.problem(
                 key.clone(),
-                "unknown section (expected server, admin, cache, upstreams or routes)",
+                "unknown section (expected server, admin, log, cache, rate_limits, upstreams or routes)",
             );
         }
 
+        let default_rate_limit = server_raw.default_rate_limit.clone();
         let server = self.server(server_raw);
+        let log = self.log(log_raw);
+        let rate_limits = self.rate_limits(rate_limits_raw);
+        if let Some(name) = &default_rate_limit {
+            if !rate_limits.contains_key(name) {
+                self.problem(
+                    "server.default_rate_limit",
+                    format!("no rate limit policy named {name:?}"),
+                );
+            }
+        }
         let cache = self
             .size(
                 "cache.max_bytes",
@@ -270,16 +313,27 @@ impl<'f> Validator<'f> {
             }
         }
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
-        let routes = self.routes(routes_raw, &upstreams, &upstream_names);
+        let mut routes = self.routes(routes_raw, &upstreams, &upstream_names, &rate_limits);
+        for route in &mut routes {
+            match route.rate_limit.as_deref() {
+                None => route.rate_limit = default_rate_limit.clone(),
+                Some(NO_RATE_LIMIT) => route.rate_limit = None,
+                Some(_) => {}
+            }
+        }
 
-        match (server, admin, cache) {
-            (Some(server), Some(admin), Some(cache)) if self.problems.is_empty() => Ok(Config {
-                server,
-                admin,
-                cache,
-                upstreams,
-                routes,
-            }),
+        match (server, admin, cache, log) {
+            (Some(server), Some(admin), Some(cache), Some(log)) if self.problems.is_empty() => {
+                Ok(Config {
+                    server,
+                    admin,
+                    log,
+                    cache,
+                    rate_limits,
+                    upstreams,
+                    routes,
+                })
+            }
             _ => Err(ConfigErrors(self.problems)),
         }
     }
@@ -369,17 +423,77 @@ impl<'f> Validator<'f> {
             raw.shutdown_timeout.as_ref(),
             Duration::from_secs(30),
         );
+        let trusted_proxies = ratelimit::parse_trusted_proxies(
+            "server.trusted_proxies",
+            raw.trusted_proxies.as_deref().unwrap_or_default(),
+            &mut self.problems,
+        );
         Some(ServerSettings {
             listen: listen?,
             threads: threads?,
             max_body_bytes: max_body_bytes?,
             shutdown_timeout: shutdown_timeout?,
+            trusted_proxies,
         })
     }
 
     fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
         let listen = self.address("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901")?;
-        Some(AdminSettings { listen })
+        Some(AdminSettings {
+            listen,
+            metrics: raw.metrics.unwrap_or(true),
+        })
+    }
+
+    fn log(&mut self, raw: RawLog) -> Option<LogSettings> {
+        let level = raw.level.unwrap_or_else(|| "info".to_string());
+        let level_ok = tracing_subscriber::EnvFilter::try_new(&level).is_ok();
+        if !level_ok {
+            self.problem(
+                "log.level",
+                format!("{level:?} is not a level or filter like \"info\""),
+            );
+        }
+        let format = match raw.format.as_deref() {
+            None | Some("text") => Some(LogFormat::Text),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                self.problem("log.format", format!("{other:?} is not one of text, json"));
+                None
+            }
+        };
+        Some(LogSettings {
+            level: level_ok.then_some(level)?,
+            format: format?,
+            access_log: raw.access_log.unwrap_or(true),
+        })
+    }
+
+    fn rate_limits(&mut self, raw: Option<Value>) -> BTreeMap<String, PolicySettings> {
+        let mut out = BTreeMap::new();
+        let Some(raw) = raw else { return out };
+        let Some(dict) = raw.into_dict() else {
+            self.problem("rate_limits", "must be a table of named policies");
+            return out;
+        };
+        for (name, value) in dict {
+            let path = format!("rate_limits.{name}");
+            if name == NO_RATE_LIMIT {
+                self.problem(
+                    &path,
+                    format!("{NO_RATE_LIMIT:?} is reserved: it exempts a route"),
+                );
+                continue;
+            }
+            let Some(raw) = self.section::<RawPolicy>(&path, &value) else {
+                continue;
+            };
+            if let Some(policy) = ratelimit::validate_policy(&path, &name, raw, &mut self.problems)
+            {
+                out.insert(name, policy);
+            }
+        }
+        out
     }
 
     fn name_ok(&mut self, path: &str, name: &str) -> bool {
@@ -433,6 +547,25 @@ impl<'f> Validator<'f> {
             raw.timeout.as_ref(),
             Duration::from_secs(30),
         );
+        let queue_timeout = match &raw.queue_timeout {
+            Some(RawDuration::Text(t)) if matches!(t.trim(), "0" | "0s" | "0ms") => {
+                Some(Duration::ZERO)
+            }
+            other => self.duration(
+                &format!("{path}.queue_timeout"),
+                other.as_ref(),
+                Duration::from_secs(1),
+            ),
+        };
+        let guard = queue_timeout.and_then(|queue_timeout| {
+            ratelimit::validate_upstream_guard(
+                path,
+                raw.max_in_flight,
+                raw.max_requests_per_second,
+                queue_timeout,
+                &mut self.problems,
+            )
+        });
         let url_path = format!("{path}.url");
         let target = match parse_upstream_url(&raw.url) {
             Ok(t) => Some(t),
@@ -450,6 +583,7 @@ impl<'f> Validator<'f> {
             base_path,
             connect_timeout: connect_timeout?,
             timeout: timeout?,
+            guard: guard?,
         })
     }
 
@@ -458,6 +592,7 @@ impl<'f> Validator<'f> {
         raw: Option<Value>,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         upstream_names: &[String],
+        rate_limits: &BTreeMap<String, PolicySettings>,
     ) -> Vec<RouteSpec> {
         let Some(raw) = raw else { return Vec::new() };
         let Some(items) = raw.into_array() else {
@@ -471,6 +606,14 @@ impl<'f> Validator<'f> {
             let Some(raw) = self.section::<RawRoute>(&path, value) else {
                 continue;
             };
+            if let Some(name) = &raw.rate_limit {
+                if name != NO_RATE_LIMIT && !rate_limits.contains_key(name) {
+                    self.problem(
+                        format!("{path}.rate_limit"),
+                        format!("no rate limit policy named {name:?}"),
+                    );
+                }
+            }
             let (route, shape) = self.route(&path, raw, upstreams, upstream_names);
             self.check_route_conflicts(i, &shape, &shapes);
             shapes.push(shape);
@@ -541,6 +684,7 @@ impl<'f> Validator<'f> {
                 upstream: upstream?,
                 rewrite: rewrite?,
                 cache: cache?,
+                rate_limit: raw.rate_limit,
             })
         })();
         (route, shape)
@@ -826,20 +970,12 @@ mod tests {
         }
         assert_eq!(p.len(), expect.len(), "{p:#?}");
 
-        let c = load_str(
-            &text
-                .replace(
-                    r#"[[routes]]
-            name = "bad""#,
-                    r#"[[skipped]]
-            name = "bad""#,
-                )
-                .split("[[skipped]]")
-                .next()
-                .unwrap(),
-            EnvOverrides::Ignore,
-        )
-        .unwrap();
+        // The good route alone loads, with typed settings.
+        let good_only = text
+            .split("[[routes]]\n            name = \"bad\"")
+            .next()
+            .unwrap();
+        let c = load_str(good_only, EnvOverrides::Ignore).unwrap();
         let cache = c.routes[0].cache.as_ref().unwrap();
         assert_eq!(cache.ttl_for(404), Some(Duration::from_secs(30)));
         assert_eq!(cache.ttl_for(500), None);

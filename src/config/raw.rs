@@ -28,12 +28,23 @@ pub struct RawServer {
     pub threads: Option<i64>,
     pub max_body_bytes: Option<RawSize>,
     pub shutdown_timeout: Option<RawDuration>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub default_rate_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
+    pub metrics: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+    pub access_log: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +53,9 @@ pub struct RawUpstream {
     pub url: String,
     pub connect_timeout: Option<RawDuration>,
     pub timeout: Option<RawDuration>,
+    pub max_in_flight: Option<i64>,
+    pub max_requests_per_second: Option<f64>,
+    pub queue_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -53,6 +67,7 @@ pub struct RawRoute {
     pub upstream: String,
     pub rewrite: Option<String>,
     pub cache: Option<RawCache>,
+    pub rate_limit: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

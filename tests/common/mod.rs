@@ -192,25 +192,37 @@ impl EchoUpstream {
                         let request_line = lines.next().unwrap_or_default().to_string();
                         let mut headers = serde_json::Map::new();
                         let mut length = 0usize;
+                        let mut chunked = false;
                         for line in lines.filter(|l| !l.is_empty()) {
                             if let Some((k, v)) = line.split_once(':') {
                                 let k = k.trim().to_ascii_lowercase();
                                 if k == "content-length" {
                                     length = v.trim().parse().unwrap_or(0);
                                 }
+                                if k == "transfer-encoding" && v.trim() == "chunked" {
+                                    chunked = true;
+                                }
                                 headers.insert(k, serde_json::Value::String(v.trim().to_string()));
                             }
                         }
-                        while buf.len() < head_end + length {
+                        // A chunked body is read to its last chunk before answering.
+                        let body_end = loop {
+                            let end = if chunked {
+                                find(&buf[head_end..], b"0\r\n\r\n").map(|p| head_end + p + 5)
+                            } else {
+                                (buf.len() >= head_end + length).then_some(head_end + length)
+                            };
+                            if let Some(end) = end {
+                                break end;
+                            }
                             let mut chunk = [0u8; 4096];
                             match sock.read(&mut chunk).await {
                                 Ok(0) | Err(_) => return,
                                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
                             }
-                        }
-                        let body =
-                            String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
-                        buf.drain(..head_end + length);
+                        };
+                        let body = String::from_utf8_lossy(&buf[head_end..body_end]).into_owned();
+                        buf.drain(..body_end);
                         let mut parts = request_line.split(' ');
                         let reply = serde_json::json!({
                             "method": parts.next(),

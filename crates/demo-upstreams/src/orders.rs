@@ -158,18 +158,36 @@ pub(crate) fn router() -> Router {
         .with_state(Arc::new(RwLock::new(Store::new())))
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    respond::json(
-        status,
-        &serde_json::json!({"error": code, "message": message}),
-    )
+/// An error answer of the gateway: `{"error": code, "message": ...}`.
+#[derive(Debug)]
+struct GatewayError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-fn product_not_found(message: String) -> Response {
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        respond::json(
+            self.status,
+            &serde_json::json!({"error": self.code, "message": self.message}),
+        )
+    }
+}
+
+fn error(status: StatusCode, code: &'static str, message: &str) -> GatewayError {
+    GatewayError {
+        status,
+        code,
+        message: message.to_owned(),
+    }
+}
+
+fn product_not_found(message: String) -> GatewayError {
     error(StatusCode::NOT_FOUND, "PRODUCT_NOT_FOUND", &message)
 }
 
-fn validation_error(problems: &BTreeMap<String, String>) -> Response {
+fn validation_error(problems: &BTreeMap<String, String>) -> GatewayError {
     // The real gateway answers marshmallow's error dict as a string.
     let message = problems
         .iter()
@@ -183,7 +201,7 @@ fn validation_error(problems: &BTreeMap<String, String>) -> Response {
     )
 }
 
-fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Response> {
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, GatewayError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(object)) => Ok(object),
         Ok(_) => {
@@ -245,7 +263,7 @@ fn int_field(
 }
 
 /// Validates a product body like the gateway's `ProductSchema`.
-fn parse_product(body: &[u8]) -> Result<Product, Response> {
+fn parse_product(body: &[u8]) -> Result<Product, GatewayError> {
     let object = parse_object(body)?;
     let mut problems = BTreeMap::new();
     let id = string_field(&object, "id", &mut problems);
@@ -272,7 +290,7 @@ fn parse_product(body: &[u8]) -> Result<Product, Response> {
 async fn create_product(State(store): State<SharedStore>, body: Bytes) -> Response {
     let product = match parse_product(&body) {
         Ok(product) => product,
-        Err(response) => return response,
+        Err(err) => return err.into_response(),
     };
     let id = product.id.clone();
     store
@@ -292,7 +310,7 @@ async fn get_product(State(store): State<SharedStore>, Path(id): Path<String>) -
         .cloned();
     match product {
         Some(product) => respond::json(StatusCode::OK, &product),
-        None => product_not_found(format!("Product ID {id} does not exist")),
+        None => product_not_found(format!("Product ID {id} does not exist")).into_response(),
     }
 }
 
@@ -304,7 +322,7 @@ async fn delete_product(State(store): State<SharedStore>, Path(id): Path<String>
         .remove(&id);
     match removed {
         Some(_) => StatusCode::NO_CONTENT.into_response(),
-        None => product_not_found(format!("Product ID {id} does not exist")),
+        None => product_not_found(format!("Product ID {id} does not exist")).into_response(),
     }
 }
 
@@ -315,7 +333,7 @@ struct NewDetail {
     quantity: i64,
 }
 
-fn parse_order(body: &[u8]) -> Result<Vec<NewDetail>, Response> {
+fn parse_order(body: &[u8]) -> Result<Vec<NewDetail>, GatewayError> {
     let object = parse_object(body)?;
     let mut problems = BTreeMap::new();
     let lines = match object.get("order_details") {
@@ -413,14 +431,14 @@ fn format_price(cents: i64) -> String {
 async fn create_order(State(store): State<SharedStore>, body: Bytes) -> Response {
     let new_details = match parse_order(&body) {
         Ok(details) => details,
-        Err(response) => return response,
+        Err(err) => return err.into_response(),
     };
     let mut store = store.write().unwrap_or_else(PoisonError::into_inner);
     if let Some(missing) = new_details
         .iter()
         .find(|detail| !store.products.contains_key(&detail.product_id))
     {
-        return product_not_found(format!("Product Id {}", missing.product_id));
+        return product_not_found(format!("Product Id {}", missing.product_id)).into_response();
     }
     let order_id = store.next_order_id;
     store.next_order_id += 1;
@@ -457,7 +475,8 @@ async fn get_order(State(store): State<SharedStore>, Path(id): Path<String>) -> 
             StatusCode::NOT_FOUND,
             "ORDER_NOT_FOUND",
             &format!("Order with id {id} not found"),
-        ),
+        )
+        .into_response(),
     }
 }
 
@@ -513,10 +532,19 @@ mod tests {
             br#"{"id":"x","title":"X","passenger_capacity":1,"maximum_speed":2,"in_stock":3}"#
         )
         .is_ok());
-        let response = parse_product(br#"{"id":"x"}"#).unwrap_err();
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-        let response = parse_product(b"{nope").unwrap_err();
-        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        let err = parse_product(br#"{"id":"x"}"#).unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::BAD_REQUEST, "VALIDATION_ERROR")
+        );
+        assert!(err
+            .message
+            .contains("'title': ['Missing data for required field.']"));
+        let err = parse_product(b"{nope").unwrap_err();
+        assert_eq!(
+            (err.status, err.code),
+            (StatusCode::BAD_REQUEST, "BAD_REQUEST")
+        );
     }
 
     #[test]

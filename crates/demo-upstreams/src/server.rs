@@ -204,7 +204,13 @@ struct App {
 
 async fn accept_loop(app: Arc<App>, listener: SharedListener, stop: Arc<Notify>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).keep_alive(true);
+    // Idle keep-alive connections stay open until the client closes them: hyper's default
+    // 30 s header-read timeout would close pooled proxy connections mid-test, at random.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(None);
     let builder = Arc::new(builder);
     let mut connections = JoinSet::new();
     loop {

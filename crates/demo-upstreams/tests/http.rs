@@ -148,7 +148,7 @@ async fn stats_are_exact_under_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_with_latency() {
     let knobs = Knobs {
-        latency_ms: 300,
+        latency_ms: 1_000,
         ..Knobs::default()
     };
     let server = DemoServer::start(Api::Voucher, any_port(), knobs)
@@ -162,18 +162,17 @@ async fn max_in_flight_with_latency() {
             tokio::spawn(async move { request.send().await.unwrap().status() })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert_eq!(
-        server.stats().in_flight,
-        25,
-        "all requests are sleeping at once"
-    );
+    // All 25 end up sleeping at once (a tokio sleep never holds a thread).
+    while server.stats().in_flight < 25 && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.stats().in_flight, 25);
     for task in tasks {
         assert_eq!(task.await.unwrap(), StatusCode::OK);
     }
-    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(started.elapsed() >= Duration::from_secs(1));
     assert!(
-        started.elapsed() < Duration::from_secs(3),
+        started.elapsed() < Duration::from_secs(5),
         "latency must not serialize requests"
     );
     let stats = server.stats();
@@ -643,4 +642,35 @@ async fn campaigns_rotate_banners_per_client() {
         .unwrap();
     assert_eq!(png.headers()["content-type"], "image/png");
     assert!(png.bytes().await.unwrap().starts_with(b"\x89PNG"));
+}
+
+#[test]
+fn demo_server_can_be_shared_across_tasks() {
+    fn check<T: Send + Sync + 'static>() {}
+    check::<DemoServer>();
+}
+
+#[tokio::test]
+async fn every_api_starts_with_its_default_knobs() {
+    let http = client();
+    for api in Api::ALL {
+        let server = DemoServer::start(api, any_port(), Knobs::default_for(api))
+            .await
+            .unwrap();
+        assert_eq!(server.api(), api);
+        assert_eq!(
+            server.url(),
+            format!("http://127.0.0.1:{}", server.addr().port())
+        );
+        let knobs: Knobs = http
+            .get(format!("{}/__knobs", server.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(knobs, Knobs::default_for(api));
+        server.shutdown().await;
+    }
 }

@@ -1,0 +1,192 @@
+//! Writing stoa's own answers (errors, cached entries) and the headers every answer gets.
+
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use crate::cache::settings::CacheSettings;
+use crate::cache::store::Entry;
+use crate::cache::CacheStatus;
+use crate::error::StoaError;
+use crate::ratelimit::Decision;
+
+/// Headers added to every answer of a request: its id and its rate-limit state.
+pub struct Decorations<'a> {
+    pub request_id: &'a str,
+    pub rate: Option<&'a Decision>,
+    /// Close the connection after this answer (the process is draining).
+    pub close: bool,
+}
+
+impl Decorations<'_> {
+    pub fn apply(&self, header: &mut ResponseHeader) -> Result<()> {
+        if !self.request_id.is_empty() {
+            header.insert_header("x-request-id", self.request_id)?;
+        }
+        if let Some(rate) = self.rate {
+            for (name, value) in rate.headers() {
+                header.insert_header(name, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes one of stoa's own JSON errors. The connection is only kept if the request body
+/// was fully read, so an unread body can never be mistaken for the next request.
+pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_>) -> Result<()> {
+    let body = err.body();
+    let mut header = ResponseHeader::build(err.status(), Some(6))?;
+    header.insert_header("content-type", "application/json")?;
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("cache-control", "no-store")?;
+    if let Some((name, value)) = err.extra_header() {
+        header.insert_header(name, value)?;
+    }
+    deco.apply(&mut header)?;
+    if !session.is_body_done() || deco.close {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Writes a cached (or fetched) answer from memory, with `X-Cache` and `Age`.
+pub async fn entry(
+    session: &mut Session,
+    entry: &Entry,
+    status: CacheStatus,
+    deco: &Decorations<'_>,
+) -> Result<()> {
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let mut header = entry.header.clone();
+    if let Some(value) = status.header_value() {
+        header.insert_header("x-cache", value)?;
+    }
+    header.insert_header("age", entry.age_secs(std::time::Instant::now()))?;
+    deco.apply(&mut header)?;
+    if deco.close {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if !head_only {
+        session
+            .write_response_body(Some(entry.body.clone()), true)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reads the whole request body, or says it is over `limit`.
+pub async fn read_body(
+    session: &mut Session,
+    limit: u64,
+) -> Result<std::result::Result<Bytes, StoaError>> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Ok(Err(StoaError::BodyTooLarge { limit }));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body.freeze()))
+}
+
+/// Request headers that must not be forwarded as they are.
+fn is_hop_by_hop(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Headers for a fetch whose answer may be shared: only what the answer may depend on
+/// and the key covers, never credentials (unless keyed) nor Accept-Encoding (so the stored
+/// body is the identity encoding every client can read).
+pub fn shared_fetch_headers(
+    req: &RequestHeader,
+    settings: &CacheSettings,
+    request_id: &str,
+) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    let always = [http::header::CONTENT_TYPE, http::header::ACCEPT];
+    for name in always.iter().chain(settings.key_headers.iter()) {
+        for value in req.headers.get_all(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Ok(id) = http::HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", id);
+    }
+    headers
+}
+
+/// Headers for a fetch made for one client only: everything end-to-end, plus forwarding.
+pub fn private_fetch_headers(
+    req: &RequestHeader,
+    client: Option<std::net::IpAddr>,
+    request_id: &str,
+) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::with_capacity(req.headers.len() + 3);
+    for (name, value) in req.headers.iter() {
+        if !is_hop_by_hop(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(ip) = client {
+        let forwarded = forwarded_for(headers.get("x-forwarded-for"), ip);
+        if let Ok(v) = http::HeaderValue::from_str(&forwarded) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
+    if let Ok(id) = http::HeaderValue::from_str(request_id) {
+        headers.insert("x-request-id", id);
+    }
+    headers
+}
+
+/// The `X-Forwarded-For` value with `ip` appended to what a client sent.
+pub fn forwarded_for(prior: Option<&http::HeaderValue>, ip: std::net::IpAddr) -> String {
+    match prior.and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip.to_string(),
+    }
+}
+
+/// A request carrying credentials the key does not cover must not share answers.
+pub fn is_private_request(req: &RequestHeader, settings: &CacheSettings) -> bool {
+    [http::header::AUTHORIZATION, http::header::COOKIE]
+        .iter()
+        .any(|h| req.headers.contains_key(h) && !settings.keys_on_header(h))
+}
+
+/// The client's request id if it sent a sane one, else a new one.
+pub fn request_id(req: &RequestHeader) -> String {
+    match req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(id)
+            if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            id.to_string()
+        }
+        _ => crate::telemetry::new_request_id(),
+    }
+}
