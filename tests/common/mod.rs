@@ -33,9 +33,14 @@ pub async fn demo_with(api: Api, knobs: Knobs) -> DemoServer {
 
 /// The `[server]` and `[admin]` sections for fresh ports, followed by `rest`.
 pub fn config_with(rest: &str) -> (String, u16, u16) {
+    config_with_server("", rest)
+}
+
+/// Like [`config_with`], with more `[server]` keys (one `key = value` per line).
+pub fn config_with_server(server_extra: &str, rest: &str) -> (String, u16, u16) {
     let (port, admin) = (free_port(), free_port());
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nshutdown_timeout = \"10s\"\n\n\
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nshutdown_timeout = \"10s\"\n{server_extra}\n\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{rest}"
     );
     (text, port, admin)
@@ -52,7 +57,13 @@ pub struct Gateway {
 impl Gateway {
     /// Writes `rest` (upstreams and routes) into a config with fresh ports and starts stoa.
     pub async fn start(rest: &str) -> Gateway {
-        let (text, port, admin_port) = config_with(rest);
+        Self::start_with("", rest).await
+    }
+
+    /// Like [`Gateway::start`], with more `[server]` keys (e.g. `trusted_proxies = [...]`).
+    /// `rest` may hold any other section (`[log]`, `[rate_limits.x]`, upstreams, routes).
+    pub async fn start_with(server_extra: &str, rest: &str) -> Gateway {
+        let (text, port, admin_port) = config_with_server(server_extra, rest);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stoa.toml");
         std::fs::write(&path, text).unwrap();
@@ -60,7 +71,7 @@ impl Gateway {
         let child = Command::new(STOA)
             .arg("--config")
             .arg(&path)
-            .env("RUST_LOG", "info")
+            .env_remove("RUST_LOG")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
@@ -98,6 +109,16 @@ impl Gateway {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// The metrics exposition from the admin listener.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.admin_url("/metrics"))
+            .await
+            .expect("metrics request failed")
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn log(&self) -> String {
@@ -258,4 +279,14 @@ impl Drop for EchoUpstream {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The value of one sample in a Prometheus exposition: `name{labels}` exactly as written
+/// (labels in alphabetical order, as they are written: `stoa_requests_total{cache="hit",route="r",status="200"}`).
+pub fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(series)?;
+        let value = rest.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
 }
