@@ -9,8 +9,10 @@ run: deps
 	./scripts/run-demo.sh
 
 ## Everything CI checks: unit and end-to-end tests, formatting and lints.
+## promtool (Debian's prometheus package) checks the /metrics exposition in the tests.
 test: deps
-	$(CARGO) test --workspace --all-targets
+	./scripts/install-promtool.sh >/dev/null
+	STOA_PROMTOOL="$$(./scripts/install-promtool.sh)" $(CARGO) test --workspace --all-targets
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

@@ -593,3 +593,48 @@ cache = { ttl = "1h", key_body = true }"#,
     assert!(answer.contains("payload_too_large"), "{answer}");
     assert_eq!(up.stats().total, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_stays_within_max_bytes_and_counts_evictions() {
+    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
+    let config = format!(
+        "[cache]\nmax_bytes = \"32KiB\"\n\n[upstreams.up]\nurl = \"{}\"\n\n[[routes]]\nname = \"list\"\nupstream = \"up\"\nmethods = [\"GET\"]\npath = \"/restaurants\"\nrewrite = \"/api/restaurant\"\ncache = {{ ttl = \"60s\" }}\n",
+        up.url()
+    );
+    let gw = Gateway::start(&config).await;
+    let http = client();
+    let mut stored = 0;
+    for page in 0..40 {
+        let r = http
+            .get(gw.url(&format!("/restaurants?page={page}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(x_cache(&r), "MISS");
+        stored += r.bytes().await.unwrap().len();
+    }
+    assert!(
+        stored > 3 * 32 * 1024,
+        "the test must overfill the store ({stored} bytes)"
+    );
+    let metrics = gw.metrics().await;
+    let bytes = common::sample(&metrics, "stoa_cache_bytes").unwrap();
+    let entries = common::sample(&metrics, "stoa_cache_entries").unwrap();
+    let evictions = common::sample(&metrics, "stoa_cache_evictions_total").unwrap();
+    assert!(bytes <= 32.0 * 1024.0, "{bytes} bytes held");
+    assert!(
+        bytes > 0.0 && entries >= 1.0 && entries < 40.0,
+        "{entries} entries"
+    );
+    assert!(
+        evictions >= 40.0 - entries,
+        "{evictions} evictions for {entries} entries kept"
+    );
+    // The newest answers are still served from memory.
+    let r = http
+        .get(gw.url("/restaurants?page=39"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(x_cache(&r), "HIT");
+}
