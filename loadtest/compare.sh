@@ -52,13 +52,17 @@ wait_for() {
 pids+=($!)
 wait_for "http://127.0.0.1:$UP_PORT/api/"
 
-# --- stoa -----------------------------------------------------------------------------
-cat >"$work/stoa.toml" <<TOML
+# --- stoa, in the variants compared ------------------------------------------------------
+# start_stoa NAME PORT ADMIN_PORT EXTRA_TOML ROUTE_EXTRA
+start_stoa() {
+  local name=$1 port=$2 admin=$3 extra=$4 route_extra=$5
+  cat >"$work/$name.toml" <<TOML
 [server]
-listen = "127.0.0.1:$STOA_PORT"
+listen = "127.0.0.1:$port"
 threads = $WORKERS
 [admin]
-listen = "127.0.0.1:$STOA_ADMIN"
+listen = "127.0.0.1:$admin"
+$extra
 [upstreams.restaurants]
 url = "http://127.0.0.1:$UP_PORT"
 [[routes]]
@@ -68,10 +72,19 @@ path = "/restaurant/{id}"
 upstream = "restaurants"
 rewrite = "/api/restaurant/{id}"
 cache = { ttl = "60s", stale_while_revalidate = "60s" }
+$route_extra
 TOML
-RUST_LOG=warn ./target/release/stoa --config "$work/stoa.toml" >"$work/stoa.log" 2>&1 &
-pids+=($!)
-wait_for "http://127.0.0.1:$STOA_ADMIN/readyz"
+  RUST_LOG=warn ./target/release/stoa --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+  wait_for "http://127.0.0.1:$admin/readyz"
+}
+# The main contender: metrics on, access log off (as nginx below: access_log off).
+start_stoa stoa "$STOA_PORT" "$STOA_ADMIN" $'[log]\naccess_log = false' ""
+# Observability cost: metrics and access log both off / both on (JSON lines to a file).
+start_stoa bare 19105 19106 $'metrics = false\n[log]\naccess_log = false' ""
+start_stoa logged 19107 19108 $'[log]\naccess_log = true\nformat = "json"\nlevel = "info"' ""
+# Rate-limit cost: a generous per-client policy on the route.
+start_stoa limited 19109 19110 $'[log]\naccess_log = false\n[rate_limits.generous]\nrequests_per_second = 1000000\nburst = 1000000' 'rate_limit = "generous"'
 
 # --- nginx ----------------------------------------------------------------------------
 mkdir -p "$work/nginx/cache" "$work/nginx/tmp"
@@ -130,12 +143,21 @@ echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION on a cached key; $WORKERS worker
 read -r s_rps s_p50 s_p99 < <(measure "http://127.0.0.1:$STOA_PORT/restaurant/dufva")
 read -r n_rps n_p50 n_p99 < <(measure "http://127.0.0.1:$NGINX_PORT/restaurant/dufva")
 read -r c_rps c_p50 c_p99 < <(measure "http://127.0.0.1:$NGINX_PORT/static")
+read -r b_rps b_p50 b_p99 < <(measure "http://127.0.0.1:19105/restaurant/dufva")
+read -r l_rps l_p50 l_p99 < <(measure "http://127.0.0.1:19107/restaurant/dufva")
+read -r r_rps r_p50 r_p99 < <(measure "http://127.0.0.1:19109/restaurant/dufva")
 upstream_calls=$(curl -fsS "http://127.0.0.1:$UP_PORT/__stats" | sed -n 's/.*"total":\([0-9]*\).*/\1/p')
 
-printf '\n%-34s %12s %9s %9s\n' "cache hits, one key" "requests/s" "p50 ms" "p99 ms"
-printf '%-34s %12.0f %9.3f %9.3f\n' "stoa" "$s_rps" "$s_p50" "$s_p99"
-printf '%-34s %12.0f %9.3f %9.3f\n' "nginx proxy_cache" "$n_rps" "$n_p50" "$n_p99"
-printf '%-34s %12.0f %9.3f %9.3f\n' "nginx static return 200 (ceiling)" "$c_rps" "$c_p50" "$c_p99"
-awk -v s="$s_rps" -v n="$n_rps" -v c="$c_rps" -v sp="$s_p99" -v np="$n_p99" 'BEGIN {
-  printf "\nstoa/nginx requests/s: %.2fx   stoa/static: %.2fx   p99 stoa/nginx: %.2fx\n", s/n, s/c, (np > 0 ? sp/np : 0) }'
+row() { printf '%-44s %12.0f %9.3f %9.3f\n' "$1" "$2" "$3" "$4"; }
+printf '\n%-44s %12s %9s %9s\n' "cache hits, one key" "requests/s" "p50 ms" "p99 ms"
+row "stoa (metrics on, access log off)" "$s_rps" "$s_p50" "$s_p99"
+row "nginx proxy_cache (access log off)" "$n_rps" "$n_p50" "$n_p99"
+row "nginx static return 200 (ceiling)" "$c_rps" "$c_p50" "$c_p99"
+row "stoa, metrics and access log off" "$b_rps" "$b_p50" "$b_p99"
+row "stoa, metrics and JSON access log on" "$l_rps" "$l_p50" "$l_p99"
+row "stoa + generous per-client rate limit" "$r_rps" "$r_p50" "$r_p99"
+awk -v s="$s_rps" -v n="$n_rps" -v c="$c_rps" -v sp="$s_p99" -v np="$n_p99" \
+    -v b="$b_rps" -v l="$l_rps" -v r="$r_rps" 'BEGIN {
+  printf "\nstoa/nginx requests/s: %.2fx   stoa/static: %.2fx   p99 stoa/nginx: %.2fx\n", s/n, s/c, (np > 0 ? sp/np : 0)
+  printf "metrics+access log on / both off: %.2fx   rate limit on / off: %.2fx\n", l/b, r/s }'
 echo "upstream calls during the whole run: $upstream_calls"

@@ -4,6 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+/// A fast general-purpose allocator: the request path allocates small, short-lived
+/// buffers (headers, keys) at a high rate.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use stoa::config::{self, EnvOverrides};
 
 /// stoa: a caching reverse proxy and API aggregator for slow JSON APIs.

@@ -39,7 +39,7 @@ pub struct RequestCtx {
     route: Option<usize>,
     upstream_uri: Option<http::Uri>,
     body_bytes: u64,
-    request_id: String,
+    request_id: http::HeaderValue,
     cache: CacheStatus,
     rate: Option<Decision>,
     /// Held while a pass-through request uses one of the upstream's slots.
@@ -133,18 +133,19 @@ impl StoaProxy {
     }
 
     /// Applies the route's rate-limit policy. `Err` carries the 429 to answer.
+    /// `answered_from_memory` is asked only for `applies_to = "misses"` policies.
     fn rate_limit(
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
         route: &Route,
-        would_reach_upstream: bool,
+        answered_from_memory: impl FnOnce() -> bool,
     ) -> std::result::Result<(), StoaError> {
         let Some(limiter) = &route.limiter else {
             return Ok(());
         };
         let policy = limiter.settings();
-        if policy.applies_to == AppliesTo::Misses && !would_reach_upstream {
+        if policy.applies_to == AppliesTo::Misses && answered_from_memory() {
             return Ok(());
         }
         let key = client_key(
@@ -215,8 +216,8 @@ impl StoaProxy {
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
         };
         let private = respond::is_private_request(req, settings);
-        let from_memory = !private && gateway.cache.answers_from_memory(&key);
-        if let Err(e) = self.rate_limit(session, ctx, route, !from_memory) {
+        let from_memory = || !private && gateway.cache.answers_from_memory(&key);
+        if let Err(e) = self.rate_limit(session, ctx, route, from_memory) {
             return respond::error(session, &e, &ctx.decorations(draining)).await;
         }
         let req = session.req_header();
@@ -233,7 +234,8 @@ impl StoaProxy {
                 path_and_query: upstream_path,
                 body,
             };
-            gateway.cache.bypass(cached, fetch).await
+            // Boxed: the slow paths' futures are large and must not bloat every request's.
+            Box::pin(gateway.cache.bypass(cached, fetch)).await
         } else {
             let request_id = &ctx.request_id;
             let make_fetch = || FetchRequest {
@@ -242,7 +244,12 @@ impl StoaProxy {
                 path_and_query: upstream_path.clone(),
                 body,
             };
-            gateway.cache.serve(cached, &key, make_fetch).await
+            match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
+                Ok(served) => served,
+                Err((make_fetch, stale)) => {
+                    Box::pin(gateway.cache.serve_miss(cached, &key, stale, make_fetch)).await
+                }
+            }
         };
         match served {
             Served::Entry(entry, status) => {
@@ -275,7 +282,7 @@ impl ProxyHttp for StoaProxy {
             route: None,
             upstream_uri: None,
             body_bytes: 0,
-            request_id: String::new(),
+            request_id: http::HeaderValue::from_static(""),
             cache: CacheStatus::None,
             rate: None,
             permit: None,
@@ -333,7 +340,7 @@ impl ProxyHttp for StoaProxy {
         }
 
         // Pass-through: rate limit, then a slot of the upstream, then pingora proxies.
-        if let Err(e) = self.rate_limit(session, ctx, route, true) {
+        if let Err(e) = self.rate_limit(session, ctx, route, || false) {
             respond::error(session, &e, &ctx.decorations(draining)).await?;
             return Ok(true);
         }
@@ -408,7 +415,7 @@ impl ProxyHttp for StoaProxy {
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
         upstream_request.insert_header("x-forwarded-proto", "http")?;
-        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        upstream_request.insert_header("x-request-id", ctx.request_id.clone())?;
         Ok(())
     }
 
@@ -497,7 +504,7 @@ impl ProxyHttp for StoaProxy {
                 bytes: session.body_bytes_sent() as u64,
                 duration: elapsed,
                 upstream_duration: ctx.upstream_elapsed,
-                request_id: &ctx.request_id,
+                request_id: ctx.request_id.to_str().unwrap_or_default(),
             });
         }
     }

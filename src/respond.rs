@@ -13,7 +13,7 @@ use crate::ratelimit::Decision;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
-    pub request_id: &'a str,
+    pub request_id: &'a http::HeaderValue,
     pub rate: Option<&'a Decision>,
     /// Close the connection after this answer (the process is draining).
     pub close: bool,
@@ -22,7 +22,7 @@ pub struct Decorations<'a> {
 impl Decorations<'_> {
     pub fn apply(&self, header: &mut ResponseHeader) -> Result<()> {
         if !self.request_id.is_empty() {
-            header.insert_header("x-request-id", self.request_id)?;
+            header.insert_header("x-request-id", self.request_id.clone())?;
         }
         if let Some(rate) = self.rate {
             for (name, value) in rate.headers() {
@@ -120,7 +120,7 @@ fn is_hop_by_hop(name: &http::HeaderName) -> bool {
 pub fn shared_fetch_headers(
     req: &RequestHeader,
     settings: &CacheSettings,
-    request_id: &str,
+    request_id: &http::HeaderValue,
 ) -> http::HeaderMap {
     let mut headers = http::HeaderMap::new();
     let always = [http::header::CONTENT_TYPE, http::header::ACCEPT];
@@ -129,9 +129,7 @@ pub fn shared_fetch_headers(
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Ok(id) = http::HeaderValue::from_str(request_id) {
-        headers.insert("x-request-id", id);
-    }
+    headers.insert("x-request-id", request_id.clone());
     headers
 }
 
@@ -139,7 +137,7 @@ pub fn shared_fetch_headers(
 pub fn private_fetch_headers(
     req: &RequestHeader,
     client: Option<std::net::IpAddr>,
-    request_id: &str,
+    request_id: &http::HeaderValue,
 ) -> http::HeaderMap {
     let mut headers = http::HeaderMap::with_capacity(req.headers.len() + 3);
     for (name, value) in req.headers.iter() {
@@ -154,9 +152,7 @@ pub fn private_fetch_headers(
         }
     }
     headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
-    if let Ok(id) = http::HeaderValue::from_str(request_id) {
-        headers.insert("x-request-id", id);
-    }
+    headers.insert("x-request-id", request_id.clone());
     headers
 }
 
@@ -176,17 +172,20 @@ pub fn is_private_request(req: &RequestHeader, settings: &CacheSettings) -> bool
 }
 
 /// The client's request id if it sent a sane one, else a new one.
-pub fn request_id(req: &RequestHeader) -> String {
-    match req
-        .headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
+pub fn request_id(req: &RequestHeader) -> http::HeaderValue {
+    match req.headers.get("x-request-id") {
         Some(id)
-            if !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic()) =>
+            if !id.is_empty()
+                && id.len() <= 128
+                && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
         {
-            id.to_string()
+            id.clone()
         }
-        _ => crate::telemetry::new_request_id(),
+        _ => {
+            let id = Bytes::from(crate::telemetry::new_request_id());
+            // Hex digits are always a valid header value.
+            http::HeaderValue::from_maybe_shared(id)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("-"))
+        }
     }
 }

@@ -97,6 +97,34 @@ impl CacheEngine {
         self.flights.in_flight()
     }
 
+    /// The fast path: answers from memory when the entry for `key` is fresh, or stale
+    /// within stale-while-revalidate (then one background refresh starts, as it does once
+    /// a fresh entry passes its refresh-ahead point). Otherwise gives `make_fetch` back with
+    /// the stale copy that may still serve on error, for [`CacheEngine::serve_miss`].
+    #[allow(clippy::result_large_err)]
+    pub fn serve_from_memory<F: FnOnce() -> FetchRequest>(
+        self: &Arc<Self>,
+        route: &Arc<CachedRoute>,
+        key: &str,
+        make_fetch: F,
+    ) -> Result<Served, (F, Option<Arc<Entry>>)> {
+        let now = Instant::now();
+        let current = self.store.get(key);
+        if let Some(entry) = &current {
+            if now < entry.fresh_until {
+                if entry.refresh_at.is_some_and(|at| now >= at) {
+                    self.refresh(route, entry, key, make_fetch);
+                }
+                return Ok(Served::Entry(entry.clone(), CacheStatus::Hit));
+            }
+            if now < entry.revalidate_until {
+                self.refresh(route, entry, key, make_fetch);
+                return Ok(Served::Entry(entry.clone(), CacheStatus::Stale));
+            }
+        }
+        Err((make_fetch, current.filter(|e| now < e.error_until)))
+    }
+
     /// Serves a request whose cache key is `key`. `make_fetch` builds the upstream request;
     /// it is called at most once, only when the upstream must be asked.
     pub async fn serve(
@@ -105,22 +133,21 @@ impl CacheEngine {
         key: &str,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) -> Served {
-        let now = Instant::now();
-        let current = self.store.get(key);
-        if let Some(entry) = &current {
-            if now < entry.fresh_until {
-                if entry.refresh_at.is_some_and(|at| now >= at) {
-                    self.refresh(route, entry, key, make_fetch);
-                }
-                return Served::Entry(entry.clone(), CacheStatus::Hit);
-            }
-            if now < entry.revalidate_until {
-                self.refresh(route, entry, key, make_fetch);
-                return Served::Entry(entry.clone(), CacheStatus::Stale);
-            }
+        match self.serve_from_memory(route, key, make_fetch) {
+            Ok(served) => served,
+            Err((make_fetch, stale)) => self.serve_miss(route, key, stale, make_fetch).await,
         }
-        let stale = current.filter(|e| now < e.error_until);
+    }
 
+    /// The slow path: leads or joins the single flight for `key` and waits for its outcome
+    /// (at most `lock_timeout`), falling back on `stale` as the route's settings allow.
+    pub async fn serve_miss(
+        self: &Arc<Self>,
+        route: &Arc<CachedRoute>,
+        key: &str,
+        stale: Option<Arc<Entry>>,
+        make_fetch: impl FnOnce() -> FetchRequest,
+    ) -> Served {
         let joined = self.flights.join(key, || {
             self.store.get(key).filter(|e| e.is_fresh(Instant::now()))
         });
