@@ -62,8 +62,9 @@ pub async fn entry(
     deco: &Decorations<'_>,
 ) -> Result<()> {
     let head_only = session.req_header().method == http::Method::HEAD;
+    // The stored head already says `X-Cache: HIT`.
     let mut header = entry.header.clone();
-    if let Some(value) = status.header_value() {
+    if let (false, Some(value)) = (status == CacheStatus::Hit, status.header_value()) {
         header.insert_header("x-cache", value)?;
     }
     header.insert_header("age", entry.age_secs(std::time::Instant::now()))?;
@@ -87,6 +88,9 @@ pub async fn read_body(
     session: &mut Session,
     limit: u64,
 ) -> Result<std::result::Result<Bytes, StoaError>> {
+    if session.is_body_empty() {
+        return Ok(Ok(Bytes::new()));
+    }
     let mut body = bytes::BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if (body.len() + chunk.len()) as u64 > limit {

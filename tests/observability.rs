@@ -197,9 +197,7 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
     }
 
     // A coalesced burst: a slow fetch of a cold key, joined by 4 more requests.
-    scene
-        .restaurants
-        .set_knobs(knobs(Api::Restaurants, 1_500));
+    scene.restaurants.set_knobs(knobs(Api::Restaurants, 1_500));
     let burst = |http: &reqwest::Client| {
         let (http, url) = (http.clone(), scene.gw.url("/restaurant/haga"));
         tokio::spawn(async move {
@@ -211,7 +209,12 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
     };
     let leader = burst(&http);
     assert!(
-        wait_until(Duration::from_secs(5), || scene.restaurants.stats().in_flight == 1).await,
+        wait_until(Duration::from_secs(5), || scene
+            .restaurants
+            .stats()
+            .in_flight
+            == 1)
+        .await,
         "the leader's fetch never reached the upstream"
     );
     let waiters: Vec<_> = (0..4).map(|_| burst(&http)).collect();
@@ -222,8 +225,14 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
     scene.restaurants.set_knobs(knobs(Api::Restaurants, 0));
 
     // Burst 1 on a pass-through route: the second request is refused.
-    assert_eq!(scene.get(&http, "/limited/dufva").await, (200, String::new()));
-    assert_eq!(scene.get(&http, "/limited/dufva").await, (429, String::new()));
+    assert_eq!(
+        scene.get(&http, "/limited/dufva").await,
+        (200, String::new())
+    );
+    assert_eq!(
+        scene.get(&http, "/limited/dufva").await,
+        (429, String::new())
+    );
     // The upstream answers 500: 502 for the client, nothing stored.
     assert_eq!(scene.get(&http, "/broken/dufva").await.0, 502);
     // No route.
@@ -357,8 +366,16 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
             .copied()
             .unwrap_or(0)
     };
-    assert_eq!(calls("GET /api/restaurant/dufva"), 2, "1 miss + 1 pass-through");
-    assert_eq!(calls("GET /api/restaurant/haga"), 1, "one fetch for the burst");
+    assert_eq!(
+        calls("GET /api/restaurant/dufva"),
+        2,
+        "1 miss + 1 pass-through"
+    );
+    assert_eq!(
+        calls("GET /api/restaurant/haga"),
+        1,
+        "one fetch for the burst"
+    );
     assert!(
         problems.is_empty(),
         "/metrics differs from the traffic sent:\n{}\n\nexposition:\n{text}",
@@ -436,57 +453,98 @@ async fn promtool_accepts_the_live_exposition() {
     assert!(report.trim().is_empty(), "promtool: {report}\n{text}");
 }
 
+type InFlightRequest = tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>;
+
+/// A gateway in front of a slow upstream, with a pass-through request (`/pass/dufva`)
+/// and a cached-route request (`/cached/haga`) both waiting on that upstream.
+struct TwoInFlight {
+    slow: DemoServer,
+    gw: Gateway,
+    requests: Vec<(&'static str, InFlightRequest)>,
+}
+
+impl TwoInFlight {
+    async fn start(latency_ms: u64) -> TwoInFlight {
+        let slow = demo_with(Api::Restaurants, knobs(Api::Restaurants, latency_ms)).await;
+        let config = [
+            upstream("restaurants", &slow.url()),
+            route(
+                "pass",
+                "/pass/{id}",
+                "restaurants",
+                "/api/restaurant/{id}",
+                "",
+            ),
+            route(
+                "cached",
+                "/cached/{id}",
+                "restaurants",
+                "/api/restaurant/{id}",
+                "cache = { ttl = \"60s\" }",
+            ),
+        ]
+        .concat();
+        let gw = Gateway::start(&config).await;
+        let text = settled_metrics(&gw).await;
+        assert_eq!(sample(&text, "stoa_requests_in_flight"), Some(0.0));
+        let requests = ["/pass/dufva", "/cached/haga"]
+            .into_iter()
+            .map(|path| {
+                let url = gw.url(path);
+                let task: InFlightRequest = tokio::spawn(async move { reqwest::get(url).await });
+                (path, task)
+            })
+            .collect();
+        assert!(
+            wait_until(Duration::from_secs(5), || slow.stats().in_flight == 2).await,
+            "both requests should be waiting on the upstream"
+        );
+        TwoInFlight { slow, gw, requests }
+    }
+
+    /// Waits for both answers: (path, answer).
+    async fn answers(&mut self) -> Vec<(&'static str, reqwest::Response)> {
+        let mut out = Vec::new();
+        for (path, task) in self.requests.drain(..) {
+            let r = task
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("the in-flight request {path} was cut off: {e}"));
+            assert_eq!(r.status(), 200, "{path}");
+            out.push((path, r));
+        }
+        out
+    }
+
+    async fn exits_0(&mut self) {
+        let status = self
+            .gw
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|| panic!("stoa did not exit:\n{}", self.gw.log()));
+        assert_eq!(status.code(), Some(0), "{}", self.gw.log());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_draining_metrics_are_served_and_count_the_requests_in_flight() {
     // tests/gateway.rs covers /readyz 503, /healthz 200, the drained request's answer and
-    // exit 0 for a pass-through request. Here: both kinds of routes in flight at once, the
-    // in-flight gauge, /metrics during the drain, connection close on drained answers and
-    // the access log of the drained requests flushed at exit.
-    let slow = demo_with(Api::Restaurants, knobs(Api::Restaurants, 2_000)).await;
-    let config = [
-        upstream("restaurants", &slow.url()),
-        route(
-            "pass",
-            "/pass/{id}",
-            "restaurants",
-            "/api/restaurant/{id}",
-            "",
-        ),
-        route(
-            "cached",
-            "/cached/{id}",
-            "restaurants",
-            "/api/restaurant/{id}",
-            "cache = { ttl = \"60s\" }",
-        ),
-    ]
-    .concat();
-    let mut gw = Gateway::start(&config).await;
-    let text = settled_metrics(&gw).await;
-    assert_eq!(sample(&text, "stoa_requests_in_flight"), Some(0.0));
-
-    let spawn = |path: &str| {
-        let url = gw.url(path);
-        tokio::spawn(async move { reqwest::get(url).await })
-    };
-    let pass = spawn("/pass/dufva");
-    let cached = spawn("/cached/haga");
-    assert!(
-        wait_until(Duration::from_secs(5), || slow.stats().in_flight == 2).await,
-        "both requests should be waiting on the upstream"
-    );
-    let text = gw.metrics().await;
+    // exit 0 for one pass-through request. Here: both kinds of routes in flight at once,
+    // the in-flight gauge before and during the drain, /metrics served while draining, and
+    // the access log of the drained requests flushed before exit.
+    let mut t = TwoInFlight::start(2_000).await;
+    let text = t.gw.metrics().await;
     assert_eq!(
         sample(&text, "stoa_requests_in_flight"),
         Some(2.0),
         "{text}"
     );
 
-    gw.signal(libc::SIGTERM);
+    t.gw.signal(libc::SIGTERM);
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let r = http.get(gw.admin_url("/readyz")).send().await.unwrap();
+        let r = http.get(t.gw.admin_url("/readyz")).send().await.unwrap();
         if r.status() == 503 {
             let v: Value = r.json().await.unwrap();
             assert_eq!(v["error"], "not_ready", "{v}");
@@ -500,7 +558,7 @@ async fn while_draining_metrics_are_served_and_count_the_requests_in_flight() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Draining: metrics are still served, and still count both requests.
-    let r = http.get(gw.admin_url("/metrics")).send().await.unwrap();
+    let r = http.get(t.gw.admin_url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let text = r.text().await.unwrap();
     assert_eq!(
@@ -512,33 +570,16 @@ async fn while_draining_metrics_are_served_and_count_the_requests_in_flight() {
         sample(&text, &format!("stoa_build_info{{version=\"{VERSION}\"}}")),
         Some(1.0)
     );
-    assert_eq!(slow.stats().in_flight, 2, "still waiting on the upstream");
+    assert_eq!(t.slow.stats().in_flight, 2, "still waiting on the upstream");
 
-    let mut closes = Vec::new();
-    for (name, task) in [("pass", pass), ("cached", cached)] {
-        let r = task
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("the in-flight {name} request was cut off: {e}"));
-        assert_eq!(r.status(), 200, "{name}");
-        let connection = r
-            .headers()
-            .get("connection")
-            .map(|v| v.to_str().unwrap().to_ascii_lowercase());
-        if connection.as_deref() != Some("close") {
-            closes.push(format!("{name}: connection {connection:?}"));
-        }
+    for (path, r) in t.answers().await {
         let v: Value = r.json().await.unwrap();
-        assert!(v["restaurant"]["title"].is_string(), "{name}: {v}");
+        assert!(v["restaurant"]["title"].is_string(), "{path}: {v}");
     }
-    let status = gw
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .unwrap_or_else(|| panic!("stoa did not exit:\n{}", gw.log()));
-    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    t.exits_0().await;
 
     // The access log of the drained requests was flushed before the process ended.
-    let log = gw.log();
+    let log = t.gw.log();
     for path in ["/pass/dufva", "/cached/haga"] {
         assert!(
             log.lines()
@@ -546,11 +587,28 @@ async fn while_draining_metrics_are_served_and_count_the_requests_in_flight() {
             "no access line for {path}:\n{log}"
         );
     }
-    // Answers finished while draining tell the client the connection closes, so that no
-    // new request arrives on it during the drain.
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_finished_while_draining_close_the_connection() {
+    // A request that started before SIGTERM and is answered during the drain must say
+    // `Connection: close`, so that its client sends nothing more on that connection.
+    let mut t = TwoInFlight::start(1_000).await;
+    t.gw.signal(libc::SIGTERM);
+    let mut kept_open = Vec::new();
+    for (path, r) in t.answers().await {
+        let connection = r
+            .headers()
+            .get("connection")
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase());
+        if connection.as_deref() != Some("close") {
+            kept_open.push(format!("{path}: Connection {connection:?}"));
+        }
+    }
+    t.exits_0().await;
     assert!(
-        closes.is_empty(),
-        "answers sent while draining kept the connection open: {closes:?}"
+        kept_open.is_empty(),
+        "answers sent while draining kept the connection open: {kept_open:?}"
     );
 }
 
@@ -680,12 +738,16 @@ async fn no_access_log_lines_when_the_access_log_is_off() {
     );
     // Stop the process so that everything written is flushed, then look.
     gw.signal(libc::SIGTERM);
-    let status = gw.wait_exit(Duration::from_secs(10)).await.expect("no exit");
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("no exit");
     assert_eq!(status.code(), Some(0), "{}", gw.log());
     let log = gw.log();
     let json: Vec<Value> = log
         .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     assert!(
         json.iter().any(|v| v["message"] == "stoa stopped"),
@@ -713,7 +775,11 @@ async fn request_ids_reach_the_upstream_and_come_back() {
             let id = request_id_of(&r);
             let cache = x_cache(&r);
             let v: Value = r.json().await.unwrap();
-            (id, cache, v["headers"]["x-request-id"].as_str().map(String::from))
+            (
+                id,
+                cache,
+                v["headers"]["x-request-id"].as_str().map(String::from),
+            )
         }
     };
 

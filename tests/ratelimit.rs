@@ -112,10 +112,7 @@ async fn assert_json_error(r: reqwest::Response, status: u16, kind: &str) -> u64
     let text = r.text().await.unwrap();
     let v: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
     assert_eq!(v["error"], kind, "{v}");
-    assert!(
-        v["message"].as_str().is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     retry_after
 }
 
@@ -344,7 +341,10 @@ async fn a_misses_only_policy_never_throttles_cache_hits() {
     let up = restaurants(0).await;
     let cached = format!("{TO_RESTAURANT}\ncache = {{ ttl = \"60s\" }}");
     let config = [
-        policy("misses", "per_minute = 1\nburst = 2\napplies_to = \"misses\""),
+        policy(
+            "misses",
+            "per_minute = 1\nburst = 2\napplies_to = \"misses\"",
+        ),
         policy("every", "per_minute = 1\nburst = 2\napplies_to = \"all\""),
         upstream("restaurants", &up.url(), ""),
         route(
@@ -475,7 +475,10 @@ async fn max_in_flight_bounds_pass_through_requests_and_sheds_the_overflow() {
     assert_eq!(count(&answers, 200), 6, "{answers:?}");
     let stats = up.stats();
     assert_eq!(calls(&up, "/api/restaurant/dufva"), 6);
-    assert_eq!(stats.max_in_flight, 2, "never more than two, and two reached");
+    assert_eq!(
+        stats.max_in_flight, 2,
+        "never more than two, and two reached"
+    );
     drop(gw);
 
     // A short queue: two are served, the others give up after 100 ms with 503.
@@ -658,7 +661,11 @@ async fn default_rate_limit_covers_routes_naming_none_and_off_exempts() {
     // A route naming its own policy keeps it.
     for used in 1..=4u64 {
         let r = get(&http, &gw.url("/named/dufva")).await;
-        assert_eq!((r.status().as_u16(), rate(&r).0), (200, 4), "request {used}");
+        assert_eq!(
+            (r.status().as_u16(), rate(&r).0),
+            (200, 4),
+            "request {used}"
+        );
     }
     assert_rate_limited(get(&http, &gw.url("/named/dufva")).await).await;
 

@@ -340,6 +340,10 @@ fn fetched_to_entry(
     header
         .insert_header(header::CONTENT_LENGTH, fetched.body.len())
         .map_err(|e| StoaError::Internal(e.to_string()))?;
+    // Most answers from an entry are hits: say so once here, not on every request.
+    header
+        .insert_header("x-cache", "HIT")
+        .map_err(|e| StoaError::Internal(e.to_string()))?;
     let life = Lifetimes {
         ttl,
         stale_while_revalidate: settings.stale_while_revalidate,
