@@ -187,6 +187,8 @@ impl StoaProxy {
     ) -> Result<()> {
         let gateway = ctx.gateway.clone();
         let draining = self.lifecycle.is_draining();
+        // Answers stoa gives before reaching the cache (400, 413, 429) did not use it.
+        ctx.cache = CacheStatus::Bypass;
         let body = match respond::read_body(session, gateway.max_body_bytes).await? {
             Ok(body) => body,
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
@@ -251,6 +253,8 @@ impl StoaProxy {
                 }
             }
         };
+        // Read again: the process may have begun draining while this request waited.
+        let draining = self.lifecycle.is_draining();
         match served {
             Served::Entry(entry, status) => {
                 ctx.cache = status;
@@ -262,7 +266,8 @@ impl StoaProxy {
                 }
                 respond::entry(session, &entry, status, &ctx.decorations(draining)).await
             }
-            Served::Error(e) => {
+            Served::Error(e, status) => {
+                ctx.cache = status;
                 ctx.upstream_elapsed = Some(asked.elapsed());
                 respond::error(session, &e, &ctx.decorations(draining)).await
             }

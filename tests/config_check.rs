@@ -31,7 +31,7 @@ fn a_broken_config_reports_every_mistake_and_exits_1() {
     assert_eq!(code, 1, "{out}{err}");
     let expected = [
         "colour: unknown section",
-        "admin.token: unknown key \"token\"",
+        "admin.tokn: unknown key \"tokn\"",
         "server.listen: \"localhost-8080\" is not an address",
         "server.threads: 0 is not between 1 and 1024",
         "server.max_body_bytes: \"lots\" is not a size",

@@ -186,12 +186,12 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
 
     // 1 miss, then 3 hits.
     assert_eq!(
-        scene.get(&http, "/restaurant/dufva").await,
+        scene.get(&http, "/restaurant/bikupan").await,
         (200, "MISS".into())
     );
     for _ in 0..3 {
         assert_eq!(
-            scene.get(&http, "/restaurant/dufva").await,
+            scene.get(&http, "/restaurant/bikupan").await,
             (200, "HIT".into())
         );
     }
@@ -226,15 +226,15 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
 
     // Burst 1 on a pass-through route: the second request is refused.
     assert_eq!(
-        scene.get(&http, "/limited/dufva").await,
+        scene.get(&http, "/limited/bikupan").await,
         (200, String::new())
     );
     assert_eq!(
-        scene.get(&http, "/limited/dufva").await,
+        scene.get(&http, "/limited/bikupan").await,
         (429, String::new())
     );
     // The upstream answers 500: 502 for the client, nothing stored.
-    assert_eq!(scene.get(&http, "/broken/dufva").await.0, 502);
+    assert_eq!(scene.get(&http, "/broken/bikupan").await.0, 502);
     // No route.
     assert_eq!(scene.get(&http, "/nope").await.0, 404);
 
@@ -367,7 +367,7 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
             .unwrap_or(0)
     };
     assert_eq!(
-        calls("GET /api/restaurant/dufva"),
+        calls("GET /api/restaurant/bikupan"),
         2,
         "1 miss + 1 pass-through"
     );
@@ -410,11 +410,11 @@ async fn promtool_accepts_the_live_exposition() {
     let scene = Scene::start().await;
     let http = reqwest::Client::new();
     // Every kind of series: hit and miss, 429, 502 from a cached route, 404 unmatched.
-    assert_eq!(scene.get(&http, "/restaurant/dufva").await.0, 200);
-    assert_eq!(scene.get(&http, "/restaurant/dufva").await.0, 200);
-    assert_eq!(scene.get(&http, "/limited/dufva").await.0, 200);
-    assert_eq!(scene.get(&http, "/limited/dufva").await.0, 429);
-    assert_eq!(scene.get(&http, "/broken/dufva").await.0, 502);
+    assert_eq!(scene.get(&http, "/restaurant/bikupan").await.0, 200);
+    assert_eq!(scene.get(&http, "/restaurant/bikupan").await.0, 200);
+    assert_eq!(scene.get(&http, "/limited/bikupan").await.0, 200);
+    assert_eq!(scene.get(&http, "/limited/bikupan").await.0, 429);
+    assert_eq!(scene.get(&http, "/broken/bikupan").await.0, 502);
     assert_eq!(scene.get(&http, "/nope").await.0, 404);
 
     let r = reqwest::get(scene.gw.admin_url("/metrics")).await.unwrap();
@@ -455,7 +455,7 @@ async fn promtool_accepts_the_live_exposition() {
 
 type InFlightRequest = tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>;
 
-/// A gateway in front of a slow upstream, with a pass-through request (`/pass/dufva`)
+/// A gateway in front of a slow upstream, with a pass-through request (`/pass/bikupan`)
 /// and a cached-route request (`/cached/haga`) both waiting on that upstream.
 struct TwoInFlight {
     slow: DemoServer,
@@ -487,7 +487,7 @@ impl TwoInFlight {
         let gw = Gateway::start(&config).await;
         let text = settled_metrics(&gw).await;
         assert_eq!(sample(&text, "stoa_requests_in_flight"), Some(0.0));
-        let requests = ["/pass/dufva", "/cached/haga"]
+        let requests = ["/pass/bikupan", "/cached/haga"]
             .into_iter()
             .map(|path| {
                 let url = gw.url(path);
@@ -580,7 +580,7 @@ async fn while_draining_metrics_are_served_and_count_the_requests_in_flight() {
 
     // The access log of the drained requests was flushed before the process ended.
     let log = t.gw.log();
-    for path in ["/pass/dufva", "/cached/haga"] {
+    for path in ["/pass/bikupan", "/cached/haga"] {
         assert!(
             log.lines()
                 .any(|l| l.contains("stoa::access") && l.contains(path)),

@@ -10,7 +10,7 @@ use pingora::http::ResponseHeader;
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::settings::{CacheSettings, OnLockTimeout};
 use super::store::{Entry, Lifetimes, Store};
-use super::CacheStatus;
+use super::{key, CacheStatus};
 use crate::error::StoaError;
 use crate::fetch::{FetchRequest, Fetched, UpstreamClient};
 use crate::metrics::{FetchOutcome, UpstreamMetrics};
@@ -43,10 +43,10 @@ impl CachedRoute {
     }
 }
 
-/// The answer to a request on a cached route.
+/// The answer to a request on a cached route, and how it was reached.
 pub enum Served {
     Entry(Arc<Entry>, CacheStatus),
-    Error(StoaError),
+    Error(StoaError, CacheStatus),
 }
 
 /// The store and the flights, shared by every cached route.
@@ -91,6 +91,51 @@ impl CacheEngine {
         self.store
             .get(key)
             .is_some_and(|e| now < e.revalidate_until)
+    }
+
+    /// Removes the entries whose key satisfies `which`; how many went.
+    pub fn purge(&self, which: impl Fn(&str) -> bool) -> usize {
+        let doomed: Vec<Arc<str>> = self
+            .store
+            .entries()
+            .filter(|(k, _)| which(k))
+            .map(|(k, _)| k)
+            .collect();
+        doomed.iter().filter(|k| self.store.remove(k)).count()
+    }
+
+    /// Removes every entry of the route named `route`.
+    pub fn purge_route(&self, route: &str) -> usize {
+        self.purge(|k| key::route_of(k) == route)
+    }
+
+    /// Entries and bytes per route name.
+    pub fn route_counts(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for (k, e) in self.store.entries() {
+            let slot: &mut (u64, u64) = out.entry(key::route_of(&k).to_string()).or_default();
+            slot.0 += 1;
+            slot.1 += e.weight();
+        }
+        out
+    }
+
+    /// Fetches every stored key of `route` again in the background, single flight as
+    /// always; the current entries keep being served until their replacements are in.
+    /// Returns how many refetches started.
+    pub fn refresh_route(self: &Arc<Self>, route: &Arc<CachedRoute>) -> usize {
+        let mut started = 0;
+        for (k, entry) in self.store.entries() {
+            if key::route_of(&k) != route.name {
+                continue;
+            }
+            let (Some(recipe), Some(lead)) = (&entry.recipe, self.flights.lead_if_idle(&k)) else {
+                continue;
+            };
+            self.spawn_fetch(route.clone(), lead, (**recipe).clone(), None);
+            started += 1;
+        }
+        started
     }
 
     pub fn fetches_in_flight(&self) -> usize {
@@ -165,27 +210,27 @@ impl CacheEngine {
             Ok(Joined::Wait(slot)) => (slot, false, Later::Lazy(make_fetch)),
         };
 
+        // How this request met the upstream: it led the fetch, or waited on another's.
+        let how = if leader {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Coalesced
+        };
         match tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await {
-            Ok(Some(Outcome::Shared(entry))) => {
-                let status = if leader {
-                    CacheStatus::Miss
-                } else {
-                    CacheStatus::Coalesced
-                };
-                Served::Entry(entry, status)
-            }
+            Ok(Some(Outcome::Shared(entry))) => Served::Entry(entry, how),
             Ok(Some(Outcome::Private(entry))) if leader => Served::Entry(entry, CacheStatus::Miss),
             Ok(Some(Outcome::Private(_))) => match later.take() {
                 Some(fetch) => self.bypass(route, fetch).await,
-                None => Served::Error(StoaError::Internal("no request to send".into())),
+                None => Served::Error(StoaError::Internal("no request to send".into()), how),
             },
             Ok(Some(Outcome::Failed(err))) => match stale {
                 Some(entry) => Served::Entry(entry, CacheStatus::Stale),
-                None => Served::Error(err),
+                None => Served::Error(err, how),
             },
-            Ok(None) => Served::Error(StoaError::Internal(
-                "the upstream fetch ended without an answer".into(),
-            )),
+            Ok(None) => Served::Error(
+                StoaError::Internal("the upstream fetch ended without an answer".into()),
+                how,
+            ),
             Err(_) => {
                 let timeout = StoaError::UpstreamTimeout {
                     upstream: route.client.name().to_string(),
@@ -197,9 +242,9 @@ impl CacheEngine {
                     }
                     (OnLockTimeout::Bypass, _) => match later.take() {
                         Some(fetch) => self.bypass(route, fetch).await,
-                        None => Served::Error(timeout),
+                        None => Served::Error(timeout, how),
                     },
-                    _ => Served::Error(timeout),
+                    _ => Served::Error(timeout, how),
                 }
             }
         }
@@ -214,11 +259,12 @@ impl CacheEngine {
                 &route.settings,
                 0,
                 Instant::now(),
+                None,
             ) {
                 Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
-                Err(e) => Served::Error(e),
+                Err(e) => Served::Error(e, CacheStatus::Bypass),
             },
-            Err(e) => Served::Error(e),
+            Err(e) => Served::Error(e, CacheStatus::Bypass),
         }
     }
 
@@ -248,9 +294,10 @@ impl CacheEngine {
         refreshing: Option<Arc<Entry>>,
     ) {
         let engine = self.clone();
+        let recipe = Arc::new(fetch.clone());
         tokio::spawn(async move {
             let outcome = match route.fetch(fetch).await {
-                Ok(fetched) => engine.settle(&route, lead.key(), fetched),
+                Ok(fetched) => engine.settle(&route, lead.key(), fetched, recipe),
                 Err(e) => Outcome::Failed(e),
             };
             if let (Outcome::Failed(_), Some(entry)) = (&outcome, refreshing) {
@@ -261,13 +308,20 @@ impl CacheEngine {
     }
 
     /// Turns an upstream answer into an outcome, storing it when cacheable.
-    fn settle(&self, route: &CachedRoute, key: &Arc<str>, fetched: Fetched) -> Outcome {
+    fn settle(
+        &self,
+        route: &CachedRoute,
+        key: &Arc<str>,
+        fetched: Fetched,
+        recipe: Arc<FetchRequest>,
+    ) -> Outcome {
         match fetched_to_entry(
             fetched,
             route.client.name(),
             &route.settings,
             key.len(),
             Instant::now(),
+            Some(recipe),
         ) {
             Err(e) => Outcome::Failed(e),
             Ok((entry, Disposition::Store)) => {
@@ -312,6 +366,7 @@ fn fetched_to_entry(
     settings: &CacheSettings,
     key_len: usize,
     now: Instant,
+    recipe: Option<Arc<FetchRequest>>,
 ) -> Result<(Arc<Entry>, Disposition), StoaError> {
     let status = fetched.status.as_u16();
     if fetched.status.is_server_error() {
@@ -350,7 +405,7 @@ fn fetched_to_entry(
         stale_if_error: settings.stale_if_error,
         refresh_ahead: settings.refresh_ahead,
     };
-    let entry = Arc::new(Entry::new(header, fetched.body, key_len, now, life));
+    let entry = Arc::new(Entry::new(header, fetched.body, key_len, now, life, recipe));
     let disposition = match disposition {
         Disposition::Store if ttl.is_zero() => Disposition::Share,
         d => d,

@@ -68,6 +68,11 @@ pub fn route_of(key: &str) -> &str {
     key.split(SEP).next().unwrap_or("")
 }
 
+/// The rewritten (upstream) path a key was made for.
+pub fn path_of(key: &str) -> &str {
+    key.split(SEP).nth(2).unwrap_or("")
+}
+
 fn push_query(key: &mut String, query: Option<&str>, which: &KeyQuery) {
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return;
@@ -224,6 +229,7 @@ mod tests {
         let e = key("/p", Some("a=2"), "", only(), KeyBody::None).unwrap();
         assert_ne!(c, e);
         assert_eq!(route_of(&c), "r");
+        assert_eq!(path_of(&c), "/p");
     }
 
     #[test]

@@ -30,6 +30,22 @@ pub enum OnLockTimeout {
     Bypass,
 }
 
+/// A request fetched into the cache at start and after a refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmRequest {
+    /// The client-facing path, possibly with a query string.
+    pub path: String,
+    /// A JSON body, for body-keyed routes.
+    pub body: Option<String>,
+}
+
+/// An upstream call that tells the upstream to rebuild its data (e.g. `GET /refresh_data`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshHook {
+    pub method: http::Method,
+    pub path: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheSettings {
     /// Freshness of a 200 answer.
@@ -52,6 +68,8 @@ pub struct CacheSettings {
     pub jitter: f64,
     /// Cache even when the upstream says `Cache-Control: no-store` or `private`.
     pub ignore_upstream_cache_control: bool,
+    pub warm: Vec<WarmRequest>,
+    pub refresh_hook: Option<RefreshHook>,
 }
 
 impl CacheSettings {

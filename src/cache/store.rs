@@ -10,6 +10,8 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 
+use crate::fetch::FetchRequest;
+
 /// Rough per-entry overhead beyond key, headers and body (struct, Arc, index).
 const ENTRY_OVERHEAD: u64 = 256;
 
@@ -28,6 +30,8 @@ pub struct Entry {
     pub error_until: Instant,
     /// A request after this point starts a background refresh (refresh-ahead).
     pub refresh_at: Option<Instant>,
+    /// How to fetch this entry again (admin refresh); `None` for answers never stored.
+    pub recipe: Option<Arc<FetchRequest>>,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
     weight: u64,
@@ -49,6 +53,7 @@ impl Entry {
         key_len: usize,
         now: Instant,
         life: Lifetimes,
+        recipe: Option<Arc<FetchRequest>>,
     ) -> Self {
         let header_bytes: usize = header
             .headers
@@ -56,8 +61,17 @@ impl Entry {
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
         let fresh_until = now + life.ttl;
+        let recipe_bytes = recipe.as_ref().map_or(0, |r| {
+            r.path_and_query.len()
+                + r.body.len()
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| k.as_str().len() + v.len())
+                    .sum::<usize>()
+        });
         Entry {
-            weight: ENTRY_OVERHEAD + (key_len + header_bytes + body.len()) as u64,
+            weight: ENTRY_OVERHEAD + (key_len + header_bytes + body.len() + recipe_bytes) as u64,
+            recipe,
             header,
             body,
             stored_at: now,
@@ -147,8 +161,14 @@ impl Store {
         self.cache.insert(key, entry);
     }
 
-    pub fn remove(&self, key: &str) {
-        self.cache.remove(key);
+    /// Removes `key`; whether it was there.
+    pub fn remove(&self, key: &str) -> bool {
+        self.cache.remove(key).is_some()
+    }
+
+    /// A snapshot of the entries (keys and values are reference-counted, not copied).
+    pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, Arc<Entry>)> + '_ {
+        self.cache.iter()
     }
 
     pub fn len(&self) -> usize {
@@ -191,6 +211,7 @@ mod tests {
             8,
             Instant::now(),
             life,
+            None,
         ))
     }
 

@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::raw::{RawCache, RawKeyBody};
+use super::raw::{RawCache, RawKeyBody, RawWarm};
 use super::Validator;
-use crate::cache::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout};
+use crate::cache::settings::{
+    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, WarmRequest,
+};
+use crate::routes::PathTemplate;
 
 impl Validator<'_> {
     pub(super) fn cache_settings(
@@ -15,6 +18,7 @@ impl Validator<'_> {
         raw: RawCache,
         methods: Option<&[http::Method]>,
         default_lock_timeout: Duration,
+        template: Option<&PathTemplate>,
     ) -> Option<CacheSettings> {
         let ttl = self.duration(&format!("{path}.ttl"), Some(&raw.ttl), Duration::ZERO);
         let swr = self.optional_duration(
@@ -143,7 +147,61 @@ impl Validator<'_> {
             }
         }
 
+        let mut warm = Vec::new();
+        for (i, w) in raw.warm.unwrap_or_default().into_iter().enumerate() {
+            let key = format!("{path}.warm[{i}]");
+            let (request_path, body) = match w {
+                RawWarm::Path(p) => (p, None),
+                RawWarm::WithBody { path, body } => (path, Some(body.to_string())),
+            };
+            let bare = request_path.split('?').next().unwrap_or("");
+            if template.is_some_and(|t| t.matches(bare).is_none()) {
+                self.problem(
+                    key,
+                    format!("{request_path:?} does not match the route's path"),
+                );
+                continue;
+            }
+            if body.is_none() && key_body != KeyBody::None {
+                self.problem(key, "this route keys on the body: give { path, body }");
+                continue;
+            }
+            warm.push(WarmRequest {
+                path: request_path,
+                body,
+            });
+        }
+        let refresh_hook = match raw.refresh_hook.as_deref().map(str::trim) {
+            None => Some(None),
+            Some(text) => {
+                let (method, hook_path) = match text.split_once(' ') {
+                    Some((m, p)) => (m.trim(), p.trim()),
+                    None => ("GET", text),
+                };
+                match (
+                    http::Method::from_bytes(method.as_bytes()),
+                    hook_path.starts_with('/'),
+                ) {
+                    (Ok(m), true) if method.chars().all(|c| c.is_ascii_uppercase()) => {
+                        Some(Some(RefreshHook {
+                            method: m,
+                            path: hook_path.to_string(),
+                        }))
+                    }
+                    _ => {
+                        self.problem(
+                            format!("{path}.refresh_hook"),
+                            format!("{text:?} is not an upstream call like \"/refresh_data\" or \"POST /rebuild\""),
+                        );
+                        None
+                    }
+                }
+            }
+        };
+
         Some(CacheSettings {
+            warm,
+            refresh_hook: refresh_hook?,
             ttl: ttl?,
             stale_while_revalidate: swr?,
             stale_if_error: sie?,

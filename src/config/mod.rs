@@ -72,6 +72,8 @@ impl fmt::Display for ConfigErrors {
 /// The validated configuration the gateway is built from.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The merged configuration as read (file and environment), secrets redacted.
+    pub source: serde_json::Value,
     pub server: ServerSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
@@ -92,6 +94,8 @@ pub struct ServerSettings {
     pub shutdown_timeout: Duration,
     /// Peers whose `X-Forwarded-For` is believed when identifying clients.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Longest `/readyz` stays 503 waiting for the cache warm-up.
+    pub warm_timeout: Duration,
 }
 
 /// The `[log]` section.
@@ -116,6 +120,9 @@ pub struct AdminSettings {
     pub listen: SocketAddr,
     /// Whether requests are counted for `/metrics`.
     pub metrics: bool,
+    /// Bearer token for the admin API (purge, refresh, reload, config); without one the
+    /// admin API is closed.
+    pub token: Option<String>,
 }
 
 /// An upstream service. Its host name is resolved once, when the configuration is loaded,
@@ -148,6 +155,9 @@ pub struct RouteSpec {
     pub cache: Option<CacheSettings>,
     /// The rate-limit policy applied to this route, by name.
     pub rate_limit: Option<String>,
+    /// Cached routes whose entries for the same upstream path a successful write here
+    /// purges (e.g. `DELETE /products/{id}` invalidates `GET /products/{id}`).
+    pub invalidates: Vec<String>,
 }
 
 impl Config {
@@ -261,6 +271,10 @@ impl<'f> Validator<'f> {
     }
 
     fn run(mut self, mut root: Dict) -> Result<Config, ConfigErrors> {
+        let mut source = serde_json::to_value(&root).unwrap_or_default();
+        if let Some(token) = source.pointer_mut("/admin/token") {
+            *token = serde_json::Value::String("<redacted>".into());
+        }
         let server_raw: RawServer = match root.remove("server") {
             Some(v) => self.section("server", &v).unwrap_or_default(),
             None => RawServer::default(),
@@ -314,6 +328,7 @@ impl<'f> Validator<'f> {
         }
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
         let mut routes = self.routes(routes_raw, &upstreams, &upstream_names, &rate_limits);
+        self.check_invalidates(&routes);
         for route in &mut routes {
             match route.rate_limit.as_deref() {
                 None => route.rate_limit = default_rate_limit.clone(),
@@ -325,6 +340,7 @@ impl<'f> Validator<'f> {
         match (server, admin, cache, log) {
             (Some(server), Some(admin), Some(cache), Some(log)) if self.problems.is_empty() => {
                 Ok(Config {
+                    source,
                     server,
                     admin,
                     log,
@@ -423,6 +439,11 @@ impl<'f> Validator<'f> {
             raw.shutdown_timeout.as_ref(),
             Duration::from_secs(30),
         );
+        let warm_timeout = self.duration(
+            "server.warm_timeout",
+            raw.warm_timeout.as_ref(),
+            Duration::from_secs(30),
+        );
         let trusted_proxies = ratelimit::parse_trusted_proxies(
             "server.trusted_proxies",
             raw.trusted_proxies.as_deref().unwrap_or_default(),
@@ -434,14 +455,21 @@ impl<'f> Validator<'f> {
             max_body_bytes: max_body_bytes?,
             shutdown_timeout: shutdown_timeout?,
             trusted_proxies,
+            warm_timeout: warm_timeout?,
         })
     }
 
     fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
         let listen = self.address("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901")?;
+        let token = raw.token.filter(|t| !t.is_empty());
+        if token.as_ref().is_some_and(|t| t.len() < 16) {
+            self.problem("admin.token", "must be at least 16 characters");
+            return None;
+        }
         Some(AdminSettings {
             listen,
             metrics: raw.metrics.unwrap_or(true),
+            token,
         })
     }
 
@@ -665,8 +693,14 @@ impl<'f> Validator<'f> {
                 let lock_timeout = upstream
                     .as_ref()
                     .map_or(Duration::from_secs(30), |u| u.timeout);
-                self.cache_settings(&format!("{path}.cache"), c, ms.as_deref(), lock_timeout)
-                    .map(Some)
+                self.cache_settings(
+                    &format!("{path}.cache"),
+                    c,
+                    ms.as_deref(),
+                    lock_timeout,
+                    template.as_ref(),
+                )
+                .map(Some)
             }
             (Some(_), None) => None,
         };
@@ -685,6 +719,7 @@ impl<'f> Validator<'f> {
                 rewrite: rewrite?,
                 cache: cache?,
                 rate_limit: raw.rate_limit,
+                invalidates: raw.invalidates.unwrap_or_default(),
             })
         })();
         (route, shape)
@@ -720,6 +755,23 @@ impl<'f> Validator<'f> {
             }
         }
         ok.then_some(out)
+    }
+
+    /// `invalidates` may only name cached routes.
+    fn check_invalidates(&mut self, routes: &[RouteSpec]) {
+        for (i, route) in routes.iter().enumerate() {
+            for (j, target) in route.invalidates.iter().enumerate() {
+                let cached = routes
+                    .iter()
+                    .any(|r| &r.name == target && r.cache.is_some());
+                if !cached {
+                    self.problem(
+                        format!("routes[{i}].invalidates[{j}]"),
+                        format!("no cached route named {target:?}"),
+                    );
+                }
+            }
+        }
     }
 
     /// Names must be unique, and no two routes may match the same requests.

@@ -30,6 +30,7 @@ pub struct RawServer {
     pub shutdown_timeout: Option<RawDuration>,
     pub trusted_proxies: Option<Vec<String>>,
     pub default_rate_limit: Option<String>,
+    pub warm_timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +38,7 @@ pub struct RawServer {
 pub struct RawAdmin {
     pub listen: Option<String>,
     pub metrics: Option<bool>,
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +70,18 @@ pub struct RawRoute {
     pub rewrite: Option<String>,
     pub cache: Option<RawCache>,
     pub rate_limit: Option<String>,
+    pub invalidates: Option<Vec<String>>,
+}
+
+/// A warm-up request: a path (with its query), or a path with a JSON body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawWarm {
+    Path(String),
+    WithBody {
+        path: String,
+        body: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,4 +113,6 @@ pub struct RawCache {
     pub refresh_ahead: Option<f64>,
     pub jitter: Option<f64>,
     pub ignore_upstream_cache_control: Option<bool>,
+    pub warm: Option<Vec<RawWarm>>,
+    pub refresh_hook: Option<String>,
 }
