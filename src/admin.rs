@@ -1,74 +1,235 @@
-//! The admin listener: health, readiness and Prometheus metrics.
+//! The admin listener: health, readiness and Prometheus metrics, open to anyone who can
+//! reach the (by default loopback) address; and the admin API (reload, purge, refresh,
+//! config, cache), which needs `Authorization: Bearer <admin.token>`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use bytes::BytesMut;
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use serde_json::json;
 
+use crate::control::{Control, PurgeRequest};
 use crate::error::{json_error_body, StoaError};
-use crate::gateway::Gateway;
-use crate::lifecycle::Lifecycle;
-use crate::metrics::{self, Metrics};
+use crate::metrics;
+
+/// Largest admin request body read.
+const MAX_ADMIN_BODY: usize = 64 * 1024;
+const JSON: &str = "application/json";
 
 pub struct AdminApp {
-    lifecycle: Arc<Lifecycle>,
-    metrics: Arc<Metrics>,
-    gateway: Arc<ArcSwap<Gateway>>,
+    control: Arc<Control>,
     /// Evictions already added to the metrics counter.
     evictions_reported: AtomicU64,
 }
 
-const JSON: &str = "application/json";
+/// An answer of the admin listener.
+struct Answer {
+    status: StatusCode,
+    content_type: &'static str,
+    body: Vec<u8>,
+    allow: Option<String>,
+}
+
+impl Answer {
+    fn json(status: StatusCode, value: serde_json::Value) -> Self {
+        Answer {
+            status,
+            content_type: JSON,
+            body: value.to_string().into_bytes(),
+            allow: None,
+        }
+    }
+
+    fn error(e: &StoaError) -> Self {
+        let allow = match e {
+            StoaError::MethodNotAllowed { allow, .. } => Some(allow.clone()),
+            _ => None,
+        };
+        Answer {
+            status: e.status(),
+            content_type: JSON,
+            body: e.body().to_vec(),
+            allow,
+        }
+    }
+
+    fn plain_error(status: StatusCode, kind: &str, message: &str) -> Self {
+        Answer {
+            status,
+            content_type: JSON,
+            body: json_error_body(kind, message).to_vec(),
+            allow: None,
+        }
+    }
+}
+
+/// Compares in time that depends only on the lengths, not on where the bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
 
 impl AdminApp {
-    pub fn new(
-        lifecycle: Arc<Lifecycle>,
-        metrics: Arc<Metrics>,
-        gateway: Arc<ArcSwap<Gateway>>,
-    ) -> Self {
+    pub fn new(control: Arc<Control>) -> Self {
         AdminApp {
-            lifecycle,
-            metrics,
-            gateway,
+            control,
             evictions_reported: AtomicU64::new(0),
         }
     }
 
-    fn handle(&self, method: &http::Method, path: &str) -> (StatusCode, &'static str, Vec<u8>) {
-        let read_only = method == http::Method::GET || method == http::Method::HEAD;
-        match path {
-            "/healthz" | "/readyz" | "/metrics" if !read_only => {
-                error(&StoaError::MethodNotAllowed {
-                    method: method.to_string(),
-                    allow: "GET, HEAD".into(),
-                })
-            }
-            "/healthz" => (StatusCode::OK, JSON, br#"{"status":"ok"}"#.to_vec()),
-            "/readyz" if self.lifecycle.is_ready() => {
-                (StatusCode::OK, JSON, br#"{"status":"ready"}"#.to_vec())
-            }
+    /// `None` when the request carries the admin token; else the answer refusing it.
+    fn authorize(&self, session: &ServerSession) -> Option<Answer> {
+        let gateway = self.control.gateway.load();
+        let Some(token) = gateway.config.admin.token.as_deref() else {
+            return Some(Answer::plain_error(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "the admin API is closed: set admin.token (or STOA_ADMIN__TOKEN)",
+            ));
+        };
+        let presented = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
+            None
+        } else {
+            Some(Answer::plain_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <admin.token>",
+            ))
+        }
+    }
+
+    async fn handle(&self, session: &mut ServerSession) -> Answer {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let read_only = method == Method::GET || method == Method::HEAD;
+        let wrong_method = || {
+            Answer::error(&StoaError::MethodNotAllowed {
+                method: method.to_string(),
+                allow: "GET, HEAD".into(),
+            })
+        };
+        match path.as_str() {
+            "/healthz" | "/readyz" | "/metrics" if !read_only => wrong_method(),
+            "/healthz" => Answer::json(StatusCode::OK, json!({"status": "ok"})),
             "/readyz" => {
-                let why = if self.lifecycle.is_draining() {
-                    "shutting down"
+                let lifecycle = &self.control.lifecycle;
+                if lifecycle.is_ready() {
+                    Answer::json(StatusCode::OK, json!({"status": "ready"}))
                 } else {
-                    "starting"
+                    Answer::plain_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not_ready",
+                        lifecycle.not_ready_reason(),
+                    )
+                }
+            }
+            "/metrics" => Answer {
+                status: StatusCode::OK,
+                content_type: metrics::CONTENT_TYPE,
+                body: self.render_metrics().into_bytes(),
+                allow: None,
+            },
+            p if p.starts_with("/admin/") => {
+                if let Some(refusal) = self.authorize(session) {
+                    return refusal;
+                }
+                self.admin_api(session, &method, p).await
+            }
+            _ => Answer::error(&StoaError::NoRoute { path }),
+        }
+    }
+
+    async fn admin_api(&self, session: &mut ServerSession, method: &Method, path: &str) -> Answer {
+        let control = &self.control;
+        match (method.as_str(), path) {
+            ("POST", "/admin/reload") => {
+                let control = control.clone();
+                match tokio::task::spawn_blocking(move || control.reload()).await {
+                    Ok(Ok(report)) => {
+                        Answer::json(StatusCode::OK, json!({"result": "ok", "report": report}))
+                    }
+                    Ok(Err(errors)) => Answer::json(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        json!({
+                            "error": "invalid_config",
+                            "message": "the configuration was not changed",
+                            "problems": errors.0.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                        }),
+                    ),
+                    Err(e) => Answer::error(&StoaError::Internal(e.to_string())),
+                }
+            }
+            ("POST", "/admin/purge") => {
+                let body = match read_body(session).await {
+                    Ok(body) => body,
+                    Err(e) => return Answer::error(&e),
                 };
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    JSON,
-                    json_error_body("not_ready", why).to_vec(),
+                let request: PurgeRequest = match serde_json::from_slice(&body) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        return Answer::error(&StoaError::BadRequest(format!(
+                            "purge takes {{\"route\"}}, {{\"prefix\"}} or {{\"request\"}}: {e}"
+                        )))
+                    }
+                };
+                match control.purge(&request) {
+                    Ok(purged) => Answer::json(StatusCode::OK, json!({"purged": purged})),
+                    Err(e) => Answer::error(&e),
+                }
+            }
+            ("POST", p) if p.starts_with("/admin/refresh/") => {
+                let route = &p["/admin/refresh/".len()..];
+                match control.refresh(route).await {
+                    Ok(report) => Answer::json(StatusCode::ACCEPTED, json!(report)),
+                    Err(e) => Answer::error(&e),
+                }
+            }
+            ("GET", "/admin/config") => {
+                let gateway = control.gateway.load();
+                Answer::json(StatusCode::OK, gateway.config.source.clone())
+            }
+            ("GET", "/admin/cache") => {
+                let cache = &control.shared.cache;
+                let routes: serde_json::Map<String, serde_json::Value> = cache
+                    .route_counts()
+                    .into_iter()
+                    .map(|(route, (entries, bytes))| {
+                        (route, json!({"entries": entries, "bytes": bytes}))
+                    })
+                    .collect();
+                Answer::json(
+                    StatusCode::OK,
+                    json!({
+                        "entries": cache.store.len(),
+                        "bytes": cache.store.bytes(),
+                        "max_bytes": cache.store.max_bytes(),
+                        "evictions": cache.store.evictions(),
+                        "fetches_in_flight": cache.fetches_in_flight(),
+                        "routes": routes,
+                    }),
                 )
             }
-            "/metrics" => (
-                StatusCode::OK,
-                metrics::CONTENT_TYPE,
-                self.render_metrics().into_bytes(),
-            ),
-            _ => error(&StoaError::NoRoute {
+            (_, "/admin/reload" | "/admin/purge" | "/admin/config" | "/admin/cache") => {
+                Answer::error(&StoaError::MethodNotAllowed {
+                    method: method.to_string(),
+                    allow: if path.ends_with("config") || path.ends_with("cache") {
+                        "GET".into()
+                    } else {
+                        "POST".into()
+                    },
+                })
+            }
+            _ => Answer::error(&StoaError::NoRoute {
                 path: path.to_string(),
             }),
         }
@@ -76,39 +237,65 @@ impl AdminApp {
 
     /// Brings the gauges up to date, then renders the exposition.
     fn render_metrics(&self) -> String {
-        let gateway = self.gateway.load();
-        let store = &gateway.cache.store;
-        self.metrics
-            .set_cache_stats(store.len() as u64, store.bytes());
+        let control = &self.control;
+        let store = &control.shared.cache.store;
+        let metrics = &control.shared.metrics;
+        metrics.set_cache_stats(store.len() as u64, store.bytes());
         let evictions = store.evictions();
         let before = self.evictions_reported.swap(evictions, Ordering::AcqRel);
-        self.metrics.cache_evicted(evictions.saturating_sub(before));
-        self.metrics.set_in_flight(self.lifecycle.in_flight());
-        self.metrics.render()
+        metrics.cache_evicted(evictions.saturating_sub(before));
+        metrics.set_in_flight(control.lifecycle.in_flight());
+        metrics.render()
     }
 }
 
-fn error(e: &StoaError) -> (StatusCode, &'static str, Vec<u8>) {
-    (e.status(), JSON, e.body().to_vec())
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, StoaError> {
+    let mut body = BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                    return Err(StoaError::BodyTooLarge {
+                        limit: MAX_ADMIN_BODY as u64,
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.to_vec()),
+            Err(e) => return Err(StoaError::BadRequest(e.to_string())),
+        }
+    }
 }
 
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let req = session.req_header();
-        let (status, content_type, body) = self.handle(&req.method, req.uri.path());
+        let answer = self.handle(session).await;
         let mut builder = Response::builder()
-            .status(status)
-            .header(http::header::CONTENT_TYPE, content_type)
-            .header(http::header::CONTENT_LENGTH, body.len())
+            .status(answer.status)
+            .header(http::header::CONTENT_TYPE, answer.content_type)
+            .header(http::header::CONTENT_LENGTH, answer.body.len())
             .header(http::header::CACHE_CONTROL, "no-store");
-        if status == StatusCode::METHOD_NOT_ALLOWED {
-            builder = builder.header(http::header::ALLOW, "GET, HEAD");
+        if let Some(allow) = answer.allow {
+            builder = builder.header(http::header::ALLOW, allow);
         }
-        builder.body(body).unwrap_or_else(|_| {
+        builder.body(answer.body).unwrap_or_else(|_| {
             let mut r = Response::new(Vec::new());
             *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
             r
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_exactly() {
+        assert!(constant_time_eq(b"secret-token-123", b"secret-token-123"));
+        assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
+        assert!(!constant_time_eq(b"secret", b"secret-token-123"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 }

@@ -1,6 +1,7 @@
 //! Builds the pingora server from a validated configuration and runs it until shutdown.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,18 +16,21 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::AdminApp;
 use crate::cache::CacheEngine;
-use crate::config::Config;
+use crate::config::{Config, EnvOverrides};
+use crate::control::Control;
 use crate::gateway::{Gateway, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
+
 use crate::proxy::StoaProxy;
 
 /// How long to wait for the proxy listener to accept its first probe before giving up on
 /// readiness (the process keeps serving, and `/readyz` stays 503).
 const READINESS_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Serves `config` until SIGTERM or SIGINT, then drains in-flight requests and returns.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// Serves `config` (read from `config_path`, which SIGHUP and the admin API reload) until
+/// SIGTERM or SIGINT, then drains in-flight requests and returns.
+pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::Result<()> {
     for (what, addr) in [
         ("server.listen", config.server.listen),
         ("admin.listen", config.admin.listen),
@@ -41,7 +45,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         cache: CacheEngine::new(config.cache.max_bytes),
         metrics: metrics.clone(),
     };
-    let gateway = Arc::new(ArcSwap::new(Gateway::new(&config, &shared)?));
+    let gateway = Arc::new(ArcSwap::new(Gateway::new(
+        Arc::new(config.clone()),
+        &shared,
+        None,
+    )?));
+    let control = Control::new(config_path, env, gateway.clone(), shared, lifecycle.clone());
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -61,10 +70,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     );
     proxy.add_tcp(&config.server.listen.to_string());
 
-    let mut admin = Service::new(
-        "stoa admin".to_string(),
-        AdminApp::new(lifecycle.clone(), metrics, gateway.clone()),
-    );
+    let mut admin = Service::new("stoa admin".to_string(), AdminApp::new(control.clone()));
     admin.add_tcp(&config.admin.listen.to_string());
     admin.threads = Some(1);
 
@@ -72,9 +78,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         "stoa readiness",
         ReadinessProbe {
             addr: config.server.listen,
-            lifecycle: lifecycle.clone(),
+            control: control.clone(),
+            warm_timeout: config.server.warm_timeout,
         },
     );
+    let reloader = background_service("stoa reload on SIGHUP", ReloadOnHangup { control });
 
     let pruner = background_service("stoa rate-limit pruner", Pruner { gateway });
 
@@ -82,6 +90,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(pruner);
+    server.add_service(reloader);
 
     tracing::info!(
         listen = %config.server.listen,
@@ -99,26 +108,62 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Marks the process ready once the proxy listener accepts connections.
+/// Marks the process listening once the proxy listener accepts connections, then warms
+/// the cache (bounded by `server.warm_timeout`); `/readyz` turns 200 after both.
 struct ReadinessProbe {
     addr: SocketAddr,
-    lifecycle: Arc<Lifecycle>,
+    control: Arc<Control>,
+    warm_timeout: Duration,
 }
 
 #[async_trait]
 impl BackgroundService for ReadinessProbe {
     async fn start(&self, _shutdown: ShutdownWatch) {
+        let lifecycle = &self.control.lifecycle;
         let target = connectable(self.addr);
         let deadline = tokio::time::Instant::now() + READINESS_DEADLINE;
         while tokio::time::Instant::now() < deadline {
             if tokio::net::TcpStream::connect(target).await.is_ok() {
-                self.lifecycle.mark_ready();
-                tracing::info!(listen = %self.addr, "ready");
-                return;
+                lifecycle.mark_listening();
+                break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::error!(listen = %self.addr, "proxy listener never accepted a connection");
+        if !lifecycle.is_listening() {
+            tracing::error!(listen = %self.addr, "proxy listener never accepted a connection");
+            return;
+        }
+        let warmed = self.control.warm_all(self.warm_timeout).await;
+        lifecycle.mark_warmed();
+        tracing::info!(listen = %self.addr, warmed, "ready");
+    }
+}
+
+/// SIGHUP reloads the configuration file.
+struct ReloadOnHangup {
+    control: Arc<Control>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot watch SIGHUP: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = hangups.recv() => {
+                    let control = self.control.clone();
+                    // Reading the file and building clients is blocking work.
+                    let _ = tokio::task::spawn_blocking(move || control.reload()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::error::StoaError;
 use crate::fetch::UpstreamClient;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
-use crate::routes::{PathTemplate, Routable, RouteTable};
+use crate::routes::{upstream_uri, Lookup, PathTemplate, Routable, RouteTable};
 
 /// How long an idle pooled upstream connection is kept.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -67,12 +67,15 @@ pub struct Shared {
 
 /// Everything the request path needs, built once from a [`Config`].
 pub struct Gateway {
+    pub config: Arc<Config>,
     pub routes: RouteTable<Route>,
     pub max_body_bytes: u64,
     pub cache: Arc<CacheEngine>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// One limiter per policy, shared by the routes naming it.
     pub limiters: HashMap<String, Arc<RateLimiter>>,
+    /// One guard per upstream.
+    pub guards: HashMap<String, Arc<UpstreamGuard>>,
     pub unmatched: RouteMetrics,
     /// Record per-request metrics.
     pub record_metrics: bool,
@@ -81,22 +84,37 @@ pub struct Gateway {
 
 impl Gateway {
     /// Compiles `config`; cached routes share `shared.cache`, which outlives configurations.
-    pub fn new(config: &Config, shared: &Shared) -> Result<Arc<Self>, StoaError> {
+    /// Rate limiters of policies and guards of upstreams unchanged since `previous` are
+    /// kept, with their state (client buckets, calls in flight).
+    pub fn new(
+        config: Arc<Config>,
+        shared: &Shared,
+        previous: Option<&Gateway>,
+    ) -> Result<Arc<Self>, StoaError> {
         let metrics = &shared.metrics;
         let metric_err = |e: prometheus::Error| StoaError::Internal(format!("metrics: {e}"));
         let limiters: HashMap<String, Arc<RateLimiter>> = config
             .rate_limits
             .iter()
-            .map(|(name, policy)| (name.clone(), Arc::new(RateLimiter::new(policy.clone()))))
+            .map(|(name, policy)| {
+                let kept = previous
+                    .and_then(|p| p.limiters.get(name))
+                    .filter(|l| l.settings() == policy)
+                    .cloned();
+                let limiter = kept.unwrap_or_else(|| Arc::new(RateLimiter::new(policy.clone())));
+                (name.clone(), limiter)
+            })
             .collect();
         let guards: HashMap<&str, Arc<UpstreamGuard>> = config
             .upstreams
             .iter()
             .map(|(name, up)| {
-                (
-                    name.as_str(),
-                    Arc::new(UpstreamGuard::new(up.guard.clone())),
-                )
+                let kept = previous
+                    .and_then(|p| p.guards.get(name))
+                    .filter(|g| g.settings() == &up.guard)
+                    .cloned();
+                let guard = kept.unwrap_or_else(|| Arc::new(UpstreamGuard::new(up.guard.clone())));
+                (name.as_str(), guard)
             })
             .collect();
         let mut clients: HashMap<&str, UpstreamClient> = HashMap::new();
@@ -156,7 +174,13 @@ impl Gateway {
                 upstream_metrics,
             });
         }
+        let guards = guards
+            .into_iter()
+            .map(|(name, guard)| (name.to_string(), guard))
+            .collect();
         Ok(Arc::new(Gateway {
+            config: Arc::clone(&config),
+            guards,
             routes: RouteTable::new(routes),
             max_body_bytes: config.server.max_body_bytes,
             cache: shared.cache.clone(),
@@ -167,6 +191,52 @@ impl Gateway {
             access_log: config.log.access_log,
         }))
     }
+}
+
+impl Gateway {
+    /// The cached route named `name`.
+    pub fn cached_route(&self, name: &str) -> Option<&Arc<CachedRoute>> {
+        self.routes
+            .routes()
+            .iter()
+            .find(|r| r.spec.name == name)
+            .and_then(|r| r.cache.as_ref())
+    }
+
+    /// The route a request would take, and the upstream path and query it would be sent
+    /// with; `None` when no route takes it.
+    pub fn resolve(&self, method: &http::Method, path_and_query: &str) -> Option<(&Route, String)> {
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let (index, uri) = match self.routes.lookup(method, path) {
+            Lookup::Found(index, route, captures) => {
+                let uri = upstream_uri(
+                    &route.upstream().base_path,
+                    route.spec.rewrite.as_ref(),
+                    &captures,
+                    path,
+                    query,
+                );
+                (index, uri)
+            }
+            _ => return None,
+        };
+        Some((self.routes.routes().get(index)?, uri))
+    }
+}
+
+/// Whether a cached route's stored answers are still valid under a new configuration:
+/// same path, rewrite, upstream and cache settings.
+pub fn same_cached_answers(old: &RouteSpec, new: &RouteSpec) -> bool {
+    old.name == new.name
+        && old.path.as_str() == new.path.as_str()
+        && old.rewrite.as_ref().map(|r| r.as_str()) == new.rewrite.as_ref().map(|r| r.as_str())
+        && old.upstream.addr == new.upstream.addr
+        && old.upstream.base_path == new.upstream.base_path
+        && old.upstream.host_header == new.upstream.host_header
+        && old.cache == new.cache
 }
 
 fn peer_for(upstream: &Upstream) -> HttpPeer {

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod app;
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod fetch;
 pub mod gateway;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 #[derive(Debug, Default)]
 pub struct Lifecycle {
-    ready: AtomicBool,
+    listening: AtomicBool,
+    warmed: AtomicBool,
     draining: AtomicBool,
     in_flight: AtomicU64,
 }
@@ -17,13 +18,33 @@ impl Lifecycle {
         Arc::new(Self::default())
     }
 
-    /// Ready to serve: listeners are up and the process is not shutting down.
+    /// Ready to serve: listeners are up, the cache warm-up is done (or gave up), and the
+    /// process is not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.is_draining()
+        self.is_listening() && self.warmed.load(Ordering::Acquire) && !self.is_draining()
     }
 
-    pub fn mark_ready(&self) {
-        self.ready.store(true, Ordering::Release);
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    pub fn mark_listening(&self) {
+        self.listening.store(true, Ordering::Release);
+    }
+
+    pub fn mark_warmed(&self) {
+        self.warmed.store(true, Ordering::Release);
+    }
+
+    /// Why the process is not ready, for `/readyz`.
+    pub fn not_ready_reason(&self) -> &'static str {
+        if self.is_draining() {
+            "shutting down"
+        } else if !self.is_listening() {
+            "starting"
+        } else {
+            "warming the cache"
+        }
     }
 
     pub fn is_draining(&self) -> bool {
@@ -92,7 +113,9 @@ mod tests {
     fn draining_is_not_ready() {
         let l = Lifecycle::new();
         assert!(!l.is_ready());
-        l.mark_ready();
+        l.mark_listening();
+        assert!(!l.is_ready(), "not before the warm-up");
+        l.mark_warmed();
         assert!(l.is_ready());
         l.begin_drain();
         assert!(!l.is_ready());

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match stoa::app::run(config) {
+            match stoa::app::run(config, path, EnvOverrides::Apply) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("stoa: {e:#}");

@@ -38,6 +38,8 @@ pub struct RequestCtx {
     gateway: Arc<Gateway>,
     route: Option<usize>,
     upstream_uri: Option<http::Uri>,
+    /// The upstream path of a pass-through request, for invalidation after writes.
+    upstream_path: String,
     body_bytes: u64,
     request_id: http::HeaderValue,
     cache: CacheStatus,
@@ -196,24 +198,7 @@ impl StoaProxy {
         ctx.body_bytes = body.len() as u64;
         let req = session.req_header();
         let settings = &cached.settings;
-        let (path, query) = match upstream_path.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (upstream_path.as_str(), None),
-        };
-        let key = key::derive(
-            &key::KeyParts {
-                route: &cached.name,
-                method: &req.method,
-                path,
-                query,
-                body: &body,
-                headers: &req.headers,
-            },
-            &settings.key_query,
-            &settings.key_body,
-            &settings.key_headers,
-        );
-        let key = match key {
+        let key = match cached.key_for(&req.method, &upstream_path, &body, &req.headers) {
             Ok(key) => key,
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
         };
@@ -286,6 +271,7 @@ impl ProxyHttp for StoaProxy {
             gateway: self.gateway.load_full(),
             route: None,
             upstream_uri: None,
+            upstream_path: String::new(),
             body_bytes: 0,
             request_id: http::HeaderValue::from_static(""),
             cache: CacheStatus::None,
@@ -360,15 +346,18 @@ impl ProxyHttp for StoaProxy {
                 return Ok(true);
             }
         }
-        let uri = match uri.parse::<http::Uri>() {
-            Ok(uri) => uri,
+        let parsed = match uri.parse::<http::Uri>() {
+            Ok(parsed) => parsed,
             Err(e) => {
                 let err = StoaError::BadRequest(format!("cannot build the upstream URI: {e}"));
                 respond::error(session, &err, &ctx.decorations(draining)).await?;
                 return Ok(true);
             }
         };
-        ctx.upstream_uri = Some(uri);
+        if !route.spec.invalidates.is_empty() {
+            ctx.upstream_path = parsed.path().to_string();
+        }
+        ctx.upstream_uri = Some(parsed);
         Ok(false)
     }
 
@@ -432,6 +421,18 @@ impl ProxyHttp for StoaProxy {
     ) -> Result<()> {
         if let Some(started) = ctx.upstream_started {
             ctx.upstream_elapsed = Some(started.elapsed());
+        }
+        if let Some(route) = ctx.route() {
+            let method = &session.req_header().method;
+            let write = method != http::Method::GET && method != http::Method::HEAD;
+            if write && upstream_response.status.is_success() {
+                for target in &route.spec.invalidates {
+                    let purged = ctx.gateway.cache.purge(|k| {
+                        key::route_of(k) == target && key::path_of(k) == ctx.upstream_path
+                    });
+                    tracing::debug!(route = %target, path = %ctx.upstream_path, purged, "invalidated after a write");
+                }
+            }
         }
         let draining = self.lifecycle.is_draining();
         ctx.decorations(draining).apply(upstream_response)?;

@@ -24,6 +24,34 @@ pub struct CachedRoute {
 }
 
 impl CachedRoute {
+    /// The cache key of a request on this route, from its upstream path and query (after
+    /// rewrite), body and headers: the one derivation used for serving, purging and warming.
+    pub fn key_for(
+        &self,
+        method: &http::Method,
+        upstream_path_and_query: &str,
+        body: &[u8],
+        headers: &http::HeaderMap,
+    ) -> Result<String, StoaError> {
+        let (path, query) = match upstream_path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (upstream_path_and_query, None),
+        };
+        key::derive(
+            &key::KeyParts {
+                route: &self.name,
+                method,
+                path,
+                query,
+                body,
+                headers,
+            },
+            &self.settings.key_query,
+            &self.settings.key_body,
+            &self.settings.key_headers,
+        )
+    }
+
     /// Fetches from the upstream, counting the fetch (a request refused by the upstream's
     /// protection limits never reached it and is not counted).
     async fn fetch(&self, fetch: FetchRequest) -> Result<Fetched, StoaError> {

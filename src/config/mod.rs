@@ -462,8 +462,8 @@ impl<'f> Validator<'f> {
     fn admin(&mut self, raw: RawAdmin) -> Option<AdminSettings> {
         let listen = self.address("admin.listen", raw.listen.as_deref(), "127.0.0.1:9901")?;
         let token = raw.token.filter(|t| !t.is_empty());
-        if token.as_ref().is_some_and(|t| t.len() < 16) {
-            self.problem("admin.token", "must be at least 16 characters");
+        if token.as_ref().is_some_and(|t| t.len() < 8) {
+            self.problem("admin.token", "must be at least 8 characters");
             return None;
         }
         Some(AdminSettings {

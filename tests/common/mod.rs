@@ -52,6 +52,7 @@ pub struct Gateway {
     pub port: u16,
     pub admin_port: u16,
     pub dir: tempfile::TempDir,
+    server_extra: String,
 }
 
 impl Gateway {
@@ -63,6 +64,13 @@ impl Gateway {
     /// Like [`Gateway::start`], with more `[server]` keys (e.g. `trusted_proxies = [...]`).
     /// `rest` may hold any other section (`[log]`, `[rate_limits.x]`, upstreams, routes).
     pub async fn start_with(server_extra: &str, rest: &str) -> Gateway {
+        let mut gw = Self::spawn(server_extra, rest);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts stoa without waiting for it to be ready.
+    pub fn spawn(server_extra: &str, rest: &str) -> Gateway {
         let (text, port, admin_port) = config_with_server(server_extra, rest);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stoa.toml");
@@ -76,17 +84,26 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("cannot start stoa");
-        let mut gw = Gateway {
+        Gateway {
             child,
             port,
             admin_port,
             dir,
-        };
-        gw.wait_ready().await;
-        gw
+            server_extra: server_extra.to_string(),
+        }
     }
 
-    async fn wait_ready(&mut self) {
+    /// Rewrites the configuration file with the same listeners and new `rest` (for reloads).
+    pub fn rewrite_config(&self, rest: &str) {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nthreads = 2\nshutdown_timeout = \"10s\"\n{}\n\n\
+             [admin]\nlisten = \"127.0.0.1:{}\"\n\n{rest}",
+            self.port, self.server_extra, self.admin_port
+        );
+        std::fs::write(self.dir.path().join("stoa.toml"), text).unwrap();
+    }
+
+    pub async fn wait_ready(&mut self) {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {

@@ -1,0 +1,345 @@
+//! The control plane: hot reload, purge, refresh and warm-up. The admin listener and the
+//! signal handlers call it; it never blocks the request path (a reload swaps one pointer).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::{key, CacheStatus, CachedRoute, Served};
+use crate::config::{self, Config, ConfigErrors, EnvOverrides};
+use crate::error::StoaError;
+use crate::fetch::FetchRequest;
+use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
+use crate::lifecycle::Lifecycle;
+
+/// What a successful reload did.
+#[derive(Debug, Serialize)]
+pub struct ReloadReport {
+    pub routes: usize,
+    /// Cached routes whose entries were dropped because their settings changed.
+    pub purged_routes: Vec<String>,
+    pub purged_entries: usize,
+    /// Settings that only take effect after a restart (listener addresses, threads).
+    pub restart_needed: Vec<String>,
+}
+
+/// Which entries a purge removes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeRequest {
+    /// Every entry of this route (or, with `prefix`, of this route only).
+    pub route: Option<String>,
+    /// Entries whose upstream path starts with this.
+    pub prefix: Option<String>,
+    /// The entry one request would be served from, derived exactly as when serving.
+    pub request: Option<ExactRequest>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExactRequest {
+    #[serde(default = "get")]
+    pub method: String,
+    /// The client-facing path, with its query string if any.
+    pub path: String,
+    /// The JSON body, for body-keyed routes.
+    pub body: Option<serde_json::Value>,
+    /// Headers the route keys on.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn get() -> String {
+    "GET".to_string()
+}
+
+/// What a refresh did.
+#[derive(Debug, Serialize)]
+pub struct RefreshReport {
+    pub route: String,
+    /// The upstream's refresh hook and the status it answered, when configured.
+    pub hook: Option<String>,
+    pub refetching: usize,
+}
+
+pub struct Control {
+    config_path: PathBuf,
+    env: EnvOverrides,
+    pub gateway: Arc<ArcSwap<Gateway>>,
+    pub shared: Shared,
+    pub lifecycle: Arc<Lifecycle>,
+    /// Reloads run one at a time.
+    reloading: Mutex<()>,
+}
+
+impl Control {
+    pub fn new(
+        config_path: PathBuf,
+        env: EnvOverrides,
+        gateway: Arc<ArcSwap<Gateway>>,
+        shared: Shared,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Arc<Self> {
+        Arc::new(Control {
+            config_path,
+            env,
+            gateway,
+            shared,
+            lifecycle,
+            reloading: Mutex::new(()),
+        })
+    }
+
+    /// Reads and validates the configuration file again. A bad file changes nothing and
+    /// every problem is returned; a good one replaces the whole runtime configuration at
+    /// once (requests in flight finish on the old one). Entries of cached routes whose
+    /// settings did not change survive, and so do the buckets of unchanged policies.
+    pub fn reload(&self) -> Result<ReloadReport, ConfigErrors> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let result =
+            config::load(&self.config_path, self.env).and_then(|config| self.apply(config));
+        self.shared.metrics.config_reload(result.is_ok());
+        match &result {
+            Ok(report) => tracing::info!(?report, "configuration reloaded"),
+            Err(errors) => tracing::error!(problems = %errors, "configuration reload refused"),
+        }
+        result
+    }
+
+    fn apply(&self, config: Config) -> Result<ReloadReport, ConfigErrors> {
+        let old = self.gateway.load_full();
+        let old_config = &old.config;
+        let mut restart_needed = Vec::new();
+        if config.server.listen != old_config.server.listen {
+            restart_needed.push(format!(
+                "server.listen: still {} until restart",
+                old_config.server.listen
+            ));
+        }
+        if config.admin.listen != old_config.admin.listen {
+            restart_needed.push(format!(
+                "admin.listen: still {} until restart",
+                old_config.admin.listen
+            ));
+        }
+        if config.server.threads != old_config.server.threads {
+            restart_needed.push(format!(
+                "server.threads: still {} until restart",
+                old_config.server.threads
+            ));
+        }
+        if config.cache.max_bytes != old_config.cache.max_bytes {
+            restart_needed.push(format!(
+                "cache.max_bytes: still {} until restart",
+                old_config.cache.max_bytes
+            ));
+        }
+        let routes = config.routes.len();
+        let new_routes = config.routes.clone();
+        let gateway = Gateway::new(Arc::new(config), &self.shared, Some(&old)).map_err(|e| {
+            ConfigErrors(vec![config::Problem {
+                path: String::new(),
+                message: e.to_string(),
+            }])
+        })?;
+        self.gateway.store(gateway);
+
+        let mut purged_routes = Vec::new();
+        let mut purged_entries = 0;
+        for old_route in old_config.routes.iter().filter(|r| r.cache.is_some()) {
+            let kept = new_routes
+                .iter()
+                .any(|new| same_cached_answers(old_route, new));
+            if !kept {
+                purged_entries += self.shared.cache.purge_route(&old_route.name);
+                purged_routes.push(old_route.name.clone());
+            }
+        }
+        Ok(ReloadReport {
+            routes,
+            purged_routes,
+            purged_entries,
+            restart_needed,
+        })
+    }
+
+    /// Removes entries; how many went.
+    pub fn purge(&self, req: &PurgeRequest) -> Result<usize, StoaError> {
+        let cache = &self.shared.cache;
+        match (&req.route, &req.prefix, &req.request) {
+            (Some(route), None, None) => Ok(cache.purge_route(route)),
+            (route, Some(prefix), None) => Ok(cache.purge(|k| {
+                key::path_of(k).starts_with(prefix.as_str())
+                    && route.as_ref().is_none_or(|r| key::route_of(k) == r)
+            })),
+            (None, None, Some(exact)) => {
+                let (_, key) = self.exact_key(exact)?;
+                Ok(cache.purge(|k| k == key))
+            }
+            _ => Err(StoaError::BadRequest(
+                "give one of: route, prefix (optionally with route), request".into(),
+            )),
+        }
+    }
+
+    /// The cached route and key a client request maps to.
+    fn exact_key(&self, exact: &ExactRequest) -> Result<(Arc<CachedRoute>, String), StoaError> {
+        let method = http::Method::from_bytes(exact.method.as_bytes())
+            .map_err(|_| StoaError::BadRequest(format!("{:?} is not a method", exact.method)))?;
+        let gateway = self.gateway.load();
+        let (route, upstream_path) =
+            gateway
+                .resolve(&method, &exact.path)
+                .ok_or_else(|| StoaError::NoRoute {
+                    path: exact.path.clone(),
+                })?;
+        let cached = route.cache.clone().ok_or_else(|| {
+            StoaError::BadRequest(format!("route {:?} is not cached", route.spec.name))
+        })?;
+        let body = exact
+            .body
+            .as_ref()
+            .map(|b| b.to_string())
+            .unwrap_or_default();
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in &exact.headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| StoaError::BadRequest(format!("{name:?} is not a header name")))?;
+            let value = http::HeaderValue::from_str(value)
+                .map_err(|_| StoaError::BadRequest(format!("bad value for header {name}")))?;
+            headers.insert(name, value);
+        }
+        let key = cached.key_for(&method, &upstream_path, body.as_bytes(), &headers)?;
+        Ok((cached, key))
+    }
+
+    /// Calls the route's upstream refresh hook (if any), then refetches every cached key of
+    /// the route in the background, single flight as always; clients keep getting the
+    /// current copies until the new ones are in. Then the route's warm list is fetched.
+    pub async fn refresh(&self, route_name: &str) -> Result<RefreshReport, StoaError> {
+        let gateway = self.gateway.load_full();
+        let cached =
+            gateway
+                .cached_route(route_name)
+                .cloned()
+                .ok_or_else(|| StoaError::NoRoute {
+                    path: format!("cached route {route_name:?}"),
+                })?;
+        let mut hook_report = None;
+        if let Some(hook) = &cached.settings.refresh_hook {
+            let base = gateway
+                .routes
+                .routes()
+                .iter()
+                .find(|r| r.spec.name == route_name)
+                .map(|r| r.upstream().base_path.clone())
+                .unwrap_or_default();
+            let answer = cached
+                .client
+                .fetch(FetchRequest {
+                    method: hook.method.clone(),
+                    path_and_query: format!("{base}{}", hook.path),
+                    headers: http::HeaderMap::new(),
+                    body: Bytes::new(),
+                })
+                .await?;
+            if !answer.status.is_success() {
+                return Err(StoaError::UpstreamFailed {
+                    upstream: cached.client.name().to_string(),
+                    detail: format!("refresh hook answered {}", answer.status),
+                });
+            }
+            hook_report = Some(format!(
+                "{} {} -> {}",
+                hook.method, hook.path, answer.status
+            ));
+        }
+        let refetching = self.shared.cache.refresh_route(&cached);
+        if let Some(route) = gateway
+            .routes
+            .routes()
+            .iter()
+            .find(|r| r.spec.name == route_name)
+        {
+            self.warm_route(&gateway, route).await;
+        }
+        Ok(RefreshReport {
+            route: route_name.to_string(),
+            hook: hook_report,
+            refetching,
+        })
+    }
+
+    /// Fetches every route's warm list into the cache, at most `timeout` in all; returns
+    /// how many warm requests ended with a cached answer.
+    pub async fn warm_all(&self, timeout: Duration) -> usize {
+        let gateway = self.gateway.load_full();
+        let work = async {
+            let mut warmed = 0;
+            for route in gateway.routes.routes() {
+                warmed += self.warm_route(&gateway, route).await;
+            }
+            warmed
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(n) => n,
+            Err(_) => {
+                tracing::warn!(?timeout, "cache warm-up did not finish in time");
+                0
+            }
+        }
+    }
+
+    async fn warm_route(&self, gateway: &Gateway, route: &Route) -> usize {
+        let Some(cached) = &route.cache else {
+            return 0;
+        };
+        // Warm requests use the route's GET, or its POST for body-keyed POST routes.
+        let lists = |m: &http::Method| route.spec.methods.as_ref().is_none_or(|ms| ms.contains(m));
+        let method = if lists(&http::Method::GET) {
+            http::Method::GET
+        } else {
+            http::Method::POST
+        };
+        let mut warmed = 0;
+        for warm in &cached.settings.warm {
+            let Some((_, upstream_path)) = gateway.resolve(&method, &warm.path) else {
+                tracing::warn!(path = %warm.path, "warm-up request matches no route");
+                continue;
+            };
+            let body = Bytes::from(warm.body.clone().unwrap_or_default());
+            let mut headers = http::HeaderMap::new();
+            if !body.is_empty() {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/json"),
+                );
+            }
+            let key = match cached.key_for(&method, &upstream_path, &body, &headers) {
+                Ok(key) => key,
+                Err(e) => {
+                    tracing::warn!(path = %warm.path, "warm-up request rejected: {e}");
+                    continue;
+                }
+            };
+            let make_fetch = || FetchRequest {
+                method: method.clone(),
+                path_and_query: upstream_path.clone(),
+                headers,
+                body,
+            };
+            match self.shared.cache.serve(cached, &key, make_fetch).await {
+                Served::Entry(_, status) if status != CacheStatus::Bypass => warmed += 1,
+                Served::Entry(..) => {}
+                Served::Error(e, _) => {
+                    tracing::warn!(path = %warm.path, "warm-up fetch failed: {e}")
+                }
+            }
+        }
+        warmed
+    }
+}
