@@ -186,6 +186,7 @@ impl StoaProxy {
         route: &Route,
         cached: &Arc<CachedRoute>,
         upstream_path: String,
+        limit_misses: bool,
     ) -> Result<()> {
         let gateway = ctx.gateway.clone();
         let draining = self.lifecycle.is_draining();
@@ -203,9 +204,11 @@ impl StoaProxy {
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
         };
         let private = respond::is_private_request(req, settings);
-        let from_memory = || !private && gateway.cache.answers_from_memory(&key);
-        if let Err(e) = self.rate_limit(session, ctx, route, from_memory) {
-            return respond::error(session, &e, &ctx.decorations(draining)).await;
+        if limit_misses {
+            let from_memory = || !private && gateway.cache.answers_from_memory(&key);
+            if let Err(e) = self.rate_limit(session, ctx, route, from_memory) {
+                return respond::error(session, &e, &ctx.decorations(draining)).await;
+            }
         }
         let req = session.req_header();
         let method = if req.method == http::Method::HEAD {
@@ -307,13 +310,7 @@ impl ProxyHttp for StoaProxy {
             }
         };
         ctx.route = Some(index);
-        if content_length(req).is_some_and(|n| n > gateway.max_body_bytes) {
-            let err = StoaError::BodyTooLarge {
-                limit: gateway.max_body_bytes,
-            };
-            respond::error(session, &err, &ctx.decorations(draining)).await?;
-            return Ok(true);
-        }
+        let announced = content_length(req);
         let uri = upstream_uri(
             &route.upstream().base_path,
             route.spec.rewrite.as_ref(),
@@ -325,16 +322,33 @@ impl ProxyHttp for StoaProxy {
         let Some(route) = gateway.routes.routes().get(index) else {
             return Error::e_explain(ErrorType::InternalError, "route vanished");
         };
+        // The rate limit comes first, so that every answer of a limited route (413 too)
+        // carries its state; only a "misses" policy on a cached route must wait for the key.
+        let limited_later = route.cache.is_some()
+            && route
+                .limiter
+                .as_ref()
+                .is_some_and(|l| l.settings().applies_to == AppliesTo::Misses);
+        if !limited_later {
+            if let Err(e) = self.rate_limit(session, ctx, route, || false) {
+                respond::error(session, &e, &ctx.decorations(draining)).await?;
+                return Ok(true);
+            }
+        }
+        if announced.is_some_and(|n| n > gateway.max_body_bytes) {
+            let err = StoaError::BodyTooLarge {
+                limit: gateway.max_body_bytes,
+            };
+            respond::error(session, &err, &ctx.decorations(draining)).await?;
+            return Ok(true);
+        }
         if let Some(cached) = route.cache.clone() {
-            self.serve_cached(session, ctx, route, &cached, uri).await?;
+            self.serve_cached(session, ctx, route, &cached, uri, limited_later)
+                .await?;
             return Ok(true);
         }
 
-        // Pass-through: rate limit, then a slot of the upstream, then pingora proxies.
-        if let Err(e) = self.rate_limit(session, ctx, route, || false) {
-            respond::error(session, &e, &ctx.decorations(draining)).await?;
-            return Ok(true);
-        }
+        // Pass-through: a slot of the upstream, then pingora proxies.
         match route.guard.acquire().await {
             Ok(permit) => ctx.permit = Some(permit),
             Err(o) => {
