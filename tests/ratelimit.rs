@@ -124,7 +124,7 @@ async fn assert_rate_limited(r: reqwest::Response) -> u64 {
     assert_json_error(r, 429, "rate_limited").await
 }
 
-/// Sends `n` GETs at once; returns each answer's status and `X-Cache`, in order.
+/// Sends one GET per URL, all at once; returns each answer's status and `X-Cache`, in order.
 async fn concurrently(http: &reqwest::Client, urls: Vec<String>) -> Vec<(u16, String)> {
     let tasks: Vec<_> = urls
         .into_iter()
@@ -682,6 +682,12 @@ async fn default_rate_limit_covers_routes_naming_none_and_off_exempts() {
     assert_eq!(calls(&up, "/api/restaurant/dufva"), 2 + 20 + 4);
 }
 
+/// A request body sent chunked (no `Content-Length`), in one chunk of `n` bytes.
+fn chunked(n: usize) -> reqwest::Body {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![Ok(vec![b'x'; n])];
+    reqwest::Body::wrap_stream(tokio_stream::iter(chunks))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stoas_own_errors_on_a_limited_route_carry_the_ratelimit_headers() {
     let dead = format!("http://127.0.0.1:{}", free_port());
@@ -692,28 +698,61 @@ async fn stoas_own_errors_on_a_limited_route_carry_the_ratelimit_headers() {
         upstream("echo", &echo.url(), ""),
         route("dead", "/dead", "dead", "rate_limit = \"house\""),
         "[[routes]]\nname = \"upload\"\nmethods = [\"POST\"]\npath = \"/upload\"\nupstream = \"echo\"\nrate_limit = \"house\"\n\n".to_string(),
+        route(
+            "lookup",
+            "/lookup",
+            "echo",
+            "cache = { ttl = \"60s\" }\nrate_limit = \"house\"",
+        ),
     ]
     .concat();
     let gw = Gateway::start_with("max_body_bytes = 64", &config).await;
     let http = reqwest::Client::new();
 
+    // Every case is tried before judging, so that one run shows all that lack the headers.
+    let mut missing = Vec::new();
+    let mut check = |case: &str, r: &reqwest::Response, status: u16| {
+        assert_eq!(r.status().as_u16(), status, "{case}");
+        assert_eq!(
+            header(r, "content-type").as_deref(),
+            Some("application/json"),
+            "{case}"
+        );
+        if has_rate_headers(r) {
+            assert_eq!(rate(r).0, 10, "{case}");
+        } else {
+            missing.push(format!("{case}: {status} without RateLimit headers"));
+        }
+    };
+
     // The upstream cannot be reached: stoa answers 502 itself.
     let r = get(&http, &gw.url("/dead")).await;
-    assert_eq!(r.status(), 502);
-    assert_eq!(rate(&r), (10, 9, 60));
+    check("pass-through, upstream unreachable", &r, 502);
 
-    // A body over max_body_bytes: 413 from stoa.
+    // Bodies over max_body_bytes (64 bytes): 413 from stoa.
+    let r = http
+        .post(gw.url("/upload"))
+        .body(chunked(1024))
+        .send()
+        .await
+        .unwrap();
+    check("pass-through, chunked body too large", &r, 413);
     let r = http
         .post(gw.url("/upload"))
         .body(vec![b'x'; 1024])
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 413);
-    assert!(
-        has_rate_headers(&r),
-        "413 on a limited route has no RateLimit headers: {:?}",
-        r.headers()
-    );
-    assert_eq!(rate(&r).0, 10);
+    check("pass-through, Content-Length too large", &r, 413);
+    // (A GET body of unknown length is only sent when the request says it is chunked.)
+    let r = http
+        .get(gw.url("/lookup"))
+        .header("transfer-encoding", "chunked")
+        .body(chunked(1024))
+        .send()
+        .await
+        .unwrap();
+    check("cached route, chunked body too large", &r, 413);
+
+    assert!(missing.is_empty(), "{missing:#?}");
 }
