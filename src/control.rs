@@ -113,31 +113,34 @@ impl Control {
     fn apply(&self, config: Config) -> Result<ReloadReport, ConfigErrors> {
         let old = self.gateway.load_full();
         let old_config = &old.config;
-        let mut restart_needed = Vec::new();
-        if config.server.listen != old_config.server.listen {
-            restart_needed.push(format!(
-                "server.listen: still {} until restart",
-                old_config.server.listen
-            ));
-        }
-        if config.admin.listen != old_config.admin.listen {
-            restart_needed.push(format!(
-                "admin.listen: still {} until restart",
-                old_config.admin.listen
-            ));
-        }
-        if config.server.threads != old_config.server.threads {
-            restart_needed.push(format!(
-                "server.threads: still {} until restart",
-                old_config.server.threads
-            ));
-        }
-        if config.cache.max_bytes != old_config.cache.max_bytes {
-            restart_needed.push(format!(
-                "cache.max_bytes: still {} until restart",
-                old_config.cache.max_bytes
-            ));
-        }
+        // Settings fixed at start: a reload reports them and keeps the old values.
+        let fixed = [
+            (
+                "server.listen",
+                config.server.listen.to_string(),
+                old_config.server.listen.to_string(),
+            ),
+            (
+                "admin.listen",
+                config.admin.listen.to_string(),
+                old_config.admin.listen.to_string(),
+            ),
+            (
+                "server.threads",
+                config.server.threads.to_string(),
+                old_config.server.threads.to_string(),
+            ),
+            (
+                "cache.max_bytes",
+                config.cache.max_bytes.to_string(),
+                old_config.cache.max_bytes.to_string(),
+            ),
+        ];
+        let restart_needed = fixed
+            .into_iter()
+            .filter(|(_, new, old)| new != old)
+            .map(|(key, _, old)| format!("{key}: still {old} until restart"))
+            .collect();
         let routes = config.routes.len();
         let new_routes = config.routes.clone();
         let gateway = Gateway::new(Arc::new(config), &self.shared, Some(&old)).map_err(|e| {
