@@ -233,16 +233,15 @@ impl Control {
                     path: format!("cached route {route_name:?}"),
                 })?;
         let mut hook_report = None;
-        if let Some(hook) = &cached.settings.refresh_hook {
+        if let (Some(hook), Some(client)) = (&cached.settings.refresh_hook, cached.client()) {
             let base = gateway
                 .routes
                 .routes()
                 .iter()
                 .find(|r| r.spec.name == route_name)
-                .map(|r| r.upstream().base_path.clone())
+                .and_then(|r| r.upstream().map(|u| u.base_path.clone()))
                 .unwrap_or_default();
-            let answer = cached
-                .client
+            let answer = client
                 .fetch(FetchRequest {
                     method: hook.method.clone(),
                     path_and_query: format!("{base}{}", hook.path),
@@ -252,7 +251,7 @@ impl Control {
                 .await?;
             if !answer.status.is_success() {
                 return Err(StoaError::UpstreamFailed {
-                    upstream: cached.client.name().to_string(),
+                    upstream: client.name().to_string(),
                     detail: format!("refresh hook answered {}", answer.status),
                 });
             }

@@ -22,6 +22,12 @@ pub enum StoaError {
     UpstreamTimeout { upstream: String, timeout_ms: u128 },
     #[error("upstream {upstream} failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    #[error("leg {leg:?} of {route} failed: {detail}")]
+    LegFailed {
+        route: String,
+        leg: String,
+        detail: String,
+    },
     #[error(
         "too many requests under rate limit policy {policy}; retry after {retry_after_secs} s"
     )]
@@ -48,9 +54,9 @@ impl StoaError {
             StoaError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             StoaError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             StoaError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            StoaError::UpstreamUnreachable { .. } | StoaError::UpstreamFailed { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            StoaError::UpstreamUnreachable { .. }
+            | StoaError::UpstreamFailed { .. }
+            | StoaError::LegFailed { .. } => StatusCode::BAD_GATEWAY,
             StoaError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             StoaError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             StoaError::Overloaded { .. } | StoaError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
@@ -67,7 +73,7 @@ impl StoaError {
             StoaError::BadRequest(_) => "bad_request",
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
-            StoaError::UpstreamFailed { .. } => "upstream_failed",
+            StoaError::UpstreamFailed { .. } | StoaError::LegFailed { .. } => "upstream_failed",
             StoaError::RateLimited { .. } => "rate_limited",
             StoaError::Overloaded { .. } => "upstream_overloaded",
             StoaError::NotReady => "not_ready",

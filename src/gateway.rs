@@ -3,13 +3,14 @@
 //! once per request.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use pingora::upstreams::peer::HttpPeer;
 use prometheus::IntCounter;
 
-use crate::cache::{CacheEngine, CachedRoute};
+use crate::aggregate::Aggregator;
+use crate::cache::{CacheEngine, CachedRoute, Source};
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
 use crate::fetch::UpstreamClient;
@@ -26,16 +27,17 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// A route as served.
 pub struct Route {
     pub spec: RouteSpec,
-    pub peer: HttpPeer,
-    /// Set on cached routes, which are answered from `request_filter`.
+    /// Where pass-through requests go (`None` on aggregate routes).
+    pub peer: Option<HttpPeer>,
+    /// Set on cached and aggregate routes, which are answered from `request_filter`.
     pub cache: Option<Arc<CachedRoute>>,
     pub limiter: Option<Arc<RateLimiter>>,
     /// Protects the upstream of pass-through requests (cached fetches hold it in their client).
-    pub guard: Arc<UpstreamGuard>,
+    pub guard: Option<Arc<UpstreamGuard>>,
     pub metrics: RouteMetrics,
     pub rate_limited: Option<IntCounter>,
     /// Pass-through calls to the upstream.
-    pub upstream_metrics: Arc<UpstreamMetrics>,
+    pub upstream_metrics: Option<Arc<UpstreamMetrics>>,
 }
 
 impl std::fmt::Debug for Route {
@@ -54,8 +56,8 @@ impl Routable for Route {
 }
 
 impl Route {
-    pub fn upstream(&self) -> &Upstream {
-        &self.spec.upstream
+    pub fn upstream(&self) -> Option<&Upstream> {
+        self.spec.upstream.as_deref()
     }
 }
 
@@ -76,6 +78,8 @@ pub struct Gateway {
     pub limiters: HashMap<String, Arc<RateLimiter>>,
     /// One guard per upstream.
     pub guards: HashMap<String, Arc<UpstreamGuard>>,
+    /// One pooled client per upstream (cached fetches and aggregate legs).
+    pub clients: HashMap<String, UpstreamClient>,
     pub unmatched: RouteMetrics,
     /// Record per-request metrics.
     pub record_metrics: bool,
@@ -117,79 +121,112 @@ impl Gateway {
                 (name.as_str(), guard)
             })
             .collect();
-        let mut clients: HashMap<&str, UpstreamClient> = HashMap::new();
-        let mut routes = Vec::with_capacity(config.routes.len());
-        for spec in &config.routes {
-            let upstream_name = spec.upstream.name.as_str();
-            let guard = guards
-                .get(upstream_name)
-                .cloned()
-                .ok_or_else(|| StoaError::Internal(format!("no guard for {upstream_name}")))?;
-            let upstream_metrics = Arc::new(
-                metrics
-                    .upstream(upstream_name, &spec.name)
-                    .map_err(metric_err)?,
-            );
-            let cached = match &spec.cache {
-                None => None,
-                Some(settings) => {
-                    let client = match clients.get(upstream_name) {
-                        Some(c) => c.clone(),
-                        None => {
-                            let c = UpstreamClient::new(&spec.upstream, guard.clone())?;
-                            clients.insert(upstream_name, c.clone());
-                            c
-                        }
-                    };
-                    Some(Arc::new(CachedRoute {
+        let unmatched = metrics.route(UNMATCHED_ROUTE, false).map_err(metric_err)?;
+        let mut clients: HashMap<String, UpstreamClient> = HashMap::new();
+        for (name, up) in &config.upstreams {
+            if let Some(guard) = guards.get(name.as_str()) {
+                clients.insert(name.clone(), UpstreamClient::new(up, guard.clone())?);
+            }
+        }
+        let build = |gateway: &Weak<Gateway>| -> Result<Vec<Route>, StoaError> {
+            let mut routes = Vec::with_capacity(config.routes.len());
+            for spec in &config.routes {
+                let upstream = spec.upstream.as_deref();
+                let guard = match upstream {
+                    Some(up) => {
+                        Some(guards.get(up.name.as_str()).cloned().ok_or_else(|| {
+                            StoaError::Internal(format!("no guard for {}", up.name))
+                        })?)
+                    }
+                    None => None,
+                };
+                let upstream_metrics = match upstream {
+                    Some(up) => Some(Arc::new(
+                        metrics.upstream(&up.name, &spec.name).map_err(metric_err)?,
+                    )),
+                    None => None,
+                };
+                let source = match (&spec.aggregate, upstream, &guard, &upstream_metrics) {
+                    (Some(aggregate), _, _, _) => Some(Source::Aggregate(Aggregator::new(
+                        spec.name.clone(),
+                        spec.path.clone(),
+                        aggregate.clone(),
+                        gateway.clone(),
+                    ))),
+                    (None, Some(up), Some(_), Some(um)) if spec.cache.is_some() => {
+                        let client = clients.get(&up.name).cloned().ok_or_else(|| {
+                            StoaError::Internal(format!("no client for {}", up.name))
+                        })?;
+                        Some(Source::Upstream {
+                            client,
+                            metrics: um.clone(),
+                        })
+                    }
+                    _ => None,
+                };
+                let cached = match (&spec.cache, source) {
+                    (Some(settings), Some(source)) => Some(Arc::new(CachedRoute {
                         name: spec.name.clone(),
                         settings: settings.clone(),
-                        client,
-                        fetch_metrics: upstream_metrics.clone(),
-                    }))
-                }
-            };
-            let limiter = spec
-                .rate_limit
-                .as_ref()
-                .and_then(|name| limiters.get(name).cloned());
-            let rate_limited = match &spec.rate_limit {
-                Some(policy) => Some(
-                    metrics
-                        .rate_limited(&spec.name, policy)
+                        source,
+                    })),
+                    _ => None,
+                };
+                let limiter = spec
+                    .rate_limit
+                    .as_ref()
+                    .and_then(|name| limiters.get(name).cloned());
+                let rate_limited = match &spec.rate_limit {
+                    Some(policy) => Some(
+                        metrics
+                            .rate_limited(&spec.name, policy)
+                            .map_err(metric_err)?,
+                    ),
+                    None => None,
+                };
+                routes.push(Route {
+                    peer: upstream.map(peer_for),
+                    metrics: metrics
+                        .route(&spec.name, spec.cache.is_some())
                         .map_err(metric_err)?,
-                ),
-                None => None,
-            };
-            routes.push(Route {
-                peer: peer_for(&spec.upstream),
-                metrics: metrics
-                    .route(&spec.name, spec.cache.is_some())
-                    .map_err(metric_err)?,
-                spec: spec.clone(),
-                cache: cached,
-                limiter,
-                guard,
-                rate_limited,
-                upstream_metrics,
+                    spec: spec.clone(),
+                    cache: cached,
+                    limiter,
+                    guard,
+                    rate_limited,
+                    upstream_metrics,
+                });
+            }
+            Ok(routes)
+        };
+        // Aggregate routes call back into the gateway that holds them.
+        let mut failure = None;
+        let gateway = Arc::new_cyclic(|weak| {
+            let routes = build(weak).unwrap_or_else(|e| {
+                failure = Some(e);
+                Vec::new()
             });
+            Gateway {
+                config: Arc::clone(&config),
+                guards: guards
+                    .iter()
+                    .map(|(name, guard)| (name.to_string(), guard.clone()))
+                    .collect(),
+                clients: clients.clone(),
+                routes: RouteTable::new(routes),
+                max_body_bytes: config.server.max_body_bytes,
+                cache: shared.cache.clone(),
+                trusted_proxies: config.server.trusted_proxies.clone(),
+                limiters: limiters.clone(),
+                unmatched,
+                record_metrics: config.admin.metrics,
+                access_log: config.log.access_log,
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(gateway),
         }
-        let guards = guards
-            .into_iter()
-            .map(|(name, guard)| (name.to_string(), guard))
-            .collect();
-        Ok(Arc::new(Gateway {
-            config: Arc::clone(&config),
-            guards,
-            routes: RouteTable::new(routes),
-            max_body_bytes: config.server.max_body_bytes,
-            cache: shared.cache.clone(),
-            trusted_proxies: config.server.trusted_proxies.clone(),
-            limiters,
-            unmatched: metrics.route(UNMATCHED_ROUTE, false).map_err(metric_err)?,
-            record_metrics: config.admin.metrics,
-            access_log: config.log.access_log,
-        }))
     }
 }
 
@@ -213,7 +250,7 @@ impl Gateway {
         let (index, uri) = match self.routes.lookup(method, path) {
             Lookup::Found(index, route, captures) => {
                 let uri = upstream_uri(
-                    &route.upstream().base_path,
+                    route.upstream().map_or("", |u| u.base_path.as_str()),
                     route.spec.rewrite.as_ref(),
                     &captures,
                     path,
@@ -233,9 +270,15 @@ pub fn same_cached_answers(old: &RouteSpec, new: &RouteSpec) -> bool {
     old.name == new.name
         && old.path.as_str() == new.path.as_str()
         && old.rewrite.as_ref().map(|r| r.as_str()) == new.rewrite.as_ref().map(|r| r.as_str())
-        && old.upstream.addr == new.upstream.addr
-        && old.upstream.base_path == new.upstream.base_path
-        && old.upstream.host_header == new.upstream.host_header
+        && old
+            .upstream
+            .as_ref()
+            .map(|u| (u.addr, &u.base_path, &u.host_header))
+            == new
+                .upstream
+                .as_ref()
+                .map(|u| (u.addr, &u.base_path, &u.host_header))
+        && old.aggregate == new.aggregate
         && old.cache == new.cache
 }
 

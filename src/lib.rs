@@ -4,6 +4,7 @@
 //! into a [`config::Config`], and [`app::run`] serves it.
 
 pub mod admin;
+pub mod aggregate;
 pub mod app;
 pub mod cache;
 pub mod config;

@@ -81,7 +81,8 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
 
 /// Maps a pingora error to the error stoa answers (the one table lives in [`StoaError`]).
 fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> Option<StoaError> {
-    let upstream = || route.map(|r| r.upstream().name.clone()).unwrap_or_default();
+    let upstream_of = |r: &Route| r.upstream().map(|u| u.name.clone());
+    let upstream = || route.and_then(upstream_of).unwrap_or_default();
     let err = match e.etype() {
         ErrorType::HTTPStatus(413) => StoaError::BodyTooLarge {
             limit: max_body_bytes,
@@ -91,14 +92,18 @@ fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> O
         }
         ErrorType::ConnectTimedout => StoaError::UpstreamTimeout {
             upstream: upstream(),
-            timeout_ms: route.map_or(0, |r| r.upstream().connect_timeout.as_millis()),
+            timeout_ms: route
+                .and_then(|r| r.upstream())
+                .map_or(0, |u| u.connect_timeout.as_millis()),
         },
         ErrorType::ReadTimedout | ErrorType::WriteTimedout
             if e.esource() == &ErrorSource::Upstream =>
         {
             StoaError::UpstreamTimeout {
                 upstream: upstream(),
-                timeout_ms: route.map_or(0, |r| r.upstream().timeout.as_millis()),
+                timeout_ms: route
+                    .and_then(|r| r.upstream())
+                    .map_or(0, |u| u.timeout.as_millis()),
             }
         }
         ErrorType::ConnectRefused
@@ -312,7 +317,7 @@ impl ProxyHttp for StoaProxy {
         ctx.route = Some(index);
         let announced = content_length(req);
         let uri = upstream_uri(
-            &route.upstream().base_path,
+            route.upstream().map_or("", |u| u.base_path.as_str()),
             route.spec.rewrite.as_ref(),
             &captures,
             path,
@@ -349,11 +354,17 @@ impl ProxyHttp for StoaProxy {
         }
 
         // Pass-through: a slot of the upstream, then pingora proxies.
-        match route.guard.acquire().await {
+        let (Some(guard), Some(upstream)) = (&route.guard, route.upstream()) else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "a pass-through route has no upstream",
+            );
+        };
+        match guard.acquire().await {
             Ok(permit) => ctx.permit = Some(permit),
             Err(o) => {
                 let err = StoaError::Overloaded {
-                    upstream: route.upstream().name.clone(),
+                    upstream: upstream.name.clone(),
                     retry_after_secs: o.retry_after_secs,
                 };
                 respond::error(session, &err, &ctx.decorations(draining)).await?;
@@ -381,9 +392,9 @@ impl ProxyHttp for StoaProxy {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
-        match ctx.route() {
-            Some(route) => Ok(Box::new(route.peer.clone())),
-            None => Error::e_explain(ErrorType::InternalError, "no route selected"),
+        match ctx.route().and_then(|r| r.peer.as_ref()) {
+            Some(peer) => Ok(Box::new(peer.clone())),
+            None => Error::e_explain(ErrorType::InternalError, "no upstream for this route"),
         }
     }
 
@@ -412,11 +423,10 @@ impl ProxyHttp for StoaProxy {
         if let Some(uri) = ctx.upstream_uri.take() {
             upstream_request.set_uri(uri);
         }
-        let Some(route) = ctx.route() else {
-            return Error::e_explain(ErrorType::InternalError, "no route selected");
+        let Some(upstream) = ctx.route().and_then(|r| r.upstream()) else {
+            return Error::e_explain(ErrorType::InternalError, "no upstream for this route");
         };
-        upstream_request
-            .insert_header(http::header::HOST, route.upstream().host_header.as_str())?;
+        upstream_request.insert_header(http::header::HOST, upstream.host_header.as_str())?;
         if let Some(ip) = client_ip(session) {
             let forwarded =
                 respond::forwarded_for(upstream_request.headers.get("x-forwarded-for"), ip);
@@ -504,7 +514,9 @@ impl ProxyHttp for StoaProxy {
                             Some(_) => FetchOutcome::Error,
                         };
                         let took = ctx.upstream_elapsed.unwrap_or_else(|| started.elapsed());
-                        route.upstream_metrics.fetch(outcome, took);
+                        if let Some(m) = &route.upstream_metrics {
+                            m.fetch(outcome, took);
+                        }
                     }
                 }
                 None => gateway

@@ -139,6 +139,14 @@ impl PathTemplate {
         &self.source
     }
 
+    /// The names of the template's parameters and rest capture.
+    pub fn param_names(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().filter_map(|s| match s {
+            Segment::Param(n) | Segment::Rest(n) => Some(n.as_str()),
+            Segment::Literal(_) => None,
+        })
+    }
+
     /// Whether the template defines a parameter (or rest capture) of this name.
     pub fn has_param(&self, name: &str) -> bool {
         self.segments

@@ -11,16 +11,27 @@ use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::settings::{CacheSettings, OnLockTimeout};
 use super::store::{Entry, Lifetimes, Store};
 use super::{key, CacheStatus};
+use crate::aggregate::Aggregator;
 use crate::error::StoaError;
 use crate::fetch::{FetchRequest, Fetched, UpstreamClient};
 use crate::metrics::{FetchOutcome, UpstreamMetrics};
 
-/// A cached route's settings and the client for its upstream.
+/// Where a cached route's answers come from.
+pub enum Source {
+    /// One upstream, through its pooled client.
+    Upstream {
+        client: UpstreamClient,
+        metrics: Arc<UpstreamMetrics>,
+    },
+    /// Several legs through stoa's own routes, merged.
+    Aggregate(Aggregator),
+}
+
+/// A cached route's settings and the source of its answers.
 pub struct CachedRoute {
     pub name: String,
     pub settings: CacheSettings,
-    pub client: UpstreamClient,
-    pub fetch_metrics: Arc<UpstreamMetrics>,
+    pub source: Source,
 }
 
 impl CachedRoute {
@@ -52,11 +63,31 @@ impl CachedRoute {
         )
     }
 
+    /// The upstream's client, for upstream-backed routes.
+    pub fn client(&self) -> Option<&UpstreamClient> {
+        match &self.source {
+            Source::Upstream { client, .. } => Some(client),
+            Source::Aggregate(_) => None,
+        }
+    }
+
+    /// The name errors report: the upstream's, or the aggregate route's.
+    pub fn source_name(&self) -> &str {
+        match &self.source {
+            Source::Upstream { client, .. } => client.name(),
+            Source::Aggregate(_) => &self.name,
+        }
+    }
+
     /// Fetches from the upstream, counting the fetch (a request refused by the upstream's
-    /// protection limits never reached it and is not counted).
+    /// protection limits never reached it and is not counted); or runs the aggregate.
     async fn fetch(&self, fetch: FetchRequest) -> Result<Fetched, StoaError> {
+        let (client, metrics) = match &self.source {
+            Source::Upstream { client, metrics } => (client, metrics),
+            Source::Aggregate(aggregator) => return aggregator.run(&fetch.path_and_query).await,
+        };
         let started = Instant::now();
-        let result = self.client.fetch(fetch).await;
+        let result = client.fetch(fetch).await;
         let outcome = match &result {
             Ok(f) if f.status.is_server_error() => Some(FetchOutcome::Error),
             Ok(_) => Some(FetchOutcome::Ok),
@@ -65,7 +96,7 @@ impl CachedRoute {
             Err(_) => Some(FetchOutcome::Error),
         };
         if let Some(outcome) = outcome {
-            self.fetch_metrics.fetch(outcome, started.elapsed());
+            metrics.fetch(outcome, started.elapsed());
         }
         result
     }
@@ -261,7 +292,7 @@ impl CacheEngine {
             ),
             Err(_) => {
                 let timeout = StoaError::UpstreamTimeout {
-                    upstream: route.client.name().to_string(),
+                    upstream: route.source_name().to_string(),
                     timeout_ms: settings.lock_timeout.as_millis(),
                 };
                 match (settings.on_lock_timeout, stale) {
@@ -283,7 +314,7 @@ impl CacheEngine {
         match route.fetch(fetch).await {
             Ok(fetched) => match fetched_to_entry(
                 fetched,
-                route.client.name(),
+                route.source_name(),
                 &route.settings,
                 0,
                 Instant::now(),
@@ -345,7 +376,7 @@ impl CacheEngine {
     ) -> Outcome {
         match fetched_to_entry(
             fetched,
-            route.client.name(),
+            route.source_name(),
             &route.settings,
             key.len(),
             Instant::now(),

@@ -6,7 +6,7 @@ pub mod key;
 pub mod settings;
 pub mod store;
 
-pub use engine::{CacheEngine, CachedRoute, Served};
+pub use engine::{CacheEngine, CachedRoute, Served, Source};
 
 /// How a response on a cached route was produced: the `X-Cache` header (*contract*) and
 /// the `cache` label of the request metrics.

@@ -4,6 +4,7 @@
 //! overrides. Each section and each entry is deserialized on its own and then validated
 //! into typed settings, collecting **every** problem with its key path, like `nginx -t`.
 
+mod aggregate;
 mod cache;
 mod raw;
 
@@ -19,6 +20,7 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::de::DeserializeOwned;
 
+use crate::aggregate::spec::AggregateSpec;
 use crate::cache::settings::CacheSettings;
 use crate::ratelimit::{self, PolicySettings, RawPolicy, UpstreamGuardSettings};
 use crate::routes::{PathTemplate, RewriteTemplate};
@@ -149,7 +151,10 @@ pub struct RouteSpec {
     /// `None`: every method.
     pub methods: Option<Vec<http::Method>>,
     pub path: PathTemplate,
-    pub upstream: Arc<Upstream>,
+    /// `None` for aggregate routes, whose legs reach upstreams through other routes.
+    pub upstream: Option<Arc<Upstream>>,
+    /// Set on aggregate routes.
+    pub aggregate: Option<Arc<AggregateSpec>>,
     pub rewrite: Option<RewriteTemplate>,
     /// `None`: a pass-through route.
     pub cache: Option<CacheSettings>,
@@ -327,8 +332,11 @@ impl<'f> Validator<'f> {
             }
         }
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
-        let mut routes = self.routes(routes_raw, &upstreams, &upstream_names, &rate_limits);
-        self.check_invalidates(&routes);
+        // Valid routes with their index in the file, for problem paths.
+        let mut indexed = self.routes(routes_raw, &upstreams, &upstream_names, &rate_limits);
+        self.link_aggregates(&mut indexed);
+        self.check_invalidates(&indexed);
+        let mut routes: Vec<RouteSpec> = indexed.into_iter().map(|(_, r)| r).collect();
         for route in &mut routes {
             match route.rate_limit.as_deref() {
                 None => route.rate_limit = default_rate_limit.clone(),
@@ -621,7 +629,7 @@ impl<'f> Validator<'f> {
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         upstream_names: &[String],
         rate_limits: &BTreeMap<String, PolicySettings>,
-    ) -> Vec<RouteSpec> {
+    ) -> Vec<(usize, RouteSpec)> {
         let Some(raw) = raw else { return Vec::new() };
         let Some(items) = raw.into_array() else {
             self.problem("routes", "must be an array of tables ([[routes]])");
@@ -645,7 +653,7 @@ impl<'f> Validator<'f> {
             let (route, shape) = self.route(&path, raw, upstreams, upstream_names);
             self.check_route_conflicts(i, &shape, &shapes);
             shapes.push(shape);
-            out.extend(route);
+            out.extend(route.map(|r| (i, r)));
         }
         out
     }
@@ -653,15 +661,29 @@ impl<'f> Validator<'f> {
     fn route(
         &mut self,
         path: &str,
-        raw: RawRoute,
+        mut raw: RawRoute,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         upstream_names: &[String],
     ) -> (Option<RouteSpec>, RouteShape) {
         let name_ok = self.name_ok(&format!("{path}.name"), &raw.name);
-        let methods = match raw.methods {
-            None => Some(None),
-            Some(list) => self.methods(&format!("{path}.methods"), &list).map(Some),
+        let is_aggregate = raw.legs.is_some();
+        let methods = match (raw.methods.take(), is_aggregate) {
+            (None, false) => Some(None),
+            (None, true) => Some(Some(vec![http::Method::GET])),
+            (Some(list), _) => self.methods(&format!("{path}.methods"), &list).map(Some),
         };
+        if is_aggregate {
+            let only_reads = methods.as_ref().and_then(|m| m.as_ref()).is_some_and(|ms| {
+                ms.iter()
+                    .all(|m| m == http::Method::GET || m == http::Method::HEAD)
+            });
+            if methods.is_some() && !only_reads {
+                self.problem(
+                    format!("{path}.methods"),
+                    "an aggregate route answers GET and HEAD only",
+                );
+            }
+        }
         let template = match PathTemplate::parse(&raw.path) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -669,14 +691,33 @@ impl<'f> Validator<'f> {
                 None
             }
         };
-        let upstream = upstreams.get(&raw.upstream).cloned();
-        if !upstream_names.contains(&raw.upstream) {
-            self.problem(
-                format!("{path}.upstream"),
-                format!("no upstream named {:?}", raw.upstream),
-            );
-        }
+        let aggregate = if is_aggregate {
+            self.aggregate(path, &mut raw, template.as_ref())
+                .map(|a| Some(Arc::new(a)))
+        } else {
+            Some(None)
+        };
+        let upstream = match (&raw.upstream, is_aggregate) {
+            (_, true) => Some(None),
+            (None, false) => {
+                self.problem(
+                    format!("{path}.upstream"),
+                    "needs an upstream (or legs, for an aggregate route)",
+                );
+                None
+            }
+            (Some(name), false) => {
+                if !upstream_names.contains(name) {
+                    self.problem(
+                        format!("{path}.upstream"),
+                        format!("no upstream named {name:?}"),
+                    );
+                }
+                upstreams.get(name).cloned().map(Some)
+            }
+        };
         let rewrite = match (&raw.rewrite, &template) {
+            (Some(_), _) if is_aggregate => Some(None),
             (Some(text), Some(t)) => match RewriteTemplate::parse(text, t) {
                 Ok(r) => Some(Some(r)),
                 Err(e) => {
@@ -687,11 +728,13 @@ impl<'f> Validator<'f> {
             (Some(_), None) => None,
             (None, _) => Some(None),
         };
-        let cache = match (raw.cache, &methods) {
+        let cache = match (raw.cache.take(), &methods) {
             (None, _) => Some(None),
+            (Some(_), _) if is_aggregate => Some(None),
             (Some(c), Some(ms)) => {
                 let lock_timeout = upstream
                     .as_ref()
+                    .and_then(|u| u.as_ref())
                     .map_or(Duration::from_secs(30), |u| u.timeout);
                 self.cache_settings(
                     &format!("{path}.cache"),
@@ -716,6 +759,7 @@ impl<'f> Validator<'f> {
                 methods: methods?,
                 path: template?,
                 upstream: upstream?,
+                aggregate: aggregate?,
                 rewrite: rewrite?,
                 cache: cache?,
                 rate_limit: raw.rate_limit,
@@ -758,12 +802,12 @@ impl<'f> Validator<'f> {
     }
 
     /// `invalidates` may only name cached routes.
-    fn check_invalidates(&mut self, routes: &[RouteSpec]) {
-        for (i, route) in routes.iter().enumerate() {
+    fn check_invalidates(&mut self, routes: &[(usize, RouteSpec)]) {
+        for (i, route) in routes {
             for (j, target) in route.invalidates.iter().enumerate() {
                 let cached = routes
                     .iter()
-                    .any(|r| &r.name == target && r.cache.is_some());
+                    .any(|(_, r)| &r.name == target && r.cache.is_some());
                 if !cached {
                     self.problem(
                         format!("routes[{i}].invalidates[{j}]"),
@@ -1033,6 +1077,87 @@ mod tests {
         assert_eq!(cache.ttl_for(500), None);
         assert_eq!(cache.key_headers[0].as_str(), "accept-language");
         assert_eq!(c.cache.max_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn aggregate_templates_are_validated() {
+        let text = r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "list"
+            methods = ["GET"]
+            path = "/list"
+            upstream = "u"
+            cache = { ttl = "10s" }
+            [[routes]]
+            name = "item"
+            methods = ["GET"]
+            path = "/item/{id}"
+            upstream = "u"
+            cache = { ttl = "3s" }
+            [[routes]]
+            name = "good"
+            path = "/good/{name}"
+            respond = { first = "{a.x}", all = "{b}" }
+            [[routes.legs]]
+            name = "a"
+            path = "/list"
+            pick = { from = "/items", where = "name", equals = "{name}" }
+            [[routes.legs]]
+            name = "b"
+            path = "/item/{a.id}"
+            [[routes]]
+            name = "bad"
+            path = "/bad/{name}"
+            upstream = "u"
+            respond = { x = "{nobody.y}" }
+            [[routes.legs]]
+            name = "a"
+            path = "/item/{b.id}"
+            [[routes.legs]]
+            name = "b"
+            path = "/item/{colour}"
+            for_each = "c"
+            [[routes]]
+            name = "loops"
+            path = "/loops/{name}"
+            [[routes.legs]]
+            name = "c"
+            path = "/good/{name}"
+            [[routes.legs]]
+            name = "d"
+            path = "/nowhere"
+        "#;
+        let p = problems(text);
+        let expect = [
+            "routes[3].upstream: an aggregate route takes no upstream",
+            "routes[3].legs[0].path: {b.id} is neither",
+            "routes[3].legs[1].for_each: \"c\" is not an earlier leg",
+            "routes[3].legs[1].path: {colour} is neither",
+            "routes[3].respond: {nobody.y} is neither",
+            "routes[4].legs[0].path: \"/good/{name}\" leads to aggregate route \"good\"",
+            "routes[4].legs[1].path: GET \"/nowhere\" matches no route",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        let good_only = text
+            .split("[[routes]]\n            name = \"bad\"")
+            .next()
+            .unwrap();
+        let c = load_str(good_only, EnvOverrides::Ignore).unwrap();
+        let good = c.routes.iter().find(|r| r.name == "good").unwrap();
+        assert_eq!(
+            good.cache.as_ref().unwrap().ttl,
+            Duration::from_secs(3),
+            "cached for the shortest TTL among its legs"
+        );
     }
 
     #[test]

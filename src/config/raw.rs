@@ -66,9 +66,13 @@ pub struct RawRoute {
     pub name: String,
     pub methods: Option<Vec<String>>,
     pub path: String,
-    pub upstream: String,
+    pub upstream: Option<String>,
     pub rewrite: Option<String>,
     pub cache: Option<RawCache>,
+    pub legs: Option<Vec<RawLeg>>,
+    pub respond: Option<serde_json::Value>,
+    pub on_leg_error: Option<String>,
+    pub deadline: Option<RawDuration>,
     pub rate_limit: Option<String>,
     pub invalidates: Option<Vec<String>>,
 }
@@ -115,4 +119,38 @@ pub struct RawCache {
     pub ignore_upstream_cache_control: Option<bool>,
     pub warm: Option<Vec<RawWarm>>,
     pub refresh_hook: Option<String>,
+}
+
+/// One leg of an aggregate route (`[[routes.legs]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLeg {
+    pub name: String,
+    pub method: Option<String>,
+    pub path: String,
+    pub body: Option<serde_json::Value>,
+    pub pick: Option<RawPick>,
+    pub for_each: Option<String>,
+    pub max_fan_out: Option<i64>,
+    pub timeout: Option<RawDuration>,
+    pub into: Option<String>,
+}
+
+/// `pick = "/pointer"` or `pick = { from = "/list", where = "name", equals = "{name}" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawPick {
+    Pointer(String),
+    Find(RawFind),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFind {
+    #[serde(default)]
+    pub from: String,
+    #[serde(rename = "where")]
+    pub field: String,
+    pub equals: String,
+    pub all: Option<bool>,
 }
