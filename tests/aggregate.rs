@@ -339,3 +339,61 @@ body = {{ customer_id = "{{customer_id}}" }}
         .unwrap();
     assert_eq!(r.status(), 502, "the upstream's 422 fails the leg");
 }
+
+/// Runs the `restaurant-menu` command against `gateway`.
+fn restaurant_menu(gateway: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_restaurant-menu"))
+        .arg("--gateway")
+        .arg(gateway)
+        .args(args)
+        .output()
+        .expect("cannot run restaurant-menu");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_restaurant_menu_command_works_through_the_real_gateway() {
+    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
+    let gw = Gateway::start(&config(&up.url(), "fail", "3s", "")).await;
+    let base = gw.url("");
+    let known = tokio::task::spawn_blocking({
+        let base = base.clone();
+        move || restaurant_menu(&base, &["Restaurang Bikupan"])
+    })
+    .await
+    .unwrap();
+    let (code, out, err) = known;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Restaurang Bikupan"), "{out}");
+    assert!(out.contains("  - "), "dishes are listed: {out}");
+    assert!(out.contains("http"), "links are printed: {out}");
+
+    let (code, out, err) = tokio::task::spawn_blocking({
+        let base = base.clone();
+        move || restaurant_menu(&base, &["No Such Place"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1. ") && out.contains("13. "),
+        "the numbered list: {out}"
+    );
+
+    let (code, out, _) = tokio::task::spawn_blocking(move || restaurant_menu(&base, &[]))
+        .await
+        .unwrap();
+    assert_eq!(code, 0);
+    assert!(out.contains("13. "), "{out}");
+
+    let nobody = format!("http://127.0.0.1:{}", common::free_port());
+    let (code, _, err) = tokio::task::spawn_blocking(move || restaurant_menu(&nobody, &["x"]))
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot reach the gateway"), "{err}");
+}

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 
@@ -353,7 +354,7 @@ impl CacheEngine {
         refreshing: Option<Arc<Entry>>,
     ) {
         let engine = self.clone();
-        let recipe = Arc::new(fetch.clone());
+        let recipe = Arc::new(owned_request(&fetch));
         tokio::spawn(async move {
             let outcome = match route.fetch(fetch).await {
                 Ok(fetched) => engine.settle(&route, lead.key(), fetched, recipe),
@@ -448,7 +449,7 @@ fn fetched_to_entry(
             continue;
         }
         header
-            .append_header(name.clone(), value.clone())
+            .append_header(owned_name(name), owned_value(value))
             .map_err(|e| StoaError::Internal(e.to_string()))?;
     }
     header
@@ -470,6 +471,32 @@ fn fetched_to_entry(
         d => d,
     };
     Ok((entry, disposition))
+}
+
+/// A copy of a header name in its own allocation. Parsed names and values may be slices
+/// of the HTTP client's read buffer; storing them would keep that whole buffer alive for
+/// as long as the entry lives (kilobytes per entry, unaccounted).
+fn owned_name(name: &header::HeaderName) -> header::HeaderName {
+    header::HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone())
+}
+
+/// A copy of a header value in its own allocation (see [`owned_name`]).
+fn owned_value(value: &http::HeaderValue) -> http::HeaderValue {
+    http::HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone())
+}
+
+/// A copy of a request in its own allocations, to keep with a stored entry.
+fn owned_request(fetch: &FetchRequest) -> FetchRequest {
+    FetchRequest {
+        method: fetch.method.clone(),
+        path_and_query: fetch.path_and_query.clone(),
+        headers: fetch
+            .headers
+            .iter()
+            .map(|(k, v)| (owned_name(k), owned_value(v)))
+            .collect(),
+        body: Bytes::copy_from_slice(&fetch.body),
+    }
 }
 
 fn disposition(fetched: &Fetched, settings: &CacheSettings) -> Disposition {

@@ -12,8 +12,10 @@ use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
 
 use crate::fetch::FetchRequest;
 
-/// Rough per-entry overhead beyond key, headers and body (struct, Arc, index).
-const ENTRY_OVERHEAD: u64 = 256;
+/// Per-entry memory beyond key, header bytes and body: the entry, its header map, the
+/// cache index and allocator rounding. Measured at about 1.7 KiB per entry of JSON
+/// answers (20,000 entries: 51 MB of RSS for 17 MB of key, header and body bytes).
+const ENTRY_OVERHEAD: u64 = 1536;
 
 /// A stored response and its lifetimes.
 #[derive(Debug)]
