@@ -5,28 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{demo_with, Api, DemoServer, Gateway, Knobs};
+use common::{calls, demo_with, knobs, x_cache, Api, DemoServer, Gateway};
 use serde_json::{json, Value};
 
 const CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
-
-fn knobs(api: Api, latency_ms: u64) -> Knobs {
-    Knobs {
-        latency_ms,
-        ..Knobs::default_for(api)
-    }
-}
-
-fn calls(up: &DemoServer, key: &str) -> u64 {
-    up.stats().paths.get(key).copied().unwrap_or(0)
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
 
 /// Restaurant routes (cached), the menu and lunch aggregates, and `extra` routes first
 /// (so a test can send one restaurant elsewhere).

@@ -5,18 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{demo_with, Api, DemoServer, Gateway, Knobs};
+use common::{calls, demo_with, knobs, x_cache, Api, DemoServer, Gateway, Knobs};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
-
-fn knobs(api: Api, latency_ms: u64) -> Knobs {
-    Knobs {
-        latency_ms,
-        ..Knobs::default_for(api)
-    }
-}
 
 /// A gateway with one cached route `name` in front of `upstream`.
 async fn gateway(upstream: &DemoServer, route: &str) -> Gateway {
@@ -25,17 +18,6 @@ async fn gateway(upstream: &DemoServer, route: &str) -> Gateway {
         upstream.url()
     );
     Gateway::start(&config).await
-}
-
-fn calls(upstream: &DemoServer, key: &str) -> u64 {
-    upstream.stats().paths.get(key).copied().unwrap_or(0)
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 fn client() -> reqwest::Client {

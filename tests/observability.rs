@@ -7,17 +7,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{demo_with, repo_path, sample, Api, DemoServer, EchoUpstream, Gateway, Knobs};
+use common::{
+    demo_with, knobs, repo_path, sample, x_cache, Api, DemoServer, EchoUpstream, Gateway, Knobs,
+};
 use serde_json::Value;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-fn knobs(api: Api, latency_ms: u64) -> Knobs {
-    Knobs {
-        latency_ms,
-        ..Knobs::default_for(api)
-    }
-}
 
 fn upstream(name: &str, url: &str) -> String {
     format!("[upstreams.{name}]\nurl = \"{url}\"\nconnect_timeout = \"1s\"\ntimeout = \"5s\"\n\n")
@@ -28,13 +23,6 @@ fn route(name: &str, path: &str, upstream: &str, rewrite: &str, extra: &str) -> 
     format!(
         "[[routes]]\nname = \"{name}\"\nmethods = [\"GET\"]\npath = \"{path}\"\nupstream = \"{upstream}\"\nrewrite = \"{rewrite}\"\n{extra}\n\n"
     )
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
 }
 
 fn request_id_of(r: &reqwest::Response) -> String {

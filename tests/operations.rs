@@ -7,29 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{demo_with, sample, Api, DemoServer, Gateway, Knobs};
+use common::{calls, demo_with, knobs, sample, x_cache, Api, Gateway};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-admin-token-123";
 const CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
-
-fn knobs(api: Api, latency_ms: u64) -> Knobs {
-    Knobs {
-        latency_ms,
-        ..Knobs::default_for(api)
-    }
-}
-
-fn x_cache(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
-fn calls(up: &DemoServer, key: &str) -> u64 {
-    up.stats().paths.get(key).copied().unwrap_or(0)
-}
 
 /// The admin token line (inside `[admin]`), the upstream and routes.
 fn restaurant_config(url: &str, list_ttl: &str, extra_routes: &str) -> String {

@@ -307,3 +307,24 @@ pub fn sample(exposition: &str, series: &str) -> Option<f64> {
         value.trim().parse().ok()
     })
 }
+
+/// The default knobs of `api` with an added latency.
+pub fn knobs(api: Api, latency_ms: u64) -> Knobs {
+    Knobs {
+        latency_ms,
+        ..Knobs::default_for(api)
+    }
+}
+
+/// How many requests a demo upstream got for `key` (`"GET /api/restaurant/dufva"`).
+pub fn calls(up: &DemoServer, key: &str) -> u64 {
+    up.stats().paths.get(key).copied().unwrap_or(0)
+}
+
+/// The `X-Cache` header of an answer ("" when absent).
+pub fn x_cache(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
