@@ -11,6 +11,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
 
+/// A gateway caching `GET /restaurant/{id}` (rewritten to `/api/restaurant/{id}`) with
+/// the given `cache` table, in front of `upstream`.
+async fn gateway_for_restaurant(upstream: &DemoServer, cache: &str) -> Gateway {
+    let route = format!(
+        "name = \"restaurant\"\nmethods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\nrewrite = \"/api/restaurant/{{id}}\"\ncache = {cache}"
+    );
+    gateway(upstream, &route).await
+}
+
 /// A gateway with one cached route `name` in front of `upstream`.
 async fn gateway(upstream: &DemoServer, route: &str) -> Gateway {
     let config = format!(
@@ -30,15 +39,7 @@ fn client() -> reqwest::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_requests_on_a_cold_key_cost_one_upstream_call() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 200)).await;
-    let gw = gateway(
-        &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "60s" }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&up, r#"{ ttl = "60s" }"#).await;
     let http = client();
     let url = gw.url("/restaurant/dufva");
     let tasks: Vec<_> = (0..1000)
@@ -76,15 +77,7 @@ cache = { ttl = "60s" }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuous_load_costs_at_most_one_call_per_ttl_window_and_nobody_waits_on_refresh() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 100)).await;
-    let gw = gateway(
-        &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "1s", stale_while_revalidate = "10s" }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&up, r#"{ ttl = "1s", stale_while_revalidate = "10s" }"#).await;
     let http = client();
     let url = gw.url("/restaurant/dufva");
     // Fill the entry, then keep 8 clients busy for 5 s.
@@ -134,15 +127,7 @@ cache = { ttl = "1s", stale_while_revalidate = "10s" }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_nothing() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 400)).await;
-    let gw = gateway(
-        &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "60s" }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&up, r#"{ ttl = "60s" }"#).await;
     // The first client starts the fetch and hangs up at once.
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
         .await
@@ -175,15 +160,7 @@ cache = { ttl = "60s" }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_serve_stale_or_502_and_are_never_cached() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = gateway(
-        &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "300ms", stale_if_error = "1m" }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&up, r#"{ ttl = "300ms", stale_if_error = "1m" }"#).await;
     let http = client();
     let r = http.get(gw.url("/restaurant/dufva")).send().await.unwrap();
     assert_eq!(x_cache(&r), "MISS");
@@ -273,13 +250,9 @@ async fn lock_timeout_policies_behave_as_configured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_timeout_bypass_goes_upstream_for_waiters() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 500)).await;
-    let gw = gateway(
+    let gw = gateway_for_restaurant(
         &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "60s", lock_timeout = "100ms", on_lock_timeout = "bypass" }"#,
+        r#"{ ttl = "60s", lock_timeout = "100ms", on_lock_timeout = "bypass" }"#,
     )
     .await;
     let http = client();
@@ -391,15 +364,7 @@ cache = { ttl = "60s" }"#,
     assert_eq!(campaigns.stats().total, 3);
 
     let restaurants = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = gateway(
-        &restaurants,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "60s" }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&restaurants, r#"{ ttl = "60s" }"#).await;
     let r = http
         .get(gw.url("/restaurant/dufva"))
         .header("authorization", "Bearer alice")
@@ -430,15 +395,7 @@ cache = { ttl = "60s" }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_found_is_cached_with_its_own_ttl() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = gateway(
-        &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "60s", statuses = { 404 = "300ms" } }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&up, r#"{ ttl = "60s", statuses = { 404 = "300ms" } }"#).await;
     let http = client();
     let key = "GET /api/restaurant/nowhere";
     let r = http
@@ -471,15 +428,7 @@ cache = { ttl = "60s", statuses = { 404 = "300ms" } }"#,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_ahead_refreshes_a_hot_key_before_it_expires() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 50)).await;
-    let gw = gateway(
-        &up,
-        r#"name = "restaurant"
-methods = ["GET"]
-path = "/restaurant/{id}"
-rewrite = "/api/restaurant/{id}"
-cache = { ttl = "1s", refresh_ahead = 0.5 }"#,
-    )
-    .await;
+    let gw = gateway_for_restaurant(&up, r#"{ ttl = "1s", refresh_ahead = 0.5 }"#).await;
     let http = client();
     let key = "GET /api/restaurant/dufva";
     assert_eq!(
