@@ -118,25 +118,6 @@ fn is_hop_by_hop(name: &http::HeaderName) -> bool {
     )
 }
 
-/// Headers for a fetch whose answer may be shared: only what the answer may depend on
-/// and the key covers, never credentials (unless keyed) nor Accept-Encoding (so the stored
-/// body is the identity encoding every client can read).
-pub fn shared_fetch_headers(
-    req: &RequestHeader,
-    settings: &CacheSettings,
-    request_id: &http::HeaderValue,
-) -> http::HeaderMap {
-    let mut headers = http::HeaderMap::new();
-    let always = [http::header::CONTENT_TYPE, http::header::ACCEPT];
-    for name in always.iter().chain(settings.key_headers.iter()) {
-        for value in req.headers.get_all(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    headers.insert("x-request-id", request_id.clone());
-    headers
-}
-
 /// Headers for a fetch made for one client only: everything end-to-end, plus forwarding.
 pub fn private_fetch_headers(
     req: &RequestHeader,

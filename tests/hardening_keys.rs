@@ -275,6 +275,25 @@ async fn accept_and_content_type_reach_the_upstream_only_when_keyed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_keyed_query_parameters_reach_the_upstream() {
+    let echo = EchoUpstream::start().await;
+    let gw = Gateway::start(&with_echo(
+        &echo,
+        &cached_route("q", "/q", r#"{ ttl = "60s", key_query = ["region"] }"#),
+    ))
+    .await;
+    let first = get(&gw, "/q?evil=1&region=S%C3%B6&utm=x", "", "").await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(first.json()["target"], "/q?region=S%C3%B6");
+    let second = get(&gw, "/q?region=S%C3%B6&evil=2", "", "").await;
+    assert_eq!(second.x_cache(), "HIT");
+    assert_eq!(second.json(), first.json());
+    let none = get(&gw, "/q?evil=3", "", "").await;
+    assert_eq!(none.x_cache(), "MISS");
+    assert_eq!(none.json()["target"], "/q");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_keyed_on_fields_sends_only_those_fields_as_json() {
     let echo = EchoUpstream::start().await;
     let gw = Gateway::start(&with_echo(
