@@ -60,6 +60,19 @@ impl RequestCtx {
             request_id: &self.request_id,
             rate: self.rate.as_ref(),
             close: draining,
+            cache: self.x_cache(),
+        }
+    }
+
+    /// How a cached route's request used the cache, for the `X-Cache` of stoa's own
+    /// errors: an answer given before the cache was reached (400, 413, 429) bypassed it.
+    /// Nothing on other routes.
+    fn x_cache(&self) -> Option<&'static str> {
+        match self.cache {
+            CacheStatus::None if self.route().is_some_and(|r| r.cache.is_some()) => {
+                CacheStatus::Bypass.header_value()
+            }
+            status => status.header_value(),
         }
     }
 }

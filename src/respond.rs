@@ -17,6 +17,9 @@ pub struct Decorations<'a> {
     pub rate: Option<&'a Decision>,
     /// Close the connection after this answer (the process is draining).
     pub close: bool,
+    /// The `X-Cache` value of stoa's own errors on a cached route (answers from an entry
+    /// carry theirs already).
+    pub cache: Option<&'static str>,
 }
 
 impl Decorations<'_> {
@@ -43,6 +46,9 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
     header.insert_header("cache-control", "no-store")?;
     if let Some((name, value)) = err.extra_header() {
         header.insert_header(name, value)?;
+    }
+    if let Some(cache) = deco.cache {
+        header.insert_header("x-cache", cache)?;
     }
     deco.apply(&mut header)?;
     if !session.is_body_done() || deco.close {
