@@ -416,6 +416,15 @@ async fn admin_accepts_the_bearer_scheme_in_any_case_and_nothing_else() {
 async fn errors_of_cached_routes_carry_x_cache() {
     let echo = EchoUpstream::start().await;
     let slow = demo_with(Api::Restaurants, knobs(Api::Restaurants, 2000)).await;
+    let failing = demo_with(
+        Api::Restaurants,
+        common::Knobs {
+            latency_ms: 300,
+            error_rate: 1.0,
+            drop_rate: 0.0,
+        },
+    )
+    .await;
     let config = format!(
         r#"[rate_limits.tight]
 requests_per_second = 1
@@ -427,6 +436,10 @@ connect_timeout = "500ms"
 
 [upstreams.slow]
 url = "{slow}"
+timeout = "5s"
+
+[upstreams.failing]
+url = "{failing}"
 timeout = "5s"
 
 {echo_routes}[[routes]]
@@ -449,9 +462,18 @@ path = "/slow/{{id}}"
 upstream = "slow"
 rewrite = "/api/restaurant/{{id}}"
 cache = {{ ttl = "60s", lock_timeout = "200ms", on_lock_timeout = "error" }}
+
+[[routes]]
+name = "failing"
+methods = ["GET"]
+path = "/failing/{{id}}"
+upstream = "failing"
+rewrite = "/api/restaurant/{{id}}"
+cache = {{ ttl = "60s" }}
 "#,
         dead = free_port(),
         slow = slow.url(),
+        failing = failing.url(),
         echo_routes = with_echo(
             &echo,
             &[
@@ -474,6 +496,22 @@ cache = {{ ttl = "60s", lock_timeout = "200ms", on_lock_timeout = "error" }}
     assert_eq!(r.json()["error"], "upstream_unreachable");
     assert_eq!(r.x_cache(), "MISS");
 
+    // A request that may not share (credentials the key does not cover) went around it.
+    let r = get(&gw, "/dead/1", "Authorization: Bearer x\r\n", "").await;
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.x_cache(), "BYPASS");
+
+    // The fetch fails (upstream 500): its leader and a waiter both say how they met it.
+    let port = gw.port;
+    let leader =
+        tokio::spawn(async move { raw(port, "GET /failing/dufva HTTP/1.1\r\n", "").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiter = get(&gw, "/failing/dufva", "", "").await;
+    let leader = leader.await.unwrap();
+    assert_eq!((leader.status, waiter.status), (502, 502));
+    assert_eq!(leader.json()["error"], "upstream_failed");
+    assert_eq!((leader.x_cache(), waiter.x_cache()), ("MISS", "COALESCED"));
+
     // A pass-through route has no cache to name.
     let r = get(&gw, "/dead-pass/1", "", "").await;
     assert_eq!(r.status, 502, "{}", r.body);
@@ -483,6 +521,10 @@ cache = {{ ttl = "60s", lock_timeout = "200ms", on_lock_timeout = "error" }}
     let r = get(&gw, "/slow/dufva", "", "").await;
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.x_cache(), "MISS");
+    // ... and for a request that joined that fetch.
+    let r = get(&gw, "/slow/dufva", "", "").await;
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(r.x_cache(), "COALESCED");
 
     // 400 bad JSON and 413 on a body-keyed route never reached the cache.
     let r = get(&gw, "/clv", "", "{nope").await;
