@@ -1,6 +1,6 @@
 //! The admin listener: health, readiness and Prometheus metrics, open to anyone who can
 //! reach the (by default loopback) address; and the admin API (reload, purge, refresh,
-//! config, cache), which needs `Authorization: Bearer <admin.token>`.
+//! config, cache), which needs `Authorization: Bearer <admin.token>` (the scheme in any case).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -72,6 +72,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched in any case
+/// (RFC 9110 §11.1) and any run of spaces or tabs may separate it from the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches([' ', '\t']))
+}
+
 impl AdminApp {
     pub fn new(control: Arc<Control>) -> Self {
         AdminApp {
@@ -95,7 +104,7 @@ impl AdminApp {
             .headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_token)
             .unwrap_or("");
         if constant_time_eq(presented.as_bytes(), token.as_bytes()) {
             None
@@ -289,7 +298,7 @@ impl ServeHttp for AdminApp {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::{bearer_token, constant_time_eq};
 
     #[test]
     fn tokens_compare_exactly() {
@@ -297,5 +306,28 @@ mod tests {
         assert!(!constant_time_eq(b"secret-token-123", b"secret-token-124"));
         assert!(!constant_time_eq(b"secret", b"secret-token-123"));
         assert!(!constant_time_eq(b"", b"x"));
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in [
+            "Bearer t0k",
+            "bearer t0k",
+            "BEARER\tt0k",
+            "bEaReR   t0k",
+            " Bearer \t t0k ",
+        ] {
+            assert_eq!(bearer_token(value), Some("t0k"), "{value:?}");
+        }
+        for value in [
+            "",
+            "Bearer",
+            "Bearer ",
+            "Bearert0k",
+            "Basic t0k",
+            "Bearers t0k",
+        ] {
+            assert_ne!(bearer_token(value), Some("t0k"), "{value:?}");
+        }
     }
 }

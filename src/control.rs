@@ -328,12 +328,8 @@ impl Control {
                     continue;
                 }
             };
-            let make_fetch = || FetchRequest {
-                method: method.clone(),
-                path_and_query: upstream_path.clone(),
-                headers,
-                body,
-            };
+            let make_fetch =
+                || cached.shared_fetch(method.clone(), &upstream_path, &key, &headers, None);
             match self.shared.cache.serve(cached, &key, make_fetch).await {
                 Served::Entry(_, status) if status != CacheStatus::Bypass => warmed += 1,
                 Served::Entry(..) => {}

@@ -60,6 +60,19 @@ impl RequestCtx {
             request_id: &self.request_id,
             rate: self.rate.as_ref(),
             close: draining,
+            cache: self.x_cache(),
+        }
+    }
+
+    /// How a cached route's request used the cache, for the `X-Cache` of stoa's own
+    /// errors: an answer given before the cache was reached (400, 413, 429) bypassed it.
+    /// Nothing on other routes.
+    fn x_cache(&self) -> Option<&'static str> {
+        match self.cache {
+            CacheStatus::None if self.route().is_some_and(|r| r.cache.is_some()) => {
+                CacheStatus::Bypass.header_value()
+            }
+            status => status.header_value(),
         }
     }
 }
@@ -208,7 +221,9 @@ impl StoaProxy {
             Ok(key) => key,
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
         };
-        let private = respond::is_private_request(req, settings);
+        // Credentials the key does not cover, or (if the route says so) a body it ignores,
+        // keep this request's answer to itself.
+        let private = respond::is_private_request(req, settings) || cached.bypasses_for(&body);
         if limit_misses {
             let from_memory = || !private && gateway.cache.answers_from_memory(&key);
             if let Err(e) = self.rate_limit(session, ctx, route, from_memory) {
@@ -233,11 +248,8 @@ impl StoaProxy {
             Box::pin(gateway.cache.bypass(cached, fetch)).await
         } else {
             let request_id = &ctx.request_id;
-            let make_fetch = || FetchRequest {
-                method,
-                headers: respond::shared_fetch_headers(req, settings, request_id),
-                path_and_query: upstream_path.clone(),
-                body,
+            let make_fetch = || {
+                cached.shared_fetch(method, &upstream_path, &key, &req.headers, Some(request_id))
             };
             match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
                 Ok(served) => served,

@@ -17,6 +17,9 @@ pub struct Decorations<'a> {
     pub rate: Option<&'a Decision>,
     /// Close the connection after this answer (the process is draining).
     pub close: bool,
+    /// The `X-Cache` value of stoa's own errors on a cached route (answers from an entry
+    /// carry theirs already).
+    pub cache: Option<&'static str>,
 }
 
 impl Decorations<'_> {
@@ -43,6 +46,9 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
     header.insert_header("cache-control", "no-store")?;
     if let Some((name, value)) = err.extra_header() {
         header.insert_header(name, value)?;
+    }
+    if let Some(cache) = deco.cache {
+        header.insert_header("x-cache", cache)?;
     }
     deco.apply(&mut header)?;
     if !session.is_body_done() || deco.close {
@@ -116,25 +122,6 @@ fn is_hop_by_hop(name: &http::HeaderName) -> bool {
             | "host"
             | "content-length"
     )
-}
-
-/// Headers for a fetch whose answer may be shared: only what the answer may depend on
-/// and the key covers, never credentials (unless keyed) nor Accept-Encoding (so the stored
-/// body is the identity encoding every client can read).
-pub fn shared_fetch_headers(
-    req: &RequestHeader,
-    settings: &CacheSettings,
-    request_id: &http::HeaderValue,
-) -> http::HeaderMap {
-    let mut headers = http::HeaderMap::new();
-    let always = [http::header::CONTENT_TYPE, http::header::ACCEPT];
-    for name in always.iter().chain(settings.key_headers.iter()) {
-        for value in req.headers.get_all(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    headers.insert("x-request-id", request_id.clone());
-    headers
 }
 
 /// Headers for a fetch made for one client only: everything end-to-end, plus forwarding.

@@ -278,7 +278,23 @@ impl Aggregator {
                     let key = cached
                         .key_for(&fetch.method, &upstream_path, &fetch.body, &fetch.headers)
                         .map_err(|e| e.to_string())?;
-                    match gateway.cache.serve(cached, &key, || fetch).await {
+                    // Like a client's request: the shared fetch carries only what the key
+                    // covers, and a body the key ignores is dropped or goes around the cache.
+                    let served = if cached.bypasses_for(&fetch.body) {
+                        gateway.cache.bypass(cached, fetch).await
+                    } else {
+                        let shared = || {
+                            cached.shared_fetch(
+                                fetch.method.clone(),
+                                &upstream_path,
+                                &key,
+                                &fetch.headers,
+                                None,
+                            )
+                        };
+                        gateway.cache.serve(cached, &key, shared).await
+                    };
+                    match served {
                         Served::Entry(entry, _) => Ok((entry.header.status, entry.body.clone())),
                         Served::Error(e, _) => Err(e.to_string()),
                     }

@@ -9,7 +9,7 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::flight::{self, Flights, Joined, Lead, Outcome};
-use super::settings::{CacheSettings, OnLockTimeout};
+use super::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use super::store::{Entry, Lifetimes, Store};
 use super::{key, CacheStatus};
 use crate::aggregate::Aggregator;
@@ -64,6 +64,57 @@ impl CachedRoute {
         )
     }
 
+    /// Whether a request with this body goes around the cache: a body the key ignores, on
+    /// a route whose `unkeyed_body` is `bypass`.
+    pub fn bypasses_for(&self, body: &[u8]) -> bool {
+        !body.is_empty()
+            && self.settings.key_body == KeyBody::None
+            && self.settings.unkeyed_body == UnkeyedBody::Bypass
+    }
+
+    /// The upstream request whose answer every request with `key` shares: only what the
+    /// key covers. The query keeps only the keyed parameters; the body is the canonical
+    /// JSON in the key, sent as `application/json` (none when the route does not key on
+    /// the body); of the client's `headers` only the key headers go, so no `Accept`,
+    /// `Content-Type`, credentials or `Accept-Encoding` unless keyed. `request_id` is stoa's.
+    pub fn shared_fetch(
+        &self,
+        method: http::Method,
+        upstream_path_and_query: &str,
+        key: &str,
+        headers: &http::HeaderMap,
+        request_id: Option<&http::HeaderValue>,
+    ) -> FetchRequest {
+        let settings = &self.settings;
+        let mut sent = http::HeaderMap::new();
+        for name in &settings.key_headers {
+            for value in headers.get_all(name) {
+                sent.append(name.clone(), value.clone());
+            }
+        }
+        let body = match settings.key_body {
+            KeyBody::None => Bytes::new(),
+            KeyBody::Whole | KeyBody::Fields(_) => {
+                if !sent.contains_key(header::CONTENT_TYPE) {
+                    sent.insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                }
+                Bytes::copy_from_slice(key::body_of(key).as_bytes())
+            }
+        };
+        if let Some(id) = request_id {
+            sent.insert("x-request-id", id.clone());
+        }
+        FetchRequest {
+            method,
+            path_and_query: keyed_query_only(upstream_path_and_query, &settings.key_query),
+            headers: sent,
+            body,
+        }
+    }
+
     /// The upstream's client, for upstream-backed routes.
     pub fn client(&self) -> Option<&UpstreamClient> {
         match &self.source {
@@ -101,6 +152,29 @@ impl CachedRoute {
         }
         result
     }
+}
+
+/// `path_and_query` with only the query parameters the key covers, each as the client
+/// encoded it, in the client's order.
+fn keyed_query_only(path_and_query: &str, which: &KeyQuery) -> String {
+    let (KeyQuery::Only(names), Some((path, query))) = (which, path_and_query.split_once('?'))
+    else {
+        return path_and_query.to_string();
+    };
+    let mut out = String::with_capacity(path_and_query.len());
+    out.push_str(path);
+    let mut sep = '?';
+    for pair in query.split('&') {
+        let keyed = url::form_urlencoded::parse(pair.as_bytes())
+            .next()
+            .is_some_and(|(name, _)| names.iter().any(|n| *n == name));
+        if keyed {
+            out.push(sep);
+            out.push_str(pair);
+            sep = '&';
+        }
+    }
+    out
 }
 
 /// The answer to a request on a cached route, and how it was reached.
@@ -536,5 +610,27 @@ fn disposition(fetched: &Fetched, settings: &CacheSettings) -> Disposition {
         Disposition::Store
     } else {
         Disposition::Share
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_keyed_query_parameters_are_sent() {
+        let only = KeyQuery::Only(vec!["region".into(), "a b".into()]);
+        let cases = [
+            ("/p", "/p"),
+            ("/p?utm=x", "/p"),
+            ("/p?utm=x&region=S%C3%B6&b=1", "/p?region=S%C3%B6"),
+            ("/p?region=1&region=2&a+b=3", "/p?region=1&region=2&a+b=3"),
+            ("/p?a%20b=3&&region", "/p?a%20b=3&region"),
+            ("/p?", "/p"),
+        ];
+        for (given, sent) in cases {
+            assert_eq!(keyed_query_only(given, &only), sent, "{given}");
+        }
+        assert_eq!(keyed_query_only("/p?z=1&a=2", &KeyQuery::All), "/p?z=1&a=2");
     }
 }

@@ -73,6 +73,12 @@ pub fn path_of(key: &str) -> &str {
     key.split(SEP).nth(2).unwrap_or("")
 }
 
+/// The canonical JSON body a key holds ("" on routes that do not key on the body): what a
+/// shared fetch sends. Serialised JSON escapes line breaks, so it never holds [`SEP`].
+pub fn body_of(key: &str) -> &str {
+    key.split(SEP).nth(4).unwrap_or("")
+}
+
 fn push_query(key: &mut String, query: Option<&str>, which: &KeyQuery) {
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return;
@@ -113,9 +119,10 @@ fn push_body(key: &mut String, body: &[u8], which: &KeyBody) -> Result<(), StoaE
                     "request body must be a JSON object".into(),
                 ));
             };
+            // A field left out stays out: it is not the same request as an explicit null.
             let chosen: serde_json::Map<String, Value> = fields
                 .iter()
-                .map(|f| (f.clone(), object.remove(f).unwrap_or(Value::Null)))
+                .filter_map(|f| Some((f.clone(), object.remove(f)?)))
                 .collect();
             Value::Object(chosen)
         }
@@ -195,7 +202,24 @@ mod tests {
         .unwrap();
         let b = key("/c", None, r#"{ "customer_id" : "a" }"#, KeyQuery::All, f()).unwrap();
         assert_eq!(a, b);
-        assert!(a.contains(r#"{"customer_id":"a"}"#));
+        assert_eq!(body_of(&a), r#"{"customer_id":"a"}"#);
+        let absent = key("/c", None, r#"{"noise":1}"#, KeyQuery::All, f()).unwrap();
+        let null = key("/c", None, r#"{"customer_id":null}"#, KeyQuery::All, f()).unwrap();
+        assert_ne!(absent, null);
+        assert_eq!(body_of(&absent), "{}");
+        let text = key(
+            "/c",
+            None,
+            "{\"customer_id\":\"a\\nb\"}",
+            KeyQuery::All,
+            f(),
+        )
+        .unwrap();
+        assert_eq!(body_of(&text), "{\"customer_id\":\"a\\nb\"}");
+        assert_eq!(
+            body_of(&key("/c", None, "x", KeyQuery::All, KeyBody::None).unwrap()),
+            ""
+        );
     }
 
     #[test]

@@ -30,6 +30,15 @@ pub enum OnLockTimeout {
     Bypass,
 }
 
+/// What a route that does not key on the body does with a request that carries one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnkeyedBody {
+    /// Serve the request from the cache as if it had no body; the body never goes upstream.
+    Drop,
+    /// Send the request, body and all, to the upstream for this client only (`X-Cache: BYPASS`).
+    Bypass,
+}
+
 /// A request fetched into the cache at start and after a refresh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmRequest {
@@ -59,6 +68,8 @@ pub struct CacheSettings {
     pub key_query: KeyQuery,
     pub key_body: KeyBody,
     pub key_headers: Vec<HeaderName>,
+    /// What a request body does on a route that does not key on it.
+    pub unkeyed_body: UnkeyedBody,
     pub lock_timeout: Duration,
     pub on_lock_timeout: OnLockTimeout,
     /// Fraction of the TTL after which a request triggers a background refresh.

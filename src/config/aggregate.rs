@@ -7,7 +7,7 @@ use super::{RouteSpec, Validator};
 use crate::aggregate::spec::{
     AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template,
 };
-use crate::cache::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout};
+use crate::cache::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::routes::{Lookup, PathTemplate, RouteTable};
 
 /// Most parallel calls one fan-out leg may make.
@@ -330,6 +330,7 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         key_query: KeyQuery::All,
         key_body: KeyBody::None,
         key_headers: Vec::new(),
+        unkeyed_body: UnkeyedBody::Drop,
         lock_timeout: deadline + Duration::from_secs(1),
         on_lock_timeout: OnLockTimeout::Error,
         refresh_ahead: None,

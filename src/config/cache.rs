@@ -7,8 +7,22 @@ use http::HeaderName;
 use super::raw::{RawCache, RawKeyBody, RawWarm};
 use super::Validator;
 use crate::cache::settings::{
-    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, WarmRequest,
+    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
+
+/// Request headers stoa sets itself for each hop: keying on them would forward a client's
+/// framing to the upstream.
+const UNKEYABLE_HEADERS: [&str; 9] = [
+    "connection",
+    "content-length",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
 use crate::routes::PathTemplate;
 
 impl Validator<'_> {
@@ -82,6 +96,10 @@ impl Validator<'_> {
         let mut key_headers = Vec::new();
         for (i, name) in raw.key_headers.unwrap_or_default().iter().enumerate() {
             match HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) {
+                Ok(h) if UNKEYABLE_HEADERS.contains(&h.as_str()) => self.problem(
+                    format!("{path}.key_headers[{i}]"),
+                    format!("{name:?} is set by stoa for each hop and cannot be in the key"),
+                ),
                 Ok(h) => key_headers.push(h),
                 Err(_) => self.problem(
                     format!("{path}.key_headers[{i}]"),
@@ -89,6 +107,24 @@ impl Validator<'_> {
                 ),
             }
         }
+        let unkeyed_body = match (raw.unkeyed_body.as_deref(), &key_body) {
+            (None | Some("drop"), _) => Some(UnkeyedBody::Drop),
+            (Some("bypass"), KeyBody::None) => Some(UnkeyedBody::Bypass),
+            (Some("bypass"), _) => {
+                self.problem(
+                    format!("{path}.unkeyed_body"),
+                    "this route keys on the body (key_body): no body is unkeyed",
+                );
+                None
+            }
+            (Some(other), _) => {
+                self.problem(
+                    format!("{path}.unkeyed_body"),
+                    format!("{other:?} is not one of drop, bypass"),
+                );
+                None
+            }
+        };
         let on_lock_timeout = match raw.on_lock_timeout.as_deref() {
             None | Some("serve_stale") => Some(OnLockTimeout::ServeStale),
             Some("error") => Some(OnLockTimeout::Error),
@@ -166,6 +202,13 @@ impl Validator<'_> {
                 self.problem(key, "this route keys on the body: give { path, body }");
                 continue;
             }
+            if body.is_some() && key_body == KeyBody::None {
+                self.problem(
+                    key,
+                    "this route does not key on the body, so a warm-up body would not be sent: give the path only",
+                );
+                continue;
+            }
             warm.push(WarmRequest {
                 path: request_path,
                 body,
@@ -209,6 +252,7 @@ impl Validator<'_> {
             key_query,
             key_body,
             key_headers,
+            unkeyed_body: unkeyed_body?,
             lock_timeout: lock_timeout?,
             on_lock_timeout: on_lock_timeout?,
             refresh_ahead: refresh_ahead?,

@@ -112,6 +112,7 @@ pub struct RawCache {
     pub key_query: Option<Vec<String>>,
     pub key_body: Option<RawKeyBody>,
     pub key_headers: Option<Vec<String>>,
+    pub unkeyed_body: Option<String>,
     pub lock_timeout: Option<RawDuration>,
     pub on_lock_timeout: Option<String>,
     pub refresh_ahead: Option<f64>,
