@@ -383,17 +383,14 @@ pub enum PathMode {
 ///
 /// The result never contains a dot segment, a `//` or anything that decodes to a separator,
 /// so a `{param}` is always exactly one segment and a rewrite cannot be climbed out of.
-/// A path with no `%`, no `\`, no `//` and no segment starting with `.` is returned as is
-/// after one scan, without allocating.
+/// - other bytes outside RFC 3986's `pchar` (`"`, `{`, `|`, non-ASCII) are percent-encoded.
+///
+/// A path of plain `pchar` bytes (no `%`, `\`, ...), without `//` or a segment starting
+/// with `.`, is returned as is after one scan of a lookup table, without allocating.
 pub fn normalize_path(path: &str, mode: PathMode) -> Result<Cow<'_, str>, PathError> {
     let mut prev = 0u8;
     for &b in path.as_bytes() {
-        if b == b'%'
-            || b == b'\\'
-            || b < 0x20
-            || b == 0x7f
-            || (prev == b'/' && (b == b'/' || b == b'.'))
-        {
+        if !PLAIN[usize::from(b)] || (prev == b'/' && (b == b'/' || b == b'.')) {
             return normalize_slow(path, mode).map(Cow::Owned);
         }
         prev = b;
@@ -403,6 +400,20 @@ pub fn normalize_path(path: &str, mode: PathMode) -> Result<Cow<'_, str>, PathEr
     }
     Ok(Cow::Borrowed(path))
 }
+
+/// Bytes a normal path holds as they are: RFC 3986 `pchar` except `%`, and `/`.
+static PLAIN: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(b as u8,
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~'
+            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+            | b':' | b'@' | b'/');
+        b += 1;
+    }
+    table
+};
 
 /// Characters RFC 3986 calls unreserved: their percent-encoded form means the same.
 fn is_unreserved(b: u8) -> bool {
@@ -418,46 +429,53 @@ fn hex_value(b: u8) -> Option<u8> {
     }
 }
 
-/// Appends `raw`'s normal form to `out`; `decoded` is scratch space for the UTF-8 check.
-fn normalize_segment(raw: &str, out: &mut String, decoded: &mut Vec<u8>) -> Result<(), PathError> {
+fn push_encoded(out: &mut String, b: u8) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    out.push('%');
+    out.push(char::from(HEX[usize::from(b >> 4)]));
+    out.push(char::from(HEX[usize::from(b & 0xf)]));
+}
+
+/// Appends `raw`'s normal form (ASCII only) to `out`; `decoded` is scratch space for the
+/// UTF-8 check.
+fn normalize_segment(raw: &str, out: &mut String, decoded: &mut Vec<u8>) -> Result<(), PathError> {
     let bytes = raw.as_bytes();
     decoded.clear();
-    let mut run = 0;
     let mut i = 0;
     while i < bytes.len() {
-        match bytes[i] {
+        let b = bytes[i];
+        i += 1;
+        let d = match b {
             b'%' => {
-                out.push_str(&raw[run..i]);
-                let hi = bytes.get(i + 1).copied().and_then(hex_value);
-                let lo = bytes.get(i + 2).copied().and_then(hex_value);
+                let hi = bytes.get(i).copied().and_then(hex_value);
+                let lo = bytes.get(i + 1).copied().and_then(hex_value);
                 let (Some(hi), Some(lo)) = (hi, lo) else {
                     return Err(PathError::BadPercent);
                 };
+                i += 2;
                 let d = (hi << 4) | lo;
                 match d {
                     b'/' | b'\\' => return Err(PathError::EncodedSeparator),
                     0..=0x1f | 0x7f => return Err(PathError::Control),
                     _ if is_unreserved(d) => out.push(char::from(d)),
-                    _ => {
-                        out.push('%');
-                        out.push(char::from(HEX[usize::from(d >> 4)]));
-                        out.push(char::from(HEX[usize::from(d & 0xf)]));
-                    }
+                    _ => push_encoded(out, d),
                 }
-                decoded.push(d);
-                i += 3;
-                run = i;
+                d
             }
             b'\\' => return Err(PathError::Backslash),
             0..=0x1f | 0x7f => return Err(PathError::Control),
-            b => {
-                decoded.push(b);
-                i += 1;
+            _ if PLAIN[usize::from(b)] => {
+                out.push(char::from(b));
+                b
             }
-        }
+            // `"`, `{`, `|`, non-ASCII...: encoded, as URL parsers do before sending.
+            _ => {
+                push_encoded(out, b);
+                b
+            }
+        };
+        decoded.push(d);
     }
-    out.push_str(&raw[run..]);
     std::str::from_utf8(decoded).map_err(|_| PathError::BadUtf8)?;
     Ok(())
 }
@@ -812,7 +830,8 @@ mod tests {
         ("/a/..b/c..", Ok("/a/..b/c..")),
         ("/a/...", Ok("/a/...")),
         ("/a/.well-known", Ok("/a/.well-known")),
-        ("/caf\u{e9}", Ok("/caf\u{e9}")),
+        ("/caf\u{e9}", Ok("/caf%C3%A9")),
+        ("/q/{\"a\"}|[x]^", Ok("/q/%7B%22a%22%7D%7C%5Bx%5D%5E")),
         // Dot segments, in every spelling, are resolved (RFC 3986 §5.2.4).
         ("/restaurant/./dufva", Ok("/restaurant/dufva")),
         ("/restaurant/%2e/dufva", Ok("/restaurant/dufva")),
@@ -987,5 +1006,32 @@ mod tests {
             Err(TemplateError::UnsafePath(PathError::EncodedSeparator))
         ));
         assert!(RewriteTemplate::parse("/api/item-{id}.json", &path).is_ok());
+    }
+
+    #[test]
+    fn random_hostile_paths_never_panic_and_normal_forms_are_safe() {
+        const PIECES: &[&str] = &[
+            "/", "/", ".", "..", "%", "2", "e", "E", "f", "5", "c", "C", "0", "a", ";", "\\",
+            "%2e", "%2F", "%c0", "%ae", "\u{e9}", "\0", "{", "~", "%7e",
+        ];
+        let mut rng = fastrand::Rng::with_seed(11);
+        for _ in 0..20_000 {
+            let mut path = String::from("/");
+            for _ in 0..rng.usize(0..12) {
+                path.push_str(PIECES[rng.usize(0..PIECES.len())]);
+            }
+            for mode in [PathMode::Resolve, PathMode::Exact] {
+                let Ok(normal) = normalize_path(&path, mode) else {
+                    continue;
+                };
+                assert!(normal.is_ascii(), "{path:?} -> {normal:?}");
+                let again = normalize_path(&normal, PathMode::Exact);
+                assert_eq!(again.as_deref(), Ok(&*normal), "{path:?}");
+                for seg in normal.split('/').skip(1) {
+                    assert!(seg != "." && seg != "..", "{path:?} -> {normal:?}");
+                }
+                assert!(!normal.contains("//"), "{path:?} -> {normal:?}");
+            }
+        }
     }
 }
