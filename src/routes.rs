@@ -904,13 +904,17 @@ mod tests {
                 expected.clone(),
                 "{input:?}"
             );
-            // The normal form is a fixed point, and safe to send as it is.
+            // The normal form is a fixed point, and safe to send as it is: neither the
+            // fetch's URL parser nor pingora's URI type changes it.
             if let Ok(normal) = got {
                 assert_eq!(
                     normalize_path(&normal, PathMode::Exact).as_deref(),
                     Ok(&*normal),
                     "{input:?}"
                 );
+                let url = url::Url::parse(&format!("http://127.0.0.1:1{normal}")).unwrap();
+                assert_eq!(url.path(), normal, "{input:?}");
+                assert_eq!(normal.parse::<http::Uri>().unwrap().path(), normal);
             }
         }
     }
@@ -1031,6 +1035,8 @@ mod tests {
                     assert!(seg != "." && seg != "..", "{path:?} -> {normal:?}");
                 }
                 assert!(!normal.contains("//"), "{path:?} -> {normal:?}");
+                let url = url::Url::parse(&format!("http://127.0.0.1:1{normal}")).unwrap();
+                assert_eq!(url.path(), normal, "{path:?}");
             }
         }
     }
