@@ -15,6 +15,7 @@ use crate::error::StoaError;
 use crate::fetch::FetchRequest;
 use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
+use crate::routes::PathMode;
 
 /// What a successful reload did.
 #[derive(Debug, Serialize)]
@@ -194,12 +195,7 @@ impl Control {
         let method = http::Method::from_bytes(exact.method.as_bytes())
             .map_err(|_| StoaError::BadRequest(format!("{:?} is not a method", exact.method)))?;
         let gateway = self.gateway.load();
-        let (route, upstream_path) =
-            gateway
-                .resolve(&method, &exact.path)
-                .ok_or_else(|| StoaError::NoRoute {
-                    path: exact.path.clone(),
-                })?;
+        let (route, upstream_path) = gateway.resolve(&method, &exact.path, PathMode::Resolve)?;
         let cached = route.cache.clone().ok_or_else(|| {
             StoaError::BadRequest(format!("route {:?} is not cached", route.spec.name))
         })?;
@@ -309,9 +305,12 @@ impl Control {
         };
         let mut warmed = 0;
         for warm in &cached.settings.warm {
-            let Some((_, upstream_path)) = gateway.resolve(&method, &warm.path) else {
-                tracing::warn!(path = %warm.path, "warm-up request matches no route");
-                continue;
+            let upstream_path = match gateway.resolve(&method, &warm.path, PathMode::Resolve) {
+                Ok((_, upstream_path)) => upstream_path,
+                Err(e) => {
+                    tracing::warn!(path = %warm.path, "warm-up request not served: {e}");
+                    continue;
+                }
             };
             let body = Bytes::from(warm.body.clone().unwrap_or_default());
             let mut headers = http::HeaderMap::new();

@@ -16,6 +16,9 @@ pub enum StoaError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A request path stoa will not route or forward (see [`crate::routes::normalize_path`]).
+    #[error("bad path: {0}")]
+    BadPath(#[from] crate::routes::PathError),
     #[error("upstream {upstream} could not be reached: {detail}")]
     UpstreamUnreachable { upstream: String, detail: String },
     #[error("upstream {upstream} did not answer within {timeout_ms} ms")]
@@ -53,7 +56,7 @@ impl StoaError {
             StoaError::NoRoute { .. } => StatusCode::NOT_FOUND,
             StoaError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             StoaError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            StoaError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            StoaError::BadRequest(_) | StoaError::BadPath(_) => StatusCode::BAD_REQUEST,
             StoaError::UpstreamUnreachable { .. }
             | StoaError::UpstreamFailed { .. }
             | StoaError::LegFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -71,6 +74,7 @@ impl StoaError {
             StoaError::MethodNotAllowed { .. } => "method_not_allowed",
             StoaError::BodyTooLarge { .. } => "payload_too_large",
             StoaError::BadRequest(_) => "bad_request",
+            StoaError::BadPath(_) => "bad_path",
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
             StoaError::UpstreamFailed { .. } | StoaError::LegFailed { .. } => "upstream_failed",

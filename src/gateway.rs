@@ -16,7 +16,9 @@ use crate::error::StoaError;
 use crate::fetch::UpstreamClient;
 use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
-use crate::routes::{upstream_uri, Lookup, PathTemplate, Routable, RouteTable};
+use crate::routes::{
+    normalize_path, upstream_uri, Lookup, PathMode, PathTemplate, Routable, RouteTable,
+};
 
 /// How long an idle pooled upstream connection is kept.
 const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -241,26 +243,43 @@ impl Gateway {
     }
 
     /// The route a request would take, and the upstream path and query it would be sent
-    /// with; `None` when no route takes it.
-    pub fn resolve(&self, method: &http::Method, path_and_query: &str) -> Option<(&Route, String)> {
+    /// with. The path is brought to normal form in `mode` first (see
+    /// [`crate::routes::normalize_path`]): `Resolve` for paths a person wrote, `Exact` for
+    /// paths stoa filled from values, which must not climb or split a segment.
+    pub fn resolve(
+        &self,
+        method: &http::Method,
+        path_and_query: &str,
+        mode: PathMode,
+    ) -> Result<(&Route, String), StoaError> {
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (path_and_query, None),
         };
-        let (index, uri) = match self.routes.lookup(method, path) {
+        let path = normalize_path(path, mode)?;
+        let (index, uri) = match self.routes.lookup(method, &path) {
             Lookup::Found(index, route, captures) => {
                 let uri = upstream_uri(
                     route.upstream().map_or("", |u| u.base_path.as_str()),
                     route.spec.rewrite.as_ref(),
                     &captures,
-                    path,
+                    &path,
                     query,
-                );
+                )?;
                 (index, uri)
             }
-            _ => return None,
+            _ => {
+                return Err(StoaError::NoRoute {
+                    path: path.into_owned(),
+                })
+            }
         };
-        Some((self.routes.routes().get(index)?, uri))
+        let route = self
+            .routes
+            .routes()
+            .get(index)
+            .ok_or_else(|| StoaError::Internal("route vanished".into()))?;
+        Ok((route, uri))
     }
 }
 

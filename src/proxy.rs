@@ -21,7 +21,7 @@ use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::FetchOutcome;
 use crate::ratelimit::{client_key, AppliesTo, Decision, Mode, UpstreamPermit};
 use crate::respond::{self, Decorations};
-use crate::routes::{upstream_uri, Lookup};
+use crate::routes::{normalize_path, upstream_uri, Lookup, PathMode};
 use crate::telemetry::{access_log, AccessRecord};
 
 /// The proxy service: routes each request and answers it from the cache or the upstream.
@@ -307,8 +307,15 @@ impl ProxyHttp for StoaProxy {
         let draining = self.lifecycle.is_draining();
         ctx.request_id = respond::request_id(session.req_header());
         let req = session.req_header();
-        let path = req.uri.path();
-        let (index, route, captures) = match gateway.routes.lookup(&req.method, path) {
+        // Routing, the cache key and the upstream path all start from the normal form.
+        let path = match normalize_path(req.uri.path(), PathMode::Resolve) {
+            Ok(path) => path,
+            Err(e) => {
+                respond::error(session, &StoaError::from(e), &ctx.decorations(draining)).await?;
+                return Ok(true);
+            }
+        };
+        let (index, route, captures) = match gateway.routes.lookup(&req.method, &path) {
             Lookup::Found(index, route, captures) => (index, route, captures),
             Lookup::MethodNotAllowed(allow) => {
                 let err = StoaError::MethodNotAllowed {
@@ -332,9 +339,16 @@ impl ProxyHttp for StoaProxy {
             route.upstream().map_or("", |u| u.base_path.as_str()),
             route.spec.rewrite.as_ref(),
             &captures,
-            path,
+            &path,
             req.uri.query(),
         );
+        let uri = match uri {
+            Ok(uri) => uri,
+            Err(e) => {
+                respond::error(session, &StoaError::from(e), &ctx.decorations(draining)).await?;
+                return Ok(true);
+            }
+        };
         // The same route, borrowed from the configuration rather than the request.
         let Some(route) = gateway.routes.routes().get(index) else {
             return Error::e_explain(ErrorType::InternalError, "route vanished");

@@ -19,7 +19,7 @@ use crate::cache::Served;
 use crate::error::StoaError;
 use crate::fetch::{FetchRequest, Fetched};
 use crate::gateway::Gateway;
-use crate::routes::PathTemplate;
+use crate::routes::{PathMode, PathTemplate};
 
 /// Characters escaped when a value is placed in a path segment.
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -256,9 +256,16 @@ impl Aggregator {
             .as_ref()
             .map(|b| Bytes::from(render_shape(b, scope, item).to_string()))
             .unwrap_or_default();
+        // Exact: a value such as ".." or "a/b" (from a parameter or an earlier answer) is an
+        // error, never a way to another route or out of the rewrite's prefix.
         let (route, upstream_path) = gateway
-            .resolve(&leg.method, &path)
-            .ok_or_else(|| LegError::Failed(format!("{} {path} matches no route", leg.method)))?;
+            .resolve(&leg.method, &path, PathMode::Exact)
+            .map_err(|e| match e {
+                StoaError::NoRoute { .. } => {
+                    LegError::Failed(format!("{} {path} matches no route", leg.method))
+                }
+                e => LegError::Failed(format!("{} {path}: {e}", leg.method)),
+            })?;
         let mut headers = HeaderMap::new();
         if !body.is_empty() {
             headers.insert(
