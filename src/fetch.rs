@@ -60,7 +60,10 @@ impl Streaming {
         if let Some(read) = self.read.take() {
             return Ok(Some(read));
         }
-        self.response.chunk().await.map_err(|e| self.client.error(&e))
+        self.response
+            .chunk()
+            .await
+            .map_err(|e| self.client.error(&e))
     }
 
     /// Reads the rest into memory, up to `limit` bytes in all (for aggregate legs).

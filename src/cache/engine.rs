@@ -89,7 +89,10 @@ impl CachedRoute {
         let (client, metrics) = match &self.source {
             Source::Upstream { client, metrics } => (client, metrics),
             Source::Aggregate(aggregator) => {
-                return aggregator.run(&fetch.path_and_query).await.map(Answer::Whole)
+                return aggregator
+                    .run(&fetch.path_and_query)
+                    .await
+                    .map(Answer::Whole)
             }
         };
         let started = Instant::now();
@@ -376,9 +379,13 @@ impl CacheEngine {
             return;
         }
         match self.flights.lead_if_idle(key) {
-            Some(lead) => {
-                self.spawn_fetch(route.clone(), lead, make_fetch(), Some(entry.clone()), false)
-            }
+            Some(lead) => self.spawn_fetch(
+                route.clone(),
+                lead,
+                make_fetch(),
+                Some(entry.clone()),
+                false,
+            ),
             None => entry.release_refresh(),
         }
     }
@@ -400,8 +407,9 @@ impl CacheEngine {
                 Ok(Answer::Streaming(streaming)) => {
                     // Whatever was stored under this key is outdated now.
                     engine.store.remove(lead.key());
-                    let shared = disposition_of(streaming.status, &streaming.headers, &route.settings)
-                        != Disposition::Private;
+                    let shared =
+                        disposition_of(streaming.status, &streaming.headers, &route.settings)
+                            != Disposition::Private;
                     // A personal answer is for the leader only; a refresh has none.
                     let stream = (shared || has_client).then_some(streaming);
                     Outcome::TooLarge {

@@ -184,12 +184,9 @@ impl Store {
             .hot_allocation(HOT_ALLOCATION)
             .build();
         let cache = match options {
-            Ok(options) => Cache::with_options(
-                options,
-                ByBytes,
-                DefaultHashBuilder::default(),
-                lifecycle,
-            ),
+            Ok(options) => {
+                Cache::with_options(options, ByBytes, DefaultHashBuilder::default(), lifecycle)
+            }
             // Only if a required option were missing; both are set above.
             Err(_) => Cache::with(
                 estimated_items(max_bytes),
@@ -301,7 +298,9 @@ mod tests {
             store.cache.insert(Arc::from("fits"), with_weight(largest));
             assert!(store.get("fits").is_some(), "max_bytes {max_bytes}");
             // ... and refuses one byte more.
-            store.cache.insert(Arc::from("heavy"), with_weight(largest + 1));
+            store
+                .cache
+                .insert(Arc::from("heavy"), with_weight(largest + 1));
             assert!(store.get("heavy").is_none(), "max_bytes {max_bytes}");
             assert!(largest_body(max_bytes) < largest);
         }

@@ -6,10 +6,10 @@ use http::HeaderName;
 
 use super::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
 use super::{CacheStoreSettings, RouteSpec, Validator};
-use crate::cache::store;
 use crate::cache::settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, WarmRequest,
 };
+use crate::cache::store;
 use crate::routes::PathTemplate;
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
@@ -234,10 +234,11 @@ impl Validator<'_> {
         let holds = store::largest_body(max_bytes);
         let max_entry_bytes = match &raw.max_entry_bytes {
             None => DEFAULT_MAX_ENTRY_BYTES.min(holds),
-            Some(size) => {
-                let n = self.size("cache.max_entry_bytes", Some(size), 0)?;
-                self.entry_fits("cache.max_entry_bytes", n, max_bytes)?
-            }
+            // A problem is recorded either way; the routes are still checked.
+            Some(size) => self
+                .size("cache.max_entry_bytes", Some(size), 0)
+                .and_then(|n| self.entry_fits("cache.max_entry_bytes", n, max_bytes))
+                .unwrap_or(holds),
         };
         if max_entry_bytes == 0 {
             self.problem(
