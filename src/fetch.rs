@@ -38,7 +38,7 @@ pub struct Fetched {
 #[derive(Debug)]
 pub enum Answer {
     Whole(Fetched),
-    Streaming(Streaming),
+    Streaming(Box<Streaming>),
 }
 
 /// An answer too large to hold: its head, the bytes read before that was known, and the
@@ -46,8 +46,8 @@ pub enum Answer {
 pub struct Streaming {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    /// Body bytes already read, sent before the rest.
-    read: Option<Bytes>,
+    /// Body chunks already read, sent (and freed) before the rest.
+    read: std::collections::VecDeque<Bytes>,
     response: reqwest::Response,
     client: UpstreamClient,
     _permit: UpstreamPermit,
@@ -57,7 +57,7 @@ impl Streaming {
     /// The next piece of the body; `None` at its end. An upstream that stalls longer than
     /// its `timeout` between two reads fails the stream.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoaError> {
-        if let Some(read) = self.read.take() {
+        if let Some(read) = self.read.pop_front() {
             return Ok(Some(read));
         }
         self.response
@@ -178,18 +178,24 @@ impl UpstreamClient {
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
         if response.content_length().is_some_and(|n| n > limit as u64) {
-            return Ok(self.streaming(status, headers, None, response, permit));
+            return Ok(self.streaming(status, headers, Default::default(), response, permit));
         }
-        let announced = response.content_length().unwrap_or(0) as usize;
-        let mut body = BytesMut::with_capacity(announced);
+        // Chunks as they come (no copying, no growing buffer); copied once into a body of
+        // its own at the end, or passed on as they are if the answer proves too large.
+        let mut chunks = std::collections::VecDeque::new();
+        let mut len = 0;
         while let Some(chunk) = response.chunk().await.map_err(|e| self.error(&e))? {
-            body.extend_from_slice(&chunk);
-            if body.len() > limit {
-                let read = Some(body.freeze());
-                return Ok(self.streaming(status, headers, read, response, permit));
+            len += chunk.len();
+            chunks.push_back(chunk);
+            if len > limit {
+                return Ok(self.streaming(status, headers, chunks, response, permit));
             }
         }
         drop(permit);
+        let mut body = BytesMut::with_capacity(len);
+        for chunk in chunks {
+            body.extend_from_slice(&chunk);
+        }
         Ok(Answer::Whole(Fetched {
             status,
             headers,
@@ -201,18 +207,18 @@ impl UpstreamClient {
         &self,
         status: StatusCode,
         headers: HeaderMap,
-        read: Option<Bytes>,
+        read: std::collections::VecDeque<Bytes>,
         response: reqwest::Response,
         permit: UpstreamPermit,
     ) -> Answer {
-        Answer::Streaming(Streaming {
+        Answer::Streaming(Box::new(Streaming {
             status,
             headers,
             read,
             response,
             client: self.clone(),
             _permit: permit,
-        })
+        }))
     }
 
     fn too_large(&self, limit: usize) -> StoaError {

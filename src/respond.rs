@@ -90,7 +90,7 @@ pub async fn entry(
 /// the connection (the head is out): the error returned is the upstream's.
 pub async fn stream(
     session: &mut Session,
-    mut streaming: Streaming,
+    mut streaming: Box<Streaming>,
     status: CacheStatus,
     deco: &Decorations<'_>,
 ) -> Result<()> {
@@ -125,7 +125,13 @@ pub async fn stream(
     }
     loop {
         match streaming.next_chunk().await {
-            Ok(Some(chunk)) => session.write_response_body(Some(chunk), false).await?,
+            Ok(Some(chunk)) => {
+                // A client that goes away midway is the client's business, not an error.
+                if let Err(mut e) = session.write_response_body(Some(chunk), false).await {
+                    e.as_down();
+                    return Err(e);
+                }
+            }
             Ok(None) => break,
             Err(e) => {
                 let etype = match e {

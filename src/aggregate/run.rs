@@ -283,7 +283,7 @@ impl Aggregator {
                         // Legs are merged whole, within the whole-answer limit.
                         Served::Stream(streaming, _) => {
                             let status = streaming.status;
-                            let body = streaming.collect(MAX_RESPONSE_BYTES).await;
+                            let body = (*streaming).collect(MAX_RESPONSE_BYTES).await;
                             Ok((status, body.map_err(|e| e.to_string())?))
                         }
                         Served::Error(e, _) => Err(e.to_string()),

@@ -113,7 +113,7 @@ impl CachedRoute {
     }
 
     /// A too-large answer as served: counted, and never a 5xx passed on (that is a 502).
-    fn stream(&self, streaming: Streaming) -> Served {
+    fn stream(&self, streaming: Box<Streaming>) -> Served {
         if streaming.status.is_server_error() {
             let err = StoaError::UpstreamFailed {
                 upstream: self.source_name().to_string(),
@@ -131,7 +131,7 @@ pub enum Served {
     Entry(Arc<Entry>, CacheStatus),
     /// An answer larger than the route's `max_entry_bytes`, never stored: written to the
     /// client as it arrives.
-    Stream(Streaming, CacheStatus),
+    Stream(Box<Streaming>, CacheStatus),
     Error(StoaError, CacheStatus),
 }
 

@@ -27,14 +27,14 @@ pub enum Outcome {
 }
 
 /// A stream that one request may take.
-pub type Handoff = Arc<Mutex<Option<Streaming>>>;
+pub type Handoff = Arc<Mutex<Option<Box<Streaming>>>>;
 
-pub fn handoff(stream: Option<Streaming>) -> Handoff {
+pub fn handoff(stream: Option<Box<Streaming>>) -> Handoff {
     Arc::new(Mutex::new(stream))
 }
 
 /// Takes the stream of a [`Handoff`], if nobody took it yet.
-pub fn take(handoff: &Handoff) -> Option<Streaming> {
+pub fn take(handoff: &Handoff) -> Option<Box<Streaming>> {
     handoff.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
