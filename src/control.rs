@@ -332,6 +332,9 @@ impl Control {
             match self.shared.cache.serve(cached, &key, make_fetch).await {
                 Served::Entry(_, status) if status != CacheStatus::Bypass => warmed += 1,
                 Served::Entry(..) => {}
+                Served::Stream(..) => {
+                    tracing::warn!(path = %warm.path, "warm-up answer is larger than max_entry_bytes: not stored")
+                }
                 Served::Error(e, _) => {
                     tracing::warn!(path = %warm.path, "warm-up fetch failed: {e}")
                 }

@@ -19,6 +19,10 @@ pub enum StoaError {
     /// A request path stoa will not route or forward (see [`crate::routes::normalize_path`]).
     #[error("bad path: {0}")]
     BadPath(#[from] crate::routes::PathError),
+    #[error("the request target is longer than the limit of {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("the request's header fields are larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
     #[error("upstream {upstream} could not be reached: {detail}")]
     UpstreamUnreachable { upstream: String, detail: String },
     #[error("upstream {upstream} did not answer within {timeout_ms} ms")]
@@ -57,6 +61,8 @@ impl StoaError {
             StoaError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             StoaError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             StoaError::BadRequest(_) | StoaError::BadPath(_) => StatusCode::BAD_REQUEST,
+            StoaError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            StoaError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             StoaError::UpstreamUnreachable { .. }
             | StoaError::UpstreamFailed { .. }
             | StoaError::LegFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -75,6 +81,8 @@ impl StoaError {
             StoaError::BodyTooLarge { .. } => "payload_too_large",
             StoaError::BadRequest(_) => "bad_request",
             StoaError::BadPath(_) => "bad_path",
+            StoaError::UriTooLong { .. } => "uri_too_long",
+            StoaError::HeadersTooLarge { .. } => "header_fields_too_large",
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
             StoaError::UpstreamFailed { .. } | StoaError::LegFailed { .. } => "upstream_failed",

@@ -1,5 +1,6 @@
 //! Upstream fetches for cached routes: one pooled HTTP client per upstream, with the
-//! upstream's timeouts, whose whole answer is read into memory.
+//! upstream's timeouts. An answer is read into memory up to a limit; a larger one is
+//! handed over as a stream, to be written to its client chunk by chunk.
 
 use std::time::Duration;
 
@@ -10,9 +11,9 @@ use std::sync::Arc;
 
 use crate::config::Upstream;
 use crate::error::StoaError;
-use crate::ratelimit::UpstreamGuard;
+use crate::ratelimit::{UpstreamGuard, UpstreamPermit};
 
-/// Largest upstream body a cached route reads into memory.
+/// Largest upstream body read whole where it must be whole (aggregate legs, refresh hooks).
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
 /// A request to send upstream.
@@ -33,6 +34,60 @@ pub struct Fetched {
     pub body: Bytes,
 }
 
+/// An upstream answer: read whole, or larger than the limit it was read with.
+#[derive(Debug)]
+pub enum Answer {
+    Whole(Fetched),
+    Streaming(Box<Streaming>),
+}
+
+/// An answer too large to hold: its head, the bytes read before that was known, and the
+/// rest still on the upstream connection. It keeps the upstream slot until dropped.
+pub struct Streaming {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// Body chunks already read, sent (and freed) before the rest.
+    read: std::collections::VecDeque<Bytes>,
+    response: reqwest::Response,
+    client: UpstreamClient,
+    _permit: UpstreamPermit,
+}
+
+impl Streaming {
+    /// The next piece of the body; `None` at its end. An upstream that stalls longer than
+    /// its `timeout` between two reads fails the stream.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoaError> {
+        if let Some(read) = self.read.pop_front() {
+            return Ok(Some(read));
+        }
+        self.response
+            .chunk()
+            .await
+            .map_err(|e| self.client.error(&e))
+    }
+
+    /// Reads the rest into memory, up to `limit` bytes in all (for aggregate legs).
+    pub async fn collect(mut self, limit: usize) -> Result<Bytes, StoaError> {
+        let mut body = BytesMut::new();
+        while let Some(chunk) = self.next_chunk().await? {
+            if body.len() + chunk.len() > limit {
+                return Err(self.client.too_large(limit));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streaming")
+            .field("upstream", &self.client.name)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
 /// A pooled client for one upstream, within the upstream's protection limits.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -47,9 +102,11 @@ pub struct UpstreamClient {
 
 impl UpstreamClient {
     pub fn new(upstream: &Upstream, guard: Arc<UpstreamGuard>) -> Result<Self, StoaError> {
+        // `timeout` bounds each read; [`UpstreamClient::fetch_within`] bounds the whole
+        // answer it holds, while a streamed answer may take as long as its client reads.
         let client = reqwest::Client::builder()
             .connect_timeout(upstream.connect_timeout)
-            .timeout(upstream.timeout)
+            .read_timeout(upstream.timeout)
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
@@ -73,10 +130,21 @@ impl UpstreamClient {
         &self.name
     }
 
-    /// Sends `req` and reads the whole answer, holding one of the upstream's slots (waiting
-    /// at most its `queue_timeout` for one). Errors are the ones stoa answers with.
+    /// Sends `req` and reads the whole answer, up to [`MAX_RESPONSE_BYTES`].
     pub async fn fetch(&self, req: FetchRequest) -> Result<Fetched, StoaError> {
-        let _permit = self
+        match self.fetch_within(req, MAX_RESPONSE_BYTES).await? {
+            Answer::Whole(fetched) => Ok(fetched),
+            Answer::Streaming(_) => Err(self.too_large(MAX_RESPONSE_BYTES)),
+        }
+    }
+
+    /// Sends `req`, holding one of the upstream's slots (waiting at most its
+    /// `queue_timeout` for one), and reads the answer if it is at most `limit` bytes; a
+    /// larger one (by its `Content-Length`, or found while reading) comes back as a stream
+    /// after at most `limit` bytes were read. Reading what is held takes at most the
+    /// upstream's `timeout`. Errors are the ones stoa answers with.
+    pub async fn fetch_within(&self, req: FetchRequest, limit: usize) -> Result<Answer, StoaError> {
+        let permit = self
             .guard
             .acquire()
             .await
@@ -84,6 +152,21 @@ impl UpstreamClient {
                 upstream: self.name.clone(),
                 retry_after_secs: o.retry_after_secs,
             })?;
+        match tokio::time::timeout(self.timeout, self.read_within(req, limit, permit)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(StoaError::UpstreamTimeout {
+                upstream: self.name.clone(),
+                timeout_ms: self.timeout.as_millis(),
+            }),
+        }
+    }
+
+    async fn read_within(
+        &self,
+        req: FetchRequest,
+        limit: usize,
+        permit: UpstreamPermit,
+    ) -> Result<Answer, StoaError> {
         let url = format!("{}{}", self.base_url, req.path_and_query);
         let mut headers = req.headers;
         headers.insert(http::header::HOST, self.host_header.clone());
@@ -94,21 +177,55 @@ impl UpstreamClient {
         let mut response = builder.send().await.map_err(|e| self.error(&e))?;
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
-        let mut body = BytesMut::new();
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Ok(self.streaming(status, headers, Default::default(), response, permit));
+        }
+        // Chunks as they come (no copying, no growing buffer); copied once into a body of
+        // its own at the end, or passed on as they are if the answer proves too large.
+        let mut chunks = std::collections::VecDeque::new();
+        let mut len = 0;
         while let Some(chunk) = response.chunk().await.map_err(|e| self.error(&e))? {
-            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(StoaError::UpstreamFailed {
-                    upstream: self.name.clone(),
-                    detail: format!("answer larger than {MAX_RESPONSE_BYTES} bytes"),
-                });
+            len += chunk.len();
+            chunks.push_back(chunk);
+            if len > limit {
+                return Ok(self.streaming(status, headers, chunks, response, permit));
             }
+        }
+        drop(permit);
+        let mut body = BytesMut::with_capacity(len);
+        for chunk in chunks {
             body.extend_from_slice(&chunk);
         }
-        Ok(Fetched {
+        Ok(Answer::Whole(Fetched {
             status,
             headers,
             body: body.freeze(),
-        })
+        }))
+    }
+
+    fn streaming(
+        &self,
+        status: StatusCode,
+        headers: HeaderMap,
+        read: std::collections::VecDeque<Bytes>,
+        response: reqwest::Response,
+        permit: UpstreamPermit,
+    ) -> Answer {
+        Answer::Streaming(Box::new(Streaming {
+            status,
+            headers,
+            read,
+            response,
+            client: self.clone(),
+            _permit: permit,
+        }))
+    }
+
+    fn too_large(&self, limit: usize) -> StoaError {
+        StoaError::UpstreamFailed {
+            upstream: self.name.clone(),
+            detail: format!("answer larger than {limit} bytes"),
+        }
     }
 
     fn error(&self, e: &reqwest::Error) -> StoaError {

@@ -171,6 +171,7 @@ impl Gateway {
                         name: spec.name.clone(),
                         settings: settings.clone(),
                         source,
+                        too_large: metrics.cache_too_large(&spec.name).map_err(metric_err)?,
                     })),
                     _ => None,
                 };

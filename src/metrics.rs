@@ -69,6 +69,7 @@ pub struct Metrics {
     cache_entries: IntGauge,
     cache_bytes: IntGauge,
     cache_evictions: IntCounter,
+    cache_too_large: IntCounterVec,
     in_flight: IntGauge,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
@@ -155,6 +156,16 @@ impl Metrics {
                 "Entries evicted from the response cache to stay within its size.",
             )?,
         )?;
+        let cache_too_large = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_too_large_total",
+                    "Answers on cached routes larger than max_entry_bytes, streamed uncached, by route.",
+                ),
+                &["route"],
+            )?,
+        )?;
         let in_flight = register(
             &registry,
             IntGauge::new(
@@ -198,6 +209,7 @@ impl Metrics {
             cache_entries,
             cache_bytes,
             cache_evictions,
+            cache_too_large,
             in_flight,
         })
     }
@@ -248,6 +260,11 @@ impl Metrics {
     pub fn rate_limited(&self, route: &str, policy: &str) -> prometheus::Result<IntCounter> {
         self.rate_limited
             .get_metric_with_label_values(&[route, policy])
+    }
+
+    /// The counter of a cached route's answers too large to store (exported at zero).
+    pub fn cache_too_large(&self, route: &str) -> prometheus::Result<IntCounter> {
+        self.cache_too_large.get_metric_with_label_values(&[route])
     }
 
     /// Sets `stoa_cache_entries` and `stoa_cache_bytes` (e.g. from the store before a scrape).

@@ -101,7 +101,7 @@ fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> O
             limit: max_body_bytes,
         },
         ErrorType::HTTPStatus(code) if (400..500).contains(code) => {
-            StoaError::BadRequest(e.to_string())
+            StoaError::BadRequest("the request is malformed".into())
         }
         ErrorType::ConnectTimedout => StoaError::UpstreamTimeout {
             upstream: upstream(),
@@ -132,15 +132,10 @@ fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> O
                 upstream: upstream(),
                 detail: e.etype().as_str().to_string(),
             },
-            ErrorSource::Downstream => match e.etype() {
-                // The client is gone: nobody to answer.
-                ErrorType::ReadError
-                | ErrorType::WriteError
-                | ErrorType::ConnectionClosed
-                | ErrorType::ReadTimedout
-                | ErrorType::WriteTimedout => return None,
-                _ => StoaError::BadRequest(e.etype().as_str().to_string()),
-            },
+            // The client is gone: nobody to answer.
+            ErrorSource::Downstream if respond::client_gone(e) => return None,
+            // What pingora finds wrong while reading a request body is its framing.
+            ErrorSource::Downstream => respond::malformed_body(),
             ErrorSource::Internal | ErrorSource::Unset => StoaError::Internal(e.to_string()),
         },
     };
@@ -271,6 +266,11 @@ impl StoaProxy {
                 }
                 respond::entry(session, &entry, status, &ctx.decorations(draining)).await
             }
+            Served::Stream(streaming, status) => {
+                ctx.cache = status;
+                ctx.upstream_elapsed = Some(asked.elapsed());
+                respond::stream(session, streaming, status, &ctx.decorations(draining)).await
+            }
             Served::Error(e, status) => {
                 ctx.cache = status;
                 ctx.upstream_elapsed = Some(asked.elapsed());
@@ -306,6 +306,10 @@ impl ProxyHttp for StoaProxy {
         let gateway = ctx.gateway.clone();
         let draining = self.lifecycle.is_draining();
         ctx.request_id = respond::request_id(session.req_header());
+        if let Some(err) = respond::oversized_head(session.req_header()) {
+            respond::error(session, &err, &ctx.decorations(draining)).await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         // Routing, the cache key and the upstream path all start from the normal form.
         let path = match normalize_path(req.uri.path(), PathMode::Resolve) {
@@ -516,6 +520,17 @@ impl ProxyHttp for StoaProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// A client's mistake or departure is not an error of stoa's: logged at debug (the
+    /// access log has the answer), not at ERROR.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        let client = *e.esource() == ErrorSource::Downstream
+            || matches!(e.etype(), ErrorType::HTTPStatus(code) if (400..500).contains(code));
+        if client {
+            tracing::debug!("request failed on the client's side: {e}");
+        }
+        client
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -4,11 +4,13 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::Session;
+use pingora::ErrorType;
 
 use crate::cache::settings::CacheSettings;
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
 use crate::error::StoaError;
+use crate::fetch::Streaming;
 use crate::ratelimit::Decision;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
@@ -89,7 +91,130 @@ pub async fn entry(
     Ok(())
 }
 
-/// Reads the whole request body, or says it is over `limit`.
+/// Writes an answer too large to store as it arrives from the upstream, with `X-Cache`;
+/// memory stays at a chunk or so however large it is. An upstream failing midway cuts
+/// the connection (the head is out): the error returned is the upstream's.
+pub async fn stream(
+    session: &mut Session,
+    mut streaming: Box<Streaming>,
+    status: CacheStatus,
+    deco: &Decorations<'_>,
+) -> Result<()> {
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let mut header =
+        ResponseHeader::build_no_case(streaming.status, Some(streaming.headers.len() + 4))?;
+    for (name, value) in &streaming.headers {
+        if !is_hop_by_hop_response(name) {
+            header.append_header(name.clone(), value.clone())?;
+        }
+    }
+    if let Some(value) = status.header_value() {
+        header.insert_header("x-cache", value)?;
+    }
+    deco.apply(&mut header)?;
+    if deco.close {
+        session.set_keepalive(None);
+    }
+    if !streaming.headers.contains_key(http::header::CONTENT_LENGTH) {
+        if session.req_header().version == http::Version::HTTP_11 {
+            header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        } else {
+            // Only the end of the connection can tell where the body ends.
+            session.set_keepalive(None);
+        }
+    }
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if head_only {
+        return Ok(());
+    }
+    loop {
+        match streaming.next_chunk().await {
+            Ok(Some(chunk)) => {
+                // A client that goes away midway is the client's business, not an error.
+                if let Err(mut e) = session.write_response_body(Some(chunk), false).await {
+                    e.as_down();
+                    return Err(e);
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                let etype = match e {
+                    StoaError::UpstreamTimeout { .. } => ErrorType::ReadTimedout,
+                    _ => ErrorType::ReadError,
+                };
+                let mut err = Error::explain(etype, e.to_string());
+                err.as_up();
+                return Err(err);
+            }
+        }
+    }
+    session.write_response_body(None, true).await
+}
+
+/// Response headers not passed on from the upstream: hop-by-hop ones (the length is kept).
+fn is_hop_by_hop_response(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Longest request target (path and query) stoa serves; longer ones get 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Largest request header section (names, values and line ends) stoa serves; larger ones
+/// get 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// The 414 or 431 a request head over stoa's limits gets. (Heads pingora itself cannot
+/// parse never get this far: see the README.)
+pub fn oversized_head(req: &RequestHeader) -> Option<StoaError> {
+    if req.raw_path().len() > MAX_URI_BYTES {
+        return Some(StoaError::UriTooLong {
+            limit: MAX_URI_BYTES,
+        });
+    }
+    let mut bytes = 0;
+    for (name, value) in req.headers.iter() {
+        bytes += name.as_str().len() + value.len() + 4;
+        if bytes > MAX_HEADER_BYTES {
+            return Some(StoaError::HeadersTooLarge {
+                limit: MAX_HEADER_BYTES,
+            });
+        }
+    }
+    None
+}
+
+/// The answer to a request body whose framing is broken (a bad chunk size, a missing
+/// chunk end): the client's mistake, told without internal detail.
+pub fn malformed_body() -> StoaError {
+    StoaError::BadRequest("the request body's framing is malformed".into())
+}
+
+/// Whether a pingora error while reading from the client means the client went away or
+/// stalled (nobody to answer) rather than sent something malformed.
+pub fn client_gone(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::ConnectionClosed
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+    )
+}
+
+/// Reads the whole request body, or says it is over `limit` or malformed.
 pub async fn read_body(
     session: &mut Session,
     limit: u64,
@@ -98,7 +223,21 @@ pub async fn read_body(
         return Ok(Ok(Bytes::new()));
     }
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = session.read_request_body().await? {
+    loop {
+        let chunk = match session.read_request_body().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(mut e) if client_gone(&e) => {
+                e.as_down();
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::debug!("malformed request body: {e}");
+                // Where the next request would start is unknown: close after the answer.
+                session.set_keepalive(None);
+                return Ok(Err(malformed_body()));
+            }
+        };
         if (body.len() + chunk.len()) as u64 > limit {
             return Ok(Err(StoaError::BodyTooLarge { limit }));
         }

@@ -17,7 +17,7 @@ use super::spec::{
 };
 use crate::cache::Served;
 use crate::error::StoaError;
-use crate::fetch::{FetchRequest, Fetched};
+use crate::fetch::{FetchRequest, Fetched, MAX_RESPONSE_BYTES};
 use crate::gateway::Gateway;
 use crate::routes::{PathMode, PathTemplate};
 
@@ -303,6 +303,12 @@ impl Aggregator {
                     };
                     match served {
                         Served::Entry(entry, _) => Ok((entry.header.status, entry.body.clone())),
+                        // Legs are merged whole, within the whole-answer limit.
+                        Served::Stream(streaming, _) => {
+                            let status = streaming.status;
+                            let body = (*streaming).collect(MAX_RESPONSE_BYTES).await;
+                            Ok((status, body.map_err(|e| e.to_string())?))
+                        }
                         Served::Error(e, _) => Err(e.to_string()),
                     }
                 }

@@ -14,7 +14,7 @@ use super::store::{Entry, Lifetimes, Store};
 use super::{key, CacheStatus};
 use crate::aggregate::Aggregator;
 use crate::error::StoaError;
-use crate::fetch::{FetchRequest, Fetched, UpstreamClient};
+use crate::fetch::{Answer, FetchRequest, Fetched, Streaming, UpstreamClient};
 use crate::metrics::{FetchOutcome, UpstreamMetrics};
 
 /// Where a cached route's answers come from.
@@ -33,6 +33,8 @@ pub struct CachedRoute {
     pub name: String,
     pub settings: CacheSettings,
     pub source: Source,
+    /// `stoa_cache_too_large_total{route}`: answers larger than `max_entry_bytes`.
+    pub too_large: prometheus::IntCounter,
 }
 
 impl CachedRoute {
@@ -133,15 +135,23 @@ impl CachedRoute {
 
     /// Fetches from the upstream, counting the fetch (a request refused by the upstream's
     /// protection limits never reached it and is not counted); or runs the aggregate.
-    async fn fetch(&self, fetch: FetchRequest) -> Result<Fetched, StoaError> {
+    /// An answer over the route's `max_entry_bytes` comes back as a stream.
+    async fn fetch(&self, fetch: FetchRequest) -> Result<Answer, StoaError> {
         let (client, metrics) = match &self.source {
             Source::Upstream { client, metrics } => (client, metrics),
-            Source::Aggregate(aggregator) => return aggregator.run(&fetch.path_and_query).await,
+            Source::Aggregate(aggregator) => {
+                return aggregator
+                    .run(&fetch.path_and_query)
+                    .await
+                    .map(Answer::Whole)
+            }
         };
         let started = Instant::now();
-        let result = client.fetch(fetch).await;
+        let limit = usize::try_from(self.settings.max_entry_bytes).unwrap_or(usize::MAX);
+        let result = client.fetch_within(fetch, limit).await;
         let outcome = match &result {
-            Ok(f) if f.status.is_server_error() => Some(FetchOutcome::Error),
+            Ok(Answer::Whole(f)) if f.status.is_server_error() => Some(FetchOutcome::Error),
+            Ok(Answer::Streaming(s)) if s.status.is_server_error() => Some(FetchOutcome::Error),
             Ok(_) => Some(FetchOutcome::Ok),
             Err(StoaError::UpstreamTimeout { .. }) => Some(FetchOutcome::Timeout),
             Err(StoaError::Overloaded { .. }) => None,
@@ -151,6 +161,19 @@ impl CachedRoute {
             metrics.fetch(outcome, started.elapsed());
         }
         result
+    }
+
+    /// A too-large answer as served: counted, and never a 5xx passed on (that is a 502).
+    fn stream(&self, streaming: Box<Streaming>) -> Served {
+        if streaming.status.is_server_error() {
+            let err = StoaError::UpstreamFailed {
+                upstream: self.source_name().to_string(),
+                detail: format!("answered {}", streaming.status.as_u16()),
+            };
+            return Served::Error(err, CacheStatus::Bypass);
+        }
+        self.too_large.inc();
+        Served::Stream(streaming, CacheStatus::Bypass)
     }
 }
 
@@ -180,6 +203,9 @@ fn keyed_query_only(path_and_query: &str, which: &KeyQuery) -> String {
 /// The answer to a request on a cached route, and how it was reached.
 pub enum Served {
     Entry(Arc<Entry>, CacheStatus),
+    /// An answer larger than the route's `max_entry_bytes`, never stored: written to the
+    /// client as it arrives.
+    Stream(Box<Streaming>, CacheStatus),
     Error(StoaError, CacheStatus),
 }
 
@@ -266,7 +292,7 @@ impl CacheEngine {
             let (Some(recipe), Some(lead)) = (&entry.recipe, self.flights.lead_if_idle(&k)) else {
                 continue;
             };
-            self.spawn_fetch(route.clone(), lead, (**recipe).clone(), None);
+            self.spawn_fetch(route.clone(), lead, (**recipe).clone(), None, false);
             started += 1;
         }
         started
@@ -335,10 +361,10 @@ impl CacheEngine {
             Err(fresh) => return Served::Entry(fresh, CacheStatus::Hit),
             Ok(Joined::Lead(lead, slot)) => {
                 let fetch = make_fetch();
-                // The leader keeps a copy only if it may have to go upstream itself.
-                let spare =
-                    (settings.on_lock_timeout == OnLockTimeout::Bypass).then(|| fetch.clone());
-                self.spawn_fetch(route.clone(), lead, fetch, None);
+                // The leader keeps a copy: it may have to go upstream itself (lock timeout
+                // with `bypass`, or a too-large answer another request took).
+                let spare = Some(fetch.clone());
+                self.spawn_fetch(route.clone(), lead, fetch, None, true);
                 (slot, true, Later::Built(spare))
             }
             Ok(Joined::Wait(slot)) => (slot, false, Later::Lazy(make_fetch)),
@@ -353,6 +379,18 @@ impl CacheEngine {
         match tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await {
             Ok(Some(Outcome::Shared(entry))) => Served::Entry(entry, how),
             Ok(Some(Outcome::Private(entry))) if leader => Served::Entry(entry, CacheStatus::Miss),
+            Ok(Some(Outcome::TooLarge { stream, shared })) => {
+                let taken = (leader || shared).then(|| flight::take(&stream)).flatten();
+                // Let go of the stream now if nobody took it: it holds an upstream slot.
+                drop(stream);
+                match (taken, later.take()) {
+                    (Some(streaming), _) => route.stream(streaming),
+                    (None, Some(fetch)) => self.bypass(route, fetch).await,
+                    (None, None) => {
+                        Served::Error(StoaError::Internal("no request to send".into()), how)
+                    }
+                }
+            }
             Ok(Some(Outcome::Private(_))) => match later.take() {
                 Some(fetch) => self.bypass(route, fetch).await,
                 None => Served::Error(StoaError::Internal("no request to send".into()), how),
@@ -387,7 +425,7 @@ impl CacheEngine {
     /// Asks the upstream without the cache: nothing is stored or shared.
     pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
         match route.fetch(fetch).await {
-            Ok(fetched) => match fetched_to_entry(
+            Ok(Answer::Whole(fetched)) => match fetched_to_entry(
                 fetched,
                 route.source_name(),
                 &route.settings,
@@ -398,6 +436,7 @@ impl CacheEngine {
                 Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
                 Err(e) => Served::Error(e, CacheStatus::Bypass),
             },
+            Ok(Answer::Streaming(streaming)) => route.stream(streaming),
             Err(e) => Served::Error(e, CacheStatus::Bypass),
         }
     }
@@ -414,7 +453,13 @@ impl CacheEngine {
             return;
         }
         match self.flights.lead_if_idle(key) {
-            Some(lead) => self.spawn_fetch(route.clone(), lead, make_fetch(), Some(entry.clone())),
+            Some(lead) => self.spawn_fetch(
+                route.clone(),
+                lead,
+                make_fetch(),
+                Some(entry.clone()),
+                false,
+            ),
             None => entry.release_refresh(),
         }
     }
@@ -426,15 +471,29 @@ impl CacheEngine {
         lead: Lead,
         fetch: FetchRequest,
         refreshing: Option<Arc<Entry>>,
+        has_client: bool,
     ) {
         let engine = self.clone();
         let recipe = Arc::new(owned_request(&fetch));
         tokio::spawn(async move {
             let outcome = match route.fetch(fetch).await {
-                Ok(fetched) => engine.settle(&route, lead.key(), fetched, recipe),
+                Ok(Answer::Whole(fetched)) => engine.settle(&route, lead.key(), fetched, recipe),
+                Ok(Answer::Streaming(streaming)) => {
+                    // Whatever was stored under this key is outdated now.
+                    engine.store.remove(lead.key());
+                    let shared =
+                        disposition_of(streaming.status, &streaming.headers, &route.settings)
+                            != Disposition::Private;
+                    // A personal answer is for the leader only; a refresh has none.
+                    let stream = (shared || has_client).then_some(streaming);
+                    Outcome::TooLarge {
+                        stream: flight::handoff(stream),
+                        shared,
+                    }
+                }
                 Err(e) => Outcome::Failed(e),
             };
-            if let (Outcome::Failed(_), Some(entry)) = (&outcome, refreshing) {
+            if let (Outcome::Failed(_), Some(entry)) = (&outcome, &refreshing) {
                 entry.release_refresh();
             }
             lead.finish(outcome);
@@ -459,7 +518,11 @@ impl CacheEngine {
         ) {
             Err(e) => Outcome::Failed(e),
             Ok((entry, Disposition::Store)) => {
-                self.store.insert(key.clone(), entry.clone());
+                if !self.store.insert(key.clone(), entry.clone()) {
+                    // Within max_entry_bytes, but its head and key tip it over what the
+                    // store holds in one entry.
+                    route.too_large.inc();
+                }
                 Outcome::Shared(entry)
             }
             Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
@@ -574,7 +637,14 @@ fn owned_request(fetch: &FetchRequest) -> FetchRequest {
 }
 
 fn disposition(fetched: &Fetched, settings: &CacheSettings) -> Disposition {
-    let headers = &fetched.headers;
+    disposition_of(fetched.status, &fetched.headers, settings)
+}
+
+fn disposition_of(
+    status: http::StatusCode,
+    headers: &http::HeaderMap,
+    settings: &CacheSettings,
+) -> Disposition {
     if headers.contains_key(header::SET_COOKIE) {
         return Disposition::Private;
     }
@@ -606,7 +676,7 @@ fn disposition(fetched: &Fetched, settings: &CacheSettings) -> Disposition {
     if unkeyed_vary {
         return Disposition::Private;
     }
-    if settings.ttl_for(fetched.status.as_u16()).is_some() {
+    if settings.ttl_for(status.as_u16()).is_some() {
         Disposition::Store
     } else {
         Disposition::Share

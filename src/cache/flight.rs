@@ -8,6 +8,7 @@ use tokio::sync::watch;
 
 use super::store::Entry;
 use crate::error::StoaError;
+use crate::fetch::Streaming;
 
 /// What a fetch produced.
 #[derive(Debug, Clone)]
@@ -17,8 +18,24 @@ pub enum Outcome {
     /// An answer for the request that led the fetch only (`Set-Cookie`, `private`, ...):
     /// the other waiters must ask the upstream themselves.
     Private(Arc<Entry>),
+    /// An answer larger than the route's `max_entry_bytes`, not stored. The first request
+    /// to take the stream writes it to its client (the leader; any waiter when `shared`,
+    /// should the leader be gone); every other one asks the upstream itself.
+    TooLarge { stream: Handoff, shared: bool },
     /// The fetch failed.
     Failed(StoaError),
+}
+
+/// A stream that one request may take.
+pub type Handoff = Arc<Mutex<Option<Box<Streaming>>>>;
+
+pub fn handoff(stream: Option<Box<Streaming>>) -> Handoff {
+    Arc::new(Mutex::new(stream))
+}
+
+/// Takes the stream of a [`Handoff`], if nobody took it yet.
+pub fn take(handoff: &Handoff) -> Option<Box<Streaming>> {
+    handoff.lock().unwrap_or_else(|p| p.into_inner()).take()
 }
 
 type Slot = watch::Receiver<Option<Outcome>>;

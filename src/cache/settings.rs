@@ -81,6 +81,9 @@ pub struct CacheSettings {
     pub ignore_upstream_cache_control: bool,
     pub warm: Vec<WarmRequest>,
     pub refresh_hook: Option<RefreshHook>,
+    /// Largest answer body stored; a larger one is streamed to its client uncached. The
+    /// route's own `max_entry_bytes`, else the `[cache]` one.
+    pub max_entry_bytes: u64,
 }
 
 impl CacheSettings {

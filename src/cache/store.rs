@@ -1,5 +1,5 @@
 //! The bounded in-memory store: `quick_cache` weighted by bytes, holding ready-to-send
-//! responses. Evictions are counted.
+//! responses. Evictions are counted; entries too heavy to hold are refused apart.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
-use quick_cache::{DefaultHashBuilder, Lifecycle, Weighter};
+use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use crate::fetch::FetchRequest;
 
@@ -16,6 +16,40 @@ use crate::fetch::FetchRequest;
 /// cache index and allocator rounding. Measured at about 1.7 KiB per entry of JSON
 /// answers (20,000 entries: 51 MB of RSS for 17 MB of key, header and body bytes).
 const ENTRY_OVERHEAD: u64 = 1536;
+
+/// Room kept in every entry for its response head, key and request beside the body, when
+/// telling how large a body the store can hold.
+const HEAD_ALLOWANCE: u64 = 4096;
+
+/// Shards of the store, fixed so that what it can hold does not depend on the machine.
+/// quick_cache uses fewer for small stores (at least 32 estimated entries per shard).
+const SHARDS: usize = 8;
+
+/// quick_cache's share of a shard for entries on probation and in use (its default).
+const HOT_ALLOCATION: f64 = 0.97;
+
+/// Entries are estimated at about 1 KiB (JSON answers); this only sizes the index.
+fn estimated_items(max_bytes: u64) -> usize {
+    (max_bytes / 1024).clamp(64, 1 << 20) as usize
+}
+
+/// The heaviest entry a store of `max_bytes` admits: quick_cache splits the bound among
+/// its shards and refuses an entry heavier than the hot share of one shard.
+pub fn largest_entry_weight(max_bytes: u64) -> u64 {
+    let items = estimated_items(max_bytes) as u64;
+    let mut shards = SHARDS.next_power_of_two() as u64;
+    while items.div_ceil(shards) < 32 && shards > 1 {
+        shards /= 2;
+    }
+    let shard = max_bytes.div_ceil(shards);
+    ((shard as f64 * HOT_ALLOCATION) as u64).clamp(shard.min(1), shard)
+}
+
+/// The largest response body a store of `max_bytes` can hold in one entry, keeping
+/// [`HEAD_ALLOWANCE`] for the rest of the entry.
+pub fn largest_body(max_bytes: u64) -> u64 {
+    largest_entry_weight(max_bytes).saturating_sub(ENTRY_OVERHEAD + HEAD_ALLOWANCE)
+}
 
 /// A stored response and its lifetimes.
 #[derive(Debug)]
@@ -118,7 +152,8 @@ impl Weighter<Arc<str>, Arc<Entry>> for ByBytes {
     }
 }
 
-/// Counts evictions (entries pushed out to stay within `max_bytes`).
+/// Counts evictions (entries pushed out to stay within `max_bytes`). Entries too heavy for
+/// the store never reach it ([`Store::insert`] refuses them), so they are not counted here.
 #[derive(Clone)]
 struct CountEvictions(Arc<AtomicU64>);
 
@@ -135,23 +170,37 @@ pub struct Store {
     cache: Cache<Arc<str>, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
     evictions: Arc<AtomicU64>,
     max_bytes: u64,
+    largest_entry: u64,
 }
 
 impl Store {
     pub fn new(max_bytes: u64) -> Self {
         let evictions = Arc::new(AtomicU64::new(0));
-        // Estimated item count only sizes the index; JSON answers are around 1 KiB.
-        let estimated_items = (max_bytes / 1024).clamp(64, 1 << 20) as usize;
-        Store {
-            cache: Cache::with(
-                estimated_items,
+        let lifecycle = CountEvictions(evictions.clone());
+        let options = OptionsBuilder::new()
+            .estimated_items_capacity(estimated_items(max_bytes))
+            .weight_capacity(max_bytes)
+            .shards(SHARDS)
+            .hot_allocation(HOT_ALLOCATION)
+            .build();
+        let cache = match options {
+            Ok(options) => {
+                Cache::with_options(options, ByBytes, DefaultHashBuilder::default(), lifecycle)
+            }
+            // Only if a required option were missing; both are set above.
+            Err(_) => Cache::with(
+                estimated_items(max_bytes),
                 max_bytes,
                 ByBytes,
                 DefaultHashBuilder::default(),
-                CountEvictions(evictions.clone()),
+                lifecycle,
             ),
+        };
+        Store {
+            cache,
             evictions,
             max_bytes,
+            largest_entry: largest_entry_weight(max_bytes),
         }
     }
 
@@ -159,8 +208,15 @@ impl Store {
         self.cache.get(key)
     }
 
-    pub fn insert(&self, key: Arc<str>, entry: Arc<Entry>) {
+    /// Stores `entry` under `key`; false if it is heavier than the store can hold, and then
+    /// the older entry under `key` (outdated) goes too, counted as neither.
+    pub fn insert(&self, key: Arc<str>, entry: Arc<Entry>) -> bool {
+        if entry.weight > self.largest_entry {
+            self.cache.remove(&*key);
+            return false;
+        }
         self.cache.insert(key, entry);
+        true
     }
 
     /// Removes `key`; whether it was there.
@@ -226,6 +282,40 @@ mod tests {
         assert!(store.bytes() <= 64 * 1024, "{} bytes held", store.bytes());
         assert!(store.evictions() > 0);
         assert!(store.len() < 200);
+    }
+
+    #[test]
+    fn largest_entry_matches_what_quick_cache_admits() {
+        for max_bytes in [32 * 1024, 1 << 20, 8 << 20, 256 << 20, 1 << 30] {
+            let store = Store::new(max_bytes);
+            let largest = largest_entry_weight(max_bytes);
+            let with_weight = |w: u64| {
+                let mut e = entry(0);
+                Arc::get_mut(&mut e).unwrap().weight = w;
+                e
+            };
+            // Past the store's own check: quick_cache itself keeps this one ...
+            store.cache.insert(Arc::from("fits"), with_weight(largest));
+            assert!(store.get("fits").is_some(), "max_bytes {max_bytes}");
+            // ... and refuses one byte more.
+            store
+                .cache
+                .insert(Arc::from("heavy"), with_weight(largest + 1));
+            assert!(store.get("heavy").is_none(), "max_bytes {max_bytes}");
+            assert!(largest_body(max_bytes) < largest);
+        }
+        assert_eq!(largest_entry_weight(256 << 20), (32 << 20) * 97 / 100);
+    }
+
+    #[test]
+    fn a_too_heavy_entry_is_refused_and_not_counted_as_an_eviction() {
+        let store = Store::new(1 << 20);
+        assert!(store.insert(Arc::from("k"), entry(1024)));
+        let heavy = largest_body(1 << 20) as usize + HEAD_ALLOWANCE as usize;
+        assert!(!store.insert(Arc::from("k"), entry(heavy)));
+        assert!(store.get("k").is_none(), "the outdated entry went");
+        assert_eq!(store.evictions(), 0);
+        assert!(store.insert(Arc::from("k"), entry(largest_body(1 << 20) as usize)));
     }
 
     #[test]

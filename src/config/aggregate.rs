@@ -338,6 +338,8 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         ignore_upstream_cache_control: false,
         warm: Vec::new(),
         refresh_hook: None,
+        // The `[cache]` default, filled in with the other routes'.
+        max_entry_bytes: 0,
     }
 }
 

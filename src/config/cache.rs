@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::raw::{RawCache, RawKeyBody, RawWarm};
-use super::Validator;
+use super::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
+use super::{CacheStoreSettings, RouteSpec, Validator};
 use crate::cache::settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
+use crate::cache::store;
+use crate::routes::PathTemplate;
 
 /// Request headers stoa sets itself for each hop: keying on them would forward a client's
 /// framing to the upstream.
@@ -23,7 +25,9 @@ const UNKEYABLE_HEADERS: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
-use crate::routes::PathTemplate;
+
+/// Largest answer stored when `[cache]` does not say (if the store can hold it).
+pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 8 * 1024 * 1024;
 
 impl Validator<'_> {
     pub(super) fn cache_settings(
@@ -214,6 +218,11 @@ impl Validator<'_> {
                 body,
             });
         }
+        // Checked against the store, and defaulted, once the `[cache]` section is known.
+        let max_entry_bytes = match &raw.max_entry_bytes {
+            None => Some(0),
+            Some(size) => self.size(&format!("{path}.max_entry_bytes"), Some(size), 0),
+        };
         let refresh_hook = match raw.refresh_hook.as_deref().map(str::trim) {
             None => Some(None),
             Some(text) => {
@@ -258,7 +267,72 @@ impl Validator<'_> {
             refresh_ahead: refresh_ahead?,
             jitter: jitter?,
             ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
+            max_entry_bytes: max_entry_bytes?,
         })
+    }
+
+    /// The `[cache]` section: the store's bound and the largest answer it stores, by
+    /// default 8 MiB or what the store can hold in one entry, if less.
+    pub(super) fn cache_store(&mut self, raw: RawCacheSection) -> Option<CacheStoreSettings> {
+        let max_bytes = self.size("cache.max_bytes", raw.max_bytes.as_ref(), 256 * 1024 * 1024)?;
+        let holds = store::largest_body(max_bytes);
+        let max_entry_bytes = match &raw.max_entry_bytes {
+            None => DEFAULT_MAX_ENTRY_BYTES.min(holds),
+            // A problem is recorded either way; the routes are still checked.
+            Some(size) => self
+                .size("cache.max_entry_bytes", Some(size), 0)
+                .and_then(|n| self.entry_fits("cache.max_entry_bytes", n, max_bytes))
+                .unwrap_or(holds),
+        };
+        if max_entry_bytes == 0 {
+            self.problem(
+                "cache.max_bytes",
+                format!("{max_bytes} bytes is too small to hold any answer"),
+            );
+            return None;
+        }
+        Some(CacheStoreSettings {
+            max_bytes,
+            max_entry_bytes,
+        })
+    }
+
+    /// Gives every cached route its `max_entry_bytes` (its own, checked against the store,
+    /// or the `[cache]` one).
+    pub(super) fn cache_entry_limits(
+        &mut self,
+        routes: &mut [(usize, RouteSpec)],
+        store: &CacheStoreSettings,
+    ) {
+        for (i, route) in routes.iter_mut() {
+            let Some(cache) = route.cache.as_mut() else {
+                continue;
+            };
+            cache.max_entry_bytes = match cache.max_entry_bytes {
+                0 => store.max_entry_bytes,
+                n => {
+                    let path = format!("routes[{i}].cache.max_entry_bytes");
+                    self.entry_fits(&path, n, store.max_bytes).unwrap_or(n)
+                }
+            };
+        }
+    }
+
+    /// `n` if a store of `max_bytes` can hold an answer of `n` bytes, else a problem.
+    fn entry_fits(&mut self, path: &str, n: u64, max_bytes: u64) -> Option<u64> {
+        let holds = store::largest_body(max_bytes);
+        if n <= holds {
+            return Some(n);
+        }
+        self.problem(
+            path,
+            format!(
+                "{n} bytes is more than the store holds in one entry: with cache.max_bytes = \
+                 {max_bytes} it keeps answers of at most {holds} bytes (the bound is split in \
+                 shards, and one entry must fit in one); raise cache.max_bytes or lower this"
+            ),
+        );
+        None
     }
 
     /// A duration that may be left out (zero) or set to zero explicitly.

@@ -115,6 +115,8 @@ pub struct LogSettings {
 pub struct CacheStoreSettings {
     /// Bound on the bytes held (bodies, headers and keys).
     pub max_bytes: u64,
+    /// Largest answer body stored, for routes that do not say.
+    pub max_entry_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -318,13 +320,7 @@ impl<'f> Validator<'f> {
                 );
             }
         }
-        let cache = self
-            .size(
-                "cache.max_bytes",
-                cache_raw.max_bytes.as_ref(),
-                256 * 1024 * 1024,
-            )
-            .map(|max_bytes| CacheStoreSettings { max_bytes });
+        let cache = self.cache_store(cache_raw);
         let admin = self.admin(admin_raw);
         if let (Some(s), Some(a)) = (&server, &admin) {
             if s.listen == a.listen {
@@ -336,6 +332,9 @@ impl<'f> Validator<'f> {
         let mut indexed = self.routes(routes_raw, &upstreams, &upstream_names, &rate_limits);
         self.link_aggregates(&mut indexed);
         self.check_invalidates(&indexed);
+        if let Some(store) = &cache {
+            self.cache_entry_limits(&mut indexed, store);
+        }
         let mut routes: Vec<RouteSpec> = indexed.into_iter().map(|(_, r)| r).collect();
         for route in &mut routes {
             match route.rate_limit.as_deref() {

@@ -92,6 +92,7 @@ pub enum RawWarm {
 #[serde(deny_unknown_fields)]
 pub struct RawCacheSection {
     pub max_bytes: Option<RawSize>,
+    pub max_entry_bytes: Option<RawSize>,
 }
 
 /// `key_body = true` (the whole body) or `key_body = ["field", ...]`.
@@ -120,6 +121,7 @@ pub struct RawCache {
     pub ignore_upstream_cache_control: Option<bool>,
     pub warm: Option<Vec<RawWarm>>,
     pub refresh_hook: Option<String>,
+    pub max_entry_bytes: Option<RawSize>,
 }
 
 /// One leg of an aggregate route (`[[routes.legs]]`).
