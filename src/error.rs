@@ -16,6 +16,11 @@ pub enum StoaError {
     BodyTooLarge { limit: u64 },
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("the {what} did not arrive within {timeout_ms} ms")]
+    RequestTimeout {
+        what: &'static str,
+        timeout_ms: u128,
+    },
     #[error("upstream {upstream} could not be reached: {detail}")]
     UpstreamUnreachable { upstream: String, detail: String },
     #[error("upstream {upstream} did not answer within {timeout_ms} ms")]
@@ -54,6 +59,7 @@ impl StoaError {
             StoaError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             StoaError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             StoaError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            StoaError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             StoaError::UpstreamUnreachable { .. }
             | StoaError::UpstreamFailed { .. }
             | StoaError::LegFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -71,6 +77,7 @@ impl StoaError {
             StoaError::MethodNotAllowed { .. } => "method_not_allowed",
             StoaError::BodyTooLarge { .. } => "payload_too_large",
             StoaError::BadRequest(_) => "bad_request",
+            StoaError::RequestTimeout { .. } => "request_timeout",
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
             StoaError::UpstreamFailed { .. } | StoaError::LegFailed { .. } => "upstream_failed",
