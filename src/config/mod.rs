@@ -1006,6 +1006,45 @@ mod tests {
     "#;
 
     #[test]
+    fn connection_limits_have_defaults_and_are_read() {
+        let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
+        assert_eq!(c.server.connections, ConnectionLimits::default());
+        assert_eq!(c.server.connections.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.connections.keepalive_requests, 1000);
+        let text = GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "header_timeout = \"2s\"\nkeepalive_timeout = \"250ms\"\nbody_timeout = \"1m\"\n\
+             keepalive_requests = 7\nmax_connections = 9",
+        );
+        let c = load_str(&text, EnvOverrides::Ignore).unwrap();
+        assert_eq!(
+            c.server.connections,
+            ConnectionLimits {
+                header_timeout: Duration::from_secs(2),
+                keepalive_timeout: Duration::from_millis(250),
+                body_timeout: Duration::from_secs(60),
+                keepalive_requests: 7,
+                max_connections: 9,
+            }
+        );
+        let p = problems(&GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "keepalive_requests = 0\nmax_connections = 0\nheader_timeout = \"0s\"",
+        ));
+        assert_eq!(
+            p,
+            vec![
+                "server.header_timeout: must be greater than zero".to_string(),
+                format!(
+                    "server.keepalive_requests: 0 is not between 1 and {}",
+                    u32::MAX
+                ),
+                "server.max_connections: 0 is not between 1 and 10000000".to_string(),
+            ]
+        );
+    }
+
+    #[test]
     fn a_good_file_gives_typed_settings() {
         let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
         assert_eq!(c.server.max_body_bytes, 64 * 1024);
