@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::admin::AdminApp;
 use crate::cache::CacheEngine;
 use crate::config::{Config, EnvOverrides};
+use crate::connections::{Listener, Stoppable};
 use crate::control::Control;
 use crate::gateway::{Gateway, Shared};
 use crate::lifecycle::Lifecycle;
@@ -63,10 +64,13 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let proxy_app = pingora::proxy::http_proxy(
         &server_conf,
         StoaProxy::new(gateway.clone(), lifecycle.clone()),
-        "stoa proxy",
+    );
+    let mut proxy = Service::new(
+        "stoa proxy".to_string(),
+        Listener::new(proxy_app, gateway.clone(), lifecycle.clone()),
     );
     proxy.add_tcp(&config.server.listen.to_string());
 
@@ -86,7 +90,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
 
     let pruner = background_service("stoa rate-limit pruner", Pruner { gateway });
 
-    server.add_service(proxy);
+    server.add_service(Stoppable::new(proxy, lifecycle.clone()));
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(pruner);
@@ -205,8 +209,10 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// SIGTERM and SIGINT both shut down gracefully: `/readyz` turns 503, in-flight requests
-/// finish (up to `server.shutdown_timeout`), then pingora stops its services.
+/// SIGTERM and SIGINT both shut down gracefully: `/readyz` turns 503 and the proxy's
+/// listening socket closes at once; in-flight requests finish (up to
+/// `server.shutdown_timeout`) while every answer closes its connection; idle connections
+/// are closed; then pingora stops its other services (the admin listener last).
 struct SignalWatch {
     lifecycle: Arc<Lifecycle>,
     timeout: Duration,
@@ -234,8 +240,15 @@ impl ShutdownSignalWatch for SignalWatch {
                 std::future::pending::<()>().await;
             }
         }
-        self.lifecycle.begin_drain();
-        if self.lifecycle.drained(self.timeout).await {
+        self.lifecycle.stop_accepting();
+        // The proxy service drains once its listener is closed (`Listener::cleanup`); a
+        // second more than its bound covers the closing of idle connections.
+        let deadline = tokio::time::Instant::now() + self.timeout + Duration::from_secs(1);
+        while !self.lifecycle.is_proxy_closed() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if self.lifecycle.drained(left).await {
             tracing::info!("all in-flight requests finished");
         } else {
             tracing::warn!(

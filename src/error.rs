@@ -23,6 +23,11 @@ pub enum StoaError {
     UriTooLong { limit: usize },
     #[error("the request's header fields are larger than the limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    #[error("the {what} did not arrive within {timeout_ms} ms")]
+    RequestTimeout {
+        what: &'static str,
+        timeout_ms: u128,
+    },
     #[error("upstream {upstream} could not be reached: {detail}")]
     UpstreamUnreachable { upstream: String, detail: String },
     #[error("upstream {upstream} did not answer within {timeout_ms} ms")]
@@ -63,6 +68,7 @@ impl StoaError {
             StoaError::BadRequest(_) | StoaError::BadPath(_) => StatusCode::BAD_REQUEST,
             StoaError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             StoaError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            StoaError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             StoaError::UpstreamUnreachable { .. }
             | StoaError::UpstreamFailed { .. }
             | StoaError::LegFailed { .. } => StatusCode::BAD_GATEWAY,
@@ -83,6 +89,7 @@ impl StoaError {
             StoaError::BadPath(_) => "bad_path",
             StoaError::UriTooLong { .. } => "uri_too_long",
             StoaError::HeadersTooLarge { .. } => "header_fields_too_large",
+            StoaError::RequestTimeout { .. } => "request_timeout",
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
             StoaError::UpstreamFailed { .. } | StoaError::LegFailed { .. } => "upstream_failed",

@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod app;
 pub mod cache;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod error;
 pub mod fetch;

@@ -1,16 +1,43 @@
 //! Process lifecycle shared by the proxy, the admin listener and the shutdown watcher:
-//! readiness, draining and the count of requests in flight.
+//! readiness, the stages of a graceful stop, and the counts of requests in flight and of
+//! open client connections.
+//!
+//! A graceful stop runs: [`Lifecycle::stop_accepting`] (readiness withdrawn, the proxy's
+//! listening socket closes), then [`Lifecycle::begin_drain`] (every answer closes its
+//! connection), then [`Lifecycle::mark_proxy_closed`] (idle connections closed).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-#[derive(Debug, Default)]
+use tokio::sync::watch;
+
+#[derive(Debug)]
 pub struct Lifecycle {
     listening: AtomicBool,
     warmed: AtomicBool,
+    stopping: AtomicBool,
     draining: AtomicBool,
+    proxy_closed: AtomicBool,
     in_flight: AtomicU64,
+    connections: AtomicUsize,
+    /// `true` once the proxy must stop accepting connections.
+    stop: watch::Sender<bool>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Lifecycle {
+            listening: AtomicBool::new(false),
+            warmed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            proxy_closed: AtomicBool::new(false),
+            in_flight: AtomicU64::new(0),
+            connections: AtomicUsize::new(0),
+            stop: watch::channel(false).0,
+        }
+    }
 }
 
 impl Lifecycle {
@@ -21,7 +48,45 @@ impl Lifecycle {
     /// Ready to serve: listeners are up, the cache warm-up is done (or gave up), and the
     /// process is not shutting down.
     pub fn is_ready(&self) -> bool {
-        self.is_listening() && self.warmed.load(Ordering::Acquire) && !self.is_draining()
+        self.is_listening() && self.warmed.load(Ordering::Acquire) && !self.is_stopping()
+    }
+
+    /// The process is shutting down (from the signal on).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Withdraws readiness and tells the proxy service to close its listening socket.
+    pub fn stop_accepting(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.send_replace(true);
+    }
+
+    /// Turns `true` when the proxy must stop accepting connections.
+    pub fn stop_watch(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// The proxy's listening socket is closed, its drain is over and idle connections are
+    /// being closed.
+    pub fn mark_proxy_closed(&self) {
+        self.proxy_closed.store(true, Ordering::Release);
+    }
+
+    pub fn is_proxy_closed(&self) -> bool {
+        self.proxy_closed.load(Ordering::Acquire)
+    }
+
+    /// Counts an open client connection until the returned guard is dropped; `None` (and
+    /// nothing counted) when `max` are open already.
+    pub fn open_connection(self: &Arc<Self>, max: usize) -> Option<OpenConnection> {
+        let guard = OpenConnection(self.clone());
+        let before = self.connections.fetch_add(1, Ordering::AcqRel);
+        (before < max).then_some(guard)
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
     }
 
     pub fn is_listening(&self) -> bool {
@@ -38,7 +103,7 @@ impl Lifecycle {
 
     /// Why the process is not ready, for `/readyz`.
     pub fn not_ready_reason(&self) -> &'static str {
-        if self.is_draining() {
+        if self.is_stopping() {
             "shutting down"
         } else if !self.is_listening() {
             "starting"
@@ -51,7 +116,9 @@ impl Lifecycle {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// From here on every answer closes its connection.
     pub fn begin_drain(&self) {
+        self.stopping.store(true, Ordering::Release);
         self.draining.store(true, Ordering::Release);
     }
 
@@ -75,6 +142,16 @@ impl Lifecycle {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         true
+    }
+}
+
+/// An open client connection; dropping it stops counting it.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Lifecycle>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -117,7 +194,28 @@ mod tests {
         assert!(!l.is_ready(), "not before the warm-up");
         l.mark_warmed();
         assert!(l.is_ready());
-        l.begin_drain();
+        l.stop_accepting();
         assert!(!l.is_ready());
+        assert!(
+            !l.is_draining(),
+            "answers keep the connection until the drain"
+        );
+        assert!(*l.stop_watch().borrow());
+    }
+
+    #[test]
+    fn connections_are_counted_and_capped() {
+        let l = Lifecycle::new();
+        let a = l.open_connection(2).unwrap();
+        let _b = l.open_connection(2).unwrap();
+        assert!(l.open_connection(2).is_none());
+        assert_eq!(
+            l.open_connections(),
+            2,
+            "a refused connection is not counted"
+        );
+        drop(a);
+        assert!(l.open_connection(2).is_some());
+        assert_eq!(l.open_connections(), 1);
     }
 }

@@ -14,6 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{key, CacheStatus, CachedRoute, Served};
+use crate::connections;
 use crate::error::StoaError;
 use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
@@ -96,6 +97,12 @@ fn content_length(req: &RequestHeader) -> Option<u64> {
 fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> Option<StoaError> {
     let upstream_of = |r: &Route| r.upstream().map(|u| u.name.clone());
     let upstream = || route.and_then(upstream_of).unwrap_or_default();
+    if let Some(timeout) = connections::body_timed_out(e) {
+        return Some(StoaError::RequestTimeout {
+            what: "request body",
+            timeout_ms: timeout.as_millis(),
+        });
+    }
     let err = match e.etype() {
         ErrorType::HTTPStatus(413) => StoaError::BodyTooLarge {
             limit: max_body_bytes,
@@ -209,6 +216,7 @@ impl StoaProxy {
             Ok(body) => body,
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
         };
+        connections::body_received(session);
         ctx.body_bytes = body.len() as u64;
         let req = session.req_header();
         let settings = &cached.settings;
@@ -300,6 +308,15 @@ impl ProxyHttp for StoaProxy {
             upstream_started: None,
             upstream_elapsed: None,
         }
+    }
+
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        connections::head_received(session);
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -430,9 +447,9 @@ impl ProxyHttp for StoaProxy {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(chunk) = body {
@@ -440,6 +457,9 @@ impl ProxyHttp for StoaProxy {
             if ctx.body_bytes > ctx.gateway.max_body_bytes {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
             }
+        }
+        if end_of_stream {
+            connections::body_received(session);
         }
         Ok(())
     }
@@ -534,6 +554,7 @@ impl ProxyHttp for StoaProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        connections::request_done(session);
         ctx.permit = None;
         let gateway = &ctx.gateway;
         let status = session.response_written().map_or(0, |h| h.status.as_u16());

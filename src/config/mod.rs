@@ -98,6 +98,37 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Longest `/readyz` stays 503 waiting for the cache warm-up.
     pub warm_timeout: Duration,
+    /// Client connection limits and deadlines.
+    pub connections: ConnectionLimits,
+}
+
+/// Deadlines and caps on client connections (`[server]` keys of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// The whole request head must arrive within this, counted from the connection's
+    /// accept (first request) or from the first byte of the head (later requests).
+    pub header_timeout: Duration,
+    /// An idle connection between two requests is closed after this.
+    pub keepalive_timeout: Duration,
+    /// The whole request body must arrive within this, counted from when stoa starts
+    /// reading it.
+    pub body_timeout: Duration,
+    /// Requests served on one connection; the last answer carries `Connection: close`.
+    pub keepalive_requests: u32,
+    /// Open client connections; new ones beyond it are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+            keepalive_requests: 1000,
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// The `[log]` section.
@@ -456,6 +487,7 @@ impl<'f> Validator<'f> {
             raw.trusted_proxies.as_deref().unwrap_or_default(),
             &mut self.problems,
         );
+        let connections = self.connection_limits(&raw);
         Some(ServerSettings {
             listen: listen?,
             threads: threads?,
@@ -463,6 +495,55 @@ impl<'f> Validator<'f> {
             shutdown_timeout: shutdown_timeout?,
             trusted_proxies,
             warm_timeout: warm_timeout?,
+            connections: connections?,
+        })
+    }
+
+    fn connection_limits(&mut self, raw: &RawServer) -> Option<ConnectionLimits> {
+        let d = ConnectionLimits::default();
+        let header_timeout = self.duration(
+            "server.header_timeout",
+            raw.header_timeout.as_ref(),
+            d.header_timeout,
+        );
+        let keepalive_timeout = self.duration(
+            "server.keepalive_timeout",
+            raw.keepalive_timeout.as_ref(),
+            d.keepalive_timeout,
+        );
+        let body_timeout = self.duration(
+            "server.body_timeout",
+            raw.body_timeout.as_ref(),
+            d.body_timeout,
+        );
+        let keepalive_requests = match raw.keepalive_requests {
+            None => Some(d.keepalive_requests),
+            Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => u32::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    "server.keepalive_requests",
+                    format!("{n} is not between 1 and {}", u32::MAX),
+                );
+                None
+            }
+        };
+        let max_connections = match raw.max_connections {
+            None => Some(d.max_connections),
+            Some(n) if (1..=10_000_000).contains(&n) => usize::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    "server.max_connections",
+                    format!("{n} is not between 1 and 10000000"),
+                );
+                None
+            }
+        };
+        Some(ConnectionLimits {
+            header_timeout: header_timeout?,
+            keepalive_timeout: keepalive_timeout?,
+            body_timeout: body_timeout?,
+            keepalive_requests: keepalive_requests?,
+            max_connections: max_connections?,
         })
     }
 
@@ -922,6 +1003,45 @@ mod tests {
         upstream = "menu"
         rewrite = "/api/restaurant/{id}"
     "#;
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_read() {
+        let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
+        assert_eq!(c.server.connections, ConnectionLimits::default());
+        assert_eq!(c.server.connections.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.connections.keepalive_requests, 1000);
+        let text = GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "header_timeout = \"2s\"\nkeepalive_timeout = \"250ms\"\nbody_timeout = \"1m\"\n\
+             keepalive_requests = 7\nmax_connections = 9",
+        );
+        let c = load_str(&text, EnvOverrides::Ignore).unwrap();
+        assert_eq!(
+            c.server.connections,
+            ConnectionLimits {
+                header_timeout: Duration::from_secs(2),
+                keepalive_timeout: Duration::from_millis(250),
+                body_timeout: Duration::from_secs(60),
+                keepalive_requests: 7,
+                max_connections: 9,
+            }
+        );
+        let p = problems(&GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "keepalive_requests = 0\nmax_connections = 0\nheader_timeout = \"0s\"",
+        ));
+        assert_eq!(
+            p,
+            vec![
+                "server.header_timeout: must be greater than zero".to_string(),
+                format!(
+                    "server.keepalive_requests: 0 is not between 1 and {}",
+                    u32::MAX
+                ),
+                "server.max_connections: 0 is not between 1 and 10000000".to_string(),
+            ]
+        );
+    }
 
     #[test]
     fn a_good_file_gives_typed_settings() {

@@ -31,6 +31,11 @@ pub struct RawServer {
     pub trusted_proxies: Option<Vec<String>>,
     pub default_rate_limit: Option<String>,
     pub warm_timeout: Option<RawDuration>,
+    pub header_timeout: Option<RawDuration>,
+    pub keepalive_timeout: Option<RawDuration>,
+    pub body_timeout: Option<RawDuration>,
+    pub keepalive_requests: Option<i64>,
+    pub max_connections: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,0 +1,563 @@
+//! Client connections: the deadlines and caps of `[server]` and the order of a graceful stop.
+//!
+//! pingora reads a request head with a per-read timeout only (a client trickling one byte at
+//! a time is never cut), waits for the next request on a keep-alive connection forever and
+//! accepts any number of connections. stoa therefore
+//! - wraps every accepted stream in a [`Guarded`] stream, which knows which phase its
+//!   connection is in (reading a head, reading a body, idle between requests) and enforces
+//!   that phase's deadline; the proxy tells it when a head and a body are complete;
+//! - serves the proxy through [`Listener`], which counts open connections (refusing those
+//!   beyond `server.max_connections`) and, once pingora has closed the listening socket,
+//!   drains the connections before idle ones are closed;
+//! - hands the proxy service a shutdown signal of its own ([`Stoppable`]), so that SIGTERM
+//!   closes the listening socket first while in-flight requests keep running.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use futures_util::task::AtomicWaker;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::SslDigest;
+use pingora::protocols::Stream;
+use pingora::protocols::ALPN;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType, IO,
+};
+use pingora::proxy::{HttpProxy, Session};
+use pingora::server::{ListenFds, ShutdownWatch};
+use pingora::services::Service as ServiceTrait;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::config::ConnectionLimits;
+use crate::error::StoaError;
+use crate::gateway::Gateway;
+use crate::lifecycle::Lifecycle;
+use crate::proxy::StoaProxy;
+
+/// After the last in-flight request, how long a draining process still waits for requests
+/// already on their way over idle keep-alive connections before it closes those.
+const IDLE_LINGER: Duration = Duration::from_millis(200);
+
+/// How often the drain checks its counters.
+const DRAIN_POLL: Duration = Duration::from_millis(10);
+
+/// What a connection is waiting for.
+const HEAD: u8 = 0;
+const BODY: u8 = 1;
+/// The body is in (or there is none): the answer is being made; no deadline of ours.
+const ANSWER: u8 = 2;
+const IDLE: u8 = 3;
+
+/// The error a read returns when the request body missed `server.body_timeout`; the proxy
+/// answers it with 408 (see [`body_timed_out`]).
+#[derive(Debug, thiserror::Error)]
+#[error("request body not received within {} ms", .0.as_millis())]
+pub struct BodyTimedOut(pub Duration);
+
+/// Whether a pingora error comes from a missed body deadline, and which.
+pub fn body_timed_out(e: &pingora::Error) -> Option<Duration> {
+    e.root_cause()
+        .downcast_ref::<io::Error>()
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<BodyTimedOut>())
+        .map(|t| t.0)
+}
+
+/// Tells the task serving a connection to drop it (the deadline of an idle connection or of a
+/// request head passed), without going through pingora's error path and its error log.
+#[derive(Debug, Default)]
+struct Cut {
+    fired: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Cut {
+    fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once [`Cut::fire`] was called.
+    fn wait(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.fired.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.fired.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+}
+
+/// An accepted client stream that enforces the deadline of the phase its connection is in:
+/// `header_timeout` for a request head (from the accept for the first request, from the
+/// first byte for later ones), `body_timeout` for a whole request body, `keepalive_timeout`
+/// between requests. The hot path costs a phase check per read and a clock read per read that
+/// has to wait; the one timer of a connection is only moved when it would fire too late.
+#[derive(Debug)]
+pub struct Guarded {
+    inner: Stream,
+    limits: ConnectionLimits,
+    /// Written by the proxy through `&self` (the same task that polls the stream).
+    phase: AtomicU8,
+    requests: AtomicU32,
+    /// The phase the read side last saw, when that phase's wait began, and whether bytes of
+    /// the current head arrived.
+    seen: u8,
+    since: Option<Instant>,
+    head_bytes: bool,
+    timer: Option<Pin<Box<Sleep>>>,
+    cut: Arc<Cut>,
+}
+
+impl Guarded {
+    fn new(inner: Stream, limits: ConnectionLimits, cut: Arc<Cut>) -> Self {
+        Guarded {
+            inner,
+            limits,
+            phase: AtomicU8::new(HEAD),
+            requests: AtomicU32::new(0),
+            seen: HEAD,
+            // The first head is due `header_timeout` after the accept.
+            since: Some(Instant::now()),
+            head_bytes: false,
+            timer: None,
+            cut,
+        }
+    }
+
+    /// The request head is parsed. Returns whether the connection may carry another request
+    /// after this one (`server.keepalive_requests`).
+    fn head_received(&self, has_body: bool) -> bool {
+        self.phase
+            .store(if has_body { BODY } else { ANSWER }, Ordering::Relaxed);
+        let served = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        served < self.limits.keepalive_requests
+    }
+
+    fn body_received(&self) {
+        self.phase.store(ANSWER, Ordering::Relaxed);
+    }
+
+    fn request_done(&self) {
+        self.phase.store(IDLE, Ordering::Relaxed);
+    }
+
+    /// A read had to wait: arms the deadline of the phase, and acts on it once it passed.
+    fn wait(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let limit = match self.seen {
+            HEAD => self.limits.header_timeout,
+            BODY => self.limits.body_timeout,
+            IDLE => self.limits.keepalive_timeout,
+            _ => return Poll::Pending,
+        };
+        let now = Instant::now();
+        let deadline = *self.since.get_or_insert(now) + limit;
+        if now >= deadline {
+            return self.expire(cx);
+        }
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() > deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                timer
+            }
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        let mut fired = timer.as_mut().poll(cx).is_ready();
+        if fired {
+            // The timer of an earlier deadline: move it to this one and register again.
+            timer.as_mut().reset(deadline);
+            fired = timer.as_mut().poll(cx).is_ready();
+        }
+        if fired {
+            return self.expire(cx);
+        }
+        Poll::Pending
+    }
+
+    fn expire(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.seen {
+            BODY => {
+                let e = BodyTimedOut(self.limits.body_timeout);
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)))
+            }
+            phase => {
+                if phase == HEAD && self.head_bytes {
+                    self.answer_408(cx);
+                }
+                tracing::debug!(
+                    phase = if phase == HEAD { "head" } else { "idle" },
+                    "closing a client connection at its deadline"
+                );
+                self.cut.fire();
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Best effort: the connection is closed right after, whatever happens here.
+    fn answer_408(&mut self, cx: &mut Context<'_>) {
+        let err = StoaError::RequestTimeout {
+            what: "request head",
+            timeout_ms: self.limits.header_timeout.as_millis(),
+        };
+        let body = err.body();
+        let mut answer = format!(
+            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        answer.extend_from_slice(&body);
+        let mut inner = Pin::new(&mut self.inner);
+        if let Poll::Ready(Ok(n)) = inner.as_mut().poll_write(cx, &answer) {
+            if n == answer.len() {
+                let _ = inner.as_mut().poll_flush(cx);
+                let _ = inner.as_mut().poll_shutdown(cx);
+            }
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let phase = this.phase.load(Ordering::Relaxed);
+        if phase != this.seen {
+            this.seen = phase;
+            this.since = None;
+            this.head_bytes = false;
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before && (this.seen == HEAD || this.seen == IDLE) {
+                    if this.seen == IDLE {
+                        // The first bytes of the next request: its head is now due.
+                        this.phase.store(HEAD, Ordering::Relaxed);
+                        this.seen = HEAD;
+                        this.since = None;
+                    }
+                    this.head_bytes = true;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => this.wait(cx),
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut *self.inner).await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// The guarded stream under a session, if it is one.
+fn guarded(session: &Session) -> Option<&Guarded> {
+    let stream: &dyn IO = &**session.downstream_session.stream()?;
+    stream.as_any().downcast_ref::<Guarded>()
+}
+
+/// The proxy read a request head: the body deadline starts (if there is a body), and the
+/// answer closes the connection if it is the connection's last (`server.keepalive_requests`).
+pub fn head_received(session: &mut Session) {
+    let has_body = !session.is_body_empty();
+    let Some(may_continue) = guarded(session).map(|conn| conn.head_received(has_body)) else {
+        return;
+    };
+    if !may_continue {
+        session.set_keepalive(None);
+    }
+    if has_body {
+        // The whole-body deadline bounds every body read; pingora's own per-read timeout
+        // (60 s) would cut a longer `server.body_timeout` short.
+        session.set_read_timeout(None);
+    }
+}
+
+/// The proxy read the whole request body.
+pub fn body_received(session: &Session) {
+    if let Some(conn) = guarded(session) {
+        conn.body_received();
+    }
+}
+
+/// The request is answered: the connection is idle until the next one.
+pub fn request_done(session: &Session) {
+    if let Some(conn) = guarded(session) {
+        conn.request_done();
+    }
+}
+
+/// The proxy as pingora serves it: counts connections, guards their streams, and orders
+/// the drain once the listening socket is closed.
+pub struct Listener {
+    app: Arc<HttpProxy<StoaProxy>>,
+    gateway: Arc<ArcSwap<Gateway>>,
+    lifecycle: Arc<Lifecycle>,
+    /// Given to pingora for every connection; set once the drain begins, so that pingora
+    /// answers the next request of each connection with `Connection: close`.
+    drain_tx: watch::Sender<bool>,
+    drain_rx: watch::Receiver<bool>,
+    /// Seconds (since `started`) of the last warning about refused connections.
+    last_refusal_warning: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
+}
+
+impl Listener {
+    pub fn new(
+        app: HttpProxy<StoaProxy>,
+        gateway: Arc<ArcSwap<Gateway>>,
+        lifecycle: Arc<Lifecycle>,
+    ) -> Self {
+        let (drain_tx, drain_rx) = watch::channel(false);
+        Listener {
+            app: Arc::new(app),
+            gateway,
+            lifecycle,
+            drain_tx,
+            drain_rx,
+            last_refusal_warning: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// At most one warning a second about connections refused at `max_connections`.
+    fn warn_refused(&self, max: usize) {
+        let now = self.started.elapsed().as_secs() + 1;
+        let last = self.last_refusal_warning.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_refusal_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                max_connections = max,
+                "refusing client connections: server.max_connections reached"
+            );
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for Listener {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // Read per connection, so a reload applies to the connections opened after it.
+        let limits = self.gateway.load().config.server.connections;
+        let Some(_open) = self.lifecycle.open_connection(limits.max_connections) else {
+            self.warn_refused(limits.max_connections);
+            // Dropping the stream closes the connection at once.
+            return None;
+        };
+        let cut = Arc::new(Cut::default());
+        let stream: Stream = Box::new(Guarded::new(stream, limits, cut.clone()));
+        tokio::select! {
+            biased;
+            _ = self.app.process_new(stream, &self.drain_rx) => {}
+            () = cut.wait() => {}
+        }
+        None
+    }
+
+    /// pingora calls this once its accept loops ended, i.e. the listening socket is closed:
+    /// new connections are refused by the kernel from here on. Every answer now closes its
+    /// connection; in-flight requests finish (up to `server.shutdown_timeout`), requests
+    /// already sent on idle connections get a short while to arrive, then idle connections
+    /// are closed.
+    async fn cleanup(&self) {
+        let timeout = self.gateway.load().config.server.shutdown_timeout;
+        let deadline = Instant::now() + timeout;
+        self.lifecycle.begin_drain();
+        self.drain_tx.send_replace(true);
+        let mut quiet_since: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            if self.lifecycle.open_connections() == 0 || now >= deadline {
+                break;
+            }
+            if self.lifecycle.in_flight() == 0 {
+                let since = *quiet_since.get_or_insert(now);
+                if now >= since + IDLE_LINGER {
+                    break;
+                }
+            } else {
+                quiet_since = None;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        tracing::info!(
+            in_flight = self.lifecycle.in_flight(),
+            open_connections = self.lifecycle.open_connections(),
+            "proxy drained: closing idle connections"
+        );
+        // Wakes the connections parked waiting for a next request: they close.
+        self.app.cleanup().await;
+        self.lifecycle.mark_proxy_closed();
+    }
+}
+
+/// The proxy service, stopped by [`Lifecycle::stop_accepting`] rather than by pingora's
+/// shutdown broadcast, which comes only after the drain.
+pub struct Stoppable<S> {
+    inner: S,
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl<S> Stoppable<S> {
+    pub fn new(inner: S, lifecycle: Arc<Lifecycle>) -> Self {
+        Stoppable { inner, lifecycle }
+    }
+}
+
+#[async_trait]
+impl<S: ServiceTrait> ServiceTrait for Stoppable<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<ListenFds>,
+        mut shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        // Should pingora shut down by itself, the proxy stops as well.
+        let lifecycle = self.lifecycle.clone();
+        tokio::spawn(async move {
+            while shutdown.changed().await.is_ok() {
+                if *shutdown.borrow() {
+                    lifecycle.stop_accepting();
+                    return;
+                }
+            }
+        });
+        let stop = self.lifecycle.stop_watch();
+        self.inner.start_service(fds, stop, listeners_per_fd).await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
+}
