@@ -19,7 +19,7 @@ use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::FetchOutcome;
-use crate::ratelimit::{client_key, AppliesTo, Decision, Mode, UpstreamPermit};
+use crate::ratelimit::{client_key, AppliesTo, ClientKey, Decision, Mode, RateLimiter, UpstreamPermit};
 use crate::respond::{self, Decorations};
 use crate::routes::{upstream_uri, Lookup};
 use crate::telemetry::{access_log, AccessRecord};
@@ -134,52 +134,60 @@ fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> O
     Some(err)
 }
 
+/// Counts one request of `client` against the route's policy, keeping the decision (its
+/// headers go on the answer). `Err` carries the 429 to answer.
+fn check_limit(
+    rate: &mut Option<Decision>,
+    route: &Route,
+    limiter: &RateLimiter,
+    client: &ClientKey,
+) -> std::result::Result<(), StoaError> {
+    let policy = limiter.settings();
+    let decision = limiter.check(client);
+    if decision.over_limit {
+        if let Some(counter) = &route.rate_limited {
+            counter.inc();
+        }
+        if policy.mode == Mode::DryRun {
+            tracing::info!(route = %route.spec.name, policy = %policy.name, client = ?client, "rate limit exceeded (dry run)");
+        }
+    }
+    let refused = !decision.allowed;
+    let retry_after_secs = decision.retry_after_secs.unwrap_or(1);
+    *rate = Some(decision);
+    if refused {
+        return Err(StoaError::RateLimited {
+            policy: policy.name.clone(),
+            retry_after_secs,
+        });
+    }
+    Ok(())
+}
+
 impl StoaProxy {
     pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
         StoaProxy { gateway, lifecycle }
     }
 
-    /// Applies the route's rate-limit policy. `Err` carries the 429 to answer.
-    /// `answered_from_memory` is asked only for `applies_to = "misses"` policies.
+    /// Applies the route's rate-limit policy to every request (a "misses" policy on a
+    /// cached route is applied in `serve_cached` instead). `Err` carries the 429 to answer.
     fn rate_limit(
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
         route: &Route,
-        answered_from_memory: impl FnOnce() -> bool,
     ) -> std::result::Result<(), StoaError> {
         let Some(limiter) = &route.limiter else {
             return Ok(());
         };
         let policy = limiter.settings();
-        if policy.applies_to == AppliesTo::Misses && answered_from_memory() {
-            return Ok(());
-        }
         let key = client_key(
             client_ip(session),
             &session.req_header().headers,
             &policy.client,
             &ctx.gateway.trusted_proxies,
         );
-        let decision = limiter.check(&key);
-        if decision.over_limit {
-            if let Some(counter) = &route.rate_limited {
-                counter.inc();
-            }
-            if policy.mode == Mode::DryRun {
-                tracing::info!(route = %route.spec.name, policy = %policy.name, client = ?key, "rate limit exceeded (dry run)");
-            }
-        }
-        let refused = !decision.allowed;
-        let retry_after_secs = decision.retry_after_secs.unwrap_or(1);
-        ctx.rate = Some(decision);
-        if refused {
-            return Err(StoaError::RateLimited {
-                policy: policy.name.clone(),
-                retry_after_secs,
-            });
-        }
-        Ok(())
+        check_limit(&mut ctx.rate, route, limiter, &key)
     }
 
     /// Answers a request on a cached route entirely from `request_filter`: from memory,
@@ -196,7 +204,7 @@ impl StoaProxy {
         let gateway = ctx.gateway.clone();
         let draining = self.lifecycle.is_draining();
         // Answers stoa gives before reaching the cache (400, 413, 429) did not use it.
-        ctx.cache = CacheStatus::Bypass;
+        ctx.cache = CacheStatus::None;
         let body = match respond::read_body(session, gateway.max_body_bytes).await? {
             Ok(body) => body,
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
@@ -209,9 +217,24 @@ impl StoaProxy {
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
         };
         let private = respond::is_private_request(req, settings);
-        if limit_misses {
-            let from_memory = || !private && gateway.cache.answers_from_memory(&key);
-            if let Err(e) = self.rate_limit(session, ctx, route, from_memory) {
+        // A "misses" policy counts only requests that would start an upstream fetch: a
+        // private one here (it always goes upstream), a shared one when it would lead a
+        // flight (`serve_miss` asks). Hits, stale answers and the waiters of a flight in
+        // progress are never counted.
+        let miss_limit = match (&route.limiter, limit_misses) {
+            (Some(limiter), true) => {
+                let client = client_key(
+                    client_ip(session),
+                    &req.headers,
+                    &limiter.settings().client,
+                    &gateway.trusted_proxies,
+                );
+                Some((limiter, client))
+            }
+            _ => None,
+        };
+        if let (true, Some((limiter, client))) = (private, &miss_limit) {
+            if let Err(e) = check_limit(&mut ctx.rate, route, limiter, client) {
                 return respond::error(session, &e, &ctx.decorations(draining)).await;
             }
         }
@@ -233,6 +256,7 @@ impl StoaProxy {
             Box::pin(gateway.cache.bypass(cached, fetch)).await
         } else {
             let request_id = &ctx.request_id;
+            let rate = &mut ctx.rate;
             let make_fetch = || FetchRequest {
                 method,
                 headers: respond::shared_fetch_headers(req, settings, request_id),
@@ -242,7 +266,12 @@ impl StoaProxy {
             match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
                 Ok(served) => served,
                 Err((make_fetch, stale)) => {
-                    Box::pin(gateway.cache.serve_miss(cached, &key, stale, make_fetch)).await
+                    let admit = || match &miss_limit {
+                        Some((limiter, client)) => check_limit(rate, route, limiter, client),
+                        None => Ok(()),
+                    };
+                    Box::pin(gateway.cache.serve_miss(cached, &key, stale, make_fetch, admit))
+                        .await
                 }
             }
         };
@@ -261,7 +290,9 @@ impl StoaProxy {
             }
             Served::Error(e, status) => {
                 ctx.cache = status;
-                ctx.upstream_elapsed = Some(asked.elapsed());
+                if status != CacheStatus::None {
+                    ctx.upstream_elapsed = Some(asked.elapsed());
+                }
                 respond::error(session, &e, &ctx.decorations(draining)).await
             }
         }
@@ -335,7 +366,7 @@ impl ProxyHttp for StoaProxy {
                 .as_ref()
                 .is_some_and(|l| l.settings().applies_to == AppliesTo::Misses);
         if !limited_later {
-            if let Err(e) = self.rate_limit(session, ctx, route, || false) {
+            if let Err(e) = self.rate_limit(session, ctx, route) {
                 respond::error(session, &e, &ctx.decorations(draining)).await?;
                 return Ok(true);
             }
