@@ -19,7 +19,9 @@ use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::FetchOutcome;
-use crate::ratelimit::{client_key, AppliesTo, ClientKey, Decision, Mode, RateLimiter, UpstreamPermit};
+use crate::ratelimit::{
+    client_key, AppliesTo, ClientKey, Decision, Mode, RateLimiter, UpstreamPermit,
+};
 use crate::respond::{self, Decorations};
 use crate::routes::{upstream_uri, Lookup};
 use crate::telemetry::{access_log, AccessRecord};
@@ -270,8 +272,12 @@ impl StoaProxy {
                         Some((limiter, client)) => check_limit(rate, route, limiter, client),
                         None => Ok(()),
                     };
-                    Box::pin(gateway.cache.serve_miss(cached, &key, stale, make_fetch, admit))
-                        .await
+                    Box::pin(
+                        gateway
+                            .cache
+                            .serve_miss(cached, &key, stale, make_fetch, admit),
+                    )
+                    .await
                 }
             }
         };
@@ -538,6 +544,8 @@ impl ProxyHttp for StoaProxy {
                     }
                     if let Some(started) = ctx.upstream_started {
                         let outcome = match e.map(|e| e.etype()) {
+                            // The upstream's own 5xx is an error, as on cached routes.
+                            None if status >= 500 => FetchOutcome::Error,
                             None => FetchOutcome::Ok,
                             Some(ErrorType::ConnectTimedout)
                             | Some(ErrorType::ReadTimedout)

@@ -97,7 +97,11 @@ async fn a_misses_policy_never_throttles_the_waiters_of_a_flight() {
             .all(|(_, c)| matches!(c.as_str(), "MISS" | "COALESCED" | "HIT")),
         "{answers:?}"
     );
-    assert_eq!(calls(&up, "GET /get_clv"), 1, "one upstream call for the burst");
+    assert_eq!(
+        calls(&up, "GET /get_clv"),
+        1,
+        "one upstream call for the burst"
+    );
 
     // Misses of other keys still count: two more fit in the burst of three, then 429.
     for customer in &CLV_CUSTOMERS[1..3] {
@@ -110,7 +114,11 @@ async fn a_misses_policy_never_throttles_the_waiters_of_a_flight() {
         assert_eq!(body["error"], "rate_limited", "{body}");
         assert_eq!(cache, "", "a 429 was not answered by the cache");
     }
-    assert_eq!(calls(&up, "GET /get_clv"), 3, "refused misses never reached it");
+    assert_eq!(
+        calls(&up, "GET /get_clv"),
+        3,
+        "refused misses never reached it"
+    );
 
     // Hits are never throttled, even with the bucket empty.
     for _ in 0..10 {
