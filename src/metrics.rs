@@ -315,10 +315,11 @@ pub struct RouteShape<'a> {
 }
 
 impl RouteShape<'_> {
-    /// The (cache, status) pairs a route of this shape commonly answers: 200 (and the
-    /// other cacheable statuses) from every cache status it reports, 502 and 504 where the
-    /// upstream is asked, and 429 (`cache="none"`) when rate limited. Bounded: at most
-    /// a few dozen pairs per route.
+    /// The (cache, status) pairs a route of this shape commonly answers: on a cached route
+    /// 200 (and the other cacheable statuses) from every cache status it reports, 502 and
+    /// 504 where the upstream is asked; on a pass-through route 200, 404, 500, 502, 503 and
+    /// 504; and 429 (`cache="none"`) when rate limited. Bounded: a few dozen pairs per
+    /// route. Other statuses still get their series, on first use.
     pub fn answers(&self) -> Vec<(CacheStatus, u16)> {
         let mut out = Vec::new();
         if self.cached {
@@ -335,7 +336,8 @@ impl RouteShape<'_> {
                 out.extend([(cache, 502), (cache, 504)]);
             }
         } else {
-            out.extend([200, 502, 504].map(|status| (CacheStatus::None, status)));
+            // The upstream's own common answers pass through, and stoa's 502 and 504.
+            out.extend([200, 404, 500, 502, 503, 504].map(|status| (CacheStatus::None, status)));
         }
         if self.limited {
             out.push((CacheStatus::None, 429));
