@@ -222,21 +222,20 @@ impl StoaProxy {
         // A "misses" policy counts only requests that would start an upstream fetch: a
         // private one here (it always goes upstream), a shared one when it would lead a
         // flight (`serve_miss` asks). Hits, stale answers and the waiters of a flight in
-        // progress are never counted.
-        let miss_limit = match (&route.limiter, limit_misses) {
-            (Some(limiter), true) => {
-                let client = client_key(
-                    client_ip(session),
-                    &req.headers,
-                    &limiter.settings().client,
-                    &gateway.trusted_proxies,
-                );
-                Some((limiter, client))
+        // progress are never counted; the client is identified only when asked, so hits
+        // cost nothing here.
+        let peer = client_ip(session);
+        let miss_limit = route.limiter.as_deref().filter(|_| limit_misses);
+        let admit = |rate: &mut Option<Decision>, headers: &http::HeaderMap| match miss_limit {
+            Some(limiter) => {
+                let policy = limiter.settings();
+                let client = client_key(peer, headers, &policy.client, &gateway.trusted_proxies);
+                check_limit(rate, route, limiter, &client)
             }
-            _ => None,
+            None => Ok(()),
         };
-        if let (true, Some((limiter, client))) = (private, &miss_limit) {
-            if let Err(e) = check_limit(&mut ctx.rate, route, limiter, client) {
+        if private {
+            if let Err(e) = admit(&mut ctx.rate, &req.headers) {
                 return respond::error(session, &e, &ctx.decorations(draining)).await;
             }
         }
@@ -268,10 +267,7 @@ impl StoaProxy {
             match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
                 Ok(served) => served,
                 Err((make_fetch, stale)) => {
-                    let admit = || match &miss_limit {
-                        Some((limiter, client)) => check_limit(rate, route, limiter, client),
-                        None => Ok(()),
-                    };
+                    let admit = || admit(rate, &req.headers);
                     Box::pin(
                         gateway
                             .cache
