@@ -9,7 +9,8 @@ run: deps
 	./scripts/run-demo.sh
 
 ## Everything CI checks: unit and end-to-end tests, formatting and lints.
-## promtool (Debian's prometheus package) checks the /metrics exposition in the tests.
+## promtool and prometheus (Debian's prometheus package) check the /metrics exposition, the
+## scrape configuration and the dashboard's queries in the tests.
 test: deps
 	./scripts/install-promtool.sh >/dev/null
 	STOA_PROMTOOL="$$(./scripts/install-promtool.sh)" $(CARGO) test --workspace --all-targets

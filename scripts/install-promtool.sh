@@ -1,11 +1,13 @@
 #!/bin/sh
-# Installs promtool, from Debian's `prometheus` package, when it is missing; prints its
-# path. Runs as root or through sudo, asks no question, and starts no service: service
+# Installs promtool and prometheus, from Debian's `prometheus` package, when either is
+# missing; prints promtool's path. The tests run both (promtool checks the exposition and
+# deploy/prometheus.yml; tests/prometheus.rs starts its own prometheus server on a free
+# port). Runs as root or through sudo, asks no question, and starts no service: service
 # starts are denied through policy-rc.d while the package is configured, and its boot-time
-# start is disabled afterwards (only the promtool binary is wanted).
+# start is disabled afterwards (the tests start the binary themselves).
 set -eu
 
-if command -v promtool >/dev/null 2>&1; then
+if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then
     command -v promtool
     exit 0
 fi
@@ -48,9 +50,12 @@ elif command -v update-rc.d >/dev/null 2>&1; then
     $SUDO update-rc.d prometheus disable >/dev/null 2>&1 || true
 fi
 
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "install-promtool: the prometheus package installed no promtool" >&2
-    exit 1
-fi
+for tool in promtool prometheus; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "install-promtool: the prometheus package installed no $tool" >&2
+        exit 1
+    fi
+done
 promtool --version >/dev/null
+prometheus --version >/dev/null 2>&1
 command -v promtool

@@ -10,11 +10,11 @@ use pingora::upstreams::peer::HttpPeer;
 use prometheus::IntCounter;
 
 use crate::aggregate::Aggregator;
-use crate::cache::{CacheEngine, CachedRoute, Source};
+use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Source};
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
 use crate::fetch::UpstreamClient;
-use crate::metrics::{Metrics, RouteMetrics, UpstreamMetrics};
+use crate::metrics::{Metrics, RouteMetrics, RouteShape, UpstreamMetrics};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
 use crate::routes::{
     normalize_path, upstream_uri, Lookup, PathMode, PathTemplate, Routable, RouteTable,
@@ -124,6 +124,7 @@ impl Gateway {
             })
             .collect();
         let unmatched = metrics.route(UNMATCHED_ROUTE, false).map_err(metric_err)?;
+        unmatched.expect([(CacheStatus::None, 404)]);
         let mut clients: HashMap<String, UpstreamClient> = HashMap::new();
         for (name, up) in &config.upstreams {
             if let Some(guard) = guards.get(name.as_str()) {
@@ -187,11 +188,13 @@ impl Gateway {
                     ),
                     None => None,
                 };
+                let route_metrics = metrics
+                    .route(&spec.name, spec.cache.is_some())
+                    .map_err(metric_err)?;
+                route_metrics.expect(expected_answers(spec, limiter.is_some()));
                 routes.push(Route {
                     peer: upstream.map(peer_for),
-                    metrics: metrics
-                        .route(&spec.name, spec.cache.is_some())
-                        .map_err(metric_err)?,
+                    metrics: route_metrics,
                     spec: spec.clone(),
                     cache: cached,
                     limiter,
@@ -300,6 +303,25 @@ pub fn same_cached_answers(old: &RouteSpec, new: &RouteSpec) -> bool {
                 .map(|u| (u.addr, &u.base_path, &u.host_header))
         && old.aggregate == new.aggregate
         && old.cache == new.cache
+}
+
+/// The `stoa_requests_total` series a route starts with, at zero.
+fn expected_answers(spec: &RouteSpec, limited: bool) -> Vec<(CacheStatus, u16)> {
+    let cacheable: Vec<u16> = spec
+        .cache
+        .iter()
+        .flat_map(|c| c.statuses.iter().map(|(status, _)| *status))
+        .collect();
+    RouteShape {
+        cached: spec.cache.is_some(),
+        cacheable: &cacheable,
+        stale: spec
+            .cache
+            .as_ref()
+            .is_some_and(|c| !c.stale_while_revalidate.is_zero() || !c.stale_if_error.is_zero()),
+        limited,
+    }
+    .answers()
 }
 
 fn peer_for(upstream: &Upstream) -> HttpPeer {

@@ -23,9 +23,13 @@ use crate::cache::CacheStatus;
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 
 /// Latency buckets in seconds: from 100µs (memory hits) to 30s (slow upstream misses).
-pub const DURATION_BUCKETS: [f64; 17] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0, 30.0,
+/// The usual timeouts (1 s to connect, 5 s and 10 s to answer) each have a bucket ending at
+/// them and one just above: a request cut at a 5 s timeout takes 5.00x s and lands in
+/// (5, 5.5], so a p99 made of such requests reads about 5.5 s, not the 9.6 s a (5, 10]
+/// bucket would interpolate to.
+pub const DURATION_BUCKETS: [f64; 23] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.25,
+    2.5, 5.0, 5.5, 6.0, 7.5, 10.0, 11.0, 15.0, 30.0,
 ];
 
 /// Status codes 100..=599 get one slot each; anything else shares the last one.
@@ -33,11 +37,12 @@ const STATUS_SLOTS: usize = 501;
 const OTHER_STATUS_SLOT: usize = STATUS_SLOTS - 1;
 
 /// How an upstream fetch ended: the `outcome` label of `stoa_upstream_fetches_total`.
+/// The same on cached and pass-through routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FetchOutcome {
-    /// The upstream answered (any HTTP status).
+    /// The upstream answered with a status below 500 (a 404 is an answer, too).
     Ok,
-    /// Connection or protocol failure.
+    /// The upstream answered 5xx, or the connection or protocol failed.
     Error,
     /// The upstream did not answer in time.
     Timeout,
@@ -312,6 +317,58 @@ impl Metrics {
     }
 }
 
+/// What a route can answer, to create its common `stoa_requests_total` series at zero
+/// (see [`RouteMetrics::expect`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteShape<'a> {
+    /// Answers come through the cache (cached and aggregate routes).
+    pub cached: bool,
+    /// Statuses the cache stores besides 200 (e.g. 404).
+    pub cacheable: &'a [u16],
+    /// Stale answers are possible (`stale_while_revalidate` or `stale_if_error`).
+    pub stale: bool,
+    /// A rate-limit policy applies, so 429s are possible.
+    pub limited: bool,
+}
+
+impl RouteShape<'_> {
+    /// The (cache, status) pairs a route of this shape commonly answers: on a cached route
+    /// 200 (and the other cacheable statuses) from every cache status it reports, 502 and
+    /// 504 where the upstream is asked; on a pass-through route 200, 404, 500, 502, 503 and
+    /// 504; and 429 when rate limited (`cache="bypass"` on a cached route, which answers it
+    /// before the cache, `"none"` elsewhere). Bounded: a few dozen pairs per
+    /// route. Other statuses still get their series, on first use.
+    pub fn answers(&self) -> Vec<(CacheStatus, u16)> {
+        let mut out = Vec::new();
+        if self.cached {
+            let mut served = vec![CacheStatus::Hit, CacheStatus::Miss, CacheStatus::Coalesced];
+            if self.stale {
+                served.push(CacheStatus::Stale);
+            }
+            for cache in served {
+                out.push((cache, 200));
+                out.extend(self.cacheable.iter().map(|&status| (cache, status)));
+            }
+            out.push((CacheStatus::Bypass, 200));
+            for cache in [CacheStatus::Miss, CacheStatus::Coalesced] {
+                out.extend([(cache, 502), (cache, 504)]);
+            }
+        } else {
+            // The upstream's own common answers pass through, and stoa's 502 and 504.
+            out.extend([200, 404, 500, 502, 503, 504].map(|status| (CacheStatus::None, status)));
+        }
+        if self.limited {
+            let cache = if self.cached {
+                CacheStatus::Bypass
+            } else {
+                CacheStatus::None
+            };
+            out.push((cache, 429));
+        }
+        out
+    }
+}
+
 /// Keeps `stoa_requests_in_flight` one higher while it lives.
 pub struct InFlightGuard(IntGauge);
 
@@ -353,6 +410,15 @@ impl RouteMetrics {
         }
         if let Some(histogram) = self.duration(cache) {
             histogram.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// Creates the `stoa_requests_total` series of these (cache, status) pairs at zero, so
+    /// that the first burst of each is seen by `increase()` and `rate()` (a series that
+    /// appears with its first value already counted hides that value).
+    pub fn expect(&self, answers: impl IntoIterator<Item = (CacheStatus, u16)>) {
+        for (cache, status) in answers {
+            self.status_counter(status, cache);
         }
     }
 
@@ -589,8 +655,11 @@ mod tests {
         assert!(hit_buckets[0].ends_with(" 0"), "{}", hit_buckets[0]);
         assert!(hit_buckets[1].contains("le=\"0.00025\"") && hit_buckets[1].ends_with(" 1"));
         assert!(hit_buckets[2].contains("le=\"0.0005\"") && hit_buckets[2].ends_with(" 2"));
-        assert!(hit_buckets[16].contains("le=\"30\"") && hit_buckets[16].ends_with(" 2"));
-        assert!(hit_buckets[17].contains("le=\"+Inf\"") && hit_buckets[17].ends_with(" 3"));
+        let last = DURATION_BUCKETS.len() - 1;
+        assert!(hit_buckets[last].contains("le=\"30\"") && hit_buckets[last].ends_with(" 2"));
+        assert!(
+            hit_buckets[last + 1].contains("le=\"+Inf\"") && hit_buckets[last + 1].ends_with(" 3")
+        );
         assert!(text.contains(
             "stoa_request_duration_seconds_sum{cache=\"hit\",route=\"restaurant\"} 60.0005"
         ));
@@ -634,6 +703,44 @@ mod tests {
         assert!(!text.contains(r#"cache="none",route="clv""#));
         // No status is known before the first request.
         assert!(series(&text, "stoa_requests_total").is_empty());
+    }
+
+    #[test]
+    fn expected_answers_start_at_zero_and_stay_bounded() {
+        let m = Metrics::new().unwrap();
+        let cached = m.route("menu", true).unwrap();
+        let shape = RouteShape {
+            cached: true,
+            cacheable: &[404],
+            stale: true,
+            limited: true,
+        };
+        cached.expect(shape.answers());
+        let pass = m.route("pass", false).unwrap();
+        pass.expect(RouteShape::default().answers());
+        let text = m.render();
+        for line in [
+            r#"stoa_requests_total{cache="hit",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="hit",route="menu",status="404"} 0"#,
+            r#"stoa_requests_total{cache="miss",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="miss",route="menu",status="502"} 0"#,
+            r#"stoa_requests_total{cache="coalesced",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="stale",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="bypass",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="bypass",route="menu",status="429"} 0"#,
+            r#"stoa_requests_total{cache="none",route="pass",status="200"} 0"#,
+            r#"stoa_requests_total{cache="none",route="pass",status="504"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
+        }
+        assert!(!text.contains(r#"cache="none",route="pass",status="429""#));
+        assert!(!text.contains(r#"cache="hit",route="pass""#));
+        assert!(shape.answers().len() <= 24);
+        // Counting continues the pre-created series.
+        cached.observe(200, CacheStatus::Coalesced, ms(1));
+        assert!(m.render().contains(
+            "stoa_requests_total{cache=\"coalesced\",route=\"menu\",status=\"200\"} 1\n"
+        ));
     }
 
     #[test]

@@ -20,7 +20,9 @@ use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::FetchOutcome;
-use crate::ratelimit::{client_key, AppliesTo, Decision, Mode, UpstreamPermit};
+use crate::ratelimit::{
+    client_key, AppliesTo, ClientKey, Decision, Mode, RateLimiter, UpstreamPermit,
+};
 use crate::respond::{self, Decorations};
 use crate::routes::{normalize_path, upstream_uri, Lookup, PathMode};
 use crate::telemetry::{access_log, AccessRecord};
@@ -65,16 +67,20 @@ impl RequestCtx {
         }
     }
 
-    /// How a cached route's request used the cache, for the `X-Cache` of stoa's own
-    /// errors: an answer given before the cache was reached (400, 413, 429) bypassed it.
-    /// Nothing on other routes.
-    fn x_cache(&self) -> Option<&'static str> {
+    /// How this request used the cache: the `X-Cache` a client sees and the `cache` label of
+    /// the request metrics, one value for both. An answer a cached route gives before the
+    /// cache is reached (400, 413, 429) bypassed it; other routes have none.
+    fn cache_status(&self) -> CacheStatus {
         match self.cache {
             CacheStatus::None if self.route().is_some_and(|r| r.cache.is_some()) => {
-                CacheStatus::Bypass.header_value()
+                CacheStatus::Bypass
             }
-            status => status.header_value(),
+            status => status,
         }
+    }
+
+    fn x_cache(&self) -> Option<&'static str> {
+        self.cache_status().header_value()
     }
 }
 
@@ -149,52 +155,60 @@ fn classify(e: &pingora::Error, route: Option<&Route>, max_body_bytes: u64) -> O
     Some(err)
 }
 
+/// Counts one request of `client` against the route's policy, keeping the decision (its
+/// headers go on the answer). `Err` carries the 429 to answer.
+fn check_limit(
+    rate: &mut Option<Decision>,
+    route: &Route,
+    limiter: &RateLimiter,
+    client: &ClientKey,
+) -> std::result::Result<(), StoaError> {
+    let policy = limiter.settings();
+    let decision = limiter.check(client);
+    if decision.over_limit {
+        if let Some(counter) = &route.rate_limited {
+            counter.inc();
+        }
+        if policy.mode == Mode::DryRun {
+            tracing::info!(route = %route.spec.name, policy = %policy.name, client = ?client, "rate limit exceeded (dry run)");
+        }
+    }
+    let refused = !decision.allowed;
+    let retry_after_secs = decision.retry_after_secs.unwrap_or(1);
+    *rate = Some(decision);
+    if refused {
+        return Err(StoaError::RateLimited {
+            policy: policy.name.clone(),
+            retry_after_secs,
+        });
+    }
+    Ok(())
+}
+
 impl StoaProxy {
     pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
         StoaProxy { gateway, lifecycle }
     }
 
-    /// Applies the route's rate-limit policy. `Err` carries the 429 to answer.
-    /// `answered_from_memory` is asked only for `applies_to = "misses"` policies.
+    /// Applies the route's rate-limit policy to every request (a "misses" policy on a
+    /// cached route is applied in `serve_cached` instead). `Err` carries the 429 to answer.
     fn rate_limit(
         &self,
         session: &Session,
         ctx: &mut RequestCtx,
         route: &Route,
-        answered_from_memory: impl FnOnce() -> bool,
     ) -> std::result::Result<(), StoaError> {
         let Some(limiter) = &route.limiter else {
             return Ok(());
         };
         let policy = limiter.settings();
-        if policy.applies_to == AppliesTo::Misses && answered_from_memory() {
-            return Ok(());
-        }
         let key = client_key(
             client_ip(session),
             &session.req_header().headers,
             &policy.client,
             &ctx.gateway.trusted_proxies,
         );
-        let decision = limiter.check(&key);
-        if decision.over_limit {
-            if let Some(counter) = &route.rate_limited {
-                counter.inc();
-            }
-            if policy.mode == Mode::DryRun {
-                tracing::info!(route = %route.spec.name, policy = %policy.name, client = ?key, "rate limit exceeded (dry run)");
-            }
-        }
-        let refused = !decision.allowed;
-        let retry_after_secs = decision.retry_after_secs.unwrap_or(1);
-        ctx.rate = Some(decision);
-        if refused {
-            return Err(StoaError::RateLimited {
-                policy: policy.name.clone(),
-                retry_after_secs,
-            });
-        }
-        Ok(())
+        check_limit(&mut ctx.rate, route, limiter, &key)
     }
 
     /// Answers a request on a cached route entirely from `request_filter`: from memory,
@@ -211,7 +225,7 @@ impl StoaProxy {
         let gateway = ctx.gateway.clone();
         let draining = self.lifecycle.is_draining();
         // Answers stoa gives before reaching the cache (400, 413, 429) did not use it.
-        ctx.cache = CacheStatus::Bypass;
+        ctx.cache = CacheStatus::None;
         let body = match respond::read_body(session, gateway.max_body_bytes).await? {
             Ok(body) => body,
             Err(e) => return respond::error(session, &e, &ctx.decorations(draining)).await,
@@ -227,9 +241,23 @@ impl StoaProxy {
         // Credentials the key does not cover, or (if the route says so) a body it ignores,
         // keep this request's answer to itself.
         let private = respond::is_private_request(req, settings) || cached.bypasses_for(&body);
-        if limit_misses {
-            let from_memory = || !private && gateway.cache.answers_from_memory(&key);
-            if let Err(e) = self.rate_limit(session, ctx, route, from_memory) {
+        // A "misses" policy counts only requests that would start an upstream fetch: a
+        // private one here (it always goes upstream), a shared one when it would lead a
+        // flight (`serve_miss` asks). Hits, stale answers and the waiters of a flight in
+        // progress are never counted; the client is identified only when asked, so hits
+        // cost nothing here.
+        let peer = client_ip(session);
+        let miss_limit = route.limiter.as_deref().filter(|_| limit_misses);
+        let admit = |rate: &mut Option<Decision>, headers: &http::HeaderMap| match miss_limit {
+            Some(limiter) => {
+                let policy = limiter.settings();
+                let client = client_key(peer, headers, &policy.client, &gateway.trusted_proxies);
+                check_limit(rate, route, limiter, &client)
+            }
+            None => Ok(()),
+        };
+        if private {
+            if let Err(e) = admit(&mut ctx.rate, &req.headers) {
                 return respond::error(session, &e, &ctx.decorations(draining)).await;
             }
         }
@@ -251,13 +279,20 @@ impl StoaProxy {
             Box::pin(gateway.cache.bypass(cached, fetch)).await
         } else {
             let request_id = &ctx.request_id;
+            let rate = &mut ctx.rate;
             let make_fetch = || {
                 cached.shared_fetch(method, &upstream_path, &key, &req.headers, Some(request_id))
             };
             match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
                 Ok(served) => served,
                 Err((make_fetch, stale)) => {
-                    Box::pin(gateway.cache.serve_miss(cached, &key, stale, make_fetch)).await
+                    let admit = || admit(rate, &req.headers);
+                    Box::pin(
+                        gateway
+                            .cache
+                            .serve_miss(cached, &key, stale, make_fetch, admit),
+                    )
+                    .await
                 }
             }
         };
@@ -281,7 +316,9 @@ impl StoaProxy {
             }
             Served::Error(e, status) => {
                 ctx.cache = status;
-                ctx.upstream_elapsed = Some(asked.elapsed());
+                if status != CacheStatus::None {
+                    ctx.upstream_elapsed = Some(asked.elapsed());
+                }
                 respond::error(session, &e, &ctx.decorations(draining)).await
             }
         }
@@ -382,7 +419,7 @@ impl ProxyHttp for StoaProxy {
                 .as_ref()
                 .is_some_and(|l| l.settings().applies_to == AppliesTo::Misses);
         if !limited_later {
-            if let Err(e) = self.rate_limit(session, ctx, route, || false) {
+            if let Err(e) = self.rate_limit(session, ctx, route) {
                 respond::error(session, &e, &ctx.decorations(draining)).await?;
                 return Ok(true);
             }
@@ -563,12 +600,14 @@ impl ProxyHttp for StoaProxy {
         if gateway.record_metrics {
             match route {
                 Some(route) => {
-                    route.metrics.observe(status, ctx.cache, elapsed);
+                    route.metrics.observe(status, ctx.cache_status(), elapsed);
                     if ctx.cache == CacheStatus::Coalesced {
                         route.metrics.coalesced_waiter();
                     }
                     if let Some(started) = ctx.upstream_started {
                         let outcome = match e.map(|e| e.etype()) {
+                            // The upstream's own 5xx is an error, as on cached routes.
+                            None if status >= 500 => FetchOutcome::Error,
                             None => FetchOutcome::Ok,
                             Some(ErrorType::ConnectTimedout)
                             | Some(ErrorType::ReadTimedout)
@@ -594,7 +633,7 @@ impl ProxyHttp for StoaProxy {
                 path: req.uri.path(),
                 route: route.map_or(UNMATCHED_ROUTE, |r| r.spec.name.as_str()),
                 status,
-                cache: ctx.cache,
+                cache: ctx.cache_status(),
                 bytes: session.body_bytes_sent() as u64,
                 duration: elapsed,
                 upstream_duration: ctx.upstream_elapsed,

@@ -244,15 +244,6 @@ impl CacheEngine {
         })
     }
 
-    /// Whether a request for `key` would be answered from memory right now (fresh, or
-    /// stale within stale-while-revalidate), without reaching the upstream.
-    pub fn answers_from_memory(&self, key: &str) -> bool {
-        let now = Instant::now();
-        self.store
-            .get(key)
-            .is_some_and(|e| now < e.revalidate_until)
-    }
-
     /// Removes the entries whose key satisfies `which`; how many went.
     pub fn purge(&self, which: impl Fn(&str) -> bool) -> usize {
         let doomed: Vec<Arc<str>> = self
@@ -340,25 +331,40 @@ impl CacheEngine {
     ) -> Served {
         match self.serve_from_memory(route, key, make_fetch) {
             Ok(served) => served,
-            Err((make_fetch, stale)) => self.serve_miss(route, key, stale, make_fetch).await,
+            Err((make_fetch, stale)) => {
+                self.serve_miss(route, key, stale, make_fetch, || Ok(()))
+                    .await
+            }
         }
     }
 
     /// The slow path: leads or joins the single flight for `key` and waits for its outcome
     /// (at most `lock_timeout`), falling back on `stale` as the route's settings allow.
+    ///
+    /// `admit` is asked (at most once) only when this request is about to reach the upstream
+    /// itself: under the flight lock just before it would lead a new fetch, or before a
+    /// waiter goes upstream on its own (private answer, lock timeout with `bypass`). A
+    /// request that joins a flight in progress, or finds the answer stored by a flight that
+    /// just ended, is never asked. Its `Err` is answered with the cache not consulted.
     pub async fn serve_miss(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
         key: &str,
         stale: Option<Arc<Entry>>,
         make_fetch: impl FnOnce() -> FetchRequest,
+        admit: impl FnOnce() -> Result<(), StoaError>,
     ) -> Served {
+        let mut admit = Some(admit);
         let joined = self.flights.join(key, || {
-            self.store.get(key).filter(|e| e.is_fresh(Instant::now()))
+            if let Some(fresh) = self.store.get(key).filter(|e| e.is_fresh(Instant::now())) {
+                return Some(Served::Entry(fresh, CacheStatus::Hit));
+            }
+            let refused = admit.take().and_then(|admit| admit().err());
+            refused.map(|e| Served::Error(e, CacheStatus::None))
         });
         let settings = &route.settings;
         let (slot, leader, later) = match joined {
-            Err(fresh) => return Served::Entry(fresh, CacheStatus::Hit),
+            Err(served) => return served,
             Ok(Joined::Lead(lead, slot)) => {
                 let fetch = make_fetch();
                 // The leader keeps a copy: it may have to go upstream itself (lock timeout
@@ -392,7 +398,7 @@ impl CacheEngine {
                 }
             }
             Ok(Some(Outcome::Private(_))) => match later.take() {
-                Some(fetch) => self.bypass(route, fetch).await,
+                Some(fetch) => self.bypass_admitted(route, fetch, admit).await,
                 None => Served::Error(StoaError::Internal("no request to send".into()), how),
             },
             Ok(Some(Outcome::Failed(err))) => match stale {
@@ -413,13 +419,26 @@ impl CacheEngine {
                         Served::Entry(entry, CacheStatus::Stale)
                     }
                     (OnLockTimeout::Bypass, _) => match later.take() {
-                        Some(fetch) => self.bypass(route, fetch).await,
+                        Some(fetch) => self.bypass_admitted(route, fetch, admit).await,
                         None => Served::Error(timeout, how),
                     },
                     _ => Served::Error(timeout, how),
                 }
             }
         }
+    }
+
+    /// [`CacheEngine::bypass`], once `admit` (if not asked yet) lets the request through.
+    async fn bypass_admitted(
+        &self,
+        route: &CachedRoute,
+        fetch: FetchRequest,
+        admit: Option<impl FnOnce() -> Result<(), StoaError>>,
+    ) -> Served {
+        if let Some(Err(e)) = admit.map(|admit| admit()) {
+            return Served::Error(e, CacheStatus::None);
+        }
+        self.bypass(route, fetch).await
     }
 
     /// Asks the upstream without the cache: nothing is stored or shared.

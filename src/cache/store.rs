@@ -157,11 +157,18 @@ impl Weighter<Arc<str>, Arc<Entry>> for ByBytes {
 #[derive(Clone)]
 struct CountEvictions(Arc<AtomicU64>);
 
-impl Lifecycle<Arc<str>, Arc<Entry>> for CountEvictions {
-    type RequestState = ();
+/// The key an insert is storing: quick_cache reports the value it replaces through the
+/// eviction hook too, and a replacement is not an eviction.
+#[derive(Default)]
+struct Inserting(Option<Arc<str>>);
 
-    fn on_evict(&self, _state: &mut (), _key: Arc<str>, _val: Arc<Entry>) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+impl Lifecycle<Arc<str>, Arc<Entry>> for CountEvictions {
+    type RequestState = Inserting;
+
+    fn on_evict(&self, state: &mut Inserting, key: Arc<str>, _val: Arc<Entry>) {
+        if state.0.as_deref() != Some(&*key) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -215,7 +222,8 @@ impl Store {
             self.cache.remove(&*key);
             return false;
         }
-        self.cache.insert(key, entry);
+        let mut inserting = Inserting(Some(key.clone()));
+        self.cache.insert_with_lifecycle(key, entry, &mut inserting);
         true
     }
 
@@ -316,6 +324,16 @@ mod tests {
         assert!(store.get("k").is_none(), "the outdated entry went");
         assert_eq!(store.evictions(), 0);
         assert!(store.insert(Arc::from("k"), entry(largest_body(1 << 20) as usize)));
+    }
+
+    #[test]
+    fn replacing_a_key_is_not_an_eviction() {
+        let store = Store::new(1024 * 1024);
+        for _ in 0..10 {
+            store.insert(Arc::from("same"), entry(1024));
+        }
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.evictions(), 0);
     }
 
     #[test]
