@@ -1,5 +1,5 @@
 //! The runtime form of a validated configuration: the compiled route table with, per
-//! route, its upstream peer, cache, rate limiter and metrics handles. The proxy reads it
+//! route, its upstream link, cache, rate limiter and metrics handles. The proxy reads it
 //! once per request.
 
 use std::collections::HashMap;

@@ -283,7 +283,7 @@ impl Metrics {
         self.cache_evictions.inc_by(n);
     }
 
-    /// Sets `stoa_requests_in_flight` from the count [`crate::lifecycle::Lifecycle`] keeps.
+    /// Sets `stoa_requests_in_flight` from the count the process lifecycle keeps.
     pub fn set_in_flight(&self, n: u64) {
         self.in_flight.set(saturating_i64(n));
     }

@@ -99,3 +99,35 @@ fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> String {
         _ => ip.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_private_fetch_carries_end_to_end_headers_and_forwarding() {
+        let mut req = RequestHeader::build("GET", b"/menu", None).unwrap();
+        req.insert_header("authorization", "Bearer t").unwrap();
+        req.insert_header("connection", "keep-alive").unwrap();
+        req.insert_header("host", "stoa.example").unwrap();
+        req.insert_header("x-forwarded-for", "198.51.100.7")
+            .unwrap();
+        let id = HeaderValue::from_static("abc");
+        let peer = "10.0.0.1".parse().ok();
+        let headers = private_fetch_headers(&req, peer, &id);
+        assert_eq!(headers["authorization"], "Bearer t");
+        assert!(!headers.contains_key("connection"));
+        assert!(!headers.contains_key("host"));
+        assert_eq!(headers["x-forwarded-for"], "198.51.100.7, 10.0.0.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn forwarded_for_starts_a_list_when_none_was_sent() {
+        let ip = "10.0.0.1".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip), "10.0.0.1");
+        let blank = HeaderValue::from_static(" ");
+        assert_eq!(forwarded_for(Some(&blank), ip), "10.0.0.1");
+    }
+}
