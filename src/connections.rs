@@ -32,7 +32,7 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     TimingDigest, UniqueID, UniqueIDType, IO,
 };
-use pingora::proxy::{HttpProxy, Session};
+use pingora::proxy::Session;
 use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service as ServiceTrait;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -43,7 +43,6 @@ use crate::config::ConnectionLimits;
 use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::StoaProxy;
 
 /// After the last in-flight request, how long a draining process still waits for requests
 /// already on their way over idle keep-alive connections before it closes those.
@@ -402,10 +401,10 @@ pub fn request_done(session: &Session) {
     }
 }
 
-/// The proxy as pingora serves it: counts connections, guards their streams, and orders
-/// the drain once the listening socket is closed.
-pub struct Listener {
-    app: Arc<HttpProxy<StoaProxy>>,
+/// The served app (the proxy) as pingora serves it: counts connections, guards their
+/// streams, and orders the drain once the listening socket is closed.
+pub struct Listener<A> {
+    app: Arc<A>,
     gateway: Arc<ArcSwap<Gateway>>,
     lifecycle: Arc<Lifecycle>,
     /// Given to pingora for every connection; set once the drain begins, so that pingora
@@ -417,12 +416,8 @@ pub struct Listener {
     started: std::time::Instant,
 }
 
-impl Listener {
-    pub fn new(
-        app: HttpProxy<StoaProxy>,
-        gateway: Arc<ArcSwap<Gateway>>,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Self {
+impl<A> Listener<A> {
+    pub fn new(app: A, gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
         let (drain_tx, drain_rx) = watch::channel(false);
         Listener {
             app: Arc::new(app),
@@ -454,7 +449,7 @@ impl Listener {
 }
 
 #[async_trait]
-impl ServerApp for Listener {
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{key, CacheStatus, CachedRoute, Served};
 use crate::config::{self, Config, ConfigErrors, EnvOverrides};
 use crate::error::StoaError;
-use crate::fetch::FetchRequest;
 use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::routes::PathMode;
+use crate::upstream::FetchRequest;
 
 /// What a successful reload did.
 #[derive(Debug, Serialize)]

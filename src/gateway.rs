@@ -1,27 +1,22 @@
 //! The runtime form of a validated configuration: the compiled route table with, per
-//! route, its upstream peer, cache, rate limiter and metrics handles. The proxy reads it
+//! route, its upstream link, cache, rate limiter and metrics handles. The proxy reads it
 //! once per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
-use pingora::upstreams::peer::HttpPeer;
 use prometheus::IntCounter;
 
 use crate::aggregate::Aggregator;
 use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Source};
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
-use crate::fetch::UpstreamClient;
-use crate::metrics::{Metrics, RouteMetrics, RouteShape, UpstreamMetrics};
+use crate::metrics::{Metrics, RouteMetrics, RouteShape};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
 use crate::routes::{
     normalize_path, upstream_uri, Lookup, PathMode, PathTemplate, Routable, RouteTable,
 };
-
-/// How long an idle pooled upstream connection is kept.
-const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::upstream::{peer::peer_for, Link, UpstreamClient};
 
 /// The route label of requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -29,17 +24,14 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// A route as served.
 pub struct Route {
     pub spec: RouteSpec,
-    /// Where pass-through requests go (`None` on aggregate routes).
-    pub peer: Option<HttpPeer>,
+    /// The way to the route's upstream, for pass-through requests and fetches alike
+    /// (`None` on aggregate routes).
+    pub link: Option<Arc<Link>>,
     /// Set on cached and aggregate routes, which are answered from `request_filter`.
     pub cache: Option<Arc<CachedRoute>>,
     pub limiter: Option<Arc<RateLimiter>>,
-    /// Protects the upstream of pass-through requests (cached fetches hold it in their client).
-    pub guard: Option<Arc<UpstreamGuard>>,
     pub metrics: RouteMetrics,
     pub rate_limited: Option<IntCounter>,
-    /// Pass-through calls to the upstream.
-    pub upstream_metrics: Option<Arc<UpstreamMetrics>>,
 }
 
 impl std::fmt::Debug for Route {
@@ -80,8 +72,6 @@ pub struct Gateway {
     pub limiters: HashMap<String, Arc<RateLimiter>>,
     /// One guard per upstream.
     pub guards: HashMap<String, Arc<UpstreamGuard>>,
-    /// One pooled client per upstream (cached fetches and aggregate legs).
-    pub clients: HashMap<String, UpstreamClient>,
     pub unmatched: RouteMetrics,
     /// Record per-request metrics.
     pub record_metrics: bool,
@@ -128,42 +118,39 @@ impl Gateway {
         let mut clients: HashMap<String, UpstreamClient> = HashMap::new();
         for (name, up) in &config.upstreams {
             if let Some(guard) = guards.get(name.as_str()) {
-                clients.insert(name.clone(), UpstreamClient::new(up, guard.clone())?);
+                clients.insert(
+                    name.clone(),
+                    UpstreamClient::new(up.clone(), guard.clone())?,
+                );
             }
         }
         let build = |gateway: &Weak<Gateway>| -> Result<Vec<Route>, StoaError> {
             let mut routes = Vec::with_capacity(config.routes.len());
             for spec in &config.routes {
-                let upstream = spec.upstream.as_deref();
-                let guard = match upstream {
+                let link = match &spec.upstream {
                     Some(up) => {
-                        Some(guards.get(up.name.as_str()).cloned().ok_or_else(|| {
-                            StoaError::Internal(format!("no guard for {}", up.name))
-                        })?)
+                        let client = clients.get(&up.name).cloned().ok_or_else(|| {
+                            StoaError::Internal(format!("no client for {}", up.name))
+                        })?;
+                        let fetches = metrics.upstream(&up.name, &spec.name).map_err(metric_err)?;
+                        Some(Arc::new(Link::new(
+                            up.clone(),
+                            peer_for(up),
+                            client,
+                            Arc::new(fetches),
+                        )))
                     }
                     None => None,
                 };
-                let upstream_metrics = match upstream {
-                    Some(up) => Some(Arc::new(
-                        metrics.upstream(&up.name, &spec.name).map_err(metric_err)?,
-                    )),
-                    None => None,
-                };
-                let source = match (&spec.aggregate, upstream, &guard, &upstream_metrics) {
-                    (Some(aggregate), _, _, _) => Some(Source::Aggregate(Aggregator::new(
+                let source = match (&spec.aggregate, &link) {
+                    (Some(aggregate), _) => Some(Source::Aggregate(Aggregator::new(
                         spec.name.clone(),
                         spec.path.clone(),
                         aggregate.clone(),
                         gateway.clone(),
                     ))),
-                    (None, Some(up), Some(_), Some(um)) if spec.cache.is_some() => {
-                        let client = clients.get(&up.name).cloned().ok_or_else(|| {
-                            StoaError::Internal(format!("no client for {}", up.name))
-                        })?;
-                        Some(Source::Upstream {
-                            client,
-                            metrics: um.clone(),
-                        })
+                    (None, Some(link)) if spec.cache.is_some() => {
+                        Some(Source::Upstream(link.clone()))
                     }
                     _ => None,
                 };
@@ -193,14 +180,12 @@ impl Gateway {
                     .map_err(metric_err)?;
                 route_metrics.expect(expected_answers(spec, limiter.is_some()));
                 routes.push(Route {
-                    peer: upstream.map(peer_for),
+                    link,
                     metrics: route_metrics,
                     spec: spec.clone(),
                     cache: cached,
                     limiter,
-                    guard,
                     rate_limited,
-                    upstream_metrics,
                 });
             }
             Ok(routes)
@@ -218,7 +203,6 @@ impl Gateway {
                     .iter()
                     .map(|(name, guard)| (name.to_string(), guard.clone()))
                     .collect(),
-                clients: clients.clone(),
                 routes: RouteTable::new(routes),
                 max_body_bytes: config.server.max_body_bytes,
                 cache: shared.cache.clone(),
@@ -322,13 +306,4 @@ fn expected_answers(spec: &RouteSpec, limited: bool) -> Vec<(CacheStatus, u16)> 
         limited,
     }
     .answers()
-}
-
-fn peer_for(upstream: &Upstream) -> HttpPeer {
-    let mut peer = HttpPeer::new(upstream.addr, false, String::new());
-    peer.options.connection_timeout = Some(upstream.connect_timeout);
-    peer.options.read_timeout = Some(upstream.timeout);
-    peer.options.write_timeout = Some(upstream.timeout);
-    peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
-    peer
 }

@@ -283,16 +283,9 @@ impl Metrics {
         self.cache_evictions.inc_by(n);
     }
 
-    /// Sets `stoa_requests_in_flight` from a count kept elsewhere. Use this or
-    /// [`Metrics::in_flight_guard`], not both.
+    /// Sets `stoa_requests_in_flight` from the count the process lifecycle keeps.
     pub fn set_in_flight(&self, n: u64) {
         self.in_flight.set(saturating_i64(n));
-    }
-
-    /// Counts one request in flight until the guard is dropped.
-    pub fn in_flight_guard(&self) -> InFlightGuard {
-        self.in_flight.inc();
-        InFlightGuard(self.in_flight.clone())
     }
 
     /// Counts one configuration reload attempt.
@@ -366,15 +359,6 @@ impl RouteShape<'_> {
             out.push((cache, 429));
         }
         out
-    }
-}
-
-/// Keeps `stoa_requests_in_flight` one higher while it lives.
-pub struct InFlightGuard(IntGauge);
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
 
@@ -759,23 +743,11 @@ mod tests {
     }
 
     #[test]
-    fn in_flight_guard_counts_while_alive() {
-        let m = Metrics::new().unwrap();
-        let a = m.in_flight_guard();
-        let b = m.in_flight_guard();
-        assert!(m.render().contains("stoa_requests_in_flight 2\n"));
-        drop(a);
-        drop(b);
-        assert!(m.render().contains("stoa_requests_in_flight 0\n"));
-    }
-
-    #[test]
     fn handles_are_shareable_across_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Metrics>();
         send_sync::<RouteMetrics>();
         send_sync::<UpstreamMetrics>();
-        send_sync::<InFlightGuard>();
     }
 
     /// A Metrics with every series populated, for format checks.

@@ -84,7 +84,7 @@ where
 /// One answered request, as the access log records it.
 #[derive(Debug, Clone)]
 pub struct AccessRecord<'a> {
-    /// The client's address, when known.
+    /// The client's address, when known: the one the rate limiter knows it by.
     pub client: Option<IpAddr>,
     pub method: &'a str,
     /// The request path as the client sent it (no query string).

@@ -17,9 +17,9 @@ use super::spec::{
 };
 use crate::cache::Served;
 use crate::error::StoaError;
-use crate::fetch::{FetchRequest, Fetched, MAX_RESPONSE_BYTES};
 use crate::gateway::Gateway;
 use crate::routes::{PathMode, PathTemplate};
+use crate::upstream::{FetchRequest, Fetched, MAX_RESPONSE_BYTES};
 
 /// Characters escaped when a value is placed in a path segment.
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -314,8 +314,8 @@ impl Aggregator {
                 }
                 None => {
                     let client = route
-                        .upstream()
-                        .and_then(|u| gateway.clients.get(&u.name))
+                        .link
+                        .as_ref()
                         .ok_or_else(|| format!("route {} has no upstream", route.spec.name))?;
                     let fetched = client.fetch(fetch).await.map_err(|e| e.to_string())?;
                     Ok((fetched.status, fetched.body))

@@ -14,16 +14,12 @@ use super::store::{Entry, Lifetimes, Store};
 use super::{key, CacheStatus};
 use crate::aggregate::Aggregator;
 use crate::error::StoaError;
-use crate::fetch::{Answer, FetchRequest, Fetched, Streaming, UpstreamClient};
-use crate::metrics::{FetchOutcome, UpstreamMetrics};
+use crate::upstream::{Answer, FetchRequest, Fetched, Link, Streaming, UpstreamClient};
 
 /// Where a cached route's answers come from.
 pub enum Source {
-    /// One upstream, through its pooled client.
-    Upstream {
-        client: UpstreamClient,
-        metrics: Arc<UpstreamMetrics>,
-    },
+    /// One upstream, through the route's link to it.
+    Upstream(Arc<Link>),
     /// Several legs through stoa's own routes, merged.
     Aggregate(Aggregator),
 }
@@ -120,7 +116,7 @@ impl CachedRoute {
     /// The upstream's client, for upstream-backed routes.
     pub fn client(&self) -> Option<&UpstreamClient> {
         match &self.source {
-            Source::Upstream { client, .. } => Some(client),
+            Source::Upstream(link) => Some(link.client()),
             Source::Aggregate(_) => None,
         }
     }
@@ -128,7 +124,7 @@ impl CachedRoute {
     /// The name errors report: the upstream's, or the aggregate route's.
     pub fn source_name(&self) -> &str {
         match &self.source {
-            Source::Upstream { client, .. } => client.name(),
+            Source::Upstream(link) => link.client().name(),
             Source::Aggregate(_) => &self.name,
         }
     }
@@ -137,8 +133,8 @@ impl CachedRoute {
     /// protection limits never reached it and is not counted); or runs the aggregate.
     /// An answer over the route's `max_entry_bytes` comes back as a stream.
     async fn fetch(&self, fetch: FetchRequest) -> Result<Answer, StoaError> {
-        let (client, metrics) = match &self.source {
-            Source::Upstream { client, metrics } => (client, metrics),
+        let link = match &self.source {
+            Source::Upstream(link) => link,
             Source::Aggregate(aggregator) => {
                 return aggregator
                     .run(&fetch.path_and_query)
@@ -146,21 +142,8 @@ impl CachedRoute {
                     .map(Answer::Whole)
             }
         };
-        let started = Instant::now();
         let limit = usize::try_from(self.settings.max_entry_bytes).unwrap_or(usize::MAX);
-        let result = client.fetch_within(fetch, limit).await;
-        let outcome = match &result {
-            Ok(Answer::Whole(f)) if f.status.is_server_error() => Some(FetchOutcome::Error),
-            Ok(Answer::Streaming(s)) if s.status.is_server_error() => Some(FetchOutcome::Error),
-            Ok(_) => Some(FetchOutcome::Ok),
-            Err(StoaError::UpstreamTimeout { .. }) => Some(FetchOutcome::Timeout),
-            Err(StoaError::Overloaded { .. }) => None,
-            Err(_) => Some(FetchOutcome::Error),
-        };
-        if let Some(outcome) = outcome {
-            metrics.fetch(outcome, started.elapsed());
-        }
-        result
+        link.fetch_within(fetch, limit).await
     }
 
     /// A too-large answer as served: counted, and never a 5xx passed on (that is a 502).

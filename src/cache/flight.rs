@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::store::Entry;
 use crate::error::StoaError;
-use crate::fetch::Streaming;
+use crate::upstream::Streaming;
 
 /// What a fetch produced.
 #[derive(Debug, Clone)]

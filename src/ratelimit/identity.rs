@@ -50,14 +50,17 @@ pub fn client_key(
             }
         }
     }
-    ClientKey::Ip(bucket_addr(client_ip(peer, headers, trusted)))
+    let client = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |peer| {
+        client_addr(peer, headers, trusted)
+    });
+    ClientKey::Ip(bucket_addr(client))
 }
 
-/// The client address, following `X-Forwarded-For` only through trusted proxies.
-fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
-    let Some(peer) = peer.map(|p| p.to_canonical()) else {
-        return IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-    };
+/// The client of a request from `peer` (the address it came from): `peer` itself, or,
+/// when `peer` is a trusted proxy, the address `X-Forwarded-For` names (see
+/// [`client_key`]). The rate limiter and the access log both know a request by it.
+pub fn client_addr(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let peer = peer.to_canonical();
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;

@@ -20,7 +20,7 @@ pub use config::{
     parse_trusted_proxies, validate_policy, validate_upstream_guard, AppliesTo, ClientSource, Mode,
     PolicySettings, RawPolicy, UpstreamGuardSettings,
 };
-pub use identity::{client_key, ClientKey};
+pub use identity::{client_addr, client_key, ClientKey};
 pub use limiter::{Decision, RateLimiter};
 pub use upstream::{Overloaded, UpstreamGuard, UpstreamPermit};
 

@@ -1,4 +1,5 @@
-//! Writing stoa's own answers (errors, cached entries) and the headers every answer gets.
+//! Writing stoa's own answers (errors, cached entries, streams) and the headers every
+//! answer gets; the limits of a request head.
 
 use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -6,12 +7,12 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
-use crate::cache::settings::CacheSettings;
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
 use crate::error::StoaError;
-use crate::fetch::Streaming;
 use crate::ratelimit::Decision;
+use crate::upstream::headers::is_hop_by_hop_response;
+use crate::upstream::Streaming;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
@@ -153,21 +154,6 @@ pub async fn stream(
     session.write_response_body(None, true).await
 }
 
-/// Response headers not passed on from the upstream: hop-by-hop ones (the length is kept).
-fn is_hop_by_hop_response(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
-}
-
 /// Longest request target (path and query) stoa serves; longer ones get 414.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
@@ -193,112 +179,6 @@ pub fn oversized_head(req: &RequestHeader) -> Option<StoaError> {
         }
     }
     None
-}
-
-/// The answer to a request body whose framing is broken (a bad chunk size, a missing
-/// chunk end): the client's mistake, told without internal detail.
-pub fn malformed_body() -> StoaError {
-    StoaError::BadRequest("the request body's framing is malformed".into())
-}
-
-/// Whether a pingora error while reading from the client means the client went away or
-/// stalled (nobody to answer) rather than sent something malformed.
-pub fn client_gone(e: &Error) -> bool {
-    matches!(
-        e.etype(),
-        ErrorType::ReadError
-            | ErrorType::WriteError
-            | ErrorType::ConnectionClosed
-            | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout
-    )
-}
-
-/// Reads the whole request body, or says it is over `limit` or malformed.
-pub async fn read_body(
-    session: &mut Session,
-    limit: u64,
-) -> Result<std::result::Result<Bytes, StoaError>> {
-    if session.is_body_empty() {
-        return Ok(Ok(Bytes::new()));
-    }
-    let mut body = bytes::BytesMut::new();
-    loop {
-        let chunk = match session.read_request_body().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(mut e) if client_gone(&e) => {
-                e.as_down();
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::debug!("malformed request body: {e}");
-                // Where the next request would start is unknown: close after the answer.
-                session.set_keepalive(None);
-                return Ok(Err(malformed_body()));
-            }
-        };
-        if (body.len() + chunk.len()) as u64 > limit {
-            return Ok(Err(StoaError::BodyTooLarge { limit }));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(Ok(body.freeze()))
-}
-
-/// Request headers that must not be forwarded as they are.
-fn is_hop_by_hop(name: &http::HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
-}
-
-/// Headers for a fetch made for one client only: everything end-to-end, plus forwarding.
-pub fn private_fetch_headers(
-    req: &RequestHeader,
-    client: Option<std::net::IpAddr>,
-    request_id: &http::HeaderValue,
-) -> http::HeaderMap {
-    let mut headers = http::HeaderMap::with_capacity(req.headers.len() + 3);
-    for (name, value) in req.headers.iter() {
-        if !is_hop_by_hop(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    if let Some(ip) = client {
-        let forwarded = forwarded_for(headers.get("x-forwarded-for"), ip);
-        if let Ok(v) = http::HeaderValue::from_str(&forwarded) {
-            headers.insert("x-forwarded-for", v);
-        }
-    }
-    headers.insert("x-forwarded-proto", http::HeaderValue::from_static("http"));
-    headers.insert("x-request-id", request_id.clone());
-    headers
-}
-
-/// The `X-Forwarded-For` value with `ip` appended to what a client sent.
-pub fn forwarded_for(prior: Option<&http::HeaderValue>, ip: std::net::IpAddr) -> String {
-    match prior.and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
-    }
-}
-
-/// A request carrying credentials the key does not cover must not share answers.
-pub fn is_private_request(req: &RequestHeader, settings: &CacheSettings) -> bool {
-    [http::header::AUTHORIZATION, http::header::COOKIE]
-        .iter()
-        .any(|h| req.headers.contains_key(h) && !settings.keys_on_header(h))
 }
 
 /// The client's request id if it sent a sane one, else a new one.

@@ -1,14 +1,14 @@
-//! Upstream fetches for cached routes: one pooled HTTP client per upstream, with the
-//! upstream's timeouts. An answer is read into memory up to a limit; a larger one is
-//! handed over as a stream, to be written to its client chunk by chunk.
+//! Fetches (cached routes, aggregate legs, refresh hooks): one pooled HTTP client per
+//! upstream, with the upstream's timeouts. An answer is read into memory up to a limit; a
+//! larger one is handed over as a stream, to be written to its client chunk by chunk.
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 
-use std::sync::Arc;
-
+use super::error::{self, Failure};
+use super::peer::{IDLE_TIMEOUT, MAX_IDLE_PER_UPSTREAM};
 use crate::config::Upstream;
 use crate::error::StoaError;
 use crate::ratelimit::{UpstreamGuard, UpstreamPermit};
@@ -82,7 +82,7 @@ impl Streaming {
 impl std::fmt::Debug for Streaming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Streaming")
-            .field("upstream", &self.client.name)
+            .field("upstream", &self.client.upstream.name)
             .field("status", &self.status)
             .finish()
     }
@@ -93,22 +93,20 @@ impl std::fmt::Debug for Streaming {
 pub struct UpstreamClient {
     client: reqwest::Client,
     guard: Arc<UpstreamGuard>,
-    name: String,
+    upstream: Arc<Upstream>,
     base_url: String,
     host_header: HeaderValue,
-    timeout: Duration,
-    connect_timeout: Duration,
 }
 
 impl UpstreamClient {
-    pub fn new(upstream: &Upstream, guard: Arc<UpstreamGuard>) -> Result<Self, StoaError> {
+    pub fn new(upstream: Arc<Upstream>, guard: Arc<UpstreamGuard>) -> Result<Self, StoaError> {
         // `timeout` bounds each read; [`UpstreamClient::fetch_within`] bounds the whole
         // answer it holds, while a streamed answer may take as long as its client reads.
         let client = reqwest::Client::builder()
             .connect_timeout(upstream.connect_timeout)
             .read_timeout(upstream.timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
             .tcp_nodelay(true)
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -118,16 +116,22 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             client,
             guard,
-            name: upstream.name.clone(),
             base_url: format!("http://{}", upstream.addr),
             host_header,
-            timeout: upstream.timeout,
-            connect_timeout: upstream.connect_timeout,
+            upstream,
         })
     }
 
     pub fn name(&self) -> &str {
-        &self.name
+        &self.upstream.name
+    }
+
+    /// One of the upstream's slots, waiting at most its `queue_timeout`; `Err` is the 503.
+    pub async fn acquire(&self) -> Result<UpstreamPermit, StoaError> {
+        self.guard
+            .acquire()
+            .await
+            .map_err(|o| error::overloaded(&self.upstream, o))
     }
 
     /// Sends `req` and reads the whole answer, up to [`MAX_RESPONSE_BYTES`].
@@ -144,20 +148,11 @@ impl UpstreamClient {
     /// after at most `limit` bytes were read. Reading what is held takes at most the
     /// upstream's `timeout`. Errors are the ones stoa answers with.
     pub async fn fetch_within(&self, req: FetchRequest, limit: usize) -> Result<Answer, StoaError> {
-        let permit = self
-            .guard
-            .acquire()
-            .await
-            .map_err(|o| StoaError::Overloaded {
-                upstream: self.name.clone(),
-                retry_after_secs: o.retry_after_secs,
-            })?;
-        match tokio::time::timeout(self.timeout, self.read_within(req, limit, permit)).await {
+        let permit = self.acquire().await?;
+        let timeout = self.upstream.timeout;
+        match tokio::time::timeout(timeout, self.read_within(req, limit, permit)).await {
             Ok(answer) => answer,
-            Err(_) => Err(StoaError::UpstreamTimeout {
-                upstream: self.name.clone(),
-                timeout_ms: self.timeout.as_millis(),
-            }),
+            Err(_) => Err(Failure::Timeout.into_error(Some(&self.upstream))),
         }
     }
 
@@ -221,52 +216,21 @@ impl UpstreamClient {
         }))
     }
 
-    fn too_large(&self, limit: usize) -> StoaError {
-        StoaError::UpstreamFailed {
-            upstream: self.name.clone(),
-            detail: format!("answer larger than {limit} bytes"),
-        }
+    pub(super) fn too_large(&self, limit: usize) -> StoaError {
+        Failure::Failed(format!("answer larger than {limit} bytes"))
+            .into_error(Some(&self.upstream))
     }
 
     fn error(&self, e: &reqwest::Error) -> StoaError {
-        let upstream = self.name.clone();
-        if e.is_timeout() {
-            let timeout = if e.is_connect() {
-                self.connect_timeout
-            } else {
-                self.timeout
-            };
-            StoaError::UpstreamTimeout {
-                upstream,
-                timeout_ms: timeout.as_millis(),
-            }
-        } else if e.is_connect() {
-            StoaError::UpstreamUnreachable {
-                upstream,
-                detail: root_cause(e),
-            }
-        } else {
-            StoaError::UpstreamFailed {
-                upstream,
-                detail: root_cause(e),
-            }
-        }
+        Failure::of_client(e).into_error(Some(&self.upstream))
     }
 }
 
 impl std::fmt::Debug for UpstreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamClient")
-            .field("name", &self.name)
+            .field("name", &self.upstream.name)
             .field("base_url", &self.base_url)
             .finish()
     }
-}
-
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut cur = e;
-    while let Some(next) = cur.source() {
-        cur = next;
-    }
-    cur.to_string()
 }

@@ -1,0 +1,309 @@
+//! The pingora `ProxyHttp` implementation. Each phase names what happens and hands it to
+//! the file that does it: [`ctx`] (per-request state), [`limit`] (admission), [`cached`]
+//! (cached and aggregate routes), [`pass`] (pass-through routes), [`fail`] (failures),
+//! [`answer`] and [`body`] (stoa's own answers, request bodies).
+
+pub mod answer;
+pub mod body;
+pub mod cached;
+pub mod ctx;
+pub mod fail;
+pub mod limit;
+pub mod pass;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::ErrorType;
+
+use crate::cache::CacheStatus;
+use crate::connections;
+use crate::error::StoaError;
+use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
+use crate::lifecycle::Lifecycle;
+use crate::ratelimit::client_addr;
+use crate::routes::{normalize_path, upstream_uri, Lookup, PathMode};
+use crate::telemetry::{access_log, AccessRecord};
+
+pub use ctx::RequestCtx;
+
+/// The proxy service: routes each request and answers it from the cache or the upstream.
+pub struct StoaProxy {
+    gateway: Arc<ArcSwap<Gateway>>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// The address a request came from (the peer of its connection; a proxy's, when it came
+/// through one). Its client, as the rate limiter and the access log know it, is
+/// [`client_addr`] of it.
+fn peer_addr(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+impl StoaProxy {
+    pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
+        StoaProxy { gateway, lifecycle }
+    }
+
+    /// Writes one of stoa's own errors as the answer.
+    async fn answer_error(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        err: &StoaError,
+    ) -> Result<()> {
+        let deco = ctx.decorations(self.lifecycle.is_draining());
+        answer::error(session, err, &deco).await
+    }
+}
+
+/// The steps every request takes before its route's way of answering: stoa's limits on a
+/// head, the normal form of the path, the route and the URI it sends upstream, admission
+/// by an every-request rate limit, the announced body size. `Ok` is the route (borrowed
+/// from `gateway`) and the upstream path and query; `Err` the answer.
+fn route_request<'g>(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    gateway: &'g Gateway,
+) -> std::result::Result<(&'g Route, String), StoaError> {
+    let req = session.req_header();
+    if let Some(err) = answer::oversized_head(req) {
+        return Err(err);
+    }
+    // Routing, the cache key and the upstream path all start from the normal form.
+    let path = normalize_path(req.uri.path(), PathMode::Resolve)?;
+    let (index, route, captures) = match gateway.routes.lookup(&req.method, &path) {
+        Lookup::Found(index, route, captures) => (index, route, captures),
+        Lookup::MethodNotAllowed(allow) => {
+            return Err(StoaError::MethodNotAllowed {
+                method: req.method.to_string(),
+                allow,
+            })
+        }
+        Lookup::NotFound => {
+            return Err(StoaError::NoRoute {
+                path: path.to_string(),
+            })
+        }
+    };
+    ctx.route = Some(index);
+    let uri = upstream_uri(
+        route.upstream().map_or("", |u| u.base_path.as_str()),
+        route.spec.rewrite.as_ref(),
+        &captures,
+        &path,
+        req.uri.query(),
+    )?;
+    // The same route, borrowed from the configuration rather than the request's path.
+    let route = gateway
+        .routes
+        .routes()
+        .get(index)
+        .ok_or_else(|| StoaError::Internal("route vanished".into()))?;
+    if let Some(limiter) = limit::on_every_request(route) {
+        limit::admit(
+            &mut ctx.limit,
+            route,
+            limiter,
+            peer_addr(session),
+            &req.headers,
+            &gateway.trusted_proxies,
+        )?;
+    }
+    body::announced_within(req, gateway.max_body_bytes)?;
+    Ok((route, uri))
+}
+
+#[async_trait]
+impl ProxyHttp for StoaProxy {
+    type CTX = RequestCtx;
+
+    /// A fresh context per request, holding the configuration it is served with.
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new(self.lifecycle.track(), self.gateway.load_full())
+    }
+
+    /// Runs once the request head is read, before any module: its connection's head
+    /// deadline is met.
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        connections::head_received(session);
+        Ok(())
+    }
+
+    /// Runs once per request, first of the proxy's phases. Returning `true` means the
+    /// request is answered (stoa's own error, or a cached route's answer); `false` sends it
+    /// upstream by pingora (pass-through routes).
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.request_id = answer::request_id(session.req_header());
+        let gateway = ctx.gateway.clone();
+        let (route, uri) = match route_request(session, ctx, &gateway) {
+            Ok(routed) => routed,
+            Err(e) => {
+                self.answer_error(session, ctx, &e).await?;
+                return Ok(true);
+            }
+        };
+        if let Some(cached) = &route.cache {
+            cached::serve(session, ctx, &self.lifecycle, route, cached, uri).await?;
+            return Ok(true);
+        }
+        if let Err(e) = pass::prepare(ctx, route, &uri).await {
+            self.answer_error(session, ctx, &e).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Runs before connecting upstream (pass-through only): the route's peer.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        pass::peer(ctx)
+    }
+
+    /// Runs for each piece of a pass-through request body: counts it against
+    /// `max_body_bytes` (over: 413) and tells the connection when the body is in.
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(chunk) = body {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > ctx.gateway.max_body_bytes {
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+            }
+        }
+        if end_of_stream {
+            connections::body_received(session);
+        }
+        Ok(())
+    }
+
+    /// Runs before the head goes upstream: the rewritten URI and the forwarding headers.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        pass::upstream_head(session, upstream_request, ctx)
+    }
+
+    /// Runs when the upstream's answer head arrives: invalidation after a write, stoa's
+    /// headers, and `Connection: close` while draining.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(started) = ctx.timing.upstream_started {
+            ctx.timing.upstream_elapsed = Some(started.elapsed());
+        }
+        pass::invalidate_after_write(session, upstream_response, ctx);
+        let draining = self.lifecycle.is_draining();
+        ctx.decorations(draining).apply(upstream_response)?;
+        if draining {
+            // Shutting down: finish this request, then close the connection.
+            session.set_keepalive(None);
+        }
+        Ok(())
+    }
+
+    /// Runs when proxying failed: answers stoa's error for it, if the client is still
+    /// there and nothing was written yet. The connection is never reused.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let Some(err) = fail::classify(e, ctx.route(), ctx.gateway.max_body_bytes) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        if session.response_written().is_none() {
+            let deco = ctx.decorations(true);
+            if let Err(write_err) = answer::error(session, &err, &deco).await {
+                tracing::debug!("could not send the error response: {write_err}");
+            }
+        }
+        FailToProxy {
+            error_code: err.status().as_u16(),
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// A client's mistake or departure is not an error of stoa's: logged at debug (the
+    /// access log has the answer), not at ERROR. Returning `true` keeps pingora quiet.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
+        let clients = fail::is_clients(e);
+        if clients {
+            tracing::debug!("request failed on the client's side: {e}");
+        }
+        clients
+    }
+
+    /// Runs last, for every request however it ended: the connection turns idle, the
+    /// upstream slot is freed, the request and upstream metrics and the access log line.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        connections::request_done(session);
+        ctx.upstream.permit = None;
+        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let elapsed = ctx.timing.started.elapsed();
+        let gateway = &ctx.gateway;
+        if gateway.record_metrics {
+            match ctx.route() {
+                Some(route) => {
+                    route.metrics.observe(status, ctx.cache_status(), elapsed);
+                    if ctx.cache == CacheStatus::Coalesced {
+                        route.metrics.coalesced_waiter();
+                    }
+                    pass::count_call(ctx, e, status);
+                }
+                None => gateway
+                    .unmatched
+                    .observe(status, CacheStatus::None, elapsed),
+            }
+        }
+        if gateway.access_log {
+            let req = session.req_header();
+            access_log(&AccessRecord {
+                // The client the rate limiter sees, behind trusted proxies too.
+                client: peer_addr(session)
+                    .map(|peer| client_addr(peer, &req.headers, &gateway.trusted_proxies)),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                route: ctx
+                    .route()
+                    .map_or(UNMATCHED_ROUTE, |r| r.spec.name.as_str()),
+                status,
+                cache: ctx.cache_status(),
+                bytes: session.body_bytes_sent() as u64,
+                duration: elapsed,
+                upstream_duration: ctx.timing.upstream_elapsed,
+                request_id: ctx.request_id.to_str().unwrap_or_default(),
+            });
+        }
+    }
+}

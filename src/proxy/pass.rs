@@ -1,0 +1,100 @@
+//! Pass-through routes: a slot of the upstream, then pingora proxies to the route's peer;
+//! the head sent upstream, invalidation after a successful write, the call's metrics.
+
+use std::time::Instant;
+
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora::ErrorType;
+
+use super::ctx::RequestCtx;
+use super::peer_addr;
+use crate::cache::key;
+use crate::error::StoaError;
+use crate::gateway::Route;
+use crate::upstream::headers;
+
+/// Takes one of the upstream's slots for the request and keeps the URI to send it to.
+/// `Err` is the answer (503 over the upstream's limits, 400 for a URI that cannot be sent).
+pub async fn prepare(ctx: &mut RequestCtx, route: &Route, uri: &str) -> Result<(), StoaError> {
+    let Some(link) = &route.link else {
+        return Err(StoaError::Internal(
+            "a pass-through route has no upstream".into(),
+        ));
+    };
+    ctx.upstream.permit = Some(link.acquire().await?);
+    let parsed = uri
+        .parse::<http::Uri>()
+        .map_err(|e| StoaError::BadRequest(format!("cannot build the upstream URI: {e}")))?;
+    if !route.spec.invalidates.is_empty() {
+        ctx.upstream.path = parsed.path().to_string();
+    }
+    ctx.upstream.uri = Some(parsed);
+    Ok(())
+}
+
+/// The route's peer; the upstream call starts now.
+pub fn peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    ctx.timing.upstream_started = Some(Instant::now());
+    match ctx.route().and_then(|r| r.link.as_ref()) {
+        Some(link) => Ok(Box::new(link.peer.clone())),
+        None => Error::e_explain(ErrorType::InternalError, "no upstream for this route"),
+    }
+}
+
+/// The head sent upstream: the rewritten URI and the forwarding headers.
+pub fn upstream_head(
+    session: &Session,
+    upstream_request: &mut RequestHeader,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
+    if let Some(uri) = ctx.upstream.uri.take() {
+        upstream_request.set_uri(uri);
+    }
+    let Some(link) = ctx.route().and_then(|r| r.link.as_ref()) else {
+        return Error::e_explain(ErrorType::InternalError, "no upstream for this route");
+    };
+    headers::forward(
+        upstream_request,
+        link.upstream(),
+        peer_addr(session),
+        &ctx.request_id,
+    )
+}
+
+/// After a successful write (any method but GET and HEAD), purges the cached answers of
+/// the routes it `invalidates` for the same upstream path.
+pub fn invalidate_after_write(session: &Session, response: &ResponseHeader, ctx: &RequestCtx) {
+    let Some(route) = ctx.route() else {
+        return;
+    };
+    let method = &session.req_header().method;
+    let write = method != http::Method::GET && method != http::Method::HEAD;
+    if !write || !response.status.is_success() {
+        return;
+    }
+    let path = &ctx.upstream.path;
+    for target in &route.spec.invalidates {
+        let purged = ctx
+            .gateway
+            .cache
+            .purge(|k| key::route_of(k) == target && key::path_of(k) == path);
+        tracing::debug!(route = %target, path = %path, purged, "invalidated after a write");
+    }
+}
+
+/// Counts the upstream call of a pass-through request that ended with `e` and `status`.
+pub fn count_call(ctx: &RequestCtx, e: Option<&Error>, status: u16) {
+    let (Some(started), Some(link)) = (
+        ctx.timing.upstream_started,
+        ctx.route().and_then(|r| r.link.as_ref()),
+    ) else {
+        return;
+    };
+    let took = ctx
+        .timing
+        .upstream_elapsed
+        .unwrap_or_else(|| started.elapsed());
+    link.passed(e, status, took);
+}

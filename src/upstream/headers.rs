@@ -1,0 +1,133 @@
+//! The header policy of every request stoa sends upstream and of every upstream answer it
+//! passes on: hop-by-hop headers, `Host`, `X-Forwarded-For`/`-Proto` and `X-Request-Id`.
+//!
+//! A shared fetch (one whose answer other clients receive) carries only what its cache key
+//! covers: see `CachedRoute::shared_fetch`.
+
+use std::net::IpAddr;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use pingora::http::RequestHeader;
+
+use crate::config::Upstream;
+
+/// The scheme clients reach stoa with, as told in `X-Forwarded-Proto`.
+const FORWARDED_PROTO: &str = "http";
+
+/// Request headers that must not be forwarded as they are.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Response headers not passed on from the upstream: hop-by-hop ones (the length is kept).
+pub fn is_hop_by_hop_response(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// Rewrites the head of a pass-through request for `upstream`: its `Host`, the `peer`
+/// appended to `X-Forwarded-For`, `X-Forwarded-Proto` and the request id. (pingora drops the
+/// hop-by-hop headers itself.)
+pub fn forward(
+    req: &mut RequestHeader,
+    upstream: &Upstream,
+    peer: Option<IpAddr>,
+    request_id: &HeaderValue,
+) -> pingora::Result<()> {
+    req.insert_header(http::header::HOST, upstream.host_header.as_str())?;
+    if let Some(ip) = peer {
+        let forwarded = forwarded_for(req.headers.get("x-forwarded-for"), ip);
+        req.insert_header("x-forwarded-for", forwarded)?;
+    }
+    req.insert_header("x-forwarded-proto", FORWARDED_PROTO)?;
+    req.insert_header("x-request-id", request_id.clone())?;
+    Ok(())
+}
+
+/// Headers for a fetch made for one client only: everything end-to-end, plus forwarding
+/// as in [`forward`].
+pub fn private_fetch_headers(
+    req: &RequestHeader,
+    peer: Option<IpAddr>,
+    request_id: &HeaderValue,
+) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
+    for (name, value) in req.headers.iter() {
+        if !is_hop_by_hop(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(ip) = peer {
+        let forwarded = forwarded_for(headers.get("x-forwarded-for"), ip);
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert("x-forwarded-for", v);
+        }
+    }
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(FORWARDED_PROTO),
+    );
+    headers.insert("x-request-id", request_id.clone());
+    headers
+}
+
+/// The `X-Forwarded-For` value with `ip` appended to what a client sent.
+fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> String {
+    match prior.and_then(|v| v.to_str().ok()) {
+        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
+        _ => ip.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_private_fetch_carries_end_to_end_headers_and_forwarding() {
+        let mut req = RequestHeader::build("GET", b"/menu", None).unwrap();
+        req.insert_header("authorization", "Bearer t").unwrap();
+        req.insert_header("connection", "keep-alive").unwrap();
+        req.insert_header("host", "stoa.example").unwrap();
+        req.insert_header("x-forwarded-for", "198.51.100.7")
+            .unwrap();
+        let id = HeaderValue::from_static("abc");
+        let peer = "10.0.0.1".parse().ok();
+        let headers = private_fetch_headers(&req, peer, &id);
+        assert_eq!(headers["authorization"], "Bearer t");
+        assert!(!headers.contains_key("connection"));
+        assert!(!headers.contains_key("host"));
+        assert_eq!(headers["x-forwarded-for"], "198.51.100.7, 10.0.0.1");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn forwarded_for_starts_a_list_when_none_was_sent() {
+        let ip = "10.0.0.1".parse().unwrap();
+        assert_eq!(forwarded_for(None, ip), "10.0.0.1");
+        let blank = HeaderValue::from_static(" ");
+        assert_eq!(forwarded_for(Some(&blank), ip), "10.0.0.1");
+    }
+}

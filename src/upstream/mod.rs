@@ -1,0 +1,19 @@
+//! Every request stoa sends upstream: peers and pools, timeouts, the header policy, the one
+//! mapping of upstream failures into [`crate::error::StoaError`], and fetch metrics.
+//!
+//! Pass-through requests ride pingora's connector to the route's [`HttpPeer`]; cached
+//! fetches, aggregate legs and refresh hooks ride one pooled client per upstream
+//! ([`UpstreamClient`]). Both are built here from the same settings, send the same headers
+//! ([`headers`]), map failures the same way ([`error`]) and are counted the same way
+//! ([`Link`]).
+//!
+//! [`HttpPeer`]: pingora::upstreams::peer::HttpPeer
+
+pub mod client;
+pub mod error;
+pub mod headers;
+pub mod link;
+pub mod peer;
+
+pub use client::{Answer, FetchRequest, Fetched, Streaming, UpstreamClient, MAX_RESPONSE_BYTES};
+pub use link::Link;
