@@ -9,10 +9,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::origin::FetchRequest;
 use crate::cache::{key, CacheStatus, CachedRoute, Served};
 use crate::config::{self, Config, ConfigErrors, EnvOverrides};
 use crate::error::StoaError;
-use crate::fetch::FetchRequest;
 use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::routes::PathMode;
@@ -229,14 +229,17 @@ impl Control {
                     path: format!("cached route {route_name:?}"),
                 })?;
         let mut hook_report = None;
-        if let (Some(hook), Some(client)) = (&cached.settings.refresh_hook, cached.client()) {
-            let base = gateway
-                .routes
-                .routes()
-                .iter()
-                .find(|r| r.spec.name == route_name)
-                .and_then(|r| r.upstream().map(|u| u.base_path.clone()))
-                .unwrap_or_default();
+        let upstream = gateway
+            .routes
+            .routes()
+            .iter()
+            .find(|r| r.spec.name == route_name)
+            .and_then(|r| r.upstream());
+        let client = upstream.and_then(|u| gateway.clients.get(&u.name));
+        if let (Some(hook), Some(client), Some(upstream)) =
+            (&cached.settings.refresh_hook, client, upstream)
+        {
+            let base = &upstream.base_path;
             let answer = client
                 .fetch(FetchRequest {
                     method: hook.method.clone(),

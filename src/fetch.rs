@@ -2,89 +2,40 @@
 //! upstream's timeouts. An answer is read into memory up to a limit; a larger one is
 //! handed over as a stream, to be written to its client chunk by chunk.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
-use std::sync::Arc;
-
+use crate::cache::origin::{
+    too_large, Answer, FetchRequest, Fetched, Origin, Pending, Rest, Streaming,
+};
 use crate::config::Upstream;
 use crate::error::StoaError;
+use crate::metrics::{FetchOutcome, UpstreamMetrics};
 use crate::ratelimit::{UpstreamGuard, UpstreamPermit};
 
 /// Largest upstream body read whole where it must be whole (aggregate legs, refresh hooks).
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
-/// A request to send upstream.
-#[derive(Debug, Clone)]
-pub struct FetchRequest {
-    pub method: Method,
-    /// Path and query as sent upstream (after rewrite and base path).
-    pub path_and_query: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// A complete upstream answer.
-#[derive(Debug)]
-pub struct Fetched {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// An upstream answer: read whole, or larger than the limit it was read with.
-#[derive(Debug)]
-pub enum Answer {
-    Whole(Fetched),
-    Streaming(Box<Streaming>),
-}
-
-/// An answer too large to hold: its head, the bytes read before that was known, and the
-/// rest still on the upstream connection. It keeps the upstream slot until dropped.
-pub struct Streaming {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    /// Body chunks already read, sent (and freed) before the rest.
-    read: std::collections::VecDeque<Bytes>,
+/// The rest of a streamed answer, on its upstream connection; it keeps the upstream slot
+/// until dropped.
+struct UpstreamRest {
     response: reqwest::Response,
     client: UpstreamClient,
     _permit: UpstreamPermit,
 }
 
-impl Streaming {
-    /// The next piece of the body; `None` at its end. An upstream that stalls longer than
-    /// its `timeout` between two reads fails the stream.
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoaError> {
-        if let Some(read) = self.read.pop_front() {
-            return Ok(Some(read));
-        }
-        self.response
-            .chunk()
-            .await
-            .map_err(|e| self.client.error(&e))
-    }
-
-    /// Reads the rest into memory, up to `limit` bytes in all (for aggregate legs).
-    pub async fn collect(mut self, limit: usize) -> Result<Bytes, StoaError> {
-        let mut body = BytesMut::new();
-        while let Some(chunk) = self.next_chunk().await? {
-            if body.len() + chunk.len() > limit {
-                return Err(self.client.too_large(limit));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
-    }
-}
-
-impl std::fmt::Debug for Streaming {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Streaming")
-            .field("upstream", &self.client.name)
-            .field("status", &self.status)
-            .finish()
+impl Rest for UpstreamRest {
+    /// An upstream that stalls longer than its `timeout` between two reads fails the stream.
+    fn next_chunk(&mut self) -> Pending<'_, Option<Bytes>> {
+        Box::pin(async move {
+            self.response
+                .chunk()
+                .await
+                .map_err(|e| self.client.error(&e))
+        })
     }
 }
 
@@ -134,7 +85,7 @@ impl UpstreamClient {
     pub async fn fetch(&self, req: FetchRequest) -> Result<Fetched, StoaError> {
         match self.fetch_within(req, MAX_RESPONSE_BYTES).await? {
             Answer::Whole(fetched) => Ok(fetched),
-            Answer::Streaming(_) => Err(self.too_large(MAX_RESPONSE_BYTES)),
+            Answer::Streaming(_) => Err(too_large(&self.name, MAX_RESPONSE_BYTES)),
         }
     }
 
@@ -211,21 +162,18 @@ impl UpstreamClient {
         response: reqwest::Response,
         permit: UpstreamPermit,
     ) -> Answer {
-        Answer::Streaming(Box::new(Streaming {
-            status,
-            headers,
-            read,
+        let rest = UpstreamRest {
             response,
             client: self.clone(),
             _permit: permit,
-        }))
-    }
-
-    fn too_large(&self, limit: usize) -> StoaError {
-        StoaError::UpstreamFailed {
-            upstream: self.name.clone(),
-            detail: format!("answer larger than {limit} bytes"),
-        }
+        };
+        Answer::Streaming(Box::new(Streaming::new(
+            self.name.clone(),
+            status,
+            headers,
+            read,
+            Box::new(rest),
+        )))
     }
 
     fn error(&self, e: &reqwest::Error) -> StoaError {
@@ -260,6 +208,39 @@ impl std::fmt::Debug for UpstreamClient {
             .field("name", &self.name)
             .field("base_url", &self.base_url)
             .finish()
+    }
+}
+
+/// A cached route's upstream: its client, and the route's fetch metrics.
+pub struct UpstreamOrigin {
+    pub client: UpstreamClient,
+    pub metrics: Arc<UpstreamMetrics>,
+}
+
+impl UpstreamOrigin {
+    /// Fetches, counting the fetch (a request refused by the upstream's protection limits
+    /// never reached it and is not counted).
+    async fn fetch_counted(&self, req: FetchRequest, limit: usize) -> Result<Answer, StoaError> {
+        let started = Instant::now();
+        let result = self.client.fetch_within(req, limit).await;
+        let outcome = match &result {
+            Ok(Answer::Whole(f)) if f.status.is_server_error() => Some(FetchOutcome::Error),
+            Ok(Answer::Streaming(s)) if s.status.is_server_error() => Some(FetchOutcome::Error),
+            Ok(_) => Some(FetchOutcome::Ok),
+            Err(StoaError::UpstreamTimeout { .. }) => Some(FetchOutcome::Timeout),
+            Err(StoaError::Overloaded { .. }) => None,
+            Err(_) => Some(FetchOutcome::Error),
+        };
+        if let Some(outcome) = outcome {
+            self.metrics.fetch(outcome, started.elapsed());
+        }
+        result
+    }
+}
+
+impl Origin for UpstreamOrigin {
+    fn fetch(&self, req: FetchRequest, limit: usize) -> Pending<'_, Answer> {
+        Box::pin(self.fetch_counted(req, limit))
     }
 }
 

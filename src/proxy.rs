@@ -13,10 +13,10 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use crate::cache::origin::FetchRequest;
 use crate::cache::{key, CacheStatus, CachedRoute, Served};
 use crate::connections;
 use crate::error::StoaError;
-use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::FetchOutcome;

@@ -6,11 +6,11 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
+use crate::cache::origin::Streaming;
 use crate::cache::settings::CacheSettings;
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
 use crate::error::StoaError;
-use crate::fetch::Streaming;
 use crate::ratelimit::Decision;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.

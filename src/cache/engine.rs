@@ -9,30 +9,19 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::flight::{self, Flights, Joined, Lead, Outcome};
+use super::origin::{Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use super::store::{Entry, Lifetimes, Store};
 use super::{key, CacheStatus};
-use crate::aggregate::Aggregator;
 use crate::error::StoaError;
-use crate::fetch::{Answer, FetchRequest, Fetched, Streaming, UpstreamClient};
-use crate::metrics::{FetchOutcome, UpstreamMetrics};
 
-/// Where a cached route's answers come from.
-pub enum Source {
-    /// One upstream, through its pooled client.
-    Upstream {
-        client: UpstreamClient,
-        metrics: Arc<UpstreamMetrics>,
-    },
-    /// Several legs through stoa's own routes, merged.
-    Aggregate(Aggregator),
-}
-
-/// A cached route's settings and the source of its answers.
+/// A cached route's settings and the origin of its answers.
 pub struct CachedRoute {
     pub name: String,
     pub settings: CacheSettings,
-    pub source: Source,
+    pub origin: Arc<dyn Origin>,
+    /// The name errors report: the upstream's, or the aggregate route's.
+    pub origin_name: String,
     /// `stoa_cache_too_large_total{route}`: answers larger than `max_entry_bytes`.
     pub too_large: prometheus::IntCounter,
 }
@@ -117,57 +106,17 @@ impl CachedRoute {
         }
     }
 
-    /// The upstream's client, for upstream-backed routes.
-    pub fn client(&self) -> Option<&UpstreamClient> {
-        match &self.source {
-            Source::Upstream { client, .. } => Some(client),
-            Source::Aggregate(_) => None,
-        }
-    }
-
-    /// The name errors report: the upstream's, or the aggregate route's.
-    pub fn source_name(&self) -> &str {
-        match &self.source {
-            Source::Upstream { client, .. } => client.name(),
-            Source::Aggregate(_) => &self.name,
-        }
-    }
-
-    /// Fetches from the upstream, counting the fetch (a request refused by the upstream's
-    /// protection limits never reached it and is not counted); or runs the aggregate.
-    /// An answer over the route's `max_entry_bytes` comes back as a stream.
+    /// Asks the origin; an answer over the route's `max_entry_bytes` comes back as a stream.
     async fn fetch(&self, fetch: FetchRequest) -> Result<Answer, StoaError> {
-        let (client, metrics) = match &self.source {
-            Source::Upstream { client, metrics } => (client, metrics),
-            Source::Aggregate(aggregator) => {
-                return aggregator
-                    .run(&fetch.path_and_query)
-                    .await
-                    .map(Answer::Whole)
-            }
-        };
-        let started = Instant::now();
         let limit = usize::try_from(self.settings.max_entry_bytes).unwrap_or(usize::MAX);
-        let result = client.fetch_within(fetch, limit).await;
-        let outcome = match &result {
-            Ok(Answer::Whole(f)) if f.status.is_server_error() => Some(FetchOutcome::Error),
-            Ok(Answer::Streaming(s)) if s.status.is_server_error() => Some(FetchOutcome::Error),
-            Ok(_) => Some(FetchOutcome::Ok),
-            Err(StoaError::UpstreamTimeout { .. }) => Some(FetchOutcome::Timeout),
-            Err(StoaError::Overloaded { .. }) => None,
-            Err(_) => Some(FetchOutcome::Error),
-        };
-        if let Some(outcome) = outcome {
-            metrics.fetch(outcome, started.elapsed());
-        }
-        result
+        self.origin.fetch(fetch, limit).await
     }
 
     /// A too-large answer as served: counted, and never a 5xx passed on (that is a 502).
     fn stream(&self, streaming: Box<Streaming>) -> Served {
         if streaming.status.is_server_error() {
             let err = StoaError::UpstreamFailed {
-                upstream: self.source_name().to_string(),
+                upstream: self.origin_name.clone(),
                 detail: format!("answered {}", streaming.status.as_u16()),
             };
             return Served::Error(err, CacheStatus::Bypass);
@@ -411,7 +360,7 @@ impl CacheEngine {
             ),
             Err(_) => {
                 let timeout = StoaError::UpstreamTimeout {
-                    upstream: route.source_name().to_string(),
+                    upstream: route.origin_name.clone(),
                     timeout_ms: settings.lock_timeout.as_millis(),
                 };
                 match (settings.on_lock_timeout, stale) {
@@ -446,7 +395,7 @@ impl CacheEngine {
         match route.fetch(fetch).await {
             Ok(Answer::Whole(fetched)) => match fetched_to_entry(
                 fetched,
-                route.source_name(),
+                &route.origin_name,
                 &route.settings,
                 0,
                 Instant::now(),
@@ -529,7 +478,7 @@ impl CacheEngine {
     ) -> Outcome {
         match fetched_to_entry(
             fetched,
-            route.source_name(),
+            &route.origin_name,
             &route.settings,
             key.len(),
             Instant::now(),

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use super::origin::Streaming;
 use super::store::Entry;
 use crate::error::StoaError;
-use crate::fetch::Streaming;
 
 /// What a fetch produced.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
-use crate::fetch::FetchRequest;
+use super::origin::FetchRequest;
 
 /// Per-entry memory beyond key, header bytes and body: the entry, its header map, the
 /// cache index and allocator rounding. Measured at about 1.7 KiB per entry of JSON
