@@ -14,7 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::origin::FetchRequest;
-use crate::cache::{key, CacheStatus, CachedRoute, Served};
+use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::connections;
 use crate::error::StoaError;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
@@ -538,9 +538,7 @@ impl ProxyHttp for StoaProxy {
             let write = method != http::Method::GET && method != http::Method::HEAD;
             if write && upstream_response.status.is_success() {
                 for target in &route.spec.invalidates {
-                    let purged = ctx.gateway.cache.purge(|k| {
-                        key::route_of(k) == target && key::path_of(k) == ctx.upstream_path
-                    });
+                    let purged = ctx.gateway.cache.purge_path(target, &ctx.upstream_path);
                     tracing::debug!(route = %target, path = %ctx.upstream_path, purged, "invalidated after a write");
                 }
             }

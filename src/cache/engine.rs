@@ -9,10 +9,11 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::flight::{self, Flights, Joined, Lead, Outcome};
+use super::key::{self, CacheKey};
 use super::origin::{Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use super::store::{Entry, Lifetimes, Store};
-use super::{key, CacheStatus};
+use super::CacheStatus;
 use crate::error::StoaError;
 
 /// A cached route's settings and the origin of its answers.
@@ -35,7 +36,7 @@ impl CachedRoute {
         upstream_path_and_query: &str,
         body: &[u8],
         headers: &http::HeaderMap,
-    ) -> Result<String, StoaError> {
+    ) -> Result<CacheKey, StoaError> {
         let (path, query) = match upstream_path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (upstream_path_and_query, None),
@@ -72,7 +73,7 @@ impl CachedRoute {
         &self,
         method: http::Method,
         upstream_path_and_query: &str,
-        key: &str,
+        key: &CacheKey,
         headers: &http::HeaderMap,
         request_id: Option<&http::HeaderValue>,
     ) -> FetchRequest {
@@ -92,7 +93,7 @@ impl CachedRoute {
                         http::HeaderValue::from_static("application/json"),
                     );
                 }
-                Bytes::copy_from_slice(key::body_of(key).as_bytes())
+                Bytes::copy_from_slice(key.body().as_bytes())
             }
         };
         if let Some(id) = request_id {
@@ -193,27 +194,33 @@ impl CacheEngine {
         })
     }
 
-    /// Removes the entries whose key satisfies `which`; how many went.
-    pub fn purge(&self, which: impl Fn(&str) -> bool) -> usize {
-        let doomed: Vec<Arc<str>> = self
-            .store
-            .entries()
-            .filter(|(k, _)| which(k))
-            .map(|(k, _)| k)
-            .collect();
-        doomed.iter().filter(|k| self.store.remove(k)).count()
+    /// Removes every entry of the route named `route`; how many went.
+    pub fn purge_route(&self, route: &str) -> usize {
+        self.store.remove_route(route)
     }
 
-    /// Removes every entry of the route named `route`.
-    pub fn purge_route(&self, route: &str) -> usize {
-        self.purge(|k| key::route_of(k) == route)
+    /// Removes the entries whose upstream path starts with `prefix`, of `route` or of
+    /// every route; how many went.
+    pub fn purge_prefix(&self, route: Option<&str>, prefix: &str) -> usize {
+        self.store.remove_prefix(route, prefix)
+    }
+
+    /// Removes the entries of `route` made for exactly the upstream `path` (invalidation
+    /// after a write); how many went.
+    pub fn purge_path(&self, route: &str, path: &str) -> usize {
+        self.store.remove_path(route, path)
+    }
+
+    /// Removes the entry under `key`; how many went (0 or 1).
+    pub fn purge_key(&self, key: &CacheKey) -> usize {
+        usize::from(self.store.remove(key))
     }
 
     /// Entries and bytes per route name.
     pub fn route_counts(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
         let mut out = std::collections::BTreeMap::new();
         for (k, e) in self.store.entries() {
-            let slot: &mut (u64, u64) = out.entry(key::route_of(&k).to_string()).or_default();
+            let slot: &mut (u64, u64) = out.entry(k.route().to_string()).or_default();
             slot.0 += 1;
             slot.1 += e.weight();
         }
@@ -225,10 +232,10 @@ impl CacheEngine {
     /// Returns how many refetches started.
     pub fn refresh_route(self: &Arc<Self>, route: &Arc<CachedRoute>) -> usize {
         let mut started = 0;
-        for (k, entry) in self.store.entries() {
-            if key::route_of(&k) != route.name {
+        for k in self.store.keys_of(&route.name) {
+            let Some(entry) = self.store.get(&k) else {
                 continue;
-            }
+            };
             let (Some(recipe), Some(lead)) = (&entry.recipe, self.flights.lead_if_idle(&k)) else {
                 continue;
             };
@@ -250,7 +257,7 @@ impl CacheEngine {
     pub fn serve_from_memory<F: FnOnce() -> FetchRequest>(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
-        key: &str,
+        key: &CacheKey,
         make_fetch: F,
     ) -> Result<Served, (F, Option<Arc<Entry>>)> {
         let now = Instant::now();
@@ -275,7 +282,7 @@ impl CacheEngine {
     pub async fn serve(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
-        key: &str,
+        key: &CacheKey,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) -> Served {
         match self.serve_from_memory(route, key, make_fetch) {
@@ -298,7 +305,7 @@ impl CacheEngine {
     pub async fn serve_miss(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
-        key: &str,
+        key: &CacheKey,
         stale: Option<Arc<Entry>>,
         make_fetch: impl FnOnce() -> FetchRequest,
         admit: impl FnOnce() -> Result<(), StoaError>,
@@ -414,7 +421,7 @@ impl CacheEngine {
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
         entry: &Arc<Entry>,
-        key: &str,
+        key: &CacheKey,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) {
         if !entry.claim_refresh() {
@@ -472,7 +479,7 @@ impl CacheEngine {
     fn settle(
         &self,
         route: &CachedRoute,
-        key: &Arc<str>,
+        key: &Arc<CacheKey>,
         fetched: Fetched,
         recipe: Arc<FetchRequest>,
     ) -> Outcome {
@@ -480,7 +487,7 @@ impl CacheEngine {
             fetched,
             &route.origin_name,
             &route.settings,
-            key.len(),
+            key.byte_len(),
             Instant::now(),
             Some(recipe),
         ) {
