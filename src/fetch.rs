@@ -1,6 +1,7 @@
 //! Upstream fetches for cached routes: one pooled HTTP client per upstream, with the
-//! upstream's timeouts. An answer is read into memory up to a limit; a larger one is
-//! handed over as a stream, to be written to its client chunk by chunk.
+//! upstream's timeouts, and the cache's [`Origin`] for an upstream-backed route. An answer
+//! is read into memory up to a limit; a larger one is handed over as a stream, to be
+//! written to its client chunk by chunk.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

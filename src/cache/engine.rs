@@ -661,6 +661,95 @@ fn disposition_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::origin::Pending;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An origin that answers every request with its path, after a pause, counting fetches.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Origin for Counting {
+        fn fetch(&self, req: FetchRequest, _limit: usize) -> Pending<'_, Answer> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Answer::Whole(Fetched {
+                    status: http::StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    body: Bytes::from(req.path_and_query),
+                }))
+            })
+        }
+    }
+
+    fn route(name: &str, origin: Arc<Counting>) -> Arc<CachedRoute> {
+        let settings = CacheSettings {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            statuses: Vec::new(),
+            key_query: KeyQuery::All,
+            key_body: KeyBody::None,
+            key_headers: Vec::new(),
+            unkeyed_body: UnkeyedBody::Drop,
+            lock_timeout: Duration::from_secs(5),
+            on_lock_timeout: OnLockTimeout::Error,
+            refresh_ahead: None,
+            jitter: 0.0,
+            ignore_upstream_cache_control: false,
+            warm: Vec::new(),
+            refresh_hook: None,
+            max_entry_bytes: 1 << 20,
+        };
+        let too_large = prometheus::IntCounter::new("too_large", "test").unwrap();
+        Arc::new(CachedRoute {
+            name: name.to_string(),
+            settings,
+            origin,
+            origin_name: "test".to_string(),
+            too_large,
+        })
+    }
+
+    async fn get(engine: &Arc<CacheEngine>, route: &Arc<CachedRoute>, path: &str) -> Served {
+        let headers = http::HeaderMap::new();
+        let key = route
+            .key_for(&http::Method::GET, path, b"", &headers)
+            .unwrap();
+        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None);
+        engine.serve(route, &key, fetch).await
+    }
+
+    #[tokio::test]
+    async fn any_origin_feeds_the_cache_once_per_key() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Arc::new(Counting::default());
+        let a = route("a", origin.clone());
+        let b = route("b", origin.clone());
+        let calls = (0..20).map(|_| get(&engine, &a, "/x"));
+        for served in futures_util::future::join_all(calls).await {
+            let Served::Entry(entry, _) = served else {
+                panic!("an answer from the origin");
+            };
+            assert_eq!(entry.body, "/x");
+        }
+        assert_eq!(origin.0.load(Ordering::SeqCst), 1, "one fetch for one key");
+        assert!(matches!(
+            get(&engine, &a, "/x").await,
+            Served::Entry(_, CacheStatus::Hit)
+        ));
+        get(&engine, &a, "/y").await;
+        get(&engine, &b, "/x").await;
+        assert_eq!(origin.0.load(Ordering::SeqCst), 3);
+
+        assert_eq!(engine.purge_path("a", "/x"), 1);
+        assert_eq!(engine.purge_route("b"), 1);
+        assert_eq!(engine.store.len(), 1, "a's /y stays");
+        assert!(matches!(
+            get(&engine, &a, "/y").await,
+            Served::Entry(_, CacheStatus::Hit)
+        ));
+    }
 
     #[test]
     fn only_keyed_query_parameters_are_sent() {
