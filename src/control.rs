@@ -9,13 +9,14 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{key, CacheStatus, CachedRoute, Served};
+use crate::cache::key::CacheKey;
+use crate::cache::origin::FetchRequest;
+use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::{self, Config, ConfigErrors, EnvOverrides};
 use crate::error::StoaError;
 use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::routes::PathMode;
-use crate::upstream::FetchRequest;
 
 /// What a successful reload did.
 #[derive(Debug, Serialize)]
@@ -176,13 +177,10 @@ impl Control {
         let cache = &self.shared.cache;
         match (&req.route, &req.prefix, &req.request) {
             (Some(route), None, None) => Ok(cache.purge_route(route)),
-            (route, Some(prefix), None) => Ok(cache.purge(|k| {
-                key::path_of(k).starts_with(prefix.as_str())
-                    && route.as_ref().is_none_or(|r| key::route_of(k) == r)
-            })),
+            (route, Some(prefix), None) => Ok(cache.purge_prefix(route.as_deref(), prefix)),
             (None, None, Some(exact)) => {
                 let (_, key) = self.exact_key(exact)?;
-                Ok(cache.purge(|k| k == key))
+                Ok(cache.purge_key(&key))
             }
             _ => Err(StoaError::BadRequest(
                 "give one of: route, prefix (optionally with route), request".into(),
@@ -191,7 +189,7 @@ impl Control {
     }
 
     /// The cached route and key a client request maps to.
-    fn exact_key(&self, exact: &ExactRequest) -> Result<(Arc<CachedRoute>, String), StoaError> {
+    fn exact_key(&self, exact: &ExactRequest) -> Result<(Arc<CachedRoute>, CacheKey), StoaError> {
         let method = http::Method::from_bytes(exact.method.as_bytes())
             .map_err(|_| StoaError::BadRequest(format!("{:?} is not a method", exact.method)))?;
         let gateway = self.gateway.load();
@@ -229,14 +227,15 @@ impl Control {
                     path: format!("cached route {route_name:?}"),
                 })?;
         let mut hook_report = None;
-        if let (Some(hook), Some(client)) = (&cached.settings.refresh_hook, cached.client()) {
-            let base = gateway
-                .routes
-                .routes()
-                .iter()
-                .find(|r| r.spec.name == route_name)
-                .and_then(|r| r.upstream().map(|u| u.base_path.clone()))
-                .unwrap_or_default();
+        let link = gateway
+            .routes
+            .routes()
+            .iter()
+            .find(|r| r.spec.name == route_name)
+            .and_then(|r| r.link.as_ref());
+        if let (Some(hook), Some(link)) = (&cached.settings.refresh_hook, link) {
+            let (client, upstream) = (link.client(), link.upstream());
+            let base = &upstream.base_path;
             let answer = client
                 .fetch(FetchRequest {
                     method: hook.method.clone(),

@@ -5,10 +5,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
+use bytes::Bytes;
 use prometheus::IntCounter;
 
-use crate::aggregate::Aggregator;
-use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Source};
+use crate::aggregate::{Aggregator, LegCall, Legs, LegsHandle};
+use crate::cache::origin::FetchRequest;
+use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
 use crate::metrics::{Metrics, RouteMetrics, RouteShape};
@@ -16,6 +18,7 @@ use crate::ratelimit::{RateLimiter, UpstreamGuard};
 use crate::routes::{
     normalize_path, upstream_uri, Lookup, PathMode, PathTemplate, Routable, RouteTable,
 };
+use crate::upstream::MAX_RESPONSE_BYTES;
 use crate::upstream::{peer::peer_for, Link, UpstreamClient};
 
 /// The route label of requests that matched no route.
@@ -88,7 +91,6 @@ impl Gateway {
         previous: Option<&Gateway>,
     ) -> Result<Arc<Self>, StoaError> {
         let metrics = &shared.metrics;
-        let metric_err = |e: prometheus::Error| StoaError::Internal(format!("metrics: {e}"));
         let limiters: HashMap<String, Arc<RateLimiter>> = config
             .rate_limits
             .iter()
@@ -124,99 +126,37 @@ impl Gateway {
                 );
             }
         }
-        let build = |gateway: &Weak<Gateway>| -> Result<Vec<Route>, StoaError> {
-            let mut routes = Vec::with_capacity(config.routes.len());
-            for spec in &config.routes {
-                let link = match &spec.upstream {
-                    Some(up) => {
-                        let client = clients.get(&up.name).cloned().ok_or_else(|| {
-                            StoaError::Internal(format!("no client for {}", up.name))
-                        })?;
-                        let fetches = metrics.upstream(&up.name, &spec.name).map_err(metric_err)?;
-                        Some(Arc::new(Link::new(
-                            up.clone(),
-                            peer_for(up),
-                            client,
-                            Arc::new(fetches),
-                        )))
-                    }
-                    None => None,
-                };
-                let source = match (&spec.aggregate, &link) {
-                    (Some(aggregate), _) => Some(Source::Aggregate(Aggregator::new(
-                        spec.name.clone(),
-                        spec.path.clone(),
-                        aggregate.clone(),
-                        gateway.clone(),
-                    ))),
-                    (None, Some(link)) if spec.cache.is_some() => {
-                        Some(Source::Upstream(link.clone()))
-                    }
-                    _ => None,
-                };
-                let cached = match (&spec.cache, source) {
-                    (Some(settings), Some(source)) => Some(Arc::new(CachedRoute {
-                        name: spec.name.clone(),
-                        settings: settings.clone(),
-                        source,
-                        too_large: metrics.cache_too_large(&spec.name).map_err(metric_err)?,
-                    })),
-                    _ => None,
-                };
-                let limiter = spec
-                    .rate_limit
-                    .as_ref()
-                    .and_then(|name| limiters.get(name).cloned());
-                let rate_limited = match &spec.rate_limit {
-                    Some(policy) => Some(
-                        metrics
-                            .rate_limited(&spec.name, policy)
-                            .map_err(metric_err)?,
-                    ),
-                    None => None,
-                };
-                let route_metrics = metrics
-                    .route(&spec.name, spec.cache.is_some())
-                    .map_err(metric_err)?;
-                route_metrics.expect(expected_answers(spec, limiter.is_some()));
-                routes.push(Route {
-                    link,
-                    metrics: route_metrics,
-                    spec: spec.clone(),
-                    cache: cached,
-                    limiter,
-                    rate_limited,
-                });
-            }
-            Ok(routes)
+        // Aggregate routes call the routes of the gateway that holds them: set once it is built.
+        let legs = Arc::new(LegsHandle::default());
+        let parts = Parts {
+            metrics,
+            clients: &clients,
+            limiters: &limiters,
+            legs: &legs,
         };
-        // Aggregate routes call back into the gateway that holds them.
-        let mut failure = None;
-        let gateway = Arc::new_cyclic(|weak| {
-            let routes = build(weak).unwrap_or_else(|e| {
-                failure = Some(e);
-                Vec::new()
-            });
-            Gateway {
-                config: Arc::clone(&config),
-                guards: guards
-                    .iter()
-                    .map(|(name, guard)| (name.to_string(), guard.clone()))
-                    .collect(),
-                routes: RouteTable::new(routes),
-                max_body_bytes: config.server.max_body_bytes,
-                cache: shared.cache.clone(),
-                trusted_proxies: config.server.trusted_proxies.clone(),
-                limiters: limiters.clone(),
-                unmatched,
-                record_metrics: config.admin.metrics,
-                access_log: config.log.access_log,
-            }
+        let routes = config
+            .routes
+            .iter()
+            .map(|spec| compile_route(spec, &parts))
+            .collect::<Result<Vec<_>, _>>()?;
+        let gateway = Arc::new(Gateway {
+            config: Arc::clone(&config),
+            guards: guards
+                .into_iter()
+                .map(|(name, guard)| (name.to_string(), guard))
+                .collect(),
+            routes: RouteTable::new(routes),
+            max_body_bytes: config.server.max_body_bytes,
+            cache: shared.cache.clone(),
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            limiters,
+            unmatched,
+            record_metrics: config.admin.metrics,
+            access_log: config.log.access_log,
         });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(gateway),
-        }
+        let weak: Weak<Gateway> = Arc::downgrade(&gateway);
+        legs.set(weak);
+        Ok(gateway)
     }
 }
 
@@ -271,6 +211,90 @@ impl Gateway {
     }
 }
 
+impl Legs for Gateway {
+    fn call(&self, method: &http::Method, path: &str, body: Bytes) -> LegCall<'_> {
+        let method = method.clone();
+        let path = path.to_string();
+        Box::pin(async move { self.leg(method, &path, body).await })
+    }
+}
+
+impl Gateway {
+    /// One aggregate leg: resolved through the route table, fetched through the route's
+    /// cache when it has one (like a client's request), else from its upstream.
+    async fn leg(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        // Exact: a value such as ".." or "a/b" (from a parameter or an earlier answer) is an
+        // error, never a way to another route or out of the rewrite's prefix.
+        let (route, upstream_path) =
+            self.resolve(&method, path, PathMode::Exact)
+                .map_err(|e| match e {
+                    StoaError::NoRoute { .. } => format!("{method} {path} matches no route"),
+                    e => format!("{method} {path}: {e}"),
+                })?;
+        let mut headers = http::HeaderMap::new();
+        if !body.is_empty() {
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+        }
+        let fetch = FetchRequest {
+            method,
+            path_and_query: upstream_path,
+            headers,
+            body,
+        };
+        let Some(cached) = &route.cache else {
+            // Through the route's link: its upstream's slots, and counted as its fetches.
+            let link = route
+                .link
+                .as_ref()
+                .ok_or_else(|| format!("route {} has no upstream", route.spec.name))?;
+            let fetched = link.fetch_whole(fetch).await.map_err(|e| e.to_string())?;
+            return Ok((fetched.status, fetched.body));
+        };
+        let key = cached
+            .key_for(
+                &fetch.method,
+                &fetch.path_and_query,
+                &fetch.body,
+                &fetch.headers,
+            )
+            .map_err(|e| e.to_string())?;
+        // Like a client's request: the shared fetch carries only what the key covers, and
+        // a body the key ignores is dropped or goes around the cache.
+        let served = if cached.bypasses_for(&fetch.body) {
+            self.cache.bypass(cached, fetch).await
+        } else {
+            let shared = || {
+                cached.shared_fetch(
+                    fetch.method.clone(),
+                    &fetch.path_and_query,
+                    &key,
+                    &fetch.headers,
+                    None,
+                )
+            };
+            self.cache.serve(cached, &key, shared).await
+        };
+        match served {
+            Served::Entry(entry, _) => Ok((entry.header.status, entry.body.clone())),
+            // Legs are merged whole, within the whole-answer limit.
+            Served::Stream(streaming, _) => {
+                let status = streaming.status;
+                let body = (*streaming).collect(MAX_RESPONSE_BYTES).await;
+                Ok((status, body.map_err(|e| e.to_string())?))
+            }
+            Served::Error(e, _) => Err(e.to_string()),
+        }
+    }
+}
+
 /// Whether a cached route's stored answers are still valid under a new configuration:
 /// same path, rewrite, upstream and cache settings.
 pub fn same_cached_answers(old: &RouteSpec, new: &RouteSpec) -> bool {
@@ -287,6 +311,96 @@ pub fn same_cached_answers(old: &RouteSpec, new: &RouteSpec) -> bool {
                 .map(|u| (u.addr, &u.base_path, &u.host_header))
         && old.aggregate == new.aggregate
         && old.cache == new.cache
+}
+
+/// What the routes of one configuration share.
+struct Parts<'a> {
+    metrics: &'a Metrics,
+    clients: &'a HashMap<String, UpstreamClient>,
+    limiters: &'a HashMap<String, Arc<RateLimiter>>,
+    legs: &'a Arc<LegsHandle>,
+}
+
+/// A route as served: its peer, cache and origin, limiter and metrics.
+fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError> {
+    let link = match &spec.upstream {
+        Some(up) => {
+            let client = parts
+                .clients
+                .get(&up.name)
+                .cloned()
+                .ok_or_else(|| StoaError::Internal(format!("no client for {}", up.name)))?;
+            let fetches = parts
+                .metrics
+                .upstream(&up.name, &spec.name)
+                .map_err(metric_err)?;
+            Some(Arc::new(Link::new(
+                up.clone(),
+                peer_for(up),
+                client,
+                Arc::new(fetches),
+            )))
+        }
+        None => None,
+    };
+    let origin: Option<(Arc<dyn Origin>, String)> = match (&spec.aggregate, &link) {
+        (Some(aggregate), _) => Some((
+            Arc::new(Aggregator::new(
+                spec.name.clone(),
+                spec.path.clone(),
+                aggregate.clone(),
+                parts.legs.clone(),
+            )),
+            spec.name.clone(),
+        )),
+        (None, Some(link)) if spec.cache.is_some() => {
+            Some((link.clone(), link.upstream().name.clone()))
+        }
+        _ => None,
+    };
+    let cached = match (&spec.cache, origin) {
+        (Some(settings), Some((origin, origin_name))) => Some(Arc::new(CachedRoute {
+            name: spec.name.clone(),
+            settings: settings.clone(),
+            origin,
+            origin_name,
+            too_large: parts
+                .metrics
+                .cache_too_large(&spec.name)
+                .map_err(metric_err)?,
+        })),
+        _ => None,
+    };
+    let limiter = spec
+        .rate_limit
+        .as_ref()
+        .and_then(|name| parts.limiters.get(name).cloned());
+    let rate_limited = match &spec.rate_limit {
+        Some(policy) => Some(
+            parts
+                .metrics
+                .rate_limited(&spec.name, policy)
+                .map_err(metric_err)?,
+        ),
+        None => None,
+    };
+    let route_metrics = parts
+        .metrics
+        .route(&spec.name, spec.cache.is_some())
+        .map_err(metric_err)?;
+    route_metrics.expect(expected_answers(spec, limiter.is_some()));
+    Ok(Route {
+        link,
+        metrics: route_metrics,
+        spec: spec.clone(),
+        cache: cached,
+        limiter,
+        rate_limited,
+    })
+}
+
+fn metric_err(e: prometheus::Error) -> StoaError {
+    StoaError::Internal(format!("metrics: {e}"))
 }
 
 /// The `stoa_requests_total` series a route starts with, at zero.

@@ -2,9 +2,7 @@
 //! caches and single flights), fan-out legs in parallel, then the merged answer.
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,14 +10,13 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{Map, Value};
 
+use super::legs::{Legs, LegsHandle};
 use super::spec::{
     AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart,
 };
-use crate::cache::Served;
+use crate::cache::origin::{Answer, FetchRequest, Fetched, Origin, Pending};
 use crate::error::StoaError;
-use crate::gateway::Gateway;
-use crate::routes::{PathMode, PathTemplate};
-use crate::upstream::{FetchRequest, Fetched, MAX_RESPONSE_BYTES};
+use crate::routes::PathTemplate;
 
 /// Characters escaped when a value is placed in a path segment.
 const SEGMENT: &AsciiSet = &CONTROLS
@@ -40,8 +37,8 @@ pub struct Aggregator {
     route: String,
     path: PathTemplate,
     spec: Arc<AggregateSpec>,
-    /// The gateway this route belongs to (a reload makes a new one).
-    gateway: Weak<Gateway>,
+    /// The routes of the gateway this route belongs to (a reload makes a new one).
+    legs: Arc<LegsHandle>,
 }
 
 /// Why a leg gave no result.
@@ -69,29 +66,21 @@ impl Aggregator {
         route: String,
         path: PathTemplate,
         spec: Arc<AggregateSpec>,
-        gateway: Weak<Gateway>,
+        legs: Arc<LegsHandle>,
     ) -> Self {
         Aggregator {
             route,
             path,
             spec,
-            gateway,
+            legs,
         }
     }
 
-    /// Answers the aggregate for a client path (with its query). Boxed: legs fetch through
-    /// the cache, which may run this again, and the future's type must not contain itself.
-    pub fn run<'a>(
-        &'a self,
-        path_and_query: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Fetched, StoaError>> + Send + 'a>> {
-        Box::pin(self.aggregate(path_and_query))
-    }
-
+    /// Answers the aggregate for a client path (with its query).
     async fn aggregate(&self, path_and_query: &str) -> Result<Fetched, StoaError> {
-        let gateway = self
-            .gateway
-            .upgrade()
+        let legs = self
+            .legs
+            .get()
             .ok_or_else(|| StoaError::Internal("the configuration was replaced".into()))?;
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, q),
@@ -148,7 +137,7 @@ impl Aggregator {
                 }
                 let calls = items
                     .iter()
-                    .map(|item| self.leg(&gateway, leg, &scope, Some(item), remaining));
+                    .map(|item| self.leg(&*legs, leg, &scope, Some(item), remaining));
                 let outcomes = futures_util::future::join_all(calls).await;
                 let mut values = Vec::with_capacity(outcomes.len());
                 for (i, outcome) in outcomes.into_iter().enumerate() {
@@ -164,7 +153,7 @@ impl Aggregator {
                 }
                 Ok(Value::Array(values))
             } else {
-                self.leg(&gateway, leg, &scope, None, remaining).await
+                self.leg(&*legs, leg, &scope, None, remaining).await
             };
             let value = match results {
                 Ok(v) => v,
@@ -240,11 +229,10 @@ impl Aggregator {
         }
     }
 
-    /// One call of a leg: render, resolve through the route table, fetch (cached routes
-    /// through the cache), check the status, pick.
+    /// One call of a leg: render, call through stoa's routes, check the status, pick.
     async fn leg(
         &self,
-        gateway: &Gateway,
+        legs: &dyn Legs,
         leg: &LegSpec,
         scope: &Scope,
         item: Option<&Value>,
@@ -256,72 +244,7 @@ impl Aggregator {
             .as_ref()
             .map(|b| Bytes::from(render_shape(b, scope, item).to_string()))
             .unwrap_or_default();
-        // Exact: a value such as ".." or "a/b" (from a parameter or an earlier answer) is an
-        // error, never a way to another route or out of the rewrite's prefix.
-        let (route, upstream_path) = gateway
-            .resolve(&leg.method, &path, PathMode::Exact)
-            .map_err(|e| match e {
-                StoaError::NoRoute { .. } => {
-                    LegError::Failed(format!("{} {path} matches no route", leg.method))
-                }
-                e => LegError::Failed(format!("{} {path}: {e}", leg.method)),
-            })?;
-        let mut headers = HeaderMap::new();
-        if !body.is_empty() {
-            headers.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-        let fetch = FetchRequest {
-            method: leg.method.clone(),
-            path_and_query: upstream_path.clone(),
-            headers,
-            body,
-        };
-        let call = async {
-            match &route.cache {
-                Some(cached) => {
-                    let key = cached
-                        .key_for(&fetch.method, &upstream_path, &fetch.body, &fetch.headers)
-                        .map_err(|e| e.to_string())?;
-                    // Like a client's request: the shared fetch carries only what the key
-                    // covers, and a body the key ignores is dropped or goes around the cache.
-                    let served = if cached.bypasses_for(&fetch.body) {
-                        gateway.cache.bypass(cached, fetch).await
-                    } else {
-                        let shared = || {
-                            cached.shared_fetch(
-                                fetch.method.clone(),
-                                &upstream_path,
-                                &key,
-                                &fetch.headers,
-                                None,
-                            )
-                        };
-                        gateway.cache.serve(cached, &key, shared).await
-                    };
-                    match served {
-                        Served::Entry(entry, _) => Ok((entry.header.status, entry.body.clone())),
-                        // Legs are merged whole, within the whole-answer limit.
-                        Served::Stream(streaming, _) => {
-                            let status = streaming.status;
-                            let body = (*streaming).collect(MAX_RESPONSE_BYTES).await;
-                            Ok((status, body.map_err(|e| e.to_string())?))
-                        }
-                        Served::Error(e, _) => Err(e.to_string()),
-                    }
-                }
-                None => {
-                    let client = route
-                        .link
-                        .as_ref()
-                        .ok_or_else(|| format!("route {} has no upstream", route.spec.name))?;
-                    let fetched = client.fetch(fetch).await.map_err(|e| e.to_string())?;
-                    Ok((fetched.status, fetched.body))
-                }
-            }
-        };
+        let call = legs.call(&leg.method, &path, body);
         let timeout = leg.timeout.min(remaining);
         let (status, body) = match tokio::time::timeout(timeout, call).await {
             Ok(Ok(answer)) => answer,
@@ -343,6 +266,14 @@ impl Aggregator {
             LegError::Failed(format!("{path} answered something that is not JSON: {e}"))
         })?;
         pick(&leg.pick, value, scope, item)
+    }
+}
+
+/// Boxed: legs fetch through the cache, which may run an aggregate again, and a future's
+/// type must not contain itself.
+impl Origin for Aggregator {
+    fn fetch(&self, req: FetchRequest, _limit: usize) -> Pending<'_, Answer> {
+        Box::pin(async move { self.aggregate(&req.path_and_query).await.map(Answer::Whole) })
     }
 }
 

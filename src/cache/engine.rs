@@ -9,26 +9,20 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::flight::{self, Flights, Joined, Lead, Outcome};
+use super::key::{self, CacheKey};
+use super::origin::{Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use super::store::{Entry, Lifetimes, Store};
-use super::{key, CacheStatus};
-use crate::aggregate::Aggregator;
+use super::CacheStatus;
 use crate::error::StoaError;
-use crate::upstream::{Answer, FetchRequest, Fetched, Link, Streaming, UpstreamClient};
 
-/// Where a cached route's answers come from.
-pub enum Source {
-    /// One upstream, through the route's link to it.
-    Upstream(Arc<Link>),
-    /// Several legs through stoa's own routes, merged.
-    Aggregate(Aggregator),
-}
-
-/// A cached route's settings and the source of its answers.
+/// A cached route's settings and the origin of its answers.
 pub struct CachedRoute {
     pub name: String,
     pub settings: CacheSettings,
-    pub source: Source,
+    pub origin: Arc<dyn Origin>,
+    /// The name errors report: the upstream's, or the aggregate route's.
+    pub origin_name: String,
     /// `stoa_cache_too_large_total{route}`: answers larger than `max_entry_bytes`.
     pub too_large: prometheus::IntCounter,
 }
@@ -42,7 +36,7 @@ impl CachedRoute {
         upstream_path_and_query: &str,
         body: &[u8],
         headers: &http::HeaderMap,
-    ) -> Result<String, StoaError> {
+    ) -> Result<CacheKey, StoaError> {
         let (path, query) = match upstream_path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (upstream_path_and_query, None),
@@ -79,7 +73,7 @@ impl CachedRoute {
         &self,
         method: http::Method,
         upstream_path_and_query: &str,
-        key: &str,
+        key: &CacheKey,
         headers: &http::HeaderMap,
         request_id: Option<&http::HeaderValue>,
     ) -> FetchRequest {
@@ -99,7 +93,7 @@ impl CachedRoute {
                         http::HeaderValue::from_static("application/json"),
                     );
                 }
-                Bytes::copy_from_slice(key::body_of(key).as_bytes())
+                Bytes::copy_from_slice(key.body().as_bytes())
             }
         };
         if let Some(id) = request_id {
@@ -113,44 +107,17 @@ impl CachedRoute {
         }
     }
 
-    /// The upstream's client, for upstream-backed routes.
-    pub fn client(&self) -> Option<&UpstreamClient> {
-        match &self.source {
-            Source::Upstream(link) => Some(link.client()),
-            Source::Aggregate(_) => None,
-        }
-    }
-
-    /// The name errors report: the upstream's, or the aggregate route's.
-    pub fn source_name(&self) -> &str {
-        match &self.source {
-            Source::Upstream(link) => link.client().name(),
-            Source::Aggregate(_) => &self.name,
-        }
-    }
-
-    /// Fetches from the upstream, counting the fetch (a request refused by the upstream's
-    /// protection limits never reached it and is not counted); or runs the aggregate.
-    /// An answer over the route's `max_entry_bytes` comes back as a stream.
+    /// Asks the origin; an answer over the route's `max_entry_bytes` comes back as a stream.
     async fn fetch(&self, fetch: FetchRequest) -> Result<Answer, StoaError> {
-        let link = match &self.source {
-            Source::Upstream(link) => link,
-            Source::Aggregate(aggregator) => {
-                return aggregator
-                    .run(&fetch.path_and_query)
-                    .await
-                    .map(Answer::Whole)
-            }
-        };
         let limit = usize::try_from(self.settings.max_entry_bytes).unwrap_or(usize::MAX);
-        link.fetch_within(fetch, limit).await
+        self.origin.fetch(fetch, limit).await
     }
 
     /// A too-large answer as served: counted, and never a 5xx passed on (that is a 502).
     fn stream(&self, streaming: Box<Streaming>) -> Served {
         if streaming.status.is_server_error() {
             let err = StoaError::UpstreamFailed {
-                upstream: self.source_name().to_string(),
+                upstream: self.origin_name.clone(),
                 detail: format!("answered {}", streaming.status.as_u16()),
             };
             return Served::Error(err, CacheStatus::Bypass);
@@ -227,27 +194,33 @@ impl CacheEngine {
         })
     }
 
-    /// Removes the entries whose key satisfies `which`; how many went.
-    pub fn purge(&self, which: impl Fn(&str) -> bool) -> usize {
-        let doomed: Vec<Arc<str>> = self
-            .store
-            .entries()
-            .filter(|(k, _)| which(k))
-            .map(|(k, _)| k)
-            .collect();
-        doomed.iter().filter(|k| self.store.remove(k)).count()
+    /// Removes every entry of the route named `route`; how many went.
+    pub fn purge_route(&self, route: &str) -> usize {
+        self.store.remove_route(route)
     }
 
-    /// Removes every entry of the route named `route`.
-    pub fn purge_route(&self, route: &str) -> usize {
-        self.purge(|k| key::route_of(k) == route)
+    /// Removes the entries whose upstream path starts with `prefix`, of `route` or of
+    /// every route; how many went.
+    pub fn purge_prefix(&self, route: Option<&str>, prefix: &str) -> usize {
+        self.store.remove_prefix(route, prefix)
+    }
+
+    /// Removes the entries of `route` made for exactly the upstream `path` (invalidation
+    /// after a write); how many went.
+    pub fn purge_path(&self, route: &str, path: &str) -> usize {
+        self.store.remove_path(route, path)
+    }
+
+    /// Removes the entry under `key`; how many went (0 or 1).
+    pub fn purge_key(&self, key: &CacheKey) -> usize {
+        usize::from(self.store.remove(key))
     }
 
     /// Entries and bytes per route name.
     pub fn route_counts(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
         let mut out = std::collections::BTreeMap::new();
         for (k, e) in self.store.entries() {
-            let slot: &mut (u64, u64) = out.entry(key::route_of(&k).to_string()).or_default();
+            let slot: &mut (u64, u64) = out.entry(k.route().to_string()).or_default();
             slot.0 += 1;
             slot.1 += e.weight();
         }
@@ -259,10 +232,10 @@ impl CacheEngine {
     /// Returns how many refetches started.
     pub fn refresh_route(self: &Arc<Self>, route: &Arc<CachedRoute>) -> usize {
         let mut started = 0;
-        for (k, entry) in self.store.entries() {
-            if key::route_of(&k) != route.name {
+        for k in self.store.keys_of(&route.name) {
+            let Some(entry) = self.store.get(&k) else {
                 continue;
-            }
+            };
             let (Some(recipe), Some(lead)) = (&entry.recipe, self.flights.lead_if_idle(&k)) else {
                 continue;
             };
@@ -284,7 +257,7 @@ impl CacheEngine {
     pub fn serve_from_memory<F: FnOnce() -> FetchRequest>(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
-        key: &str,
+        key: &CacheKey,
         make_fetch: F,
     ) -> Result<Served, (F, Option<Arc<Entry>>)> {
         let now = Instant::now();
@@ -309,7 +282,7 @@ impl CacheEngine {
     pub async fn serve(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
-        key: &str,
+        key: &CacheKey,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) -> Served {
         match self.serve_from_memory(route, key, make_fetch) {
@@ -332,7 +305,7 @@ impl CacheEngine {
     pub async fn serve_miss(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
-        key: &str,
+        key: &CacheKey,
         stale: Option<Arc<Entry>>,
         make_fetch: impl FnOnce() -> FetchRequest,
         admit: impl FnOnce() -> Result<(), StoaError>,
@@ -394,7 +367,7 @@ impl CacheEngine {
             ),
             Err(_) => {
                 let timeout = StoaError::UpstreamTimeout {
-                    upstream: route.source_name().to_string(),
+                    upstream: route.origin_name.clone(),
                     timeout_ms: settings.lock_timeout.as_millis(),
                 };
                 match (settings.on_lock_timeout, stale) {
@@ -429,7 +402,7 @@ impl CacheEngine {
         match route.fetch(fetch).await {
             Ok(Answer::Whole(fetched)) => match fetched_to_entry(
                 fetched,
-                route.source_name(),
+                &route.origin_name,
                 &route.settings,
                 0,
                 Instant::now(),
@@ -448,7 +421,7 @@ impl CacheEngine {
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
         entry: &Arc<Entry>,
-        key: &str,
+        key: &CacheKey,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) {
         if !entry.claim_refresh() {
@@ -506,15 +479,15 @@ impl CacheEngine {
     fn settle(
         &self,
         route: &CachedRoute,
-        key: &Arc<str>,
+        key: &Arc<CacheKey>,
         fetched: Fetched,
         recipe: Arc<FetchRequest>,
     ) -> Outcome {
         match fetched_to_entry(
             fetched,
-            route.source_name(),
+            &route.origin_name,
             &route.settings,
-            key.len(),
+            key.byte_len(),
             Instant::now(),
             Some(recipe),
         ) {
@@ -688,6 +661,95 @@ fn disposition_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::origin::Pending;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// An origin that answers every request with its path, after a pause, counting fetches.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    impl Origin for Counting {
+        fn fetch(&self, req: FetchRequest, _limit: usize) -> Pending<'_, Answer> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Answer::Whole(Fetched {
+                    status: http::StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    body: Bytes::from(req.path_and_query),
+                }))
+            })
+        }
+    }
+
+    fn route(name: &str, origin: Arc<Counting>) -> Arc<CachedRoute> {
+        let settings = CacheSettings {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::ZERO,
+            stale_if_error: Duration::ZERO,
+            statuses: Vec::new(),
+            key_query: KeyQuery::All,
+            key_body: KeyBody::None,
+            key_headers: Vec::new(),
+            unkeyed_body: UnkeyedBody::Drop,
+            lock_timeout: Duration::from_secs(5),
+            on_lock_timeout: OnLockTimeout::Error,
+            refresh_ahead: None,
+            jitter: 0.0,
+            ignore_upstream_cache_control: false,
+            warm: Vec::new(),
+            refresh_hook: None,
+            max_entry_bytes: 1 << 20,
+        };
+        let too_large = prometheus::IntCounter::new("too_large", "test").unwrap();
+        Arc::new(CachedRoute {
+            name: name.to_string(),
+            settings,
+            origin,
+            origin_name: "test".to_string(),
+            too_large,
+        })
+    }
+
+    async fn get(engine: &Arc<CacheEngine>, route: &Arc<CachedRoute>, path: &str) -> Served {
+        let headers = http::HeaderMap::new();
+        let key = route
+            .key_for(&http::Method::GET, path, b"", &headers)
+            .unwrap();
+        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None);
+        engine.serve(route, &key, fetch).await
+    }
+
+    #[tokio::test]
+    async fn any_origin_feeds_the_cache_once_per_key() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Arc::new(Counting::default());
+        let a = route("a", origin.clone());
+        let b = route("b", origin.clone());
+        let calls = (0..20).map(|_| get(&engine, &a, "/x"));
+        for served in futures_util::future::join_all(calls).await {
+            let Served::Entry(entry, _) = served else {
+                panic!("an answer from the origin");
+            };
+            assert_eq!(entry.body, "/x");
+        }
+        assert_eq!(origin.0.load(Ordering::SeqCst), 1, "one fetch for one key");
+        assert!(matches!(
+            get(&engine, &a, "/x").await,
+            Served::Entry(_, CacheStatus::Hit)
+        ));
+        get(&engine, &a, "/y").await;
+        get(&engine, &b, "/x").await;
+        assert_eq!(origin.0.load(Ordering::SeqCst), 3);
+
+        assert_eq!(engine.purge_path("a", "/x"), 1);
+        assert_eq!(engine.purge_route("b"), 1);
+        assert_eq!(engine.store.len(), 1, "a's /y stays");
+        assert!(matches!(
+            get(&engine, &a, "/y").await,
+            Served::Entry(_, CacheStatus::Hit)
+        ));
+    }
 
     #[test]
     fn only_keyed_query_parameters_are_sent() {

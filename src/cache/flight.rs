@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use super::key::CacheKey;
+use super::origin::Streaming;
 use super::store::Entry;
 use crate::error::StoaError;
-use crate::upstream::Streaming;
 
 /// What a fetch produced.
 #[derive(Debug, Clone)]
@@ -39,7 +40,7 @@ pub fn take(handoff: &Handoff) -> Option<Box<Streaming>> {
 }
 
 type Slot = watch::Receiver<Option<Outcome>>;
-type Map = Arc<Mutex<HashMap<Arc<str>, Slot>>>;
+type Map = Arc<Mutex<HashMap<Arc<CacheKey>, Slot>>>;
 
 /// Fetches in flight, by cache key.
 #[derive(Default)]
@@ -50,12 +51,12 @@ pub struct Flights {
 /// The right and duty to run a fetch and publish its outcome. Dropped without publishing
 /// (say, the fetch task panicked), it still leaves the map, so the key is never stuck.
 pub struct Lead {
-    key: Arc<str>,
+    key: Arc<CacheKey>,
     tx: watch::Sender<Option<Outcome>>,
     map: Map,
 }
 
-fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Slot>> {
+fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Arc<CacheKey>, Slot>> {
     map.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -69,7 +70,11 @@ impl Flights {
     /// Joins the fetch in flight for `key`, or becomes its leader. `recheck` runs under the
     /// lock and may find the answer already stored by a fetch that just finished; then the
     /// caller neither leads nor waits.
-    pub fn join<T>(&self, key: &str, recheck: impl FnOnce() -> Option<T>) -> Result<Joined, T> {
+    pub fn join<T>(
+        &self,
+        key: &CacheKey,
+        recheck: impl FnOnce() -> Option<T>,
+    ) -> Result<Joined, T> {
         let mut map = lock(&self.map);
         if let Some(slot) = map.get(key) {
             return Ok(Joined::Wait(slot.clone()));
@@ -77,7 +82,7 @@ impl Flights {
         if let Some(found) = recheck() {
             return Err(found);
         }
-        let key: Arc<str> = Arc::from(key);
+        let key = Arc::new(key.clone());
         let (tx, rx) = watch::channel(None);
         map.insert(key.clone(), rx.clone());
         let lead = Lead {
@@ -89,7 +94,7 @@ impl Flights {
     }
 
     /// Starts a fetch only if none is in flight for `key` (background refresh).
-    pub fn lead_if_idle(&self, key: &str) -> Option<Lead> {
+    pub fn lead_if_idle(&self, key: &CacheKey) -> Option<Lead> {
         match self.join(key, || None::<()>) {
             Ok(Joined::Lead(lead, _)) => Some(lead),
             _ => None,
@@ -102,7 +107,7 @@ impl Flights {
 }
 
 impl Lead {
-    pub fn key(&self) -> &Arc<str> {
+    pub fn key(&self) -> &Arc<CacheKey> {
         &self.key
     }
 
@@ -136,17 +141,18 @@ pub async fn wait(mut slot: Slot) -> Option<Outcome> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::key::test_key;
     use std::time::Duration;
 
     #[tokio::test]
     async fn one_leader_many_waiters_all_woken_with_the_same_outcome() {
         let flights = Arc::new(Flights::default());
-        let Ok(Joined::Lead(lead, first)) = flights.join("k", || None::<()>) else {
+        let Ok(Joined::Lead(lead, first)) = flights.join(&test_key("r", "k"), || None::<()>) else {
             panic!("the first caller leads");
         };
         let mut waiters = Vec::new();
         for _ in 0..100 {
-            let Ok(Joined::Wait(slot)) = flights.join("k", || None::<()>) else {
+            let Ok(Joined::Wait(slot)) = flights.join(&test_key("r", "k"), || None::<()>) else {
                 panic!("later callers wait");
             };
             waiters.push(tokio::spawn(wait(slot)));
@@ -163,23 +169,26 @@ mod tests {
         assert!(matches!(wait(first).await, Some(Outcome::Failed(_))));
         assert_eq!(flights.in_flight(), 0);
         // The next caller starts a new fetch.
-        assert!(flights.lead_if_idle("k").is_some());
+        assert!(flights.lead_if_idle(&test_key("r", "k")).is_some());
     }
 
     #[test]
     fn recheck_under_the_lock_prevents_a_second_fetch() {
         let flights = Flights::default();
-        assert!(matches!(flights.join("k", || Some(7)), Err(7)));
+        assert!(matches!(
+            flights.join(&test_key("r", "k"), || Some(7)),
+            Err(7)
+        ));
         assert_eq!(flights.in_flight(), 0);
     }
 
     #[tokio::test]
     async fn a_dropped_leader_does_not_hang_waiters() {
         let flights = Flights::default();
-        let Ok(Joined::Lead(lead, _)) = flights.join("k", || None::<()>) else {
+        let Ok(Joined::Lead(lead, _)) = flights.join(&test_key("r", "k"), || None::<()>) else {
             panic!()
         };
-        let Ok(Joined::Wait(slot)) = flights.join("k", || None::<()>) else {
+        let Ok(Joined::Wait(slot)) = flights.join(&test_key("r", "k"), || None::<()>) else {
             panic!()
         };
         drop(lead);

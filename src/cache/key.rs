@@ -1,10 +1,16 @@
-//! Cache keys: route name, method, rewritten path, chosen query parameters, canonical JSON
-//! of the chosen body fields (or the whole body) and chosen headers.
+//! Cache keys: route name, method, rewritten path, and the variant: chosen query
+//! parameters, canonical JSON of the chosen body fields (or the whole body) and chosen
+//! headers.
 //!
 //! Canonical JSON has its object keys sorted and no insignificant white space, with
 //! numbers as parsed, so `{"customer_id":"a"}` and `{ "customer_id" : "a" }` share a key.
 
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::ops::Range;
+use std::sync::LazyLock;
+
 use http::{HeaderMap, HeaderName, Method};
+use quick_cache::DefaultHashBuilder;
 use serde_json::Value;
 
 use super::settings::{KeyBody, KeyQuery};
@@ -12,6 +18,57 @@ use crate::error::StoaError;
 
 /// Separates the parts of a key; cannot occur in a path, an encoded query or a header name.
 const SEP: char = '\n';
+
+/// Hashes every key once, when it is made; seeded once per process.
+static HASHER: LazyLock<DefaultHashBuilder> = LazyLock::new(DefaultHashBuilder::default);
+
+/// A cache key: route, method, path and variant, held in one string (one allocation, as
+/// a request's key is made on every request) with where each part lies, and its hash.
+#[derive(Debug, Clone)]
+pub struct CacheKey {
+    text: String,
+    route: Range<usize>,
+    path: Range<usize>,
+    body: Range<usize>,
+    hash: u64,
+}
+
+impl CacheKey {
+    /// The route name.
+    pub fn route(&self) -> &str {
+        &self.text[self.route.clone()]
+    }
+
+    /// The rewritten (upstream) path the key was made for.
+    pub fn path(&self) -> &str {
+        &self.text[self.path.clone()]
+    }
+
+    /// The canonical JSON body the key holds ("" on routes that do not key on the body):
+    /// what a shared fetch sends.
+    pub fn body(&self) -> &str {
+        &self.text[self.body.clone()]
+    }
+
+    /// Bytes held, for weighing entries.
+    pub fn byte_len(&self) -> usize {
+        self.text.len()
+    }
+}
+
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.text == other.text
+    }
+}
+
+impl Eq for CacheKey {}
+
+impl Hash for CacheKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
 
 /// The inputs of a key, borrowed from the request.
 pub struct KeyParts<'a> {
@@ -29,9 +86,10 @@ pub fn derive(
     key_query: &KeyQuery,
     key_body: &KeyBody,
     key_headers: &[HeaderName],
-) -> Result<String, StoaError> {
+) -> Result<CacheKey, StoaError> {
     let mut key = String::with_capacity(parts.route.len() + parts.path.len() + 64);
     key.push_str(parts.route);
+    let route = 0..key.len();
     key.push(SEP);
     // HEAD is answered from the GET entry.
     let method = if parts.method == Method::HEAD {
@@ -41,11 +99,15 @@ pub fn derive(
     };
     key.push_str(method);
     key.push(SEP);
+    let path_start = key.len();
     key.push_str(parts.path);
+    let path = path_start..key.len();
     key.push(SEP);
     push_query(&mut key, parts.query, key_query);
     key.push(SEP);
+    let body_start = key.len();
     push_body(&mut key, parts.body, key_body)?;
+    let body = body_start..key.len();
     key.push(SEP);
     for name in key_headers {
         key.push_str(name.as_str());
@@ -60,23 +122,13 @@ pub fn derive(
         }
         key.push(SEP);
     }
-    Ok(key)
-}
-
-/// The route name a key belongs to (keys start with it).
-pub fn route_of(key: &str) -> &str {
-    key.split(SEP).next().unwrap_or("")
-}
-
-/// The rewritten (upstream) path a key was made for.
-pub fn path_of(key: &str) -> &str {
-    key.split(SEP).nth(2).unwrap_or("")
-}
-
-/// The canonical JSON body a key holds ("" on routes that do not key on the body): what a
-/// shared fetch sends. Serialised JSON escapes line breaks, so it never holds [`SEP`].
-pub fn body_of(key: &str) -> &str {
-    key.split(SEP).nth(4).unwrap_or("")
+    Ok(CacheKey {
+        hash: HASHER.hash_one(key.as_str()),
+        text: key,
+        route,
+        path,
+        body,
+    })
 }
 
 fn push_query(key: &mut String, query: Option<&str>, which: &KeyQuery) {
@@ -132,6 +184,21 @@ fn push_body(key: &mut String, body: &[u8], which: &KeyBody) -> Result<(), StoaE
     Ok(())
 }
 
+/// The key of a GET of `path` on `route`, with no variant.
+#[cfg(test)]
+pub fn test_key(route: &str, path: &str) -> CacheKey {
+    let headers = HeaderMap::new();
+    let parts = KeyParts {
+        route,
+        method: &Method::GET,
+        path,
+        query: None,
+        body: b"",
+        headers: &headers,
+    };
+    derive(&parts, &KeyQuery::All, &KeyBody::None, &[]).expect("a key without a body")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +209,7 @@ mod tests {
         body: &str,
         kq: KeyQuery,
         kb: KeyBody,
-    ) -> Result<String, StoaError> {
+    ) -> Result<CacheKey, StoaError> {
         let headers = HeaderMap::new();
         derive(
             &KeyParts {
@@ -202,11 +269,11 @@ mod tests {
         .unwrap();
         let b = key("/c", None, r#"{ "customer_id" : "a" }"#, KeyQuery::All, f()).unwrap();
         assert_eq!(a, b);
-        assert_eq!(body_of(&a), r#"{"customer_id":"a"}"#);
+        assert_eq!(a.body(), r#"{"customer_id":"a"}"#);
         let absent = key("/c", None, r#"{"noise":1}"#, KeyQuery::All, f()).unwrap();
         let null = key("/c", None, r#"{"customer_id":null}"#, KeyQuery::All, f()).unwrap();
         assert_ne!(absent, null);
-        assert_eq!(body_of(&absent), "{}");
+        assert_eq!(absent.body(), "{}");
         let text = key(
             "/c",
             None,
@@ -215,9 +282,11 @@ mod tests {
             f(),
         )
         .unwrap();
-        assert_eq!(body_of(&text), "{\"customer_id\":\"a\\nb\"}");
+        assert_eq!(text.body(), "{\"customer_id\":\"a\\nb\"}");
         assert_eq!(
-            body_of(&key("/c", None, "x", KeyQuery::All, KeyBody::None).unwrap()),
+            key("/c", None, "x", KeyQuery::All, KeyBody::None)
+                .unwrap()
+                .body(),
             ""
         );
     }
@@ -252,8 +321,8 @@ mod tests {
         assert_eq!(c, d);
         let e = key("/p", Some("a=2"), "", only(), KeyBody::None).unwrap();
         assert_ne!(c, e);
-        assert_eq!(route_of(&c), "r");
-        assert_eq!(path_of(&c), "/p");
+        assert_eq!(c.route(), "r");
+        assert_eq!(c.path(), "/p");
     }
 
     #[test]

@@ -1,12 +1,15 @@
-//! The response cache: key derivation, storage, single flight and freshness.
+//! The response cache: key derivation, storage, single flight and freshness, in front of
+//! an [`Origin`] it knows only by its trait.
 
 pub mod engine;
 pub mod flight;
 pub mod key;
+pub mod origin;
 pub mod settings;
 pub mod store;
 
-pub use engine::{CacheEngine, CachedRoute, Served, Source};
+pub use engine::{CacheEngine, CachedRoute, Served};
+pub use origin::Origin;
 
 /// How a response on a cached route was produced: the `X-Cache` header (*contract*) and
 /// the `cache` label of the request metrics.

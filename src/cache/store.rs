@@ -1,8 +1,10 @@
 //! The bounded in-memory store: `quick_cache` weighted by bytes, holding ready-to-send
-//! responses. Evictions are counted; entries too heavy to hold are refused apart.
+//! responses, with an index of its keys by route and path so that purges touch only the
+//! entries they name. Evictions are counted; entries too heavy to hold are refused apart.
 
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,7 +12,8 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
-use crate::upstream::FetchRequest;
+use super::key::CacheKey;
+use super::origin::FetchRequest;
 
 /// Per-entry memory beyond key, header bytes and body: the entry, its header map, the
 /// cache index and allocator rounding. Measured at about 1.7 KiB per entry of JSON
@@ -146,8 +149,11 @@ impl Entry {
 #[derive(Clone)]
 struct ByBytes;
 
-impl Weighter<Arc<str>, Arc<Entry>> for ByBytes {
-    fn weight(&self, _key: &Arc<str>, val: &Arc<Entry>) -> u64 {
+/// Keys as stored: shared by the store, its index and the flight that filled them.
+type Key = Arc<CacheKey>;
+
+impl Weighter<Key, Arc<Entry>> for ByBytes {
+    fn weight(&self, _key: &Key, val: &Arc<Entry>) -> u64 {
         val.weight
     }
 }
@@ -157,24 +163,87 @@ impl Weighter<Arc<str>, Arc<Entry>> for ByBytes {
 #[derive(Clone)]
 struct CountEvictions(Arc<AtomicU64>);
 
-/// The key an insert is storing: quick_cache reports the value it replaces through the
-/// eviction hook too, and a replacement is not an eviction.
+/// What an insert did: the key it is storing (quick_cache reports the value it replaces
+/// through the eviction hook too, and a replacement is not an eviction) and the keys it
+/// pushed out, to leave the index once the store's shard is unlocked.
 #[derive(Default)]
-struct Inserting(Option<Arc<str>>);
+struct Inserting {
+    key: Option<Key>,
+    evicted: Vec<Key>,
+}
 
-impl Lifecycle<Arc<str>, Arc<Entry>> for CountEvictions {
+impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
     type RequestState = Inserting;
 
-    fn on_evict(&self, state: &mut Inserting, key: Arc<str>, _val: Arc<Entry>) {
-        if state.0.as_deref() != Some(&*key) {
+    fn on_evict(&self, state: &mut Inserting, key: Key, _val: Arc<Entry>) {
+        if state.key.as_ref() != Some(&key) {
             self.0.fetch_add(1, Ordering::Relaxed);
         }
+        state.evicted.push(key);
+    }
+}
+
+/// The stored keys by route name, then by path (ordered, for prefixes).
+#[derive(Default)]
+struct Index(HashMap<Box<str>, BTreeMap<Box<str>, HashSet<Key>>>);
+
+impl Index {
+    fn add(&mut self, key: Key) {
+        self.0
+            .entry(key.route().into())
+            .or_default()
+            .entry(key.path().into())
+            .or_default()
+            .insert(key);
+    }
+
+    fn remove(&mut self, key: &CacheKey) {
+        let Some(paths) = self.0.get_mut(key.route()) else {
+            return;
+        };
+        if let Some(keys) = paths.get_mut(key.path()) {
+            keys.remove(key);
+            if keys.is_empty() {
+                paths.remove(key.path());
+            }
+        }
+        if paths.is_empty() {
+            self.0.remove(key.route());
+        }
+    }
+
+    /// Takes out the keys of `route` made for the paths from `from` on, in order, while
+    /// `go_on` holds: only those paths are looked at.
+    fn take(&mut self, route: &str, from: &str, go_on: impl Fn(&str) -> bool) -> Vec<Key> {
+        let Some(paths) = self.0.get_mut(route) else {
+            return Vec::new();
+        };
+        let doomed: Vec<Box<str>> = paths
+            .range::<str, _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            .map(|(path, _)| path)
+            .take_while(|path| go_on(path))
+            .cloned()
+            .collect();
+        let keys = doomed
+            .iter()
+            .filter_map(|path| paths.remove(path))
+            .flatten()
+            .collect();
+        if paths.is_empty() {
+            self.0.remove(route);
+        }
+        keys
     }
 }
 
 /// The response store shared by every cached route.
+///
+/// Every change to what it holds (insert, remove, purge, and the evictions an insert makes)
+/// happens under the index's lock, so the index names exactly the stored keys. Lookups
+/// never take that lock.
 pub struct Store {
-    cache: Cache<Arc<str>, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
+    cache: Cache<Key, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
+    index: Mutex<Index>,
     evictions: Arc<AtomicU64>,
     max_bytes: u64,
     largest_entry: u64,
@@ -205,35 +274,100 @@ impl Store {
         };
         Store {
             cache,
+            index: Mutex::default(),
             evictions,
             max_bytes,
             largest_entry: largest_entry_weight(max_bytes),
         }
     }
 
-    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
         self.cache.get(key)
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stores `entry` under `key`; false if it is heavier than the store can hold, and then
     /// the older entry under `key` (outdated) goes too, counted as neither.
-    pub fn insert(&self, key: Arc<str>, entry: Arc<Entry>) -> bool {
+    pub fn insert(&self, key: Key, entry: Arc<Entry>) -> bool {
+        let mut index = self.index();
         if entry.weight > self.largest_entry {
             self.cache.remove(&*key);
+            index.remove(&key);
             return false;
         }
-        let mut inserting = Inserting(Some(key.clone()));
-        self.cache.insert_with_lifecycle(key, entry, &mut inserting);
+        let mut inserting = Inserting {
+            key: Some(key.clone()),
+            evicted: Vec::new(),
+        };
+        self.cache
+            .insert_with_lifecycle(key.clone(), entry, &mut inserting);
+        for gone in &inserting.evicted {
+            index.remove(gone);
+        }
+        if self.cache.contains_key(&*key) {
+            index.add(key);
+        }
         true
     }
 
     /// Removes `key`; whether it was there.
-    pub fn remove(&self, key: &str) -> bool {
+    pub fn remove(&self, key: &CacheKey) -> bool {
+        let mut index = self.index();
+        index.remove(key);
         self.cache.remove(key).is_some()
     }
 
+    /// Removes every entry of `route`; how many went.
+    pub fn remove_route(&self, route: &str) -> usize {
+        self.remove_paths(route, "", |_| true)
+    }
+
+    /// Removes the entries of `route` made for exactly `path`; how many went.
+    pub fn remove_path(&self, route: &str, path: &str) -> usize {
+        self.remove_paths(route, path, |p| p == path)
+    }
+
+    /// Removes the entries whose path starts with `prefix`, of `route` or of every route;
+    /// how many went.
+    pub fn remove_prefix(&self, route: Option<&str>, prefix: &str) -> usize {
+        let mut index = self.index();
+        let routes: Vec<Box<str>> = match route {
+            Some(route) => vec![route.into()],
+            None => index.0.keys().cloned().collect(),
+        };
+        let starts = |p: &str| p.starts_with(prefix);
+        routes
+            .iter()
+            .map(|route| self.remove_keys(index.take(route, prefix, starts)))
+            .sum()
+    }
+
+    fn remove_paths(&self, route: &str, from: &str, go_on: impl Fn(&str) -> bool) -> usize {
+        let mut index = self.index();
+        self.remove_keys(index.take(route, from, go_on))
+    }
+
+    /// Removes keys just taken out of the index (whose lock the caller holds).
+    fn remove_keys(&self, keys: Vec<Key>) -> usize {
+        keys.iter()
+            .filter(|k| self.cache.remove(&***k).is_some())
+            .count()
+    }
+
+    /// The stored keys of `route`.
+    pub fn keys_of(&self, route: &str) -> Vec<Key> {
+        self.index()
+            .0
+            .get(route)
+            .map(|paths| paths.values().flatten().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// A snapshot of the entries (keys and values are reference-counted, not copied).
-    pub fn entries(&self) -> impl Iterator<Item = (Arc<str>, Arc<Entry>)> + '_ {
+    pub fn entries(&self) -> impl Iterator<Item = (Key, Arc<Entry>)> + '_ {
         self.cache.iter()
     }
 
@@ -262,6 +396,11 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::key::test_key;
+
+    fn k(path: &str) -> Key {
+        Arc::new(test_key("r", path))
+    }
 
     fn entry(body_len: usize) -> Arc<Entry> {
         let header = ResponseHeader::build(200, None).unwrap();
@@ -285,7 +424,7 @@ mod tests {
     fn filling_past_the_bound_evicts_and_counts() {
         let store = Store::new(64 * 1024);
         for i in 0..200 {
-            store.insert(Arc::from(format!("key-{i}")), entry(1024));
+            store.insert(k(&format!("key-{i}")), entry(1024));
         }
         assert!(store.bytes() <= 64 * 1024, "{} bytes held", store.bytes());
         assert!(store.evictions() > 0);
@@ -303,13 +442,11 @@ mod tests {
                 e
             };
             // Past the store's own check: quick_cache itself keeps this one ...
-            store.cache.insert(Arc::from("fits"), with_weight(largest));
-            assert!(store.get("fits").is_some(), "max_bytes {max_bytes}");
+            store.cache.insert(k("fits"), with_weight(largest));
+            assert!(store.get(&k("fits")).is_some(), "max_bytes {max_bytes}");
             // ... and refuses one byte more.
-            store
-                .cache
-                .insert(Arc::from("heavy"), with_weight(largest + 1));
-            assert!(store.get("heavy").is_none(), "max_bytes {max_bytes}");
+            store.cache.insert(k("heavy"), with_weight(largest + 1));
+            assert!(store.get(&k("heavy")).is_none(), "max_bytes {max_bytes}");
             assert!(largest_body(max_bytes) < largest);
         }
         assert_eq!(largest_entry_weight(256 << 20), (32 << 20) * 97 / 100);
@@ -318,19 +455,19 @@ mod tests {
     #[test]
     fn a_too_heavy_entry_is_refused_and_not_counted_as_an_eviction() {
         let store = Store::new(1 << 20);
-        assert!(store.insert(Arc::from("k"), entry(1024)));
+        assert!(store.insert(k("k"), entry(1024)));
         let heavy = largest_body(1 << 20) as usize + HEAD_ALLOWANCE as usize;
-        assert!(!store.insert(Arc::from("k"), entry(heavy)));
-        assert!(store.get("k").is_none(), "the outdated entry went");
+        assert!(!store.insert(k("k"), entry(heavy)));
+        assert!(store.get(&k("k")).is_none(), "the outdated entry went");
         assert_eq!(store.evictions(), 0);
-        assert!(store.insert(Arc::from("k"), entry(largest_body(1 << 20) as usize)));
+        assert!(store.insert(k("k"), entry(largest_body(1 << 20) as usize)));
     }
 
     #[test]
     fn replacing_a_key_is_not_an_eviction() {
         let store = Store::new(1024 * 1024);
         for _ in 0..10 {
-            store.insert(Arc::from("same"), entry(1024));
+            store.insert(k("same"), entry(1024));
         }
         assert_eq!(store.len(), 1);
         assert_eq!(store.evictions(), 0);
@@ -343,5 +480,76 @@ mod tests {
         assert!(!e.claim_refresh());
         e.release_refresh();
         assert!(e.claim_refresh());
+    }
+
+    fn in_index(store: &Store) -> usize {
+        store
+            .index()
+            .0
+            .values()
+            .flat_map(|p| p.values())
+            .map(HashSet::len)
+            .sum()
+    }
+
+    #[test]
+    fn purges_touch_only_what_they_name() {
+        let store = Store::new(1 << 20);
+        let keys = [
+            ("a", "/orders/1"),
+            ("a", "/orders/12"),
+            ("a", "/orders/2"),
+            ("a", "/other"),
+            ("b", "/orders/1"),
+            ("b", "/menu"),
+        ];
+        let fill = || {
+            for (route, path) in keys {
+                assert!(store.insert(Arc::new(test_key(route, path)), entry(10)));
+            }
+        };
+        let held = |route, path| store.get(&test_key(route, path)).is_some();
+
+        fill();
+        assert_eq!(store.remove_path("a", "/orders/1"), 1);
+        assert!(!held("a", "/orders/1"));
+        assert!(held("a", "/orders/12") && held("b", "/orders/1"));
+        assert_eq!(store.remove_path("a", "/orders/1"), 0);
+
+        fill();
+        assert_eq!(store.remove_prefix(Some("a"), "/orders/1"), 2);
+        assert!(held("a", "/orders/2") && held("b", "/orders/1"));
+        assert_eq!(store.remove_prefix(None, "/orders"), 2);
+        assert!(held("a", "/other") && held("b", "/menu"));
+        assert_eq!(store.len(), 2);
+
+        fill();
+        assert_eq!(store.remove_route("a"), 4);
+        assert!(held("b", "/orders/1") && held("b", "/menu"));
+        assert_eq!(store.remove_route("a"), 0);
+        assert!(store.remove(&test_key("b", "/menu")));
+        assert_eq!(store.len(), 1);
+        assert_eq!(in_index(&store), 1);
+        assert_eq!(store.keys_of("b").len(), 1);
+    }
+
+    #[test]
+    fn evicted_and_refused_entries_leave_the_index() {
+        let store = Store::new(64 * 1024);
+        for i in 0..500 {
+            store.insert(k(&format!("/p/{i}")), entry(1024));
+        }
+        assert!(store.evictions() > 0);
+        assert_eq!(in_index(&store), store.len());
+        let heavy = largest_body(64 * 1024) as usize + HEAD_ALLOWANCE as usize;
+        let last = k("/p/499");
+        assert!(store.get(&last).is_some());
+        assert!(!store.insert(last, entry(heavy)));
+        assert_eq!(in_index(&store), store.len());
+        let held = store.len();
+        assert_eq!(store.remove_route("r"), held);
+        assert_eq!(store.len(), 0);
+        assert_eq!(in_index(&store), 0);
+        assert!(store.index().0.is_empty(), "no empty maps are kept");
     }
 }

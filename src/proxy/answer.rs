@@ -7,12 +7,12 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
+use crate::cache::origin::Streaming;
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
 use crate::error::StoaError;
 use crate::ratelimit::Decision;
 use crate::upstream::headers::is_hop_by_hop_response;
-use crate::upstream::Streaming;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {

@@ -10,13 +10,13 @@ use pingora::proxy::Session;
 
 use super::ctx::RequestCtx;
 use super::{answer, body, limit, peer_addr};
+use crate::cache::origin::FetchRequest;
 use crate::cache::settings::CacheSettings;
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::connections;
 use crate::gateway::Route;
 use crate::lifecycle::Lifecycle;
 use crate::upstream::headers::private_fetch_headers;
-use crate::upstream::FetchRequest;
 
 /// Answers a request on the cached route `route`, sent upstream as `upstream_path`.
 pub async fn serve(

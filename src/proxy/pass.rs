@@ -10,7 +10,6 @@ use pingora::ErrorType;
 
 use super::ctx::RequestCtx;
 use super::peer_addr;
-use crate::cache::key;
 use crate::error::StoaError;
 use crate::gateway::Route;
 use crate::upstream::headers;
@@ -76,10 +75,7 @@ pub fn invalidate_after_write(session: &Session, response: &ResponseHeader, ctx:
     }
     let path = &ctx.upstream.path;
     for target in &route.spec.invalidates {
-        let purged = ctx
-            .gateway
-            .cache
-            .purge(|k| key::route_of(k) == target && key::path_of(k) == path);
+        let purged = ctx.gateway.cache.purge_path(target, path);
         tracing::debug!(route = %target, path = %path, purged, "invalidated after a write");
     }
 }

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::error::{self, Failure};
 use super::peer::{IDLE_TIMEOUT, MAX_IDLE_PER_UPSTREAM};
+use crate::cache::origin::{Answer, FetchRequest, Fetched, Pending, Rest, Streaming};
 use crate::config::Upstream;
 use crate::error::StoaError;
 use crate::ratelimit::{UpstreamGuard, UpstreamPermit};
@@ -16,75 +17,23 @@ use crate::ratelimit::{UpstreamGuard, UpstreamPermit};
 /// Largest upstream body read whole where it must be whole (aggregate legs, refresh hooks).
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
-/// A request to send upstream.
-#[derive(Debug, Clone)]
-pub struct FetchRequest {
-    pub method: Method,
-    /// Path and query as sent upstream (after rewrite and base path).
-    pub path_and_query: String,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// A complete upstream answer.
-#[derive(Debug)]
-pub struct Fetched {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-}
-
-/// An upstream answer: read whole, or larger than the limit it was read with.
-#[derive(Debug)]
-pub enum Answer {
-    Whole(Fetched),
-    Streaming(Box<Streaming>),
-}
-
-/// An answer too large to hold: its head, the bytes read before that was known, and the
-/// rest still on the upstream connection. It keeps the upstream slot until dropped.
-pub struct Streaming {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    /// Body chunks already read, sent (and freed) before the rest.
-    read: std::collections::VecDeque<Bytes>,
+/// The unread part of a streamed answer: still on the upstream connection, holding the
+/// upstream slot until dropped.
+struct UpstreamRest {
     response: reqwest::Response,
     client: UpstreamClient,
     _permit: UpstreamPermit,
 }
 
-impl Streaming {
-    /// The next piece of the body; `None` at its end. An upstream that stalls longer than
-    /// its `timeout` between two reads fails the stream.
-    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoaError> {
-        if let Some(read) = self.read.pop_front() {
-            return Ok(Some(read));
-        }
-        self.response
-            .chunk()
-            .await
-            .map_err(|e| self.client.error(&e))
-    }
-
-    /// Reads the rest into memory, up to `limit` bytes in all (for aggregate legs).
-    pub async fn collect(mut self, limit: usize) -> Result<Bytes, StoaError> {
-        let mut body = BytesMut::new();
-        while let Some(chunk) = self.next_chunk().await? {
-            if body.len() + chunk.len() > limit {
-                return Err(self.client.too_large(limit));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
-    }
-}
-
-impl std::fmt::Debug for Streaming {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Streaming")
-            .field("upstream", &self.client.upstream.name)
-            .field("status", &self.status)
-            .finish()
+impl Rest for UpstreamRest {
+    /// An upstream that stalls longer than its `timeout` between two reads fails the stream.
+    fn next_chunk(&mut self) -> Pending<'_, Option<Bytes>> {
+        Box::pin(async move {
+            self.response
+                .chunk()
+                .await
+                .map_err(|e| self.client.error(&e))
+        })
     }
 }
 
@@ -206,14 +155,18 @@ impl UpstreamClient {
         response: reqwest::Response,
         permit: UpstreamPermit,
     ) -> Answer {
-        Answer::Streaming(Box::new(Streaming {
-            status,
-            headers,
-            read,
+        let rest = UpstreamRest {
             response,
             client: self.clone(),
             _permit: permit,
-        }))
+        };
+        Answer::Streaming(Box::new(Streaming::new(
+            self.upstream.name.clone(),
+            status,
+            headers,
+            read,
+            Box::new(rest),
+        )))
     }
 
     pub(super) fn too_large(&self, limit: usize) -> StoaError {

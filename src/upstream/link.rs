@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::ErrorType;
 
-use super::client::{Answer, FetchRequest, Fetched, UpstreamClient, MAX_RESPONSE_BYTES};
+use super::client::{UpstreamClient, MAX_RESPONSE_BYTES};
+use crate::cache::origin::{Answer, FetchRequest, Fetched, Origin, Pending};
 use crate::config::Upstream;
 use crate::error::StoaError;
 use crate::metrics::{FetchOutcome, UpstreamMetrics};
@@ -73,7 +74,7 @@ impl Link {
 
     /// Fetches and reads the whole answer, up to [`MAX_RESPONSE_BYTES`], counted (for
     /// aggregate legs to pass-through routes).
-    pub async fn fetch(&self, req: FetchRequest) -> Result<Fetched, StoaError> {
+    pub async fn fetch_whole(&self, req: FetchRequest) -> Result<Fetched, StoaError> {
         match self.fetch_within(req, MAX_RESPONSE_BYTES).await? {
             Answer::Whole(fetched) => Ok(fetched),
             Answer::Streaming(_) => Err(self.client.too_large(MAX_RESPONSE_BYTES)),
@@ -91,6 +92,13 @@ impl Link {
             Some(_) => FetchOutcome::Error,
         };
         self.metrics.fetch(outcome, took);
+    }
+}
+
+/// A cached route's upstream feeds its cache through the link, so every fetch is counted.
+impl Origin for Link {
+    fn fetch(&self, req: FetchRequest, limit: usize) -> Pending<'_, Answer> {
+        Box::pin(self.fetch_within(req, limit))
     }
 }
 

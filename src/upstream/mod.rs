@@ -15,5 +15,5 @@ pub mod headers;
 pub mod link;
 pub mod peer;
 
-pub use client::{Answer, FetchRequest, Fetched, Streaming, UpstreamClient, MAX_RESPONSE_BYTES};
+pub use client::{UpstreamClient, MAX_RESPONSE_BYTES};
 pub use link::Link;

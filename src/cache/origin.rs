@@ -1,0 +1,119 @@
+//! What feeds the cache: the [`Origin`] trait, the request it is asked and the answers it
+//! gives. The upstream client and aggregate routes implement it; the cache knows neither.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::error::StoaError;
+
+/// A future an [`Origin`] or a [`Rest`] returns.
+pub type Pending<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoaError>> + Send + 'a>>;
+
+/// Where a cached route's answers come from.
+pub trait Origin: Send + Sync {
+    /// Answers `req`: whole if its body is at most `limit` bytes, else as a stream. Errors
+    /// are the ones stoa answers with; the origin counts its own fetches.
+    fn fetch(&self, req: FetchRequest, limit: usize) -> Pending<'_, Answer>;
+}
+
+/// The part of a body not read yet, still with its origin.
+pub trait Rest: Send {
+    /// The next piece of the body; `None` at its end.
+    fn next_chunk(&mut self) -> Pending<'_, Option<Bytes>>;
+}
+
+/// A request to send upstream.
+#[derive(Debug, Clone)]
+pub struct FetchRequest {
+    pub method: Method,
+    /// Path and query as sent upstream (after rewrite and base path).
+    pub path_and_query: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A complete upstream answer.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// An upstream answer: read whole, or larger than the limit it was read with.
+#[derive(Debug)]
+pub enum Answer {
+    Whole(Fetched),
+    Streaming(Box<Streaming>),
+}
+
+/// An answer too large to hold: its head, the bytes read before that was known, and the
+/// rest still with the origin (which may hold an upstream slot until this is dropped).
+pub struct Streaming {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The name errors report.
+    origin: String,
+    /// Body chunks already read, sent (and freed) before the rest.
+    read: VecDeque<Bytes>,
+    rest: Box<dyn Rest>,
+}
+
+impl Streaming {
+    pub fn new(
+        origin: String,
+        status: StatusCode,
+        headers: HeaderMap,
+        read: VecDeque<Bytes>,
+        rest: Box<dyn Rest>,
+    ) -> Self {
+        Streaming {
+            status,
+            headers,
+            origin,
+            read,
+            rest,
+        }
+    }
+
+    /// The next piece of the body; `None` at its end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, StoaError> {
+        if let Some(read) = self.read.pop_front() {
+            return Ok(Some(read));
+        }
+        self.rest.next_chunk().await
+    }
+
+    /// Reads the rest into memory, up to `limit` bytes in all (for aggregate legs).
+    pub async fn collect(mut self, limit: usize) -> Result<Bytes, StoaError> {
+        let mut body = BytesMut::new();
+        while let Some(chunk) = self.next_chunk().await? {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large(&self.origin, limit));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streaming")
+            .field("upstream", &self.origin)
+            .field("status", &self.status)
+            .finish()
+    }
+}
+
+/// An answer over `limit` bytes where it must be whole.
+pub fn too_large(origin: &str, limit: usize) -> StoaError {
+    StoaError::UpstreamFailed {
+        upstream: origin.to_string(),
+        detail: format!("answer larger than {limit} bytes"),
+    }
+}
