@@ -14,15 +14,14 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
 use crate::cache::{key, CacheStatus, CachedRoute, Served};
+use crate::config::{AppliesTo, Mode};
 use crate::connections;
 use crate::error::StoaError;
 use crate::fetch::FetchRequest;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::FetchOutcome;
-use crate::ratelimit::{
-    client_key, AppliesTo, ClientKey, Decision, Mode, RateLimiter, UpstreamPermit,
-};
+use crate::ratelimit::{client_key, ClientKey, Decision, RateLimiter, UpstreamPermit};
 use crate::respond::{self, Decorations};
 use crate::routes::{normalize_path, upstream_uri, Lookup, PathMode};
 use crate::telemetry::{access_log, AccessRecord};

@@ -6,9 +6,9 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
-use crate::cache::settings::CacheSettings;
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
+use crate::config::CacheSettings;
 use crate::error::StoaError;
 use crate::fetch::Streaming;
 use crate::ratelimit::Decision;

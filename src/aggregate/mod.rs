@@ -3,6 +3,5 @@
 //! one JSON answer.
 
 pub mod run;
-pub mod spec;
 
 pub use run::Aggregator;

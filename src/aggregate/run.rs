@@ -12,10 +12,10 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTROLS};
 use serde_json::{Map, Value};
 
-use super::spec::{
+use crate::cache::Served;
+use crate::config::{
     AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart,
 };
-use crate::cache::Served;
 use crate::error::StoaError;
 use crate::fetch::{FetchRequest, Fetched, MAX_RESPONSE_BYTES};
 use crate::gateway::Gateway;

@@ -9,10 +9,10 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::flight::{self, Flights, Joined, Lead, Outcome};
-use super::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use super::store::{Entry, Lifetimes, Store};
 use super::{key, CacheStatus};
 use crate::aggregate::Aggregator;
+use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
 use crate::fetch::{Answer, FetchRequest, Fetched, Streaming, UpstreamClient};
 use crate::metrics::{FetchOutcome, UpstreamMetrics};

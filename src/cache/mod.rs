@@ -3,7 +3,6 @@
 pub mod engine;
 pub mod flight;
 pub mod key;
-pub mod settings;
 pub mod store;
 
 pub use engine::{CacheEngine, CachedRoute, Served, Source};

@@ -6,6 +6,8 @@
 
 mod aggregate;
 mod cache;
+pub mod capacity;
+mod limits;
 mod raw;
 
 use std::collections::BTreeMap;
@@ -20,11 +22,7 @@ use figment::value::{Dict, Value};
 use figment::Figment;
 use serde::de::DeserializeOwned;
 
-use crate::aggregate::spec::AggregateSpec;
-use crate::cache::settings::CacheSettings;
-use crate::ratelimit::{self, PolicySettings, RawPolicy, UpstreamGuardSettings};
 use crate::routes::{PathTemplate, RewriteTemplate};
-use crate::telemetry::LogFormat;
 use raw::{
     RawAdmin, RawCacheSection, RawDuration, RawLog, RawRoute, RawServer, RawSize, RawUpstream,
 };
@@ -34,6 +32,16 @@ const NO_RATE_LIMIT: &str = "off";
 
 /// Methods a route may list.
 const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+pub use aggregate::spec::{
+    AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart,
+};
+pub use cache::settings::{
+    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
+};
+pub use limits::{
+    AppliesTo, ClientSource, Mode, PolicySettings, UpstreamGuardSettings, MAX_REFILL,
+};
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "STOA_";
@@ -129,6 +137,17 @@ impl Default for ConnectionLimits {
             max_connections: 10_000,
         }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The `[log]` section.
@@ -482,7 +501,7 @@ impl<'f> Validator<'f> {
             raw.warm_timeout.as_ref(),
             Duration::from_secs(30),
         );
-        let trusted_proxies = ratelimit::parse_trusted_proxies(
+        let trusted_proxies = limits::parse_trusted_proxies(
             "server.trusted_proxies",
             raw.trusted_proxies.as_deref().unwrap_or_default(),
             &mut self.problems,
@@ -601,11 +620,10 @@ impl<'f> Validator<'f> {
                 );
                 continue;
             }
-            let Some(raw) = self.section::<RawPolicy>(&path, &value) else {
+            let Some(raw) = self.section::<limits::RawPolicy>(&path, &value) else {
                 continue;
             };
-            if let Some(policy) = ratelimit::validate_policy(&path, &name, raw, &mut self.problems)
-            {
+            if let Some(policy) = limits::validate_policy(&path, &name, raw, &mut self.problems) {
                 out.insert(name, policy);
             }
         }
@@ -674,7 +692,7 @@ impl<'f> Validator<'f> {
             ),
         };
         let guard = queue_timeout.and_then(|queue_timeout| {
-            ratelimit::validate_upstream_guard(
+            limits::validate_upstream_guard(
                 path,
                 raw.max_in_flight,
                 raw.max_requests_per_second,
@@ -1292,6 +1310,15 @@ mod tests {
     fn toml_syntax_errors_are_reported() {
         let p = problems("[server\nlisten = 1");
         assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn log_format_parses_lowercase() {
+        let f: LogFormat = serde_json::from_str("\"json\"").unwrap();
+        assert_eq!(f, LogFormat::Json);
+        let f: LogFormat = serde_json::from_str("\"text\"").unwrap();
+        assert_eq!(f, LogFormat::Text);
+        assert!(serde_json::from_str::<LogFormat>("\"JSON\"").is_err());
     }
 
     #[test]

@@ -4,13 +4,15 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
-use super::{CacheStoreSettings, RouteSpec, Validator};
-use crate::cache::settings::{
+use crate::config::capacity;
+use crate::config::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
+use crate::config::{CacheStoreSettings, RouteSpec, Validator};
+use crate::routes::PathTemplate;
+use settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
-use crate::cache::store;
-use crate::routes::PathTemplate;
+
+pub mod settings;
 
 /// Request headers stoa sets itself for each hop: keying on them would forward a client's
 /// framing to the upstream.
@@ -275,7 +277,7 @@ impl Validator<'_> {
     /// default 8 MiB or what the store can hold in one entry, if less.
     pub(super) fn cache_store(&mut self, raw: RawCacheSection) -> Option<CacheStoreSettings> {
         let max_bytes = self.size("cache.max_bytes", raw.max_bytes.as_ref(), 256 * 1024 * 1024)?;
-        let holds = store::largest_body(max_bytes);
+        let holds = capacity::largest_body(max_bytes);
         let max_entry_bytes = match &raw.max_entry_bytes {
             None => DEFAULT_MAX_ENTRY_BYTES.min(holds),
             // A problem is recorded either way; the routes are still checked.
@@ -320,7 +322,7 @@ impl Validator<'_> {
 
     /// `n` if a store of `max_bytes` can hold an answer of `n` bytes, else a problem.
     fn entry_fits(&mut self, path: &str, n: u64, max_bytes: u64) -> Option<u64> {
-        let holds = store::largest_body(max_bytes);
+        let holds = capacity::largest_body(max_bytes);
         if n <= holds {
             return Some(n);
         }

@@ -2,13 +2,14 @@
 
 use std::time::Duration;
 
-use super::raw::{RawLeg, RawPick, RawRoute};
-use super::{RouteSpec, Validator};
-use crate::aggregate::spec::{
-    AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template,
+use crate::config::raw::{RawLeg, RawPick, RawRoute};
+use crate::config::{
+    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RouteSpec, UnkeyedBody, Validator,
 };
-use crate::cache::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::routes::{Lookup, PathTemplate, RouteTable};
+use spec::{AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart};
+
+pub mod spec;
 
 /// Most parallel calls one fan-out leg may make.
 const MAX_FAN_OUT_LIMIT: usize = 1000;
@@ -350,8 +351,8 @@ fn sample_path(template: &Template) -> String {
         .parts
         .iter()
         .map(|p| match p {
-            crate::aggregate::spec::TemplatePart::Text(t) => t.as_str(),
-            crate::aggregate::spec::TemplatePart::Ref(_) => "x",
+            TemplatePart::Text(t) => t.as_str(),
+            TemplatePart::Ref(_) => "x",
         })
         .collect()
 }

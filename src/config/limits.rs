@@ -50,7 +50,7 @@ pub struct PolicySettings {
 /// What identifies a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientSource {
-    /// The client address (see [`crate::ratelimit::client_key`]).
+    /// The client address, or the client behind trusted proxies.
     Ip,
     /// The value of this request header; requests without it fall back to the address.
     Header(HeaderName),
