@@ -54,6 +54,18 @@ pub struct RawLog {
     pub access_log: Option<bool>,
 }
 
+/// One `[rate_limits.<name>]` table, as written in the file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub requests_per_second: Option<f64>,
+    pub per_minute: Option<f64>,
+    pub burst: Option<i64>,
+    pub client: Option<String>,
+    pub applies_to: Option<String>,
+    pub mode: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
