@@ -35,35 +35,51 @@ impl<'f> Validator<'f> {
         });
     }
 
-    /// Deserializes one section or entry, reporting a failure at its path.
+    /// Deserializes one section or entry, reporting a failure at its path. An unknown key,
+    /// at any depth, is reported and set aside, and the rest is read again: so the known
+    /// keys beside it are still validated and every problem shows in one run.
     pub(super) fn section<T: DeserializeOwned>(&mut self, path: &str, value: &Value) -> Option<T> {
-        match value.deserialize::<T>() {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let source = self
-                    .figment
-                    .get_metadata(value.tag())
-                    .filter(|m| m.name.contains("environment"))
-                    .map(|_| " (set from the environment)")
-                    .unwrap_or("");
-                for err in e {
-                    let mut full = path.to_string();
-                    for p in &err.path {
-                        full.push('.');
-                        full.push_str(p);
+        let source = self
+            .figment
+            .get_metadata(value.tag())
+            .filter(|m| m.name.contains("environment"))
+            .map(|_| " (set from the environment)")
+            .unwrap_or("");
+        let mut value = value.clone();
+        loop {
+            match value.deserialize::<T>() {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    let mut set_aside = false;
+                    for err in e {
+                        if matches!(err.kind, figment::error::Kind::UnknownField(..)) {
+                            set_aside |= remove_at(&mut value, &err.path);
+                        }
+                        self.report(path, &err, source);
                     }
-                    let message = match &err.kind {
-                        figment::error::Kind::UnknownField(field, expected) => format!(
-                            "unknown key {field:?} (expected one of: {})",
-                            expected.join(", ")
-                        ),
-                        other => other.to_string(),
-                    };
-                    self.problem(full, format!("{message}{source}"));
+                    if !set_aside {
+                        return None;
+                    }
                 }
-                None
             }
         }
+    }
+
+    /// Reports one deserialization error of the section at `path`.
+    fn report(&mut self, path: &str, err: &figment::Error, source: &str) {
+        let mut full = path.to_string();
+        for p in &err.path {
+            full.push('.');
+            full.push_str(p);
+        }
+        let message = match &err.kind {
+            figment::error::Kind::UnknownField(field, expected) => format!(
+                "unknown key {field:?} (expected one of: {})",
+                expected.join(", ")
+            ),
+            other => other.to_string(),
+        };
+        self.problem(full, format!("{message}{source}"));
     }
 
     pub(super) fn run(mut self, mut root: Dict) -> Result<Config, ConfigErrors> {
@@ -238,5 +254,29 @@ impl<'f> Validator<'f> {
             );
         }
         ok
+    }
+}
+
+/// Removes the key at `path` (table keys and array indices) from `value`; `false` when
+/// there is none.
+fn remove_at(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut current = value;
+    for step in parents {
+        let next = match current {
+            Value::Dict(_, dict) => dict.get_mut(step),
+            Value::Array(_, items) => step.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
+            _ => None,
+        };
+        let Some(next) = next else {
+            return false;
+        };
+        current = next;
+    }
+    match current {
+        Value::Dict(_, dict) => dict.remove(last).is_some(),
+        _ => false,
     }
 }

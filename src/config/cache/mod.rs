@@ -390,11 +390,11 @@ mod tests {
             upstream = "u"
             cache = { ttl = "0s", statuses = { 200 = "1s", 999 = "1s", 404 = "x" }, refresh_ahead = 1.5, jitter = 0.9, on_lock_timeout = "wait", key_body = [], colour = 1 }
         "#;
-        let p = problems(text);
-        assert_eq!(p.len(), 1, "{p:#?}");
+        // The unknown key is reported, and the known keys beside it are still checked.
+        let with_unknown = problems(text);
         assert!(
-            p[0].starts_with("routes[1].cache.colour: unknown key"),
-            "{p:#?}"
+            with_unknown[0].starts_with("routes[1].cache.colour: unknown key"),
+            "{with_unknown:#?}"
         );
 
         let p = problems(&text.replace(", colour = 1", ""));
@@ -417,6 +417,7 @@ mod tests {
             );
         }
         assert_eq!(p.len(), expect.len(), "{p:#?}");
+        assert_eq!(with_unknown[1..], p[..], "the same problems, beside the unknown key");
 
         // The good route alone loads, with typed settings.
         let good_only = text
