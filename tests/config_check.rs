@@ -127,3 +127,27 @@ cache = { ttl = "10x", bogus = 1 }
     }
     assert!(err.contains("4 problem(s)"), "{err}");
 }
+
+#[test]
+fn the_shipped_schema_is_current() {
+    let (code, out, err) = stoa(&["schema"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let shipped = std::fs::read_to_string(repo_path("config/stoa.schema.json")).unwrap();
+    assert!(
+        shipped == out,
+        "config/stoa.schema.json is stale: run `stoa schema > config/stoa.schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for section in [
+        "server",
+        "admin",
+        "log",
+        "cache",
+        "rate_limits",
+        "upstreams",
+        "routes",
+    ] {
+        assert!(schema["properties"][section].is_object(), "{section}");
+    }
+    assert_eq!(schema["additionalProperties"], false);
+}

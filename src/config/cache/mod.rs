@@ -417,7 +417,11 @@ mod tests {
             );
         }
         assert_eq!(p.len(), expect.len(), "{p:#?}");
-        assert_eq!(with_unknown[1..], p[..], "the same problems, beside the unknown key");
+        assert_eq!(
+            with_unknown[1..],
+            p[..],
+            "the same problems, beside the unknown key"
+        );
 
         // The good route alone loads, with typed settings.
         let good_only = text
