@@ -8,10 +8,12 @@
 
 mod admin;
 mod aggregate;
+mod assemble;
 mod cache;
 pub mod capacity;
 mod limits;
 mod log;
+mod problem;
 mod raw;
 mod route;
 mod schema;
@@ -19,10 +21,7 @@ mod server;
 mod upstream;
 mod validate;
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
 
 use figment::providers::{Env, Format, Toml};
 use figment::value::Dict;
@@ -32,12 +31,14 @@ pub use admin::AdminSettings;
 pub use aggregate::spec::{
     AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart,
 };
+pub use assemble::Config;
 pub use cache::settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
 pub use cache::CacheStoreSettings;
 pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, MAX_REFILL};
 pub use log::{LogFormat, LogSettings};
+pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;
 pub use schema::schema_json;
 pub use server::{ConnectionLimits, ServerSettings};
@@ -46,67 +47,6 @@ use validate::Validator;
 
 /// Prefix of environment variables that override configuration keys.
 pub const ENV_PREFIX: &str = "STOA_";
-
-/// One thing wrong with a configuration, at a key path such as `routes[2].upstream`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub path: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            f.write_str(&self.message)
-        } else {
-            write!(f, "{}: {}", self.path, self.message)
-        }
-    }
-}
-
-/// Every problem found in a configuration.
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<Problem>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{p}")?;
-        }
-        Ok(())
-    }
-}
-
-/// The validated configuration the gateway is built from.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// The merged configuration as read (file and environment), secrets redacted.
-    pub source: serde_json::Value,
-    pub server: ServerSettings,
-    pub admin: AdminSettings,
-    pub log: LogSettings,
-    pub cache: CacheStoreSettings,
-    pub rate_limits: BTreeMap<String, PolicySettings>,
-    pub upstreams: BTreeMap<String, Arc<Upstream>>,
-    pub routes: Vec<RouteSpec>,
-}
-
-impl Config {
-    /// A one-line summary for `stoa check`.
-    pub fn summary(&self) -> String {
-        format!(
-            "configuration ok: {} upstream(s), {} route(s) ({} cached), listening on {}, admin on {}",
-            self.upstreams.len(),
-            self.routes.len(),
-            self.routes.iter().filter(|r| r.cache.is_some()).count(),
-            self.server.listen,
-            self.admin.listen
-        )
-    }
-}
 
 /// Where configuration values come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +89,7 @@ pub fn load_str(text: &str, env: EnvOverrides) -> Result<Config, ConfigErrors> {
                 .collect(),
         )
     })?;
-    Validator::new(&figment).run(root)
+    Validator::new(&figment).assemble(root)
 }
 
 #[cfg(test)]

@@ -170,11 +170,9 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::lines;
-    use std::time::Duration;
-
-    use crate::config::tests::{problems, GOOD};
-    use crate::config::{load_str, ConnectionLimits, EnvOverrides};
+    use crate::config::load_str;
+    use crate::config::tests::{lines, problems, GOOD};
+    use crate::config::EnvOverrides;
 
     #[test]
     fn connection_limits_have_defaults_and_are_read() {
