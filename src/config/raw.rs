@@ -55,6 +55,7 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
+    #[schemars(extend("enum" = ["text", "json"]))]
     pub format: Option<String>,
     pub access_log: Option<bool>,
 }
@@ -66,8 +67,12 @@ pub struct RawPolicy {
     pub requests_per_second: Option<f64>,
     pub per_minute: Option<f64>,
     pub burst: Option<i64>,
+    /// `"ip"` or `"header:<Header-Name>"`.
+    #[schemars(regex(pattern = r"^(ip|header:.+)$"))]
     pub client: Option<String>,
+    #[schemars(extend("enum" = ["all", "misses"]))]
     pub applies_to: Option<String>,
+    #[schemars(extend("enum" = ["enforce", "dry_run"]))]
     pub mode: Option<String>,
 }
 
@@ -93,6 +98,7 @@ pub struct RawRoute {
     pub cache: Option<RawCache>,
     pub legs: Option<Vec<RawLeg>>,
     pub respond: Option<serde_json::Value>,
+    #[schemars(extend("enum" = ["fail", "partial"]))]
     pub on_leg_error: Option<String>,
     pub deadline: Option<RawDuration>,
     pub rate_limit: Option<String>,
@@ -135,8 +141,10 @@ pub struct RawCache {
     pub key_query: Option<Vec<String>>,
     pub key_body: Option<RawKeyBody>,
     pub key_headers: Option<Vec<String>>,
+    #[schemars(extend("enum" = ["drop", "bypass"]))]
     pub unkeyed_body: Option<String>,
     pub lock_timeout: Option<RawDuration>,
+    #[schemars(extend("enum" = ["serve_stale", "error", "bypass"]))]
     pub on_lock_timeout: Option<String>,
     pub refresh_ahead: Option<f64>,
     pub jitter: Option<f64>,
