@@ -1,4 +1,4 @@
-//! The `stoa` command line: serve a configuration, or check one.
+//! The `stoa` command line: serve a configuration, check one, or print the schema of one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,10 +30,16 @@ enum Command {
     Run,
     /// Validate the configuration without serving; list every problem and exit 1 if any.
     Check,
+    /// Print the JSON Schema of the configuration file (shipped as config/stoa.schema.json).
+    Schema,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Schema) = cli.command {
+        print!("{}", config::schema_json());
+        return ExitCode::SUCCESS;
+    }
     let Some(path) = cli.config else {
         eprintln!("stoa: no configuration file; pass --config FILE (or set STOA_CONFIG)");
         return ExitCode::from(2);
@@ -50,6 +56,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        // Printed above, before any configuration is read.
+        Command::Schema => ExitCode::SUCCESS,
         Command::Run => {
             let config = match loaded {
                 Ok(config) => config,

@@ -8,27 +8,16 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::cache::CacheStatus;
+use crate::config::LogFormat;
 
 /// The target of access log events, e.g. for `RUST_LOG=stoa::access=off`.
 pub const ACCESS_TARGET: &str = "stoa::access";
-
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Installs the global subscriber, writing to stderr, and the `log` bridge so that
 /// pingora's `log` records show as tracing events.
@@ -256,15 +245,6 @@ mod tests {
         assert_eq!(f.to_string(), "warn");
         assert!(filter("info", Some("stoa=loud".into())).is_err());
         assert!(filter("=#!", None).is_err());
-    }
-
-    #[test]
-    fn log_format_parses_lowercase() {
-        let f: LogFormat = serde_json::from_str("\"json\"").unwrap();
-        assert_eq!(f, LogFormat::Json);
-        let f: LogFormat = serde_json::from_str("\"text\"").unwrap();
-        assert_eq!(f, LogFormat::Text);
-        assert!(serde_json::from_str::<LogFormat>("\"JSON\"").is_err());
     }
 
     #[test]

@@ -93,3 +93,61 @@ fn help_and_version() {
     let (code, _, err) = stoa(&[], &[("STOA_CONFIG", "")]);
     assert_eq!(code, 2, "{err}");
 }
+
+#[test]
+fn a_table_with_an_unknown_key_still_has_its_other_keys_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(
+        dir.path(),
+        "unknown-and-bad.toml",
+        r#"
+[upstreams.x]
+url = "http://127.0.0.1:9"
+timeout = "five seconds"
+colour = 1
+
+[[routes]]
+name = "r"
+methods = ["GETT"]
+path = "/r"
+upstream = "x"
+cache = { ttl = "10x", bogus = 1 }
+"#,
+    );
+    let (code, out, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = [
+        "upstreams.x.colour: unknown key \"colour\"",
+        "upstreams.x.timeout: \"five seconds\" is not a duration",
+        "routes[0].cache.bogus: unknown key \"bogus\"",
+        "routes[0].methods[0]: \"GETT\" is not one of",
+    ];
+    for line in expected {
+        assert!(err.contains(line), "missing {line:?} in:\n{err}");
+    }
+    assert!(err.contains("4 problem(s)"), "{err}");
+}
+
+#[test]
+fn the_shipped_schema_is_current() {
+    let (code, out, err) = stoa(&["schema"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    let shipped = std::fs::read_to_string(repo_path("config/stoa.schema.json")).unwrap();
+    assert!(
+        shipped == out,
+        "config/stoa.schema.json is stale: run `stoa schema > config/stoa.schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for section in [
+        "server",
+        "admin",
+        "log",
+        "cache",
+        "rate_limits",
+        "upstreams",
+        "routes",
+    ] {
+        assert!(schema["properties"][section].is_object(), "{section}");
+    }
+    assert_eq!(schema["additionalProperties"], false);
+}

@@ -4,7 +4,6 @@
 
 pub mod legs;
 pub mod run;
-pub mod spec;
 
 pub use legs::{LegCall, Legs, LegsHandle};
 pub use run::Aggregator;

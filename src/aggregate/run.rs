@@ -11,10 +11,10 @@ use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, CONTRO
 use serde_json::{Map, Value};
 
 use super::legs::{Legs, LegsHandle};
-use super::spec::{
+use crate::cache::origin::{Answer, FetchRequest, Fetched, Origin, Pending};
+use crate::config::{
     AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart,
 };
-use crate::cache::origin::{Answer, FetchRequest, Fetched, Origin, Pending};
 use crate::error::StoaError;
 use crate::routes::PathTemplate;
 

@@ -11,9 +11,9 @@ use pingora::http::ResponseHeader;
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{Answer, FetchRequest, Fetched, Origin, Streaming};
-use super::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use super::store::{Entry, Lifetimes, Store};
 use super::CacheStatus;
+use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
 
 /// A cached route's settings and the origin of its answers.

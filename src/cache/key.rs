@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderName, Method};
 use quick_cache::DefaultHashBuilder;
 use serde_json::Value;
 
-use super::settings::{KeyBody, KeyQuery};
+use crate::config::{KeyBody, KeyQuery};
 use crate::error::StoaError;
 
 /// Separates the parts of a key; cannot occur in a path, an encoded query or a header name.

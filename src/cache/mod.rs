@@ -5,7 +5,6 @@ pub mod engine;
 pub mod flight;
 pub mod key;
 pub mod origin;
-pub mod settings;
 pub mod store;
 
 pub use engine::{CacheEngine, CachedRoute, Served};

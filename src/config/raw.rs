@@ -1,7 +1,12 @@
 //! The configuration file's format: plain serde structs, every one denying unknown keys.
-//! Values are kept loose here (strings for durations, sizes, addresses) and checked in
-//! [`super::validate`], so that every problem can be reported at once.
+//! Values are kept loose here (strings for durations, sizes, addresses) and checked by the
+//! section files, so that every problem can be reported at once. The JSON Schema of the
+//! file ([`RawFile`]) is derived from these structs.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::Deserialize;
 
 /// A size: a number of bytes, or a string with a unit such as `"64KiB"`.
@@ -21,7 +26,7 @@ pub enum RawDuration {
     Text(String),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<String>,
@@ -38,7 +43,7 @@ pub struct RawServer {
     pub max_connections: Option<i64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Option<String>,
@@ -46,15 +51,32 @@ pub struct RawAdmin {
     pub token: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
+    #[schemars(extend("enum" = ["text", "json"]))]
     pub format: Option<String>,
     pub access_log: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+/// One `[rate_limits.<name>]` table, as written in the file.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawPolicy {
+    pub requests_per_second: Option<f64>,
+    pub per_minute: Option<f64>,
+    pub burst: Option<i64>,
+    /// `"ip"` or `"header:<Header-Name>"`.
+    #[schemars(regex(pattern = r"^(ip|header:.+)$"))]
+    pub client: Option<String>,
+    #[schemars(extend("enum" = ["all", "misses"]))]
+    pub applies_to: Option<String>,
+    #[schemars(extend("enum" = ["enforce", "dry_run"]))]
+    pub mode: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub url: String,
@@ -65,7 +87,7 @@ pub struct RawUpstream {
     pub queue_timeout: Option<RawDuration>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub name: String,
@@ -76,6 +98,7 @@ pub struct RawRoute {
     pub cache: Option<RawCache>,
     pub legs: Option<Vec<RawLeg>>,
     pub respond: Option<serde_json::Value>,
+    #[schemars(extend("enum" = ["fail", "partial"]))]
     pub on_leg_error: Option<String>,
     pub deadline: Option<RawDuration>,
     pub rate_limit: Option<String>,
@@ -83,7 +106,7 @@ pub struct RawRoute {
 }
 
 /// A warm-up request: a path (with its query), or a path with a JSON body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum RawWarm {
     Path(String),
@@ -93,7 +116,7 @@ pub enum RawWarm {
     },
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCacheSection {
     pub max_bytes: Option<RawSize>,
@@ -101,25 +124,27 @@ pub struct RawCacheSection {
 }
 
 /// `key_body = true` (the whole body) or `key_body = ["field", ...]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum RawKeyBody {
     Whole(bool),
     Fields(Vec<String>),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCache {
     pub ttl: RawDuration,
     pub stale_while_revalidate: Option<RawDuration>,
     pub stale_if_error: Option<RawDuration>,
-    pub statuses: Option<std::collections::BTreeMap<String, RawDuration>>,
+    pub statuses: Option<BTreeMap<String, RawDuration>>,
     pub key_query: Option<Vec<String>>,
     pub key_body: Option<RawKeyBody>,
     pub key_headers: Option<Vec<String>>,
+    #[schemars(extend("enum" = ["drop", "bypass"]))]
     pub unkeyed_body: Option<String>,
     pub lock_timeout: Option<RawDuration>,
+    #[schemars(extend("enum" = ["serve_stale", "error", "bypass"]))]
     pub on_lock_timeout: Option<String>,
     pub refresh_ahead: Option<f64>,
     pub jitter: Option<f64>,
@@ -130,7 +155,7 @@ pub struct RawCache {
 }
 
 /// One leg of an aggregate route (`[[routes.legs]]`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawLeg {
     pub name: String,
@@ -145,14 +170,14 @@ pub struct RawLeg {
 }
 
 /// `pick = "/pointer"` or `pick = { from = "/list", where = "name", equals = "{name}" }`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum RawPick {
     Pointer(String),
     Find(RawFind),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawFind {
     #[serde(default)]
@@ -161,4 +186,56 @@ pub struct RawFind {
     pub field: String,
     pub equals: String,
     pub all: Option<bool>,
+}
+
+// Loading reads each section on its own instead, so that one bad section does not hide
+// the others; this struct only gives the schema its top level.
+/// A stoa configuration file (`stoa.toml`).
+#[derive(JsonSchema)]
+#[expect(dead_code, reason = "only its JSON Schema is used")]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "stoa configuration")]
+pub struct RawFile {
+    pub server: Option<RawServer>,
+    pub admin: Option<RawAdmin>,
+    pub log: Option<RawLog>,
+    pub cache: Option<RawCacheSection>,
+    /// Named per-client rate-limit policies.
+    pub rate_limits: Option<BTreeMap<String, RawPolicy>>,
+    /// Named upstream services.
+    pub upstreams: Option<BTreeMap<String, RawUpstream>>,
+    pub routes: Option<Vec<RawRoute>>,
+}
+
+/// Written as text: bare numbers are read, then refused with a hint.
+impl JsonSchema for RawDuration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "description": "A duration with a unit, such as \"250ms\", \"5s\", \"5m\" or \"1h 30m\".",
+            "pattern": "^\\s*([0-9]+\\s*[a-zA-Zµ]+\\s*)+$|^\\s*0\\s*$",
+            "examples": ["250ms", "5s", "5m"]
+        })
+    }
+}
+
+impl JsonSchema for RawSize {
+    fn schema_name() -> Cow<'static, str> {
+        "Size".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "description": "A size: a number of bytes, or text with a unit such as \"64KiB\" or \"256MiB\".",
+            "anyOf": [
+                { "type": "integer", "minimum": 1 },
+                { "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*[a-zA-Z]*\\s*$" }
+            ],
+            "examples": ["64KiB", "256MiB"]
+        })
+    }
 }

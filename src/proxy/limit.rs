@@ -8,9 +8,10 @@
 
 use std::net::IpAddr;
 
+use crate::config::{AppliesTo, Mode};
 use crate::error::StoaError;
 use crate::gateway::Route;
-use crate::ratelimit::{client_key, AppliesTo, Decision, Mode, RateLimiter};
+use crate::ratelimit::{client_key, Decision, RateLimiter};
 
 /// The limiter that counts every request of `route`, if any.
 pub fn on_every_request(route: &Route) -> Option<&RateLimiter> {

@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use http::HeaderMap;
 use ipnet::IpNet;
 
-use super::config::ClientSource;
+use crate::config::ClientSource;
 
 /// Header values up to this many bytes are kept as they are; longer ones are shortened to a
 /// prefix plus a hash of the whole value, so that each tracked client costs little memory.

@@ -32,8 +32,8 @@ use governor::Quota;
 use http::{HeaderName, HeaderValue};
 
 use super::ceil_secs;
-use super::config::{Mode, PolicySettings, MAX_REFILL};
 use super::identity::ClientKey;
+use crate::config::{Mode, PolicySettings, MAX_REFILL};
 
 /// `RateLimit-Limit`.
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -241,7 +241,7 @@ impl ShrinkableKeyedStateStore<ClientKey> for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ratelimit::config::{AppliesTo, ClientSource};
+    use crate::config::{AppliesTo, ClientSource};
     use governor::clock::FakeRelativeClock;
     use std::net::{IpAddr, Ipv4Addr};
 

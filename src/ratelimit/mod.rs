@@ -1,7 +1,5 @@
 //! Per-client rate limiting and upstream protection.
 //!
-//! - [`config`]: `[rate_limits.<name>]` policies and `server.trusted_proxies`, validated
-//!   collect-all style into [`PolicySettings`] and a list of trusted networks.
 //! - [`identity`]: who a request comes from ([`ClientKey`]): the peer address, the
 //!   `X-Forwarded-For` client when the peer is a trusted proxy, or a header value.
 //! - [`limiter`]: one [`RateLimiter`] per policy, keyed GCRA buckets from `governor`, and the
@@ -9,17 +7,13 @@
 //! - [`upstream`]: [`UpstreamGuard`], the per-upstream bound on concurrent fetches and on
 //!   requests per second, with a bounded queue.
 //!
-//! Nothing here is global: every limiter is owned by whoever builds it from the configuration.
+//! Nothing here is global: every limiter is owned by whoever builds it from the configuration
+//! (policies are validated in [`crate::config`]).
 
-pub mod config;
 pub mod identity;
 pub mod limiter;
 pub mod upstream;
 
-pub use config::{
-    parse_trusted_proxies, validate_policy, validate_upstream_guard, AppliesTo, ClientSource, Mode,
-    PolicySettings, RawPolicy, UpstreamGuardSettings,
-};
 pub use identity::{client_addr, client_key, ClientKey};
 pub use limiter::{Decision, RateLimiter};
 pub use upstream::{Overloaded, UpstreamGuard, UpstreamPermit};

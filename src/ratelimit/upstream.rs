@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
 
 use super::ceil_secs;
-use super::config::UpstreamGuardSettings;
+use crate::config::UpstreamGuardSettings;
 
 /// Longest pacing interval used, whatever the settings say (one fetch per day).
 const LONGEST_INTERVAL: Duration = Duration::from_secs(24 * 3600);

@@ -113,7 +113,7 @@ mod tests {
             base_path: String::new(),
             connect_timeout: std::time::Duration::from_millis(250),
             timeout: std::time::Duration::from_secs(5),
-            guard: crate::ratelimit::UpstreamGuardSettings {
+            guard: crate::config::UpstreamGuardSettings {
                 max_in_flight: None,
                 max_requests_per_second: None,
                 queue_timeout: std::time::Duration::ZERO,

@@ -4,13 +4,16 @@ use std::time::Duration;
 
 use http::HeaderName;
 
-use super::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
-use super::{CacheStoreSettings, RouteSpec, Validator};
-use crate::cache::settings::{
+use crate::config::capacity;
+use crate::config::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
+use crate::config::validate::Validator;
+use crate::config::RouteSpec;
+use crate::routes::PathTemplate;
+use settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
-use crate::cache::store;
-use crate::routes::PathTemplate;
+
+pub mod settings;
 
 /// Request headers stoa sets itself for each hop: keying on them would forward a client's
 /// framing to the upstream.
@@ -25,6 +28,15 @@ const UNKEYABLE_HEADERS: [&str; 9] = [
     "transfer-encoding",
     "upgrade",
 ];
+
+/// The `[cache]` section: the one store all cached routes share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStoreSettings {
+    /// Bound on the bytes held (bodies, headers and keys).
+    pub max_bytes: u64,
+    /// Largest answer body stored, for routes that do not say.
+    pub max_entry_bytes: u64,
+}
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
 pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 8 * 1024 * 1024;
@@ -275,7 +287,7 @@ impl Validator<'_> {
     /// default 8 MiB or what the store can hold in one entry, if less.
     pub(super) fn cache_store(&mut self, raw: RawCacheSection) -> Option<CacheStoreSettings> {
         let max_bytes = self.size("cache.max_bytes", raw.max_bytes.as_ref(), 256 * 1024 * 1024)?;
-        let holds = store::largest_body(max_bytes);
+        let holds = capacity::largest_body(max_bytes);
         let max_entry_bytes = match &raw.max_entry_bytes {
             None => DEFAULT_MAX_ENTRY_BYTES.min(holds),
             // A problem is recorded either way; the routes are still checked.
@@ -320,7 +332,7 @@ impl Validator<'_> {
 
     /// `n` if a store of `max_bytes` can hold an answer of `n` bytes, else a problem.
     fn entry_fits(&mut self, path: &str, n: u64, max_bytes: u64) -> Option<u64> {
-        let holds = store::largest_body(max_bytes);
+        let holds = capacity::largest_body(max_bytes);
         if n <= holds {
             return Some(n);
         }
@@ -348,5 +360,79 @@ impl Validator<'_> {
             }
             Some(v) => self.duration(path, Some(v), Duration::ZERO),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::tests::problems;
+    use crate::config::{load_str, EnvOverrides};
+
+    #[test]
+    fn cache_tables_are_validated() {
+        let text = r#"
+            [cache]
+            max_bytes = "1MiB"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "ok"
+            methods = ["GET", "HEAD"]
+            path = "/ok/{id}"
+            upstream = "u"
+            cache = { ttl = "10s", stale_while_revalidate = "30s", statuses = { 404 = "30s" }, key_query = ["a"], key_headers = ["Accept-Language"], refresh_ahead = 0.8, jitter = 0.05, on_lock_timeout = "bypass" }
+            [[routes]]
+            name = "bad"
+            methods = ["GET", "DELETE", "POST"]
+            path = "/bad"
+            upstream = "u"
+            cache = { ttl = "0s", statuses = { 200 = "1s", 999 = "1s", 404 = "x" }, refresh_ahead = 1.5, jitter = 0.9, on_lock_timeout = "wait", key_body = [], colour = 1 }
+        "#;
+        // The unknown key is reported, and the known keys beside it are still checked.
+        let with_unknown = problems(text);
+        assert!(
+            with_unknown[0].starts_with("routes[1].cache.colour: unknown key"),
+            "{with_unknown:#?}"
+        );
+
+        let p = problems(&text.replace(", colour = 1", ""));
+        let expect = [
+            "routes[1].cache.ttl: must be greater than zero",
+            "routes[1].cache.statuses.200:",
+            "routes[1].cache.statuses.404: \"x\" is not a duration",
+            "routes[1].cache.statuses.999: \"999\" is not an HTTP status code",
+            "routes[1].cache.key_body:",
+            "routes[1].cache.on_lock_timeout: \"wait\"",
+            "routes[1].cache.refresh_ahead: 1.5",
+            "routes[1].cache.jitter: 0.9",
+            "routes[1].methods: DELETE cannot be cached",
+            "routes[1].methods: POST cannot be cached",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        assert_eq!(
+            with_unknown[1..],
+            p[..],
+            "the same problems, beside the unknown key"
+        );
+
+        // The good route alone loads, with typed settings.
+        let good_only = text
+            .split("[[routes]]\n            name = \"bad\"")
+            .next()
+            .unwrap();
+        let c = load_str(good_only, EnvOverrides::Ignore).unwrap();
+        let cache = c.routes[0].cache.as_ref().unwrap();
+        assert_eq!(cache.ttl_for(404), Some(Duration::from_secs(30)));
+        assert_eq!(cache.ttl_for(500), None);
+        assert_eq!(cache.key_headers[0].as_str(), "accept-language");
+        assert_eq!(c.cache.max_bytes, 1024 * 1024);
     }
 }

@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
-use super::raw::{RawLeg, RawPick, RawRoute};
-use super::{RouteSpec, Validator};
-use crate::aggregate::spec::{
-    AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template,
-};
-use crate::cache::settings::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
+use crate::config::raw::{RawLeg, RawPick, RawRoute};
+use crate::config::validate::Validator;
+use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RouteSpec, UnkeyedBody};
 use crate::routes::{Lookup, PathTemplate, RouteTable};
+use spec::{AggregateSpec, LegSpec, OnLegError, Pick, Reference, Shape, Template, TemplatePart};
+
+pub mod spec;
 
 /// Most parallel calls one fan-out leg may make.
 const MAX_FAN_OUT_LIMIT: usize = 1000;
@@ -350,8 +350,8 @@ fn sample_path(template: &Template) -> String {
         .parts
         .iter()
         .map(|p| match p {
-            crate::aggregate::spec::TemplatePart::Text(t) => t.as_str(),
-            crate::aggregate::spec::TemplatePart::Ref(_) => "x",
+            TemplatePart::Text(t) => t.as_str(),
+            TemplatePart::Ref(_) => "x",
         })
         .collect()
 }
@@ -383,5 +383,94 @@ impl crate::routes::Routable for ShapeOnly {
     }
     fn methods(&self) -> Option<&[http::Method]> {
         self.methods.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::tests::problems;
+    use crate::config::{load_str, EnvOverrides};
+
+    #[test]
+    fn aggregate_templates_are_validated() {
+        let text = r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "list"
+            methods = ["GET"]
+            path = "/list"
+            upstream = "u"
+            cache = { ttl = "10s" }
+            [[routes]]
+            name = "item"
+            methods = ["GET"]
+            path = "/item/{id}"
+            upstream = "u"
+            cache = { ttl = "3s" }
+            [[routes]]
+            name = "good"
+            path = "/good/{name}"
+            respond = { first = "{a.x}", all = "{b}" }
+            [[routes.legs]]
+            name = "a"
+            path = "/list"
+            pick = { from = "/items", where = "name", equals = "{name}" }
+            [[routes.legs]]
+            name = "b"
+            path = "/item/{a.id}"
+            [[routes]]
+            name = "bad"
+            path = "/bad/{name}"
+            upstream = "u"
+            respond = { x = "{nobody.y}" }
+            [[routes.legs]]
+            name = "a"
+            path = "/item/{b.id}"
+            [[routes.legs]]
+            name = "b"
+            path = "/item/{colour}"
+            for_each = "c"
+            [[routes]]
+            name = "loops"
+            path = "/loops/{name}"
+            [[routes.legs]]
+            name = "c"
+            path = "/good/{name}"
+            [[routes.legs]]
+            name = "d"
+            path = "/nowhere"
+        "#;
+        let p = problems(text);
+        let expect = [
+            "routes[3].upstream: an aggregate route takes no upstream",
+            "routes[3].legs[0].path: {b.id} is neither",
+            "routes[3].legs[1].for_each: \"c\" is not an earlier leg",
+            "routes[3].legs[1].path: {colour} is neither",
+            "routes[3].respond: {nobody.y} is neither",
+            "routes[4].legs[0].path: \"/good/{name}\" leads to aggregate route \"good\"",
+            "routes[4].legs[1].path: GET \"/nowhere\" matches no route",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        let good_only = text
+            .split("[[routes]]\n            name = \"bad\"")
+            .next()
+            .unwrap();
+        let c = load_str(good_only, EnvOverrides::Ignore).unwrap();
+        let good = c.routes.iter().find(|r| r.name == "good").unwrap();
+        assert_eq!(
+            good.cache.as_ref().unwrap().ttl,
+            Duration::from_secs(3),
+            "cached for the shortest TTL among its legs"
+        );
     }
 }

@@ -1,0 +1,134 @@
+//! The whole validated configuration, put together from its sections: every section is
+//! read and checked, then what spans sections (the default rate limit, listener
+//! addresses, aggregate legs, invalidation, entry sizes) is checked across them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use figment::value::Dict;
+
+use super::admin::AdminSettings;
+use super::cache::CacheStoreSettings;
+use super::limits::{PolicySettings, NO_RATE_LIMIT};
+use super::log::LogSettings;
+use super::problem::ConfigErrors;
+use super::raw::{RawAdmin, RawCacheSection, RawLog, RawServer};
+use super::route::RouteSpec;
+use super::server::ServerSettings;
+use super::upstream::Upstream;
+use super::validate::Validator;
+
+/// The validated configuration the gateway is built from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The merged configuration as read (file and environment), secrets redacted.
+    pub source: serde_json::Value,
+    pub server: ServerSettings,
+    pub admin: AdminSettings,
+    pub log: LogSettings,
+    pub cache: CacheStoreSettings,
+    pub rate_limits: BTreeMap<String, PolicySettings>,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub routes: Vec<RouteSpec>,
+}
+
+impl Config {
+    /// A one-line summary for `stoa check`.
+    pub fn summary(&self) -> String {
+        format!(
+            "configuration ok: {} upstream(s), {} route(s) ({} cached), listening on {}, admin on {}",
+            self.upstreams.len(),
+            self.routes.len(),
+            self.routes.iter().filter(|r| r.cache.is_some()).count(),
+            self.server.listen,
+            self.admin.listen
+        )
+    }
+}
+
+impl Validator<'_> {
+    /// Validates every section of the file and puts the typed settings together.
+    pub(super) fn assemble(mut self, mut root: Dict) -> Result<Config, ConfigErrors> {
+        let mut source = serde_json::to_value(&root).unwrap_or_default();
+        if let Some(token) = source.pointer_mut("/admin/token") {
+            *token = serde_json::Value::String("<redacted>".into());
+        }
+        let server_raw: RawServer = match root.remove("server") {
+            Some(v) => self.section("server", &v).unwrap_or_default(),
+            None => RawServer::default(),
+        };
+        let admin_raw: RawAdmin = match root.remove("admin") {
+            Some(v) => self.section("admin", &v).unwrap_or_default(),
+            None => RawAdmin::default(),
+        };
+        let cache_raw: RawCacheSection = match root.remove("cache") {
+            Some(v) => self.section("cache", &v).unwrap_or_default(),
+            None => RawCacheSection::default(),
+        };
+        let log_raw: RawLog = match root.remove("log") {
+            Some(v) => self.section("log", &v).unwrap_or_default(),
+            None => RawLog::default(),
+        };
+        let rate_limits_raw = root.remove("rate_limits");
+        let upstreams_raw = root.remove("upstreams");
+        let routes_raw = root.remove("routes");
+        for key in root.keys() {
+            self.problem(
+                key.clone(),
+                "unknown section (expected server, admin, log, cache, rate_limits, upstreams or routes)",
+            );
+        }
+
+        let default_rate_limit = server_raw.default_rate_limit.clone();
+        let server = self.server(server_raw);
+        let log = self.log(log_raw);
+        let rate_limits = self.rate_limits(rate_limits_raw);
+        if let Some(name) = &default_rate_limit {
+            if !rate_limits.contains_key(name) {
+                self.problem(
+                    "server.default_rate_limit",
+                    format!("no rate limit policy named {name:?}"),
+                );
+            }
+        }
+        let cache = self.cache_store(cache_raw);
+        let admin = self.admin(admin_raw);
+        if let (Some(s), Some(a)) = (&server, &admin) {
+            if s.listen == a.listen {
+                self.problem("admin.listen", "must differ from server.listen");
+            }
+        }
+        let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
+        // Valid routes with their index in the file, for problem paths.
+        let mut indexed = self.routes(routes_raw, &upstreams, &upstream_names, &rate_limits);
+        self.link_aggregates(&mut indexed);
+        self.check_invalidates(&indexed);
+        if let Some(store) = &cache {
+            self.cache_entry_limits(&mut indexed, store);
+        }
+        let mut routes: Vec<RouteSpec> = indexed.into_iter().map(|(_, r)| r).collect();
+        for route in &mut routes {
+            match route.rate_limit.as_deref() {
+                None => route.rate_limit = default_rate_limit.clone(),
+                Some(NO_RATE_LIMIT) => route.rate_limit = None,
+                Some(_) => {}
+            }
+        }
+
+        match (server, admin, cache, log) {
+            (Some(server), Some(admin), Some(cache), Some(log)) if self.problems.is_empty() => {
+                Ok(Config {
+                    source,
+                    server,
+                    admin,
+                    log,
+                    cache,
+                    rate_limits,
+                    upstreams,
+                    routes,
+                })
+            }
+            _ => Err(ConfigErrors(self.problems)),
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The `[server]` section: the client listener, its threads, body bound, deadlines and
+//! connection caps, and the proxies whose `X-Forwarded-For` is believed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::raw::RawServer;
+use super::validate::Validator;
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: u64,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` is believed when identifying clients.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Longest `/readyz` stays 503 waiting for the cache warm-up.
+    pub warm_timeout: Duration,
+    /// Client connection limits and deadlines.
+    pub connections: ConnectionLimits,
+}
+
+/// Deadlines and caps on client connections (`[server]` keys of the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// The whole request head must arrive within this, counted from the connection's
+    /// accept (first request) or from the first byte of the head (later requests).
+    pub header_timeout: Duration,
+    /// An idle connection between two requests is closed after this.
+    pub keepalive_timeout: Duration,
+    /// The whole request body must arrive within this, counted from when stoa starts
+    /// reading it.
+    pub body_timeout: Duration,
+    /// Requests served on one connection; the last answer carries `Connection: close`.
+    pub keepalive_requests: u32,
+    /// Open client connections; new ones beyond it are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+            keepalive_requests: 1000,
+            max_connections: 10_000,
+        }
+    }
+}
+
+impl Validator<'_> {
+    pub(super) fn server(&mut self, raw: RawServer) -> Option<ServerSettings> {
+        let listen = self.address("server.listen", raw.listen.as_deref(), "127.0.0.1:8080");
+        let threads = match raw.threads {
+            None => Some(2),
+            Some(n) if (1..=1024).contains(&n) => Some(n as usize),
+            Some(n) => {
+                self.problem("server.threads", format!("{n} is not between 1 and 1024"));
+                None
+            }
+        };
+        let max_body_bytes = self.size(
+            "server.max_body_bytes",
+            raw.max_body_bytes.as_ref(),
+            1024 * 1024,
+        );
+        let shutdown_timeout = self.duration(
+            "server.shutdown_timeout",
+            raw.shutdown_timeout.as_ref(),
+            Duration::from_secs(30),
+        );
+        let warm_timeout = self.duration(
+            "server.warm_timeout",
+            raw.warm_timeout.as_ref(),
+            Duration::from_secs(30),
+        );
+        let trusted_proxies = self.trusted_proxies(
+            "server.trusted_proxies",
+            raw.trusted_proxies.as_deref().unwrap_or_default(),
+        );
+        let connections = self.connection_limits(&raw);
+        Some(ServerSettings {
+            listen: listen?,
+            threads: threads?,
+            max_body_bytes: max_body_bytes?,
+            shutdown_timeout: shutdown_timeout?,
+            trusted_proxies,
+            warm_timeout: warm_timeout?,
+            connections: connections?,
+        })
+    }
+
+    pub(super) fn connection_limits(&mut self, raw: &RawServer) -> Option<ConnectionLimits> {
+        let d = ConnectionLimits::default();
+        let header_timeout = self.duration(
+            "server.header_timeout",
+            raw.header_timeout.as_ref(),
+            d.header_timeout,
+        );
+        let keepalive_timeout = self.duration(
+            "server.keepalive_timeout",
+            raw.keepalive_timeout.as_ref(),
+            d.keepalive_timeout,
+        );
+        let body_timeout = self.duration(
+            "server.body_timeout",
+            raw.body_timeout.as_ref(),
+            d.body_timeout,
+        );
+        let keepalive_requests = match raw.keepalive_requests {
+            None => Some(d.keepalive_requests),
+            Some(n) if (1..=i64::from(u32::MAX)).contains(&n) => u32::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    "server.keepalive_requests",
+                    format!("{n} is not between 1 and {}", u32::MAX),
+                );
+                None
+            }
+        };
+        let max_connections = match raw.max_connections {
+            None => Some(d.max_connections),
+            Some(n) if (1..=10_000_000).contains(&n) => usize::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    "server.max_connections",
+                    format!("{n} is not between 1 and 10000000"),
+                );
+                None
+            }
+        };
+        Some(ConnectionLimits {
+            header_timeout: header_timeout?,
+            keepalive_timeout: keepalive_timeout?,
+            body_timeout: body_timeout?,
+            keepalive_requests: keepalive_requests?,
+            max_connections: max_connections?,
+        })
+    }
+
+    /// Parses `server.trusted_proxies`: CIDRs such as `"10.0.0.0/8"`, or bare addresses
+    /// (`"127.0.0.1"` means `/32`, an IPv6 address `/128`). Each bad entry is reported at
+    /// `path[i]`; the good ones are returned.
+    fn trusted_proxies(&mut self, path: &str, list: &[String]) -> Vec<IpNet> {
+        let mut out = Vec::with_capacity(list.len());
+        for (i, text) in list.iter().enumerate() {
+            let t = text.trim();
+            let net = t
+                .parse::<IpNet>()
+                .map(|n| n.trunc())
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from));
+            match net {
+                Ok(n) => out.push(n),
+                Err(_) => self.problem(format!("{path}[{i}]"),
+                    format!("{text:?} is not a network like \"10.0.0.0/8\" or an address like \"127.0.0.1\""),
+                ),
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use crate::config::tests::{lines, problems, GOOD};
+    use crate::config::EnvOverrides;
+
+    #[test]
+    fn connection_limits_have_defaults_and_are_read() {
+        let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
+        assert_eq!(c.server.connections, ConnectionLimits::default());
+        assert_eq!(c.server.connections.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.connections.keepalive_requests, 1000);
+        let text = GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "header_timeout = \"2s\"\nkeepalive_timeout = \"250ms\"\nbody_timeout = \"1m\"\n\
+             keepalive_requests = 7\nmax_connections = 9",
+        );
+        let c = load_str(&text, EnvOverrides::Ignore).unwrap();
+        assert_eq!(
+            c.server.connections,
+            ConnectionLimits {
+                header_timeout: Duration::from_secs(2),
+                keepalive_timeout: Duration::from_millis(250),
+                body_timeout: Duration::from_secs(60),
+                keepalive_requests: 7,
+                max_connections: 9,
+            }
+        );
+        let p = problems(&GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "keepalive_requests = 0\nmax_connections = 0\nheader_timeout = \"0s\"",
+        ));
+        assert_eq!(
+            p,
+            vec![
+                "server.header_timeout: must be greater than zero".to_string(),
+                format!(
+                    "server.keepalive_requests: 0 is not between 1 and {}",
+                    u32::MAX
+                ),
+                "server.max_connections: 0 is not between 1 and 10000000".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_parse_and_report() {
+        let figment = figment::Figment::new();
+        let mut v = Validator::new(&figment);
+        let list: Vec<String> = [
+            "10.0.0.0/8",
+            "127.0.0.1",
+            "::1",
+            "fd00::/8",
+            "10.1.2.3/16",
+            "nope",
+            "10.0.0.0/33",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let nets = v.trusted_proxies("server.trusted_proxies", &list);
+        let shown: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.0.0.0/8",
+                "127.0.0.1/32",
+                "::1/128",
+                "fd00::/8",
+                "10.1.0.0/16"
+            ]
+        );
+        let l = lines(&v.problems);
+        assert_eq!(l.len(), 2);
+        assert!(l[0].starts_with("server.trusted_proxies[5]: \"nope\""));
+        assert!(l[1].starts_with("server.trusted_proxies[6]: \"10.0.0.0/33\""));
+    }
+}
