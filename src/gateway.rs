@@ -13,7 +13,7 @@ use crate::cache::origin::FetchRequest;
 use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
-use crate::metrics::{Metrics, RouteMetrics, RouteShape};
+use crate::metrics::{Metrics, RouteMetrics, RouteProfile};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
 use crate::routes::{
     normalize_path, upstream_uri, Lookup, PathMode, PathTemplate, Routable, RouteTable,
@@ -410,7 +410,7 @@ fn expected_answers(spec: &RouteSpec, limited: bool) -> Vec<(CacheStatus, u16)> 
         .iter()
         .flat_map(|c| c.statuses.iter().map(|(status, _)| *status))
         .collect();
-    RouteShape {
+    RouteProfile {
         cached: spec.cache.is_some(),
         cacheable: &cacheable,
         stale: spec

@@ -313,7 +313,7 @@ impl Metrics {
 /// What a route can answer, to create its common `stoa_requests_total` series at zero
 /// (see [`RouteMetrics::expect`]).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RouteShape<'a> {
+pub struct RouteProfile<'a> {
     /// Answers come through the cache (cached and aggregate routes).
     pub cached: bool,
     /// Statuses the cache stores besides 200 (e.g. 404).
@@ -324,8 +324,8 @@ pub struct RouteShape<'a> {
     pub limited: bool,
 }
 
-impl RouteShape<'_> {
-    /// The (cache, status) pairs a route of this shape commonly answers: on a cached route
+impl RouteProfile<'_> {
+    /// The (cache, status) pairs a route of this profile commonly answers: on a cached route
     /// 200 (and the other cacheable statuses) from every cache status it reports, 502 and
     /// 504 where the upstream is asked; on a pass-through route 200, 404, 500, 502, 503 and
     /// 504; and 429 when rate limited (`cache="bypass"` on a cached route, which answers it
@@ -693,15 +693,15 @@ mod tests {
     fn expected_answers_start_at_zero_and_stay_bounded() {
         let m = Metrics::new().unwrap();
         let cached = m.route("menu", true).unwrap();
-        let shape = RouteShape {
+        let profile = RouteProfile {
             cached: true,
             cacheable: &[404],
             stale: true,
             limited: true,
         };
-        cached.expect(shape.answers());
+        cached.expect(profile.answers());
         let pass = m.route("pass", false).unwrap();
-        pass.expect(RouteShape::default().answers());
+        pass.expect(RouteProfile::default().answers());
         let text = m.render();
         for line in [
             r#"stoa_requests_total{cache="hit",route="menu",status="200"} 0"#,
@@ -719,7 +719,7 @@ mod tests {
         }
         assert!(!text.contains(r#"cache="none",route="pass",status="429""#));
         assert!(!text.contains(r#"cache="hit",route="pass""#));
-        assert!(shape.answers().len() <= 24);
+        assert!(profile.answers().len() <= 24);
         // Counting continues the pre-created series.
         cached.observe(200, CacheStatus::Coalesced, ms(1));
         assert!(m.render().contains(

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{calls, demo_with, knobs, x_cache, Api, DemoServer, Gateway};
+use common::{calls, demo_with, knobs, x_cache, Api, DemoServer, StoaProcess};
 use serde_json::{json, Value};
 
 const CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
@@ -81,7 +81,7 @@ timeout = "{leg_timeout}"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_menu_of_a_restaurant_by_name_costs_one_list_and_one_menu_call() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 100)).await;
-    let gw = Gateway::start(&config(&up.url(), "fail", "3s", "")).await;
+    let gw = StoaProcess::start(&config(&up.url(), "fail", "3s", "")).await;
     let http = reqwest::Client::new();
     let tasks: Vec<_> = (0..200)
         .map(|_| {
@@ -177,7 +177,7 @@ async fn lunch_fans_out_to_exactly_the_restaurants_of_a_region() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 50)).await;
     let uppsala = identifiers(&up, "Uppsala").await;
     assert!(uppsala.len() >= 3);
-    let gw = Gateway::start(&config(&up.url(), "fail", "3s", "")).await;
+    let gw = StoaProcess::start(&config(&up.url(), "fail", "3s", "")).await;
     let r = reqwest::get(gw.url("/lunch/Uppsala")).await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
@@ -206,7 +206,7 @@ async fn a_failing_leg_is_named_under_errors_with_partial_and_fails_the_whole_wi
         "\n[[routes]]\nname = \"broken\"\nmethods = [\"GET\"]\npath = \"/restaurant/{broken}\"\nupstream = \"dead\"\n"
     );
 
-    let gw = Gateway::start(&config(&up.url(), "partial", "3s", &extra)).await;
+    let gw = StoaProcess::start(&config(&up.url(), "partial", "3s", &extra)).await;
     let r = reqwest::get(gw.url("/lunch/Uppsala")).await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
@@ -222,7 +222,7 @@ async fn a_failing_leg_is_named_under_errors_with_partial_and_fails_the_whole_wi
     );
     drop(gw);
 
-    let gw = Gateway::start(&config(&up.url(), "fail", "3s", &extra)).await;
+    let gw = StoaProcess::start(&config(&up.url(), "fail", "3s", &extra)).await;
     let r = reqwest::get(gw.url("/lunch/Uppsala")).await.unwrap();
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
@@ -233,7 +233,7 @@ async fn a_failing_leg_is_named_under_errors_with_partial_and_fails_the_whole_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leg_timeout_ends_the_aggregate_within_the_deadline() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = Gateway::start(&config(&up.url(), "fail", "300ms", "")).await;
+    let gw = StoaProcess::start(&config(&up.url(), "fail", "300ms", "")).await;
     let http = reqwest::Client::new();
     // The list is cached first; then the menus hang.
     assert_eq!(
@@ -291,7 +291,7 @@ body = {{ customer_id = "{{customer_id}}" }}
 "#,
         clv.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     let r = http
         .get(gw.url(&format!("/customers/{CUSTOMER}/clv")))
@@ -340,7 +340,7 @@ fn restaurant_menu(gateway: &str, args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_restaurant_menu_command_works_through_the_real_gateway() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = Gateway::start(&config(&up.url(), "fail", "3s", "")).await;
+    let gw = StoaProcess::start(&config(&up.url(), "fail", "3s", "")).await;
     let base = gw.url("");
     let known = tokio::task::spawn_blocking({
         let base = base.clone();

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{calls, demo_with, knobs, x_cache, Api, DemoServer, Gateway, Knobs};
+use common::{calls, demo_with, knobs, x_cache, Api, DemoServer, Knobs, StoaProcess};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -13,7 +13,7 @@ const CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
 
 /// A gateway caching `GET /restaurant/{id}` (rewritten to `/api/restaurant/{id}`) with
 /// the given `cache` table, in front of `upstream`.
-async fn gateway_for_restaurant(upstream: &DemoServer, cache: &str) -> Gateway {
+async fn gateway_for_restaurant(upstream: &DemoServer, cache: &str) -> StoaProcess {
     let route = format!(
         "name = \"restaurant\"\nmethods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\nrewrite = \"/api/restaurant/{{id}}\"\ncache = {cache}"
     );
@@ -21,12 +21,12 @@ async fn gateway_for_restaurant(upstream: &DemoServer, cache: &str) -> Gateway {
 }
 
 /// A gateway with one cached route `name` in front of `upstream`.
-async fn gateway(upstream: &DemoServer, route: &str) -> Gateway {
+async fn gateway(upstream: &DemoServer, route: &str) -> StoaProcess {
     let config = format!(
         "[upstreams.up]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[[routes]]\nupstream = \"up\"\n{route}\n",
         upstream.url()
     );
-    Gateway::start(&config).await
+    StoaProcess::start(&config).await
 }
 
 fn client() -> reqwest::Client {
@@ -532,7 +532,7 @@ async fn the_store_stays_within_max_bytes_and_counts_evictions() {
         "[cache]\nmax_bytes = \"32KiB\"\n\n[upstreams.up]\nurl = \"{}\"\n\n[[routes]]\nname = \"list\"\nupstream = \"up\"\nmethods = [\"GET\"]\npath = \"/restaurants\"\nrewrite = \"/api/restaurant\"\ncache = {{ ttl = \"60s\" }}\n",
         up.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = client();
     let mut stored = 0;
     for page in 0..40 {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{demo_with, knobs, Api, EchoUpstream, Gateway};
+use common::{demo_with, knobs, Api, EchoUpstream, StoaProcess};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -191,14 +191,14 @@ fn echo_routes(echo: &EchoUpstream) -> String {
     )
 }
 
-async fn connect(gw: &Gateway) -> TcpStream {
+async fn connect(gw: &StoaProcess) -> TcpStream {
     TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_head_trickled_past_header_timeout_gets_408_json_then_close() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with("header_timeout = \"700ms\"", &echo_routes(&echo)).await;
+    let gw = StoaProcess::start_with("header_timeout = \"700ms\"", &echo_routes(&echo)).await;
     let stream = connect(&gw).await;
     let (mut reader, writer) = stream.into_split();
     let started = Instant::now();
@@ -231,7 +231,7 @@ async fn a_request_head_trickled_past_header_timeout_gets_408_json_then_close() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_head_after_a_keepalive_request_is_cut_at_header_timeout() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with(
+    let gw = StoaProcess::start_with(
         "header_timeout = \"700ms\"\nkeepalive_timeout = \"30s\"",
         &echo_routes(&echo),
     )
@@ -255,7 +255,7 @@ async fn a_partial_head_after_a_keepalive_request_is_cut_at_header_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_sends_nothing_is_closed_at_header_timeout_without_an_answer() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with("header_timeout = \"700ms\"", &echo_routes(&echo)).await;
+    let gw = StoaProcess::start_with("header_timeout = \"700ms\"", &echo_routes(&echo)).await;
     let mut stream = connect(&gw).await;
     let (elapsed, got) = wait_closed(&mut stream, Duration::from_secs(5)).await;
     assert_between(elapsed, 600, 3_000, "the silent connection was closed");
@@ -265,7 +265,7 @@ async fn a_connection_that_sends_nothing_is_closed_at_header_timeout_without_an_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keepalive_connections_are_closed_after_keepalive_timeout() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with(
+    let gw = StoaProcess::start_with(
         "keepalive_timeout = \"800ms\"\nheader_timeout = \"10s\"",
         &echo_routes(&echo),
     )
@@ -289,7 +289,7 @@ async fn idle_keepalive_connections_are_closed_after_keepalive_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_slower_than_body_timeout_gets_408_json_on_every_kind_of_route() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with(
+    let gw = StoaProcess::start_with(
         "body_timeout = \"700ms\"\nheader_timeout = \"10s\"",
         &echo_routes(&echo),
     )
@@ -332,7 +332,7 @@ async fn a_request_body_slower_than_body_timeout_gets_408_json_on_every_kind_of_
 }
 
 /// Upstream fetches of the cached route, from the metrics.
-async fn cached_fetches(gw: &Gateway) -> u64 {
+async fn cached_fetches(gw: &StoaProcess) -> u64 {
     let m = gw.metrics().await;
     m.lines()
         .filter(|l| l.starts_with("stoa_upstream_fetches_total") && l.contains("route=\"cached\""))
@@ -344,7 +344,7 @@ async fn cached_fetches(gw: &Gateway) -> u64 {
 async fn a_slow_upstream_is_not_mistaken_for_a_slow_client() {
     // Every client deadline is shorter than the upstream's answer time.
     let voucher = demo_with(Api::Voucher, knobs(Api::Voucher, 1_500)).await;
-    let gw = Gateway::start_with(
+    let gw = StoaProcess::start_with(
         "body_timeout = \"500ms\"\nheader_timeout = \"500ms\"\nkeepalive_timeout = \"500ms\"",
         &format!(
             "[upstreams.voucher]\nurl = \"{}\"\n\n[[routes]]\nname = \"voucher\"\n\
@@ -370,7 +370,7 @@ async fn a_slow_upstream_is_not_mistaken_for_a_slow_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_requests_caps_the_requests_of_one_connection() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with("keepalive_requests = 3", &echo_routes(&echo)).await;
+    let gw = StoaProcess::start_with("keepalive_requests = 3", &echo_routes(&echo)).await;
     let mut stream = connect(&gw).await;
     let mut buf = Vec::new();
     for i in 1..=3 {
@@ -392,7 +392,7 @@ async fn keepalive_requests_caps_the_requests_of_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_max_connections_are_refused_while_the_others_are_served() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start_with("max_connections = 4", &echo_routes(&echo)).await;
+    let gw = StoaProcess::start_with("max_connections = 4", &echo_routes(&echo)).await;
     let mut open = Vec::new();
     for i in 0..4 {
         let mut stream = connect(&gw).await;
@@ -545,7 +545,7 @@ async fn sigterm_under_keepalive_load_loses_no_accepted_request() {
          cache = {{ ttl = \"1h\" }}\n",
         restaurants.url()
     );
-    let mut gw = Gateway::start(&config).await;
+    let mut gw = StoaProcess::start(&config).await;
     let tally = Arc::new(Tally::default());
     let signalled = Arc::new(AtomicBool::new(false));
     let until = Instant::now() + Duration::from_secs(20);

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{demo, demo_with, Api, EchoUpstream, Gateway, Knobs};
+use common::{demo, demo_with, Api, EchoUpstream, Knobs, StoaProcess};
 use serde_json::{json, Value};
 
 const CLV_CUSTOMER: &str = "450e1c2cbd21687780153995f1be0c23";
@@ -94,7 +94,7 @@ async fn every_seed_api_works_through_the_gateway() {
         ),
     ]
     .concat();
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
 
     // Restaurants: URI rewrite to the upstream's /api/ paths.
@@ -244,7 +244,7 @@ async fn upstream_sees_rewritten_uri_query_host_forwarding_headers_and_body() {
         ),
     ]
     .concat();
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
 
     let v = json_of(
@@ -287,7 +287,7 @@ async fn bodies_over_the_limit_get_413_json() {
         route("post", r#"["POST"]"#, "/post", "echo", None)
     );
     // The harness writes [server] itself; override the limit from the environment instead.
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     // Default limit is 1 MiB.
     let big = vec![b'x'; 1024 * 1024 + 1];
@@ -348,7 +348,7 @@ async fn unknown_paths_and_wrong_methods_get_json_errors() {
         ),
     ]
     .concat();
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
 
     let r = http.get(gw.url("/nope")).send().await.unwrap();
@@ -386,7 +386,7 @@ async fn an_upstream_that_is_down_gives_502_json() {
             None
         )
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let r = reqwest::get(gw.url("/restaurant/dufva")).await.unwrap();
     let v = assert_json_error(r, 502, "upstream_unreachable").await;
     assert!(
@@ -416,7 +416,7 @@ async fn an_upstream_that_drops_the_connection_gives_502_json() {
             None
         )
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let r = reqwest::get(gw.url("/restaurant/dufva")).await.unwrap();
     assert_eq!(r.status(), 502);
     assert!(flaky.stats().total >= 1);
@@ -437,7 +437,7 @@ async fn an_upstream_that_hangs_gives_504_json_within_the_timeout() {
         hung.url(),
         route("restaurant", r#"["GET"]"#, "/restaurant/{id}", "slow", None)
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let started = Instant::now();
     let r = reqwest::get(gw.url("/restaurant/dufva")).await.unwrap();
     let elapsed = started.elapsed();
@@ -470,7 +470,7 @@ async fn sigterm_drains_an_in_flight_request_then_exits_0() {
             Some("/api/restaurant/{id}")
         )
     );
-    let mut gw = Gateway::start(&config).await;
+    let mut gw = StoaProcess::start(&config).await;
     let in_flight = tokio::spawn({
         let url = gw.url("/restaurant/dufva");
         async move { reqwest::get(url).await }
@@ -522,7 +522,7 @@ async fn sigint_also_shuts_down_gracefully() {
             None
         )
     );
-    let mut gw = Gateway::start(&config).await;
+    let mut gw = StoaProcess::start(&config).await;
     gw.signal(libc::SIGINT);
     let status = gw
         .wait_exit(Duration::from_secs(10))
@@ -545,7 +545,7 @@ async fn admin_health_endpoints() {
             None
         )
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     let r = http.get(gw.admin_url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{sample, x_cache, Gateway};
+use common::{sample, x_cache, StoaProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Bytes of the body pattern: byte `i` of every answer is `i % 251`, so a body cut,
@@ -166,14 +166,14 @@ async fn fetch_checked(http: &reqwest::Client, url: &str) -> (u16, String, usize
     (status, cache, at)
 }
 
-async fn metric(gw: &Gateway, series: &str) -> f64 {
+async fn metric(gw: &StoaProcess, series: &str) -> f64 {
     sample(&gw.metrics().await, series).unwrap_or_else(|| panic!("no {series}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_over_32_mib_is_streamed_through_not_a_502() {
     let up = BigUpstream::start().await;
-    let gw = Gateway::start(&big_config(&up, "", "")).await;
+    let gw = StoaProcess::start(&big_config(&up, "", "")).await;
     let http = client();
     let size = 40 * 1024 * 1024;
     for query in ["", "&chunked=1"] {
@@ -195,7 +195,7 @@ async fn an_answer_over_32_mib_is_streamed_through_not_a_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_over_max_entry_bytes_bypass_the_cache_and_small_ones_are_stored() {
     let up = BigUpstream::start().await;
-    let gw = Gateway::start(&big_config(&up, "max_entry_bytes = \"1MiB\"", "")).await;
+    let gw = StoaProcess::start(&big_config(&up, "max_entry_bytes = \"1MiB\"", "")).await;
     let http = client();
     // Too large by Content-Length, and found too large while reading (chunked).
     for query in ["size=3000000", "size=3000000&chunked=1"] {
@@ -245,7 +245,7 @@ async fn answers_over_max_entry_bytes_bypass_the_cache_and_small_ones_are_stored
 async fn a_route_may_lower_its_own_max_entry_bytes() {
     let up = BigUpstream::start().await;
     let config = big_config(&up, "", ", max_entry_bytes = \"100KiB\"");
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = client();
     let url = gw.url("/big/a?size=200000");
     assert_eq!(
@@ -264,7 +264,7 @@ async fn a_route_may_lower_its_own_max_entry_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_the_store_cannot_hold_is_too_large_not_an_eviction() {
     let up = BigUpstream::start().await;
-    let gw = Gateway::start(&big_config(&up, "max_bytes = \"8MiB\"", "")).await;
+    let gw = StoaProcess::start(&big_config(&up, "max_bytes = \"8MiB\"", "")).await;
     let http = client();
     let url = gw.url("/big/a?size=1500000");
     for _ in 0..2 {
@@ -286,7 +286,7 @@ async fn an_answer_the_store_cannot_hold_is_too_large_not_an_eviction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_of_a_flight_with_a_too_large_answer_all_get_it() {
     let up = BigUpstream::start().await;
-    let gw = Gateway::start(&big_config(&up, "max_entry_bytes = \"1MiB\"", "")).await;
+    let gw = StoaProcess::start(&big_config(&up, "max_entry_bytes = \"1MiB\"", "")).await;
     let http = client();
     for query in ["size=3000000&ms=300", "size=3000000&ms=300&chunked=1"] {
         let before = up.requests();
@@ -362,7 +362,7 @@ fn framing_config(up: &BigUpstream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_chunked_body_is_a_400_json_on_every_route_and_no_error_log() {
     let up = BigUpstream::start().await;
-    let gw = Gateway::start(&framing_config(&up)).await;
+    let gw = StoaProcess::start(&framing_config(&up)).await;
     let bodies: [&[u8]; 3] = [
         b"zz\r\nhello\r\n0\r\n\r\n",          // not a chunk size
         b"5\r\nhelloXX0\r\n\r\n",             // no line end after the chunk
@@ -404,7 +404,7 @@ async fn a_malformed_chunked_body_is_a_400_json_on_every_route_and_no_error_log(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_target_is_414_and_large_header_fields_are_431_as_json() {
     let up = BigUpstream::start().await;
-    let gw = Gateway::start(&framing_config(&up)).await;
+    let gw = StoaProcess::start(&framing_config(&up)).await;
     for path in ["/c/", "/p/", "/nowhere/"] {
         let long = format!("{path}{}", "a".repeat(10 * 1024));
         let answer = raw_exchange(

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{demo_with, free_port, knobs, stoa, write_temp, Api, EchoUpstream, Gateway};
+use common::{demo_with, free_port, knobs, stoa, write_temp, Api, EchoUpstream, StoaProcess};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -94,7 +94,7 @@ fn parse(bytes: &[u8]) -> Raw {
 }
 
 /// `GET path` with extra header lines (each ending in CRLF) and a body.
-async fn get(gw: &Gateway, path: &str, headers: &str, body: &str) -> Raw {
+async fn get(gw: &StoaProcess, path: &str, headers: &str, body: &str) -> Raw {
     raw(gw.port, &format!("GET {path} HTTP/1.1\r\n{headers}"), body).await
 }
 
@@ -118,7 +118,7 @@ fn cached_route(name: &str, path: &str, cache: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_body_the_key_ignores_never_reaches_the_upstream_nor_the_next_client() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start(&with_echo(
+    let gw = StoaProcess::start(&with_echo(
         &echo,
         &cached_route("plain", "/plain/{id}", r#"{ ttl = "60s" }"#),
     ))
@@ -158,7 +158,7 @@ async fn a_get_body_the_key_ignores_never_reaches_the_upstream_nor_the_next_clie
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_unkeyed_body_bypass_a_body_goes_around_the_cache() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start(&with_echo(
+    let gw = StoaProcess::start(&with_echo(
         &echo,
         &cached_route(
             "own",
@@ -232,7 +232,7 @@ async fn accept_and_content_type_reach_the_upstream_only_when_keyed() {
         ),
     ]
     .concat();
-    let gw = Gateway::start(&with_echo(&echo, &routes)).await;
+    let gw = StoaProcess::start(&with_echo(&echo, &routes)).await;
 
     // Not keyed: one client's Accept does not decide what everyone gets.
     let first = get(&gw, "/plain/2", "Accept: application/x-anything\r\n", "").await;
@@ -277,7 +277,7 @@ async fn accept_and_content_type_reach_the_upstream_only_when_keyed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_keyed_query_parameters_reach_the_upstream() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start(&with_echo(
+    let gw = StoaProcess::start(&with_echo(
         &echo,
         &cached_route("q", "/q", r#"{ ttl = "60s", key_query = ["region"] }"#),
     ))
@@ -296,7 +296,7 @@ async fn only_keyed_query_parameters_reach_the_upstream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_keyed_on_fields_sends_only_those_fields_as_json() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start(&with_echo(
+    let gw = StoaProcess::start(&with_echo(
         &echo,
         &cached_route(
             "clv",
@@ -349,7 +349,7 @@ body = {{ evil = "{{id}}" }}
             r#"{ ttl = "60s", key_body = ["customer_id"], warm = [{ path = "/warmed", body = { customer_id = "w", noise = 1 } }] }"#,
         ),
     );
-    let gw = Gateway::start(&with_echo(&echo, &routes)).await;
+    let gw = StoaProcess::start(&with_echo(&echo, &routes)).await;
 
     let agg = get(&gw, "/agg/7", "", "").await;
     assert_eq!(agg.status, 200, "{}", agg.body);
@@ -373,7 +373,7 @@ body = {{ evil = "{{id}}" }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_accepts_the_bearer_scheme_in_any_case_and_nothing_else() {
     const TOKEN: &str = "hardening-admin-token";
-    let gw = Gateway::start(&format!("token = \"{TOKEN}\"\n")).await;
+    let gw = StoaProcess::start(&format!("token = \"{TOKEN}\"\n")).await;
     let ask = |authorization: String| {
         let port = gw.admin_port;
         async move {
@@ -488,7 +488,7 @@ cache = {{ ttl = "60s" }}
             .concat()
         ),
     );
-    let gw = Gateway::start_with("max_body_bytes = \"1KiB\"", &config).await;
+    let gw = StoaProcess::start_with("max_body_bytes = \"1KiB\"", &config).await;
 
     // 502 on a cold miss: the upstream refuses connections.
     let r = get(&gw, "/dead/1", "", "").await;

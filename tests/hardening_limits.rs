@@ -6,12 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{calls, demo_with, knobs, sample, x_cache, Api, DemoServer, Gateway};
+use common::{calls, demo_with, knobs, sample, x_cache, Api, DemoServer, StoaProcess};
 use serde_json::Value;
 use stoa_demo::CLV_CUSTOMERS;
 
 /// One CLV request (a GET with a JSON body) for `customer`: (status, X-Cache, body).
-async fn clv(http: &reqwest::Client, gw: &Gateway, customer: &str) -> (u16, String, Value) {
+async fn clv(http: &reqwest::Client, gw: &StoaProcess, customer: &str) -> (u16, String, Value) {
     let r = http
         .get(gw.url("/get_clv"))
         .header("content-type", "application/json")
@@ -27,7 +27,7 @@ async fn clv(http: &reqwest::Client, gw: &Gateway, customer: &str) -> (u16, Stri
 
 /// A gateway with the demo's `clv` route behind a small "misses only" policy: three
 /// requests that would reach the upstream, then one a minute.
-async fn clv_scene(latency_ms: u64) -> (DemoServer, Gateway) {
+async fn clv_scene(latency_ms: u64) -> (DemoServer, StoaProcess) {
     let up = demo_with(Api::Clv, knobs(Api::Clv, latency_ms)).await;
     let config = format!(
         r#"[rate_limits.clv_misses]
@@ -51,7 +51,7 @@ rate_limit = "clv_misses"
 "#,
         up.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     (up, gw)
 }
 
@@ -186,7 +186,7 @@ cache = {{ ttl = "100ms", statuses = {{ 404 = "100ms" }} }}
 "#,
         up.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     // The same key fetched five times: each fetch replaces the expired entry.
     for _ in 0..5 {

@@ -7,7 +7,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{demo, Api, Gateway};
+use common::{demo, Api, StoaProcess};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -259,7 +259,7 @@ fn assert_all_under(seen: &[String], prefix: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_rest_route_never_fetches_outside_its_rewrite() {
     let up = Recorder::start().await;
-    let gw = Gateway::start(&routes(&up.url())).await;
+    let gw = StoaProcess::start(&routes(&up.url())).await;
 
     // Climbing above the root, in every spelling: 400, nothing fetched.
     for target in [
@@ -318,7 +318,7 @@ async fn cached_rest_route_never_fetches_outside_its_rewrite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_through_rewrite_never_forwards_a_climbing_path() {
     let up = Recorder::start().await;
-    let gw = Gateway::start(&routes(&up.url())).await;
+    let gw = StoaProcess::start(&routes(&up.url())).await;
 
     // Out of the route once resolved (to `/secret`, which no route serves).
     for target in [
@@ -379,7 +379,7 @@ upstream = "restaurants"
 "#,
         restaurants.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     for target in ["/restaurant/..", "/restaurant/%2e%2e", "/restaurant/.%2E"] {
         let r = raw_get(gw.port, target).await;
         r.assert_error(404, "not_found", target);
@@ -417,7 +417,7 @@ upstream = "restaurants"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregate_legs_cannot_be_steered_by_values() {
     let up = Recorder::start().await;
-    let gw = Gateway::start(&routes(&up.url())).await;
+    let gw = StoaProcess::start(&routes(&up.url())).await;
 
     // Identifiers from the upstream's own answer: "../../secret", "a/b", "..", "." and "ok".
     let r = raw_get(gw.port, "/each").await;

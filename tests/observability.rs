@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{
-    demo_with, knobs, repo_path, sample, x_cache, Api, DemoServer, EchoUpstream, Gateway, Knobs,
+    demo_with, knobs, repo_path, sample, x_cache, Api, DemoServer, EchoUpstream, Knobs, StoaProcess,
 };
 use serde_json::Value;
 
@@ -65,7 +65,7 @@ fn expect_series(problems: &mut Vec<String>, text: &str, name: &str, expected: &
 
 /// The exposition once every request has been logged: metrics are recorded in the
 /// `logging` phase, after the answer is sent, and the in-flight count drops after that.
-async fn settled_metrics(gw: &Gateway) -> String {
+async fn settled_metrics(gw: &StoaProcess) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = gw.metrics().await;
@@ -98,7 +98,7 @@ async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 struct Scene {
     restaurants: DemoServer,
     _broken: DemoServer,
-    gw: Gateway,
+    gw: StoaProcess,
 }
 
 impl Scene {
@@ -139,7 +139,7 @@ impl Scene {
             ),
         ]
         .concat();
-        let gw = Gateway::start(&config).await;
+        let gw = StoaProcess::start(&config).await;
         Scene {
             restaurants,
             _broken: broken,
@@ -465,7 +465,7 @@ type InFlightRequest = tokio::task::JoinHandle<reqwest::Result<reqwest::Response
 /// and a cached-route request (`/cached/haga`) both waiting on that upstream.
 struct TwoInFlight {
     slow: DemoServer,
-    gw: Gateway,
+    gw: StoaProcess,
     requests: Vec<(&'static str, InFlightRequest)>,
 }
 
@@ -490,7 +490,7 @@ impl TwoInFlight {
             ),
         ]
         .concat();
-        let gw = Gateway::start(&config).await;
+        let gw = StoaProcess::start(&config).await;
         let text = settled_metrics(&gw).await;
         assert_eq!(sample(&text, "stoa_requests_in_flight"), Some(0.0));
         let requests = ["/pass/bikupan", "/cached/haga"]
@@ -648,7 +648,7 @@ async fn access_log_lines_are_json_with_every_field() {
         "[log]\nformat = \"json\"\naccess_log = true\n\n{}",
         echo_config(&echo)
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
 
     // (path, request id, status, cache, route, went upstream)
@@ -726,7 +726,7 @@ async fn no_access_log_lines_when_the_access_log_is_off() {
         "[log]\nformat = \"json\"\naccess_log = false\n\n{}",
         echo_config(&echo)
     );
-    let mut gw = Gateway::start(&config).await;
+    let mut gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     for path in ["/cached/1", "/cached/1", "/pass/1", "/nowhere"] {
         let r = http.get(gw.url(path)).send().await.unwrap();
@@ -768,7 +768,7 @@ async fn no_access_log_lines_when_the_access_log_is_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_ids_reach_the_upstream_and_come_back() {
     let echo = EchoUpstream::start().await;
-    let gw = Gateway::start(&echo_config(&echo)).await;
+    let gw = StoaProcess::start(&echo_config(&echo)).await;
     let http = reqwest::Client::new();
     let get = |path: &str, id: Option<&str>| {
         let mut req = http.get(gw.url(path));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{calls, demo_with, knobs, sample, x_cache, Api, Gateway};
+use common::{calls, demo_with, knobs, sample, x_cache, Api, StoaProcess};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "test-admin-token-123";
@@ -41,7 +41,7 @@ cache = {{ ttl = "{list_ttl}" }}
 }
 
 async fn admin_post(
-    gw: &Gateway,
+    gw: &StoaProcess,
     path: &str,
     token: Option<&str>,
     body: Option<Value>,
@@ -59,7 +59,7 @@ async fn admin_post(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_keeps_unchanged_entries_and_fails_no_request() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = Gateway::start(&restaurant_config(&up.url(), "60s", "")).await;
+    let gw = StoaProcess::start(&restaurant_config(&up.url(), "60s", "")).await;
     let http = reqwest::Client::new();
     assert_eq!(
         x_cache(&http.get(gw.url("/restaurant/dufva")).send().await.unwrap()),
@@ -145,7 +145,7 @@ rewrite = "/api/"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_reload_changes_nothing_and_lists_every_problem() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let mut gw = Gateway::start(&restaurant_config(&up.url(), "60s", "")).await;
+    let mut gw = StoaProcess::start(&restaurant_config(&up.url(), "60s", "")).await;
     let http = reqwest::Client::new();
     assert_eq!(
         x_cache(&http.get(gw.url("/restaurant/dufva")).send().await.unwrap()),
@@ -216,7 +216,7 @@ async fn a_broken_reload_changes_nothing_and_lists_every_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_needs_the_token_and_removes_only_what_it_names() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let gw = Gateway::start(&restaurant_config(&up.url(), "60s", "")).await;
+    let gw = StoaProcess::start(&restaurant_config(&up.url(), "60s", "")).await;
     let http = reqwest::Client::new();
     for path in ["/restaurant/dufva", "/restaurant/haga", "/restaurants"] {
         assert_eq!(
@@ -322,7 +322,7 @@ async fn without_a_token_the_admin_api_is_closed() {
     let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
     let config =
         restaurant_config(&up.url(), "60s", "").replace(&format!("token = \"{TOKEN}\""), "");
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let r = admin_post(&gw, "/admin/reload", Some(TOKEN), None).await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "forbidden");
@@ -346,7 +346,7 @@ cache = {{ ttl = "1h", key_body = ["customer_id"], refresh_hook = "/refresh_data
 "#,
         clv.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     let get = |customer: &str| {
         http.get(gw.url("/get_clv"))
@@ -435,7 +435,7 @@ invalidates = ["orders"]
 "#,
         orders.url()
     );
-    let gw = Gateway::start(&config).await;
+    let gw = StoaProcess::start(&config).await;
     let http = reqwest::Client::new();
     assert_eq!(
         x_cache(
@@ -534,7 +534,7 @@ cache = {{ ttl = "1h", warm = ["/restaurant/dufva", "/restaurant/haga"] }}
 "#,
         up.url()
     );
-    let mut gw = Gateway::spawn("", &config);
+    let mut gw = StoaProcess::spawn("", &config);
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut saw_warming = false;

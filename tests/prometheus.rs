@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{
     calls, demo_with, free_port, knobs, repo_path, sample, write_temp, x_cache, Api, DemoServer,
-    Gateway, Knobs,
+    Knobs, StoaProcess,
 };
 use serde_json::Value;
 use stoa_demo::CLV_CUSTOMERS;
@@ -236,7 +236,7 @@ struct Scene {
     clv: DemoServer,
     _broken: DemoServer,
     _slow: DemoServer,
-    gw: Gateway,
+    gw: StoaProcess,
 }
 
 impl Scene {
@@ -295,7 +295,7 @@ impl Scene {
             ),
         ]
         .concat();
-        let gw = Gateway::start(&config).await;
+        let gw = StoaProcess::start(&config).await;
         Scene {
             restaurants,
             clv,

@@ -51,7 +51,7 @@ impl Validator<'_> {
             return Vec::new();
         };
         let mut out = Vec::new();
-        let mut shapes: Vec<RouteShape> = Vec::new();
+        let mut seen: Vec<RouteForConflicts> = Vec::new();
         for (i, value) in items.iter().enumerate() {
             let path = format!("routes[{i}]");
             let Some(raw) = self.section::<RawRoute>(&path, value) else {
@@ -65,9 +65,9 @@ impl Validator<'_> {
                     );
                 }
             }
-            let (route, shape) = self.route(&path, raw, upstreams, upstream_names);
-            self.check_route_conflicts(i, &shape, &shapes);
-            shapes.push(shape);
+            let (route, matcher) = self.route(&path, raw, upstreams, upstream_names);
+            self.check_route_conflicts(i, &matcher, &seen);
+            seen.push(matcher);
             out.extend(route.map(|r| (i, r)));
         }
         out
@@ -79,7 +79,7 @@ impl Validator<'_> {
         mut raw: RawRoute,
         upstreams: &BTreeMap<String, Arc<Upstream>>,
         upstream_names: &[String],
-    ) -> (Option<RouteSpec>, RouteShape) {
+    ) -> (Option<RouteSpec>, RouteForConflicts) {
         let name_ok = self.name_ok(&format!("{path}.name"), &raw.name);
         let is_aggregate = raw.legs.is_some();
         let methods = match (raw.methods.take(), is_aggregate) {
@@ -162,7 +162,7 @@ impl Validator<'_> {
             }
             (Some(_), None) => None,
         };
-        let shape = RouteShape {
+        let matcher = RouteForConflicts {
             name: raw.name.clone(),
             methods: methods.clone().flatten(),
             path: template.clone(),
@@ -181,7 +181,7 @@ impl Validator<'_> {
                 invalidates: raw.invalidates.unwrap_or_default(),
             })
         })();
-        (route, shape)
+        (route, matcher)
     }
 
     fn methods(&mut self, path: &str, list: &[String]) -> Option<Vec<http::Method>> {
@@ -234,7 +234,12 @@ impl Validator<'_> {
     }
 
     /// Names must be unique, and no two routes may match the same requests.
-    fn check_route_conflicts(&mut self, i: usize, route: &RouteShape, earlier: &[RouteShape]) {
+    fn check_route_conflicts(
+        &mut self,
+        i: usize,
+        route: &RouteForConflicts,
+        earlier: &[RouteForConflicts],
+    ) {
         for (j, other) in earlier.iter().enumerate() {
             if other.name == route.name {
                 self.problem(
@@ -265,7 +270,7 @@ impl Validator<'_> {
 }
 
 /// What conflict checks need of a route, kept even when the route has other problems.
-struct RouteShape {
+struct RouteForConflicts {
     name: String,
     methods: Option<Vec<http::Method>>,
     path: Option<PathTemplate>,

@@ -47,7 +47,7 @@ pub fn config_with_server(server_extra: &str, rest: &str) -> (String, u16, u16) 
 }
 
 /// A running gateway process, killed when dropped.
-pub struct Gateway {
+pub struct StoaProcess {
     pub child: Child,
     pub port: u16,
     pub admin_port: u16,
@@ -55,22 +55,22 @@ pub struct Gateway {
     server_extra: String,
 }
 
-impl Gateway {
+impl StoaProcess {
     /// Writes `rest` (upstreams and routes) into a config with fresh ports and starts stoa.
-    pub async fn start(rest: &str) -> Gateway {
+    pub async fn start(rest: &str) -> StoaProcess {
         Self::start_with("", rest).await
     }
 
-    /// Like [`Gateway::start`], with more `[server]` keys (e.g. `trusted_proxies = [...]`).
+    /// Like [`StoaProcess::start`], with more `[server]` keys (e.g. `trusted_proxies = [...]`).
     /// `rest` may hold any other section (`[log]`, `[rate_limits.x]`, upstreams, routes).
-    pub async fn start_with(server_extra: &str, rest: &str) -> Gateway {
+    pub async fn start_with(server_extra: &str, rest: &str) -> StoaProcess {
         let mut gw = Self::spawn(server_extra, rest);
         gw.wait_ready().await;
         gw
     }
 
     /// Starts stoa without waiting for it to be ready.
-    pub fn spawn(server_extra: &str, rest: &str) -> Gateway {
+    pub fn spawn(server_extra: &str, rest: &str) -> StoaProcess {
         let (text, port, admin_port) = config_with_server(server_extra, rest);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stoa.toml");
@@ -84,7 +84,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("cannot start stoa");
-        Gateway {
+        StoaProcess {
             child,
             port,
             admin_port,
@@ -161,7 +161,7 @@ impl Gateway {
     }
 }
 
-impl Drop for Gateway {
+impl Drop for StoaProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

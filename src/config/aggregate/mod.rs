@@ -282,7 +282,7 @@ impl Validator<'_> {
     /// Every leg must lead to a route that is not itself an aggregate; the aggregate's
     /// answer is cached for the shortest TTL among the routes its legs reach.
     pub(super) fn link_aggregates(&mut self, routes: &mut [(usize, RouteSpec)]) {
-        let table = RouteTable::new(routes.iter().map(|(_, r)| ShapeOnly::from(r)).collect());
+        let table = RouteTable::new(routes.iter().map(|(_, r)| RouteForLegs::from(r)).collect());
         let mut updates = Vec::new();
         for (k, (i, route)) in routes.iter().enumerate() {
             let Some(aggregate) = &route.aggregate else {
@@ -357,7 +357,7 @@ fn sample_path(template: &Template) -> String {
 }
 
 /// What route resolution needs of a route spec, during validation.
-struct ShapeOnly {
+struct RouteForLegs {
     name: String,
     path: PathTemplate,
     methods: Option<Vec<http::Method>>,
@@ -365,9 +365,9 @@ struct ShapeOnly {
     ttl: Option<Duration>,
 }
 
-impl From<&RouteSpec> for ShapeOnly {
+impl From<&RouteSpec> for RouteForLegs {
     fn from(r: &RouteSpec) -> Self {
-        ShapeOnly {
+        RouteForLegs {
             name: r.name.clone(),
             path: r.path.clone(),
             methods: r.methods.clone(),
@@ -377,7 +377,7 @@ impl From<&RouteSpec> for ShapeOnly {
     }
 }
 
-impl crate::routes::Routable for ShapeOnly {
+impl crate::routes::Routable for RouteForLegs {
     fn path(&self) -> &PathTemplate {
         &self.path
     }
