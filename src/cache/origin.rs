@@ -24,6 +24,10 @@ pub trait Origin: Send + Sync {
 pub trait Rest: Send {
     /// The next piece of the body; `None` at its end.
     fn next_chunk(&mut self) -> Pending<'_, Option<Bytes>>;
+
+    /// The error for a body over `limit` bytes where it had to be read whole (the origin
+    /// says how its failures are answered).
+    fn too_large(&self, limit: usize) -> StoaError;
 }
 
 /// A request to send upstream.
@@ -93,7 +97,7 @@ impl Streaming {
         let mut body = BytesMut::new();
         while let Some(chunk) = self.next_chunk().await? {
             if body.len() + chunk.len() > limit {
-                return Err(too_large(&self.origin, limit));
+                return Err(self.rest.too_large(limit));
             }
             body.extend_from_slice(&chunk);
         }
@@ -107,13 +111,5 @@ impl std::fmt::Debug for Streaming {
             .field("upstream", &self.origin)
             .field("status", &self.status)
             .finish()
-    }
-}
-
-/// An answer over `limit` bytes where it must be whole.
-pub fn too_large(origin: &str, limit: usize) -> StoaError {
-    StoaError::UpstreamFailed {
-        upstream: origin.to_string(),
-        detail: format!("answer larger than {limit} bytes"),
     }
 }

@@ -35,6 +35,10 @@ impl Rest for UpstreamRest {
                 .map_err(|e| self.client.error(&e))
         })
     }
+
+    fn too_large(&self, limit: usize) -> StoaError {
+        self.client.too_large(limit)
+    }
 }
 
 /// A pooled client for one upstream, within the upstream's protection limits.
