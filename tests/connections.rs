@@ -9,45 +9,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{demo_with, knobs, Api, EchoUpstream, StoaProcess};
-use serde_json::Value;
+use common::{
+    demo_with, find, knobs, read_until_closed, Api, EchoUpstream, RawAnswer, StoaProcess,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// One answer read off a connection.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn closes(&self) -> bool {
-        self.header("connection")
-            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Reads one `Content-Length`-framed answer; bytes past it stay in `buf`. An EOF before the
 /// answer is complete is an `UnexpectedEof` error.
-async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Answer> {
+async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<RawAnswer> {
     let mut chunk = [0u8; 8192];
     let head_end = loop {
         if let Some(pos) = find(buf, b"\r\n\r\n") {
@@ -62,21 +32,11 @@ async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<An
         }
         buf.extend_from_slice(&chunk[..n]);
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let length: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
+    let head = String::from_utf8_lossy(&buf[..head_end - 4]).into_owned();
+    let mut answer = RawAnswer::from_head(&head, String::new());
+    let length: usize = answer
+        .header("content-length")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     while buf.len() < head_end + length {
         let n = stream.read(&mut chunk).await?;
@@ -88,17 +48,13 @@ async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<An
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let body = buf[head_end..head_end + length].to_vec();
+    answer.body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
     buf.drain(..head_end + length);
-    Ok(Answer {
-        status,
-        headers,
-        body,
-    })
+    Ok(answer)
 }
 
 /// Sends a GET and reads its answer.
-async fn get(stream: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> io::Result<Answer> {
+async fn get(stream: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> io::Result<RawAnswer> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: stoa\r\n\r\n");
     stream.write_all(req.as_bytes()).await?;
     read_answer(stream, buf).await
@@ -108,23 +64,13 @@ async fn get(stream: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> io::Resul
 /// Panics if it is still open after `limit`.
 async fn wait_closed(stream: &mut TcpStream, limit: Duration) -> (Duration, Vec<u8>) {
     let started = Instant::now();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(
-            tokio::time::Instant::from_std(started + limit),
-            stream.read(&mut chunk),
-        )
-        .await
-        {
-            Err(_) => panic!(
-                "the connection is still open after {limit:?} (received {:?})",
-                String::from_utf8_lossy(&got)
-            ),
-            Ok(Ok(0)) | Ok(Err(_)) => return (started.elapsed(), got),
-            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let (got, closed) = read_until_closed(stream, limit).await;
+    assert!(
+        closed,
+        "the connection is still open after {limit:?} (received {:?})",
+        String::from_utf8_lossy(&got)
+    );
+    (started.elapsed(), got)
 }
 
 /// Writes `bytes` one at a time, `every` apart, until they run out or the peer is gone.
@@ -141,28 +87,7 @@ fn trickle(mut writer: tokio::net::tcp::OwnedWriteHalf, bytes: &'static [u8], ev
     });
 }
 
-fn parse_answer(bytes: &[u8]) -> Answer {
-    let end = find(bytes, b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete answer in {:?}", String::from_utf8_lossy(bytes)));
-    let head = String::from_utf8_lossy(&bytes[..end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: bytes[end + 4..].to_vec(),
-    }
-}
-
-fn assert_408(answer: &Answer, what: &str) {
+fn assert_408(answer: &RawAnswer, what: &str) {
     assert_eq!(answer.status, 408, "{answer:?}");
     assert_eq!(answer.header("content-type"), Some("application/json"));
     assert!(answer.closes(), "{answer:?}");
@@ -225,7 +150,7 @@ async fn a_request_head_trickled_past_header_timeout_gets_408_json_then_close() 
         3_000,
         "the trickling client was cut",
     );
-    assert_408(&parse_answer(&got), "request head");
+    assert_408(&RawAnswer::parse(&got), "request head");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,7 +174,7 @@ async fn a_partial_head_after_a_keepalive_request_is_cut_at_header_timeout() {
         .unwrap();
     let (elapsed, got) = wait_closed(&mut stream, Duration::from_secs(5)).await;
     assert_between(elapsed, 600, 3_000, "the partial head was cut");
-    assert_408(&parse_answer(&got), "request head");
+    assert_408(&RawAnswer::parse(&got), "request head");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,7 +247,7 @@ async fn a_request_body_slower_than_body_timeout_gets_408_json_on_every_kind_of_
             }
         }
         assert_between(started.elapsed(), 600, 3_000, path);
-        assert_408(&parse_answer(&got), "request body");
+        assert_408(&RawAnswer::parse(&got), "request body");
     }
     assert_eq!(
         cached_fetches(&gw).await,

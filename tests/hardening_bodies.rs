@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{sample, x_cache, StoaProcess};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{raw_exchange, read_head, sample, x_cache, StoaProcess};
+use tokio::io::AsyncWriteExt;
 
 /// Bytes of the body pattern: byte `i` of every answer is `i % 251`, so a body cut,
 /// doubled or reordered anywhere is caught.
@@ -73,16 +73,8 @@ async fn serve_big(
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     loop {
-        let end = loop {
-            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break p + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = sock.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = read_head(&mut sock, &mut buf).await else {
+            return Ok(());
         };
         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
         buf.drain(..end);
@@ -333,14 +325,9 @@ fn check_rejects_max_entry_bytes_the_store_cannot_hold() {
 // ---- Framing errors are the client's -------------------------------------------------
 
 /// Sends `raw` on a fresh connection and reads until the server closes it or 3 s pass.
-async fn raw_exchange(port: u16, raw: &[u8]) -> String {
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    sock.write_all(raw).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), sock.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+async fn exchange_text(port: u16, raw: &[u8]) -> String {
+    let (answer, _) = raw_exchange(port, raw, Duration::from_secs(3)).await;
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// The JSON body of a raw HTTP/1.1 answer with a Content-Length.
@@ -380,7 +367,7 @@ async fn a_malformed_chunked_body_is_a_400_json_on_every_route_and_no_error_log(
             )
             .into_bytes();
             raw.extend_from_slice(body);
-            let answer = raw_exchange(gw.port, &raw).await;
+            let answer = exchange_text(gw.port, &raw).await;
             assert!(answer.starts_with("HTTP/1.1 400 "), "{path}: {answer}");
             assert!(
                 answer.to_ascii_lowercase().contains("connection: close"),
@@ -407,7 +394,7 @@ async fn a_long_target_is_414_and_large_header_fields_are_431_as_json() {
     let gw = StoaProcess::start(&framing_config(&up)).await;
     for path in ["/c/", "/p/", "/nowhere/"] {
         let long = format!("{path}{}", "a".repeat(10 * 1024));
-        let answer = raw_exchange(
+        let answer = exchange_text(
             gw.port,
             format!("GET {long} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
         )
@@ -418,13 +405,13 @@ async fn a_long_target_is_414_and_large_header_fields_are_431_as_json() {
         let big = "b".repeat(70 * 1024);
         let raw =
             format!("GET {path}x HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
-        let answer = raw_exchange(gw.port, raw.as_bytes()).await;
+        let answer = exchange_text(gw.port, raw.as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 431 "), "{path}: {answer}");
         assert_eq!(json_body(&answer)["error"], "header_fields_too_large");
     }
     // Just under the limits: served as usual.
     let fine = format!("/p/x?size=10&pad={}", "a".repeat(7 * 1024));
-    let answer = raw_exchange(
+    let answer = exchange_text(
         gw.port,
         format!(
             "GET {fine} HTTP/1.1\r\nHost: a\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",

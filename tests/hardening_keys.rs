@@ -6,96 +6,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{demo_with, free_port, knobs, stoa, write_temp, Api, EchoUpstream, StoaProcess};
-use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An answer read off the wire.
-struct Raw {
-    status: u16,
-    /// Lower-case names, in the order sent.
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn x_cache(&self) -> &str {
-        self.header("x-cache").unwrap_or("")
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-}
-
-/// Sends `head_lines` (request line and headers, without the final blank line, each line
-/// ending in CRLF) and `body` on a fresh connection that closes after the answer.
-async fn raw(port: u16, head_lines: &str, body: &str) -> Raw {
-    let content_length = if body.is_empty() {
-        String::new()
-    } else {
-        format!("Content-Length: {}\r\n", body.len())
-    };
-    send(
-        port,
-        &format!("{head_lines}Host: stoa\r\nConnection: close\r\n{content_length}\r\n{body}"),
-    )
-    .await
-}
-
-/// Sends a whole request as written and reads the answer until the connection closes.
-async fn send(port: u16, request: &str) -> Raw {
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    sock.write_all(request.as_bytes()).await.unwrap();
-    let mut bytes = Vec::new();
-    let read = async {
-        let mut chunk = [0u8; 8192];
-        // A reset after the answer (stoa closing with unread input) ends the answer too.
-        while let Ok(n @ 1..) = sock.read(&mut chunk).await {
-            bytes.extend_from_slice(&chunk[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .expect("no answer within 10 s");
-    parse(&bytes)
-}
-
-fn parse(bytes: &[u8]) -> Raw {
-    let text = String::from_utf8_lossy(bytes);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no complete answer: {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {head:?}"));
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Raw {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
+use common::{
+    demo_with, free_port, knobs, raw_request, raw_send, stoa, write_temp, Api, EchoUpstream,
+    RawAnswer, StoaProcess,
+};
 
 /// `GET path` with extra header lines (each ending in CRLF) and a body.
-async fn get(gw: &StoaProcess, path: &str, headers: &str, body: &str) -> Raw {
-    raw(gw.port, &format!("GET {path} HTTP/1.1\r\n{headers}"), body).await
+async fn get(gw: &StoaProcess, path: &str, headers: &str, body: &str) -> RawAnswer {
+    raw_request(gw.port, &format!("GET {path} HTTP/1.1\r\n{headers}"), body).await
 }
 
 /// The echo upstream as `[upstreams.echo]`, then `routes`.
@@ -377,7 +295,7 @@ async fn admin_accepts_the_bearer_scheme_in_any_case_and_nothing_else() {
     let ask = |authorization: String| {
         let port = gw.admin_port;
         async move {
-            raw(
+            raw_request(
                 port,
                 &format!("GET /admin/config HTTP/1.1\r\nAuthorization: {authorization}\r\n"),
                 "",
@@ -504,7 +422,7 @@ cache = {{ ttl = "60s" }}
     // The fetch fails (upstream 500): its leader and a waiter both say how they met it.
     let port = gw.port;
     let leader =
-        tokio::spawn(async move { raw(port, "GET /failing/dufva HTTP/1.1\r\n", "").await });
+        tokio::spawn(async move { raw_request(port, "GET /failing/dufva HTTP/1.1\r\n", "").await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let waiter = get(&gw, "/failing/dufva", "", "").await;
     let leader = leader.await.unwrap();
@@ -542,7 +460,7 @@ cache = {{ ttl = "60s" }}
          {:x}\r\n{big}\r\n0\r\n\r\n",
         big.len()
     );
-    let r = send(gw.port, &chunked).await;
+    let r = raw_send(gw.port, &chunked).await;
     assert_eq!(r.status, 413, "{}", r.body);
     assert_eq!(r.x_cache(), "BYPASS");
 

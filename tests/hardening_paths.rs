@@ -5,11 +5,10 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use common::{demo, Api, StoaProcess};
+use common::{demo, raw_request, read_head, Api, RawAnswer, StoaProcess};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// An upstream that records every request target it receives. `GET /api/list` answers a
 /// list whose identifiers try to climb out of a path; everything else answers
@@ -36,15 +35,8 @@ impl Recorder {
                     let mut buf = Vec::new();
                     loop {
                         // Requests without bodies only (GETs): one head at a time.
-                        let end = loop {
-                            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break p + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        let Some(end) = read_head(&mut sock, &mut buf).await else {
+                            return;
                         };
                         let head = String::from_utf8_lossy(&buf[..end]).into_owned();
                         buf.drain(..end);
@@ -85,94 +77,9 @@ impl Drop for Recorder {
     }
 }
 
-/// An answer read off a raw socket.
-#[derive(Debug)]
-struct Raw {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Raw {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
-    }
-
-    /// Asserts a JSON error of stoa's own: status, content type and kind.
-    fn assert_error(&self, status: u16, kind: &str, target: &str) {
-        assert_eq!(self.status, status, "{target}: {self:?}");
-        assert_eq!(
-            self.header("content-type"),
-            Some("application/json"),
-            "{target}"
-        );
-        let v = self.json();
-        assert_eq!(v["error"], kind, "{target}: {v}");
-        assert!(
-            v["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{target}: {v}"
-        );
-    }
-}
-
 /// Sends `GET <target>` exactly as written and reads the whole answer.
-async fn raw_get(port: u16, target: &str) -> Raw {
-    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let req = format!("GET {target} HTTP/1.1\r\nHost: stoa\r\nConnection: close\r\n\r\n");
-    sock.write_all(req.as_bytes()).await.unwrap();
-    let mut bytes = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut bytes))
-        .await
-        .expect("no answer within 10 s")
-        .unwrap();
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    let chunked = headers.iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Raw {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+async fn raw_get(port: u16, target: &str) -> RawAnswer {
+    raw_request(port, &format!("GET {target} HTTP/1.1\r\n"), "").await
 }
 
 fn routes(upstream_url: &str) -> String {

@@ -215,15 +215,8 @@ impl EchoUpstream {
                     let mut buf = Vec::new();
                     loop {
                         // Read one request: head, then a Content-Length body.
-                        let head_end = loop {
-                            if let Some(pos) = find(&buf, b"\r\n\r\n") {
-                                break pos + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
+                        let Some(head_end) = read_head(&mut sock, &mut buf).await else {
+                            return;
                         };
                         let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
                         let mut lines = head.split("\r\n");
@@ -294,8 +287,24 @@ impl Drop for EchoUpstream {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Reads from `sock` into `buf` until `buf` starts with a whole head (up to its blank
+/// line); that head's length, or `None` when the peer is gone first.
+pub async fn read_head(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(pos) = find(buf, b"\r\n\r\n") {
+            return Some(pos + 4);
+        }
+        let mut chunk = [0u8; 4096];
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
 }
 
 /// The value of one sample in a Prometheus exposition: `name{labels}` exactly as written
@@ -327,4 +336,161 @@ pub fn x_cache(r: &reqwest::Response) -> String {
         .get("x-cache")
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default()
+}
+
+// ---- Raw sockets: what an HTTP client would normalise (header case, repeated headers,
+// GET bodies, hostile targets, framing) is sent as written. ----
+
+/// An answer read off a raw socket.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    /// Lower-case names, in the order sent.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl RawAnswer {
+    /// An answer from its head (status line and header lines, without the blank line) and
+    /// its body; the status is 0 when the status line has none.
+    pub fn from_head(head: &str, body: String) -> RawAnswer {
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        RawAnswer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    /// A whole answer, as read until the connection closed; a chunked body is de-chunked.
+    /// Panics when the head is incomplete or has no status.
+    pub fn parse(bytes: &[u8]) -> RawAnswer {
+        let text = String::from_utf8_lossy(bytes);
+        let (head, body) = text
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no complete answer: {text:?}"));
+        let mut answer = RawAnswer::from_head(head, String::new());
+        assert_ne!(answer.status, 0, "no status line: {head:?}");
+        let chunked = answer
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        answer.body = if chunked {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        answer
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `X-Cache` header ("" when absent).
+    pub fn x_cache(&self) -> &str {
+        self.header("x-cache").unwrap_or("")
+    }
+
+    /// Whether the server closes the connection after this answer.
+    pub fn closes(&self) -> bool {
+        self.header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts a JSON error of stoa's own: status, content type and kind.
+    pub fn assert_error(&self, status: u16, kind: &str, target: &str) {
+        assert_eq!(self.status, status, "{target}: {self:?}");
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{target}"
+        );
+        let v = self.json();
+        assert_eq!(v["error"], kind, "{target}: {v}");
+        assert!(
+            v["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{target}: {v}"
+        );
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Reads until the server closes the connection (EOF or reset) or `within` passes: what it
+/// sent, and whether it closed.
+pub async fn read_until_closed(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sends `request` on a fresh connection, then [`read_until_closed`].
+pub async fn raw_exchange(port: u16, request: &[u8], within: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncWriteExt;
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    sock.write_all(request).await.unwrap();
+    read_until_closed(&mut sock, within).await
+}
+
+/// Sends a whole request as written and reads the answer until the connection closes.
+pub async fn raw_send(port: u16, request: &str) -> RawAnswer {
+    let (bytes, closed) = raw_exchange(port, request.as_bytes(), Duration::from_secs(10)).await;
+    assert!(closed, "no answer within 10 s");
+    RawAnswer::parse(&bytes)
+}
+
+/// Sends `head_lines` (request line and headers, without the final blank line, each line
+/// ending in CRLF), `Host` and `Connection: close`, and `body` with its `Content-Length`.
+pub async fn raw_request(port: u16, head_lines: &str, body: &str) -> RawAnswer {
+    let content_length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    raw_send(
+        port,
+        &format!("{head_lines}Host: stoa\r\nConnection: close\r\n{content_length}\r\n{body}"),
+    )
+    .await
 }
