@@ -40,7 +40,7 @@ fn a_broken_config_reports_every_mistake_and_exits_1() {
         "routes[1].rewrite: \"/api/restaurant/{name}\" uses parameter {name}",
         "routes[2].upstream: no upstream named \"clvv\"",
         "routes[2].path: \"/get_clv\" matches the same requests as routes[0]",
-        "routes[3].methods[0]: \"FETCH\" is not one of",
+        "routes[3].methods[0]: \"GE T\" is not a method",
         "routes[3].path: \"restaurants\" must start with '/'",
         "routes[3].name: \"clv\" is already the name of routes[0]",
     ];
@@ -108,7 +108,7 @@ colour = 1
 
 [[routes]]
 name = "r"
-methods = ["GETT"]
+methods = ["get"]
 path = "/r"
 upstream = "x"
 cache = { ttl = "10x", bogus = 1 }
@@ -120,7 +120,7 @@ cache = { ttl = "10x", bogus = 1 }
         "upstreams.x.colour: unknown key \"colour\"",
         "upstreams.x.timeout: \"five seconds\" is not a duration",
         "routes[0].cache.bogus: unknown key \"bogus\"",
-        "routes[0].methods[0]: \"GETT\" is not one of",
+        "routes[0].methods[0]: \"get\" is not GET: methods are case-sensitive",
     ];
     for line in expected {
         assert!(err.contains(line), "missing {line:?} in:\n{err}");

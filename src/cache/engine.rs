@@ -15,6 +15,7 @@ use super::store::{Entry, Lifetimes, Store};
 use super::CacheStatus;
 use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
+use crate::upstream::headers;
 
 /// A cached route's settings and the origin of its answers.
 pub struct CachedRoute {
@@ -164,17 +165,6 @@ pub struct CacheEngine {
     pub store: Store,
     flights: Flights,
 }
-
-/// Response headers never stored or replayed: hop-by-hop, and the length (set anew).
-const DROPPED_RESPONSE_HEADERS: [header::HeaderName; 7] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
-    header::PROXY_AUTHENTICATE,
-];
 
 impl std::fmt::Debug for CacheEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -556,17 +546,24 @@ fn fetched_to_entry(
     };
     let mut header = ResponseHeader::build_no_case(fetched.status, Some(fetched.headers.len() + 3))
         .map_err(|e| StoaError::Internal(e.to_string()))?;
-    for (name, value) in &fetched.headers {
-        if DROPPED_RESPONSE_HEADERS.contains(name) || name.as_str() == "keep-alive" {
+    // Neither hop-by-hop headers nor those the answer's `Connection` names are stored;
+    // the length is set anew, and not at all on answers that have no body (204, 304).
+    for (name, value) in headers::end_to_end_response(&fetched.headers) {
+        if name == header::CONTENT_LENGTH {
             continue;
         }
         header
             .append_header(owned_name(name), owned_value(value))
             .map_err(|e| StoaError::Internal(e.to_string()))?;
     }
-    header
-        .insert_header(header::CONTENT_LENGTH, fetched.body.len())
-        .map_err(|e| StoaError::Internal(e.to_string()))?;
+    let body = if headers::has_no_body(fetched.status) {
+        Bytes::new()
+    } else {
+        header
+            .insert_header(header::CONTENT_LENGTH, fetched.body.len())
+            .map_err(|e| StoaError::Internal(e.to_string()))?;
+        fetched.body
+    };
     // Most answers from an entry are hits: say so once here, not on every request.
     header
         .insert_header("x-cache", "HIT")
@@ -577,7 +574,7 @@ fn fetched_to_entry(
         stale_if_error: settings.stale_if_error,
         refresh_ahead: settings.refresh_ahead,
     };
-    let entry = Arc::new(Entry::new(header, fetched.body, key_len, now, life, recipe));
+    let entry = Arc::new(Entry::new(header, body, key_len, now, life, recipe));
     let disposition = match disposition {
         Disposition::Store if ttl.is_zero() => Disposition::Share,
         d => d,

@@ -14,8 +14,18 @@ use super::validate::Validator;
 use super::{AggregateSpec, CacheSettings, PolicySettings};
 use crate::routes::{PathTemplate, RewriteTemplate};
 
-/// Methods a route may list.
-const KNOWN_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+/// The standard methods (RFC 9110 §9): any other token is an extension method, but one
+/// that spells a standard method in other case is a mistake (methods are case-sensitive).
+const STANDARD_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+];
+
+/// Whether `m` is a method token (RFC 9110 §9.1, §5.6.2: one or more `tchar`s).
+fn is_token(m: &str) -> bool {
+    !m.is_empty()
+        && m.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
 
 #[derive(Debug, Clone)]
 pub struct RouteSpec {
@@ -195,20 +205,35 @@ impl Validator<'_> {
         let mut out: Vec<http::Method> = Vec::with_capacity(list.len());
         let mut ok = true;
         for (i, m) in list.iter().enumerate() {
-            let valid = KNOWN_METHODS.contains(&m.as_str());
+            if !is_token(m) {
+                self.problem(
+                    format!("{path}[{i}]"),
+                    format!("{m:?} is not a method: a method is a token (letters, digits, !#$%&'*+-.^_`|~)"),
+                );
+                ok = false;
+                continue;
+            }
+            if let Some(standard) = STANDARD_METHODS
+                .iter()
+                .find(|s| s.eq_ignore_ascii_case(m) && **s != m.as_str())
+            {
+                self.problem(
+                    format!("{path}[{i}]"),
+                    format!("{m:?} is not {standard}: methods are case-sensitive"),
+                );
+                ok = false;
+                continue;
+            }
             match http::Method::from_bytes(m.as_bytes()) {
-                Ok(method) if valid => {
+                Ok(method) => {
                     if out.contains(&method) {
                         self.problem(format!("{path}[{i}]"), format!("{m} is listed twice"));
                         ok = false;
                     }
                     out.push(method);
                 }
-                _ => {
-                    self.problem(
-                        format!("{path}[{i}]"),
-                        format!("{m:?} is not one of {}", KNOWN_METHODS.join(", ")),
-                    );
+                Err(_) => {
+                    self.problem(format!("{path}[{i}]"), format!("{m:?} is not a method"));
                     ok = false;
                 }
             }

@@ -12,7 +12,7 @@ use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
 use crate::error::StoaError;
 use crate::ratelimit::Decision;
-use crate::upstream::headers::is_hop_by_hop_response;
+use crate::upstream::headers;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
@@ -104,8 +104,9 @@ pub async fn stream(
     let head_only = session.req_header().method == http::Method::HEAD;
     let mut header =
         ResponseHeader::build_no_case(streaming.status, Some(streaming.headers.len() + 4))?;
-    for (name, value) in &streaming.headers {
-        if !is_hop_by_hop_response(name) {
+    let no_body = headers::has_no_body(streaming.status);
+    for (name, value) in headers::end_to_end_response(&streaming.headers) {
+        if !(no_body && name == http::header::CONTENT_LENGTH) {
             header.append_header(name.clone(), value.clone())?;
         }
     }
@@ -116,7 +117,7 @@ pub async fn stream(
     if deco.close {
         session.set_keepalive(None);
     }
-    if !streaming.headers.contains_key(http::header::CONTENT_LENGTH) {
+    if !no_body && !streaming.headers.contains_key(http::header::CONTENT_LENGTH) {
         if session.req_header().version == http::Version::HTTP_11 {
             header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
         } else {

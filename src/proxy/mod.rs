@@ -219,6 +219,7 @@ impl ProxyHttp for StoaProxy {
             ctx.timing.upstream_elapsed = Some(started.elapsed());
         }
         pass::invalidate_after_write(session, upstream_response, ctx);
+        crate::upstream::headers::strip_response(upstream_response);
         let draining = self.lifecycle.is_draining();
         ctx.decorations(draining).apply(upstream_response)?;
         if draining {

@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::Upstream;
 
@@ -44,6 +44,72 @@ pub fn is_hop_by_hop_response(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
     )
+}
+
+/// Whether a header is part of a message's framing: never dropped for being named in
+/// `Connection` (the length or chunking of the body must stay known).
+fn is_framing(name: &str) -> bool {
+    name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding")
+}
+
+/// The header names an answer's `Connection` header nominates as hop-by-hop (RFC 9110
+/// §7.6.1), framing headers excepted.
+fn connection_nominated(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !is_framing(t))
+}
+
+/// The end-to-end headers of an upstream answer, the ones stored and passed on: neither
+/// hop-by-hop nor named in the answer's `Connection` header. (The length is kept.)
+pub fn end_to_end_response(
+    headers: &HeaderMap,
+) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+    let nominated: Vec<&str> = connection_nominated(headers).collect();
+    headers.iter().filter(move |(name, _)| {
+        !is_hop_by_hop_response(name)
+            && !nominated
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(name.as_str()))
+    })
+}
+
+/// Drops from a pass-through answer the headers its `Connection` header names, and the
+/// hop-by-hop ones that are not framing (pingora writes `Connection` itself).
+pub fn strip_response(resp: &mut ResponseHeader) {
+    if resp.headers.contains_key(http::header::CONNECTION) {
+        let nominated: Vec<String> = connection_nominated(&resp.headers)
+            .map(str::to_ascii_lowercase)
+            .collect();
+        for name in &nominated {
+            resp.remove_header(name.as_str());
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "trailer",
+        "upgrade",
+    ] {
+        // A successful upgrade (101) needs its `Upgrade` header.
+        if name == "upgrade" && resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            continue;
+        }
+        resp.remove_header(name);
+    }
+}
+
+/// Whether an answer with `status` carries no body and so no `Content-Length` of its own
+/// (1xx, 204 and 304: RFC 9110 §8.6).
+pub fn has_no_body(status: http::StatusCode) -> bool {
+    status.is_informational()
+        || status == http::StatusCode::NO_CONTENT
+        || status == http::StatusCode::NOT_MODIFIED
 }
 
 /// Rewrites the head of a pass-through request for `upstream`: its `Host`, the `peer`
@@ -121,6 +187,23 @@ mod tests {
         assert_eq!(headers["x-forwarded-for"], "198.51.100.7, 10.0.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-request-id"], "abc");
+    }
+
+    #[test]
+    fn headers_named_in_connection_are_not_end_to_end() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("X-Secret, close, content-length"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("content-length", HeaderValue::from_static("2"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        let names: Vec<&str> = end_to_end_response(&headers)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(names, ["content-length", "x-kept"]);
     }
 
     #[test]
