@@ -326,8 +326,8 @@ pub struct RouteProfile<'a> {
 
 impl RouteProfile<'_> {
     /// The (cache, status) pairs a route of this profile commonly answers: on a cached route
-    /// 200 (and the other cacheable statuses) from every cache status it reports, 502 and
-    /// 504 where the upstream is asked; on a pass-through route 200, 404, 500, 502, 503 and
+    /// 200 (and the other cacheable statuses) from every cache status it reports, 500, 502,
+    /// 503 and 504 where the upstream is asked; on a pass-through route 200, 404, 500, 502, 503 and
     /// 504; and 429 when rate limited (`cache="bypass"` on a cached route, which answers it
     /// before the cache, `"none"` elsewhere). Bounded: a few dozen pairs per
     /// route. Other statuses still get their series, on first use.
@@ -344,7 +344,8 @@ impl RouteProfile<'_> {
             }
             out.push((CacheStatus::Bypass, 200));
             for cache in [CacheStatus::Miss, CacheStatus::Coalesced] {
-                out.extend([(cache, 502), (cache, 504)]);
+                // The upstream's own 500 and 503 pass through; 502 and 504 are stoa's.
+                out.extend([500, 502, 503, 504].map(|status| (cache, status)));
             }
         } else {
             // The upstream's own common answers pass through, and stoa's 502 and 504.

@@ -419,15 +419,17 @@ cache = {{ ttl = "60s" }}
     assert_eq!(r.status, 502, "{}", r.body);
     assert_eq!(r.x_cache(), "BYPASS");
 
-    // The fetch fails (upstream 500): its leader and a waiter both say how they met it.
+    // The upstream answers 500: its own answer, passed on to the leader and a waiter alike,
+    // both saying how they met it.
     let port = gw.port;
     let leader =
         tokio::spawn(async move { raw_request(port, "GET /failing/dufva HTTP/1.1\r\n", "").await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let waiter = get(&gw, "/failing/dufva", "", "").await;
     let leader = leader.await.unwrap();
-    assert_eq!((leader.status, waiter.status), (502, 502));
-    assert_eq!(leader.json()["error"], "upstream_failed");
+    assert_eq!((leader.status, waiter.status), (500, 500));
+    assert_eq!(leader.json()["error"], "INTERNAL");
+    assert_eq!(waiter.json()["error"], "INTERNAL");
     assert_eq!((leader.x_cache(), waiter.x_cache()), ("MISS", "COALESCED"));
 
     // A pass-through route has no cache to name.

@@ -232,8 +232,8 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
         scene.get(&http, "/limited/bikupan").await,
         (429, String::new())
     );
-    // The upstream answers 500: 502 for the client, nothing stored.
-    assert_eq!(scene.get(&http, "/broken/bikupan").await.0, 502);
+    // The upstream answers 500: its own 500 for the client, nothing stored.
+    assert_eq!(scene.get(&http, "/broken/bikupan").await.0, 500);
     // No route.
     assert_eq!(scene.get(&http, "/nope").await.0, 404);
 
@@ -260,7 +260,7 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
             // means "the cache was not consulted" (pass-through routes, and answers given
             // before the cache such as 429), and the dashboard's hit ratio divides by
             // `cache!="none"`.
-            r#"stoa_requests_total{cache="miss",route="broken",status="502"} 1"#,
+            r#"stoa_requests_total{cache="miss",route="broken",status="500"} 1"#,
             r#"stoa_requests_total{cache="none",route="unmatched",status="404"} 1"#,
         ]),
     );
@@ -415,12 +415,12 @@ async fn promtool_accepts_the_live_exposition() {
     let promtool = promtool();
     let scene = Scene::start().await;
     let http = reqwest::Client::new();
-    // Every kind of series: hit and miss, 429, 502 from a cached route, 404 unmatched.
+    // Every kind of series: hit and miss, 429, an upstream's 500 on a cached route, 404.
     assert_eq!(scene.get(&http, "/restaurant/bikupan").await.0, 200);
     assert_eq!(scene.get(&http, "/restaurant/bikupan").await.0, 200);
     assert_eq!(scene.get(&http, "/limited/bikupan").await.0, 200);
     assert_eq!(scene.get(&http, "/limited/bikupan").await.0, 429);
-    assert_eq!(scene.get(&http, "/broken/bikupan").await.0, 502);
+    assert_eq!(scene.get(&http, "/broken/bikupan").await.0, 500);
     assert_eq!(scene.get(&http, "/nope").await.0, 404);
 
     let r = reqwest::get(scene.gw.admin_url("/metrics")).await.unwrap();

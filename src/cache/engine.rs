@@ -10,12 +10,11 @@ use pingora::http::ResponseHeader;
 
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
-use super::origin::{Answer, FetchRequest, Fetched, Origin, Streaming};
+use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::store::{Entry, Lifetimes, Store};
 use super::CacheStatus;
 use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
-use crate::upstream::headers;
 
 /// A cached route's settings and the origin of its answers.
 pub struct CachedRoute {
@@ -114,15 +113,9 @@ impl CachedRoute {
         self.origin.fetch(fetch, limit).await
     }
 
-    /// A too-large answer as served: counted, and never a 5xx passed on (that is a 502).
+    /// A too-large answer as served, counted; a 5xx too goes to the client as the
+    /// upstream gave it.
     fn stream(&self, streaming: Box<Streaming>) -> Served {
-        if streaming.status.is_server_error() {
-            let err = StoaError::UpstreamFailed {
-                upstream: self.origin_name.clone(),
-                detail: format!("answered {}", streaming.status.as_u16()),
-            };
-            return Served::Error(err, CacheStatus::Bypass);
-        }
         self.too_large.inc();
         Served::Stream(streaming, CacheStatus::Bypass)
     }
@@ -330,8 +323,25 @@ impl CacheEngine {
         };
         match tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await {
             Ok(Some(Outcome::Shared(entry))) => Served::Entry(entry, how),
-            Ok(Some(Outcome::Private(entry))) if leader => Served::Entry(entry, CacheStatus::Miss),
-            Ok(Some(Outcome::TooLarge { stream, shared })) => {
+            Ok(Some(Outcome::Private(entry))) if leader => match stale {
+                Some(stale) if entry.header.status.is_server_error() => {
+                    Served::Entry(stale, CacheStatus::Stale)
+                }
+                _ => Served::Entry(entry, CacheStatus::Miss),
+            },
+            // The upstream's own 5xx answer: passed on as it is, unless a stale copy serves.
+            Ok(Some(Outcome::ServerError(entry))) => match stale {
+                Some(stale) => Served::Entry(stale, CacheStatus::Stale),
+                None => Served::Entry(entry, how),
+            },
+            Ok(Some(Outcome::TooLarge {
+                stream,
+                shared,
+                server_error,
+            })) => {
+                if let (true, Some(stale)) = (server_error, stale) {
+                    return Served::Entry(stale, CacheStatus::Stale);
+                }
                 let taken = (leader || shared).then(|| flight::take(&stream)).flatten();
                 // Let go of the stream now if nobody took it: it holds an upstream slot.
                 drop(stream);
@@ -390,17 +400,12 @@ impl CacheEngine {
     /// Asks the upstream without the cache: nothing is stored or shared.
     pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
         match route.fetch(fetch).await {
-            Ok(Answer::Whole(fetched)) => match fetched_to_entry(
-                fetched,
-                &route.origin_name,
-                &route.settings,
-                0,
-                Instant::now(),
-                None,
-            ) {
-                Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
-                Err(e) => Served::Error(e, CacheStatus::Bypass),
-            },
+            Ok(Answer::Whole(fetched)) => {
+                match fetched_to_entry(fetched, &route.settings, 0, Instant::now(), None) {
+                    Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
+                    Err(e) => Served::Error(e, CacheStatus::Bypass),
+                }
+            }
             Ok(Answer::Streaming(streaming)) => route.stream(streaming),
             Err(e) => Served::Error(e, CacheStatus::Bypass),
         }
@@ -444,8 +449,12 @@ impl CacheEngine {
             let outcome = match route.fetch(fetch).await {
                 Ok(Answer::Whole(fetched)) => engine.settle(&route, lead.key(), fetched, recipe),
                 Ok(Answer::Streaming(streaming)) => {
-                    // Whatever was stored under this key is outdated now.
-                    engine.store.remove(lead.key());
+                    // Whatever was stored under this key is outdated now, unless this is
+                    // an upstream error (the stored copy may serve instead).
+                    let server_error = streaming.status.is_server_error();
+                    if !server_error {
+                        engine.store.remove(lead.key());
+                    }
                     let shared =
                         disposition_of(streaming.status, &streaming.headers, &route.settings)
                             != Disposition::Private;
@@ -454,11 +463,14 @@ impl CacheEngine {
                     Outcome::TooLarge {
                         stream: flight::handoff(stream),
                         shared,
+                        server_error,
                     }
                 }
                 Err(e) => Outcome::Failed(e),
             };
-            if let (Outcome::Failed(_), Some(entry)) = (&outcome, &refreshing) {
+            if let (Outcome::Failed(_) | Outcome::ServerError(_), Some(entry)) =
+                (&outcome, &refreshing)
+            {
                 entry.release_refresh();
             }
             lead.finish(outcome);
@@ -475,7 +487,6 @@ impl CacheEngine {
     ) -> Outcome {
         match fetched_to_entry(
             fetched,
-            &route.origin_name,
             &route.settings,
             key.byte_len(),
             Instant::now(),
@@ -492,6 +503,7 @@ impl CacheEngine {
             }
             Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
             Ok((entry, Disposition::Private)) => Outcome::Private(entry),
+            Ok((entry, Disposition::ServerError)) => Outcome::ServerError(entry),
         }
     }
 }
@@ -520,25 +532,31 @@ enum Disposition {
     Share,
     /// Personal (`Set-Cookie`, `private`, `no-store`, an unkeyed `Vary`): the leader only.
     Private,
+    /// The upstream's own 5xx: never stored, handed to every waiter of the flight that
+    /// has no stale copy to serve instead.
+    ServerError,
 }
 
 fn fetched_to_entry(
     fetched: Fetched,
-    upstream: &str,
     settings: &CacheSettings,
     key_len: usize,
     now: Instant,
     recipe: Option<Arc<FetchRequest>>,
 ) -> Result<(Arc<Entry>, Disposition), StoaError> {
     let status = fetched.status.as_u16();
-    if fetched.status.is_server_error() {
-        return Err(StoaError::UpstreamFailed {
-            upstream: upstream.to_string(),
-            detail: format!("answered {status}"),
-        });
-    }
-    let disposition = disposition(&fetched, settings);
-    let ttl = settings.ttl_for(status).unwrap_or(Duration::ZERO);
+    let server_error = fetched.status.is_server_error();
+    let disposition = match disposition(&fetched, settings) {
+        Disposition::Private => Disposition::Private,
+        _ if server_error => Disposition::ServerError,
+        d => d,
+    };
+    let ttl = if server_error {
+        Duration::ZERO
+    } else {
+        settings.ttl_for(status).unwrap_or(Duration::ZERO)
+    };
+    let upstream_age = upstream_age(&fetched.headers);
     let ttl = if settings.jitter > 0.0 {
         ttl.mul_f64(1.0 - settings.jitter * fastrand::f64())
     } else {
@@ -546,17 +564,18 @@ fn fetched_to_entry(
     };
     let mut header = ResponseHeader::build_no_case(fetched.status, Some(fetched.headers.len() + 3))
         .map_err(|e| StoaError::Internal(e.to_string()))?;
-    // Neither hop-by-hop headers nor those the answer's `Connection` names are stored;
-    // the length is set anew, and not at all on answers that have no body (204, 304).
-    for (name, value) in headers::end_to_end_response(&fetched.headers) {
-        if name == header::CONTENT_LENGTH {
+    // The origin hands over end-to-end headers only (see `Origin`); the length is set anew,
+    // and not at all on answers that have no body (204, 304); the upstream's `Age` is kept
+    // apart and added to the time in stoa.
+    for (name, value) in &fetched.headers {
+        if name == header::CONTENT_LENGTH || name == header::AGE {
             continue;
         }
         header
             .append_header(owned_name(name), owned_value(value))
             .map_err(|e| StoaError::Internal(e.to_string()))?;
     }
-    let body = if headers::has_no_body(fetched.status) {
+    let body = if has_no_body(fetched.status) {
         Bytes::new()
     } else {
         header
@@ -574,12 +593,37 @@ fn fetched_to_entry(
         stale_if_error: settings.stale_if_error,
         refresh_ahead: settings.refresh_ahead,
     };
-    let entry = Arc::new(Entry::new(header, body, key_len, now, life, recipe));
+    let entry = Arc::new(
+        Entry::new(header, body, key_len, now, life, recipe).with_upstream_age(upstream_age),
+    );
     let disposition = match disposition {
         Disposition::Store if ttl.is_zero() => Disposition::Share,
         d => d,
     };
     Ok((entry, disposition))
+}
+
+/// The upstream's `Age` in seconds (RFC 9111 §5.1): the first value that is a
+/// non-negative integer, capped at 2^31; a malformed one is ignored (0).
+fn upstream_age(headers: &http::HeaderMap) -> u64 {
+    const MAX_AGE: u64 = 1 << 31;
+    headers
+        .get_all(header::AGE)
+        .iter()
+        .find_map(|v| {
+            let digits = v.as_bytes();
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            // All digits: too large to parse means larger than the cap.
+            Some(
+                std::str::from_utf8(digits)
+                    .ok()
+                    .and_then(|d| d.parse::<u64>().ok())
+                    .map_or(MAX_AGE, |a| a.min(MAX_AGE)),
+            )
+        })
+        .unwrap_or(0)
 }
 
 /// A copy of a header name in its own allocation. Parsed names and values may be slices

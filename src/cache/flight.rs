@@ -22,7 +22,15 @@ pub enum Outcome {
     /// An answer larger than the route's `max_entry_bytes`, not stored. The first request
     /// to take the stream writes it to its client (the leader; any waiter when `shared`,
     /// should the leader be gone); every other one asks the upstream itself.
-    TooLarge { stream: Handoff, shared: bool },
+    TooLarge {
+        stream: Handoff,
+        shared: bool,
+        /// The upstream answered a 5xx: a stale copy may serve instead.
+        server_error: bool,
+    },
+    /// The upstream's own 5xx answer, not stored: every waiter without a stale copy to
+    /// serve instead gets it as it is.
+    ServerError(Arc<Entry>),
     /// The fetch failed.
     Failed(StoaError),
 }

@@ -40,7 +40,8 @@ pub struct FetchRequest {
     pub body: Bytes,
 }
 
-/// A complete upstream answer.
+/// A complete upstream answer. Its headers are end-to-end only: the origin has dropped the
+/// hop-by-hop ones and those the answer's `Connection` header names.
 #[derive(Debug)]
 pub struct Fetched {
     pub status: StatusCode,
@@ -112,4 +113,12 @@ impl std::fmt::Debug for Streaming {
             .field("status", &self.status)
             .finish()
     }
+}
+
+/// Whether an answer with `status` carries no body and so no `Content-Length` of its own
+/// (1xx, 204 and 304: RFC 9110 §8.6).
+pub fn has_no_body(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
 }

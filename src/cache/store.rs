@@ -25,6 +25,8 @@ pub struct Entry {
     pub header: ResponseHeader,
     pub body: Bytes,
     pub stored_at: Instant,
+    /// The upstream's `Age` when fetched, in seconds: added to the time in stoa.
+    pub upstream_age: u64,
     /// Fresh (served as HIT) until then.
     pub fresh_until: Instant,
     /// Served as STALE while one refresh runs, until then.
@@ -78,6 +80,7 @@ impl Entry {
             header,
             body,
             stored_at: now,
+            upstream_age: 0,
             fresh_until,
             revalidate_until: fresh_until + life.stale_while_revalidate,
             error_until: fresh_until + life.stale_if_error.max(life.stale_while_revalidate),
@@ -100,9 +103,17 @@ impl Entry {
         self.refreshing.store(false, Ordering::Release);
     }
 
-    /// Whole seconds since the entry was stored, for the `Age` header.
+    /// With the `Age` the upstream gave the answer (RFC 9111 §4.2.3).
+    pub fn with_upstream_age(mut self, upstream_age: u64) -> Self {
+        self.upstream_age = upstream_age;
+        self
+    }
+
+    /// The `Age` header's seconds: the upstream's `Age` plus whole seconds since the
+    /// entry was stored.
     pub fn age_secs(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.stored_at).as_secs()
+        self.upstream_age
+            .saturating_add(now.saturating_duration_since(self.stored_at).as_secs())
     }
 
     pub fn weight(&self) -> u64 {

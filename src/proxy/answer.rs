@@ -7,7 +7,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
-use crate::cache::origin::Streaming;
+use crate::cache::origin::{has_no_body, Streaming};
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
 use crate::error::StoaError;
@@ -104,7 +104,7 @@ pub async fn stream(
     let head_only = session.req_header().method == http::Method::HEAD;
     let mut header =
         ResponseHeader::build_no_case(streaming.status, Some(streaming.headers.len() + 4))?;
-    let no_body = headers::has_no_body(streaming.status);
+    let no_body = has_no_body(streaming.status);
     for (name, value) in headers::end_to_end_response(&streaming.headers) {
         if !(no_body && name == http::header::CONTENT_LENGTH) {
             header.append_header(name.clone(), value.clone())?;

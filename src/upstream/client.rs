@@ -8,6 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use super::error::{self, Failure};
+use super::headers;
 use super::peer::{IDLE_TIMEOUT, MAX_IDLE_PER_UPSTREAM};
 use crate::cache::origin::{Answer, FetchRequest, Fetched, Pending, Rest, Streaming};
 use crate::config::Upstream;
@@ -124,7 +125,11 @@ impl UpstreamClient {
         }
         let mut response = builder.send().await.map_err(|e| self.error(&e))?;
         let status = response.status();
-        let headers = std::mem::take(response.headers_mut());
+        // Only end-to-end headers go on: nothing hop-by-hop or named in `Connection` is
+        // stored or replayed.
+        let headers = headers::end_to_end_response(response.headers())
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         if response.content_length().is_some_and(|n| n > limit as u64) {
             return Ok(self.streaming(status, headers, Default::default(), response, permit));
         }

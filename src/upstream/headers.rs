@@ -104,14 +104,6 @@ pub fn strip_response(resp: &mut ResponseHeader) {
     }
 }
 
-/// Whether an answer with `status` carries no body and so no `Content-Length` of its own
-/// (1xx, 204 and 304: RFC 9110 §8.6).
-pub fn has_no_body(status: http::StatusCode) -> bool {
-    status.is_informational()
-        || status == http::StatusCode::NO_CONTENT
-        || status == http::StatusCode::NOT_MODIFIED
-}
-
 /// Rewrites the head of a pass-through request for `upstream`: its `Host`, the `peer`
 /// appended to `X-Forwarded-For`, `X-Forwarded-Proto` and the request id. (pingora drops the
 /// hop-by-hop headers itself.)
