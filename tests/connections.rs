@@ -132,18 +132,12 @@ async fn a_request_head_trickled_past_header_timeout_gets_408_json_then_close() 
         b"GET /pass/slow HTTP/1.1\r\nHost: stoa\r\nX-Slow: 1234567890\r\n\r\n",
         Duration::from_millis(150),
     );
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), reader.read(&mut chunk)).await {
-            Err(_) => panic!(
-                "still open after 5 s, received {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
+    let (got, closed) = read_until_closed(&mut reader, Duration::from_secs(5)).await;
+    assert!(
+        closed,
+        "still open after 5 s, received {:?}",
+        String::from_utf8_lossy(&got)
+    );
     assert_between(
         started.elapsed(),
         600,
@@ -234,18 +228,12 @@ async fn a_request_body_slower_than_body_timeout_gets_408_json_on_every_kind_of_
             b"\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}",
             Duration::from_millis(150),
         );
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), reader.read(&mut chunk)).await {
-                Err(_) => panic!(
-                    "{path}: still open after 5 s, received {:?}",
-                    String::from_utf8_lossy(&got)
-                ),
-                Ok(Ok(0)) | Ok(Err(_)) => break,
-                Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
-            }
-        }
+        let (got, closed) = read_until_closed(&mut reader, Duration::from_secs(5)).await;
+        assert!(
+            closed,
+            "{path}: still open after 5 s, received {:?}",
+            String::from_utf8_lossy(&got)
+        );
         assert_between(started.elapsed(), 600, 3_000, path);
         assert_408(&RawAnswer::parse(&got), "request body");
     }

@@ -447,7 +447,7 @@ fn dechunk(mut s: &str) -> String {
 /// Reads until the server closes the connection (EOF or reset) or `within` passes: what it
 /// sent, and whether it closed.
 pub async fn read_until_closed(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
     within: Duration,
 ) -> (Vec<u8>, bool) {
     use tokio::io::AsyncReadExt;
