@@ -10,6 +10,7 @@ use pingora::ErrorType;
 use crate::cache::origin::{has_no_body, Streaming};
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
+use crate::config::RateLimitHeaders;
 use crate::error::StoaError;
 use crate::ratelimit::Decision;
 use crate::upstream::headers;
@@ -18,6 +19,8 @@ use crate::upstream::headers;
 pub struct Decorations<'a> {
     pub request_id: &'a http::HeaderValue,
     pub rate: Option<&'a Decision>,
+    /// Which rate-limit headers to write (`server.rate_limit_headers`).
+    pub rate_style: RateLimitHeaders,
     /// Close the connection after this answer (the process is draining).
     pub close: bool,
     /// The `X-Cache` value of stoa's own errors on a cached route (answers from an entry
@@ -31,7 +34,7 @@ impl Decorations<'_> {
             header.insert_header("x-request-id", self.request_id.clone())?;
         }
         if let Some(rate) = self.rate {
-            for (name, value) in rate.headers() {
+            for (name, value) in rate.headers(self.rate_style) {
                 header.insert_header(name, value)?;
             }
         }

@@ -74,6 +74,7 @@ impl RequestCtx {
         Decorations {
             request_id: &self.request_id,
             rate: self.limit.as_ref(),
+            rate_style: self.gateway.config.server.rate_limit_headers,
             close: draining,
             cache: self.cache_status().header_value(),
         }
