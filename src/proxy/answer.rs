@@ -15,6 +15,8 @@ use crate::error::StoaError;
 use crate::ratelimit::Decision;
 use crate::upstream::headers;
 
+use super::cache_status;
+
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
     pub request_id: &'a http::HeaderValue,
@@ -26,6 +28,9 @@ pub struct Decorations<'a> {
     /// The `X-Cache` value of stoa's own errors on a cached route (answers from an entry
     /// carry theirs already).
     pub cache: Option<&'static str>,
+    /// The `Cache-Status` member of an answer from the cache engine (appended after any
+    /// the upstream gave).
+    pub cache_member: Option<&'a http::HeaderValue>,
 }
 
 impl Decorations<'_> {
@@ -37,6 +42,9 @@ impl Decorations<'_> {
             for (name, value) in rate.headers(self.rate_style) {
                 header.insert_header(name, value)?;
             }
+        }
+        if let Some(member) = self.cache_member {
+            header.append_header(cache_status::CACHE_STATUS, member.clone())?;
         }
         Ok(())
     }
@@ -55,6 +63,11 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
     }
     if let Some(cache) = deco.cache {
         header.insert_header("x-cache", cache)?;
+        if deco.cache_member.is_none() {
+            // Refused before the cache was asked: nothing went upstream.
+            let member = format!("stoa; detail={}", err.kind());
+            header.insert_header(cache_status::CACHE_STATUS, member)?;
+        }
     }
     deco.apply(&mut header)?;
     if !session.is_body_done() || deco.close {
