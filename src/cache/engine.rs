@@ -12,7 +12,7 @@ use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::store::{Entry, Lifetimes, Store};
-use super::CacheStatus;
+use super::{CacheStatus, NotStored};
 use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
 
@@ -456,8 +456,8 @@ impl CacheEngine {
                         engine.store.remove(lead.key());
                     }
                     let shared =
-                        disposition_of(streaming.status, &streaming.headers, &route.settings)
-                            != Disposition::Private;
+                        !disposition_of(streaming.status, &streaming.headers, &route.settings)
+                            .is_private();
                     // A personal answer is for the leader only; a refresh has none.
                     let stream = (shared || has_client).then_some(streaming);
                     Outcome::TooLarge {
@@ -502,7 +502,7 @@ impl CacheEngine {
                 Outcome::Shared(entry)
             }
             Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
-            Ok((entry, Disposition::Private)) => Outcome::Private(entry),
+            Ok((entry, Disposition::Private(_))) => Outcome::Private(entry),
             Ok((entry, Disposition::ServerError)) => Outcome::ServerError(entry),
         }
     }
@@ -531,10 +531,25 @@ enum Disposition {
     /// Not cacheable by status, but the same answer for everyone asking now.
     Share,
     /// Personal (`Set-Cookie`, `private`, `no-store`, an unkeyed `Vary`): the leader only.
-    Private,
+    Private(NotStored),
     /// The upstream's own 5xx: never stored, handed to every waiter of the flight that
     /// has no stale copy to serve instead.
     ServerError,
+}
+
+impl Disposition {
+    fn is_private(&self) -> bool {
+        matches!(self, Disposition::Private(_))
+    }
+
+    /// Why an answer so disposed is not stored.
+    fn not_stored(&self) -> Option<NotStored> {
+        match self {
+            Disposition::Store => None,
+            Disposition::Private(why) => Some(*why),
+            Disposition::Share | Disposition::ServerError => Some(NotStored::Status),
+        }
+    }
 }
 
 fn fetched_to_entry(
@@ -547,7 +562,7 @@ fn fetched_to_entry(
     let status = fetched.status.as_u16();
     let server_error = fetched.status.is_server_error();
     let disposition = match disposition(&fetched, settings) {
-        Disposition::Private => Disposition::Private,
+        Disposition::Private(why) => Disposition::Private(why),
         _ if server_error => Disposition::ServerError,
         d => d,
     };
@@ -593,13 +608,15 @@ fn fetched_to_entry(
         stale_if_error: settings.stale_if_error,
         refresh_ahead: settings.refresh_ahead,
     };
-    let entry = Arc::new(
-        Entry::new(header, body, key_len, now, life, recipe).with_upstream_age(upstream_age),
-    );
     let disposition = match disposition {
         Disposition::Store if ttl.is_zero() => Disposition::Share,
         d => d,
     };
+    let entry = Arc::new(
+        Entry::new(header, body, key_len, now, life, recipe)
+            .with_upstream_age(upstream_age)
+            .with_not_stored(disposition.not_stored()),
+    );
     Ok((entry, disposition))
 }
 
@@ -662,19 +679,25 @@ fn disposition_of(
     settings: &CacheSettings,
 ) -> Disposition {
     if headers.contains_key(header::SET_COOKIE) {
-        return Disposition::Private;
+        return Disposition::Private(NotStored::SetCookie);
     }
     if !settings.ignore_upstream_cache_control {
-        let private = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',').any(|d| {
+        let private = headers.get_all(header::CACHE_CONTROL).iter().find_map(|v| {
+            v.to_str().ok().and_then(|v| {
+                v.split(',').find_map(|d| {
                     let d = d.trim();
-                    d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private")
+                    if d.eq_ignore_ascii_case("no-store") {
+                        Some(NotStored::NoStore)
+                    } else if d.eq_ignore_ascii_case("private") {
+                        Some(NotStored::Private)
+                    } else {
+                        None
+                    }
                 })
             })
         });
-        if private {
-            return Disposition::Private;
+        if let Some(why) = private {
+            return Disposition::Private(why);
         }
     }
     let unkeyed_vary = headers.get_all(header::VARY).iter().any(|v| {
@@ -690,7 +713,7 @@ fn disposition_of(
         })
     });
     if unkeyed_vary {
-        return Disposition::Private;
+        return Disposition::Private(NotStored::Vary);
     }
     if settings.ttl_for(status.as_u16()).is_some() {
         Disposition::Store

@@ -37,6 +37,8 @@ pub struct Entry {
     pub refresh_at: Option<Instant>,
     /// How to fetch this entry again (admin refresh); `None` for answers never stored.
     pub recipe: Option<Arc<FetchRequest>>,
+    /// Why this answer is not one to store (`None`: it is).
+    pub not_stored: Option<super::NotStored>,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
     weight: u64,
@@ -86,6 +88,7 @@ impl Entry {
             error_until: fresh_until + life.stale_if_error.max(life.stale_while_revalidate),
             refresh_at: life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f)),
             refreshing: AtomicBool::new(false),
+            not_stored: None,
         }
     }
 
@@ -106,6 +109,11 @@ impl Entry {
     /// With the `Age` the upstream gave the answer (RFC 9111 §4.2.3).
     pub fn with_upstream_age(mut self, upstream_age: u64) -> Self {
         self.upstream_age = upstream_age;
+        self
+    }
+
+    pub fn with_not_stored(mut self, not_stored: Option<super::NotStored>) -> Self {
+        self.not_stored = not_stored;
         self
     }
 

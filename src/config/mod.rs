@@ -36,7 +36,7 @@ pub use cache::settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
 pub use cache::CacheStoreSettings;
-pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, MAX_REFILL};
+pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, RateLimitHeaders, MAX_REFILL};
 pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;

@@ -35,6 +35,8 @@ pub struct RawServer {
     pub shutdown_timeout: Option<RawDuration>,
     pub trusted_proxies: Option<Vec<String>>,
     pub default_rate_limit: Option<String>,
+    #[schemars(extend("enum" = ["draft", "legacy", "both", "none"]))]
+    pub rate_limit_headers: Option<String>,
     pub warm_timeout: Option<RawDuration>,
     pub header_timeout: Option<RawDuration>,
     pub keepalive_timeout: Option<RawDuration>,

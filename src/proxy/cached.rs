@@ -8,6 +8,7 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
+use super::cache_status::{self, BypassWhy};
 use super::ctx::RequestCtx;
 use super::{answer, body, limit, peer_addr};
 use crate::cache::origin::FetchRequest;
@@ -42,7 +43,14 @@ pub async fn serve(
         Ok(key) => key,
         Err(e) => return answer::error(session, &e, &ctx.decorations(draining)).await,
     };
-    let private = is_private_request(req, &cached.settings) || cached.bypasses_for(&body);
+    let bypass_why = if is_private_request(req, &cached.settings) {
+        Some(BypassWhy::PrivateRequest)
+    } else if cached.bypasses_for(&body) {
+        Some(BypassWhy::UnkeyedBody)
+    } else {
+        None
+    };
+    let private = bypass_why.is_some();
     // A private request always fetches, so a `misses` policy counts it now; a shared one
     // only when it would lead a flight (`serve_miss` asks). The client is identified only
     // then, so hits cost nothing here.
@@ -72,6 +80,7 @@ pub async fn serve(
         req.method.clone()
     };
     let asked = Instant::now();
+    let mut from_memory = false;
     let served = if private {
         let fetch = FetchRequest {
             method,
@@ -87,7 +96,10 @@ pub async fn serve(
         let make_fetch =
             || cached.shared_fetch(method, &upstream_path, &key, &req.headers, Some(request_id));
         match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
-            Ok(served) => served,
+            Ok(served) => {
+                from_memory = true;
+                served
+            }
             Err((make_fetch, stale)) => {
                 let admit = || admit(decision, &req.headers);
                 Box::pin(
@@ -103,6 +115,7 @@ pub async fn serve(
     let draining = lifecycle.is_draining();
     let status = served_status(&served);
     ctx.cache = status;
+    ctx.cache_status = cache_status::member(&served, from_memory, bypass_why, Instant::now());
     let went_upstream = match &served {
         Served::Entry(..) => matches!(
             status,
