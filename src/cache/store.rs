@@ -12,6 +12,7 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
+use super::control::Validators;
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use crate::config::capacity::{
@@ -37,6 +38,11 @@ pub struct Entry {
     pub refresh_at: Option<Instant>,
     /// How to fetch this entry again (admin refresh); `None` for answers never stored.
     pub recipe: Option<Arc<FetchRequest>>,
+    /// `ETag` / `Last-Modified`, for conditional requests and revalidation.
+    pub validators: Option<Box<Validators>>,
+    /// A request with `Authorization` may be answered with it (RFC 9111 §3.5: `public`,
+    /// `s-maxage` or `must-revalidate`).
+    pub shareable_with_authorization: bool,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
     weight: u64,
@@ -77,6 +83,8 @@ impl Entry {
         Entry {
             weight: ENTRY_OVERHEAD + (key_len + header_bytes + body.len() + recipe_bytes) as u64,
             recipe,
+            validators: None,
+            shareable_with_authorization: false,
             header,
             body,
             stored_at: now,
@@ -106,6 +114,17 @@ impl Entry {
     /// With the `Age` the upstream gave the answer (RFC 9111 §4.2.3).
     pub fn with_upstream_age(mut self, upstream_age: u64) -> Self {
         self.upstream_age = upstream_age;
+        self
+    }
+
+    /// With what conditional requests and requests with `Authorization` need.
+    pub fn with_validators(
+        mut self,
+        validators: Option<Validators>,
+        shareable_with_authorization: bool,
+    ) -> Self {
+        self.validators = validators.map(Box::new);
+        self.shareable_with_authorization = shareable_with_authorization;
         self
     }
 
