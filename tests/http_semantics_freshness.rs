@@ -605,3 +605,40 @@ async fn authorization_shares_only_answers_marked_for_sharing() {
     assert_eq!(get(&gw, "/o/cold").await.x_cache(), "MISS");
     assert_eq!(origin.calls("/pub"), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_refresh_revalidates_too() {
+    let origin = Origin::start().await;
+    origin.set(
+        "/b",
+        Reply {
+            etag: Some("\"b1\"".into()),
+            headers_304: "x-round: 2\r\n".into(),
+            ..reply("x-round: 1\r\n", "kept")
+        },
+    );
+    let gw = stoa_for(
+        &origin,
+        &[("o", r#"{ ttl = "1s", stale_while_revalidate = "30s" }"#)],
+    )
+    .await;
+    get(&gw, "/o/b").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let stale = get(&gw, "/o/b").await;
+    assert_eq!(
+        (stale.x_cache(), stale.header("x-round")),
+        ("STALE", Some("1"))
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while origin.calls("/b") < 2 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(origin.conditional_calls("/b"), 1);
+    let hit = get(&gw, "/o/b").await;
+    assert_eq!(hit.x_cache(), "HIT");
+    assert_eq!(
+        (hit.body.as_str(), hit.header("x-round")),
+        ("kept", Some("2"))
+    );
+}

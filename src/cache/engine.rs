@@ -631,7 +631,6 @@ fn fetched_to_entry(
     } else {
         (settings.stale_while_revalidate, settings.stale_if_error)
     };
-    let validators = Validators::of(&fetched.headers);
     let mut header = ResponseHeader::build_no_case(fetched.status, Some(fetched.headers.len() + 3))
         .map_err(|e| StoaError::Internal(e.to_string()))?;
     // The origin hands over end-to-end headers only (see `Origin`); the length is set anew,
@@ -648,6 +647,8 @@ fn fetched_to_entry(
             .append_header(owned_name(name), owned_value(value))
             .map_err(|e| StoaError::Internal(e.to_string()))?;
     }
+    // From the stored copies (see `owned_value`), not the client's buffer.
+    let validators = Validators::of(&header.headers);
     let body = if has_no_body(fetched.status) {
         Bytes::new()
     } else {
