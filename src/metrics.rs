@@ -17,6 +17,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::cache::engine::Revalidations;
 use crate::cache::CacheStatus;
 
 /// The `Content-Type` of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
@@ -75,6 +76,8 @@ pub struct Metrics {
     cache_bytes: IntGauge,
     cache_evictions: IntCounter,
     cache_too_large: IntCounterVec,
+    cache_revalidations: IntCounterVec,
+    cache_not_modified: IntCounterVec,
     in_flight: IntGauge,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
@@ -171,6 +174,26 @@ impl Metrics {
                 &["route"],
             )?,
         )?;
+        let cache_revalidations = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_revalidations_total",
+                    "Stored answers revalidated upstream, by route and result (not_modified, modified, failed).",
+                ),
+                &["route", "result"],
+            )?,
+        )?;
+        let cache_not_modified = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_not_modified_total",
+                    "304 answers stoa gave to clients' conditional requests from memory, by route.",
+                ),
+                &["route"],
+            )?,
+        )?;
         let in_flight = register(
             &registry,
             IntGauge::new(
@@ -215,6 +238,8 @@ impl Metrics {
             cache_bytes,
             cache_evictions,
             cache_too_large,
+            cache_revalidations,
+            cache_not_modified,
             in_flight,
         })
     }
@@ -270,6 +295,25 @@ impl Metrics {
     /// The counter of a cached route's answers too large to store (exported at zero).
     pub fn cache_too_large(&self, route: &str) -> prometheus::Result<IntCounter> {
         self.cache_too_large.get_metric_with_label_values(&[route])
+    }
+
+    /// The counters of a cached route's revalidations, by result (exported at zero).
+    pub fn cache_revalidations(&self, route: &str) -> prometheus::Result<Revalidations> {
+        let result = |r: &str| {
+            self.cache_revalidations
+                .get_metric_with_label_values(&[route, r])
+        };
+        Ok(Revalidations {
+            not_modified: result("not_modified")?,
+            modified: result("modified")?,
+            failed: result("failed")?,
+        })
+    }
+
+    /// The counter of 304s a cached route answers from memory (exported at zero).
+    pub fn cache_not_modified(&self, route: &str) -> prometheus::Result<IntCounter> {
+        self.cache_not_modified
+            .get_metric_with_label_values(&[route])
     }
 
     /// Sets `stoa_cache_entries` and `stoa_cache_bytes` (e.g. from the store before a scrape).

@@ -1,6 +1,7 @@
 //! The response cache: key derivation, storage, single flight and freshness, in front of
 //! an [`Origin`] it knows only by its trait.
 
+pub mod control;
 pub mod engine;
 pub mod flight;
 pub mod key;
@@ -23,6 +24,10 @@ pub enum NotStored {
     Vary,
     /// A status the route does not cache (no ttl for it, or an upstream 5xx).
     Status,
+    /// `Cache-Control: no-cache` without a validator to revalidate it with.
+    NoCache,
+    /// Stale on arrival: the origin's freshness lifetime was zero.
+    Expired,
 }
 
 impl NotStored {
@@ -34,6 +39,8 @@ impl NotStored {
             NotStored::SetCookie => "set-cookie",
             NotStored::Vary => "vary",
             NotStored::Status => "status",
+            NotStored::NoCache => "no-cache",
+            NotStored::Expired => "expired",
         }
     }
 }

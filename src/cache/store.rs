@@ -12,6 +12,7 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
+use super::control::Validators;
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use crate::config::capacity::{
@@ -39,6 +40,11 @@ pub struct Entry {
     pub recipe: Option<Arc<FetchRequest>>,
     /// Why this answer is not one to store (`None`: it is).
     pub not_stored: Option<super::NotStored>,
+    /// `ETag` / `Last-Modified`, for conditional requests and revalidation.
+    pub validators: Option<Box<Validators>>,
+    /// A request with `Authorization` may be answered with it (RFC 9111 §3.5: `public`,
+    /// `s-maxage` or `must-revalidate`).
+    pub shareable_with_authorization: bool,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
     weight: u64,
@@ -79,6 +85,8 @@ impl Entry {
         Entry {
             weight: ENTRY_OVERHEAD + (key_len + header_bytes + body.len() + recipe_bytes) as u64,
             recipe,
+            validators: None,
+            shareable_with_authorization: false,
             header,
             body,
             stored_at: now,
@@ -114,6 +122,17 @@ impl Entry {
 
     pub fn with_not_stored(mut self, not_stored: Option<super::NotStored>) -> Self {
         self.not_stored = not_stored;
+        self
+    }
+
+    /// With what conditional requests and requests with `Authorization` need.
+    pub fn with_validators(
+        mut self,
+        validators: Option<Validators>,
+        shareable_with_authorization: bool,
+    ) -> Self {
+        self.validators = validators.map(Box::new);
+        self.shareable_with_authorization = shareable_with_authorization;
         self
     }
 

@@ -151,6 +151,9 @@ pub struct RawCache {
     pub refresh_ahead: Option<f64>,
     pub jitter: Option<f64>,
     pub ignore_upstream_cache_control: Option<bool>,
+    #[schemars(extend("enum" = ["route", "origin"]))]
+    pub freshness: Option<String>,
+    pub max_ttl: Option<RawDuration>,
     pub warm: Option<Vec<RawWarm>>,
     pub refresh_hook: Option<String>,
     pub max_entry_bytes: Option<RawSize>,
