@@ -49,7 +49,10 @@ impl Config {
 impl Config {
     /// What is allowed but unsafe, as `stoa check` prints it (and the start logs it).
     pub fn warnings(&self) -> Vec<String> {
-        self.upstreams.values().filter_map(|u| u.warning()).collect()
+        self.upstreams
+            .values()
+            .filter_map(|u| u.warning())
+            .collect()
     }
 }
 

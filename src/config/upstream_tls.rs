@@ -172,6 +172,14 @@ impl Validator<'_> {
                 return None;
             }
         };
+        // pass-through connections take the key as bare DER and tell its format from it.
+        if PrivateKeyDer::try_from(key.secret_der().to_vec()).is_err() {
+            self.problem(
+                key_path,
+                format!("{key_file}: unrecognised private key format"),
+            );
+            return None;
+        }
         let signing = match rustls::crypto::ring::sign::any_supported_type(&key) {
             Ok(signing) => signing,
             Err(e) => {

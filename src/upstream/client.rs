@@ -206,10 +206,7 @@ fn tls_settings(
     tls: &UpstreamTls,
 ) -> Result<reqwest::ClientBuilder, StoaError> {
     let bad = |what: &str, e: reqwest::Error| {
-        StoaError::Internal(format!(
-            "upstream {}: unusable {what}: {e}",
-            upstream.name
-        ))
+        StoaError::Internal(format!("upstream {}: unusable {what}: {e}", upstream.name))
     };
     if tls.server_name.parse::<std::net::IpAddr>().is_err() {
         builder = builder.resolve(&tls.server_name, upstream.addr);

@@ -27,13 +27,7 @@ impl Failure {
     /// The failure a pingora error of a pass-through request stands for, when it is the
     /// upstream's (`None`: the client's or stoa's own, see `proxy::fail`).
     pub fn of_pingora(e: &pingora::Error) -> Option<Failure> {
-        let tls = matches!(
-            e.etype(),
-            ErrorType::TLSHandshakeFailure
-                | ErrorType::TLSWantX509Lookup
-                | ErrorType::InvalidCert
-                | ErrorType::HandshakeError
-        );
+        let tls = is_tls(e.etype());
         // A TLS error may also surface later, on the first read (a client certificate
         // refused after the handshake): the cause tells.
         if tls || e.esource() == &ErrorSource::Upstream {
@@ -42,7 +36,7 @@ impl Failure {
             }
         }
         if tls {
-            return Some(Failure::Tls(e.etype().as_str().to_string()));
+            return Some(Failure::Tls(handshake_detail(e)));
         }
         let failure = match e.etype() {
             ErrorType::ConnectTimedout => Failure::ConnectTimeout,
@@ -146,6 +140,43 @@ fn tls_cause(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     None
 }
 
+/// pingora's error types for a failed TLS session.
+fn is_tls(etype: &ErrorType) -> bool {
+    matches!(
+        etype,
+        ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSWantX509Lookup
+            | ErrorType::InvalidCert
+            | ErrorType::HandshakeError
+    )
+}
+
+/// What a failed handshake on pingora's connector says: its reason is kept only as text
+/// (the context, ending `... cause: <rustls' reason>, SNI: <name>`), which is passed on.
+fn handshake_detail(e: &pingora::Error) -> String {
+    let mut cur = e;
+    loop {
+        if let Some(context) = cur.context.as_ref().filter(|_| is_tls(cur.etype())) {
+            let text = context.as_str();
+            if let Some((_, reason)) = text.rsplit_once("cause: ") {
+                let reason = reason.rsplit_once(", SNI: ").map_or(reason, |(r, _)| r);
+                return reason.to_string();
+            }
+            if !text.is_empty() {
+                return text.to_string();
+            }
+        }
+        let next = cur.cause.as_deref().and_then(|c| {
+            c.downcast_ref::<pingora::Error>()
+                .or_else(|| c.downcast_ref::<Box<pingora::Error>>().map(|b| &**b))
+        });
+        match next {
+            Some(next) => cur = next,
+            None => return e.etype().as_str().to_string(),
+        }
+    }
+}
+
 /// [`tls_cause`] for pingora's errors, which keep their cause in a field of their own.
 fn tls_cause_of_pingora(e: &pingora::Error) -> Option<String> {
     let cause = e.cause.as_deref()?;
@@ -209,12 +240,18 @@ mod tests {
             Some(Failure::Tls(detail)) => assert!(detail.contains("CertificateRequired")),
             other => panic!("{other:?}"),
         }
-        // The handshake itself, without a cause.
-        let handshake = pingora::Error::new(ErrorType::TLSHandshakeFailure);
-        assert!(matches!(
+        // The handshake itself, its reason kept as text.
+        let handshake = pingora::Error::explain(
+            ErrorType::TLSHandshakeFailure,
+            "TLS connect() failed:  TLSHandshakeFailure context: tls connect error cause: \
+             invalid peer certificate: UnknownIssuer, SNI: localhost",
+        );
+        assert_eq!(
             Failure::of_pingora(&handshake),
-            Some(Failure::Tls(_))
-        ));
+            Some(Failure::Tls(
+                "invalid peer certificate: UnknownIssuer".into()
+            ))
+        );
         let e = Failure::Tls("invalid peer certificate: UnknownIssuer".into())
             .into_error(Some(&upstream()));
         assert_eq!(e.status(), http::StatusCode::BAD_GATEWAY);
