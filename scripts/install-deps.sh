@@ -8,6 +8,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+# The cluster tests start a real Redis (tests/common/redis.rs); `make run` needs none.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

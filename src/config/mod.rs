@@ -11,6 +11,7 @@ mod aggregate;
 mod assemble;
 mod cache;
 pub mod capacity;
+mod cluster;
 mod limits;
 mod log;
 mod problem;
@@ -36,7 +37,8 @@ pub use cache::settings::{
     CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
 pub use cache::CacheStoreSettings;
-pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, MAX_REFILL};
+pub use cluster::{redact_url, ClusterSettings, RedisTarget};
+pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, Scope, MAX_REFILL};
 pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;

@@ -60,7 +60,14 @@ pub async fn serve(
         None => Ok(()),
     };
     if private {
-        if let Err(e) = admit(&mut ctx.limit, &req.headers) {
+        let admitted = match miss_limit {
+            Some(limiter) => {
+                limit::admit_async(&mut ctx.limit, route, limiter, &gateway, peer, &req.headers)
+                    .await
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = admitted {
             return answer::error(session, &e, &ctx.decorations(draining)).await;
         }
     }
@@ -89,7 +96,19 @@ pub async fn serve(
         match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
             Ok(served) => served,
             Err((make_fetch, stale)) => {
-                let admit = || admit(decision, &req.headers);
+                // A cluster-scope policy is asked now, before the flight (see `limit`).
+                let shared = miss_limit.filter(|l| limit::shared_by(l, &gateway).is_some());
+                let early = match shared {
+                    Some(limiter) => Some(
+                        limit::admit_async(decision, route, limiter, &gateway, peer, &req.headers)
+                            .await,
+                    ),
+                    None => None,
+                };
+                let admit = || match early {
+                    Some(checked) => checked,
+                    None => admit(decision, &req.headers),
+                };
                 Box::pin(
                     gateway
                         .cache
