@@ -24,24 +24,7 @@ use crate::config::Mode;
 /// a request at `now` conforms when `now >= tat - (B - 1) * T` and then moves `tat` to
 /// `max(tat, now) + T`; a refused one changes nothing. Answers
 /// `{allowed, wait_us, full_in_us, remaining}`.
-const GCRA: &str = r#"
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local T = tonumber(ARGV[1])
-local B = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1])) or now
-if tat < now then tat = now end
-local earliest = tat - (B - 1) * T
-if now < earliest then
-  return {0, earliest - now, tat - now, 0}
-end
-tat = tat + T
-redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
-local remaining = math.floor(B - (tat - now) / T)
-if remaining < 0 then remaining = 0 end
-return {1, 0, tat - now, remaining}
-"#;
+const GCRA: &str = include_str!("gcra.lua");
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(GCRA));
 
