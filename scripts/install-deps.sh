@@ -10,6 +10,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 # The system roots https upstreams are verified against by default.
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
+# The cluster tests start a real Redis (tests/common/redis.rs); `make run` needs none.
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

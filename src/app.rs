@@ -16,6 +16,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::AdminApp;
 use crate::cache::CacheEngine;
+use crate::cluster::Cluster;
 use crate::config::{Config, EnvOverrides};
 use crate::connections::{Listener, Stoppable};
 use crate::control::Control;
@@ -42,9 +43,17 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
 
     let lifecycle = Lifecycle::new();
     let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
+    let cluster = match &config.cluster {
+        Some(settings) => Some(
+            Cluster::new(settings.clone(), metrics.registry())
+                .context("cannot set up cluster metrics")?,
+        ),
+        None => None,
+    };
     let shared = Shared {
         cache: CacheEngine::new(config.cache.max_bytes),
         metrics: metrics.clone(),
+        cluster: cluster.clone(),
     };
     let gateway = Arc::new(ArcSwap::new(Gateway::new(
         Arc::new(config.clone()),
@@ -95,6 +104,14 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     server.add_service(probe);
     server.add_service(pruner);
     server.add_service(reloader);
+    if let Some(cluster) = cluster {
+        tracing::info!(
+            redis = %cluster.settings().redis_display(),
+            node = %cluster.settings().node_name,
+            "cluster: connecting to the shared Redis"
+        );
+        server.add_service(background_service("stoa cluster", ClusterLink { cluster }));
+    }
 
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -196,6 +213,21 @@ impl BackgroundService for Pruner {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+/// Keeps the connection to the shared Redis and its health ([`Cluster::maintain`]).
+struct ClusterLink {
+    cluster: Arc<Cluster>,
+}
+
+#[async_trait]
+impl BackgroundService for ClusterLink {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let stop = async move {
+            let _ = shutdown.changed().await;
+        };
+        Arc::clone(&self.cluster).maintain(stop).await;
     }
 }
 

@@ -137,6 +137,7 @@ impl Control {
                 config.cache.max_bytes.to_string(),
                 old_config.cache.max_bytes.to_string(),
             ),
+            ("cluster", cluster_text(&config), cluster_text(old_config)),
         ];
         let restart_needed = fixed
             .into_iter()
@@ -340,5 +341,20 @@ impl Control {
             }
         }
         warmed
+    }
+}
+
+/// The `[cluster]` section as a reload compares it (it is fixed at start).
+fn cluster_text(config: &Config) -> String {
+    match &config.cluster {
+        Some(c) => format!(
+            "{} as {} (prefix {:?}, connect {:?}, commands {:?})",
+            c.redis_display(),
+            c.node_name,
+            c.key_prefix,
+            c.connect_timeout,
+            c.command_timeout
+        ),
+        None => "off".to_string(),
     }
 }

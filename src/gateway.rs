@@ -11,6 +11,7 @@ use prometheus::IntCounter;
 use crate::aggregate::{Aggregator, LegCall, Legs, LegsHandle};
 use crate::cache::origin::FetchRequest;
 use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
+use crate::cluster::Cluster;
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
 use crate::metrics::{Metrics, RouteMetrics, RouteProfile};
@@ -62,6 +63,8 @@ impl Route {
 pub struct Shared {
     pub cache: Arc<CacheEngine>,
     pub metrics: Arc<Metrics>,
+    /// The Redis shared with other instances (`[cluster]`), fixed at start.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// Everything the request path needs, built once from a [`Config`].
@@ -71,6 +74,8 @@ pub struct Gateway {
     pub max_body_bytes: u64,
     pub cache: Arc<CacheEngine>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The Redis shared with other instances, if any.
+    pub cluster: Option<Arc<Cluster>>,
     /// One limiter per policy, shared by the routes naming it.
     pub limiters: HashMap<String, Arc<RateLimiter>>,
     /// One guard per upstream.
@@ -149,6 +154,7 @@ impl Gateway {
             max_body_bytes: config.server.max_body_bytes,
             cache: shared.cache.clone(),
             trusted_proxies: config.server.trusted_proxies.clone(),
+            cluster: shared.cluster.clone(),
             limiters,
             unmatched,
             record_metrics: config.admin.metrics,

@@ -9,10 +9,11 @@ use figment::value::Dict;
 
 use super::admin::AdminSettings;
 use super::cache::CacheStoreSettings;
-use super::limits::{PolicySettings, NO_RATE_LIMIT};
+use super::cluster::{redact_url, ClusterSettings};
+use super::limits::{PolicySettings, Scope, NO_RATE_LIMIT};
 use super::log::LogSettings;
 use super::problem::ConfigErrors;
-use super::raw::{RawAdmin, RawCacheSection, RawLog, RawServer};
+use super::raw::{RawAdmin, RawCacheSection, RawCluster, RawLog, RawServer};
 use super::route::RouteSpec;
 use super::server::ServerSettings;
 use super::upstream::Upstream;
@@ -27,6 +28,8 @@ pub struct Config {
     pub admin: AdminSettings,
     pub log: LogSettings,
     pub cache: CacheStoreSettings,
+    /// The Redis shared with other instances; `None`: nothing is shared.
+    pub cluster: Option<ClusterSettings>,
     pub rate_limits: BTreeMap<String, PolicySettings>,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub routes: Vec<RouteSpec>,
@@ -35,14 +38,37 @@ pub struct Config {
 impl Config {
     /// A one-line summary for `stoa check`.
     pub fn summary(&self) -> String {
-        format!(
+        let mut text = format!(
             "configuration ok: {} upstream(s), {} route(s) ({} cached), listening on {}, admin on {}",
             self.upstreams.len(),
             self.routes.len(),
             self.routes.iter().filter(|r| r.cache.is_some()).count(),
             self.server.listen,
             self.admin.listen
-        )
+        );
+        if let Some(cluster) = &self.cluster {
+            let shared: Vec<&str> = self
+                .rate_limits
+                .values()
+                .filter(|p| p.scope == Scope::Cluster)
+                .map(|p| p.name.as_str())
+                .collect();
+            text.push_str(&format!(
+                "; cluster: node {:?} on {} (keys prefixed {:?}, commands bounded by {}), \
+                 rate limits shared by all instances: {}; without Redis each instance \
+                 falls back to its own buckets",
+                cluster.node_name,
+                cluster.redis_display(),
+                cluster.key_prefix,
+                humantime::format_duration(cluster.command_timeout),
+                if shared.is_empty() {
+                    "none".to_string()
+                } else {
+                    shared.join(", ")
+                }
+            ));
+        }
+        text
     }
 }
 
@@ -63,6 +89,7 @@ impl Validator<'_> {
         if let Some(token) = source.pointer_mut("/admin/token") {
             *token = serde_json::Value::String("<redacted>".into());
         }
+        redact_redis(&mut source);
         let server_raw: RawServer = match root.remove("server") {
             Some(v) => self.section("server", &v).unwrap_or_default(),
             None => RawServer::default(),
@@ -79,13 +106,16 @@ impl Validator<'_> {
             Some(v) => self.section("log", &v).unwrap_or_default(),
             None => RawLog::default(),
         };
+        let cluster_raw: Option<RawCluster> = root
+            .remove("cluster")
+            .map(|v| self.section("cluster", &v).unwrap_or_default());
         let rate_limits_raw = root.remove("rate_limits");
         let upstreams_raw = root.remove("upstreams");
         let routes_raw = root.remove("routes");
         for key in root.keys() {
             self.problem(
                 key.clone(),
-                "unknown section (expected server, admin, log, cache, rate_limits, upstreams or routes)",
+                "unknown section (expected server, admin, log, cache, cluster, rate_limits, upstreams or routes)",
             );
         }
 
@@ -98,6 +128,16 @@ impl Validator<'_> {
                 self.problem(
                     "server.default_rate_limit",
                     format!("no rate limit policy named {name:?}"),
+                );
+            }
+        }
+        let cluster_given = cluster_raw.is_some();
+        let cluster = cluster_raw.and_then(|raw| self.cluster(raw));
+        if !cluster_given {
+            for policy in rate_limits.values().filter(|p| p.scope == Scope::Cluster) {
+                self.problem(
+                    format!("rate_limits.{}.scope", policy.name),
+                    "\"cluster\" needs a [cluster] section",
                 );
             }
         }
@@ -133,12 +173,29 @@ impl Validator<'_> {
                     admin,
                     log,
                     cache,
+                    cluster,
                     rate_limits,
                     upstreams,
                     routes,
                 })
             }
             _ => Err(ConfigErrors(self.problems)),
+        }
+    }
+}
+
+/// Hides the password of Redis URLs in the configuration as read.
+fn redact_redis(source: &mut serde_json::Value) {
+    let Some(redis) = source.pointer_mut("/cluster/redis") else {
+        return;
+    };
+    let urls: Vec<&mut serde_json::Value> = match redis {
+        serde_json::Value::Array(items) => items.iter_mut().collect(),
+        one => vec![one],
+    };
+    for url in urls {
+        if let serde_json::Value::String(text) = url {
+            *text = redact_url(text);
         }
     }
 }

@@ -33,6 +33,7 @@ pub struct PolicySettings {
     pub client: ClientSource,
     pub applies_to: AppliesTo,
     pub mode: Mode,
+    pub scope: Scope,
 }
 
 /// Which rate-limit headers the answers of a limited route carry (`server.rate_limit_headers`).
@@ -76,6 +77,15 @@ pub enum AppliesTo {
     All,
     /// Only requests that would reach the upstream: cache hits are never throttled.
     Misses,
+}
+
+/// Where a policy's buckets are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// In this instance: every instance admits the policy's rate on its own.
+    Local,
+    /// In the `[cluster]` Redis: the rate is for all instances together.
+    Cluster,
 }
 
 /// What happens to a request over the limit.
@@ -217,6 +227,18 @@ impl Validator<'_> {
             }
         };
 
+        let scope = match raw.scope.as_deref() {
+            None | Some("local") => Some(Scope::Local),
+            Some("cluster") => Some(Scope::Cluster),
+            Some(other) => {
+                self.problem(
+                    format!("{path}.scope"),
+                    format!("{other:?} is not \"local\" or \"cluster\""),
+                );
+                None
+            }
+        };
+
         if self.problems.len() != before {
             return None;
         }
@@ -227,6 +249,7 @@ impl Validator<'_> {
             client: client?,
             applies_to: applies_to?,
             mode: mode?,
+            scope: scope?,
         })
     }
 
@@ -280,6 +303,7 @@ mod tests {
                 client: ClientSource::Ip,
                 applies_to: AppliesTo::All,
                 mode: Mode::Enforce,
+                scope: Scope::Local,
             }
         );
         let s = v.policy("rate_limits.slow",
@@ -318,6 +342,7 @@ mod tests {
                 client: Some("cookie".into()),
                 applies_to: Some("hits".into()),
                 mode: Some("log".into()),
+                scope: None,
             },
         );
         assert!(r.is_none());

@@ -11,6 +11,7 @@ mod aggregate;
 mod assemble;
 mod cache;
 pub mod capacity;
+mod cluster;
 mod limits;
 mod log;
 mod problem;
@@ -38,7 +39,10 @@ pub use cache::settings::{
     WarmRequest,
 };
 pub use cache::CacheStoreSettings;
-pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, RateLimitHeaders, MAX_REFILL};
+pub use cluster::{redact_url, ClusterSettings, RedisTarget};
+pub use limits::{
+    AppliesTo, ClientSource, Mode, PolicySettings, RateLimitHeaders, Scope, MAX_REFILL,
+};
 pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;

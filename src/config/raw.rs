@@ -76,6 +76,30 @@ pub struct RawPolicy {
     pub applies_to: Option<String>,
     #[schemars(extend("enum" = ["enforce", "dry_run"]))]
     pub mode: Option<String>,
+    /// `"local"` (the default): buckets in this instance; `"cluster"`: buckets in the
+    /// `[cluster]` Redis, shared by every instance.
+    #[schemars(extend("enum" = ["local", "cluster"]))]
+    pub scope: Option<String>,
+}
+
+/// The `[cluster]` section, as written in the file.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    /// `"redis://host:6379/0"`, or a list of Redis Cluster seed nodes.
+    pub redis: Option<RawRedis>,
+    pub node_name: Option<String>,
+    pub key_prefix: Option<String>,
+    pub connect_timeout: Option<RawDuration>,
+    pub command_timeout: Option<RawDuration>,
+}
+
+/// One Redis URL, or the seed nodes of a Redis Cluster.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RawRedis {
+    One(String),
+    Seeds(Vec<String>),
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -214,6 +238,8 @@ pub struct RawFile {
     pub admin: Option<RawAdmin>,
     pub log: Option<RawLog>,
     pub cache: Option<RawCacheSection>,
+    /// The Redis that several instances share (absent: nothing is shared).
+    pub cluster: Option<RawCluster>,
     /// Named per-client rate-limit policies.
     pub rate_limits: Option<BTreeMap<String, RawPolicy>>,
     /// Named upstream services.

@@ -57,8 +57,7 @@ pub async fn serve(
     // marked for sharing (`public`, `s-maxage`, `must-revalidate`), while it is fresh.
     // Otherwise it goes upstream on its own as before; its answer is never stored.
     let mut shared_hit = None;
-    if bypass_why.is_some() && may_share_with_authorization(req, &cached.settings, &body, cached)
-    {
+    if bypass_why.is_some() && may_share_with_authorization(req, &cached.settings, &body, cached) {
         shared_hit = gateway
             .cache
             .store
@@ -86,7 +85,14 @@ pub async fn serve(
         None => Ok(()),
     };
     if private {
-        if let Err(e) = admit(&mut ctx.limit, &req.headers) {
+        let admitted = match miss_limit {
+            Some(limiter) => {
+                limit::admit_async(&mut ctx.limit, route, limiter, &gateway, peer, &req.headers)
+                    .await
+            }
+            None => Ok(()),
+        };
+        if let Err(e) = admitted {
             return answer::error(session, &e, &ctx.decorations(draining)).await;
         }
     }
@@ -122,7 +128,19 @@ pub async fn serve(
                 served
             }
             Err((make_fetch, stale)) => {
-                let admit = || admit(decision, &req.headers);
+                // A cluster-scope policy is asked now, before the flight (see `limit`).
+                let shared = miss_limit.filter(|l| limit::shared_by(l, &gateway).is_some());
+                let early = match shared {
+                    Some(limiter) => Some(
+                        limit::admit_async(decision, route, limiter, &gateway, peer, &req.headers)
+                            .await,
+                    ),
+                    None => None,
+                };
+                let admit = || match early {
+                    Some(checked) => checked,
+                    None => admit(decision, &req.headers),
+                };
                 Box::pin(
                     gateway
                         .cache

@@ -5,13 +5,21 @@
 //! route: that one counts only the requests that would start an upstream fetch, and is
 //! applied by [`super::cached`] when the cache says a request would. Hits, stale answers and
 //! the waiters of a flight in progress are never counted by it.
+//!
+//! A `scope = "cluster"` policy is checked in the shared Redis ([`admit_async`]), awaited in
+//! `request_filter`. Its `misses` variant is checked when a request finds no fresh entry in
+//! this instance's memory, before it joins or leads the local single flight (the flight's
+//! admission runs under a lock, where nothing may be awaited): so, unlike a local `misses`
+//! policy, it also counts a request that then joins a fetch already in flight on this
+//! instance. Hits are never counted by either.
 
 use std::net::IpAddr;
 
-use crate::config::{AppliesTo, Mode};
+use crate::cluster::Cluster;
+use crate::config::{AppliesTo, Mode, Scope};
 use crate::error::StoaError;
-use crate::gateway::Route;
-use crate::ratelimit::{client_key, Decision, RateLimiter};
+use crate::gateway::{Gateway, Route};
+use crate::ratelimit::{client_key, ClientKey, Decision, RateLimiter};
 
 /// The limiter that counts every request of `route`, if any.
 pub fn on_every_request(route: &Route) -> Option<&RateLimiter> {
@@ -46,6 +54,53 @@ pub fn admit(
     let policy = limiter.settings();
     let client = client_key(peer, headers, &policy.client, trusted_proxies);
     let checked = limiter.check(&client);
+    settle(decision, route, limiter, &client, checked)
+}
+
+/// The shared Redis that keeps `limiter`'s buckets: set for a `scope = "cluster"` policy
+/// when the gateway has a cluster.
+pub fn shared_by<'g>(limiter: &RateLimiter, gateway: &'g Gateway) -> Option<&'g Cluster> {
+    match limiter.settings().scope {
+        Scope::Cluster => gateway.cluster.as_deref(),
+        Scope::Local => None,
+    }
+}
+
+/// [`admit`], with a `scope = "cluster"` policy checked in the shared Redis (falling back to
+/// the local bucket while it is degraded).
+pub async fn admit_async(
+    decision: &mut Option<Decision>,
+    route: &Route,
+    limiter: &RateLimiter,
+    gateway: &Gateway,
+    peer: Option<IpAddr>,
+    headers: &http::HeaderMap,
+) -> Result<(), StoaError> {
+    let Some(cluster) = shared_by(limiter, gateway) else {
+        return admit(
+            decision,
+            route,
+            limiter,
+            peer,
+            headers,
+            &gateway.trusted_proxies,
+        );
+    };
+    let policy = limiter.settings();
+    let client = client_key(peer, headers, &policy.client, &gateway.trusted_proxies);
+    let checked = crate::ratelimit::cluster::check(limiter, cluster, &client).await;
+    settle(decision, route, limiter, &client, checked)
+}
+
+/// Counts and logs an over-limit decision, keeps it in `decision`; `Err` when refused.
+fn settle(
+    decision: &mut Option<Decision>,
+    route: &Route,
+    limiter: &RateLimiter,
+    client: &ClientKey,
+    checked: Decision,
+) -> Result<(), StoaError> {
+    let policy = limiter.settings();
     if checked.over_limit {
         if let Some(counter) = &route.rate_limited {
             counter.inc();

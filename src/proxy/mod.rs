@@ -68,9 +68,10 @@ impl StoaProxy {
 }
 
 /// The steps every request takes before its route's way of answering: stoa's limits on a
-/// head, the normal form of the path, the route and the URI it sends upstream, admission
-/// by an every-request rate limit, the announced body size. `Ok` is the route (borrowed
-/// from `gateway`) and the upstream path and query; `Err` the answer.
+/// head, the normal form of the path, the route and the URI it sends upstream (then
+/// [`admit_request`]: admission by an every-request rate limit, the announced body size).
+/// `Ok` is the route (borrowed from `gateway`) and the upstream path and query; `Err` the
+/// answer.
 fn route_request<'g>(
     session: &Session,
     ctx: &mut RequestCtx,
@@ -110,18 +111,22 @@ fn route_request<'g>(
         .routes()
         .get(index)
         .ok_or_else(|| StoaError::Internal("route vanished".into()))?;
-    if let Some(limiter) = limit::on_every_request(route) {
-        limit::admit(
-            &mut ctx.limit,
-            route,
-            limiter,
-            peer_addr(session),
-            &req.headers,
-            &gateway.trusted_proxies,
-        )?;
-    }
-    body::announced_within(req, gateway.max_body_bytes)?;
     Ok((route, uri))
+}
+
+/// Admission by the route's every-request rate limit (awaited: a cluster-scope policy asks
+/// Redis), then the announced body size.
+async fn admit_request(
+    req: &RequestHeader,
+    peer: Option<IpAddr>,
+    ctx: &mut RequestCtx,
+    gateway: &Gateway,
+    route: &Route,
+) -> std::result::Result<(), StoaError> {
+    if let Some(limiter) = limit::on_every_request(route) {
+        limit::admit_async(&mut ctx.limit, route, limiter, gateway, peer, &req.headers).await?;
+    }
+    body::announced_within(req, gateway.max_body_bytes)
 }
 
 #[async_trait]
@@ -157,6 +162,11 @@ impl ProxyHttp for StoaProxy {
                 return Ok(true);
             }
         };
+        let peer = peer_addr(session);
+        if let Err(e) = admit_request(session.req_header(), peer, ctx, &gateway, route).await {
+            self.answer_error(session, ctx, &e).await?;
+            return Ok(true);
+        }
         if let Some(cached) = &route.cache {
             cached::serve(session, ctx, &self.lifecycle, route, cached, uri).await?;
             return Ok(true);

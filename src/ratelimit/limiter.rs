@@ -230,6 +230,21 @@ impl<C: Clock> RateLimiter<C> {
         &self.settings
     }
 
+    /// `T`, the time for one request's worth of capacity to come back.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// `B`, the burst as the bucket uses it.
+    /// The policy's draft header pieces, shared by its decisions.
+    pub fn fields(&self) -> Arc<PolicyFields> {
+        Arc::clone(&self.fields)
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst
+    }
+
     /// Counts one request of `key` and says whether it may pass.
     ///
     /// Cheap and non-blocking: a lookup in a sharded map (the key is cloned only for a new
@@ -334,7 +349,7 @@ impl ShrinkableKeyedStateStore<ClientKey> for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{AppliesTo, ClientSource};
+    use crate::config::{AppliesTo, ClientSource, Scope};
     use governor::clock::FakeRelativeClock;
     use std::net::{IpAddr, Ipv4Addr};
 
@@ -346,6 +361,7 @@ mod tests {
             client: ClientSource::Ip,
             applies_to: AppliesTo::All,
             mode,
+            scope: Scope::Local,
         }
     }
 

@@ -10,6 +10,7 @@
 //! Nothing here is global: every limiter is owned by whoever builds it from the configuration
 //! (policies are validated in [`crate::config`]).
 
+pub mod cluster;
 pub mod identity;
 pub mod limiter;
 pub mod upstream;

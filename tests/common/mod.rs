@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 pub use stoa_demo::{Api, DemoServer, Knobs};
 
+pub mod redis;
+
 pub const STOA: &str = env!("CARGO_BIN_EXE_stoa");
 
 /// A port nobody listens on right now (bound, then released).
