@@ -15,7 +15,7 @@ use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::AdminApp;
-use crate::cache::tier::{Tier, TierMetrics};
+use crate::cache::tier::Tier;
 use crate::cache::CacheEngine;
 use crate::cluster::Cluster;
 use crate::config::{Config, EnvOverrides};
@@ -51,12 +51,9 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
         ),
         None => None,
     };
-    // Registered with or without a cluster: every dashboard series exists everywhere.
-    let tier_metrics =
-        TierMetrics::register(metrics.registry()).context("cannot set up cache metrics")?;
     let tier = cluster
         .as_ref()
-        .map(|c| Tier::new(c.clone(), tier_metrics.clone()));
+        .map(|c| Tier::new(c.clone(), metrics.tier().clone()));
     let cache = CacheEngine::with_tier(config.cache.max_bytes, tier);
     let shared = Shared {
         cache: cache.clone(),

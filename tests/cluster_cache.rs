@@ -99,7 +99,11 @@ async fn wait_redis_up(nodes: &[StoaProcess], up: bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
     for node in nodes {
         while sample(&node.metrics().await, "stoa_cluster_redis_up") != Some(want) {
-            assert!(Instant::now() < deadline, "redis up={up} never seen:\n{}", node.log());
+            assert!(
+                Instant::now() < deadline,
+                "redis up={up} never seen:\n{}",
+                node.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -143,7 +147,10 @@ async fn one_cold_key_costs_one_call(redis: &str) {
         let m = node.metrics().await;
         l2_hits += sample(&m, "stoa_cache_l2_lookups_total{result=\"hit\"}").unwrap_or(0.0);
     }
-    assert!(l2_hits >= 2.0, "nodes that did not fetch read the shared tier");
+    assert!(
+        l2_hits >= 2.0,
+        "nodes that did not fetch read the shared tier"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -239,7 +246,11 @@ async fn a_purge_on_one_node_reaches_the_others_and_redis() {
     let get = |n: usize| http.get(nodes[n].url("/items/p")).send();
     assert_eq!(x_cache(&get(0).await.unwrap()), "MISS");
     get(1).await.unwrap();
-    assert_eq!(x_cache(&get(1).await.unwrap()), "HIT", "B holds it in memory");
+    assert_eq!(
+        x_cache(&get(1).await.unwrap()),
+        "HIT",
+        "B holds it in memory"
+    );
     assert_eq!(origin.calls(), 1);
     let r = http
         .post(nodes[0].admin_url("/admin/purge"))
@@ -259,7 +270,11 @@ async fn a_purge_on_one_node_reaches_the_others_and_redis() {
         assert!(Instant::now() < deadline, "B still serves the purged entry");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(origin.calls(), 2, "not found in Redis either: fetched again");
+    assert_eq!(
+        origin.calls(),
+        2,
+        "not found in Redis either: fetched again"
+    );
     let cache: serde_json::Value = http
         .get(nodes[1].admin_url("/admin/cache"))
         .bearer_auth(TOKEN)
@@ -271,6 +286,32 @@ async fn a_purge_on_one_node_reaches_the_others_and_redis() {
         .unwrap();
     assert_eq!(cache["l2"]["up"], true, "{cache}");
     assert!(cache["l2"]["purges_applied"].as_u64() >= Some(1), "{cache}");
+
+    // A node with [cluster] exports every series of the dashboard's cluster panels.
+    let dashboard =
+        std::fs::read_to_string(common::repo_path("dashboards/stoa-grafana.json")).unwrap();
+    let text = nodes[1].metrics().await;
+    let mut rest = dashboard.as_str();
+    while let Some(at) = rest.find("stoa_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        rest = &tail[end..];
+        if !name.starts_with("stoa_cluster_") && !name.starts_with("stoa_cache_l2_") {
+            continue;
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| text.contains(&format!("# TYPE {f} ")))
+            .unwrap_or(name);
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "the dashboard queries {name}, absent from a clustered node:\n{text}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -297,5 +338,9 @@ async fn redis_stopped_under_load_fails_nothing_and_is_used_again_when_back() {
     let before = origin.calls();
     let answers = stampede(&nodes, "/items/after", 300).await;
     assert!(answers.iter().all(|(s, _)| *s == 200));
-    assert_eq!(origin.calls(), before + 1, "shared again: one call cluster-wide");
+    assert_eq!(
+        origin.calls(),
+        before + 1,
+        "shared again: one call cluster-wide"
+    );
 }

@@ -685,12 +685,20 @@ fn hash_text(text: &str) -> String {
     format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
 }
 
-/// `at` as wall-clock milliseconds since the epoch, `now` being the same moment as the
-/// current wall clock.
-fn wall_ms(at: Instant, now: Instant) -> i64 {
-    let wall = SystemTime::now()
+/// The wall clock now, in milliseconds since the epoch.
+fn wall_now() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `at` as wall-clock milliseconds since the epoch, `now` being the current moment.
+fn wall_ms(at: Instant, now: Instant) -> i64 {
+    wall_at(at, now, wall_now())
+}
+
+/// `at` as wall-clock milliseconds, `now` being the moment the wall clock read `wall`.
+fn wall_at(at: Instant, now: Instant, wall: i64) -> i64 {
     if at >= now {
         wall + at.duration_since(now).as_millis() as i64
     } else {
@@ -741,16 +749,17 @@ fn pairs(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
 /// `MAGIC`, the head's length (4 bytes, big-endian), the MessagePack head, the body.
 pub fn encode(entry: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
     let now = Instant::now();
+    let wall = wall_now();
     let head = Head {
         key: key.as_str().to_string(),
         status: entry.header.status.as_u16(),
         headers: pairs(&entry.header.headers),
-        stored_at: wall_ms(entry.stored_at, now),
+        stored_at: wall_at(entry.stored_at, now, wall),
         upstream_age: entry.upstream_age,
-        fresh_until: wall_ms(entry.fresh_until, now),
-        revalidate_until: wall_ms(entry.revalidate_until, now),
-        error_until: wall_ms(entry.error_until, now),
-        refresh_at: entry.refresh_at.map(|at| wall_ms(at, now)),
+        fresh_until: wall_at(entry.fresh_until, now, wall),
+        revalidate_until: wall_at(entry.revalidate_until, now, wall),
+        error_until: wall_at(entry.error_until, now, wall),
+        refresh_at: entry.refresh_at.map(|at| wall_at(at, now, wall)),
         shareable_with_authorization: entry.shareable_with_authorization,
         recipe: entry.recipe.as_ref().map(|r| Recipe {
             method: r.method.as_str().to_string(),
@@ -807,7 +816,7 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
         None => None,
     };
     let now = Instant::now();
-    let wall = wall_ms(now, now);
+    let wall = wall_now();
     let at = |ms: i64| instant_of(ms, now, wall);
     let validators = Validators::of(&header.headers);
     let life = Lifetimes {
@@ -876,7 +885,8 @@ mod tests {
         assert!(back.validators.is_some());
         let near = |a: Instant, b: Instant| {
             let d = if a > b { a - b } else { b - a };
-            d < Duration::from_millis(5)
+            // Instants and the wall clock are read apart: a busy machine may pause between.
+            d < Duration::from_millis(50)
         };
         assert!(near(back.fresh_until, e.fresh_until));
         assert!(near(back.revalidate_until, e.revalidate_until));

@@ -130,7 +130,10 @@ impl RedisCluster {
         for &port in &cluster.ports {
             let deadline = Instant::now() + Duration::from_secs(10);
             while ping(port).as_deref() != Some("+PONG") {
-                assert!(Instant::now() < deadline, "redis node {port} never answered");
+                assert!(
+                    Instant::now() < deadline,
+                    "redis node {port} never answered"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
@@ -186,7 +189,10 @@ fn ping(port: u16) -> Option<String> {
     stream.write_all(b"PING\r\n").ok()?;
     let mut buf = [0u8; 64];
     let n = stream.read(&mut buf).ok()?;
-    String::from_utf8_lossy(&buf[..n]).lines().next().map(str::to_string)
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .map(str::to_string)
 }
 
 impl Drop for RedisCluster {
