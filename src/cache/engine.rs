@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 
+use super::encoding::{self, Compressed, Variants};
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
@@ -25,6 +26,8 @@ pub struct CachedRoute {
     pub origin_name: String,
     /// `stoa_cache_too_large_total{route}`: answers larger than `max_entry_bytes`.
     pub too_large: prometheus::IntCounter,
+    /// Compressions done and bytes saved, by coding (shared by every route).
+    pub compressions: encoding::Counters,
 }
 
 impl CachedRoute {
@@ -401,7 +404,8 @@ impl CacheEngine {
     pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
         match route.fetch(fetch).await {
             Ok(Answer::Whole(fetched)) => {
-                match fetched_to_entry(fetched, &route.settings, 0, Instant::now(), None) {
+                let none = Compressed::none();
+                match fetched_to_entry(fetched, &route.settings, 0, Instant::now(), None, none) {
                     Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
                     Err(e) => Served::Error(e, CacheStatus::Bypass),
                 }
@@ -447,7 +451,22 @@ impl CacheEngine {
         let recipe = Arc::new(owned_request(&fetch));
         tokio::spawn(async move {
             let outcome = match route.fetch(fetch).await {
-                Ok(Answer::Whole(fetched)) => engine.settle(&route, lead.key(), fetched, recipe),
+                Ok(Answer::Whole(fetched)) => {
+                    // Compressed (and an encoded answer decoded) off the request path,
+                    // before the entry is weighed and stored.
+                    let store = disposition(&fetched, &route.settings) == Disposition::Store
+                        && !fetched.status.is_server_error();
+                    let limit = usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
+                    let compression = route.settings.compression.clone();
+                    match encoding::prepare(compression, &route.compressions, fetched, store, limit)
+                        .await
+                    {
+                        Ok((fetched, compressed)) => {
+                            engine.settle(&route, lead.key(), fetched, recipe, compressed)
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    }
+                }
                 Ok(Answer::Streaming(streaming)) => {
                     // Whatever was stored under this key is outdated now, unless this is
                     // an upstream error (the stored copy may serve instead).
@@ -484,6 +503,7 @@ impl CacheEngine {
         key: &Arc<CacheKey>,
         fetched: Fetched,
         recipe: Arc<FetchRequest>,
+        compressed: Compressed,
     ) -> Outcome {
         match fetched_to_entry(
             fetched,
@@ -491,6 +511,7 @@ impl CacheEngine {
             key.byte_len(),
             Instant::now(),
             Some(recipe),
+            compressed,
         ) {
             Err(e) => Outcome::Failed(e),
             Ok((entry, Disposition::Store)) => {
@@ -543,6 +564,7 @@ fn fetched_to_entry(
     key_len: usize,
     now: Instant,
     recipe: Option<Arc<FetchRequest>>,
+    compressed: Compressed,
 ) -> Result<(Arc<Entry>, Disposition), StoaError> {
     let status = fetched.status.as_u16();
     let server_error = fetched.status.is_server_error();
@@ -593,8 +615,15 @@ fn fetched_to_entry(
         stale_if_error: settings.stale_if_error,
         refresh_ahead: settings.refresh_ahead,
     };
+    // Every answer of a route that compresses varies by `Accept-Encoding`.
+    if settings.compression.is_some() {
+        encoding::add_vary(&mut header)?;
+    }
+    let variants = Variants::build(&header, compressed)?;
     let entry = Arc::new(
-        Entry::new(header, body, key_len, now, life, recipe).with_upstream_age(upstream_age),
+        Entry::new(header, body, key_len, now, life, recipe)
+            .with_upstream_age(upstream_age)
+            .with_variants(variants),
     );
     let disposition = match disposition {
         Disposition::Store if ttl.is_zero() => Disposition::Share,
@@ -741,14 +770,23 @@ mod tests {
             warm: Vec::new(),
             refresh_hook: None,
             max_entry_bytes: 1 << 20,
+            compress: None,
+            compression: None,
         };
         let too_large = prometheus::IntCounter::new("too_large", "test").unwrap();
+        let c = |n: &str| prometheus::IntCounter::new(n, "test").unwrap();
+        let compressions = encoding::Counters::new([
+            (c("br"), c("br_saved")),
+            (c("zstd"), c("zstd_saved")),
+            (c("gzip"), c("gzip_saved")),
+        ]);
         Arc::new(CachedRoute {
             name: name.to_string(),
             settings,
             origin,
             origin_name: "test".to_string(),
             too_large,
+            compressions,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The response cache: key derivation, storage, single flight and freshness, in front of
 //! an [`Origin`] it knows only by its trait.
 
+pub mod encoding;
 pub mod engine;
 pub mod flight;
 pub mod key;

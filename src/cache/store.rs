@@ -12,6 +12,7 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
+use super::encoding::{Variant, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use crate::config::capacity::{
@@ -39,6 +40,8 @@ pub struct Entry {
     pub recipe: Option<Arc<FetchRequest>>,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
+    /// Compressed forms of the body, weighed with it.
+    variants: Variants,
     weight: u64,
 }
 
@@ -86,6 +89,27 @@ impl Entry {
             error_until: fresh_until + life.stale_if_error.max(life.stale_while_revalidate),
             refresh_at: life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f)),
             refreshing: AtomicBool::new(false),
+            variants: Variants::default(),
+        }
+    }
+
+    /// With compressed forms of the body, weighed with the entry (before it is stored:
+    /// the store weighs an entry when it is inserted).
+    pub fn with_variants(mut self, variants: Variants) -> Self {
+        self.weight += variants.weight();
+        self.variants = variants;
+        self
+    }
+
+    /// The head and body to answer a client with this `Accept-Encoding`: a compressed
+    /// variant if it accepts one, else the identity answer.
+    pub fn pick(&self, accept: Option<&http::HeaderValue>) -> (&ResponseHeader, &Bytes) {
+        if self.variants.is_empty() {
+            return (&self.header, &self.body);
+        }
+        match self.variants.pick(accept) {
+            Some(Variant { header, body, .. }) => (header, body),
+            None => (&self.header, &self.body),
         }
     }
 

@@ -33,7 +33,8 @@ pub use aggregate::spec::{
 };
 pub use assemble::Config;
 pub use cache::settings::{
-    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
+    CacheSettings, Coding, CompressionSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook,
+    UnkeyedBody, WarmRequest,
 };
 pub use cache::CacheStoreSettings;
 pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, MAX_REFILL};

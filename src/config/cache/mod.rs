@@ -1,16 +1,17 @@
 //! Validation of the `[cache]` section and of each route's `cache` table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
 
 use crate::config::capacity;
-use crate::config::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
+use crate::config::raw::{RawCache, RawCacheSection, RawCompression, RawKeyBody, RawWarm};
 use crate::config::validate::Validator;
 use crate::config::RouteSpec;
 use crate::routes::PathTemplate;
 use settings::{
-    CacheSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
+    CacheSettings, Coding, CompressionSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
 };
 
 pub mod settings;
@@ -36,6 +37,8 @@ pub struct CacheStoreSettings {
     pub max_bytes: u64,
     /// Largest answer body stored, for routes that do not say.
     pub max_entry_bytes: u64,
+    /// `[cache.compression]`.
+    pub compression: Arc<CompressionSettings>,
 }
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
@@ -280,6 +283,8 @@ impl Validator<'_> {
             jitter: jitter?,
             ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
             max_entry_bytes: max_entry_bytes?,
+            compress: raw.compress,
+            compression: None,
         })
     }
 
@@ -303,10 +308,97 @@ impl Validator<'_> {
             );
             return None;
         }
+        let compression = self.compression(raw.compression.unwrap_or_default());
         Some(CacheStoreSettings {
             max_bytes,
             max_entry_bytes,
+            compression: Arc::new(compression?),
         })
+    }
+
+    /// `[cache.compression]`: every key checked, each problem explained.
+    fn compression(&mut self, raw: RawCompression) -> Option<CompressionSettings> {
+        let defaults = CompressionSettings::default();
+        let mut ok = true;
+        let encodings = match raw.encodings {
+            None => defaults.encodings,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, token) in list.iter().enumerate() {
+                    let key = format!("cache.compression.encodings[{i}]");
+                    match Coding::parse(token.trim()) {
+                        Some(c) if out.contains(&c) => {
+                            self.problem(key, format!("{token:?} is listed twice"));
+                            ok = false;
+                        }
+                        Some(c) => out.push(c),
+                        None => {
+                            self.problem(
+                                key,
+                                format!("{token:?} is not one of br, zstd, gzip (the codings stoa compresses with)"),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let min_bytes = self.size(
+            "cache.compression.min_bytes",
+            raw.min_bytes.as_ref(),
+            defaults.min_bytes,
+        );
+        let types = match raw.types {
+            None => defaults.types,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, t) in list.iter().enumerate() {
+                    let t = t.trim().to_ascii_lowercase();
+                    let well_formed = match t.strip_prefix('+') {
+                        Some(suffix) => !suffix.is_empty() && !suffix.contains('/'),
+                        None => t
+                            .split_once('/')
+                            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a != "*"),
+                    };
+                    if well_formed {
+                        out.push(t);
+                    } else {
+                        self.problem(
+                            format!("cache.compression.types[{i}]"),
+                            format!("{t:?} is not a media type: write \"application/json\", \"text/*\" or a suffix such as \"+json\""),
+                        );
+                        ok = false;
+                    }
+                }
+                out
+            }
+        };
+        let settings = CompressionSettings {
+            enabled: raw.enabled.unwrap_or(defaults.enabled),
+            encodings,
+            min_bytes: min_bytes?,
+            types,
+        };
+        ok.then_some(settings)
+    }
+
+    /// Gives every cached route its compression: its own `compress` switch, else
+    /// `cache.compression.enabled`; a route that compresses with no encodings listed
+    /// compresses nothing.
+    pub(super) fn cache_compression(
+        &mut self,
+        routes: &mut [(usize, RouteSpec)],
+        store: &CacheStoreSettings,
+    ) {
+        for (_, route) in routes.iter_mut() {
+            let Some(cache) = route.cache.as_mut() else {
+                continue;
+            };
+            let on = cache.compress.unwrap_or(store.compression.enabled)
+                && !store.compression.encodings.is_empty();
+            cache.compression = on.then(|| store.compression.clone());
+        }
     }
 
     /// Gives every cached route its `max_entry_bytes` (its own, checked against the store,
