@@ -307,7 +307,8 @@ impl Metrics {
     pub fn compressions(&self) -> prometheus::Result<Counters> {
         let pair = |c: Coding| -> prometheus::Result<(IntCounter, IntCounter)> {
             Ok((
-                self.compressions.get_metric_with_label_values(&[c.token()])?,
+                self.compressions
+                    .get_metric_with_label_values(&[c.token()])?,
                 self.compression_saved
                     .get_metric_with_label_values(&[c.token()])?,
             ))

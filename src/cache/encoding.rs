@@ -94,7 +94,11 @@ impl Variants {
             if let Some(weak) = h.headers.get(header::ETAG).and_then(weakened) {
                 h.insert_header(header::ETAG, weak).map_err(internal)?;
             }
-            out.push(Variant { coding, header: h, body });
+            out.push(Variant {
+                coding,
+                header: h,
+                body,
+            });
         }
         Ok(Variants(out.into_boxed_slice()))
     }
@@ -372,7 +376,10 @@ mod tests {
             Some(Coding::Gzip)
         );
         let zstd_first = [Coding::Zstd, Coding::Br];
-        assert_eq!(choose(b"br, zstd", zstd_first.into_iter()), Some(Coding::Zstd));
+        assert_eq!(
+            choose(b"br, zstd", zstd_first.into_iter()),
+            Some(Coding::Zstd)
+        );
     }
 
     #[test]
@@ -382,8 +389,16 @@ mod tests {
             .collect();
         for coding in Coding::ALL {
             let packed = compress(coding, &body).unwrap();
-            assert!(packed.len() < body.len() / 4, "{coding:?}: {}", packed.len());
-            assert_eq!(decode(coding, &packed, body.len()).unwrap(), body, "{coding:?}");
+            assert!(
+                packed.len() < body.len() / 4,
+                "{coding:?}: {}",
+                packed.len()
+            );
+            assert_eq!(
+                decode(coding, &packed, body.len()).unwrap(),
+                body,
+                "{coding:?}"
+            );
             assert!(
                 decode(coding, &packed, body.len() - 1).is_none(),
                 "{coding:?}: over the limit"
@@ -408,7 +423,13 @@ mod tests {
         ] {
             assert!(s.compresses_type(t.as_bytes()), "{t}");
         }
-        for t in ["image/png", "application/octet-stream", "video/mp4", "json", ""] {
+        for t in [
+            "image/png",
+            "application/octet-stream",
+            "video/mp4",
+            "json",
+            "",
+        ] {
             assert!(!s.compresses_type(t.as_bytes()), "{t}");
         }
     }
@@ -442,7 +463,13 @@ mod tests {
         assert!(none.0.is_empty(), "small");
         let (_, none) = prepare_now(&s, &c, fetched("image/png", big.as_bytes()), true, 1 << 20);
         assert!(none.0.is_empty(), "binary");
-        let (_, none) = prepare_now(&s, &c, fetched("text/plain", big.as_bytes()), false, 1 << 20);
+        let (_, none) = prepare_now(
+            &s,
+            &c,
+            fetched("text/plain", big.as_bytes()),
+            false,
+            1 << 20,
+        );
         assert!(none.0.is_empty(), "not stored");
         assert_eq!(c.by_coding[2].0.get(), 0);
         let (f, some) = prepare_now(&s, &c, fetched("text/plain", big.as_bytes()), true, 1 << 20);
@@ -482,7 +509,10 @@ mod tests {
         let s = CompressionSettings::default();
         let c = counters();
         let body = "{\"menu\":\"soup\"}".repeat(100);
-        let mut f = fetched("application/json", &compress(Coding::Gzip, body.as_bytes()).unwrap());
+        let mut f = fetched(
+            "application/json",
+            &compress(Coding::Gzip, body.as_bytes()).unwrap(),
+        );
         f.headers
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         let (f, variants) = prepare_now(&s, &c, f, true, 1 << 20);
@@ -491,7 +521,10 @@ mod tests {
         assert_eq!(f.headers[header::ETAG], "W/\"v1\"");
         assert_eq!(variants.0.len(), 3);
         // Too large once decoded, or not decodable: kept as sent, not compressed again.
-        let mut f = fetched("application/json", &compress(Coding::Gzip, body.as_bytes()).unwrap());
+        let mut f = fetched(
+            "application/json",
+            &compress(Coding::Gzip, body.as_bytes()).unwrap(),
+        );
         f.headers
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         let sent = f.body.clone();

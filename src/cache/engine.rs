@@ -456,7 +456,8 @@ impl CacheEngine {
                     // before the entry is weighed and stored.
                     let store = disposition(&fetched, &route.settings) == Disposition::Store
                         && !fetched.status.is_server_error();
-                    let limit = usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
+                    let limit =
+                        usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
                     let compression = route.settings.compression.clone();
                     match encoding::prepare(compression, &route.compressions, fetched, store, limit)
                         .await

@@ -11,7 +11,8 @@ use crate::config::validate::Validator;
 use crate::config::RouteSpec;
 use crate::routes::PathTemplate;
 use settings::{
-    CacheSettings, Coding, CompressionSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody, WarmRequest,
+    CacheSettings, Coding, CompressionSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook,
+    UnkeyedBody, WarmRequest,
 };
 
 pub mod settings;
