@@ -528,4 +528,68 @@ mod tests {
         assert_eq!(cache.key_headers[0].as_str(), "accept-language");
         assert_eq!(c.cache.max_bytes, 1024 * 1024);
     }
+
+    #[test]
+    fn compression_is_validated_and_switched_per_route() {
+        let routes = r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "on"
+            methods = ["GET"]
+            path = "/on"
+            upstream = "u"
+            cache = { ttl = "10s" }
+            [[routes]]
+            name = "off"
+            methods = ["GET"]
+            path = "/off"
+            upstream = "u"
+            cache = { ttl = "10s", compress = false }
+        "#;
+        let bad = format!(
+            "[cache.compression]\nencodings = [\"gzip\", \"deflate\", \"gzip\"]\n\
+             types = [\"json\", \"+\", \"text/*\"]\nmin_bytes = \"lots\"\n{routes}"
+        );
+        let p = problems(&bad);
+        let expect = [
+            "cache.compression.encodings[1]: \"deflate\" is not one of br, zstd, gzip",
+            "cache.compression.encodings[2]: \"gzip\" is listed twice",
+            "cache.compression.types[0]: \"json\" is not a media type",
+            "cache.compression.types[1]: \"+\" is not a media type",
+            "cache.compression.min_bytes:",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        let on = |c: &crate::config::Config, i: usize| {
+            c.routes[i].cache.as_ref().unwrap().compression.is_some()
+        };
+        let c = load_str(routes, EnvOverrides::Ignore).unwrap();
+        assert!(
+            on(&c, 0) && !on(&c, 1),
+            "on by default, off by the route's key"
+        );
+        let c = c.cache.compression;
+        assert_eq!(c.min_bytes, 1024);
+        assert_eq!(c.encodings.len(), 3);
+        let text = format!(
+            "[cache.compression]\nenabled = false\nencodings = [\"gzip\"]\n{}",
+            routes.replace("compress = false", "compress = true")
+        );
+        let c = load_str(&text, EnvOverrides::Ignore).unwrap();
+        assert!(
+            !on(&c, 0) && on(&c, 1),
+            "off globally, on by the route's key"
+        );
+        assert_eq!(
+            c.cache.compression.encodings,
+            vec![crate::config::Coding::Gzip]
+        );
+    }
 }
