@@ -369,6 +369,14 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
                 .cache_too_large(&spec.name)
                 .map_err(metric_err)?,
             compressions: parts.metrics.compressions().map_err(metric_err)?,
+            revalidations: parts
+                .metrics
+                .cache_revalidations(&spec.name)
+                .map_err(metric_err)?,
+            not_modified: parts
+                .metrics
+                .cache_not_modified(&spec.name)
+                .map_err(metric_err)?,
         })),
         _ => None,
     };

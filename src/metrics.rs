@@ -18,6 +18,7 @@ use prometheus::{
 };
 
 use crate::cache::encoding::Counters;
+use crate::cache::engine::Revalidations;
 use crate::cache::CacheStatus;
 use crate::config::Coding;
 
@@ -79,6 +80,8 @@ pub struct Metrics {
     cache_too_large: IntCounterVec,
     compressions: IntCounterVec,
     compression_saved: IntCounterVec,
+    cache_revalidations: IntCounterVec,
+    cache_not_modified: IntCounterVec,
     in_flight: IntGauge,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
@@ -199,6 +202,26 @@ impl Metrics {
             compressions.get_metric_with_label_values(&[coding.token()])?;
             compression_saved.get_metric_with_label_values(&[coding.token()])?;
         }
+        let cache_revalidations = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_revalidations_total",
+                    "Stored answers revalidated upstream, by route and result (not_modified, modified, failed).",
+                ),
+                &["route", "result"],
+            )?,
+        )?;
+        let cache_not_modified = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_not_modified_total",
+                    "304 answers stoa gave to clients' conditional requests from memory, by route.",
+                ),
+                &["route"],
+            )?,
+        )?;
         let in_flight = register(
             &registry,
             IntGauge::new(
@@ -245,6 +268,8 @@ impl Metrics {
             cache_too_large,
             compressions,
             compression_saved,
+            cache_revalidations,
+            cache_not_modified,
             in_flight,
         })
     }
@@ -318,6 +343,25 @@ impl Metrics {
             pair(Coding::Zstd)?,
             pair(Coding::Gzip)?,
         ]))
+    }
+
+    /// The counters of a cached route's revalidations, by result (exported at zero).
+    pub fn cache_revalidations(&self, route: &str) -> prometheus::Result<Revalidations> {
+        let result = |r: &str| {
+            self.cache_revalidations
+                .get_metric_with_label_values(&[route, r])
+        };
+        Ok(Revalidations {
+            not_modified: result("not_modified")?,
+            modified: result("modified")?,
+            failed: result("failed")?,
+        })
+    }
+
+    /// The counter of 304s a cached route answers from memory (exported at zero).
+    pub fn cache_not_modified(&self, route: &str) -> prometheus::Result<IntCounter> {
+        self.cache_not_modified
+            .get_metric_with_label_values(&[route])
     }
 
     /// Sets `stoa_cache_entries` and `stoa_cache_bytes` (e.g. from the store before a scrape).

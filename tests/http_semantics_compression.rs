@@ -55,13 +55,24 @@ fn decode(coding: &str, body: &[u8]) -> Vec<u8> {
 
 /// An origin answering one request per connection, by the last path segment: `big` (JSON,
 /// `ETag: "v1"`), `small` (a short JSON), `binary` (image/png), `gzipped` (JSON sent
-/// gzip-encoded whatever the request asked). It counts requests and keeps the
-/// `Accept-Encoding` each carried.
+/// gzip-encoded whatever the request asked), `reval` (the big JSON with `ETag: "r1"` and
+/// `X-Round: 1`; a request with `If-None-Match` gets a 304 with `X-Round: 2`). It counts
+/// requests and keeps the `Accept-Encoding` and `If-None-Match` each carried.
 struct Origin {
     addr: SocketAddr,
     calls: Arc<AtomicU64>,
     accept_encodings: Arc<Mutex<Vec<Option<String>>>>,
+    if_none_match: Arc<Mutex<Vec<Option<String>>>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+fn header_line(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
 }
 
 impl Origin {
@@ -71,13 +82,18 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let calls = Arc::new(AtomicU64::new(0));
         let accept_encodings = Arc::new(Mutex::new(Vec::new()));
-        let (c, ae) = (calls.clone(), accept_encodings.clone());
+        let if_none_match = Arc::new(Mutex::new(Vec::new()));
+        let (c, ae, inm) = (
+            calls.clone(),
+            accept_encodings.clone(),
+            if_none_match.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut sock, _)) = listener.accept().await else {
                     return;
                 };
-                let (c, ae) = (c.clone(), ae.clone());
+                let (c, ae, inm) = (c.clone(), ae.clone(), inm.clone());
                 tokio::spawn(async move {
                     let mut buf = Vec::new();
                     let Some(end) = read_head(&mut sock, &mut buf).await else {
@@ -85,14 +101,18 @@ impl Origin {
                     };
                     c.fetch_add(1, Ordering::SeqCst);
                     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                    let sent = head.lines().find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.trim()
-                            .eq_ignore_ascii_case("accept-encoding")
-                            .then(|| v.trim().to_string())
-                    });
+                    let sent = header_line(&head, "accept-encoding");
                     ae.lock().unwrap().push(sent);
+                    let conditional = header_line(&head, "if-none-match");
+                    inm.lock().unwrap().push(conditional.clone());
                     let target = head.split(' ').nth(1).unwrap_or_default().to_string();
+                    if target.ends_with("/reval") && conditional.is_some() {
+                        let head = "HTTP/1.1 304 Not Modified\r\nETag: \"r1\"\r\n\
+                                    X-Round: 2\r\nConnection: close\r\n\r\n";
+                        let _ = sock.write_all(head.as_bytes()).await;
+                        let _ = sock.shutdown().await;
+                        return;
+                    }
                     let (ctype, extra, body): (&str, &str, Vec<u8>) =
                         match target.rsplit('/').next().unwrap_or_default() {
                             "small" => ("application/json", "", b"{\"ok\":true}".to_vec()),
@@ -101,6 +121,11 @@ impl Origin {
                                 "application/json",
                                 "Content-Encoding: gzip\r\nETag: \"g1\"\r\n",
                                 gzip(big_json().as_bytes()),
+                            ),
+                            "reval" => (
+                                "application/json",
+                                "ETag: \"r1\"\r\nX-Round: 1\r\n",
+                                big_json().into_bytes(),
                             ),
                             _ => (
                                 "application/json",
@@ -123,6 +148,7 @@ impl Origin {
             addr,
             calls,
             accept_encodings,
+            if_none_match,
             task,
         }
     }
@@ -411,5 +437,162 @@ async fn an_entry_is_weighed_with_its_variants() {
     assert!(
         with <= without + compressed_bytes + 3 * 512,
         "{with} vs {without}"
+    );
+}
+
+/// `Cache-Status` without its `ttl` (which counts down between two requests).
+fn cache_status_kind(got: &Got) -> String {
+    let value = got.header("cache-status").expect("Cache-Status");
+    value
+        .split(';')
+        .map(str::trim)
+        .filter(|p| !p.starts_with("ttl="))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+async fn get_conditional(url: &str, accept_encoding: Option<&str>, if_none_match: &str) -> Got {
+    let mut req = reqwest::Client::new()
+        .get(url)
+        .header("if-none-match", if_none_match);
+    if let Some(ae) = accept_encoding {
+        req = req.header("accept-encoding", ae);
+    }
+    let r = req.send().await.unwrap();
+    Got {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        body: r.bytes().await.unwrap().to_vec(),
+    }
+}
+
+#[tokio::test]
+async fn a_conditional_request_on_a_compressed_variant_gets_304_from_memory() {
+    let origin = Origin::start().await;
+    let gw = start(&origin, "").await;
+    let url = gw.url("/c/big");
+    let gz = get_ae(&url, Some("gzip")).await;
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    assert_eq!(gz.header("etag"), Some("W/\"v1\""));
+    let identity_hit = get_ae(&url, None).await;
+    let gz_hit = get_ae(&url, Some("gzip")).await;
+    assert_eq!(
+        (gz_hit.header("x-cache"), identity_hit.header("x-cache")),
+        (Some("HIT"), Some("HIT"))
+    );
+    assert_eq!(cache_status_kind(&gz_hit), cache_status_kind(&identity_hit));
+
+    // The variant's own weak tag, asked by clients taking a compressed answer.
+    for accept in ["gzip", "br", "zstd, gzip;q=0.5"] {
+        let got = get_conditional(&url, Some(accept), "W/\"v1\"").await;
+        assert_eq!(got.status, 304, "{accept}");
+        assert!(got.body.is_empty());
+        assert_eq!(got.header("etag"), Some("W/\"v1\""), "{accept}");
+        assert!(got.vary_names_accept_encoding(), "{accept}");
+        assert_eq!(got.header("content-encoding"), None);
+        assert_eq!(got.header("content-length"), None);
+        assert_eq!(got.header("x-cache"), Some("HIT"));
+        assert_eq!(cache_status_kind(&got), cache_status_kind(&identity_hit));
+    }
+    // An identity client gets the identity head's strong tag, still with Vary.
+    let got = get_conditional(&url, None, "\"v1\"").await;
+    assert_eq!(got.status, 304);
+    assert_eq!(got.header("etag"), Some("\"v1\""));
+    assert!(got.vary_names_accept_encoding());
+    // Another tag: the whole compressed answer.
+    let got = get_conditional(&url, Some("gzip"), "W/\"v0\"").await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-encoding"), Some("gzip"));
+    assert_eq!(decode("gzip", &got.body), big_json().into_bytes());
+
+    assert_eq!(origin.calls.load(Ordering::SeqCst), 1, "all from memory");
+    let metrics = gw.metrics().await;
+    assert_eq!(
+        sample(&metrics, "stoa_cache_not_modified_total{route=\"cached\"}"),
+        Some(4.0)
+    );
+}
+
+#[tokio::test]
+async fn a_revalidated_entry_keeps_its_compressed_variants() {
+    let origin = Origin::start().await;
+    let gw = start(
+        &origin,
+        "[[routes]]\nname = \"short\"\nmethods = [\"GET\"]\npath = \"/r/{name}\"\n\
+         upstream = \"origin\"\ncache = { ttl = \"1s\" }\n",
+    )
+    .await;
+    let url = gw.url("/r/reval");
+    let identity = big_json().into_bytes();
+    let first = get_ae(&url, Some("br")).await;
+    assert_eq!(first.header("content-encoding"), Some("br"));
+    assert_eq!(first.header("x-round"), Some("1"));
+    let metrics = gw.metrics().await;
+    let weight_before = sample(&metrics, "stoa_cache_bytes").unwrap();
+    for coding in ["br", "zstd", "gzip"] {
+        assert_eq!(compressions(&metrics, coding), 1.0, "{coding}");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+
+    // Expired: revalidated upstream with the identity head's strong tag, answered 304.
+    let gz = get_ae(&url, Some("gzip")).await;
+    assert_eq!(gz.status, 200);
+    assert_eq!(gz.header("x-cache"), Some("MISS"));
+    assert_eq!(
+        *origin.if_none_match.lock().unwrap(),
+        vec![None, Some("\"r1\"".to_string())],
+        "revalidation asks with the upstream's own ETag, not the weakened one"
+    );
+    assert_eq!(gz.header("content-encoding"), Some("gzip"));
+    assert_eq!(
+        gz.header("content-length"),
+        Some(gz.body.len().to_string().as_str())
+    );
+    assert_eq!(decode("gzip", &gz.body), identity);
+    assert_eq!(gz.header("x-round"), Some("2"), "the 304's headers applied");
+    assert_eq!(gz.header("etag"), Some("W/\"r1\""));
+    assert!(gz.vary_names_accept_encoding());
+    assert!(
+        cache_status_kind(&gz).contains("fwd=miss; fwd-status=200; stored"),
+        "{:?}",
+        gz.header("cache-status")
+    );
+
+    for coding in ["br", "zstd"] {
+        let got = get_ae(&url, Some(coding)).await;
+        assert_eq!(got.header("x-cache"), Some("HIT"));
+        assert_eq!(got.header("content-encoding"), Some(coding));
+        assert_eq!(got.header("x-round"), Some("2"));
+        assert_eq!(got.header("etag"), Some("W/\"r1\""));
+        assert_eq!(decode(coding, &got.body), identity);
+    }
+    let plain = get_ae(&url, None).await;
+    assert_eq!(plain.header("x-cache"), Some("HIT"));
+    assert_eq!(plain.header("content-encoding"), None);
+    assert_eq!(plain.header("etag"), Some("\"r1\""));
+    assert_eq!(plain.header("x-round"), Some("2"));
+    assert_eq!(plain.body, identity);
+
+    assert_eq!(origin.calls.load(Ordering::SeqCst), 2);
+    let metrics = gw.metrics().await;
+    for coding in ["br", "zstd", "gzip"] {
+        assert_eq!(
+            compressions(&metrics, coding),
+            1.0,
+            "{coding}: no new compression"
+        );
+    }
+    assert_eq!(
+        sample(
+            &metrics,
+            "stoa_cache_revalidations_total{result=\"not_modified\",route=\"short\"}"
+        ),
+        Some(1.0)
+    );
+    // The same bodies and heads of the same sizes: the entry weighs what it did.
+    let weight_after = sample(&metrics, "stoa_cache_bytes").unwrap();
+    assert!(
+        (weight_after - weight_before).abs() < 64.0,
+        "{weight_before} before, {weight_after} after"
     );
 }

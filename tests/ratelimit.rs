@@ -39,6 +39,10 @@ fn policy(name: &str, body: &str) -> String {
     format!("[rate_limits.{name}]\n{body}\n\n")
 }
 
+/// These tests read the `RateLimit-Limit/-Remaining/-Reset` trio, which is no longer the
+/// default (the draft fields are: tests/http_semantics_status.rs).
+const LEGACY: &str = "rate_limit_headers = \"legacy\"";
+
 const TO_RESTAURANT: &str = "rewrite = \"/api/restaurant/{id}\"";
 
 fn calls(upstream: &DemoServer, path: &str) -> u64 {
@@ -175,7 +179,7 @@ async fn a_client_past_its_burst_gets_429_and_is_admitted_after_waiting_retry_af
         ),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
 
     // One request a minute, burst 5: the headers of allowed answers count down exactly.
@@ -241,7 +245,7 @@ async fn clients_are_limited_independently_by_api_key_and_by_peer_address() {
         route("who", "/who", "echo", "rate_limit = \"by_ip\""),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
     let keyed = gw.url("/keyed");
 
@@ -305,7 +309,7 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
 
     // Nobody is trusted: a spoofed X-Forwarded-For changes nothing, all of these are one
     // client, 127.0.0.1.
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let who = gw.url("/who");
     assert_eq!(get_with(&http, &who, xff, "198.51.100.1").await, 200);
     assert_eq!(get_with(&http, &who, xff, "198.51.100.2").await, 200);
@@ -314,7 +318,11 @@ async fn forwarded_for_counts_only_from_a_trusted_proxy() {
     drop(gw);
 
     // The peer is a trusted proxy: each forwarded address is a client of its own.
-    let gw = StoaProcess::start_with("trusted_proxies = [\"127.0.0.1/32\"]", &config).await;
+    let gw = StoaProcess::start_with(
+        &format!("{LEGACY}\ntrusted_proxies = [\"127.0.0.1/32\"]"),
+        &config,
+    )
+    .await;
     let who = gw.url("/who");
     assert_eq!(get_with(&http, &who, xff, "198.51.100.1").await, 200);
     assert_eq!(get_with(&http, &who, xff, "198.51.100.1").await, 200);
@@ -361,7 +369,7 @@ async fn a_misses_only_policy_never_throttles_cache_hits() {
         ),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
 
     // One miss fills the entry and uses one of two requests.
@@ -417,7 +425,7 @@ async fn dry_run_lets_everything_through_and_counts_what_would_have_been_refused
         ),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
     let trial = "stoa_rate_limited_total{policy=\"trial\",route=\"trial\"}";
     let strict = "stoa_rate_limited_total{policy=\"strict\",route=\"strict\"}";
@@ -469,7 +477,7 @@ async fn max_in_flight_bounds_pass_through_requests_and_sheds_the_overflow() {
         route("pass", "/pass/{id}", "restaurants", &limited),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
     let answers = concurrently(&http, vec![gw.url("/pass/dufva"); 6]).await;
     assert_eq!(count(&answers, 200), 6, "{answers:?}");
@@ -493,7 +501,7 @@ async fn max_in_flight_bounds_pass_through_requests_and_sheds_the_overflow() {
         route("pass", "/pass/{id}", "restaurants", &limited),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let answers = concurrently(&http, vec![gw.url("/pass/dufva"); 6]).await;
     assert_eq!(count(&answers, 200), 2, "{answers:?}");
     assert_eq!(count(&answers, 503), 4, "{answers:?}");
@@ -530,7 +538,7 @@ async fn cache_misses_take_upstream_slots_too() {
         route("cached", "/cached/{id}", "restaurants", &cached),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
     let urls = ids.iter().map(|id| gw.url(&format!("/cached/{id}")));
     let answers = concurrently(&http, urls.collect()).await;
@@ -552,7 +560,7 @@ async fn cache_misses_take_upstream_slots_too() {
         route("cached", "/cached/{id}", "restaurants", &cached),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let urls = ids.iter().map(|id| gw.url(&format!("/cached/{id}")));
     let answers = concurrently(&http, urls.collect()).await;
     assert_eq!(count(&answers, 200), 2, "{answers:?}");
@@ -593,7 +601,7 @@ async fn single_flight_waiters_take_no_upstream_slot() {
         route("pass", "/pass/{id}", "restaurants", TO_RESTAURANT),
     ]
     .concat();
-    let gw = StoaProcess::start(&config).await;
+    let gw = StoaProcess::start_with(LEGACY, &config).await;
     let http = reqwest::Client::new();
     let flight = tokio::spawn({
         let (http, url) = (http.clone(), gw.url("/cached/dufva"));
@@ -642,7 +650,11 @@ async fn default_rate_limit_covers_routes_naming_none_and_off_exempts() {
         ),
     ]
     .concat();
-    let gw = StoaProcess::start_with("default_rate_limit = \"house\"", &config).await;
+    let gw = StoaProcess::start_with(
+        &format!("{LEGACY}\ndefault_rate_limit = \"house\""),
+        &config,
+    )
+    .await;
     let http = reqwest::Client::new();
 
     // No policy named: the default one.
@@ -706,7 +718,7 @@ async fn stoas_own_errors_on_a_limited_route_carry_the_ratelimit_headers() {
         ),
     ]
     .concat();
-    let gw = StoaProcess::start_with("max_body_bytes = 64", &config).await;
+    let gw = StoaProcess::start_with(&format!("{LEGACY}\nmax_body_bytes = 64"), &config).await;
     let http = reqwest::Client::new();
 
     // Every case is tried before judging, so that one run shows all that lack the headers.

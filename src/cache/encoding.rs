@@ -71,6 +71,11 @@ impl Variants {
         self.0.iter().find(|v| v.coding == coding)
     }
 
+    /// The compressed bodies alone (shared, not copied), to build variants for new heads.
+    pub fn bodies(&self) -> Compressed {
+        Compressed(self.0.iter().map(|v| (v.coding, v.body.clone())).collect())
+    }
+
     /// Bytes held: bodies and heads.
     pub fn weight(&self) -> u64 {
         self.0

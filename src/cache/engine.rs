@@ -8,13 +8,14 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 
+use super::control::{Directives, Validators};
 use super::encoding::{self, Compressed, Variants};
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::store::{Entry, Lifetimes, Store};
-use super::CacheStatus;
-use crate::config::{CacheSettings, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
+use super::{CacheStatus, NotStored};
+use crate::config::{CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
 
 /// A cached route's settings and the origin of its answers.
@@ -28,6 +29,20 @@ pub struct CachedRoute {
     pub too_large: prometheus::IntCounter,
     /// Compressions done and bytes saved, by coding (shared by every route).
     pub compressions: encoding::Counters,
+    /// `stoa_cache_revalidations_total{route,result}`.
+    pub revalidations: Revalidations,
+    /// `stoa_cache_not_modified_total{route}`: 304s answered to clients from memory.
+    pub not_modified: prometheus::IntCounter,
+}
+
+/// How the revalidations of a route's entries ended.
+pub struct Revalidations {
+    /// The upstream answered 304: the stored body was kept.
+    pub not_modified: prometheus::IntCounter,
+    /// It answered anything else: that answer replaced the entry.
+    pub modified: prometheus::IntCounter,
+    /// The fetch failed or the upstream answered 5xx.
+    pub failed: prometheus::IntCounter,
 }
 
 impl CachedRoute {
@@ -225,7 +240,7 @@ impl CacheEngine {
             let (Some(recipe), Some(lead)) = (&entry.recipe, self.flights.lead_if_idle(&k)) else {
                 continue;
             };
-            self.spawn_fetch(route.clone(), lead, (**recipe).clone(), None, false);
+            self.spawn_fetch(route.clone(), lead, (**recipe).clone(), None, None, false);
             started += 1;
         }
         started
@@ -312,7 +327,9 @@ impl CacheEngine {
                 // The leader keeps a copy: it may have to go upstream itself (lock timeout
                 // with `bypass`, or a too-large answer another request took).
                 let spare = Some(fetch.clone());
-                self.spawn_fetch(route.clone(), lead, fetch, None, true);
+                // An expired entry with validators is revalidated rather than refetched.
+                let validated = self.store.get(key).filter(|e| e.validators.is_some());
+                self.spawn_fetch(route.clone(), lead, fetch, None, validated, true);
                 (slot, true, Later::Built(spare))
             }
             Ok(Joined::Wait(slot)) => (slot, false, Later::Lazy(make_fetch)),
@@ -432,42 +449,74 @@ impl CacheEngine {
                 lead,
                 make_fetch(),
                 Some(entry.clone()),
+                entry.validators.is_some().then(|| entry.clone()),
                 false,
             ),
             None => entry.release_refresh(),
         }
     }
 
-    /// Runs the fetch in its own task: a client that goes away cancels nothing.
+    /// Runs the fetch in its own task: a client that goes away cancels nothing. With
+    /// `validated`, the stored entry is revalidated: the fetch asks with its validators,
+    /// and a `304` refreshes it (body kept) instead of a new answer replacing it.
     fn spawn_fetch(
         self: &Arc<Self>,
         route: Arc<CachedRoute>,
         lead: Lead,
-        fetch: FetchRequest,
+        mut fetch: FetchRequest,
         refreshing: Option<Arc<Entry>>,
+        validated: Option<Arc<Entry>>,
         has_client: bool,
     ) {
         let engine = self.clone();
         let recipe = Arc::new(owned_request(&fetch));
+        let validated = validated.filter(|entry| ask_conditionally(&mut fetch, entry));
         tokio::spawn(async move {
-            let outcome = match route.fetch(fetch).await {
-                Ok(Answer::Whole(fetched)) => {
-                    // Compressed (and an encoded answer decoded) off the request path,
-                    // before the entry is weighed and stored.
-                    let store = disposition(&fetched, &route.settings) == Disposition::Store
-                        && !fetched.status.is_server_error();
-                    let limit =
-                        usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
-                    let compression = route.settings.compression.clone();
-                    match encoding::prepare(compression, &route.compressions, fetched, store, limit)
-                        .await
-                    {
-                        Ok((fetched, compressed)) => {
-                            engine.settle(&route, lead.key(), fetched, recipe, compressed)
-                        }
-                        Err(e) => Outcome::Failed(e),
+            let answer = route.fetch(fetch).await;
+            if validated.is_some() {
+                let status = match &answer {
+                    Ok(Answer::Whole(fetched)) => Some(fetched.status),
+                    Ok(Answer::Streaming(streaming)) => Some(streaming.status),
+                    Err(_) => None,
+                };
+                let counter = match status {
+                    Some(http::StatusCode::NOT_MODIFIED) => &route.revalidations.not_modified,
+                    Some(s) if !s.is_server_error() => &route.revalidations.modified,
+                    _ => &route.revalidations.failed,
+                };
+                counter.inc();
+            }
+            let outcome = match answer {
+                Ok(Answer::Whole(fetched)) => match &validated {
+                    // The body is unchanged: the stored compressed bodies are kept, with
+                    // heads built anew from the merged one.
+                    Some(stored) if fetched.status == http::StatusCode::NOT_MODIFIED => {
+                        let fetched = merge_not_modified(stored, fetched);
+                        let compressed = if route.settings.compression.is_some() {
+                            stored.compressed()
+                        } else {
+                            Compressed::none()
+                        };
+                        engine.settle(&route, lead.key(), fetched, recipe, compressed)
                     }
-                }
+                    _ => {
+                        // Compressed (and an encoded answer decoded) off the request
+                        // path, before the entry is weighed and stored.
+                        let store = disposition(&fetched, &route.settings) == Disposition::Store
+                            && !fetched.status.is_server_error();
+                        let limit =
+                            usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
+                        let compression = route.settings.compression.clone();
+                        let counters = &route.compressions;
+                        match encoding::prepare(compression, counters, fetched, store, limit).await
+                        {
+                            Ok((fetched, compressed)) => {
+                                engine.settle(&route, lead.key(), fetched, recipe, compressed)
+                            }
+                            Err(e) => Outcome::Failed(e),
+                        }
+                    }
+                },
                 Ok(Answer::Streaming(streaming)) => {
                     // Whatever was stored under this key is outdated now, unless this is
                     // an upstream error (the stored copy may serve instead).
@@ -476,8 +525,8 @@ impl CacheEngine {
                         engine.store.remove(lead.key());
                     }
                     let shared =
-                        disposition_of(streaming.status, &streaming.headers, &route.settings)
-                            != Disposition::Private;
+                        !disposition_of(streaming.status, &streaming.headers, &route.settings)
+                            .is_private();
                     // A personal answer is for the leader only; a refresh has none.
                     let stream = (shared || has_client).then_some(streaming);
                     Outcome::TooLarge {
@@ -524,7 +573,7 @@ impl CacheEngine {
                 Outcome::Shared(entry)
             }
             Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
-            Ok((entry, Disposition::Private)) => Outcome::Private(entry),
+            Ok((entry, Disposition::Private(_))) => Outcome::Private(entry),
             Ok((entry, Disposition::ServerError)) => Outcome::ServerError(entry),
         }
     }
@@ -553,10 +602,25 @@ enum Disposition {
     /// Not cacheable by status, but the same answer for everyone asking now.
     Share,
     /// Personal (`Set-Cookie`, `private`, `no-store`, an unkeyed `Vary`): the leader only.
-    Private,
+    Private(NotStored),
     /// The upstream's own 5xx: never stored, handed to every waiter of the flight that
     /// has no stale copy to serve instead.
     ServerError,
+}
+
+impl Disposition {
+    fn is_private(&self) -> bool {
+        matches!(self, Disposition::Private(_))
+    }
+
+    /// Why an answer so disposed is not stored.
+    fn not_stored(&self) -> Option<NotStored> {
+        match self {
+            Disposition::Store => None,
+            Disposition::Private(why) => Some(*why),
+            Disposition::Share | Disposition::ServerError => Some(NotStored::Status),
+        }
+    }
 }
 
 fn fetched_to_entry(
@@ -570,34 +634,64 @@ fn fetched_to_entry(
     let status = fetched.status.as_u16();
     let server_error = fetched.status.is_server_error();
     let disposition = match disposition(&fetched, settings) {
-        Disposition::Private => Disposition::Private,
+        Disposition::Private(why) => Disposition::Private(why),
         _ if server_error => Disposition::ServerError,
         d => d,
     };
-    let ttl = if server_error {
-        Duration::ZERO
-    } else {
-        settings.ttl_for(status).unwrap_or(Duration::ZERO)
-    };
     let upstream_age = upstream_age(&fetched.headers);
+    // Read once here; the hit path reads only what the entry keeps.
+    let cc = if settings.ignore_upstream_cache_control {
+        Directives::default()
+    } else {
+        Directives::parse(&fetched.headers)
+    };
+    let origin = settings.freshness == Freshness::Origin;
+    let ttl = match settings.ttl_for(status) {
+        _ if server_error || cc.no_cache => Duration::ZERO,
+        None => Duration::ZERO,
+        Some(route_ttl) if origin => {
+            let ttl = cc
+                .lifetime(&fetched.headers, upstream_age)
+                .unwrap_or(route_ttl);
+            settings.max_ttl.map_or(ttl, |max| ttl.min(max))
+        }
+        Some(route_ttl) => route_ttl,
+    };
     let ttl = if settings.jitter > 0.0 {
         ttl.mul_f64(1.0 - settings.jitter * fastrand::f64())
     } else {
         ttl
     };
+    let secs = |s: Option<u64>, route: Duration| s.map_or(route, Duration::from_secs);
+    let (stale_while_revalidate, stale_if_error) = if cc.no_cache || (origin && cc.must_revalidate)
+    {
+        (Duration::ZERO, Duration::ZERO)
+    } else if origin {
+        (
+            secs(cc.stale_while_revalidate, settings.stale_while_revalidate),
+            secs(cc.stale_if_error, settings.stale_if_error),
+        )
+    } else {
+        (settings.stale_while_revalidate, settings.stale_if_error)
+    };
     let mut header = ResponseHeader::build_no_case(fetched.status, Some(fetched.headers.len() + 3))
         .map_err(|e| StoaError::Internal(e.to_string()))?;
     // The origin hands over end-to-end headers only (see `Origin`); the length is set anew,
     // and not at all on answers that have no body (204, 304); the upstream's `Age` is kept
-    // apart and added to the time in stoa.
+    // apart and added to the time in stoa; fields named by `no-cache="..."` are not kept.
     for (name, value) in &fetched.headers {
-        if name == header::CONTENT_LENGTH || name == header::AGE {
+        if name == header::CONTENT_LENGTH
+            || name == header::AGE
+            || cc.no_cache_fields.iter().any(|f| f == name.as_str())
+        {
             continue;
         }
         header
             .append_header(owned_name(name), owned_value(value))
             .map_err(|e| StoaError::Internal(e.to_string()))?;
     }
+    // From the stored copies (see `owned_value`), not the client's buffer.
+    let validators = Validators::of(&header.headers);
     let body = if has_no_body(fetched.status) {
         Bytes::new()
     } else {
@@ -612,25 +706,85 @@ fn fetched_to_entry(
         .map_err(|e| StoaError::Internal(e.to_string()))?;
     let life = Lifetimes {
         ttl,
-        stale_while_revalidate: settings.stale_while_revalidate,
-        stale_if_error: settings.stale_if_error,
+        stale_while_revalidate,
+        stale_if_error,
         refresh_ahead: settings.refresh_ahead,
     };
-    // Every answer of a route that compresses varies by `Accept-Encoding`.
+    // A `no-cache` answer is stored only when it can be revalidated, and then revalidated
+    // on every request (it is never fresh).
+    let revalidate_always = cc.no_cache && validators.is_some() && !server_error;
+    let shareable = cc.shareable_with_authorization();
+    // Every answer of a route that compresses varies by `Accept-Encoding`. The validators
+    // above are the identity head's: revalidation asks with the upstream's own `ETag`.
     if settings.compression.is_some() {
         encoding::add_vary(&mut header)?;
     }
     let variants = Variants::build(&header, compressed)?;
-    let entry = Arc::new(
-        Entry::new(header, body, key_len, now, life, recipe)
-            .with_upstream_age(upstream_age)
-            .with_variants(variants),
-    );
     let disposition = match disposition {
+        Disposition::Store if revalidate_always && settings.ttl_for(status).is_some() => {
+            Disposition::Store
+        }
         Disposition::Store if ttl.is_zero() => Disposition::Share,
         d => d,
     };
+    // A cacheable status that is not stored was either `no-cache` without a validator or
+    // already stale when it arrived (origin freshness of zero).
+    let not_stored = match disposition.not_stored() {
+        Some(NotStored::Status) if !server_error && cc.no_cache => Some(NotStored::NoCache),
+        Some(NotStored::Status) if !server_error && settings.ttl_for(status).is_some() => {
+            Some(NotStored::Expired)
+        }
+        other => other,
+    };
+    let entry = Arc::new(
+        Entry::new(header, body, key_len, now, life, recipe)
+            .with_upstream_age(upstream_age)
+            .with_validators(validators, shareable)
+            .with_not_stored(not_stored)
+            .with_variants(variants),
+    );
     Ok((entry, disposition))
+}
+
+/// Adds the stored validators of `entry` to `fetch` (`If-None-Match`, `If-Modified-Since`);
+/// whether it has any.
+fn ask_conditionally(fetch: &mut FetchRequest, entry: &Entry) -> bool {
+    let Some(v) = &entry.validators else {
+        return false;
+    };
+    if let Some(etag) = &v.etag {
+        fetch.headers.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = &v.last_modified {
+        fetch
+            .headers
+            .insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
+    true
+}
+
+/// The stored answer refreshed by a `304` (RFC 9111 §4.3.4): each header the 304 carries
+/// replaces the stored ones of that name, framing aside; status and body stay.
+fn merge_not_modified(stored: &Entry, not_modified: Fetched) -> Fetched {
+    let framing = |name: &header::HeaderName| {
+        name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING || name == "x-cache"
+    };
+    let mut headers = http::HeaderMap::with_capacity(stored.header.headers.len() + 2);
+    for (name, value) in stored.header.headers.iter() {
+        if !framing(name) && !not_modified.headers.contains_key(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    for (name, value) in &not_modified.headers {
+        if !framing(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    Fetched {
+        status: stored.header.status,
+        headers,
+        body: stored.body.clone(),
+    }
 }
 
 /// The upstream's `Age` in seconds (RFC 9111 §5.1): the first value that is a
@@ -692,19 +846,25 @@ fn disposition_of(
     settings: &CacheSettings,
 ) -> Disposition {
     if headers.contains_key(header::SET_COOKIE) {
-        return Disposition::Private;
+        return Disposition::Private(NotStored::SetCookie);
     }
     if !settings.ignore_upstream_cache_control {
-        let private = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',').any(|d| {
+        let private = headers.get_all(header::CACHE_CONTROL).iter().find_map(|v| {
+            v.to_str().ok().and_then(|v| {
+                v.split(',').find_map(|d| {
                     let d = d.trim();
-                    d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private")
+                    if d.eq_ignore_ascii_case("no-store") {
+                        Some(NotStored::NoStore)
+                    } else if d.eq_ignore_ascii_case("private") {
+                        Some(NotStored::Private)
+                    } else {
+                        None
+                    }
                 })
             })
         });
-        if private {
-            return Disposition::Private;
+        if let Some(why) = private {
+            return Disposition::Private(why);
         }
     }
     let unkeyed_vary = headers.get_all(header::VARY).iter().any(|v| {
@@ -720,7 +880,7 @@ fn disposition_of(
         })
     });
     if unkeyed_vary {
-        return Disposition::Private;
+        return Disposition::Private(NotStored::Vary);
     }
     if settings.ttl_for(status.as_u16()).is_some() {
         Disposition::Store
@@ -768,18 +928,20 @@ mod tests {
             refresh_ahead: None,
             jitter: 0.0,
             ignore_upstream_cache_control: false,
+            freshness: Freshness::Route,
+            max_ttl: None,
             warm: Vec::new(),
             refresh_hook: None,
             max_entry_bytes: 1 << 20,
             compress: None,
             compression: None,
         };
-        let too_large = prometheus::IntCounter::new("too_large", "test").unwrap();
-        let c = |n: &str| prometheus::IntCounter::new(n, "test").unwrap();
+        let counter = || prometheus::IntCounter::new("counter", "test").unwrap();
+        let too_large = counter();
         let compressions = encoding::Counters::new([
-            (c("br"), c("br_saved")),
-            (c("zstd"), c("zstd_saved")),
-            (c("gzip"), c("gzip_saved")),
+            (counter(), counter()),
+            (counter(), counter()),
+            (counter(), counter()),
         ]);
         Arc::new(CachedRoute {
             name: name.to_string(),
@@ -788,6 +950,12 @@ mod tests {
             origin_name: "test".to_string(),
             too_large,
             compressions,
+            revalidations: Revalidations {
+                not_modified: counter(),
+                modified: counter(),
+                failed: counter(),
+            },
+            not_modified: counter(),
         })
     }
 

@@ -1,6 +1,7 @@
 //! The response cache: key derivation, storage, single flight and freshness, in front of
 //! an [`Origin`] it knows only by its trait.
 
+pub mod control;
 pub mod encoding;
 pub mod engine;
 pub mod flight;
@@ -10,6 +11,40 @@ pub mod store;
 
 pub use engine::{CacheEngine, CachedRoute, Served};
 pub use origin::Origin;
+
+/// Why an upstream answer was not stored: the `detail` of its `Cache-Status` (RFC 9211).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotStored {
+    /// `Cache-Control: private`.
+    Private,
+    /// `Cache-Control: no-store`.
+    NoStore,
+    /// A `Set-Cookie` header.
+    SetCookie,
+    /// A `Vary` on a header the key does not cover.
+    Vary,
+    /// A status the route does not cache (no ttl for it, or an upstream 5xx).
+    Status,
+    /// `Cache-Control: no-cache` without a validator to revalidate it with.
+    NoCache,
+    /// Stale on arrival: the origin's freshness lifetime was zero.
+    Expired,
+}
+
+impl NotStored {
+    /// The `detail` token.
+    pub fn detail(self) -> &'static str {
+        match self {
+            NotStored::Private => "private",
+            NotStored::NoStore => "no-store",
+            NotStored::SetCookie => "set-cookie",
+            NotStored::Vary => "vary",
+            NotStored::Status => "status",
+            NotStored::NoCache => "no-cache",
+            NotStored::Expired => "expired",
+        }
+    }
+}
 
 /// How a response on a cached route was produced: the `X-Cache` header (*contract*) and
 /// the `cache` label of the request metrics.

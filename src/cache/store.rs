@@ -12,7 +12,8 @@ use pingora::http::ResponseHeader;
 use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
-use super::encoding::{Variant, Variants};
+use super::control::Validators;
+use super::encoding::{Compressed, Variant, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use crate::config::capacity::{
@@ -38,6 +39,13 @@ pub struct Entry {
     pub refresh_at: Option<Instant>,
     /// How to fetch this entry again (admin refresh); `None` for answers never stored.
     pub recipe: Option<Arc<FetchRequest>>,
+    /// Why this answer is not one to store (`None`: it is).
+    pub not_stored: Option<super::NotStored>,
+    /// `ETag` / `Last-Modified`, for conditional requests and revalidation.
+    pub validators: Option<Box<Validators>>,
+    /// A request with `Authorization` may be answered with it (RFC 9111 §3.5: `public`,
+    /// `s-maxage` or `must-revalidate`).
+    pub shareable_with_authorization: bool,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
     /// Compressed forms of the body, weighed with it.
@@ -80,6 +88,8 @@ impl Entry {
         Entry {
             weight: ENTRY_OVERHEAD + (key_len + header_bytes + body.len() + recipe_bytes) as u64,
             recipe,
+            validators: None,
+            shareable_with_authorization: false,
             header,
             body,
             stored_at: now,
@@ -89,6 +99,7 @@ impl Entry {
             error_until: fresh_until + life.stale_if_error.max(life.stale_while_revalidate),
             refresh_at: life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f)),
             refreshing: AtomicBool::new(false),
+            not_stored: None,
             variants: Variants::default(),
         }
     }
@@ -113,6 +124,12 @@ impl Entry {
         }
     }
 
+    /// The compressed bodies of this entry, to keep for the entry that replaces it when
+    /// the upstream answers a revalidation with 304 (same body, new heads).
+    pub fn compressed(&self) -> Compressed {
+        self.variants.bodies()
+    }
+
     pub fn is_fresh(&self, now: Instant) -> bool {
         now < self.fresh_until
     }
@@ -130,6 +147,22 @@ impl Entry {
     /// With the `Age` the upstream gave the answer (RFC 9111 §4.2.3).
     pub fn with_upstream_age(mut self, upstream_age: u64) -> Self {
         self.upstream_age = upstream_age;
+        self
+    }
+
+    pub fn with_not_stored(mut self, not_stored: Option<super::NotStored>) -> Self {
+        self.not_stored = not_stored;
+        self
+    }
+
+    /// With what conditional requests and requests with `Authorization` need.
+    pub fn with_validators(
+        mut self,
+        validators: Option<Validators>,
+        shareable_with_authorization: bool,
+    ) -> Self {
+        self.validators = validators.map(Box::new);
+        self.shareable_with_authorization = shareable_with_authorization;
         self
     }
 

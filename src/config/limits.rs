@@ -35,6 +35,31 @@ pub struct PolicySettings {
     pub mode: Mode,
 }
 
+/// Which rate-limit headers the answers of a limited route carry (`server.rate_limit_headers`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RateLimitHeaders {
+    /// `RateLimit-Policy` and `RateLimit`, the structured fields of
+    /// draft-ietf-httpapi-ratelimit-headers.
+    #[default]
+    Draft,
+    /// The older `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`.
+    Legacy,
+    /// Both sets.
+    Both,
+    /// Neither (a 429 still says `Retry-After`).
+    None,
+}
+
+impl RateLimitHeaders {
+    pub fn draft(self) -> bool {
+        matches!(self, RateLimitHeaders::Draft | RateLimitHeaders::Both)
+    }
+
+    pub fn legacy(self) -> bool {
+        matches!(self, RateLimitHeaders::Legacy | RateLimitHeaders::Both)
+    }
+}
+
 /// What identifies a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientSource {

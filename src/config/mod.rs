@@ -33,11 +33,11 @@ pub use aggregate::spec::{
 };
 pub use assemble::Config;
 pub use cache::settings::{
-    CacheSettings, Coding, CompressionSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook,
-    UnkeyedBody, WarmRequest,
+    CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
+    RefreshHook, UnkeyedBody, WarmRequest,
 };
 pub use cache::CacheStoreSettings;
-pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, MAX_REFILL};
+pub use limits::{AppliesTo, ClientSource, Mode, PolicySettings, RateLimitHeaders, MAX_REFILL};
 pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;

@@ -35,6 +35,8 @@ pub struct RawServer {
     pub shutdown_timeout: Option<RawDuration>,
     pub trusted_proxies: Option<Vec<String>>,
     pub default_rate_limit: Option<String>,
+    #[schemars(extend("enum" = ["draft", "legacy", "both", "none"]))]
+    pub rate_limit_headers: Option<String>,
     pub warm_timeout: Option<RawDuration>,
     pub header_timeout: Option<RawDuration>,
     pub keepalive_timeout: Option<RawDuration>,
@@ -165,6 +167,9 @@ pub struct RawCache {
     pub refresh_ahead: Option<f64>,
     pub jitter: Option<f64>,
     pub ignore_upstream_cache_control: Option<bool>,
+    #[schemars(extend("enum" = ["route", "origin"]))]
+    pub freshness: Option<String>,
+    pub max_ttl: Option<RawDuration>,
     pub warm: Option<Vec<RawWarm>>,
     pub refresh_hook: Option<String>,
     pub max_entry_bytes: Option<RawSize>,

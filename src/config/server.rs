@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use super::limits::RateLimitHeaders;
 use super::raw::RawServer;
 use super::validate::Validator;
 
@@ -24,6 +25,8 @@ pub struct ServerSettings {
     pub warm_timeout: Duration,
     /// Client connection limits and deadlines.
     pub connections: ConnectionLimits,
+    /// Which rate-limit headers answers of limited routes carry.
+    pub rate_limit_headers: RateLimitHeaders,
 }
 
 /// Deadlines and caps on client connections (`[server]` keys of the same names).
@@ -86,6 +89,22 @@ impl Validator<'_> {
             raw.trusted_proxies.as_deref().unwrap_or_default(),
         );
         let connections = self.connection_limits(&raw);
+        let rate_limit_headers = match raw.rate_limit_headers.as_deref() {
+            None | Some("draft") => Some(RateLimitHeaders::Draft),
+            Some("legacy") => Some(RateLimitHeaders::Legacy),
+            Some("both") => Some(RateLimitHeaders::Both),
+            Some("none") => Some(RateLimitHeaders::None),
+            Some(other) => {
+                self.problem(
+                    "server.rate_limit_headers",
+                    format!(
+                        "{other:?} is not \"draft\" (RateLimit-Policy and RateLimit), \"legacy\" \
+                         (RateLimit-Limit, -Remaining, -Reset), \"both\" or \"none\""
+                    ),
+                );
+                None
+            }
+        };
         Some(ServerSettings {
             listen: listen?,
             threads: threads?,
@@ -94,6 +113,7 @@ impl Validator<'_> {
             trusted_proxies,
             warm_timeout: warm_timeout?,
             connections: connections?,
+            rate_limit_headers: rate_limit_headers?,
         })
     }
 
@@ -209,6 +229,39 @@ mod tests {
                     u32::MAX
                 ),
                 "server.max_connections: 0 is not between 1 and 10000000".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn rate_limit_headers_default_to_the_draft_and_are_read() {
+        let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
+        assert_eq!(c.server.rate_limit_headers, RateLimitHeaders::Draft);
+        for (text, style) in [
+            ("legacy", RateLimitHeaders::Legacy),
+            ("both", RateLimitHeaders::Both),
+            ("none", RateLimitHeaders::None),
+            ("draft", RateLimitHeaders::Draft),
+        ] {
+            let c = load_str(
+                &GOOD.replace(
+                    "max_body_bytes = \"64KiB\"",
+                    &format!("rate_limit_headers = \"{text}\""),
+                ),
+                EnvOverrides::Ignore,
+            )
+            .unwrap();
+            assert_eq!(c.server.rate_limit_headers, style);
+        }
+        let p = problems(&GOOD.replace(
+            "max_body_bytes = \"64KiB\"",
+            "rate_limit_headers = \"ietf\"",
+        ));
+        assert_eq!(
+            p,
+            [
+                "server.rate_limit_headers: \"ietf\" is not \"draft\" (RateLimit-Policy and \
+              RateLimit), \"legacy\" (RateLimit-Limit, -Remaining, -Reset), \"both\" or \"none\""
             ]
         );
     }

@@ -10,19 +10,27 @@ use pingora::ErrorType;
 use crate::cache::origin::{has_no_body, Streaming};
 use crate::cache::store::Entry;
 use crate::cache::CacheStatus;
+use crate::config::RateLimitHeaders;
 use crate::error::StoaError;
 use crate::ratelimit::Decision;
 use crate::upstream::headers;
+
+use super::cache_status;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
     pub request_id: &'a http::HeaderValue,
     pub rate: Option<&'a Decision>,
+    /// Which rate-limit headers to write (`server.rate_limit_headers`).
+    pub rate_style: RateLimitHeaders,
     /// Close the connection after this answer (the process is draining).
     pub close: bool,
     /// The `X-Cache` value of stoa's own errors on a cached route (answers from an entry
     /// carry theirs already).
     pub cache: Option<&'static str>,
+    /// The `Cache-Status` member of an answer from the cache engine (appended after any
+    /// the upstream gave).
+    pub cache_member: Option<&'a http::HeaderValue>,
 }
 
 impl Decorations<'_> {
@@ -31,9 +39,12 @@ impl Decorations<'_> {
             header.insert_header("x-request-id", self.request_id.clone())?;
         }
         if let Some(rate) = self.rate {
-            for (name, value) in rate.headers() {
+            for (name, value) in rate.headers(self.rate_style) {
                 header.insert_header(name, value)?;
             }
+        }
+        if let Some(member) = self.cache_member {
+            header.append_header(cache_status::CACHE_STATUS, member.clone())?;
         }
         Ok(())
     }
@@ -52,6 +63,11 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
     }
     if let Some(cache) = deco.cache {
         header.insert_header("x-cache", cache)?;
+        if deco.cache_member.is_none() {
+            // Refused before the cache was asked: nothing went upstream.
+            let member = format!("stoa; detail={}", err.kind());
+            header.insert_header(cache_status::CACHE_STATUS, member)?;
+        }
     }
     deco.apply(&mut header)?;
     if !session.is_body_done() || deco.close {

@@ -4,13 +4,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
+use super::answer::Decorations;
+use super::cache_status::{self, BypassWhy};
 use super::ctx::RequestCtx;
 use super::{answer, body, limit, peer_addr};
+use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
+use crate::cache::store::Entry;
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::CacheSettings;
 use crate::connections;
@@ -42,7 +46,28 @@ pub async fn serve(
         Ok(key) => key,
         Err(e) => return answer::error(session, &e, &ctx.decorations(draining)).await,
     };
-    let private = is_private_request(req, &cached.settings) || cached.bypasses_for(&body);
+    let mut bypass_why = if is_private_request(req, &cached.settings) {
+        Some(BypassWhy::PrivateRequest)
+    } else if cached.bypasses_for(&body) {
+        Some(BypassWhy::UnkeyedBody)
+    } else {
+        None
+    };
+    // RFC 9111 §3.5: a request with credentials may have a stored answer the upstream
+    // marked for sharing (`public`, `s-maxage`, `must-revalidate`), while it is fresh.
+    // Otherwise it goes upstream on its own as before; its answer is never stored.
+    let mut shared_hit = None;
+    if bypass_why.is_some() && may_share_with_authorization(req, &cached.settings, &body, cached) {
+        shared_hit = gateway
+            .cache
+            .store
+            .get(&key)
+            .filter(|e| e.shareable_with_authorization && e.is_fresh(Instant::now()));
+        if shared_hit.is_some() {
+            bypass_why = None;
+        }
+    }
+    let private = bypass_why.is_some();
     // A private request always fetches, so a `misses` policy counts it now; a shared one
     // only when it would lead a flight (`serve_miss` asks). The client is identified only
     // then, so hits cost nothing here.
@@ -72,7 +97,11 @@ pub async fn serve(
         req.method.clone()
     };
     let asked = Instant::now();
-    let served = if private {
+    let mut from_memory = false;
+    let served = if let Some(entry) = shared_hit {
+        from_memory = true;
+        Served::Entry(entry, CacheStatus::Hit)
+    } else if private {
         let fetch = FetchRequest {
             method,
             headers: private_fetch_headers(req, peer, &ctx.request_id),
@@ -87,7 +116,10 @@ pub async fn serve(
         let make_fetch =
             || cached.shared_fetch(method, &upstream_path, &key, &req.headers, Some(request_id));
         match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
-            Ok(served) => served,
+            Ok(served) => {
+                from_memory = true;
+                served
+            }
             Err((make_fetch, stale)) => {
                 let admit = || admit(decision, &req.headers);
                 Box::pin(
@@ -103,6 +135,7 @@ pub async fn serve(
     let draining = lifecycle.is_draining();
     let status = served_status(&served);
     ctx.cache = status;
+    ctx.cache_status = cache_status::member(&served, from_memory, bypass_why, Instant::now());
     let went_upstream = match &served {
         Served::Entry(..) => matches!(
             status,
@@ -116,12 +149,83 @@ pub async fn serve(
     }
     let deco = ctx.decorations(draining);
     match served {
+        Served::Entry(entry, status)
+            if answers_not_modified(session.req_header(), &entry, status) =>
+        {
+            cached.not_modified.inc();
+            not_modified(session, &entry, status, &deco).await
+        }
         Served::Entry(entry, status) => answer::entry(session, &entry, status, &deco).await,
         Served::Stream(streaming, status) => {
             answer::stream(session, streaming, status, &deco).await
         }
         Served::Error(e, _) => answer::error(session, &e, &deco).await,
     }
+}
+
+/// Whether a client's conditional GET or HEAD is answered `304` from this entry: a 200
+/// the cache gave (not a bypass, whose request carried the client's conditions upstream).
+/// A request without `If-None-Match` / `If-Modified-Since` costs two header lookups.
+fn answers_not_modified(req: &RequestHeader, entry: &Entry, status: CacheStatus) -> bool {
+    let headers = &req.headers;
+    (headers.contains_key(http::header::IF_NONE_MATCH)
+        || headers.contains_key(http::header::IF_MODIFIED_SINCE))
+        && (req.method == http::Method::GET || req.method == http::Method::HEAD)
+        && status != CacheStatus::Bypass
+        && entry.header.status == http::StatusCode::OK
+        && Validators::not_modified(entry.validators.as_deref(), headers)
+}
+
+/// Writes a `304` for `entry` (RFC 9110 §15.4.5): the fields a 200 would carry that
+/// guide caches (from the variant the client's `Accept-Encoding` picks), with `Age` and
+/// `X-Cache`; no body, no `Content-Length`.
+async fn not_modified(
+    session: &mut Session,
+    entry: &Entry,
+    status: CacheStatus,
+    deco: &Decorations<'_>,
+) -> Result<()> {
+    use http::header;
+    let mut head = ResponseHeader::build(http::StatusCode::NOT_MODIFIED, Some(10))?;
+    // The head a 200 would have had for this client's `Accept-Encoding`: a compressed
+    // variant's weak `ETag` and `Vary`.
+    let (stored, _) = entry.pick(session.req_header().headers.get(header::ACCEPT_ENCODING));
+    for name in [
+        header::ETAG,
+        header::DATE,
+        header::CACHE_CONTROL,
+        header::EXPIRES,
+        header::VARY,
+        header::CONTENT_LOCATION,
+    ] {
+        for value in stored.headers.get_all(&name) {
+            head.append_header(name.clone(), value.clone())?;
+        }
+    }
+    head.insert_header(header::AGE, entry.age_secs(Instant::now()))?;
+    if let Some(value) = status.header_value() {
+        head.insert_header("x-cache", value)?;
+    }
+    deco.apply(&mut head)?;
+    if deco.close {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(head), true).await
+}
+
+/// Whether a private request is private only for its `Authorization` (no `Cookie` the key
+/// does not cover, no bypassing body), so that a stored answer may serve it.
+fn may_share_with_authorization(
+    req: &RequestHeader,
+    settings: &CacheSettings,
+    body: &[u8],
+    cached: &CachedRoute,
+) -> bool {
+    let cookie_keyed_or_absent = !req.headers.contains_key(http::header::COOKIE)
+        || settings.keys_on_header(&http::header::COOKIE);
+    req.headers.contains_key(http::header::AUTHORIZATION)
+        && cookie_keyed_or_absent
+        && !cached.bypasses_for(body)
 }
 
 fn served_status(served: &Served) -> CacheStatus {

@@ -23,6 +23,9 @@ pub struct RequestCtx {
     pub body_bytes: u64,
     /// How the request used the cache (see [`RequestCtx::cache_status`]).
     pub cache: CacheStatus,
+    /// The `Cache-Status` member of an answer the cache engine gave (see
+    /// [`super::cache_status`]).
+    pub cache_status: Option<http::HeaderValue>,
     /// The rate-limit decision, whose headers go on every answer.
     pub limit: Option<Decision>,
     pub upstream: Upstream,
@@ -61,6 +64,7 @@ impl RequestCtx {
             route: None,
             body_bytes: 0,
             cache: CacheStatus::None,
+            cache_status: None,
             limit: None,
             upstream: Upstream::default(),
         }
@@ -74,8 +78,10 @@ impl RequestCtx {
         Decorations {
             request_id: &self.request_id,
             rate: self.limit.as_ref(),
+            rate_style: self.gateway.config.server.rate_limit_headers,
             close: draining,
             cache: self.cache_status().header_value(),
+            cache_member: self.cache_status.as_ref(),
         }
     }
 

@@ -5,6 +5,7 @@
 
 pub mod answer;
 pub mod body;
+pub mod cache_status;
 pub mod cached;
 pub mod ctx;
 pub mod fail;

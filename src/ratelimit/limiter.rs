@@ -17,6 +17,18 @@
 //!   is exact: `wait + (B - 1) * T`. When admitted, governor only exposes the remaining
 //!   count `R`, which places `tat - now` within `((B - R - 1) * T, (B - R) * T]`; the upper
 //!   end is used, so the value is never too early (it may be late by less than `T`).
+//!
+//! The structured fields of draft-ietf-httpapi-ratelimit-headers (`server.rate_limit_headers
+//! = "draft"`, the default), with the policy's name as the quota policy:
+//!
+//! - `RateLimit-Policy: "<name>";q=<q>;w=<w>`: `w` is the time an empty bucket takes to fill
+//!   (`B * T`), rounded up to whole seconds and at least 1; `q = max(B, floor(w / T))`, so
+//!   `q / w` is the sustained rate and `q` is never below the burst. A GCRA bucket is a
+//!   sliding window: `B` requests at once, then one more every `T`.
+//! - `RateLimit: "<name>";r=<r>;t=<t>`: `r` is `RateLimit-Remaining`; `t` is the seconds
+//!   until more quota is available (the draft's wording since its -10 revision): when
+//!   refused, the `Retry-After` wait (the same number); when admitted, `T` rounded up, the
+//!   longest it can take for one more request's worth to come back.
 
 use std::mem::size_of;
 use std::num::NonZeroU32;
@@ -29,11 +41,14 @@ use governor::nanos::Nanos;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
 use governor::state::{InMemoryState, StateStore};
 use governor::Quota;
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 
 use super::ceil_secs;
 use super::identity::ClientKey;
-use crate::config::{Mode, PolicySettings, MAX_REFILL};
+use crate::config::{Mode, PolicySettings, RateLimitHeaders, MAX_REFILL};
 
 /// `RateLimit-Limit`.
 pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
@@ -41,6 +56,53 @@ pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit
 pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
 /// `RateLimit-Reset`.
 pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+/// `RateLimit-Policy` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+/// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// What the draft fields of one policy need, built once per limiter.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PolicyFields {
+    /// The whole `RateLimit-Policy` value.
+    policy: HeaderValue,
+    /// The policy name as a structured-field string (`"name"`), the start of `RateLimit`.
+    name: Bytes,
+    /// `T` rounded up to whole seconds.
+    refill_secs: u64,
+}
+
+impl PolicyFields {
+    fn new(name: &str, burst: u32, interval: Duration) -> Self {
+        // Policy names are 1-64 letters, digits, '_' or '-' (validated), so quoting is all a
+        // structured-field string needs; escape anyway rather than trust it.
+        let mut quoted = String::with_capacity(name.len() + 2);
+        quoted.push('"');
+        for c in name
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_ascii_control())
+        {
+            if c == '"' || c == '\\' {
+                quoted.push('\\');
+            }
+            quoted.push(c);
+        }
+        quoted.push('"');
+        let nanos = interval.as_nanos().max(1);
+        let fill = interval.saturating_mul(burst);
+        let window = ceil_secs(fill).max(1);
+        let per_window =
+            u64::try_from(u128::from(window) * 1_000_000_000 / nanos).unwrap_or(u64::MAX);
+        let quota = per_window.max(u64::from(burst));
+        let policy = format!("{quoted};q={quota};w={window}");
+        PolicyFields {
+            policy: HeaderValue::from_str(&policy)
+                .unwrap_or_else(|_| HeaderValue::from_static("\"stoa\"")),
+            name: Bytes::from(quoted),
+            refill_secs: ceil_secs(interval).max(1),
+        }
+    }
+}
 
 /// The per-client buckets of one policy.
 ///
@@ -55,6 +117,8 @@ pub struct RateLimiter<C: Clock = DefaultClock> {
     interval: Duration,
     /// `B`, as used by the bucket.
     burst: u32,
+    /// The draft header pieces of this policy.
+    fields: Arc<PolicyFields>,
 }
 
 impl RateLimiter<DefaultClock> {
@@ -80,25 +144,49 @@ pub struct Decision {
     /// When over the limit: seconds to wait before the next request is admitted
     /// (rounded up, at least 1).
     pub retry_after_secs: Option<u64>,
+    /// The policy's draft header pieces.
+    pub fields: Arc<PolicyFields>,
 }
 
 impl Decision {
-    /// `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` for every answer on a
-    /// limited route, and `Retry-After` on a refused one (a dry-run answer is a normal answer
-    /// and gets no `Retry-After`).
-    pub fn headers(&self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    /// The rate-limit headers of every answer on a limited route, in the given style
+    /// (`RateLimit-Policy` and `RateLimit`, and/or `RateLimit-Limit`, `-Remaining` and
+    /// `-Reset`), and `Retry-After` on a refused one whatever the style (a dry-run answer is
+    /// a normal answer and gets no `Retry-After`).
+    pub fn headers(
+        &self,
+        style: RateLimitHeaders,
+    ) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
         let retry = match (self.allowed, self.retry_after_secs) {
             (false, Some(s)) => Some((http::header::RETRY_AFTER, HeaderValue::from(s))),
             _ => None,
         };
+        let legacy = style.legacy();
+        let draft = style.draft();
         [
-            Some((RATELIMIT_LIMIT, HeaderValue::from(self.limit))),
-            Some((RATELIMIT_REMAINING, HeaderValue::from(self.remaining))),
-            Some((RATELIMIT_RESET, HeaderValue::from(self.reset_secs))),
+            draft.then(|| (RATELIMIT_POLICY, self.fields.policy.clone())),
+            draft.then(|| self.ratelimit()).flatten(),
+            legacy.then(|| (RATELIMIT_LIMIT, HeaderValue::from(self.limit))),
+            legacy.then(|| (RATELIMIT_REMAINING, HeaderValue::from(self.remaining))),
+            legacy.then(|| (RATELIMIT_RESET, HeaderValue::from(self.reset_secs))),
             retry,
         ]
         .into_iter()
         .flatten()
+    }
+
+    /// `RateLimit: "<name>";r=<remaining>;t=<seconds until more quota>`.
+    fn ratelimit(&self) -> Option<(HeaderName, HeaderValue)> {
+        let t = match (self.allowed && !self.over_limit, self.retry_after_secs) {
+            (false, Some(wait)) => wait,
+            _ => self.fields.refill_secs.min(self.reset_secs.max(1)),
+        };
+        let mut value = BytesMut::with_capacity(self.fields.name.len() + 48);
+        value.put_slice(&self.fields.name);
+        write!(value, ";r={};t={t}", self.remaining).ok()?;
+        HeaderValue::from_maybe_shared(value.freeze())
+            .ok()
+            .map(|v| (RATELIMIT, v))
     }
 }
 
@@ -125,12 +213,15 @@ impl<C: Clock> RateLimiter<C> {
             Store(Arc::clone(&store)),
             clock,
         );
+        let interval = quota.replenish_interval();
+        let burst = quota.burst_size().get();
         RateLimiter {
+            fields: Arc::new(PolicyFields::new(&settings.name, burst, interval)),
             settings,
             limiter,
             store,
-            interval: quota.replenish_interval(),
-            burst: quota.burst_size().get(),
+            interval,
+            burst,
         }
     }
 
@@ -158,6 +249,7 @@ impl<C: Clock> RateLimiter<C> {
                     remaining: 0,
                     reset_secs: ceil_secs(full_in),
                     retry_after_secs: Some(ceil_secs(wait).max(1)),
+                    fields: Arc::clone(&self.fields),
                 }
             }
         }
@@ -173,6 +265,7 @@ impl<C: Clock> RateLimiter<C> {
             remaining,
             reset_secs: ceil_secs(self.span(limit - remaining)),
             retry_after_secs: None,
+            fields: Arc::clone(&self.fields),
         }
     }
 
@@ -361,7 +454,10 @@ mod tests {
             let d = rl.check(&k);
             assert!(d.allowed && d.over_limit);
             assert_eq!(d.retry_after_secs, Some(1));
-            let names: Vec<HeaderName> = d.headers().map(|(n, _)| n).collect();
+            let names: Vec<HeaderName> = d
+                .headers(RateLimitHeaders::Legacy)
+                .map(|(n, _)| n)
+                .collect();
             assert_eq!(
                 names,
                 [RATELIMIT_LIMIT, RATELIMIT_REMAINING, RATELIMIT_RESET]
@@ -375,7 +471,7 @@ mod tests {
         let k = ip(4);
         let d = rl.check(&k);
         let h: Vec<(String, String)> = d
-            .headers()
+            .headers(RateLimitHeaders::Legacy)
             .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
             .collect();
         assert_eq!(
@@ -391,7 +487,7 @@ mod tests {
         }
         let d = rl.check(&k);
         let h: Vec<(String, String)> = d
-            .headers()
+            .headers(RateLimitHeaders::Legacy)
             .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
             .collect();
         assert_eq!(
@@ -401,6 +497,86 @@ mod tests {
                 ("ratelimit-remaining".into(), "0".into()),
                 ("ratelimit-reset".into(), "2".into()),
                 ("retry-after".into(), "1".into()),
+            ]
+        );
+    }
+
+    fn draft(d: &Decision) -> Vec<(String, String)> {
+        d.headers(RateLimitHeaders::Draft)
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn draft_fields_map_the_bucket() {
+        // One request every 2 s, burst 3: the bucket fills in 6 s.
+        let (rl, clock) = fake(0.5, 3, Mode::Enforce);
+        let k = ip(1);
+        let policy = (
+            "ratelimit-policy".to_string(),
+            "\"test\";q=3;w=6".to_string(),
+        );
+        assert_eq!(
+            draft(&rl.check(&k)),
+            [
+                policy.clone(),
+                ("ratelimit".into(), "\"test\";r=2;t=2".into())
+            ]
+        );
+        rl.check(&k);
+        rl.check(&k);
+        clock.advance(Duration::from_millis(500));
+        // Refused: r=0, t is the Retry-After wait (1.5 s, rounded up).
+        assert_eq!(
+            draft(&rl.check(&k)),
+            [
+                policy,
+                ("ratelimit".into(), "\"test\";r=0;t=2".into()),
+                ("retry-after".into(), "2".into()),
+            ]
+        );
+        // None: only Retry-After, on a refusal.
+        let names: Vec<HeaderName> = rl
+            .check(&k)
+            .headers(RateLimitHeaders::None)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, [http::header::RETRY_AFTER]);
+        let both: Vec<HeaderName> = rl
+            .check(&ip(2))
+            .headers(RateLimitHeaders::Both)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            both,
+            [
+                RATELIMIT_POLICY,
+                RATELIMIT,
+                RATELIMIT_LIMIT,
+                RATELIMIT_REMAINING,
+                RATELIMIT_RESET
+            ]
+        );
+    }
+
+    #[test]
+    fn draft_quota_is_the_rate_over_a_whole_second_window() {
+        // 100 per second, burst 1: the bucket fills in 10 ms; a 1 s window holds 100.
+        let (rl, _clock) = fake(100.0, 1, Mode::Enforce);
+        assert_eq!(draft(&rl.check(&ip(1)))[0].1, "\"test\";q=100;w=1");
+        // 3 per second, burst 5: 5/3 s, so w=2 and q=6.
+        let (rl, _clock) = fake(3.0, 5, Mode::Enforce);
+        assert_eq!(draft(&rl.check(&ip(1)))[0].1, "\"test\";q=6;w=2");
+        // 10 per second, burst 20.
+        let (rl, _clock) = fake(10.0, 20, Mode::Enforce);
+        assert_eq!(
+            draft(&rl.check(&ip(1))),
+            [
+                (
+                    "ratelimit-policy".to_string(),
+                    "\"test\";q=20;w=2".to_string()
+                ),
+                ("ratelimit".into(), "\"test\";r=19;t=1".into()),
             ]
         );
     }

@@ -63,10 +63,18 @@ impl StoaProcess {
 
     /// Like [`StoaProcess::start`], with more `[server]` keys (e.g. `trusted_proxies = [...]`).
     /// `rest` may hold any other section (`[log]`, `[rate_limits.x]`, upstreams, routes).
+    /// A port taken by someone else between choosing and binding it (another test's
+    /// client connection, say) is retried on fresh ports.
     pub async fn start_with(server_extra: &str, rest: &str) -> StoaProcess {
-        let mut gw = Self::spawn(server_extra, rest);
-        gw.wait_ready().await;
-        gw
+        for _ in 0..4 {
+            let mut gw = Self::spawn(server_extra, rest);
+            match gw.ready_or_exit().await {
+                Ok(()) => return gw,
+                Err(log) if log.contains("in use") => continue,
+                Err(log) => panic!("stoa exited early:\n{log}"),
+            }
+        }
+        panic!("stoa found no free ports in four tries");
     }
 
     /// Starts stoa without waiting for it to be ready.
@@ -104,15 +112,22 @@ impl StoaProcess {
     }
 
     pub async fn wait_ready(&mut self) {
+        if let Err(log) = self.ready_or_exit().await {
+            panic!("stoa exited early:\n{log}");
+        }
+    }
+
+    /// Waits until stoa is ready; its log if it exits first.
+    async fn ready_or_exit(&mut self) -> Result<(), String> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("stoa exited early ({status}):\n{}", self.log());
+                return Err(format!("({status})\n{}", self.log()));
             }
             if let Ok(r) = client.get(self.admin_url("/readyz")).send().await {
                 if r.status() == 200 {
-                    return;
+                    return Ok(());
                 }
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

@@ -336,6 +336,8 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         refresh_ahead: None,
         jitter: 0.0,
         ignore_upstream_cache_control: false,
+        freshness: crate::config::Freshness::Route,
+        max_ttl: None,
         warm: Vec::new(),
         refresh_hook: None,
         // The `[cache]` default, filled in with the other routes'.

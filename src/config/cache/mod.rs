@@ -11,8 +11,8 @@ use crate::config::validate::Validator;
 use crate::config::RouteSpec;
 use crate::routes::PathTemplate;
 use settings::{
-    CacheSettings, Coding, CompressionSettings, KeyBody, KeyQuery, OnLockTimeout, RefreshHook,
-    UnkeyedBody, WarmRequest,
+    CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
+    RefreshHook, UnkeyedBody, WarmRequest,
 };
 
 pub mod settings;
@@ -179,6 +179,53 @@ impl Validator<'_> {
             }
         };
 
+        let freshness = match raw.freshness.as_deref() {
+            None | Some("route") => Some(Freshness::Route),
+            Some("origin") => Some(Freshness::Origin),
+            Some(other) => {
+                self.problem(
+                    format!("{path}.freshness"),
+                    format!(
+                        "{other:?} is not one of route (the route's ttl), origin (the upstream's \
+                         Cache-Control / Expires, the route's ttl when it says nothing)"
+                    ),
+                );
+                None
+            }
+        };
+        let max_ttl = match &raw.max_ttl {
+            None => Some(None),
+            Some(v) => {
+                let key = format!("{path}.max_ttl");
+                match (self.duration(&key, Some(v), Duration::ZERO), freshness) {
+                    (None, _) => None,
+                    (Some(_), Some(Freshness::Route)) => {
+                        self.problem(
+                            key,
+                            "max_ttl caps the freshness the upstream gives: it applies only with \
+                             freshness = \"origin\" (with freshness = \"route\", ttl is the freshness)",
+                        );
+                        None
+                    }
+                    (Some(max), _) => match ttl {
+                        Some(ttl) if max < ttl => {
+                            self.problem(
+                                key,
+                                format!(
+                                    "{} is below the route's ttl ({}), which is the freshness when \
+                                     the upstream says nothing: raise max_ttl or lower ttl",
+                                    humantime::format_duration(max),
+                                    humantime::format_duration(ttl)
+                                ),
+                            );
+                            None
+                        }
+                        _ => Some(Some(max)),
+                    },
+                }
+            }
+        };
+
         // Only safe or pure methods may be cached, and a POST only when keyed on its body.
         let route_path = path.strip_suffix(".cache").unwrap_or(path);
         match methods {
@@ -283,6 +330,8 @@ impl Validator<'_> {
             refresh_ahead: refresh_ahead?,
             jitter: jitter?,
             ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
+            freshness: freshness?,
+            max_ttl: max_ttl?,
             max_entry_bytes: max_entry_bytes?,
             compress: raw.compress,
             compression: None,
@@ -591,5 +640,54 @@ mod tests {
             c.cache.compression.encodings,
             vec![crate::config::Coding::Gzip]
         );
+    }
+
+    #[test]
+    fn freshness_and_max_ttl_are_checked() {
+        let route = |name: &str, cache: &str| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\nmethods = [\"GET\"]\npath = \"/{name}\"\n\
+                 upstream = \"u\"\ncache = {cache}\n"
+            )
+        };
+        let text = [
+            "[upstreams.u]\nurl = \"http://127.0.0.1:9\"\n".to_string(),
+            route("a", r#"{ ttl = "10s", freshness = "upstream" }"#),
+            route("b", r#"{ ttl = "10s", max_ttl = "1m" }"#),
+            route(
+                "c",
+                r#"{ ttl = "10s", freshness = "origin", max_ttl = "5s" }"#,
+            ),
+            route(
+                "d",
+                r#"{ ttl = "10s", freshness = "origin", max_ttl = "1m" }"#,
+            ),
+        ]
+        .concat();
+        let p = problems(&text);
+        let expect = [
+            "routes[0].cache.freshness: \"upstream\" is not one of route",
+            "routes[1].cache.max_ttl: max_ttl caps the freshness the upstream gives: it applies only with freshness = \"origin\"",
+            "routes[2].cache.max_ttl: 5s is below the route's ttl (10s)",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        let d = route(
+            "d",
+            r#"{ ttl = "10s", freshness = "origin", max_ttl = "1m" }"#,
+        );
+        let c = load_str(
+            &format!("{}{d}", &text[..text.find("[[routes]]").unwrap()]),
+            EnvOverrides::Ignore,
+        )
+        .unwrap();
+        let cache = c.routes[0].cache.as_ref().unwrap();
+        assert_eq!(cache.freshness, super::Freshness::Origin);
+        assert_eq!(cache.max_ttl, Some(Duration::from_secs(60)));
     }
 }

@@ -40,6 +40,16 @@ pub enum UnkeyedBody {
     Bypass,
 }
 
+/// Where an answer's freshness comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// The route's `ttl` (and status TTLs), whatever the upstream says.
+    Route,
+    /// The upstream's `Cache-Control` (`s-maxage`, `max-age`) or `Expires`, less its `Age`;
+    /// the route's TTL when it says nothing, capped at `max_ttl`.
+    Origin,
+}
+
 /// A request fetched into the cache at start and after a refresh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmRequest {
@@ -80,6 +90,9 @@ pub struct CacheSettings {
     pub jitter: f64,
     /// Cache even when the upstream says `Cache-Control: no-store` or `private`.
     pub ignore_upstream_cache_control: bool,
+    pub freshness: Freshness,
+    /// Cap on the freshness the upstream may give (origin freshness only).
+    pub max_ttl: Option<Duration>,
     pub warm: Vec<WarmRequest>,
     pub refresh_hook: Option<RefreshHook>,
     /// Largest answer body stored; a larger one is streamed to its client uncached. The
