@@ -96,6 +96,9 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     server.add_service(pruner);
     server.add_service(reloader);
 
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     tracing::info!(
         listen = %config.server.listen,
         admin = %config.admin.listen,

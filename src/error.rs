@@ -34,6 +34,8 @@ pub enum StoaError {
     UpstreamTimeout { upstream: String, timeout_ms: u128 },
     #[error("upstream {upstream} failed: {detail}")]
     UpstreamFailed { upstream: String, detail: String },
+    #[error("TLS to upstream {upstream} failed: {detail}")]
+    UpstreamTls { upstream: String, detail: String },
     #[error("leg {leg:?} of {route} failed: {detail}")]
     LegFailed {
         route: String,
@@ -71,6 +73,7 @@ impl StoaError {
             StoaError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             StoaError::UpstreamUnreachable { .. }
             | StoaError::UpstreamFailed { .. }
+            | StoaError::UpstreamTls { .. }
             | StoaError::LegFailed { .. } => StatusCode::BAD_GATEWAY,
             StoaError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             StoaError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -92,6 +95,7 @@ impl StoaError {
             StoaError::RequestTimeout { .. } => "request_timeout",
             StoaError::UpstreamUnreachable { .. } => "upstream_unreachable",
             StoaError::UpstreamTimeout { .. } => "upstream_timeout",
+            StoaError::UpstreamTls { .. } => "upstream_tls",
             StoaError::UpstreamFailed { .. } | StoaError::LegFailed { .. } => "upstream_failed",
             StoaError::RateLimited { .. } => "rate_limited",
             StoaError::Overloaded { .. } => "upstream_overloaded",

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
         Command::Check => match loaded {
             Ok(config) => {
                 println!("{}: {}", path.display(), config.summary());
+                for warning in config.warnings() {
+                    println!("  warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(errors) => {

@@ -56,6 +56,16 @@ impl Config {
     }
 }
 
+impl Config {
+    /// What is allowed but unsafe, as `stoa check` prints it (and the start logs it).
+    pub fn warnings(&self) -> Vec<String> {
+        self.upstreams
+            .values()
+            .filter_map(|u| u.warning())
+            .collect()
+    }
+}
+
 impl Validator<'_> {
     /// Validates every section of the file and puts the typed settings together.
     pub(super) fn assemble(mut self, mut root: Dict) -> Result<Config, ConfigErrors> {

@@ -19,6 +19,7 @@ mod route;
 mod schema;
 mod server;
 mod upstream;
+mod upstream_tls;
 mod validate;
 
 use std::path::Path;
@@ -44,6 +45,7 @@ pub use route::RouteSpec;
 pub use schema::schema_json;
 pub use server::{ConnectionLimits, ServerSettings};
 pub use upstream::{Upstream, UpstreamGuardSettings};
+pub use upstream_tls::{ClientIdentity, UpstreamTls};
 use validate::Validator;
 
 /// Prefix of environment variables that override configuration keys.

@@ -87,6 +87,15 @@ pub struct RawUpstream {
     pub max_in_flight: Option<i64>,
     pub max_requests_per_second: Option<f64>,
     pub queue_timeout: Option<RawDuration>,
+    /// PEM file of the CA certificates an https upstream's certificate is verified against,
+    /// instead of the system roots.
+    pub ca_file: Option<String>,
+    /// `false`: an https upstream's certificate is not verified (warned at start).
+    pub tls_verify: Option<bool>,
+    /// PEM file of the client certificate (and chain) presented to an https upstream.
+    pub client_cert: Option<String>,
+    /// PEM file of the private key of `client_cert`.
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

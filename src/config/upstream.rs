@@ -9,6 +9,7 @@ use std::time::Duration;
 use figment::value::Value;
 
 use super::raw::{RawDuration, RawUpstream};
+use super::upstream_tls::UpstreamTls;
 use super::validate::Validator;
 
 /// Largest accepted `max_in_flight`.
@@ -30,6 +31,23 @@ pub struct Upstream {
     pub timeout: Duration,
     /// Concurrency and pacing limits protecting the upstream.
     pub guard: UpstreamGuardSettings,
+    /// How it is spoken to over TLS: `Some` for an `https://` URL.
+    pub tls: Option<UpstreamTls>,
+}
+
+impl Upstream {
+    /// What `stoa check` and the start warn about: an https upstream whose certificate is
+    /// not verified.
+    pub fn warning(&self) -> Option<String> {
+        match &self.tls {
+            Some(tls) if !tls.verify => Some(format!(
+                "upstreams.{}.tls_verify: false: the certificate of {} is not verified, so \
+                 anyone on the path can pose as it",
+                self.name, self.url
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Validated upstream protection of one upstream.
@@ -114,7 +132,8 @@ impl Validator<'_> {
                 None
             }
         };
-        let (addr, host_header, base_path) = target?;
+        let (addr, host_header, base_path, https_host) = target?;
+        let tls = self.upstream_tls(path, &raw, https_host.as_deref()).ok()?;
         Some(Upstream {
             name: name.to_string(),
             url: raw.url,
@@ -124,6 +143,7 @@ impl Validator<'_> {
             connect_timeout: connect_timeout?,
             timeout: timeout?,
             guard: guard?,
+            tls,
         })
     }
 
@@ -162,18 +182,18 @@ impl Validator<'_> {
     }
 }
 
-/// Splits an upstream URL into its resolved address, `Host` header and base path.
-fn parse_upstream_url(text: &str) -> Result<(SocketAddr, String, String), String> {
+/// What an upstream URL gives: its resolved address, `Host` header, base path, and for an
+/// https URL the host name TLS is spoken to (SNI, certificate name).
+type UrlParts = (SocketAddr, String, String, Option<String>);
+
+/// Splits an upstream URL into its resolved address, `Host` header, base path and TLS host.
+fn parse_upstream_url(text: &str) -> Result<UrlParts, String> {
     let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    match url.scheme() {
-        "http" => {}
-        "https" => {
-            return Err(format!(
-                "{text:?}: https upstreams are not supported yet; use http"
-            ))
-        }
-        other => return Err(format!("{text:?}: scheme {other:?} is not http")),
-    }
+    let https = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => return Err(format!("{text:?}: scheme {other:?} is not http or https")),
+    };
     if !url.username().is_empty() || url.password().is_some() {
         return Err(format!(
             "{text:?}: credentials in upstream URLs are not supported"
@@ -187,7 +207,9 @@ fn parse_upstream_url(text: &str) -> Result<(SocketAddr, String, String), String
     let host = url
         .host_str()
         .ok_or_else(|| format!("{text:?} has no host"))?;
-    let port = url.port_or_known_default().unwrap_or(80);
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if https { 443 } else { 80 });
     let lookup_host = host.trim_start_matches('[').trim_end_matches(']');
     let addr = (lookup_host, port)
         .to_socket_addrs()
@@ -199,7 +221,8 @@ fn parse_upstream_url(text: &str) -> Result<(SocketAddr, String, String), String
         None => host.to_string(),
     };
     let base_path = url.path().trim_end_matches('/').to_string();
-    Ok((addr, host_header, base_path))
+    let tls_host = https.then(|| lookup_host.to_string());
+    Ok((addr, host_header, base_path, tls_host))
 }
 
 #[cfg(test)]
@@ -209,13 +232,18 @@ mod tests {
 
     #[test]
     fn upstream_urls_are_checked() {
-        assert!(parse_upstream_url("https://127.0.0.1").is_err());
+        assert!(parse_upstream_url("ftp://127.0.0.1").is_err());
         assert!(parse_upstream_url("http://127.0.0.1/?q=1").is_err());
         assert!(parse_upstream_url("http://user:pw@127.0.0.1/").is_err());
-        let (addr, host, base) = parse_upstream_url("http://localhost").unwrap();
+        let (addr, host, base, tls) = parse_upstream_url("http://localhost").unwrap();
         assert_eq!(addr.port(), 80);
         assert_eq!(host, "localhost");
         assert_eq!(base, "");
+        assert_eq!(tls, None);
+        let (addr, host, _, tls) = parse_upstream_url("https://localhost/v1").unwrap();
+        assert_eq!(addr.port(), 443);
+        assert_eq!(host, "localhost");
+        assert_eq!(tls.as_deref(), Some("localhost"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::error::{self, Failure};
 use super::headers;
 use super::peer::{IDLE_TIMEOUT, MAX_IDLE_PER_UPSTREAM};
 use crate::cache::origin::{Answer, FetchRequest, Fetched, Pending, Rest, Streaming};
-use crate::config::Upstream;
+use crate::config::{Upstream, UpstreamTls};
 use crate::error::StoaError;
 use crate::ratelimit::{UpstreamGuard, UpstreamPermit};
 
@@ -56,13 +56,21 @@ impl UpstreamClient {
     pub fn new(upstream: Arc<Upstream>, guard: Arc<UpstreamGuard>) -> Result<Self, StoaError> {
         // `timeout` bounds each read; [`UpstreamClient::fetch_within`] bounds the whole
         // answer it holds, while a streamed answer may take as long as its client reads.
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(upstream.connect_timeout)
             .read_timeout(upstream.timeout)
             .pool_idle_timeout(IDLE_TIMEOUT)
             .pool_max_idle_per_host(MAX_IDLE_PER_UPSTREAM)
             .tcp_nodelay(true)
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        let base_url = match &upstream.tls {
+            None => format!("http://{}", upstream.addr),
+            Some(tls) => {
+                builder = tls_settings(builder, &upstream, tls)?;
+                format!("https://{}", upstream.host_header)
+            }
+        };
+        let client = builder
             .build()
             .map_err(|e| StoaError::Internal(format!("cannot build the upstream client: {e}")))?;
         let host_header = HeaderValue::from_str(&upstream.host_header)
@@ -70,7 +78,7 @@ impl UpstreamClient {
         Ok(UpstreamClient {
             client,
             guard,
-            base_url: format!("http://{}", upstream.addr),
+            base_url,
             host_header,
             upstream,
         })
@@ -186,6 +194,39 @@ impl UpstreamClient {
     fn error(&self, e: &reqwest::Error) -> StoaError {
         Failure::of_client(e).into_error(Some(&self.upstream))
     }
+}
+
+/// The TLS settings of the pooled client of an https upstream: the same as its pingora
+/// peer's (see [`super::peer::peer_for`]). The URL keeps the host name, for SNI and the
+/// certificate check, and the name is pinned to the address resolved at load, so that no
+/// request waits on DNS.
+fn tls_settings(
+    mut builder: reqwest::ClientBuilder,
+    upstream: &Upstream,
+    tls: &UpstreamTls,
+) -> Result<reqwest::ClientBuilder, StoaError> {
+    let bad = |what: &str, e: reqwest::Error| {
+        StoaError::Internal(format!("upstream {}: unusable {what}: {e}", upstream.name))
+    };
+    if tls.server_name.parse::<std::net::IpAddr>().is_err() {
+        builder = builder.resolve(&tls.server_name, upstream.addr);
+    }
+    if !tls.verify {
+        builder = builder.danger_accept_invalid_certs(true);
+    }
+    if let Some(ca) = &tls.ca {
+        builder = builder.tls_built_in_root_certs(false);
+        for der in ca.iter() {
+            let cert = reqwest::Certificate::from_der(der).map_err(|e| bad("ca_file", e))?;
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(client) = &tls.client {
+        let identity =
+            reqwest::Identity::from_pem(&client.pem).map_err(|e| bad("client_cert", e))?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
 }
 
 impl std::fmt::Debug for UpstreamClient {

@@ -5,7 +5,8 @@
 //! fetches, aggregate legs and refresh hooks ride one pooled client per upstream
 //! ([`UpstreamClient`]). Both are built here from the same settings, send the same headers
 //! ([`headers`]), map failures the same way ([`error`]) and are counted the same way
-//! ([`Link`]).
+//! ([`Link`]). Both speak TLS to `https://` upstreams with the same settings, on one stack
+//! (rustls with the ring provider).
 //!
 //! [`HttpPeer`]: pingora::upstreams::peer::HttpPeer
 
