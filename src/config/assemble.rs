@@ -40,7 +40,7 @@ impl Config {
             self.upstreams.len(),
             self.routes.len(),
             self.routes.iter().filter(|r| r.cache.is_some()).count(),
-            self.server.listen,
+            self.server.listeners(),
             self.admin.listen
         )
     }
@@ -104,8 +104,11 @@ impl Validator<'_> {
         let cache = self.cache_store(cache_raw);
         let admin = self.admin(admin_raw);
         if let (Some(s), Some(a)) = (&server, &admin) {
-            if s.listen == a.listen {
+            if s.listen == Some(a.listen) {
                 self.problem("admin.listen", "must differ from server.listen");
+            }
+            if s.tls.as_ref().is_some_and(|t| t.listen == a.listen) {
+                self.problem("admin.listen", "must differ from server.listen_tls");
             }
         }
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
