@@ -78,7 +78,8 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
     proxy_app.server_options = Some(options);
     proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
-    let mut listener = Listener::new(proxy_app, gateway.clone(), lifecycle.clone());
+    let mut listener =
+        Listener::new(proxy_app, gateway.clone(), lifecycle.clone()).with_h2c(config.server.h2c);
     if let Some(tls) = &config.server.tls {
         // The TLS listener accepts plain TCP: stoa makes the handshakes itself, under the
         // connection deadlines (see `Listener`).

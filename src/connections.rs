@@ -71,6 +71,9 @@ const H2: u8 = 4;
 /// The first bytes of HTTP/2's connection preface (`PRI * HTTP/2.0`); no HTTP/1.1 method
 /// starts so.
 const H2_PREFACE_START: &[u8] = b"PRI ";
+/// The bytes an HTTP/2 client sends first: the 24-byte preface and a SETTINGS frame's
+/// header. They are due within `server.header_timeout` of the accept.
+const H2_OPENING: usize = 24 + 9;
 
 /// The error a read returns when the request body missed `server.body_timeout`; the proxy
 /// answers it with 408 (see [`body_timed_out`]).
@@ -136,8 +139,12 @@ pub struct Guarded {
     head_bytes: bool,
     timer: Option<Pin<Box<Sleep>>>,
     cut: Arc<Cut>,
-    /// HTTP/2 was chosen by ALPN: the first bytes received are its preface.
+    /// HTTP/2: chosen by ALPN, or the first bytes were its preface.
     h2: bool,
+    /// The connection may open with HTTP/2's preface (`server.h2c`, cleartext).
+    h2c: bool,
+    /// Bytes of the HTTP/2 opening received so far.
+    h2_bytes: usize,
 }
 
 impl Guarded {
@@ -146,7 +153,7 @@ impl Guarded {
         limits: ConnectionLimits,
         cut: Arc<Cut>,
         accepted: Instant,
-        h2: bool,
+        (h2, h2c): (bool, bool),
     ) -> Self {
         Guarded {
             inner,
@@ -161,6 +168,8 @@ impl Guarded {
             timer: None,
             cut,
             h2,
+            h2c,
+            h2_bytes: 0,
         }
     }
 
@@ -278,18 +287,23 @@ impl AsyncRead for Guarded {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before
+                let got = &buf.filled()[before..];
+                if !got.is_empty()
                     && this.seen == HEAD
                     && !this.head_bytes
                     && this.requests.load(Ordering::Relaxed) == 0
-                    && (this.h2 || buf.filled()[before..].starts_with(H2_PREFACE_START))
+                    && (this.h2
+                        || (this.h2c && this.h2_bytes == 0 && got.starts_with(H2_PREFACE_START)))
                 {
-                    // HTTP/2 (by ALPN, or h2c with prior knowledge): no deadline of ours
-                    // from here on.
+                    // HTTP/2 (by ALPN, or h2c with prior knowledge): once its opening is in,
+                    // no deadline of ours.
                     this.h2 = true;
-                    this.phase.store(H2, Ordering::Relaxed);
-                    this.seen = H2;
-                    this.since = None;
+                    this.h2_bytes += got.len();
+                    if this.h2_bytes >= H2_OPENING {
+                        this.phase.store(H2, Ordering::Relaxed);
+                        this.seen = H2;
+                        this.since = None;
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 if buf.filled().len() > before && (this.seen == HEAD || this.seen == IDLE) {
@@ -396,10 +410,24 @@ impl GetSocketDigest for Guarded {
     }
 }
 
+/// pingora peeks at the first bytes of a cleartext connection for HTTP/2's preface when
+/// `server.h2c` is on, waiting for all of them: the head deadline bounds the wait.
 #[async_trait]
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        let deadline =
+            self.since.unwrap_or_else(Instant::now) + self.limits.header_timeout;
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(peeked) => peeked,
+            Err(_) => {
+                tracing::debug!("closing a client connection at its deadline: no preface");
+                self.cut.fire();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request head in time",
+                ))
+            }
+        }
     }
 }
 
@@ -455,6 +483,8 @@ pub struct Listener<A> {
     started: std::time::Instant,
     /// The TLS listener's address and handshakes, if there is one.
     tls: Option<(SocketAddr, Acceptor)>,
+    /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
+    h2c: bool,
 }
 
 impl<A> Listener<A> {
@@ -469,7 +499,14 @@ impl<A> Listener<A> {
             last_refusal_warning: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
             tls: None,
+            h2c: false,
         }
+    }
+
+    /// Cleartext connections may speak HTTP/2 with prior knowledge.
+    pub fn with_h2c(mut self, h2c: bool) -> Self {
+        self.h2c = h2c;
+        self
     }
 
     /// Connections accepted on `addr` speak TLS, with the handshakes of `acceptor`.
@@ -479,11 +516,12 @@ impl<A> Listener<A> {
     }
 
     /// The TLS handshake of a connection accepted on the TLS listener, bounded by
-    /// `deadline`; the stream as it was for a connection to the cleartext listener. `None`:
-    /// the handshake failed or was too slow, and the connection is dropped.
-    async fn handshake(&self, stream: Stream, deadline: Instant) -> Option<(Stream, bool)> {
+    /// `deadline`, with whether it is TLS and whether ALPN chose HTTP/2; the stream as it
+    /// was for a connection to the cleartext listener. `None`: the handshake failed or was
+    /// too slow, and the connection is dropped.
+    async fn handshake(&self, stream: Stream, deadline: Instant) -> Option<(Stream, bool, bool)> {
         let Some((addr, acceptor)) = &self.tls else {
-            return Some((stream, false));
+            return Some((stream, false, false));
         };
         let local = stream
             .get_socket_digest()
@@ -492,7 +530,7 @@ impl<A> Listener<A> {
             local.port() == addr.port() && (addr.ip().is_unspecified() || local.ip() == addr.ip())
         });
         if !on_tls {
-            return Some((stream, false));
+            return Some((stream, false, false));
         }
         let l4 = match stream.into_any().downcast::<L4Stream>() {
             Ok(l4) => *l4,
@@ -504,7 +542,7 @@ impl<A> Listener<A> {
         match tokio::time::timeout_at(deadline, acceptor.tls_handshake(l4)).await {
             Ok(Ok(tls)) => {
                 let h2 = matches!(tls.selected_alpn_proto(), Some(ALPN::H2));
-                Some((Box::new(tls), h2))
+                Some((Box::new(tls), true, h2))
             }
             Ok(Err(e)) => {
                 tracing::debug!("TLS handshake failed: {e}");
@@ -550,11 +588,18 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             return None;
         };
         let accepted = Instant::now();
-        let (stream, h2) = self
+        let (stream, tls, h2) = self
             .handshake(stream, accepted + limits.header_timeout)
             .await?;
+        let h2c = self.h2c && !tls;
         let cut = Arc::new(Cut::default());
-        let stream: Stream = Box::new(Guarded::new(stream, limits, cut.clone(), accepted, h2));
+        let stream: Stream = Box::new(Guarded::new(
+            stream,
+            limits,
+            cut.clone(),
+            accepted,
+            (h2, h2c),
+        ));
         tokio::select! {
             biased;
             _ = self.app.process_new(stream, &self.drain_rx) => {}

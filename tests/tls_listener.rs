@@ -617,3 +617,109 @@ async fn a_rapid_reset_flood_gets_goaway_and_others_are_served() {
     assert_eq!(version, "2");
     assert_eq!(body["method"], "GET");
 }
+
+#[test]
+fn stoa_check_names_each_bad_listener_tls_file_and_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("stoa test CA");
+    let write = |name: &str, text: &str| {
+        let path = d.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let (cert, key) = ca.leaf();
+    let (_, other_key) = ca.leaf();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let expired_key = KeyPair::generate().unwrap();
+    let expired = params.signed_by(&expired_key, &ca.issuer).unwrap();
+    let (cert, key, other_key) = (
+        write("cert.pem", &cert),
+        write("key.pem", &key),
+        write("other.key", &other_key),
+    );
+    let (expired, expired_key) = (
+        write("expired.pem", &expired.pem()),
+        write("expired.key", &expired_key.serialize_pem()),
+    );
+    let missing = d.join("missing.pem").display().to_string();
+    let not_pem = write("not.pem", "just some text\n");
+    let cases = [
+        (&missing, &key, "server.tls.cert", "cannot read"),
+        (&not_pem, &key, "server.tls.cert", "no PEM certificate"),
+        (&expired, &expired_key, "server.tls.cert", "expired on"),
+        (&cert, &other_key, "server.tls.key", "does not match"),
+        (&cert, &not_pem, "server.tls.key", "not a PEM private key"),
+    ];
+    for (cert_file, key_file, path, what) in cases {
+        let config = format!(
+            "[server]\nlisten_tls = \"127.0.0.1:8443\"\n[server.tls]\ncert = {cert_file:?}\nkey = {key_file:?}\n"
+        );
+        let file = d.join("stoa.toml");
+        std::fs::write(&file, config).unwrap();
+        let (code, out, err) = common::stoa(&["check", "--config", file.to_str().unwrap()], &[]);
+        assert_eq!(code, 1, "{cert_file} {key_file}: {out}{err}");
+        let named = if path.ends_with("cert") { cert_file } else { key_file };
+        assert!(
+            err.lines()
+                .any(|l| l.contains(path) && l.contains(named.as_str()) && l.contains(what)),
+            "{path} {what}: {err}"
+        );
+    }
+    // Good files: the TLS listener is the only one.
+    let config = format!(
+        "[server]\nlisten_tls = \"127.0.0.1:8443\"\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n"
+    );
+    let file = d.join("stoa.toml");
+    std::fs::write(&file, config).unwrap();
+    let (code, out, err) = common::stoa(&["check", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("listening on 127.0.0.1:8443 (TLS), admin"), "{out}");
+    // listen_tls and [server.tls] go together.
+    std::fs::write(&file, "[server]\nlisten_tls = \"127.0.0.1:8443\"\n").unwrap();
+    let (code, _, err) = common::stoa(&["check", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("server.tls: missing"), "{err}");
+}
+
+/// Reads until the peer closes; how long that took (panics after `within`).
+async fn closed_after(sock: &mut TcpStream, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(within, sock.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => continue,
+            Err(_) => panic!("the connection was not closed within {within:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_have_deadlines_too() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start_with(
+        "h2c = true\nheader_timeout = \"500ms\"\nkeepalive_timeout = \"1s\"",
+        &echo_route(&echo),
+    )
+    .await;
+    // Half a preface, then nothing: closed at the head deadline.
+    let mut slow = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    slow.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let waited = closed_after(&mut slow, Duration::from_secs(5)).await;
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+
+    // A whole opening and one answered request, then silence: closed once idle for
+    // keepalive_timeout.
+    let mut idle = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut out = preface(65_535);
+    out.extend(get_headers(1, "/echo"));
+    idle.write_all(&out).await.unwrap();
+    let waited = closed_after(&mut idle, Duration::from_secs(5)).await;
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
