@@ -36,7 +36,10 @@ const READINESS_DEADLINE: Duration = Duration::from_secs(30);
 pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::Result<()> {
     for (what, addr) in [
         ("server.listen", config.server.listen),
-        ("server.listen_tls", config.server.tls.as_ref().map(|t| t.listen)),
+        (
+            "server.listen_tls",
+            config.server.tls.as_ref().map(|t| t.listen),
+        ),
         ("admin.listen", Some(config.admin.listen)),
     ] {
         let Some(addr) = addr else { continue };

@@ -415,8 +415,7 @@ impl GetSocketDigest for Guarded {
 #[async_trait]
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        let deadline =
-            self.since.unwrap_or_else(Instant::now) + self.limits.header_timeout;
+        let deadline = self.since.unwrap_or_else(Instant::now) + self.limits.header_timeout;
         match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
             Ok(peeked) => peeked,
             Err(_) => {

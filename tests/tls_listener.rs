@@ -38,8 +38,7 @@ impl Ca {
     /// A certificate for localhost and 127.0.0.1 and its key (PEM).
     fn leaf(&self) -> (String, String) {
         let params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                .unwrap();
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -174,10 +173,7 @@ async fn h2c_with_prior_knowledge_is_a_setting_of_the_cleartext_listener() {
 async fn h2_over_tls(
     gw: &TlsGateway,
     ca: &Ca,
-) -> (
-    h2::client::SendRequest<Bytes>,
-    tokio::task::JoinHandle<()>,
-) {
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
     let tls = tls_connect(gw.tls_port, ca, &[b"h2"])
         .await
         .expect("TLS handshake");
@@ -357,8 +353,11 @@ async fn a_bad_certificate_file_is_a_reload_error_that_changes_nothing() {
     let rest = format!("token = \"{TOKEN}\"\n\n{}", echo_route(&echo));
     let gw = TlsGateway::start(certs.path(), "", &rest).await;
     let cert = certs.path().join("cert.pem");
-    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n")
-        .unwrap();
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let r = reqwest::Client::new()
         .post(gw.gw.admin_url("/admin/reload"))
         .bearer_auth(TOKEN)
@@ -379,7 +378,10 @@ async fn a_bad_certificate_file_is_a_reload_error_that_changes_nothing() {
         .await
         .unwrap();
     let text = r.text().await.unwrap();
-    assert!(text.contains("server.tls.key") && text.contains("does not match"), "{text}");
+    assert!(
+        text.contains("server.tls.key") && text.contains("does not match"),
+        "{text}"
+    );
     // New handshakes still present the certificate read at start.
     let (send, _conn) = h2_over_tls(&gw, &ca).await;
     assert_eq!(h2_get(&send, "/echo").await.0, 200);
@@ -398,7 +400,9 @@ async fn a_client_that_never_sends_a_client_hello_is_closed_and_tls_connections_
     )
     .await;
     let started = Instant::now();
-    let mut silent = TcpStream::connect(("127.0.0.1", gw.tls_port)).await.unwrap();
+    let mut silent = TcpStream::connect(("127.0.0.1", gw.tls_port))
+        .await
+        .unwrap();
     // While it is open, it is the one connection allowed: a TLS client is refused.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(tls_connect(gw.tls_port, &ca, &[b"h2"]).await.is_err());
@@ -525,10 +529,15 @@ async fn streams_a_client_never_reads_hold_bounded_memory_and_others_are_served(
     // Once the buffers on the way are full, nothing moves: neither stoa's memory nor what
     // the upstream manages to write.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (grown, sent) = (rss_kib(pid).saturating_sub(before), written.load(Ordering::Relaxed));
+    let (grown, sent) = (
+        rss_kib(pid).saturating_sub(before),
+        written.load(Ordering::Relaxed),
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (grown_later, sent_later) =
-        (rss_kib(pid).saturating_sub(before), written.load(Ordering::Relaxed));
+    let (grown_later, sent_later) = (
+        rss_kib(pid).saturating_sub(before),
+        written.load(Ordering::Relaxed),
+    );
     let asked = u64::from(STREAMS) * SIZE as u64;
     eprintln!(
         "rss grew {grown} KiB then {grown_later} KiB; the upstream wrote {sent} then \
@@ -543,14 +552,22 @@ async fn streams_a_client_never_reads_hold_bounded_memory_and_others_are_served(
         grown_later < grown + 8 * 1024,
         "stoa's memory kept growing: {grown} KiB, then {grown_later} KiB"
     );
-    assert!(sent_later < asked / 2, "the upstream wrote {sent_later} of {asked} bytes");
+    assert!(
+        sent_later < asked / 2,
+        "the upstream wrote {sent_later} of {asked} bytes"
+    );
     assert!(
         sent_later - sent < 4 * 1024 * 1024,
         "the upstream kept writing: {sent}, then {sent_later} bytes"
     );
 
     // Another client is served meanwhile.
-    let (ok, out) = curl(&["--http2-prior-knowledge", "-o", "/dev/null", &gw.url("/big")]);
+    let (ok, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        &gw.url("/big"),
+    ]);
     assert!(ok && out.ends_with("\n2"), "{out}");
     drop(hog);
 }
@@ -661,7 +678,11 @@ fn stoa_check_names_each_bad_listener_tls_file_and_its_key() {
         std::fs::write(&file, config).unwrap();
         let (code, out, err) = common::stoa(&["check", "--config", file.to_str().unwrap()], &[]);
         assert_eq!(code, 1, "{cert_file} {key_file}: {out}{err}");
-        let named = if path.ends_with("cert") { cert_file } else { key_file };
+        let named = if path.ends_with("cert") {
+            cert_file
+        } else {
+            key_file
+        };
         assert!(
             err.lines()
                 .any(|l| l.contains(path) && l.contains(named.as_str()) && l.contains(what)),
@@ -676,7 +697,10 @@ fn stoa_check_names_each_bad_listener_tls_file_and_its_key() {
     std::fs::write(&file, config).unwrap();
     let (code, out, err) = common::stoa(&["check", "--config", file.to_str().unwrap()], &[]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("listening on 127.0.0.1:8443 (TLS), admin"), "{out}");
+    assert!(
+        out.contains("listening on 127.0.0.1:8443 (TLS), admin"),
+        "{out}"
+    );
     // listen_tls and [server.tls] go together.
     std::fs::write(&file, "[server]\nlisten_tls = \"127.0.0.1:8443\"\n").unwrap();
     let (code, _, err) = common::stoa(&["check", "--config", file.to_str().unwrap()], &[]);

@@ -290,10 +290,7 @@ impl Validator<'_> {
                 return Err(());
             }
         };
-        let pair = self.key_pair(
-            ("server.tls.cert", cert_file),
-            ("server.tls.key", key_file),
-        );
+        let pair = self.key_pair(("server.tls.cert", cert_file), ("server.tls.key", key_file));
         match (addr, pair) {
             (Some(listen), Some(pair)) => Ok(Some(ServerTls {
                 listen,

@@ -57,8 +57,7 @@ pub async fn serve(
     // marked for sharing (`public`, `s-maxage`, `must-revalidate`), while it is fresh.
     // Otherwise it goes upstream on its own as before; its answer is never stored.
     let mut shared_hit = None;
-    if bypass_why.is_some() && may_share_with_authorization(req, &cached.settings, &body, cached)
-    {
+    if bypass_why.is_some() && may_share_with_authorization(req, &cached.settings, &body, cached) {
         shared_hit = gateway
             .cache
             .store

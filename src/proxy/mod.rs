@@ -52,9 +52,7 @@ fn peer_addr(session: &Session) -> Option<IpAddr> {
 
 /// Whether the request came over TLS (the TLS listener).
 fn over_tls(session: &Session) -> bool {
-    session
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some())
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 impl StoaProxy {
