@@ -543,9 +543,11 @@ async fn streams_a_client_never_reads_hold_bounded_memory_and_others_are_served(
         "rss grew {grown} KiB then {grown_later} KiB; the upstream wrote {sent} then \
          {sent_later} of {asked} bytes"
     );
-    // A mebibyte a stream at most (the answers are 16 MiB each).
+    // At most 800 KiB a stream (the answers are 16 MiB each): a 64 KiB send buffer per
+    // stream, the upstream connection and pingora's buffers (with h2's default 400 KiB send
+    // buffers, stoa grows by about 100 MiB here).
     assert!(
-        grown_later < u64::from(STREAMS) * 1024,
+        grown_later < u64::from(STREAMS) * 800,
         "stoa's memory grew by {grown_later} KiB for a client that reads nothing"
     );
     assert!(
