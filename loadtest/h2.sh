@@ -11,7 +11,7 @@
 #   DURATION=2 ROUNDS=1 loadtest/h2.sh  # a smoke run
 #
 # environment (defaults in brackets): DURATION [10] seconds per run, ROUNDS [3],
-# CLIENTS [50] connections, STREAMS [10] concurrent streams per connection (h2load -m),
+# CLIENTS [50] connections, STREAMS [10] concurrent streams per HTTP/2 connection (h2load -m),
 # WORKERS [2] stoa threads and nginx worker processes, PORT_BASE [19300],
 # BIN [target/release] where stoa and stoa-demo are, NO_BUILD=1 to use them as they are.
 # Installs what is missing (nghttp2-client for h2load, nginx-light, openssl, curl) with apt-get.
@@ -217,12 +217,12 @@ run() {
   local row=$1 t=$2 path=$3; shift 3
   local before after out rps done_ failed
   before=$(ticks "${pid_of[$t]}")
-  out=$(h2load -D "$DURATION" -c "$CLIENTS" -m "$STREAMS" -t 1 "$@" "${url_of[$t]}$path" 2>&1) \
+  out=$(h2load -D "$DURATION" -c "$CLIENTS" -t 1 "$@" "${url_of[$t]}$path" 2>&1) \
     || { echo "$out" >&2; die "h2load failed against $t"; }
   after=$(ticks "${pid_of[$t]}")
   rps=$(awk '/^finished in/ { for (i = 1; i <= NF; i++) if ($(i+1) == "req/s,") print $i }' <<<"$out")
   done_=$(awk '/^requests:/ { for (i = 1; i <= NF; i++) if ($(i+1) == "succeeded,") print $i }' <<<"$out")
-  failed=$(awk '/^status codes:/ { print $3 + $5 + $7 }' <<<"$out")
+  failed=$(awk '/^status codes:/ { print $5 + $7 + $9 }' <<<"$out")   # 3xx, 4xx, 5xx
   [ "${failed:-0}" = 0 ] || echo "h2.sh: $row, $t: $failed non-2xx answers" >&2
   printf '%s\t%s\t%s\t%s\t%s\n' "$row" "$t" "$rps" "$done_" "$(( (after - before) * 1000000 / HZ ))" >>"$results"
 }
@@ -232,9 +232,10 @@ echo "stoa and nginx on 127.0.0.1, $(nproc) cores, $WORKERS workers each; h2load
 for r in $(seq 1 "$ROUNDS"); do
   for t in stoa nginx; do
     echo "round $r: $t" >&2
-    run "h2 hits" "$t" /restaurant/dufva
-    run "h2 pass-through" "$t" /api/restaurant/dufva
-    run "h1 TLS hits" "$t" /restaurant/dufva --h1
+    run "h2 hits" "$t" /restaurant/dufva -m "$STREAMS"
+    run "h2 pass-through" "$t" /api/restaurant/dufva -m "$STREAMS"
+    # One request at a time per connection: -m would pipeline on HTTP/1.1.
+    run "h1 TLS hits" "$t" /restaurant/dufva --h1 -m 1
   done
 done
 
