@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=target/release
+BIN=${BIN:-target/release}
 CONFIG=${STOA_CONFIG:-config/demo.toml}
 
 # The HTTPS listener: its certificate is made here, so the file stays free of generated paths.
