@@ -53,7 +53,7 @@ impl Config {
             compressing,
             compression.min_bytes,
             if codings.is_empty() { "nothing".to_string() } else { codings.join(", ") },
-            self.server.listen,
+            self.server.listeners(),
             self.admin.listen
         );
         if let Some(cluster) = &self.cluster {
@@ -154,8 +154,11 @@ impl Validator<'_> {
         let cache = self.cache_store(cache_raw);
         let admin = self.admin(admin_raw);
         if let (Some(s), Some(a)) = (&server, &admin) {
-            if s.listen == a.listen {
+            if s.listen == Some(a.listen) {
                 self.problem("admin.listen", "must differ from server.listen");
+            }
+            if s.tls.as_ref().is_some_and(|t| t.listen == a.listen) {
+                self.problem("admin.listen", "must differ from server.listen_tls");
             }
         }
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);

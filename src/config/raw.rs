@@ -30,6 +30,10 @@ pub enum RawDuration {
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<String>,
+    pub listen_tls: Option<String>,
+    pub tls: Option<RawServerTls>,
+    pub h2c: Option<bool>,
+    pub h2_max_concurrent_streams: Option<i64>,
     pub threads: Option<i64>,
     pub max_body_bytes: Option<RawSize>,
     pub shutdown_timeout: Option<RawDuration>,
@@ -43,6 +47,14 @@ pub struct RawServer {
     pub body_timeout: Option<RawDuration>,
     pub keepalive_requests: Option<i64>,
     pub max_connections: Option<i64>,
+}
+
+/// `[server.tls]`: the certificate chain and private key of the TLS listener (PEM files).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

@@ -11,7 +11,7 @@ use pingora::proxy::Session;
 use super::answer::Decorations;
 use super::cache_status::{self, BypassWhy};
 use super::ctx::RequestCtx;
-use super::{answer, body, limit, peer_addr};
+use super::{answer, body, limit, over_tls, peer_addr};
 use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
 use crate::cache::store::Entry;
@@ -111,7 +111,7 @@ pub async fn serve(
     } else if private {
         let fetch = FetchRequest {
             method,
-            headers: private_fetch_headers(req, peer, &ctx.request_id),
+            headers: private_fetch_headers(req, peer, over_tls(session), &ctx.request_id),
             path_and_query: upstream_path,
             body,
         };
