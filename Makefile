@@ -3,7 +3,7 @@ CARGO ?= cargo
 
 .PHONY: run test deps build lint fmt check-configs clean
 
-## Demo upstreams + gateway on config/demo.toml (gateway :8080, admin :9901).
+## Demo upstreams + gateway on config/demo.toml (gateway :8080, HTTPS :8443, admin :9901).
 run: deps
 	$(CARGO) build --release --workspace --bins
 	./scripts/run-demo.sh

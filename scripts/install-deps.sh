@@ -7,6 +7,8 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# The demo's self-signed certificate (scripts/demo-cert.sh).
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 # The system roots https upstreams are verified against by default.
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use pingora::apps::HttpServerOptions;
+use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -36,8 +38,13 @@ const READINESS_DEADLINE: Duration = Duration::from_secs(30);
 pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::Result<()> {
     for (what, addr) in [
         ("server.listen", config.server.listen),
-        ("admin.listen", config.admin.listen),
+        (
+            "server.listen_tls",
+            config.server.tls.as_ref().map(|t| t.listen),
+        ),
+        ("admin.listen", Some(config.admin.listen)),
     ] {
+        let Some(addr) = addr else { continue };
         std::net::TcpListener::bind(addr)
             .with_context(|| format!("{what}: cannot listen on {addr}"))?;
     }
@@ -78,15 +85,33 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
-    let proxy_app = pingora::proxy::http_proxy(
+    let mut proxy_app = pingora::proxy::http_proxy(
         &server_conf,
         StoaProxy::new(gateway.clone(), lifecycle.clone()),
     );
-    let mut proxy = Service::new(
-        "stoa proxy".to_string(),
-        Listener::new(proxy_app, gateway.clone(), lifecycle.clone()),
-    );
-    proxy.add_tcp(&config.server.listen.to_string());
+    let mut options = HttpServerOptions::default();
+    options.h2c = config.server.h2c;
+    // An HTTP/2 connection with no open stream is closed as an idle HTTP/1.1 one is.
+    options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
+    proxy_app.server_options = Some(options);
+    proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
+    let mut listener =
+        Listener::new(proxy_app, gateway.clone(), lifecycle.clone()).with_h2c(config.server.h2c);
+    if let Some(tls) = &config.server.tls {
+        // The TLS listener accepts plain TCP: stoa makes the handshakes itself, under the
+        // connection deadlines (see `Listener`).
+        listener = listener.with_tls(
+            tls.listen,
+            crate::tls::acceptor(gateway.clone(), tls.certified.clone())?,
+        );
+    }
+    let mut proxy = Service::new("stoa proxy".to_string(), listener);
+    if let Some(listen) = config.server.listen {
+        proxy.add_tcp(&listen.to_string());
+    }
+    if let Some(tls) = &config.server.tls {
+        proxy.add_tcp(&tls.listen.to_string());
+    }
 
     let mut admin = Service::new("stoa admin".to_string(), AdminApp::new(control.clone()));
     admin.add_tcp(&config.admin.listen.to_string());
@@ -95,7 +120,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     let probe = background_service(
         "stoa readiness",
         ReadinessProbe {
-            addr: config.server.listen,
+            addr: config.server.any_listen(),
             control: control.clone(),
             warm_timeout: config.server.warm_timeout,
         },
@@ -125,7 +150,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
         tracing::warn!("{warning}");
     }
     tracing::info!(
-        listen = %config.server.listen,
+        listen = %config.server.listeners(),
         admin = %config.admin.listen,
         routes = config.routes.len(),
         "stoa starting"
@@ -138,6 +163,33 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     });
     tracing::info!("stoa stopped");
     Ok(())
+}
+
+/// Bytes one HTTP/2 stream may have in flight either way (the flow-control window stoa
+/// grants, and its send buffer per stream: what a client that does not read can hold up).
+const H2_STREAM_WINDOW: u32 = 64 * 1024;
+/// The flow-control window stoa grants a whole connection.
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Largest decoded header list accepted on HTTP/2 (as pingora's default).
+const H2_MAX_HEADER_LIST: u32 = 64 * 1024;
+/// Streams a client may reset before stoa accepted them (rapid reset); past it the
+/// connection gets GOAWAY.
+const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams stoa may reset for a client's protocol errors before it closes the connection.
+const H2_MAX_LOCAL_RESETS: usize = 64;
+
+/// The HTTP/2 settings of client connections: bounded streams, windows, buffers and resets.
+fn h2_options(max_concurrent_streams: u32) -> H2Options {
+    let mut options = H2Options::default();
+    options
+        .max_concurrent_streams(max_concurrent_streams)
+        .initial_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buffer_size(H2_STREAM_WINDOW as usize)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(Some(H2_MAX_LOCAL_RESETS));
+    options
 }
 
 /// Marks the process listening once the proxy listener accepts connections, then warms

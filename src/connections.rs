@@ -3,6 +3,9 @@
 //! pingora reads a request head with a per-read timeout only (a client trickling one byte at
 //! a time is never cut), waits for the next request on a keep-alive connection forever and
 //! accepts any number of connections. stoa therefore
+//! - makes the TLS handshake of connections to the TLS listener itself, within
+//!   `server.header_timeout` of the accept (a client that never sends its ClientHello is
+//!   closed), after counting the connection;
 //! - wraps every accepted stream in a [`Guarded`] stream, which knows which phase its
 //!   connection is in (reading a head, reading a body, idle between requests) and enforces
 //!   that phase's deadline; the proxy tells it when a head and a body are complete;
@@ -14,6 +17,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -24,6 +28,8 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
 use pingora::apps::ServerApp;
+use pingora::listeners::tls::Acceptor;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::SslDigest;
 use pingora::protocols::Stream;
@@ -57,6 +63,17 @@ const BODY: u8 = 1;
 /// The body is in (or there is none): the answer is being made; no deadline of ours.
 const ANSWER: u8 = 2;
 const IDLE: u8 = 3;
+/// An HTTP/2 connection past its preface: its streams are bounded by flow control and
+/// `server.h2_max_concurrent_streams`, an idle one is closed by pingora after
+/// `server.keepalive_timeout`; no deadline of ours.
+const H2: u8 = 4;
+
+/// The first bytes of HTTP/2's connection preface (`PRI * HTTP/2.0`); no HTTP/1.1 method
+/// starts so.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+/// The bytes an HTTP/2 client sends first: the 24-byte preface and a SETTINGS frame's
+/// header. They are due within `server.header_timeout` of the accept.
+const H2_OPENING: usize = 24 + 9;
 
 /// The error a read returns when the request body missed `server.body_timeout`; the proxy
 /// answers it with 408 (see [`body_timed_out`]).
@@ -122,21 +139,37 @@ pub struct Guarded {
     head_bytes: bool,
     timer: Option<Pin<Box<Sleep>>>,
     cut: Arc<Cut>,
+    /// HTTP/2: chosen by ALPN, or the first bytes were its preface.
+    h2: bool,
+    /// The connection may open with HTTP/2's preface (`server.h2c`, cleartext).
+    h2c: bool,
+    /// Bytes of the HTTP/2 opening received so far.
+    h2_bytes: usize,
 }
 
 impl Guarded {
-    fn new(inner: Stream, limits: ConnectionLimits, cut: Arc<Cut>) -> Self {
+    fn new(
+        inner: Stream,
+        limits: ConnectionLimits,
+        cut: Arc<Cut>,
+        accepted: Instant,
+        (h2, h2c): (bool, bool),
+    ) -> Self {
         Guarded {
             inner,
             limits,
             phase: AtomicU8::new(HEAD),
             requests: AtomicU32::new(0),
             seen: HEAD,
-            // The first head is due `header_timeout` after the accept.
-            since: Some(Instant::now()),
+            // The first head is due `header_timeout` after the accept (a TLS handshake
+            // included).
+            since: Some(accepted),
             head_bytes: false,
             timer: None,
             cut,
+            h2,
+            h2c,
+            h2_bytes: 0,
         }
     }
 
@@ -200,7 +233,8 @@ impl Guarded {
                 Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, e)))
             }
             phase => {
-                if phase == HEAD && self.head_bytes {
+                // An HTTP/1.1 answer is no use to an HTTP/2 client.
+                if phase == HEAD && self.head_bytes && !self.h2 {
                     self.answer_408(cx);
                 }
                 tracing::debug!(
@@ -253,6 +287,25 @@ impl AsyncRead for Guarded {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
+                let got = &buf.filled()[before..];
+                if !got.is_empty()
+                    && this.seen == HEAD
+                    && !this.head_bytes
+                    && this.requests.load(Ordering::Relaxed) == 0
+                    && (this.h2
+                        || (this.h2c && this.h2_bytes == 0 && got.starts_with(H2_PREFACE_START)))
+                {
+                    // HTTP/2 (by ALPN, or h2c with prior knowledge): once its opening is in,
+                    // no deadline of ours.
+                    this.h2 = true;
+                    this.h2_bytes += got.len();
+                    if this.h2_bytes >= H2_OPENING {
+                        this.phase.store(H2, Ordering::Relaxed);
+                        this.seen = H2;
+                        this.since = None;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
                 if buf.filled().len() > before && (this.seen == HEAD || this.seen == IDLE) {
                     if this.seen == IDLE {
                         // The first bytes of the next request: its head is now due.
@@ -357,10 +410,23 @@ impl GetSocketDigest for Guarded {
     }
 }
 
+/// pingora peeks at the first bytes of a cleartext connection for HTTP/2's preface when
+/// `server.h2c` is on, waiting for all of them: the head deadline bounds the wait.
 #[async_trait]
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        let deadline = self.since.unwrap_or_else(Instant::now) + self.limits.header_timeout;
+        match tokio::time::timeout_at(deadline, self.inner.try_peek(buf)).await {
+            Ok(peeked) => peeked,
+            Err(_) => {
+                tracing::debug!("closing a client connection at its deadline: no preface");
+                self.cut.fire();
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request head in time",
+                ))
+            }
+        }
     }
 }
 
@@ -414,6 +480,10 @@ pub struct Listener<A> {
     /// Seconds (since `started`) of the last warning about refused connections.
     last_refusal_warning: std::sync::atomic::AtomicU64,
     started: std::time::Instant,
+    /// The TLS listener's address and handshakes, if there is one.
+    tls: Option<(SocketAddr, Acceptor)>,
+    /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
+    h2c: bool,
 }
 
 impl<A> Listener<A> {
@@ -427,6 +497,60 @@ impl<A> Listener<A> {
             drain_rx,
             last_refusal_warning: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
+            tls: None,
+            h2c: false,
+        }
+    }
+
+    /// Cleartext connections may speak HTTP/2 with prior knowledge.
+    pub fn with_h2c(mut self, h2c: bool) -> Self {
+        self.h2c = h2c;
+        self
+    }
+
+    /// Connections accepted on `addr` speak TLS, with the handshakes of `acceptor`.
+    pub fn with_tls(mut self, addr: SocketAddr, acceptor: Acceptor) -> Self {
+        self.tls = Some((addr, acceptor));
+        self
+    }
+
+    /// The TLS handshake of a connection accepted on the TLS listener, bounded by
+    /// `deadline`, with whether it is TLS and whether ALPN chose HTTP/2; the stream as it
+    /// was for a connection to the cleartext listener. `None`: the handshake failed or was
+    /// too slow, and the connection is dropped.
+    async fn handshake(&self, stream: Stream, deadline: Instant) -> Option<(Stream, bool, bool)> {
+        let Some((addr, acceptor)) = &self.tls else {
+            return Some((stream, false, false));
+        };
+        let local = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied());
+        let on_tls = local.is_some_and(|local| {
+            local.port() == addr.port() && (addr.ip().is_unspecified() || local.ip() == addr.ip())
+        });
+        if !on_tls {
+            return Some((stream, false, false));
+        }
+        let l4 = match stream.into_any().downcast::<L4Stream>() {
+            Ok(l4) => *l4,
+            Err(_) => {
+                tracing::error!("a TLS listener connection is not a TCP stream");
+                return None;
+            }
+        };
+        match tokio::time::timeout_at(deadline, acceptor.tls_handshake(l4)).await {
+            Ok(Ok(tls)) => {
+                let h2 = matches!(tls.selected_alpn_proto(), Some(ALPN::H2));
+                Some((Box::new(tls), true, h2))
+            }
+            Ok(Err(e)) => {
+                tracing::debug!("TLS handshake failed: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("closing a client connection: no TLS handshake in time");
+                None
+            }
         }
     }
 
@@ -462,8 +586,19 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             // Dropping the stream closes the connection at once.
             return None;
         };
+        let accepted = Instant::now();
+        let (stream, tls, h2) = self
+            .handshake(stream, accepted + limits.header_timeout)
+            .await?;
+        let h2c = self.h2c && !tls;
         let cut = Arc::new(Cut::default());
-        let stream: Stream = Box::new(Guarded::new(stream, limits, cut.clone()));
+        let stream: Stream = Box::new(Guarded::new(
+            stream,
+            limits,
+            cut.clone(),
+            accepted,
+            (h2, h2c),
+        ));
         tokio::select! {
             biased;
             _ = self.app.process_new(stream, &self.drain_rx) => {}

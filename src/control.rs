@@ -18,6 +18,11 @@ use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::routes::PathMode;
 
+/// An optional listener address as a reload report shows it.
+fn shown(addr: Option<std::net::SocketAddr>) -> String {
+    addr.map_or_else(|| "none".to_string(), |a| a.to_string())
+}
+
 /// What a successful reload did.
 #[derive(Debug, Serialize)]
 pub struct ReloadReport {
@@ -119,8 +124,23 @@ impl Control {
         let fixed = [
             (
                 "server.listen",
-                config.server.listen.to_string(),
-                old_config.server.listen.to_string(),
+                shown(config.server.listen),
+                shown(old_config.server.listen),
+            ),
+            (
+                "server.listen_tls",
+                shown(config.server.tls.as_ref().map(|t| t.listen)),
+                shown(old_config.server.tls.as_ref().map(|t| t.listen)),
+            ),
+            (
+                "server.h2c",
+                config.server.h2c.to_string(),
+                old_config.server.h2c.to_string(),
+            ),
+            (
+                "server.h2_max_concurrent_streams",
+                config.server.h2_max_concurrent_streams.to_string(),
+                old_config.server.h2_max_concurrent_streams.to_string(),
             ),
             (
                 "admin.listen",

@@ -374,6 +374,7 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
                 .metrics
                 .cache_too_large(&spec.name)
                 .map_err(metric_err)?,
+            compressions: parts.metrics.compressions().map_err(metric_err)?,
             revalidations: parts
                 .metrics
                 .cache_revalidations(&spec.name)

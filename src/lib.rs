@@ -19,4 +19,5 @@ pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

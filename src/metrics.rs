@@ -17,9 +17,11 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::cache::encoding::Counters;
 use crate::cache::engine::Revalidations;
 use crate::cache::tier::TierMetrics;
 use crate::cache::CacheStatus;
+use crate::config::Coding;
 
 /// The `Content-Type` of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -77,6 +79,8 @@ pub struct Metrics {
     cache_bytes: IntGauge,
     cache_evictions: IntCounter,
     cache_too_large: IntCounterVec,
+    compressions: IntCounterVec,
+    compression_saved: IntCounterVec,
     cache_revalidations: IntCounterVec,
     cache_not_modified: IntCounterVec,
     tier: TierMetrics,
@@ -176,6 +180,30 @@ impl Metrics {
                 &["route"],
             )?,
         )?;
+        let compressions = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_compressions_total",
+                    "Stored answers compressed, by encoding (br, zstd, gzip): once per entry and encoding.",
+                ),
+                &["encoding"],
+            )?,
+        )?;
+        let compression_saved = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_compression_saved_bytes_total",
+                    "Bytes compression took off stored answers, by encoding.",
+                ),
+                &["encoding"],
+            )?,
+        )?;
+        for coding in Coding::ALL {
+            compressions.get_metric_with_label_values(&[coding.token()])?;
+            compression_saved.get_metric_with_label_values(&[coding.token()])?;
+        }
         let cache_revalidations = register(
             &registry,
             IntCounterVec::new(
@@ -242,6 +270,8 @@ impl Metrics {
             cache_bytes,
             cache_evictions,
             cache_too_large,
+            compressions,
+            compression_saved,
             cache_revalidations,
             cache_not_modified,
             in_flight,
@@ -299,6 +329,24 @@ impl Metrics {
     /// The counter of a cached route's answers too large to store (exported at zero).
     pub fn cache_too_large(&self, route: &str) -> prometheus::Result<IntCounter> {
         self.cache_too_large.get_metric_with_label_values(&[route])
+    }
+
+    /// The counters of compressions done and bytes saved, by encoding (shared by every
+    /// cached route).
+    pub fn compressions(&self) -> prometheus::Result<Counters> {
+        let pair = |c: Coding| -> prometheus::Result<(IntCounter, IntCounter)> {
+            Ok((
+                self.compressions
+                    .get_metric_with_label_values(&[c.token()])?,
+                self.compression_saved
+                    .get_metric_with_label_values(&[c.token()])?,
+            ))
+        };
+        Ok(Counters::new([
+            pair(Coding::Br)?,
+            pair(Coding::Zstd)?,
+            pair(Coding::Gzip)?,
+        ]))
     }
 
     /// The counters of a cached route's revalidations, by result (exported at zero).
@@ -843,7 +891,7 @@ mod tests {
                 other => panic!("unexpected type {other} for {name}"),
             }
         }
-        assert_eq!(families, 16, "{text}");
+        assert_eq!(families, 18, "{text}");
     }
 
     /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.

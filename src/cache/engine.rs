@@ -9,6 +9,7 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::control::{Directives, Validators};
+use super::encoding::{self, Compressed, Variants};
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
@@ -27,6 +28,8 @@ pub struct CachedRoute {
     pub origin_name: String,
     /// `stoa_cache_too_large_total{route}`: answers larger than `max_entry_bytes`.
     pub too_large: prometheus::IntCounter,
+    /// Compressions done and bytes saved, by coding (shared by every route).
+    pub compressions: encoding::Counters,
     /// `stoa_cache_revalidations_total{route,result}`.
     pub revalidations: Revalidations,
     /// `stoa_cache_not_modified_total{route}`: 304s answered to clients from memory.
@@ -469,7 +472,8 @@ impl CacheEngine {
     pub async fn bypass(&self, route: &CachedRoute, fetch: FetchRequest) -> Served {
         match route.fetch(fetch).await {
             Ok(Answer::Whole(fetched)) => {
-                match fetched_to_entry(fetched, &route.settings, 0, Instant::now(), None) {
+                let none = Compressed::none();
+                match fetched_to_entry(fetched, &route.settings, 0, Instant::now(), None, none) {
                     Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
                     Err(e) => Served::Error(e, CacheStatus::Bypass),
                 }
@@ -560,15 +564,36 @@ impl CacheEngine {
                 counter.inc();
             }
             let outcome = match answer {
-                Ok(Answer::Whole(fetched)) => {
-                    let fetched = match &validated {
-                        Some(stored) if fetched.status == http::StatusCode::NOT_MODIFIED => {
-                            merge_not_modified(stored, fetched)
+                Ok(Answer::Whole(fetched)) => match &validated {
+                    // The body is unchanged: the stored compressed bodies are kept, with
+                    // heads built anew from the merged one.
+                    Some(stored) if fetched.status == http::StatusCode::NOT_MODIFIED => {
+                        let fetched = merge_not_modified(stored, fetched);
+                        let compressed = if route.settings.compression.is_some() {
+                            stored.compressed()
+                        } else {
+                            Compressed::none()
+                        };
+                        engine.settle(&route, lead.key(), fetched, recipe, compressed)
+                    }
+                    _ => {
+                        // Compressed (and an encoded answer decoded) off the request
+                        // path, before the entry is weighed and stored.
+                        let store = disposition(&fetched, &route.settings) == Disposition::Store
+                            && !fetched.status.is_server_error();
+                        let limit =
+                            usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
+                        let compression = route.settings.compression.clone();
+                        let counters = &route.compressions;
+                        match encoding::prepare(compression, counters, fetched, store, limit).await
+                        {
+                            Ok((fetched, compressed)) => {
+                                engine.settle(&route, lead.key(), fetched, recipe, compressed)
+                            }
+                            Err(e) => Outcome::Failed(e),
                         }
-                        _ => fetched,
-                    };
-                    engine.settle(&route, lead.key(), fetched, recipe)
-                }
+                    }
+                },
                 Ok(Answer::Streaming(streaming)) => {
                     // Whatever was stored under this key is outdated now, unless this is
                     // an upstream error (the stored copy may serve instead).
@@ -613,6 +638,7 @@ impl CacheEngine {
         key: &Arc<CacheKey>,
         fetched: Fetched,
         recipe: Arc<FetchRequest>,
+        compressed: Compressed,
     ) -> Outcome {
         match fetched_to_entry(
             fetched,
@@ -620,6 +646,7 @@ impl CacheEngine {
             key.byte_len(),
             Instant::now(),
             Some(recipe),
+            compressed,
         ) {
             Err(e) => Outcome::Failed(e),
             Ok((entry, Disposition::Store)) => {
@@ -687,6 +714,7 @@ fn fetched_to_entry(
     key_len: usize,
     now: Instant,
     recipe: Option<Arc<FetchRequest>>,
+    compressed: Compressed,
 ) -> Result<(Arc<Entry>, Disposition), StoaError> {
     let status = fetched.status.as_u16();
     let server_error = fetched.status.is_server_error();
@@ -771,6 +799,12 @@ fn fetched_to_entry(
     // on every request (it is never fresh).
     let revalidate_always = cc.no_cache && validators.is_some() && !server_error;
     let shareable = cc.shareable_with_authorization();
+    // Every answer of a route that compresses varies by `Accept-Encoding`. The validators
+    // above are the identity head's: revalidation asks with the upstream's own `ETag`.
+    if settings.compression.is_some() {
+        encoding::add_vary(&mut header)?;
+    }
+    let variants = Variants::build(&header, compressed)?;
     let disposition = match disposition {
         Disposition::Store if revalidate_always && settings.ttl_for(status).is_some() => {
             Disposition::Store
@@ -791,7 +825,8 @@ fn fetched_to_entry(
         Entry::new(header, body, key_len, now, life, recipe)
             .with_upstream_age(upstream_age)
             .with_validators(validators, shareable)
-            .with_not_stored(not_stored),
+            .with_not_stored(not_stored)
+            .with_variants(variants),
     );
     Ok((entry, disposition))
 }
@@ -983,15 +1018,23 @@ mod tests {
             warm: Vec::new(),
             refresh_hook: None,
             max_entry_bytes: 1 << 20,
+            compress: None,
+            compression: None,
         };
         let counter = || prometheus::IntCounter::new("counter", "test").unwrap();
         let too_large = counter();
+        let compressions = encoding::Counters::new([
+            (counter(), counter()),
+            (counter(), counter()),
+            (counter(), counter()),
+        ]);
         Arc::new(CachedRoute {
             name: name.to_string(),
             settings,
             origin,
             origin_name: "test".to_string(),
             too_large,
+            compressions,
             revalidations: Revalidations {
                 not_modified: counter(),
                 modified: counter(),

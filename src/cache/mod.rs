@@ -2,6 +2,7 @@
 //! an [`Origin`] it knows only by its trait.
 
 pub mod control;
+pub mod encoding;
 pub mod engine;
 pub mod flight;
 pub mod key;

@@ -13,6 +13,7 @@ use quick_cache::sync::Cache;
 use quick_cache::{DefaultHashBuilder, Lifecycle, OptionsBuilder, Weighter};
 
 use super::control::Validators;
+use super::encoding::{Compressed, Variant, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use crate::config::capacity::{
@@ -47,6 +48,8 @@ pub struct Entry {
     pub shareable_with_authorization: bool,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
+    /// Compressed forms of the body, weighed with it.
+    variants: Variants,
     weight: u64,
 }
 
@@ -97,7 +100,34 @@ impl Entry {
             refresh_at: life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f)),
             refreshing: AtomicBool::new(false),
             not_stored: None,
+            variants: Variants::default(),
         }
+    }
+
+    /// With compressed forms of the body, weighed with the entry (before it is stored:
+    /// the store weighs an entry when it is inserted).
+    pub fn with_variants(mut self, variants: Variants) -> Self {
+        self.weight += variants.weight();
+        self.variants = variants;
+        self
+    }
+
+    /// The head and body to answer a client with this `Accept-Encoding`: a compressed
+    /// variant if it accepts one, else the identity answer.
+    pub fn pick(&self, accept: Option<&http::HeaderValue>) -> (&ResponseHeader, &Bytes) {
+        if self.variants.is_empty() {
+            return (&self.header, &self.body);
+        }
+        match self.variants.pick(accept) {
+            Some(Variant { header, body, .. }) => (header, body),
+            None => (&self.header, &self.body),
+        }
+    }
+
+    /// The compressed bodies of this entry, to keep for the entry that replaces it when
+    /// the upstream answers a revalidation with 304 (same body, new heads).
+    pub fn compressed(&self) -> Compressed {
+        self.variants.bodies()
     }
 
     pub fn is_fresh(&self, now: Instant) -> bool {

@@ -32,11 +32,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::control::Validators;
+use super::encoding::{Compressed, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use super::store::{Entry, Lifetimes};
 use crate::cluster::{Cluster, PROBE_EVERY};
-use crate::config::RedisTarget;
+use crate::config::{Coding, RedisTarget};
 
 /// The first bytes of every stored value: format name and version. A node that reads any
 /// other prefix treats the value as a miss.
@@ -398,7 +399,8 @@ impl Tier {
         lease.renewing.abort();
         let max = self.cluster.settings().l2_max_entry_bytes;
         let value = entry.and_then(|e| {
-            if e.body.len() as u64 > max {
+            let size = e.body.len() + e.compressed().bodies().map(|(_, b)| b.len()).sum::<usize>();
+            if size as u64 > max {
                 self.metrics.too_large.inc();
                 return None;
             }
@@ -456,11 +458,14 @@ impl Tier {
     }
 
     /// Removes the shared copies a purge names and tells the other nodes to drop theirs.
+    /// The shared copies go first, so that a node told to drop its own does not read
+    /// them back.
     pub async fn purge(&self, what: PurgeWhat) {
         self.metrics.purges_sent.inc();
+        self.purge_shared(what.clone()).await;
         let message = Purge {
             node: self.node_name().to_string(),
-            what: what.clone(),
+            what,
         };
         let Ok(text) = serde_json::to_string(&message) else {
             return;
@@ -476,6 +481,9 @@ impl Tier {
                     .await
             })
             .await;
+    }
+
+    async fn purge_shared(&self, what: PurgeWhat) {
         // The shared entries: found through the routes' indexes (or the key's hash).
         let (routes, matches): (Vec<String>, Box<dyn Fn(&str) -> bool + Send>) = match what {
             PurgeWhat::Key { key, .. } => {
@@ -729,6 +737,9 @@ struct Head {
     refresh_at: Option<i64>,
     shareable_with_authorization: bool,
     recipe: Option<Recipe>,
+    /// The identity body's length; the compressed bodies follow it, in this order.
+    body_len: u64,
+    compressed: Vec<(String, u64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -746,8 +757,10 @@ fn pairs(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// `MAGIC`, the head's length (4 bytes, big-endian), the MessagePack head, the body.
+/// `MAGIC`, the head's length (4 bytes, big-endian), the MessagePack head, the body, then
+/// the compressed bodies (as made once by the node that fetched: nobody compresses again).
 pub fn encode(entry: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
+    let compressed = entry.compressed();
     let now = Instant::now();
     let wall = wall_now();
     let head = Head {
@@ -767,13 +780,22 @@ pub fn encode(entry: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
             headers: pairs(&r.headers),
             body: r.body.to_vec(),
         }),
+        body_len: entry.body.len() as u64,
+        compressed: compressed
+            .bodies()
+            .map(|(c, b)| (c.token().to_string(), b.len() as u64))
+            .collect(),
     };
     let head = rmp_serde::to_vec(&head).ok()?;
-    let mut out = Vec::with_capacity(MAGIC.len() + 4 + head.len() + entry.body.len());
+    let bodies = entry.body.len() + compressed.bodies().map(|(_, b)| b.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + head.len() + bodies);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&u32::try_from(head.len()).ok()?.to_be_bytes());
     out.extend_from_slice(&head);
     out.extend_from_slice(&entry.body);
+    for (_, body) in compressed.bodies() {
+        out.extend_from_slice(body);
+    }
     Some(out)
 }
 
@@ -785,9 +807,23 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
     if rest.len() < len {
         return None;
     }
-    let (head, body) = rest.split_at(len);
+    let (head, mut bodies) = rest.split_at(len);
     let head: Head = rmp_serde::from_slice(head).ok()?;
     if head.key != key.as_str() {
+        return None;
+    }
+    let mut take = |n: u64| {
+        let n = usize::try_from(n).ok().filter(|n| *n <= bodies.len())?;
+        let (taken, left) = bodies.split_at(n);
+        bodies = left;
+        Some(Bytes::copy_from_slice(taken))
+    };
+    let body = take(head.body_len)?;
+    let mut compressed = Vec::with_capacity(head.compressed.len());
+    for (token, n) in &head.compressed {
+        compressed.push((Coding::parse(token)?, take(*n)?));
+    }
+    if !bodies.is_empty() {
         return None;
     }
     let status = http::StatusCode::from_u16(head.status).ok()?;
@@ -819,22 +855,17 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
     let wall = wall_now();
     let at = |ms: i64| instant_of(ms, now, wall);
     let validators = Validators::of(&header.headers);
+    let variants = Variants::build(&header, Compressed::from_bodies(compressed)).ok()?;
     let life = Lifetimes {
         ttl: Duration::ZERO,
         stale_while_revalidate: Duration::ZERO,
         stale_if_error: Duration::ZERO,
         refresh_ahead: None,
     };
-    let mut entry = Entry::new(
-        header,
-        Bytes::copy_from_slice(body),
-        key.byte_len(),
-        now,
-        life,
-        recipe,
-    )
-    .with_upstream_age(head.upstream_age)
-    .with_validators(validators, head.shareable_with_authorization);
+    let mut entry = Entry::new(header, body, key.byte_len(), now, life, recipe)
+        .with_upstream_age(head.upstream_age)
+        .with_validators(validators, head.shareable_with_authorization)
+        .with_variants(variants);
     entry.stored_at = at(head.stored_at);
     entry.fresh_until = at(head.fresh_until);
     entry.revalidate_until = at(head.revalidate_until);
@@ -869,6 +900,25 @@ mod tests {
             None,
         )
         .with_upstream_age(7)
+    }
+
+    #[test]
+    fn compressed_bodies_come_back_as_variants() {
+        let key = test_key("r", "/p");
+        let mut e = entry();
+        let gz = Bytes::from_static(b"\x1f\x8b-not-really-gzip");
+        let variants = Variants::build(
+            &e.header,
+            Compressed::from_bodies(vec![(Coding::Gzip, gz.clone())]),
+        )
+        .unwrap();
+        e = e.with_variants(variants);
+        let back = decode(&encode(&e, &key).unwrap(), &key).unwrap();
+        assert_eq!(back.body, e.body);
+        let accept = http::HeaderValue::from_static("gzip");
+        let (head, body) = back.pick(Some(&accept));
+        assert_eq!(body, &gz);
+        assert_eq!(head.headers["content-encoding"], "gzip");
     }
 
     #[test]

@@ -38,12 +38,22 @@ pub struct Config {
 impl Config {
     /// A one-line summary for `stoa check`.
     pub fn summary(&self) -> String {
+        let compressing = self
+            .routes
+            .iter()
+            .filter(|r| r.cache.as_ref().is_some_and(|c| c.compression.is_some()))
+            .count();
+        let compression = &self.cache.compression;
+        let codings: Vec<&str> = compression.encodings.iter().map(|c| c.token()).collect();
         let mut text = format!(
-            "configuration ok: {} upstream(s), {} route(s) ({} cached), listening on {}, admin on {}",
+            "configuration ok: {} upstream(s), {} route(s) ({} cached, {} compressing stored answers of at least {} bytes with {}), listening on {}, admin on {}",
             self.upstreams.len(),
             self.routes.len(),
             self.routes.iter().filter(|r| r.cache.is_some()).count(),
-            self.server.listen,
+            compressing,
+            compression.min_bytes,
+            if codings.is_empty() { "nothing".to_string() } else { codings.join(", ") },
+            self.server.listeners(),
             self.admin.listen
         );
         if let Some(cluster) = &self.cluster {
@@ -149,8 +159,11 @@ impl Validator<'_> {
         let cache = self.cache_store(cache_raw);
         let admin = self.admin(admin_raw);
         if let (Some(s), Some(a)) = (&server, &admin) {
-            if s.listen == a.listen {
+            if s.listen == Some(a.listen) {
                 self.problem("admin.listen", "must differ from server.listen");
+            }
+            if s.tls.as_ref().is_some_and(|t| t.listen == a.listen) {
+                self.problem("admin.listen", "must differ from server.listen_tls");
             }
         }
         let (upstreams, upstream_names) = self.upstreams(upstreams_raw);
@@ -160,6 +173,7 @@ impl Validator<'_> {
         self.check_invalidates(&indexed);
         if let Some(store) = &cache {
             self.cache_entry_limits(&mut indexed, store);
+            self.cache_compression(&mut indexed, store);
         }
         let mut routes: Vec<RouteSpec> = indexed.into_iter().map(|(_, r)| r).collect();
         for route in &mut routes {

@@ -35,8 +35,8 @@ pub use aggregate::spec::{
 };
 pub use assemble::Config;
 pub use cache::settings::{
-    CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody,
-    WarmRequest,
+    CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
+    RefreshHook, UnkeyedBody, WarmRequest,
 };
 pub use cache::CacheStoreSettings;
 pub use cluster::{redact_url, ClusterSettings, RedisTarget};

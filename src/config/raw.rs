@@ -30,6 +30,10 @@ pub enum RawDuration {
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub listen: Option<String>,
+    pub listen_tls: Option<String>,
+    pub tls: Option<RawServerTls>,
+    pub h2c: Option<bool>,
+    pub h2_max_concurrent_streams: Option<i64>,
     pub threads: Option<i64>,
     pub max_body_bytes: Option<RawSize>,
     pub shutdown_timeout: Option<RawDuration>,
@@ -43,6 +47,14 @@ pub struct RawServer {
     pub body_timeout: Option<RawDuration>,
     pub keepalive_requests: Option<i64>,
     pub max_connections: Option<i64>,
+}
+
+/// `[server.tls]`: the certificate chain and private key of the TLS listener (PEM files).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawServerTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -161,6 +173,22 @@ pub enum RawWarm {
 pub struct RawCacheSection {
     pub max_bytes: Option<RawSize>,
     pub max_entry_bytes: Option<RawSize>,
+    pub compression: Option<RawCompression>,
+}
+
+/// `[cache.compression]`: how cached answers are compressed for clients that accept it.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    /// Compress on every cached route that does not say otherwise (default true).
+    pub enabled: Option<bool>,
+    /// Content codings offered, in order of preference (default `["br", "zstd", "gzip"]`).
+    #[schemars(extend("items" = { "enum": ["br", "zstd", "gzip"] }))]
+    pub encodings: Option<Vec<String>>,
+    /// Smallest body compressed (default 1024 bytes).
+    pub min_bytes: Option<RawSize>,
+    /// Media types compressed: `type/subtype`, `type/*` or a `+suffix`.
+    pub types: Option<Vec<String>>,
 }
 
 /// `key_body = true` (the whole body) or `key_body = ["field", ...]`.
@@ -195,6 +223,8 @@ pub struct RawCache {
     pub warm: Option<Vec<RawWarm>>,
     pub refresh_hook: Option<String>,
     pub max_entry_bytes: Option<RawSize>,
+    /// Compress this route's cached answers (default: `cache.compression.enabled`).
+    pub compress: Option<bool>,
 }
 
 /// One leg of an aggregate route (`[[routes.legs]]`).

@@ -1,18 +1,28 @@
 //! The `[server]` section: the client listener, its threads, body bound, deadlines and
 //! connection caps, and the proxies whose `X-Forwarded-For` is believed.
 
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use rustls::sign::CertifiedKey;
 
 use super::limits::RateLimitHeaders;
-use super::raw::RawServer;
+use super::raw::{RawServer, RawServerTls};
 use super::validate::Validator;
 
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    pub listen: SocketAddr,
+    /// The cleartext listener (`server.listen`); absent when only `listen_tls` is set.
+    pub listen: Option<SocketAddr>,
+    /// The TLS listener (`server.listen_tls` and `[server.tls]`).
+    pub tls: Option<ServerTls>,
+    /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
+    pub h2c: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_concurrent_streams: u32,
     /// Worker threads of the proxy service.
     pub threads: usize,
     /// Largest request body accepted; larger ones get 413.
@@ -28,6 +38,55 @@ pub struct ServerSettings {
     /// Which rate-limit headers answers of limited routes carry.
     pub rate_limit_headers: RateLimitHeaders,
 }
+
+/// The TLS listener: its address and its certificate, read and checked when the
+/// configuration is loaded (so a reload re-reads the files).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub listen: SocketAddr,
+    pub cert_file: String,
+    pub key_file: String,
+    /// The chain and key the handshakes present.
+    pub certified: Arc<CertifiedKey>,
+}
+
+/// The private key stays out of logs.
+impl fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("listen", &self.listen)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerSettings {
+    /// An address the proxy accepts connections on (the cleartext one if there is one).
+    pub fn any_listen(&self) -> SocketAddr {
+        match (&self.listen, &self.tls) {
+            (Some(addr), _) => *addr,
+            (None, Some(tls)) => tls.listen,
+            // Validation makes sure one of the two is there.
+            (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+
+    /// Every address the proxy listens on, as `stoa check` and the start log show them.
+    pub fn listeners(&self) -> String {
+        let mut out = Vec::new();
+        if let Some(addr) = self.listen {
+            out.push(addr.to_string());
+        }
+        if let Some(tls) = &self.tls {
+            out.push(format!("{} (TLS)", tls.listen));
+        }
+        out.join(" and ")
+    }
+}
+
+/// Largest `server.h2_max_concurrent_streams`.
+const MAX_STREAMS: i64 = 10_000;
 
 /// Deadlines and caps on client connections (`[server]` keys of the same names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +119,25 @@ impl Default for ConnectionLimits {
 
 impl Validator<'_> {
     pub(super) fn server(&mut self, raw: RawServer) -> Option<ServerSettings> {
-        let listen = self.address("server.listen", raw.listen.as_deref(), "127.0.0.1:8080");
+        // Without either listener, the cleartext one on its default address.
+        let listen = match (&raw.listen, &raw.listen_tls) {
+            (None, Some(_)) => Some(None),
+            (text, _) => self
+                .address("server.listen", text.as_deref(), "127.0.0.1:8080")
+                .map(Some),
+        };
+        let tls = self.server_tls(raw.listen_tls.as_deref(), raw.tls.as_ref());
+        let h2_max_concurrent_streams = match raw.h2_max_concurrent_streams {
+            None => Some(100),
+            Some(n) if (1..=MAX_STREAMS).contains(&n) => u32::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    "server.h2_max_concurrent_streams",
+                    format!("{n} is not between 1 and {MAX_STREAMS}"),
+                );
+                None
+            }
+        };
         let threads = match raw.threads {
             None => Some(2),
             Some(n) if (1..=1024).contains(&n) => Some(n as usize),
@@ -105,8 +182,16 @@ impl Validator<'_> {
                 None
             }
         };
+        if let (Some(Some(plain)), Ok(Some(tls))) = (&listen, &tls) {
+            if *plain == tls.listen {
+                self.problem("server.listen_tls", "must differ from server.listen");
+            }
+        }
         Some(ServerSettings {
             listen: listen?,
+            tls: tls.ok()?,
+            h2c: raw.h2c.unwrap_or(false),
+            h2_max_concurrent_streams: h2_max_concurrent_streams?,
             threads: threads?,
             max_body_bytes: max_body_bytes?,
             shutdown_timeout: shutdown_timeout?,
@@ -163,6 +248,58 @@ impl Validator<'_> {
             keepalive_requests: keepalive_requests?,
             max_connections: max_connections?,
         })
+    }
+
+    /// `server.listen_tls` and `[server.tls]`, which go together. `Err(())` when a problem
+    /// was reported.
+    fn server_tls(
+        &mut self,
+        listen: Option<&str>,
+        raw: Option<&RawServerTls>,
+    ) -> Result<Option<ServerTls>, ()> {
+        let (listen, raw) = match (listen, raw) {
+            (None, None) => return Ok(None),
+            (Some(listen), Some(raw)) => (listen, raw),
+            (Some(_), None) => {
+                self.problem(
+                    "server.tls",
+                    "missing: server.listen_tls needs [server.tls] with cert and key",
+                );
+                return Err(());
+            }
+            (None, Some(_)) => {
+                self.problem(
+                    "server.listen_tls",
+                    "missing: [server.tls] needs the address of the TLS listener",
+                );
+                return Err(());
+            }
+        };
+        let addr = self.address("server.listen_tls", Some(listen), "");
+        let (cert_file, key_file) = match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => (cert, key),
+            (cert, key) => {
+                for (name, value) in [("cert", cert), ("key", key)] {
+                    if value.is_none() {
+                        self.problem(
+                            format!("server.tls.{name}"),
+                            "missing: the TLS listener needs both cert and key (PEM files)",
+                        );
+                    }
+                }
+                return Err(());
+            }
+        };
+        let pair = self.key_pair(("server.tls.cert", cert_file), ("server.tls.key", key_file));
+        match (addr, pair) {
+            (Some(listen), Some(pair)) => Ok(Some(ServerTls {
+                listen,
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                certified: pair.certified,
+            })),
+            _ => Err(()),
+        }
     }
 
     /// Parses `server.trusted_proxies`: CIDRs such as `"10.0.0.0/8"`, or bare addresses

@@ -46,6 +46,16 @@ impl fmt::Debug for ClientIdentity {
     }
 }
 
+/// A checked certificate chain and its private key, in the forms the TLS stacks take.
+pub(super) struct KeyPair {
+    pub chain: Vec<Vec<u8>>,
+    pub key_der: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    /// Ready for a TLS server (rustls).
+    pub certified: Arc<CertifiedKey>,
+}
+
 impl Validator<'_> {
     /// The TLS settings of the upstream at `path`: `None` for a plain http upstream (whose
     /// TLS keys are a problem). `Err(())` when a problem was reported.
@@ -158,10 +168,31 @@ impl Validator<'_> {
         cert_file: &str,
         key_file: &str,
     ) -> Option<ClientIdentity> {
-        let key_path = format!("{path}.client_key");
-        let cert_key = format!("{path}.client_cert");
-        let chain = self.certificates(&cert_key, cert_file);
-        let key_pem = self.read_file(&key_path, key_file)?;
+        let pair = self.key_pair(
+            (&format!("{path}.client_cert"), cert_file),
+            (&format!("{path}.client_key"), key_file),
+        )?;
+        // The files as written: the key, then the chain.
+        let mut pem = pair.key_pem;
+        pem.push(b'\n');
+        pem.extend_from_slice(&pair.cert_pem);
+        Some(ClientIdentity {
+            chain: pair.chain,
+            key: pair.key_der,
+            pem,
+        })
+    }
+
+    /// Reads and checks a certificate chain file and its private key file (each given as
+    /// the key path naming it and the file): every certificate parseable and not expired,
+    /// the key usable and matching the leaf certificate. `None` when a problem was reported.
+    pub(super) fn key_pair(
+        &mut self,
+        (cert_key, cert_file): (&str, &str),
+        (key_path, key_file): (&str, &str),
+    ) -> Option<KeyPair> {
+        let chain = self.certificates(cert_key, cert_file);
+        let key_pem = self.read_file(key_path, key_file)?;
         let key = match PrivateKeyDer::from_pem_slice(&key_pem) {
             Ok(key) => key,
             Err(e) => {
@@ -189,24 +220,20 @@ impl Validator<'_> {
         };
         let (chain, cert_pem) = chain?;
         let ders = chain.iter().map(|c| CertificateDer::from(c.clone()));
-        if CertifiedKey::new(ders.collect(), signing)
-            .keys_match()
-            .is_err()
-        {
+        let certified = CertifiedKey::new(ders.collect(), signing);
+        if certified.keys_match().is_err() {
             self.problem(
                 key_path,
                 format!("{key_file}: does not match the certificate in {cert_file}"),
             );
             return None;
         }
-        // The files as written: the key, then the chain.
-        let mut pem = key_pem;
-        pem.push(b'\n');
-        pem.extend_from_slice(&cert_pem);
-        Some(ClientIdentity {
+        Some(KeyPair {
             chain,
-            key: key.secret_der().to_vec(),
-            pem,
+            key_der: key.secret_der().to_vec(),
+            key_pem,
+            cert_pem,
+            certified: Arc::new(certified),
         })
     }
 

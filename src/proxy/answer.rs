@@ -86,9 +86,12 @@ pub async fn entry(
     status: CacheStatus,
     deco: &Decorations<'_>,
 ) -> Result<()> {
-    let head_only = session.req_header().method == http::Method::HEAD;
+    let req = session.req_header();
+    let head_only = req.method == http::Method::HEAD;
+    // The identity answer or a compressed variant, by the client's `Accept-Encoding`.
+    let (stored, body) = entry.pick(req.headers.get(http::header::ACCEPT_ENCODING));
     // The stored head already says `X-Cache: HIT`.
-    let mut header = entry.header.clone();
+    let mut header = stored.clone();
     if let (false, Some(value)) = (status == CacheStatus::Hit, status.header_value()) {
         header.insert_header("x-cache", value)?;
     }
@@ -102,7 +105,7 @@ pub async fn entry(
         .await?;
     if !head_only {
         session
-            .write_response_body(Some(entry.body.clone()), true)
+            .write_response_body(Some(body.clone()), true)
             .await?;
     }
     Ok(())

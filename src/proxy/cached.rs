@@ -11,7 +11,7 @@ use pingora::proxy::Session;
 use super::answer::Decorations;
 use super::cache_status::{self, BypassWhy};
 use super::ctx::RequestCtx;
-use super::{answer, body, limit, peer_addr};
+use super::{answer, body, limit, over_tls, peer_addr};
 use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
 use crate::cache::store::Entry;
@@ -111,7 +111,7 @@ pub async fn serve(
     } else if private {
         let fetch = FetchRequest {
             method,
-            headers: private_fetch_headers(req, peer, &ctx.request_id),
+            headers: private_fetch_headers(req, peer, over_tls(session), &ctx.request_id),
             path_and_query: upstream_path,
             body,
         };
@@ -196,7 +196,8 @@ fn answers_not_modified(req: &RequestHeader, entry: &Entry, status: CacheStatus)
 }
 
 /// Writes a `304` for `entry` (RFC 9110 §15.4.5): the fields a 200 would carry that
-/// guide caches, with `Age` and `X-Cache`; no body, no `Content-Length`.
+/// guide caches (from the variant the client's `Accept-Encoding` picks), with `Age` and
+/// `X-Cache`; no body, no `Content-Length`.
 async fn not_modified(
     session: &mut Session,
     entry: &Entry,
@@ -205,6 +206,9 @@ async fn not_modified(
 ) -> Result<()> {
     use http::header;
     let mut head = ResponseHeader::build(http::StatusCode::NOT_MODIFIED, Some(10))?;
+    // The head a 200 would have had for this client's `Accept-Encoding`: a compressed
+    // variant's weak `ETag` and `Vary`.
+    let (stored, _) = entry.pick(session.req_header().headers.get(header::ACCEPT_ENCODING));
     for name in [
         header::ETAG,
         header::DATE,
@@ -213,7 +217,7 @@ async fn not_modified(
         header::VARY,
         header::CONTENT_LOCATION,
     ] {
-        for value in entry.header.headers.get_all(&name) {
+        for value in stored.headers.get_all(&name) {
             head.append_header(name.clone(), value.clone())?;
         }
     }

@@ -50,6 +50,11 @@ fn peer_addr(session: &Session) -> Option<IpAddr> {
         .map(|a| a.ip())
 }
 
+/// Whether the request came over TLS (the TLS listener).
+fn over_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
 impl StoaProxy {
     pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
         StoaProxy { gateway, lifecycle }

@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 use pingora::ErrorType;
 
 use super::ctx::RequestCtx;
-use super::peer_addr;
+use super::{over_tls, peer_addr};
 use crate::error::StoaError;
 use crate::gateway::Route;
 use crate::upstream::headers;
@@ -58,6 +58,7 @@ pub fn upstream_head(
         upstream_request,
         link.upstream(),
         peer_addr(session),
+        over_tls(session),
         &ctx.request_id,
     )
 }

@@ -11,8 +11,14 @@ use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::config::Upstream;
 
-/// The scheme clients reach stoa with, as told in `X-Forwarded-Proto`.
-const FORWARDED_PROTO: &str = "http";
+/// The scheme a client reached stoa with, as told in `X-Forwarded-Proto`.
+fn forwarded_proto(https: bool) -> &'static str {
+    if https {
+        "https"
+    } else {
+        "http"
+    }
+}
 
 /// Request headers that must not be forwarded as they are.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -105,12 +111,13 @@ pub fn strip_response(resp: &mut ResponseHeader) {
 }
 
 /// Rewrites the head of a pass-through request for `upstream`: its `Host`, the `peer`
-/// appended to `X-Forwarded-For`, `X-Forwarded-Proto` and the request id. (pingora drops the
-/// hop-by-hop headers itself.)
+/// appended to `X-Forwarded-For`, `X-Forwarded-Proto` (`https` when the request came over
+/// TLS) and the request id. (pingora drops the hop-by-hop headers itself.)
 pub fn forward(
     req: &mut RequestHeader,
     upstream: &Upstream,
     peer: Option<IpAddr>,
+    https: bool,
     request_id: &HeaderValue,
 ) -> pingora::Result<()> {
     req.insert_header(http::header::HOST, upstream.host_header.as_str())?;
@@ -118,7 +125,7 @@ pub fn forward(
         let forwarded = forwarded_for(req.headers.get("x-forwarded-for"), ip);
         req.insert_header("x-forwarded-for", forwarded)?;
     }
-    req.insert_header("x-forwarded-proto", FORWARDED_PROTO)?;
+    req.insert_header("x-forwarded-proto", forwarded_proto(https))?;
     req.insert_header("x-request-id", request_id.clone())?;
     Ok(())
 }
@@ -128,6 +135,7 @@ pub fn forward(
 pub fn private_fetch_headers(
     req: &RequestHeader,
     peer: Option<IpAddr>,
+    https: bool,
     request_id: &HeaderValue,
 ) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
@@ -144,7 +152,7 @@ pub fn private_fetch_headers(
     }
     headers.insert(
         "x-forwarded-proto",
-        HeaderValue::from_static(FORWARDED_PROTO),
+        HeaderValue::from_static(forwarded_proto(https)),
     );
     headers.insert("x-request-id", request_id.clone());
     headers
@@ -172,13 +180,15 @@ mod tests {
             .unwrap();
         let id = HeaderValue::from_static("abc");
         let peer = "10.0.0.1".parse().ok();
-        let headers = private_fetch_headers(&req, peer, &id);
+        let headers = private_fetch_headers(&req, peer, false, &id);
         assert_eq!(headers["authorization"], "Bearer t");
         assert!(!headers.contains_key("connection"));
         assert!(!headers.contains_key("host"));
         assert_eq!(headers["x-forwarded-for"], "198.51.100.7, 10.0.0.1");
         assert_eq!(headers["x-forwarded-proto"], "http");
         assert_eq!(headers["x-request-id"], "abc");
+        let over_tls = private_fetch_headers(&req, peer, true, &id);
+        assert_eq!(over_tls["x-forwarded-proto"], "https");
     }
 
     #[test]

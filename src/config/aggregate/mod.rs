@@ -342,6 +342,8 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         refresh_hook: None,
         // The `[cache]` default, filled in with the other routes'.
         max_entry_bytes: 0,
+        compress: None,
+        compression: None,
     }
 }
 

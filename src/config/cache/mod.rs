@@ -1,17 +1,18 @@
 //! Validation of the `[cache]` section and of each route's `cache` table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
 
 use crate::config::capacity;
-use crate::config::raw::{RawCache, RawCacheSection, RawKeyBody, RawWarm};
+use crate::config::raw::{RawCache, RawCacheSection, RawCompression, RawKeyBody, RawWarm};
 use crate::config::validate::Validator;
 use crate::config::RouteSpec;
 use crate::routes::PathTemplate;
 use settings::{
-    CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, RefreshHook, UnkeyedBody,
-    WarmRequest,
+    CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
+    RefreshHook, UnkeyedBody, WarmRequest,
 };
 
 pub mod settings;
@@ -37,6 +38,8 @@ pub struct CacheStoreSettings {
     pub max_bytes: u64,
     /// Largest answer body stored, for routes that do not say.
     pub max_entry_bytes: u64,
+    /// `[cache.compression]`.
+    pub compression: Arc<CompressionSettings>,
 }
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
@@ -330,6 +333,8 @@ impl Validator<'_> {
             freshness: freshness?,
             max_ttl: max_ttl?,
             max_entry_bytes: max_entry_bytes?,
+            compress: raw.compress,
+            compression: None,
         })
     }
 
@@ -353,10 +358,97 @@ impl Validator<'_> {
             );
             return None;
         }
+        let compression = self.compression(raw.compression.unwrap_or_default());
         Some(CacheStoreSettings {
             max_bytes,
             max_entry_bytes,
+            compression: Arc::new(compression?),
         })
+    }
+
+    /// `[cache.compression]`: every key checked, each problem explained.
+    fn compression(&mut self, raw: RawCompression) -> Option<CompressionSettings> {
+        let defaults = CompressionSettings::default();
+        let mut ok = true;
+        let encodings = match raw.encodings {
+            None => defaults.encodings,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, token) in list.iter().enumerate() {
+                    let key = format!("cache.compression.encodings[{i}]");
+                    match Coding::parse(token.trim()) {
+                        Some(c) if out.contains(&c) => {
+                            self.problem(key, format!("{token:?} is listed twice"));
+                            ok = false;
+                        }
+                        Some(c) => out.push(c),
+                        None => {
+                            self.problem(
+                                key,
+                                format!("{token:?} is not one of br, zstd, gzip (the codings stoa compresses with)"),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                out
+            }
+        };
+        let min_bytes = self.size(
+            "cache.compression.min_bytes",
+            raw.min_bytes.as_ref(),
+            defaults.min_bytes,
+        );
+        let types = match raw.types {
+            None => defaults.types,
+            Some(list) => {
+                let mut out = Vec::new();
+                for (i, t) in list.iter().enumerate() {
+                    let t = t.trim().to_ascii_lowercase();
+                    let well_formed = match t.strip_prefix('+') {
+                        Some(suffix) => !suffix.is_empty() && !suffix.contains('/'),
+                        None => t
+                            .split_once('/')
+                            .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && a != "*"),
+                    };
+                    if well_formed {
+                        out.push(t);
+                    } else {
+                        self.problem(
+                            format!("cache.compression.types[{i}]"),
+                            format!("{t:?} is not a media type: write \"application/json\", \"text/*\" or a suffix such as \"+json\""),
+                        );
+                        ok = false;
+                    }
+                }
+                out
+            }
+        };
+        let settings = CompressionSettings {
+            enabled: raw.enabled.unwrap_or(defaults.enabled),
+            encodings,
+            min_bytes: min_bytes?,
+            types,
+        };
+        ok.then_some(settings)
+    }
+
+    /// Gives every cached route its compression: its own `compress` switch, else
+    /// `cache.compression.enabled`; a route that compresses with no encodings listed
+    /// compresses nothing.
+    pub(super) fn cache_compression(
+        &mut self,
+        routes: &mut [(usize, RouteSpec)],
+        store: &CacheStoreSettings,
+    ) {
+        for (_, route) in routes.iter_mut() {
+            let Some(cache) = route.cache.as_mut() else {
+                continue;
+            };
+            let on = cache.compress.unwrap_or(store.compression.enabled)
+                && !store.compression.encodings.is_empty();
+            cache.compression = on.then(|| store.compression.clone());
+        }
     }
 
     /// Gives every cached route its `max_entry_bytes` (its own, checked against the store,
@@ -484,6 +576,70 @@ mod tests {
         assert_eq!(cache.ttl_for(500), None);
         assert_eq!(cache.key_headers[0].as_str(), "accept-language");
         assert_eq!(c.cache.max_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn compression_is_validated_and_switched_per_route() {
+        let routes = r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "on"
+            methods = ["GET"]
+            path = "/on"
+            upstream = "u"
+            cache = { ttl = "10s" }
+            [[routes]]
+            name = "off"
+            methods = ["GET"]
+            path = "/off"
+            upstream = "u"
+            cache = { ttl = "10s", compress = false }
+        "#;
+        let bad = format!(
+            "[cache.compression]\nencodings = [\"gzip\", \"deflate\", \"gzip\"]\n\
+             types = [\"json\", \"+\", \"text/*\"]\nmin_bytes = \"lots\"\n{routes}"
+        );
+        let p = problems(&bad);
+        let expect = [
+            "cache.compression.encodings[1]: \"deflate\" is not one of br, zstd, gzip",
+            "cache.compression.encodings[2]: \"gzip\" is listed twice",
+            "cache.compression.types[0]: \"json\" is not a media type",
+            "cache.compression.types[1]: \"+\" is not a media type",
+            "cache.compression.min_bytes:",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        let on = |c: &crate::config::Config, i: usize| {
+            c.routes[i].cache.as_ref().unwrap().compression.is_some()
+        };
+        let c = load_str(routes, EnvOverrides::Ignore).unwrap();
+        assert!(
+            on(&c, 0) && !on(&c, 1),
+            "on by default, off by the route's key"
+        );
+        let c = c.cache.compression;
+        assert_eq!(c.min_bytes, 1024);
+        assert_eq!(c.encodings.len(), 3);
+        let text = format!(
+            "[cache.compression]\nenabled = false\nencodings = [\"gzip\"]\n{}",
+            routes.replace("compress = false", "compress = true")
+        );
+        let c = load_str(&text, EnvOverrides::Ignore).unwrap();
+        assert!(
+            !on(&c, 0) && on(&c, 1),
+            "off globally, on by the route's key"
+        );
+        assert_eq!(
+            c.cache.compression.encodings,
+            vec![crate::config::Coding::Gzip]
+        );
     }
 
     #[test]

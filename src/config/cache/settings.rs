@@ -1,5 +1,6 @@
 //! A route's cache settings, as validated from its `cache` table.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
@@ -97,6 +98,93 @@ pub struct CacheSettings {
     /// Largest answer body stored; a larger one is streamed to its client uncached. The
     /// route's own `max_entry_bytes`, else the `[cache]` one.
     pub max_entry_bytes: u64,
+    /// The route's own `compress` switch; `None` follows `cache.compression.enabled`.
+    pub compress: Option<bool>,
+    /// How this route's stored answers are compressed; `None`: they are not.
+    pub compression: Option<Arc<CompressionSettings>>,
+}
+
+/// A content coding stoa compresses cached answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Coding {
+    Br,
+    Zstd,
+    Gzip,
+}
+
+impl Coding {
+    pub const ALL: [Coding; 3] = [Coding::Br, Coding::Zstd, Coding::Gzip];
+
+    /// The `Content-Encoding` token (and metrics label).
+    pub fn token(self) -> &'static str {
+        match self {
+            Coding::Br => "br",
+            Coding::Zstd => "zstd",
+            Coding::Gzip => "gzip",
+        }
+    }
+
+    pub fn parse(token: &str) -> Option<Coding> {
+        Coding::ALL
+            .into_iter()
+            .find(|c| c.token().eq_ignore_ascii_case(token))
+    }
+}
+
+/// `[cache.compression]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompressionSettings {
+    pub enabled: bool,
+    /// Offered in this order of preference when a client accepts several equally.
+    pub encodings: Vec<Coding>,
+    /// Smaller bodies stay identity.
+    pub min_bytes: u64,
+    /// Lowercase media types: `type/subtype`, `type/*` or `+suffix`.
+    pub types: Vec<String>,
+}
+
+/// The media types compressed when `types` is not given.
+pub const DEFAULT_COMPRESSED_TYPES: [&str; 6] = [
+    "application/json",
+    "+json",
+    "text/*",
+    "application/javascript",
+    "application/xml",
+    "+xml",
+];
+
+impl Default for CompressionSettings {
+    fn default() -> Self {
+        CompressionSettings {
+            enabled: true,
+            encodings: Coding::ALL.to_vec(),
+            min_bytes: 1024,
+            types: DEFAULT_COMPRESSED_TYPES.map(String::from).to_vec(),
+        }
+    }
+}
+
+impl CompressionSettings {
+    /// Whether a body of this `Content-Type` is worth compressing.
+    pub fn compresses_type(&self, content_type: &[u8]) -> bool {
+        let Ok(text) = std::str::from_utf8(content_type) else {
+            return false;
+        };
+        let media = text.split(';').next().unwrap_or("").trim();
+        let Some((top, sub)) = media.split_once('/') else {
+            return false;
+        };
+        self.types.iter().any(|t| {
+            if let Some(suffix) = t.strip_prefix('+') {
+                sub.rsplit_once('+')
+                    .is_some_and(|(_, s)| s.eq_ignore_ascii_case(suffix))
+            } else if let Some(t_top) = t.strip_suffix("/*") {
+                top.eq_ignore_ascii_case(t_top)
+            } else {
+                media.eq_ignore_ascii_case(t)
+            }
+        })
+    }
 }
 
 impl CacheSettings {
