@@ -485,7 +485,7 @@ impl Tier {
 
     async fn purge_shared(&self, what: PurgeWhat) {
         // The shared entries: found through the routes' indexes (or the key's hash).
-        let (routes, matches): (Vec<String>, Box<dyn Fn(&str) -> bool + Send>) = match what {
+        let (routes, matches): (Vec<String>, PathFilter) = match what {
             PurgeWhat::Key { key, .. } => {
                 let entry_key = self.entry_key(&hash_text(&key));
                 let _ = self
@@ -661,6 +661,9 @@ impl Tier {
         }
     }
 }
+
+/// Which of a route's paths a purge names.
+type PathFilter = Box<dyn Fn(&str) -> bool + Send>;
 
 /// A registered waiter; leaves the map with the last one of its key.
 struct Waiter {
