@@ -225,6 +225,16 @@ impl AdminApp {
                         "evictions": cache.store.evictions(),
                         "fetches_in_flight": cache.fetches_in_flight(),
                         "routes": routes,
+                        "l2": cache.tier.as_ref().map(|tier| {
+                            let mut l2: serde_json::Map<String, serde_json::Value> = tier
+                                .metrics()
+                                .snapshot()
+                                .into_iter()
+                                .map(|(name, n)| (name.to_string(), json!(n)))
+                                .collect();
+                            l2.insert("up".into(), json!(tier.is_up()));
+                            l2
+                        }),
                     }),
                 )
             }

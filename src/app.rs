@@ -17,6 +17,7 @@ use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::AdminApp;
+use crate::cache::tier::Tier;
 use crate::cache::CacheEngine;
 use crate::cluster::Cluster;
 use crate::config::{Config, EnvOverrides};
@@ -57,8 +58,12 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
         ),
         None => None,
     };
+    let tier = cluster
+        .as_ref()
+        .map(|c| Tier::new(c.clone(), metrics.tier().clone()));
+    let cache = CacheEngine::with_tier(config.cache.max_bytes, tier);
     let shared = Shared {
-        cache: CacheEngine::new(config.cache.max_bytes),
+        cache: cache.clone(),
         metrics: metrics.clone(),
         cluster: cluster.clone(),
     };
@@ -135,7 +140,10 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
             node = %cluster.settings().node_name,
             "cluster: connecting to the shared Redis"
         );
-        server.add_service(background_service("stoa cluster", ClusterLink { cluster }));
+        server.add_service(background_service(
+            "stoa cluster",
+            ClusterLink { cluster, cache },
+        ));
     }
 
     for warning in config.warnings() {
@@ -269,17 +277,36 @@ impl BackgroundService for Pruner {
 }
 
 /// Keeps the connection to the shared Redis and its health ([`Cluster::maintain`]).
+/// With the shared cache tier, also listens for fills and for purges made on other nodes.
 struct ClusterLink {
     cluster: Arc<Cluster>,
+    cache: Arc<CacheEngine>,
 }
 
 #[async_trait]
 impl BackgroundService for ClusterLink {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let stop = async move {
-            let _ = shutdown.changed().await;
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let mut stop_maintain = shutdown.clone();
+        let mut stop_listen = shutdown;
+        let maintain = Arc::clone(&self.cluster).maintain(async move {
+            let _ = stop_maintain.changed().await;
+        });
+        let listen = async {
+            let Some(tier) = self.cache.tier.clone() else {
+                return;
+            };
+            let cache = Arc::downgrade(&self.cache);
+            let apply = move |what: &crate::cache::tier::PurgeWhat| {
+                if let Some(cache) = cache.upgrade() {
+                    cache.apply_purge(what);
+                }
+            };
+            tier.listen(apply, async move {
+                let _ = stop_listen.changed().await;
+            })
+            .await;
         };
-        Arc::clone(&self.cluster).maintain(stop).await;
+        tokio::join!(maintain, listen);
     }
 }
 

@@ -368,12 +368,14 @@ impl Control {
 fn cluster_text(config: &Config) -> String {
     match &config.cluster {
         Some(c) => format!(
-            "{} as {} (prefix {:?}, connect {:?}, commands {:?})",
+            "{} as {} (prefix {:?}, connect {:?}, commands {:?}, l2 up to {} bytes, lease {:?})",
             c.redis_display(),
             c.node_name,
             c.key_prefix,
             c.connect_timeout,
-            c.command_timeout
+            c.command_timeout,
+            c.l2_max_entry_bytes,
+            c.lock_timeout
         ),
         None => "off".to_string(),
     }

@@ -19,6 +19,7 @@ use prometheus::{
 
 use crate::cache::encoding::Counters;
 use crate::cache::engine::Revalidations;
+use crate::cache::tier::TierMetrics;
 use crate::cache::CacheStatus;
 use crate::config::Coding;
 
@@ -82,6 +83,7 @@ pub struct Metrics {
     compression_saved: IntCounterVec,
     cache_revalidations: IntCounterVec,
     cache_not_modified: IntCounterVec,
+    tier: TierMetrics,
     in_flight: IntGauge,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
@@ -252,7 +254,9 @@ impl Metrics {
         build_info
             .get_metric_with_label_values(&[env!("CARGO_PKG_VERSION")])?
             .set(1);
+        let tier = TierMetrics::register(&registry)?;
         Ok(Metrics {
+            tier,
             reloads_ok: reloads.get_metric_with_label_values(&["ok"])?,
             reloads_error: reloads.get_metric_with_label_values(&["error"])?,
             registry,
@@ -390,6 +394,11 @@ impl Metrics {
     }
 
     /// The registry, for collectors of other modules.
+    /// The shared cache tier's counters (at zero without `[cluster]`).
+    pub fn tier(&self) -> &TierMetrics {
+        &self.tier
+    }
+
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
@@ -882,7 +891,7 @@ mod tests {
                 other => panic!("unexpected type {other} for {name}"),
             }
         }
-        assert_eq!(families, 14, "{text}");
+        assert_eq!(families, 18, "{text}");
     }
 
     /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.
@@ -892,7 +901,20 @@ mod tests {
         let parsed: serde_json::Value = serde_json::from_str(dashboard).unwrap();
         assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 7));
 
-        let text = populated().render();
+        // The `stoa_cluster_*` series exist only with `[cluster]`: registered here as a
+        // gateway with one does.
+        let metrics = populated();
+        let settings = crate::config::ClusterSettings {
+            redis: crate::config::RedisTarget::Single("redis://127.0.0.1:1/0".into()),
+            node_name: "n".into(),
+            key_prefix: "stoa:".into(),
+            connect_timeout: std::time::Duration::from_secs(1),
+            command_timeout: std::time::Duration::from_secs(1),
+            l2_max_entry_bytes: 1,
+            lock_timeout: std::time::Duration::from_secs(1),
+        };
+        let _cluster = crate::cluster::Cluster::new(settings, metrics.registry()).unwrap();
+        let text = metrics.render();
         let exposed: BTreeSet<&str> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -904,7 +926,7 @@ mod tests {
         while let Some(at) = rest.find("stoa_") {
             let tail = &rest[at..];
             let end = tail
-                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
                 .unwrap_or(tail.len());
             names.insert(&tail[..end]);
             rest = &tail[end..];

@@ -564,6 +564,11 @@ async fn a_real_prometheus_sees_exactly_the_traffic_sent() {
     let hits = sent.count(|_, c, _| c == "hit");
     let served_without_fetch = sent.count(|_, c, _| matches!(c, "hit" | "stale" | "coalesced"));
     for (title, expr) in dashboard_queries() {
+        // The Redis panel's series exist only on a gateway with `[cluster]` (this one has
+        // none); tests/cluster_cache.rs checks them on one that has.
+        if expr.contains("stoa_cluster_") {
+            continue;
+        }
         let all = substitute(&expr, ".*");
         let rows = prometheus.query(&all, at).await;
         if rows.is_empty() {

@@ -117,6 +117,15 @@ impl Compressed {
     pub fn none() -> Self {
         Compressed::default()
     }
+
+    /// Bodies made elsewhere (read back from the shared tier).
+    pub fn from_bodies(bodies: Vec<(Coding, Bytes)>) -> Self {
+        Compressed(bodies)
+    }
+
+    pub fn bodies(&self) -> impl Iterator<Item = (Coding, &Bytes)> {
+        self.0.iter().map(|(c, b)| (*c, b))
+    }
 }
 
 fn header_bytes(header: &ResponseHeader) -> usize {

@@ -14,6 +14,7 @@ use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::store::{Entry, Lifetimes, Store};
+use super::tier::{Before, PurgeWhat, Tier};
 use super::{CacheStatus, NotStored};
 use crate::config::{CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
@@ -175,6 +176,8 @@ pub enum Served {
 pub struct CacheEngine {
     pub store: Store,
     flights: Flights,
+    /// The shared second tier, with `[cluster]`.
+    pub tier: Option<Arc<Tier>>,
 }
 
 impl std::fmt::Debug for CacheEngine {
@@ -189,31 +192,79 @@ impl std::fmt::Debug for CacheEngine {
 
 impl CacheEngine {
     pub fn new(max_bytes: u64) -> Arc<Self> {
+        Self::with_tier(max_bytes, None)
+    }
+
+    /// An engine with the shared second tier `tier` (see [`Tier`]).
+    pub fn with_tier(max_bytes: u64, tier: Option<Arc<Tier>>) -> Arc<Self> {
         Arc::new(CacheEngine {
             store: Store::new(max_bytes),
             flights: Flights::default(),
+            tier,
         })
+    }
+
+    /// With a shared tier: removes its copies and tells every other node to drop theirs,
+    /// in the background.
+    fn broadcast(&self, what: PurgeWhat) {
+        if let Some(tier) = &self.tier {
+            let tier = tier.clone();
+            tokio::spawn(async move { tier.purge(what).await });
+        }
+    }
+
+    /// Applies a purge another node broadcast, to this node's store only.
+    pub fn apply_purge(&self, what: &PurgeWhat) -> usize {
+        match what {
+            PurgeWhat::Route { route } => self.store.remove_route(route),
+            PurgeWhat::Prefix { route, prefix } => {
+                self.store.remove_prefix(route.as_deref(), prefix)
+            }
+            PurgeWhat::Path { route, path } => self.store.remove_path(route, path),
+            PurgeWhat::Key { route, key } => self
+                .store
+                .keys_of(route)
+                .into_iter()
+                .filter(|k| k.as_str() == key)
+                .map(|k| usize::from(self.store.remove(&k)))
+                .sum(),
+        }
     }
 
     /// Removes every entry of the route named `route`; how many went.
     pub fn purge_route(&self, route: &str) -> usize {
+        self.broadcast(PurgeWhat::Route {
+            route: route.to_string(),
+        });
         self.store.remove_route(route)
     }
 
     /// Removes the entries whose upstream path starts with `prefix`, of `route` or of
     /// every route; how many went.
     pub fn purge_prefix(&self, route: Option<&str>, prefix: &str) -> usize {
+        self.broadcast(PurgeWhat::Prefix {
+            route: route.map(str::to_string),
+            prefix: prefix.to_string(),
+        });
         self.store.remove_prefix(route, prefix)
     }
 
     /// Removes the entries of `route` made for exactly the upstream `path` (invalidation
     /// after a write); how many went.
     pub fn purge_path(&self, route: &str, path: &str) -> usize {
+        self.broadcast(PurgeWhat::Path {
+            route: route.to_string(),
+            path: path.to_string(),
+        });
         self.store.remove_path(route, path)
     }
 
     /// Removes the entry under `key`; how many went (0 or 1).
     pub fn purge_key(&self, key: &CacheKey) -> usize {
+        self.broadcast(PurgeWhat::Key {
+            route: key.route().to_string(),
+            key: key.as_str().to_string(),
+        });
         usize::from(self.store.remove(key))
     }
 
@@ -472,6 +523,32 @@ impl CacheEngine {
         let recipe = Arc::new(owned_request(&fetch));
         let validated = validated.filter(|entry| ask_conditionally(&mut fetch, entry));
         tokio::spawn(async move {
+            // The shared tier first: an entry another node stored, or the lease to fetch.
+            let mut lease = None;
+            if let Some(tier) = &engine.tier {
+                let patience = route.settings.lock_timeout;
+                // An admin refresh (no client, no entry being refreshed) fetches anyway.
+                let forced = refreshing.is_none() && !has_client;
+                match tier.before_fetch(lead.key(), patience, forced).await {
+                    Before::Found(entry) => {
+                        engine.store.insert(lead.key().clone(), entry.clone());
+                        lead.finish(Outcome::Shared(entry));
+                        return;
+                    }
+                    Before::Lease(l) => lease = Some(l),
+                    Before::Skip => {}
+                    Before::TimedOut => {
+                        if let Some(entry) = &refreshing {
+                            entry.release_refresh();
+                        }
+                        lead.finish(Outcome::Failed(StoaError::UpstreamTimeout {
+                            upstream: route.origin_name.clone(),
+                            timeout_ms: patience.as_millis(),
+                        }));
+                        return;
+                    }
+                }
+            }
             let answer = route.fetch(fetch).await;
             if validated.is_some() {
                 let status = match &answer {
@@ -542,7 +619,15 @@ impl CacheEngine {
             {
                 entry.release_refresh();
             }
+            let stored = match &outcome {
+                Outcome::Shared(entry) if entry.not_stored.is_none() => Some(entry.clone()),
+                _ => None,
+            };
+            let key = lead.key().clone();
             lead.finish(outcome);
+            if let (Some(tier), Some(lease)) = (&engine.tier, lease) {
+                tier.after_fetch(&key, lease, stored.as_deref()).await;
+            }
         });
     }
 

@@ -50,6 +50,11 @@ impl CacheKey {
         &self.text[self.body.clone()]
     }
 
+    /// The whole key, as every node derives it.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
     /// Bytes held, for weighing entries.
     pub fn byte_len(&self) -> usize {
         self.text.len()

@@ -65,12 +65,17 @@ impl Config {
                 .collect();
             text.push_str(&format!(
                 "; cluster: node {:?} on {} (keys prefixed {:?}, commands bounded by {}), \
+                 cached answers up to {} shared in Redis as a second tier, one fetch per \
+                 key cluster-wide (a node's lease on a fetch lasts {} unless renewed), \
+                 purges reach every node, \
                  rate limits shared by all instances: {}; without Redis each instance \
-                 falls back to its own buckets",
+                 falls back to its own cache, flights and buckets",
                 cluster.node_name,
                 cluster.redis_display(),
                 cluster.key_prefix,
                 humantime::format_duration(cluster.command_timeout),
+                bytesize::ByteSize(cluster.l2_max_entry_bytes),
+                humantime::format_duration(cluster.lock_timeout),
                 if shared.is_empty() {
                     "none".to_string()
                 } else {

@@ -27,6 +27,10 @@ pub struct ClusterSettings {
     pub connect_timeout: Duration,
     /// Bound on every command, from sending it to having its answer.
     pub command_timeout: Duration,
+    /// Answers larger than this are not put in the shared tier (they stay in this node's).
+    pub l2_max_entry_bytes: u64,
+    /// The life of a lease on fetching a key, renewed by its holder while it fetches.
+    pub lock_timeout: Duration,
 }
 
 impl ClusterSettings {
@@ -57,6 +61,8 @@ pub fn redact_url(url: &str) -> String {
 const DEFAULT_PREFIX: &str = "stoa:";
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
+const DEFAULT_L2_MAX_ENTRY_BYTES: u64 = 1 << 20;
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Validator<'_> {
     pub(super) fn cluster(&mut self, raw: RawCluster) -> Option<ClusterSettings> {
@@ -121,6 +127,16 @@ impl Validator<'_> {
             raw.command_timeout.as_ref(),
             DEFAULT_COMMAND_TIMEOUT,
         );
+        let l2_max_entry_bytes = self.size(
+            "cluster.l2_max_entry_bytes",
+            raw.l2_max_entry_bytes.as_ref(),
+            DEFAULT_L2_MAX_ENTRY_BYTES,
+        );
+        let lock_timeout = self.duration(
+            "cluster.lock_timeout",
+            raw.lock_timeout.as_ref(),
+            DEFAULT_LOCK_TIMEOUT,
+        );
         if self.problems.len() != before {
             return None;
         }
@@ -130,6 +146,8 @@ impl Validator<'_> {
             key_prefix,
             connect_timeout: connect_timeout?,
             command_timeout: command_timeout?,
+            l2_max_entry_bytes: l2_max_entry_bytes?,
+            lock_timeout: lock_timeout?,
         })
     }
 
@@ -214,6 +232,8 @@ mod tests {
         assert_eq!(s.key_prefix, "stoa:");
         assert_eq!(s.connect_timeout, Duration::from_secs(1));
         assert_eq!(s.command_timeout, Duration::from_millis(200));
+        assert_eq!(s.l2_max_entry_bytes, 1 << 20);
+        assert_eq!(s.lock_timeout, Duration::from_secs(2));
         let c = load_str(
             "[cluster]\nredis = [\"redis://10.0.0.1:7000\", \"redis://10.0.0.2:7000\"]\ncommand_timeout = \"50ms\"\n",
             EnvOverrides::Ignore,

@@ -104,6 +104,11 @@ pub struct RawCluster {
     pub key_prefix: Option<String>,
     pub connect_timeout: Option<RawDuration>,
     pub command_timeout: Option<RawDuration>,
+    /// Answers larger than this stay in the local cache only (default 1MiB).
+    pub l2_max_entry_bytes: Option<RawSize>,
+    /// How long a node's lease on fetching a key lasts unless renewed (default "2s"): a
+    /// node that dies mid-fetch holds the others up at most this long.
+    pub lock_timeout: Option<RawDuration>,
 }
 
 /// One Redis URL, or the seed nodes of a Redis Cluster.

@@ -88,3 +88,118 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A real Redis Cluster: `masters` redis-servers with `--cluster-enabled yes` on free ports,
+/// joined by `redis-cli --cluster create` (no replicas); stopped when dropped.
+pub struct RedisCluster {
+    nodes: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start(masters: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            ports: Vec::new(),
+            _dir: dir,
+        };
+        for i in 0..masters {
+            let port = free_port();
+            let node_dir = cluster._dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let log = std::fs::File::create(node_dir.join("redis.log")).expect("redis log");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(["--save", ""])
+                .args(["--appendonly", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(log.try_clone().expect("redis log"))
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("cannot start redis-server");
+            cluster.nodes.push(child);
+            cluster.ports.push(port);
+        }
+        for &port in &cluster.ports {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while ping(port).as_deref() != Some("+PONG") {
+                assert!(
+                    Instant::now() < deadline,
+                    "redis node {port} never answered"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addresses: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("cannot run redis-cli");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        // Wait until every node sees the cluster as ok.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for &port in &cluster.ports {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The seed nodes as a TOML list.
+    pub fn seeds_toml(&self) -> String {
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("\"redis://127.0.0.1:{p}\""))
+            .collect();
+        format!("[{}]", seeds.join(", "))
+    }
+}
+
+fn ping(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"PING\r\n").ok()?;
+    let mut buf = [0u8; 64];
+    let n = stream.read(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,960 @@
+//! The shared second tier (`[cluster]`): stored answers in Redis next to every node's own
+//! store, and one fetch per key cluster-wide.
+//!
+//! On a local miss the leader of the local flight (so one Redis conversation per key and
+//! node) runs [`Tier::before_fetch`]: one script reads the entry and, when there is none
+//! (or it is no longer fresh), takes the key's lease (`SET NX PX` with a random token). The
+//! node that wins fetches; the others wait to be told of the fill on the `fill` channel
+//! (one channel for every key, the key's hash in the message: one subscription per node),
+//! then read the entry. A lease lives `cluster.lock_timeout` and is renewed by its holder
+//! while the fetch runs; a holder that dies stops renewing, the lease expires, and the next
+//! waiter to look takes it over. A waiter looks again when the lease's remaining time is up
+//! and at least every [`RECHECK`] (a safety net should a message be lost).
+//!
+//! Entries are written as `MAGIC` (which holds the format version) + a MessagePack head +
+//! the body. Deadlines are absolute wall-clock milliseconds, so every node agrees on
+//! staleness; a promoted entry gets them back as `Instant`s. A value of another version, or
+//! one whose full key differs from the asking key, is a miss.
+//!
+//! Redis degraded: [`Tier::before_fetch`] answers `Skip` at once (one atomic load) and the
+//! node fetches on its own; nothing here fails a request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use pingora::http::ResponseHeader;
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use redis::{Script, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::control::Validators;
+use super::encoding::{Compressed, Variants};
+use super::key::CacheKey;
+use super::origin::FetchRequest;
+use super::store::{Entry, Lifetimes};
+use crate::cluster::{Cluster, PROBE_EVERY};
+use crate::config::{Coding, RedisTarget};
+
+/// The first bytes of every stored value: format name and version. A node that reads any
+/// other prefix treats the value as a miss.
+const MAGIC: &[u8; 5] = b"STOA\x01";
+
+/// Longest wait between two looks at a key whose lease another node holds.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
+/// Reads the entry (when `ARGV[3]` is "1") or takes the lease.
+/// Returns `{1, value}`, `{2}` (lease taken) or `{3, pttl}` (held by another node).
+const ACQUIRE: &str = r"
+if ARGV[3] == '1' then
+  local v = redis.call('GET', KEYS[1])
+  if v then return {1, v} end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {3, redis.call('PTTL', KEYS[2])}
+";
+
+/// Stores the entry, releases the lease if still ours, tells every node.
+const FILL: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// Releases the lease if still ours (compare and delete) and tells the waiters to look again.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Extends the lease if still ours.
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// The second tier's counters, registered whether or not a cluster is configured (so that
+/// every dashboard series exists on every gateway).
+#[derive(Clone)]
+pub struct TierMetrics {
+    hit: IntCounter,
+    miss: IntCounter,
+    stale: IntCounter,
+    foreign: IntCounter,
+    stored: IntCounter,
+    too_large: IntCounter,
+    won: IntCounter,
+    waited: IntCounter,
+    expired: IntCounter,
+    purges_sent: IntCounter,
+    purges_applied: IntCounter,
+}
+
+impl TierMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<TierMetrics> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "stoa_cache_l2_lookups_total",
+                "Looks into the shared tier after a local miss, by result (hit, miss, stale, foreign: another format version or key)",
+            ),
+            &["result"],
+        )?;
+        let stores = IntCounterVec::new(
+            Opts::new(
+                "stoa_cache_l2_stores_total",
+                "Fetched answers offered to the shared tier, by result (stored, too_large: kept local)",
+            ),
+            &["result"],
+        )?;
+        let leases = IntCounterVec::new(
+            Opts::new(
+                "stoa_cache_l2_leases_total",
+                "Cluster-wide fetch leases, by result (won, waited: another node was fetching, expired: taken over after waiting)",
+            ),
+            &["result"],
+        )?;
+        let purges = IntCounterVec::new(
+            Opts::new(
+                "stoa_cache_l2_purges_total",
+                "Purges broadcast to the other nodes (sent) and received from them (applied)",
+            ),
+            &["direction"],
+        )?;
+        for c in [&lookups, &stores, &leases, &purges] {
+            registry.register(Box::new(c.clone()))?;
+        }
+        Ok(TierMetrics {
+            hit: lookups.with_label_values(&["hit"]),
+            miss: lookups.with_label_values(&["miss"]),
+            stale: lookups.with_label_values(&["stale"]),
+            foreign: lookups.with_label_values(&["foreign"]),
+            stored: stores.with_label_values(&["stored"]),
+            too_large: stores.with_label_values(&["too_large"]),
+            won: leases.with_label_values(&["won"]),
+            waited: leases.with_label_values(&["waited"]),
+            expired: leases.with_label_values(&["expired"]),
+            purges_sent: purges.with_label_values(&["sent"]),
+            purges_applied: purges.with_label_values(&["applied"]),
+        })
+    }
+
+    /// (hits, misses, stored, leases won, waited, expired) for `/admin/cache`.
+    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
+        [
+            ("hits", self.hit.get()),
+            (
+                "misses",
+                self.miss.get() + self.stale.get() + self.foreign.get(),
+            ),
+            ("stored", self.stored.get()),
+            ("too_large", self.too_large.get()),
+            ("leases_won", self.won.get()),
+            ("leases_waited", self.waited.get()),
+            ("leases_expired", self.expired.get()),
+            ("purges_applied", self.purges_applied.get()),
+        ]
+    }
+}
+
+/// What to do before going upstream.
+pub enum Before {
+    /// A fresh entry from the shared tier, to promote and serve.
+    Found(Arc<Entry>),
+    /// This node fetches; hand the lease back through [`Tier::after_fetch`].
+    Lease(Lease),
+    /// No shared tier at the moment (degraded): fetch as a single node would.
+    Skip,
+    /// Another node's fetch outlived the route's `lock_timeout`.
+    TimedOut,
+}
+
+/// The right to fetch a key cluster-wide; renewed in the background until dropped.
+pub struct Lease {
+    hash: String,
+    token: String,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renewing.abort();
+    }
+}
+
+/// The shared tier of one node.
+pub struct Tier {
+    cluster: Arc<Cluster>,
+    metrics: TierMetrics,
+    /// Local waiters by key hash, woken by the `fill` channel.
+    waiters: Mutex<HashMap<String, (Arc<Notify>, usize)>>,
+    acquire: Script,
+    fill: Script,
+    release: Script,
+    renew: Script,
+    fill_channel: String,
+    purge_channel: String,
+}
+
+impl std::fmt::Debug for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tier")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+/// A purge as broadcast to the other nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Purge {
+    pub node: String,
+    #[serde(flatten)]
+    pub what: PurgeWhat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PurgeWhat {
+    Route {
+        route: String,
+    },
+    Prefix {
+        route: Option<String>,
+        prefix: String,
+    },
+    Path {
+        route: String,
+        path: String,
+    },
+    Key {
+        route: String,
+        key: String,
+    },
+}
+
+impl Tier {
+    pub fn new(cluster: Arc<Cluster>, metrics: TierMetrics) -> Arc<Tier> {
+        let prefix = cluster.settings().key_prefix.clone();
+        Arc::new(Tier {
+            cluster,
+            metrics,
+            waiters: Mutex::new(HashMap::new()),
+            acquire: Script::new(ACQUIRE),
+            fill: Script::new(FILL),
+            release: Script::new(RELEASE),
+            renew: Script::new(RENEW),
+            fill_channel: format!("{prefix}fill"),
+            purge_channel: format!("{prefix}purge"),
+        })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.cluster.is_up()
+    }
+
+    pub fn metrics(&self) -> &TierMetrics {
+        &self.metrics
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.cluster.settings().node_name
+    }
+
+    fn entry_key(&self, hash: &str) -> String {
+        self.cluster.key(&["c:{", hash, "}"])
+    }
+
+    fn lease_key(&self, hash: &str) -> String {
+        self.cluster.key(&["lease:{", hash, "}"])
+    }
+
+    fn index_key(&self, route: &str) -> String {
+        self.cluster.key(&["idx:", route])
+    }
+
+    /// Looks in the shared tier, takes the lease, or waits for the node that holds it.
+    pub async fn before_fetch(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        patience: Duration,
+        skip_stored: bool,
+    ) -> Before {
+        if !self.is_up() {
+            return Before::Skip;
+        }
+        let hash = hash_of(key);
+        let deadline = Instant::now() + patience;
+        let entry_key = self.entry_key(&hash);
+        let lease_key = self.lease_key(&hash);
+        let token = format!("{}:{:016x}", self.node_name(), fastrand::u64(..));
+        let lease_ms = self.cluster.settings().lock_timeout.as_millis().max(1) as u64;
+        let waiter = self.wait_on(&hash);
+        let mut read = !skip_stored;
+        let mut waited = false;
+        loop {
+            let notified = waiter.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let answer = self
+                .cluster
+                .run(|mut c| {
+                    let mut call = self.acquire.key(&entry_key);
+                    call.key(&lease_key).arg(&token).arg(lease_ms).arg(if read {
+                        "1"
+                    } else {
+                        "0"
+                    });
+                    async move { call.invoke_async::<Value>(&mut c).await }
+                })
+                .await;
+            let Ok(Value::Array(parts)) = answer else {
+                return Before::Skip;
+            };
+            match parts.as_slice() {
+                [Value::Int(1), Value::BulkString(bytes)] => {
+                    match decode(bytes, key) {
+                        Some(entry) if entry.is_fresh(Instant::now()) => {
+                            self.metrics.hit.inc();
+                            return Before::Found(Arc::new(entry));
+                        }
+                        Some(_) => self.metrics.stale.inc(),
+                        None => self.metrics.foreign.inc(),
+                    }
+                    // Not usable: take the lease without reading again.
+                    read = false;
+                    continue;
+                }
+                [Value::Int(2)] => {
+                    if read {
+                        self.metrics.miss.inc();
+                    }
+                    self.metrics.won.inc();
+                    if waited {
+                        self.metrics.expired.inc();
+                    }
+                    return Before::Lease(self.lease(hash, token, lease_key, lease_ms));
+                }
+                [Value::Int(3), Value::Int(pttl)] => {
+                    if !waited {
+                        if read {
+                            self.metrics.miss.inc();
+                        }
+                        self.metrics.waited.inc();
+                    }
+                    waited = true;
+                    read = true;
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Before::TimedOut;
+                    }
+                    let lease_left = Duration::from_millis(u64::try_from(*pttl).unwrap_or(0));
+                    let pause = (lease_left + Duration::from_millis(5))
+                        .min(RECHECK)
+                        .min(deadline - now);
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
+                _ => return Before::Skip,
+            }
+        }
+    }
+
+    fn lease(self: &Arc<Self>, hash: String, token: String, lease_key: String, ms: u64) -> Lease {
+        let tier = Arc::downgrade(self);
+        let renew_token = token.clone();
+        let renewing = tokio::spawn(async move {
+            let every = Duration::from_millis((ms / 3).max(1));
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(tier) = tier.upgrade() else { return };
+                let mut call = tier.renew.key(&lease_key);
+                call.arg(&renew_token).arg(ms);
+                let _ = tier
+                    .cluster
+                    .run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
+                    .await;
+            }
+        });
+        Lease {
+            hash,
+            token,
+            renewing,
+        }
+    }
+
+    /// Stores `entry` (when given, storable and small enough) and releases the lease; either
+    /// way the waiting nodes are told to look again.
+    pub async fn after_fetch(&self, key: &CacheKey, lease: Lease, entry: Option<&Entry>) {
+        lease.renewing.abort();
+        let max = self.cluster.settings().l2_max_entry_bytes;
+        let value = entry.and_then(|e| {
+            let size = e.body.len() + e.compressed().bodies().map(|(_, b)| b.len()).sum::<usize>();
+            if size as u64 > max {
+                self.metrics.too_large.inc();
+                return None;
+            }
+            encode(e, key).map(|v| (v, e))
+        });
+        let lease_key = self.lease_key(&lease.hash);
+        match value {
+            Some((value, entry)) => {
+                let now = Instant::now();
+                let life = entry.error_until.saturating_duration_since(now);
+                let ms = life.as_millis().max(1) as u64;
+                let entry_key = self.entry_key(&lease.hash);
+                let mut call = self.fill.key(&entry_key);
+                call.key(&lease_key)
+                    .arg(value)
+                    .arg(ms)
+                    .arg(&lease.token)
+                    .arg(&self.fill_channel)
+                    .arg(&lease.hash);
+                let stored = self
+                    .cluster
+                    .run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
+                    .await;
+                if stored.is_ok() {
+                    self.metrics.stored.inc();
+                    // The route's index, for purges by route, path or prefix.
+                    let index = self.index_key(key.route());
+                    let until = wall_ms(entry.error_until, now);
+                    let member = format!("{}\n{}", key.path(), lease.hash);
+                    let _ = self
+                        .cluster
+                        .run(|mut c| async move {
+                            redis::pipe()
+                                .zrembyscore(&index, "-inf", wall_ms(Instant::now(), now))
+                                .ignore()
+                                .zadd(&index, member, until)
+                                .ignore()
+                                .query_async::<()>(&mut c)
+                                .await
+                        })
+                        .await;
+                }
+            }
+            None => {
+                let mut call = self.release.key(&lease_key);
+                call.arg(&lease.token)
+                    .arg(&self.fill_channel)
+                    .arg(&lease.hash);
+                let _ = self
+                    .cluster
+                    .run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
+                    .await;
+            }
+        }
+    }
+
+    /// Removes the shared copies a purge names and tells the other nodes to drop theirs.
+    /// The shared copies go first, so that a node told to drop its own does not read
+    /// them back.
+    pub async fn purge(&self, what: PurgeWhat) {
+        self.metrics.purges_sent.inc();
+        self.purge_shared(what.clone()).await;
+        let message = Purge {
+            node: self.node_name().to_string(),
+            what,
+        };
+        let Ok(text) = serde_json::to_string(&message) else {
+            return;
+        };
+        let channel = self.purge_channel.clone();
+        let _ = self
+            .cluster
+            .run(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(text)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    async fn purge_shared(&self, what: PurgeWhat) {
+        // The shared entries: found through the routes' indexes (or the key's hash).
+        let (routes, matches): (Vec<String>, PathFilter) = match what {
+            PurgeWhat::Key { key, .. } => {
+                let entry_key = self.entry_key(&hash_text(&key));
+                let _ = self
+                    .cluster
+                    .run(|mut c| async move {
+                        redis::cmd("DEL")
+                            .arg(&entry_key)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+                return;
+            }
+            PurgeWhat::Route { route } => (vec![route], Box::new(|_| true)),
+            PurgeWhat::Path { route, path } => (vec![route], Box::new(move |p| p == path)),
+            PurgeWhat::Prefix {
+                route: Some(route),
+                prefix,
+            } => (vec![route], Box::new(move |p| p.starts_with(&prefix))),
+            PurgeWhat::Prefix {
+                route: None,
+                prefix,
+            } => {
+                let pattern = self.index_key("*");
+                let listed = self
+                    .cluster
+                    .run(|mut c| async move {
+                        redis::cmd("KEYS")
+                            .arg(&pattern)
+                            .query_async::<Vec<String>>(&mut c)
+                            .await
+                    })
+                    .await
+                    .unwrap_or_default();
+                let skip = self.index_key("").len();
+                let routes = listed.iter().map(|k| k[skip..].to_string()).collect();
+                (routes, Box::new(move |p| p.starts_with(&prefix)))
+            }
+        };
+        for route in routes {
+            let index = self.index_key(&route);
+            let index_read = index.clone();
+            let members = self
+                .cluster
+                .run(|mut c| async move {
+                    redis::cmd("ZRANGE")
+                        .arg(&index_read)
+                        .arg(0)
+                        .arg(-1)
+                        .query_async::<Vec<String>>(&mut c)
+                        .await
+                })
+                .await
+                .unwrap_or_default();
+            for member in members {
+                let Some((path, hash)) = member.split_once('\n') else {
+                    continue;
+                };
+                if !matches(path) {
+                    continue;
+                }
+                let entry_key = self.entry_key(hash);
+                let index = index.clone();
+                let _ = self
+                    .cluster
+                    .run(|mut c| async move {
+                        redis::cmd("DEL")
+                            .arg(&entry_key)
+                            .query_async::<i64>(&mut c)
+                            .await?;
+                        redis::cmd("ZREM")
+                            .arg(&index)
+                            .arg(&member)
+                            .query_async::<i64>(&mut c)
+                            .await
+                    })
+                    .await;
+            }
+        }
+    }
+
+    /// Registers this task as a waiter on `hash` until the guard is dropped.
+    fn wait_on(self: &Arc<Self>, hash: &str) -> Waiter {
+        let mut map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = map
+            .entry(hash.to_string())
+            .or_insert_with(|| (Arc::new(Notify::new()), 0));
+        slot.1 += 1;
+        Waiter {
+            notify: slot.0.clone(),
+            hash: hash.to_string(),
+            tier: Arc::downgrade(self),
+        }
+    }
+
+    fn wake(&self, hash: &str) {
+        let map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((notify, _)) = map.get(hash) {
+            notify.notify_waiters();
+        }
+    }
+
+    fn wake_all(&self) {
+        let map = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        for (notify, _) in map.values() {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Listens on the `fill` and `purge` channels until `shutdown`, reconnecting after
+    /// [`PROBE_EVERY`] when the connection is lost. `apply` applies a purge from another
+    /// node to this node's store.
+    pub async fn listen(
+        self: Arc<Self>,
+        apply: impl Fn(&PurgeWhat) + Send,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let urls = match &self.cluster.settings().redis {
+            RedisTarget::Single(url) => vec![url.clone()],
+            // PUBLISH reaches every node of a Redis Cluster: one subscription is enough.
+            RedisTarget::Cluster(seeds) => seeds.clone(),
+        };
+        let mut next = 0;
+        loop {
+            let url = &urls[next % urls.len()];
+            next += 1;
+            tokio::select! {
+                _ = self.listen_once(url, &apply) => {}
+                _ = &mut shutdown => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(PROBE_EVERY) => {}
+                _ = &mut shutdown => return,
+            }
+        }
+    }
+
+    async fn listen_once(&self, url: &str, apply: &impl Fn(&PurgeWhat)) {
+        let connect_timeout = self.cluster.settings().connect_timeout;
+        let Ok(client) = redis::Client::open(url) else {
+            return;
+        };
+        let Ok(Ok(mut pubsub)) =
+            tokio::time::timeout(connect_timeout, client.get_async_pubsub()).await
+        else {
+            return;
+        };
+        if pubsub.subscribe(&self.fill_channel).await.is_err()
+            || pubsub.subscribe(&self.purge_channel).await.is_err()
+        {
+            return;
+        }
+        // Fills may have been missed while not subscribed.
+        self.wake_all();
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            let payload = message.get_payload_bytes();
+            if message.get_channel_name() == self.fill_channel {
+                if let Ok(hash) = std::str::from_utf8(payload) {
+                    self.wake(hash);
+                }
+                continue;
+            }
+            match serde_json::from_slice::<Purge>(payload) {
+                Ok(purge) if purge.node != self.node_name() => {
+                    self.metrics.purges_applied.inc();
+                    apply(&purge.what);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cluster: unreadable purge message"),
+            }
+        }
+    }
+}
+
+/// Which of a route's paths a purge names.
+type PathFilter = Box<dyn Fn(&str) -> bool + Send>;
+
+/// A registered waiter; leaves the map with the last one of its key.
+struct Waiter {
+    notify: Arc<Notify>,
+    hash: String,
+    tier: Weak<Tier>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let Some(tier) = self.tier.upgrade() else {
+            return;
+        };
+        let mut map = tier.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = map.get_mut(&self.hash) {
+            slot.1 = slot.1.saturating_sub(1);
+            if slot.1 == 0 {
+                map.remove(&self.hash);
+            }
+        }
+    }
+}
+
+/// The key's name in Redis: a 128-bit hash of its full text, the same on every node.
+fn hash_of(key: &CacheKey) -> String {
+    hash_text(key.as_str())
+}
+
+fn hash_text(text: &str) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(text.as_bytes()))
+}
+
+/// The wall clock now, in milliseconds since the epoch.
+fn wall_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// `at` as wall-clock milliseconds since the epoch, `now` being the current moment.
+fn wall_ms(at: Instant, now: Instant) -> i64 {
+    wall_at(at, now, wall_now())
+}
+
+/// `at` as wall-clock milliseconds, `now` being the moment the wall clock read `wall`.
+fn wall_at(at: Instant, now: Instant, wall: i64) -> i64 {
+    if at >= now {
+        wall + at.duration_since(now).as_millis() as i64
+    } else {
+        wall - now.duration_since(at).as_millis() as i64
+    }
+}
+
+/// `ms` (wall clock) as an `Instant`, `now` being the current wall clock's moment.
+fn instant_of(ms: i64, now: Instant, wall: i64) -> Instant {
+    let delta = Duration::from_millis(ms.abs_diff(wall));
+    if ms >= wall {
+        now + delta
+    } else {
+        now.checked_sub(delta).unwrap_or(now)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Head {
+    key: String,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    stored_at: i64,
+    upstream_age: u64,
+    fresh_until: i64,
+    revalidate_until: i64,
+    error_until: i64,
+    refresh_at: Option<i64>,
+    shareable_with_authorization: bool,
+    recipe: Option<Recipe>,
+    /// The identity body's length; the compressed bodies follow it, in this order.
+    body_len: u64,
+    compressed: Vec<(String, u64)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Recipe {
+    method: String,
+    path_and_query: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+fn pairs(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+/// `MAGIC`, the head's length (4 bytes, big-endian), the MessagePack head, the body, then
+/// the compressed bodies (as made once by the node that fetched: nobody compresses again).
+pub fn encode(entry: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
+    let compressed = entry.compressed();
+    let now = Instant::now();
+    let wall = wall_now();
+    let head = Head {
+        key: key.as_str().to_string(),
+        status: entry.header.status.as_u16(),
+        headers: pairs(&entry.header.headers),
+        stored_at: wall_at(entry.stored_at, now, wall),
+        upstream_age: entry.upstream_age,
+        fresh_until: wall_at(entry.fresh_until, now, wall),
+        revalidate_until: wall_at(entry.revalidate_until, now, wall),
+        error_until: wall_at(entry.error_until, now, wall),
+        refresh_at: entry.refresh_at.map(|at| wall_at(at, now, wall)),
+        shareable_with_authorization: entry.shareable_with_authorization,
+        recipe: entry.recipe.as_ref().map(|r| Recipe {
+            method: r.method.as_str().to_string(),
+            path_and_query: r.path_and_query.clone(),
+            headers: pairs(&r.headers),
+            body: r.body.to_vec(),
+        }),
+        body_len: entry.body.len() as u64,
+        compressed: compressed
+            .bodies()
+            .map(|(c, b)| (c.token().to_string(), b.len() as u64))
+            .collect(),
+    };
+    let head = rmp_serde::to_vec(&head).ok()?;
+    let bodies = entry.body.len() + compressed.bodies().map(|(_, b)| b.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(MAGIC.len() + 4 + head.len() + bodies);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&u32::try_from(head.len()).ok()?.to_be_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&entry.body);
+    for (_, body) in compressed.bodies() {
+        out.extend_from_slice(body);
+    }
+    Some(out)
+}
+
+/// The entry in `bytes` if it is this version's and made for `key`.
+pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let (head, mut bodies) = rest.split_at(len);
+    let head: Head = rmp_serde::from_slice(head).ok()?;
+    if head.key != key.as_str() {
+        return None;
+    }
+    let mut take = |n: u64| {
+        let n = usize::try_from(n).ok().filter(|n| *n <= bodies.len())?;
+        let (taken, left) = bodies.split_at(n);
+        bodies = left;
+        Some(Bytes::copy_from_slice(taken))
+    };
+    let body = take(head.body_len)?;
+    let mut compressed = Vec::with_capacity(head.compressed.len());
+    for (token, n) in &head.compressed {
+        compressed.push((Coding::parse(token)?, take(*n)?));
+    }
+    if !bodies.is_empty() {
+        return None;
+    }
+    let status = http::StatusCode::from_u16(head.status).ok()?;
+    let mut header = ResponseHeader::build_no_case(status, Some(head.headers.len())).ok()?;
+    for (name, value) in head.headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).ok()?;
+        let value = http::HeaderValue::from_bytes(&value).ok()?;
+        header.append_header(name, value).ok()?;
+    }
+    let recipe = match head.recipe {
+        Some(r) => Some(Arc::new(FetchRequest {
+            method: http::Method::from_bytes(r.method.as_bytes()).ok()?,
+            path_and_query: r.path_and_query,
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(k, v)| {
+                    Some((
+                        http::HeaderName::from_bytes(k.as_bytes()).ok()?,
+                        http::HeaderValue::from_bytes(&v).ok()?,
+                    ))
+                })
+                .collect::<Option<http::HeaderMap>>()?,
+            body: Bytes::from(r.body),
+        })),
+        None => None,
+    };
+    let now = Instant::now();
+    let wall = wall_now();
+    let at = |ms: i64| instant_of(ms, now, wall);
+    let validators = Validators::of(&header.headers);
+    let variants = Variants::build(&header, Compressed::from_bodies(compressed)).ok()?;
+    let life = Lifetimes {
+        ttl: Duration::ZERO,
+        stale_while_revalidate: Duration::ZERO,
+        stale_if_error: Duration::ZERO,
+        refresh_ahead: None,
+    };
+    let mut entry = Entry::new(header, body, key.byte_len(), now, life, recipe)
+        .with_upstream_age(head.upstream_age)
+        .with_validators(validators, head.shareable_with_authorization)
+        .with_variants(variants);
+    entry.stored_at = at(head.stored_at);
+    entry.fresh_until = at(head.fresh_until);
+    entry.revalidate_until = at(head.revalidate_until);
+    entry.error_until = at(head.error_until);
+    entry.refresh_at = head.refresh_at.map(at);
+    Some(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::key::test_key;
+
+    fn entry() -> Entry {
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        header
+            .append_header("content-type", "application/json")
+            .unwrap();
+        header.append_header("etag", "\"v1\"").unwrap();
+        let life = Lifetimes {
+            ttl: Duration::from_secs(60),
+            stale_while_revalidate: Duration::from_secs(10),
+            stale_if_error: Duration::from_secs(100),
+            refresh_ahead: Some(0.5),
+        };
+        Entry::new(
+            header,
+            Bytes::from_static(b"{\"a\":1}"),
+            10,
+            Instant::now(),
+            life,
+            None,
+        )
+        .with_upstream_age(7)
+    }
+
+    #[test]
+    fn compressed_bodies_come_back_as_variants() {
+        let key = test_key("r", "/p");
+        let mut e = entry();
+        let gz = Bytes::from_static(b"\x1f\x8b-not-really-gzip");
+        let variants = Variants::build(
+            &e.header,
+            Compressed::from_bodies(vec![(Coding::Gzip, gz.clone())]),
+        )
+        .unwrap();
+        e = e.with_variants(variants);
+        let back = decode(&encode(&e, &key).unwrap(), &key).unwrap();
+        assert_eq!(back.body, e.body);
+        let accept = http::HeaderValue::from_static("gzip");
+        let (head, body) = back.pick(Some(&accept));
+        assert_eq!(body, &gz);
+        assert_eq!(head.headers["content-encoding"], "gzip");
+    }
+
+    #[test]
+    fn an_entry_survives_the_round_trip_with_its_deadlines() {
+        let key = test_key("r", "/p");
+        let e = entry();
+        let bytes = encode(&e, &key).unwrap();
+        assert!(bytes.starts_with(MAGIC));
+        let back = decode(&bytes, &key).unwrap();
+        assert_eq!(back.body, e.body);
+        assert_eq!(back.header.status, e.header.status);
+        assert_eq!(back.header.headers, e.header.headers);
+        assert_eq!(back.upstream_age, 7);
+        assert!(back.validators.is_some());
+        let near = |a: Instant, b: Instant| {
+            let d = if a > b { a - b } else { b - a };
+            // Instants and the wall clock are read apart: a busy machine may pause between.
+            d < Duration::from_millis(50)
+        };
+        assert!(near(back.fresh_until, e.fresh_until));
+        assert!(near(back.revalidate_until, e.revalidate_until));
+        assert!(near(back.error_until, e.error_until));
+        assert!(near(back.refresh_at.unwrap(), e.refresh_at.unwrap()));
+    }
+
+    #[test]
+    fn another_version_or_key_is_a_miss() {
+        let key = test_key("r", "/p");
+        let mut bytes = encode(&entry(), &key).unwrap();
+        assert!(decode(&bytes, &test_key("r", "/q")).is_none());
+        bytes[4] = 2;
+        assert!(decode(&bytes, &key).is_none());
+        assert!(decode(b"STOA", &key).is_none());
+        assert!(decode(&[], &key).is_none());
+    }
+}
