@@ -484,6 +484,8 @@ pub struct Listener<A> {
     tls: Option<(SocketAddr, Acceptor)>,
     /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
     h2c: bool,
+    /// Which proxy service (worker) this is, for the debug log.
+    worker: usize,
 }
 
 impl<A> Listener<A> {
@@ -499,7 +501,13 @@ impl<A> Listener<A> {
             started: std::time::Instant::now(),
             tls: None,
             h2c: false,
+            worker: 0,
         }
+    }
+
+    pub fn with_worker(mut self, worker: usize) -> Self {
+        self.worker = worker;
+        self
     }
 
     /// Cleartext connections may speak HTTP/2 with prior knowledge.
@@ -586,6 +594,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             // Dropping the stream closes the connection at once.
             return None;
         };
+        tracing::debug!(worker = self.worker, "client connection accepted");
         let accepted = Instant::now();
         let (stream, tls, h2) = self
             .handshake(stream, accepted + limits.header_timeout)
