@@ -446,11 +446,10 @@ pub fn head_received(session: &mut Session) {
     if !may_continue {
         session.set_keepalive(None);
     }
-    if has_body {
-        // The whole-body deadline bounds every body read; pingora's own per-read timeout
-        // (60 s) would cut a longer `server.body_timeout` short.
-        session.set_read_timeout(None);
-    }
+    // The whole-body deadline bounds every body read; pingora's own per-read timeout
+    // (60 s) would cut a longer `server.body_timeout` short, and without a body it could
+    // never fire: no timer for reads that cannot wait.
+    session.set_read_timeout(None);
 }
 
 /// The proxy read the whole request body.
@@ -685,7 +684,11 @@ impl<S: ServiceTrait> ServiceTrait for Stoppable<S> {
             }
         });
         let stop = self.lifecycle.stop_watch();
-        self.inner.start_service(fds, stop, listeners_per_fd).await
+        // Every worker binds sockets of its own (SO_REUSEPORT) rather than sharing the one
+        // pingora's table of listening fds holds per address: a shared fd would be closed
+        // by each worker's listener. (stoa does not hand listeners over on upgrade.)
+        let _ = fds;
+        self.inner.start_service(None, stop, listeners_per_fd).await
     }
 
     fn name(&self) -> &str {

@@ -47,7 +47,7 @@ pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;
 pub use schema::schema_json;
-pub use server::{default_threads, ConnectionLimits, RequestIdMode, ServerSettings};
+pub use server::{ConnectionLimits, RequestIdMode, ServerSettings};
 pub use upstream::{Upstream, UpstreamGuardSettings};
 pub use upstream_tls::{ClientIdentity, UpstreamTls};
 use validate::Validator;

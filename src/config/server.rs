@@ -438,6 +438,28 @@ mod tests {
     }
 
     #[test]
+    fn request_id_defaults_to_generate_and_is_read() {
+        for (text, mode) in [
+            ("generate", RequestIdMode::Generate),
+            ("pass", RequestIdMode::Pass),
+            ("off", RequestIdMode::Off),
+        ] {
+            let c = load_str(
+                &GOOD.replace(
+                    "max_body_bytes = \"64KiB\"",
+                    &format!("request_id = \"{text}\""),
+                ),
+                EnvOverrides::Ignore,
+            )
+            .unwrap();
+            assert_eq!(c.server.request_id, mode);
+        }
+        let p = problems(&GOOD.replace("max_body_bytes = \"64KiB\"", "request_id = \"uuid\""));
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("server.request_id: \"uuid\" is not \"generate\""), "{p:?}");
+    }
+
+    #[test]
     fn trusted_proxies_parse_and_report() {
         let figment = figment::Figment::new();
         let mut v = Validator::new(&figment);
