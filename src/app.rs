@@ -9,7 +9,6 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::apps::HttpServerOptions;
-use pingora::listeners::TcpSocketOptions;
 use pingora::protocols::http::v2::server::H2Options;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -70,11 +69,8 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     )?));
     let control = Control::new(config_path, env, gateway.clone(), shared, lifecycle.clone());
 
-    let workers = config.server.threads;
     let conf = ServerConf {
-        // One single-thread proxy service per worker, with no work stealing (see below).
-        threads: 1,
-        work_stealing: false,
+        threads: config.server.threads,
         // stoa drains in-flight requests itself (see `SignalWatch`), so pingora need not wait.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
@@ -84,48 +80,32 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
-    // `server.threads` workers, as nginx's: each a single-thread service with its own
-    // listening sockets on the same addresses (SO_REUSEPORT: the kernel spreads connections)
-    // and its own upstream connection pool; all share the configuration, the cache, the
-    // limiters and the lifecycle (connection count, drain).
-    lifecycle.set_proxy_services(workers);
-    let mut proxies = Vec::with_capacity(workers);
-    for worker in 0..workers {
-        let mut proxy_app = pingora::proxy::http_proxy(
-            &server_conf,
-            StoaProxy::new(gateway.clone(), lifecycle.clone()),
+    let mut proxy_app = pingora::proxy::http_proxy(
+        &server_conf,
+        StoaProxy::new(gateway.clone(), lifecycle.clone()),
+    );
+    let mut options = HttpServerOptions::default();
+    options.h2c = config.server.h2c;
+    // An HTTP/2 connection with no open stream is closed as an idle HTTP/1.1 one is.
+    options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
+    proxy_app.server_options = Some(options);
+    proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
+    let mut listener =
+        Listener::new(proxy_app, gateway.clone(), lifecycle.clone()).with_h2c(config.server.h2c);
+    if let Some(tls) = &config.server.tls {
+        // The TLS listener accepts plain TCP: stoa makes the handshakes itself, under the
+        // connection deadlines (see `Listener`).
+        listener = listener.with_tls(
+            tls.listen,
+            crate::tls::acceptor(gateway.clone(), tls.certified.clone())?,
         );
-        let mut options = HttpServerOptions::default();
-        options.h2c = config.server.h2c;
-        // An HTTP/2 connection with no open stream is closed as an idle HTTP/1.1 one is.
-        options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
-        proxy_app.server_options = Some(options);
-        proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
-        let mut listener = Listener::new(proxy_app, gateway.clone(), lifecycle.clone())
-            .with_h2c(config.server.h2c)
-            .with_worker(worker);
-        if let Some(tls) = &config.server.tls {
-            // The TLS listener accepts plain TCP: stoa makes the handshakes itself, under the
-            // connection deadlines (see `Listener`).
-            listener = listener.with_tls(
-                tls.listen,
-                crate::tls::acceptor(gateway.clone(), tls.certified.clone())?,
-            );
-        }
-        let mut proxy = Service::new(format!("stoa proxy {worker}"), listener);
-        let shared_port = || {
-            let mut options = TcpSocketOptions::default();
-            options.so_reuseport = Some(true);
-            options
-        };
-        if let Some(listen) = config.server.listen {
-            proxy.add_tcp_with_settings(&listen.to_string(), shared_port());
-        }
-        if let Some(tls) = &config.server.tls {
-            proxy.add_tcp_with_settings(&tls.listen.to_string(), shared_port());
-        }
-        proxy.threads = Some(1);
-        proxies.push(Stoppable::new(proxy, lifecycle.clone()));
+    }
+    let mut proxy = Service::new("stoa proxy".to_string(), listener);
+    if let Some(listen) = config.server.listen {
+        proxy.add_tcp(&listen.to_string());
+    }
+    if let Some(tls) = &config.server.tls {
+        proxy.add_tcp(&tls.listen.to_string());
     }
 
     let mut admin = Service::new("stoa admin".to_string(), AdminApp::new(control.clone()));
@@ -144,9 +124,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
 
     let pruner = background_service("stoa rate-limit pruner", Pruner { gateway });
 
-    for proxy in proxies {
-        server.add_service(proxy);
-    }
+    server.add_service(Stoppable::new(proxy, lifecycle.clone()));
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(pruner);

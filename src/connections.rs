@@ -483,8 +483,6 @@ pub struct Listener<A> {
     tls: Option<(SocketAddr, Acceptor)>,
     /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
     h2c: bool,
-    /// Which proxy service (worker) this is, for the debug log.
-    worker: usize,
 }
 
 impl<A> Listener<A> {
@@ -500,13 +498,7 @@ impl<A> Listener<A> {
             started: std::time::Instant::now(),
             tls: None,
             h2c: false,
-            worker: 0,
         }
-    }
-
-    pub fn with_worker(mut self, worker: usize) -> Self {
-        self.worker = worker;
-        self
     }
 
     /// Cleartext connections may speak HTTP/2 with prior knowledge.
@@ -593,7 +585,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             // Dropping the stream closes the connection at once.
             return None;
         };
-        tracing::debug!(worker = self.worker, "client connection accepted");
         let accepted = Instant::now();
         let (stream, tls, h2) = self
             .handshake(stream, accepted + limits.header_timeout)
@@ -684,11 +675,7 @@ impl<S: ServiceTrait> ServiceTrait for Stoppable<S> {
             }
         });
         let stop = self.lifecycle.stop_watch();
-        // Every worker binds sockets of its own (SO_REUSEPORT) rather than sharing the one
-        // pingora's table of listening fds holds per address: a shared fd would be closed
-        // by each worker's listener. (stoa does not hand listeners over on upgrade.)
-        let _ = fds;
-        self.inner.start_service(None, stop, listeners_per_fd).await
+        self.inner.start_service(fds, stop, listeners_per_fd).await
     }
 
     fn name(&self) -> &str {

@@ -18,8 +18,7 @@ pub struct Lifecycle {
     warmed: AtomicBool,
     stopping: AtomicBool,
     draining: AtomicBool,
-    /// Proxy services (workers) whose drain is not over yet.
-    proxy_open: AtomicUsize,
+    proxy_closed: AtomicBool,
     in_flight: AtomicU64,
     connections: AtomicUsize,
     /// `true` once the proxy must stop accepting connections.
@@ -33,7 +32,7 @@ impl Default for Lifecycle {
             warmed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            proxy_open: AtomicUsize::new(1),
+            proxy_closed: AtomicBool::new(false),
             in_flight: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             stop: watch::channel(false).0,
@@ -68,22 +67,14 @@ impl Lifecycle {
         self.stop.subscribe()
     }
 
-    /// How many proxy services (workers) serve clients; each marks itself closed.
-    pub fn set_proxy_services(&self, n: usize) {
-        self.proxy_open.store(n.max(1), Ordering::Release);
-    }
-
-    /// One proxy service's listening socket is closed, its drain is over and its idle
-    /// connections are being closed.
+    /// The proxy's listening socket is closed, its drain is over and idle connections are
+    /// being closed.
     pub fn mark_proxy_closed(&self) {
-        let _ = self
-            .proxy_open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.proxy_closed.store(true, Ordering::Release);
     }
 
-    /// Every proxy service is closed.
     pub fn is_proxy_closed(&self) -> bool {
-        self.proxy_open.load(Ordering::Acquire) == 0
+        self.proxy_closed.load(Ordering::Acquire)
     }
 
     /// Counts an open client connection until the returned guard is dropped; `None` (and

@@ -1,11 +1,8 @@
-//! The worker model (`server.threads` single-thread services on one port) and
 //! `server.request_id`, end to end against the real binary.
 
 mod common;
 
-use std::collections::BTreeSet;
-
-use common::{calls, demo_with, knobs, x_cache, Api, EchoUpstream, StoaProcess};
+use common::{EchoUpstream, StoaProcess};
 use serde_json::Value;
 
 fn echo_routes(echo: &EchoUpstream) -> String {
@@ -19,7 +16,11 @@ fn echo_routes(echo: &EchoUpstream) -> String {
 
 /// Sends `GET path` with an optional raw `X-Request-Id`; returns the answer's id and the id
 /// the upstream saw (from the echoed headers).
-async fn ids(gw: &StoaProcess, path: &str, sent: Option<&[u8]>) -> (Option<String>, Option<String>) {
+async fn ids(
+    gw: &StoaProcess,
+    path: &str,
+    sent: Option<&[u8]>,
+) -> (Option<String>, Option<String>) {
     let mut req = reqwest::Client::new().get(gw.url(path));
     if let Some(id) = sent {
         req = req.header(
@@ -44,62 +45,6 @@ fn is_generated(id: &Option<String>) -> bool {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn workers_share_one_port_and_one_single_flight() {
-    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 300)).await;
-    let config = format!(
-        "[log]\nformat = \"json\"\nlevel = \"info,stoa::connections=debug\"\n\n\
-         [upstreams.up]\nurl = \"{}\"\ntimeout = \"5s\"\n\n\
-         [[routes]]\nname = \"restaurant\"\nmethods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\n\
-         rewrite = \"/api/restaurant/{{id}}\"\nupstream = \"up\"\ncache = {{ ttl = \"60s\" }}\n",
-        up.url()
-    );
-    let gw = StoaProcess::start_with("threads = 3", &config).await;
-    // Every request on its own connection: the kernel spreads them over the workers.
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(0)
-        .build()
-        .unwrap();
-    let url = gw.url("/restaurant/dufva");
-    let tasks: Vec<_> = (0..300)
-        .map(|_| {
-            let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                let r = http.get(url).send().await.expect("request failed");
-                (r.status().as_u16(), x_cache(&r), r.bytes().await.unwrap())
-            })
-        })
-        .collect();
-    let mut bodies = BTreeSet::new();
-    for t in tasks {
-        let (status, _, body) = t.await.unwrap();
-        assert_eq!(status, 200);
-        bodies.insert(body);
-    }
-    assert_eq!(bodies.len(), 1, "every client got the same answer");
-    assert_eq!(
-        calls(&up, "GET /api/restaurant/dufva"),
-        1,
-        "one upstream call across all workers"
-    );
-    // Which worker accepted each connection.
-    let workers: BTreeSet<u64> = gw
-        .log()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| {
-            v["message"] == "client connection accepted"
-                || v["fields"]["message"] == "client connection accepted"
-        })
-        .filter_map(|v| v["worker"].as_u64().or(v["fields"]["worker"].as_u64()))
-        .collect();
-    assert_eq!(
-        workers,
-        BTreeSet::from([0, 1, 2]),
-        "connections were served by all three workers"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_id_generate_keeps_a_valid_id_and_replaces_a_hostile_one() {
     let echo = EchoUpstream::start().await;
@@ -120,7 +65,10 @@ async fn request_id_generate_keeps_a_valid_id_and_replaces_a_hostile_one() {
     }
     let (a, _) = ids(&gw, "/pass/3", None).await;
     let (b, _) = ids(&gw, "/pass/3", None).await;
-    assert!(is_generated(&a) && is_generated(&b) && a != b, "{a:?} {b:?}");
+    assert!(
+        is_generated(&a) && is_generated(&b) && a != b,
+        "{a:?} {b:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

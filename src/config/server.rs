@@ -23,7 +23,7 @@ pub struct ServerSettings {
     pub h2c: bool,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
-    /// Single-thread proxy services (workers) sharing the listening address.
+    /// Worker threads of the proxy service.
     pub threads: usize,
     /// What becomes of `X-Request-Id` (`server.request_id`).
     pub request_id: RequestIdMode,
@@ -98,7 +98,7 @@ impl ServerSettings {
     }
 }
 
-/// The default of `server.threads`: one worker per core.
+/// The default of `server.threads`: one per core.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(1024))
 }
@@ -456,7 +456,10 @@ mod tests {
         }
         let p = problems(&GOOD.replace("max_body_bytes = \"64KiB\"", "request_id = \"uuid\""));
         assert_eq!(p.len(), 1);
-        assert!(p[0].starts_with("server.request_id: \"uuid\" is not \"generate\""), "{p:?}");
+        assert!(
+            p[0].starts_with("server.request_id: \"uuid\" is not \"generate\""),
+            "{p:?}"
+        );
     }
 
     #[test]

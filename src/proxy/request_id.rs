@@ -112,7 +112,10 @@ mod tests {
         let other = std::thread::spawn(generate).join().unwrap();
         for id in ids.iter().chain([&other]) {
             assert_eq!(id.len(), 16);
-            assert!(id.as_bytes().iter().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+            assert!(id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
             assert_eq!(&id.as_bytes()[..4], &other.as_bytes()[..4]);
         }
         assert!(!ids.contains(&other));
@@ -133,6 +136,9 @@ mod tests {
             assert_eq!(for_request(req, Pass), "");
             assert_eq!(for_request(req, Off), "");
         }
-        assert_eq!(for_request(&with_id(&"x".repeat(MAX_LEN)), Pass).len(), MAX_LEN);
+        assert_eq!(
+            for_request(&with_id(&"x".repeat(MAX_LEN)), Pass).len(),
+            MAX_LEN
+        );
     }
 }
