@@ -54,7 +54,7 @@ async fn request_id_generate_keeps_a_valid_id_and_replaces_a_hostile_one() {
         assert_eq!(answered.as_deref(), Some("client-1"), "{path}");
         assert_eq!(seen.as_deref(), Some("client-1"), "{path}");
     }
-    let long = vec![b'x'; 129];
+    let long = [b'x'; 129];
     for (i, hostile) in [&long[..], b"a\tb", b"a b"].into_iter().enumerate() {
         let path = format!("/cached/h{i}");
         for path in ["/pass/2", path.as_str()] {
