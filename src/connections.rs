@@ -446,11 +446,10 @@ pub fn head_received(session: &mut Session) {
     if !may_continue {
         session.set_keepalive(None);
     }
-    if has_body {
-        // The whole-body deadline bounds every body read; pingora's own per-read timeout
-        // (60 s) would cut a longer `server.body_timeout` short.
-        session.set_read_timeout(None);
-    }
+    // The whole-body deadline bounds every body read; pingora's own per-read timeout
+    // (60 s) would cut a longer `server.body_timeout` short, and without a body it could
+    // never fire: no timer for reads that cannot wait.
+    session.set_read_timeout(None);
 }
 
 /// The proxy read the whole request body.

@@ -47,7 +47,7 @@ pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;
 pub use schema::schema_json;
-pub use server::{ConnectionLimits, ServerSettings};
+pub use server::{ConnectionLimits, RequestIdMode, ServerSettings};
 pub use upstream::{Upstream, UpstreamGuardSettings};
 pub use upstream_tls::{ClientIdentity, UpstreamTls};
 use validate::Validator;
@@ -139,7 +139,8 @@ mod tests {
     fn a_good_file_gives_typed_settings() {
         let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
         assert_eq!(c.server.max_body_bytes, 64 * 1024);
-        assert_eq!(c.server.threads, 2);
+        assert_eq!(c.server.threads, server::default_threads());
+        assert_eq!(c.server.request_id, RequestIdMode::Generate);
         let up = &c.upstreams["menu"];
         assert_eq!(up.timeout, Duration::from_secs(5));
         assert_eq!(up.host_header, "127.0.0.1:9001");

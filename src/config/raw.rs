@@ -41,6 +41,8 @@ pub struct RawServer {
     pub default_rate_limit: Option<String>,
     #[schemars(extend("enum" = ["draft", "legacy", "both", "none"]))]
     pub rate_limit_headers: Option<String>,
+    #[schemars(extend("enum" = ["generate", "pass", "off"]))]
+    pub request_id: Option<String>,
     pub warm_timeout: Option<RawDuration>,
     pub header_timeout: Option<RawDuration>,
     pub keepalive_timeout: Option<RawDuration>,

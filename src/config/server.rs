@@ -25,6 +25,8 @@ pub struct ServerSettings {
     pub h2_max_concurrent_streams: u32,
     /// Worker threads of the proxy service.
     pub threads: usize,
+    /// What becomes of `X-Request-Id` (`server.request_id`).
+    pub request_id: RequestIdMode,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: u64,
     /// How long a graceful shutdown waits for in-flight requests.
@@ -37,6 +39,17 @@ pub struct ServerSettings {
     pub connections: ConnectionLimits,
     /// Which rate-limit headers answers of limited routes carry.
     pub rate_limit_headers: RateLimitHeaders,
+}
+
+/// What stoa does with request ids (`server.request_id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestIdMode {
+    /// Keep a client's valid `X-Request-Id`, else make one; sent upstream and answered.
+    Generate,
+    /// Only a client's valid `X-Request-Id` is sent upstream and answered.
+    Pass,
+    /// No `X-Request-Id` upstream or in answers.
+    Off,
 }
 
 /// The TLS listener: its address and its certificate, read and checked when the
@@ -83,6 +96,11 @@ impl ServerSettings {
         }
         out.join(" and ")
     }
+}
+
+/// The default of `server.threads`: one per core.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(1024))
 }
 
 /// Largest `server.h2_max_concurrent_streams`.
@@ -139,10 +157,25 @@ impl Validator<'_> {
             }
         };
         let threads = match raw.threads {
-            None => Some(2),
+            None => Some(default_threads()),
             Some(n) if (1..=1024).contains(&n) => Some(n as usize),
             Some(n) => {
                 self.problem("server.threads", format!("{n} is not between 1 and 1024"));
+                None
+            }
+        };
+        let request_id = match raw.request_id.as_deref() {
+            None | Some("generate") => Some(RequestIdMode::Generate),
+            Some("pass") => Some(RequestIdMode::Pass),
+            Some("off") => Some(RequestIdMode::Off),
+            Some(other) => {
+                self.problem(
+                    "server.request_id",
+                    format!(
+                        "{other:?} is not \"generate\" (keep a client's valid X-Request-Id, else \
+                         make one), \"pass\" (only a client's valid one) or \"off\" (none)"
+                    ),
+                );
                 None
             }
         };
@@ -193,6 +226,7 @@ impl Validator<'_> {
             h2c: raw.h2c.unwrap_or(false),
             h2_max_concurrent_streams: h2_max_concurrent_streams?,
             threads: threads?,
+            request_id: request_id?,
             max_body_bytes: max_body_bytes?,
             shutdown_timeout: shutdown_timeout?,
             trusted_proxies,
@@ -400,6 +434,31 @@ mod tests {
                 "server.rate_limit_headers: \"ietf\" is not \"draft\" (RateLimit-Policy and \
               RateLimit), \"legacy\" (RateLimit-Limit, -Remaining, -Reset), \"both\" or \"none\""
             ]
+        );
+    }
+
+    #[test]
+    fn request_id_defaults_to_generate_and_is_read() {
+        for (text, mode) in [
+            ("generate", RequestIdMode::Generate),
+            ("pass", RequestIdMode::Pass),
+            ("off", RequestIdMode::Off),
+        ] {
+            let c = load_str(
+                &GOOD.replace(
+                    "max_body_bytes = \"64KiB\"",
+                    &format!("request_id = \"{text}\""),
+                ),
+                EnvOverrides::Ignore,
+            )
+            .unwrap();
+            assert_eq!(c.server.request_id, mode);
+        }
+        let p = problems(&GOOD.replace("max_body_bytes = \"64KiB\"", "request_id = \"uuid\""));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("server.request_id: \"uuid\" is not \"generate\""),
+            "{p:?}"
         );
     }
 

@@ -1,7 +1,6 @@
 //! Writing stoa's own answers (errors, cached entries, streams) and the headers every
 //! answer gets; the limits of a request head.
 
-use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -199,23 +198,4 @@ pub fn oversized_head(req: &RequestHeader) -> Option<StoaError> {
         }
     }
     None
-}
-
-/// The client's request id if it sent a sane one, else a new one.
-pub fn request_id(req: &RequestHeader) -> http::HeaderValue {
-    match req.headers.get("x-request-id") {
-        Some(id)
-            if !id.is_empty()
-                && id.len() <= 128
-                && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
-        {
-            id.clone()
-        }
-        _ => {
-            let id = Bytes::from(crate::telemetry::new_request_id());
-            // Hex digits are always a valid header value.
-            http::HeaderValue::from_maybe_shared(id)
-                .unwrap_or_else(|_| http::HeaderValue::from_static("-"))
-        }
-    }
 }

@@ -118,10 +118,11 @@ pub async fn serve(
         // Boxed: the slow paths' futures are large and must not bloat every request's.
         Box::pin(gateway.cache.bypass(cached, fetch)).await
     } else {
-        let request_id = &ctx.request_id;
+        // No id upstream when there is none (`server.request_id`).
+        let request_id = Some(&ctx.request_id).filter(|id| !id.is_empty());
         let decision = &mut ctx.limit;
         let make_fetch =
-            || cached.shared_fetch(method, &upstream_path, &key, &req.headers, Some(request_id));
+            || cached.shared_fetch(method, &upstream_path, &key, &req.headers, request_id);
         match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
             Ok(served) => {
                 from_memory = true;

@@ -11,6 +11,7 @@ pub mod ctx;
 pub mod fail;
 pub mod limit;
 pub mod pass;
+pub mod request_id;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -158,7 +159,8 @@ impl ProxyHttp for StoaProxy {
     /// request is answered (stoa's own error, or a cached route's answer); `false` sends it
     /// upstream by pingora (pass-through routes).
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id = answer::request_id(session.req_header());
+        ctx.request_id =
+            request_id::for_request(session.req_header(), ctx.gateway.config.server.request_id);
         let gateway = ctx.gateway.clone();
         let (route, uri) = match route_request(session, ctx, &gateway) {
             Ok(routed) => routed,

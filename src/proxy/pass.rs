@@ -56,7 +56,7 @@ pub fn upstream_head(
     };
     headers::forward(
         upstream_request,
-        link.upstream(),
+        link.client().host_header(),
         peer_addr(session),
         over_tls(session),
         &ctx.request_id,

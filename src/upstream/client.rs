@@ -84,6 +84,11 @@ impl UpstreamClient {
         })
     }
 
+    /// The `Host` header sent upstream, prepared once.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host_header
+    }
+
     pub fn name(&self) -> &str {
         &self.upstream.name
     }

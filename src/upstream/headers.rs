@@ -9,17 +9,6 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use crate::config::Upstream;
-
-/// The scheme a client reached stoa with, as told in `X-Forwarded-Proto`.
-fn forwarded_proto(https: bool) -> &'static str {
-    if https {
-        "https"
-    } else {
-        "http"
-    }
-}
-
 /// Request headers that must not be forwarded as they are.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -110,23 +99,29 @@ pub fn strip_response(resp: &mut ResponseHeader) {
     }
 }
 
-/// Rewrites the head of a pass-through request for `upstream`: its `Host`, the `peer`
-/// appended to `X-Forwarded-For`, `X-Forwarded-Proto` (`https` when the request came over
-/// TLS) and the request id. (pingora drops the hop-by-hop headers itself.)
+/// Rewrites the head of a pass-through request for its upstream: `host` (the upstream's
+/// `Host`, prepared when the route was built), the `peer` appended to `X-Forwarded-For`,
+/// `X-Forwarded-Proto` (`https` when the request came over TLS) and the request id (none
+/// sent when it is empty: `server.request_id` is `off`, or `pass` without a valid one).
+/// (pingora drops the hop-by-hop headers itself.)
 pub fn forward(
     req: &mut RequestHeader,
-    upstream: &Upstream,
+    host: &HeaderValue,
     peer: Option<IpAddr>,
     https: bool,
     request_id: &HeaderValue,
 ) -> pingora::Result<()> {
-    req.insert_header(http::header::HOST, upstream.host_header.as_str())?;
+    req.insert_header(http::header::HOST, host.clone())?;
     if let Some(ip) = peer {
-        let forwarded = forwarded_for(req.headers.get("x-forwarded-for"), ip);
-        req.insert_header("x-forwarded-for", forwarded)?;
+        let forwarded = forwarded_for(req.headers.get(X_FORWARDED_FOR), ip);
+        req.insert_header(X_FORWARDED_FOR, forwarded)?;
     }
-    req.insert_header("x-forwarded-proto", forwarded_proto(https))?;
-    req.insert_header("x-request-id", request_id.clone())?;
+    req.insert_header(X_FORWARDED_PROTO, forwarded_proto(https))?;
+    if request_id.is_empty() {
+        req.remove_header(X_REQUEST_ID);
+    } else {
+        req.insert_header(X_REQUEST_ID, request_id.clone())?;
+    }
     Ok(())
 }
 
@@ -145,24 +140,58 @@ pub fn private_fetch_headers(
         }
     }
     if let Some(ip) = peer {
-        let forwarded = forwarded_for(headers.get("x-forwarded-for"), ip);
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            headers.insert("x-forwarded-for", v);
-        }
+        let forwarded = forwarded_for(headers.get(X_FORWARDED_FOR), ip);
+        headers.insert(X_FORWARDED_FOR, forwarded);
     }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(forwarded_proto(https)),
-    );
-    headers.insert("x-request-id", request_id.clone());
+    headers.insert(X_FORWARDED_PROTO, forwarded_proto(https));
+    if request_id.is_empty() {
+        headers.remove(X_REQUEST_ID);
+    } else {
+        headers.insert(X_REQUEST_ID, request_id.clone());
+    }
     headers
 }
 
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_REQUEST_ID: &str = "x-request-id";
+
+/// The scheme a client reached stoa with, as told in `X-Forwarded-Proto`.
+fn forwarded_proto(https: bool) -> HeaderValue {
+    HeaderValue::from_static(if https { "https" } else { "http" })
+}
+
+thread_local! {
+    /// The last peer address this thread formatted, and its text: a keep-alive connection's
+    /// requests (and a busy client's connections) reuse it.
+    static LAST_PEER: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `ip` as a header value, formatted once for a run of requests from the same peer.
+fn peer_value(ip: IpAddr) -> HeaderValue {
+    LAST_PEER.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((seen, value)) = last.as_ref() {
+            if *seen == ip {
+                return value.clone();
+            }
+        }
+        let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        *last = Some((ip, value.clone()));
+        value
+    })
+}
+
 /// The `X-Forwarded-For` value with `ip` appended to what a client sent.
-fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> String {
+fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
     match prior.and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-        _ => ip.to_string(),
+        Some(prior) if !prior.trim().is_empty() => {
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(format!("{prior}, {ip}")))
+                .unwrap_or_else(|_| peer_value(ip))
+        }
+        _ => peer_value(ip),
     }
 }
 
@@ -189,6 +218,9 @@ mod tests {
         assert_eq!(headers["x-request-id"], "abc");
         let over_tls = private_fetch_headers(&req, peer, true, &id);
         assert_eq!(over_tls["x-forwarded-proto"], "https");
+        req.insert_header("x-request-id", "client's").unwrap();
+        let none = private_fetch_headers(&req, peer, false, &HeaderValue::from_static(""));
+        assert!(!none.contains_key("x-request-id"));
     }
 
     #[test]
@@ -214,5 +246,9 @@ mod tests {
         assert_eq!(forwarded_for(None, ip), "10.0.0.1");
         let blank = HeaderValue::from_static(" ");
         assert_eq!(forwarded_for(Some(&blank), ip), "10.0.0.1");
+        let other = "10.0.0.2".parse().unwrap();
+        assert_eq!(forwarded_for(None, other), "10.0.0.2");
+        let prior = HeaderValue::from_static("198.51.100.7");
+        assert_eq!(forwarded_for(Some(&prior), ip), "198.51.100.7, 10.0.0.1");
     }
 }

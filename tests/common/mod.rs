@@ -41,8 +41,14 @@ pub fn config_with(rest: &str) -> (String, u16, u16) {
 /// Like [`config_with`], with more `[server]` keys (one `key = value` per line).
 pub fn config_with_server(server_extra: &str, rest: &str) -> (String, u16, u16) {
     let (port, admin) = (free_port(), free_port());
+    // Two workers unless the test sets its own.
+    let threads = if server_extra.contains("threads") {
+        ""
+    } else {
+        "threads = 2\n"
+    };
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nthreads = 2\nshutdown_timeout = \"10s\"\n{server_extra}\n\n\
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n{threads}shutdown_timeout = \"10s\"\n{server_extra}\n\n\
          [admin]\nlisten = \"127.0.0.1:{admin}\"\n\n{rest}"
     );
     (text, port, admin)
