@@ -300,7 +300,7 @@ fn json_line(
         serde_json::to_writer(&mut *buf, &up.as_secs_f64()).map_err(io::Error::other)?;
     }
     string(buf, "request_id", rec.request_id)?;
-    write!(buf, ",\"target\":\"{ACCESS_TARGET}\"}}\n")
+    writeln!(buf, ",\"target\":\"{ACCESS_TARGET}\"}}")
 }
 
 fn text_line(

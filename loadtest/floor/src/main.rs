@@ -41,7 +41,8 @@ struct Args {
     split: bool,
 }
 
-const USAGE: &str = "usage: stoa-floor --listen ADDR --peer ADDR [--threads N] [--model split|shared]";
+const USAGE: &str =
+    "usage: stoa-floor --listen ADDR --peer ADDR [--threads N] [--model split|shared]";
 
 fn args() -> Result<Args, String> {
     let mut listen = None;
