@@ -31,7 +31,10 @@ environment (defaults in brackets):
   WORKERS [2]    stoa threads, nginx worker processes
   EXPIRY_DURATION [30s]  load on the 1 s TTL key, per server
   STAMPEDE_CLIENTS [1000]  UPSTREAM_LATENCY [200ms]  of the slow upstream (stampede, expiry)
-  PORT_BASE [19100]  ports PORT_BASE+1 .. PORT_BASE+13 on 127.0.0.1
+  ORIGIN_WORKERS [1]  worker processes of the nginx serving the pass-through rows' file
+  FLOOR_MODEL [split]  the floor's threads: split (WORKERS single-thread services) or
+                 shared (one service on WORKERS threads, work stealing)
+  PORT_BASE [19100]  ports PORT_BASE+1 .. PORT_BASE+15 on 127.0.0.1
   NO_BUILD=1     use the binaries in target/release as they are
 EOF
 }
@@ -61,6 +64,8 @@ EXPIRY_DURATION=${EXPIRY_DURATION:-30s}
 STAMPEDE_CLIENTS=${STAMPEDE_CLIENTS:-1000}
 UPSTREAM_LATENCY=${UPSTREAM_LATENCY:-200ms}
 PORT_BASE=${PORT_BASE:-19100}
+ORIGIN_WORKERS=${ORIGIN_WORKERS:-1}
+FLOOR_MODEL=${FLOOR_MODEL:-split}
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
 
@@ -91,6 +96,8 @@ LIMITED_PORT=$((PORT_BASE + 9)); LIMITED_ADMIN=$((PORT_BASE + 10))
 CLV_PORT=$((PORT_BASE + 11))         # CLV calculator (200 ms per call)
 SLOW_PORT=$((PORT_BASE + 12))        # restaurants again, with UPSTREAM_LATENCY
 VARNISH_PORT=$((PORT_BASE + 13))
+ORIGIN_PORT=$((PORT_BASE + 14))      # nginx serving a static file: the pass-through upstream
+FLOOR_PORT=$((PORT_BASE + 15))       # the floor: a bare pingora pass-through (loadtest/floor)
 
 # --- what we need ---------------------------------------------------------------------
 vmod_bodyaccess() { ls /usr/lib/*/varnish/vmods/libvmod_bodyaccess.so >/dev/null 2>&1; }
@@ -132,7 +139,8 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
   echo "building stoa (cargo build --release --workspace --bins)" >&2
   cargo build --release -q --workspace --bins
 fi
-[ -x target/release/stoa ] && [ -x target/release/stoa-demo ] || die "target/release/stoa and stoa-demo are missing"
+[ -x target/release/stoa ] && [ -x target/release/stoa-demo ] && [ -x target/release/stoa-floor ] \
+  || die "target/release/stoa, stoa-demo and stoa-floor are missing"
 
 # --- processes and teardown ------------------------------------------------------------
 work=$(mktemp -d "${TMPDIR:-/tmp}/stoa-compare.XXXXXX")
@@ -158,7 +166,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 for port in $UP_PORT $STOA_PORT $STOA_ADMIN $NGINX_PORT $BARE_PORT $BARE_ADMIN $LOGGED_PORT \
-            $LOGGED_ADMIN $LIMITED_PORT $LIMITED_ADMIN $CLV_PORT $SLOW_PORT $VARNISH_PORT; do
+            $LOGGED_ADMIN $LIMITED_PORT $LIMITED_ADMIN $CLV_PORT $SLOW_PORT $VARNISH_PORT \
+            $ORIGIN_PORT $FLOOR_PORT; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     die "127.0.0.1:$port is already in use (set PORT_BASE to move every port)"
   fi
@@ -187,6 +196,33 @@ reset_stats() { c -X POST -o /dev/null "http://127.0.0.1:$1/__stats/reset"; }
 # upstream_stat PORT FIELD: a number from the demo upstream's /__stats.
 upstream_stat() { c "http://127.0.0.1:$1/__stats" | python3 -c "import json,sys; print(json.load(sys.stdin)['$2'])"; }
 
+# cpu_us PID: CPU time (user + system, µs) PID and its descendants have used so far, from
+# /proc/PID/stat (nginx's master and workers, varnishd's children, stoa's threads).
+cpu_us() {
+  python3 - "$1" <<'PY'
+import os, sys
+root = int(sys.argv[1])
+children, ticks = {}, {}
+for d in os.listdir("/proc"):
+    if not d.isdigit():
+        continue
+    try:
+        with open(f"/proc/{d}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        continue
+    pid = int(d)
+    children.setdefault(int(fields[1]), []).append(pid)   # field 4: ppid
+    ticks[pid] = int(fields[11]) + int(fields[12])         # fields 14, 15: utime, stime
+todo, total = [root], 0
+while todo:
+    p = todo.pop()
+    total += ticks.get(p, 0)
+    todo.extend(children.get(p, []))
+print(total * 1_000_000 // os.sysconf("SC_CLK_TCK"))
+PY
+}
+
 results=$work/results.tsv
 notes=$work/notes.txt
 : >"$results"; : >"$notes"
@@ -203,10 +239,47 @@ if [ -z "$SOAK" ]; then
   pids+=($!); wait_for "stoa-demo (slow restaurants)" "http://127.0.0.1:$SLOW_PORT/__stats" $! "$work/demo-slow.log"
 fi
 
+# The pass-through rows' upstream: nginx serving the demo's answer as a static file, so the
+# upstream is not what limits them (its own rate is measured and printed).
+API_UPSTREAM=http://127.0.0.1:$UP_PORT
+if [ -z "$SOAK" ]; then
+  mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
+  c "http://127.0.0.1:$UP_PORT/api/restaurant/dufva" >"$work/origin/www/api/restaurant/dufva"
+  chmod -R a+rX "$work/origin"
+  cat >"$work/origin.conf" <<NGINX
+worker_processes $ORIGIN_WORKERS;
+pid $work/origin.pid;
+error_log $work/origin/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/origin/tmp;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+    root $work/origin/www;
+    default_type application/json;
+  }
+}
+NGINX
+  "$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
+  pids+=($!); origin_pid=$!
+  wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
+  API_UPSTREAM=http://127.0.0.1:$ORIGIN_PORT
+
+  # The floor: a bare pingora pass-through to the same origin, stoa's thread count.
+  ./target/release/stoa-floor --listen "127.0.0.1:$FLOOR_PORT" --peer "127.0.0.1:$ORIGIN_PORT" \
+    --threads "$WORKERS" --model "$FLOOR_MODEL" >"$work/floor.log" 2>&1 &
+  pids+=($!); floor_pid=$!
+  wait_for "stoa-floor" "http://127.0.0.1:$FLOOR_PORT/api/restaurant/dufva" $! "$work/floor.log"
+fi
+
 # --- stoa, in the variants compared ------------------------------------------------------
 # Same routes everywhere (nginx and Varnish below mirror them):
 #   /restaurant/{id}           cached 60 s (+60 s stale while revalidating): the hit path
-#   /api/{*rest}               pass-through, no cache
+#   /api/{*rest}               pass-through, no cache (to the origin nginx's static file; in
+#                              the soak, to the demo upstream)
 #   /slow/restaurant/{id}      the slow upstream, cached 60 s: the stampede
 #   /expiring/restaurant/{id}  the slow upstream, cached 1 s + 60 s stale: expiry under load
 #   /get_clv                   GET with a JSON body, keyed on customer_id, cached 1 h
@@ -226,6 +299,8 @@ requests_per_second = 200
 burst = 200
 [upstreams.restaurants]
 url = "http://127.0.0.1:$UP_PORT"
+[upstreams.origin]
+url = "$API_UPSTREAM"
 [upstreams.slow]
 url = "http://127.0.0.1:$SLOW_PORT"
 timeout = "10s"
@@ -244,7 +319,7 @@ $route_extra
 name = "api"
 methods = ["GET"]
 path = "/api/{*rest}"
-upstream = "restaurants"
+upstream = "origin"
 [[routes]]
 name = "slow"
 methods = ["GET"]
@@ -283,13 +358,14 @@ cache = { ttl = "60s" }
 TOML
   ./target/release/stoa check --config "$work/$name.toml" >"$work/$name.check" 2>&1 \
     || { cat "$work/$name.check" >&2; die "the generated configuration of $name is invalid"; }
-  RUST_LOG=warn ./target/release/stoa --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
+  # The log level is in the file ([log] level): RUST_LOG would override it.
+  env -u RUST_LOG ./target/release/stoa --config "$work/$name.toml" >"$work/$name.log" 2>&1 &
   pids+=($!)
   eval "${name}_pid=$!"
   wait_for "stoa ($name)" "http://127.0.0.1:$admin/readyz" $! "$work/$name.log"
 }
 # The main contender: metrics on, access log off (as nginx below: access_log off).
-start_stoa stoa "$STOA_PORT" "$STOA_ADMIN" $'[log]\naccess_log = false' ""
+start_stoa stoa "$STOA_PORT" "$STOA_ADMIN" $'[log]\nlevel = "warn"\naccess_log = false' ""
 
 # ======================================================================================
 # Soak: stoa alone, steady mixed load, p99 and RSS every 10 s.
@@ -323,11 +399,13 @@ if [ -n "$SOAK" ]; then
 fi
 
 # Observability cost: metrics and access log both off / both on (JSON lines to a file).
-start_stoa bare "$BARE_PORT" "$BARE_ADMIN" $'metrics = false\n[log]\naccess_log = false' ""
-start_stoa logged "$LOGGED_PORT" "$LOGGED_ADMIN" $'[log]\naccess_log = true\nformat = "json"\nlevel = "info"' ""
+start_stoa bare "$BARE_PORT" "$BARE_ADMIN" $'metrics = false\n[log]\nlevel = "warn"\naccess_log = false' ""
+ACCESS_FILE=$work/logged-access.log
+start_stoa logged "$LOGGED_PORT" "$LOGGED_ADMIN" \
+  "$(printf '[log]\naccess_log = true\nformat = "json"\nlevel = "info"\naccess_log_file = "%s"' "$ACCESS_FILE")" ""
 # Rate-limit cost: a generous per-client policy on the route.
 start_stoa limited "$LIMITED_PORT" "$LIMITED_ADMIN" \
-  $'[log]\naccess_log = false\n[rate_limits.generous]\nrequests_per_second = 1000000\nburst = 1000000' \
+  $'[log]\nlevel = "warn"\naccess_log = false\n[rate_limits.generous]\nrequests_per_second = 1000000\nburst = 1000000' \
   'rate_limit = "generous"'
 
 # --- nginx ----------------------------------------------------------------------------
@@ -360,6 +438,7 @@ http {
   upstream restaurants { server 127.0.0.1:$UP_PORT; keepalive 64; }
   upstream slow { server 127.0.0.1:$SLOW_PORT; keepalive 64; }
   upstream clv { server 127.0.0.1:$CLV_PORT; keepalive 64; }
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; }
   server {
     listen 127.0.0.1:$NGINX_PORT backlog=4096;
     location /restaurant/ {
@@ -369,10 +448,10 @@ http {
       proxy_cache_valid 200 60s;
     }
     location /api/ {
-      proxy_pass http://restaurants;
+      proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header Host 127.0.0.1:$UP_PORT;
+      proxy_set_header Host 127.0.0.1:$ORIGIN_PORT;
     }
     location /slow/restaurant/ {
       proxy_pass http://slow/api/restaurant/;
@@ -407,7 +486,7 @@ NGINX
 "$NGINX" -t -p "$work/nginx" -c "$work/nginx.conf" >"$work/nginx-t.out" 2>&1 \
   || { cat "$work/nginx-t.out" >&2; die "nginx rejected the generated configuration"; }
 "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" >"$work/nginx.out" 2>&1 &
-pids+=($!); wait_for nginx "http://127.0.0.1:$NGINX_PORT/static" $! "$work/nginx.out"
+pids+=($!); nginx_pid=$!; wait_for nginx "http://127.0.0.1:$NGINX_PORT/static" $! "$work/nginx.out"
 
 # --- Varnish ----------------------------------------------------------------------------
 VARNISH_BODY=0
@@ -433,6 +512,7 @@ $v_import
 backend restaurants { .host = "127.0.0.1"; .port = "$UP_PORT"; }
 backend slow { .host = "127.0.0.1"; .port = "$SLOW_PORT"; .first_byte_timeout = 10s; }
 backend clv { .host = "127.0.0.1"; .port = "$CLV_PORT"; .first_byte_timeout = 10s; }
+backend origin { .host = "127.0.0.1"; .port = "$ORIGIN_PORT"; }
 
 sub vcl_recv {
   unset req.http.x-ttl;
@@ -443,7 +523,7 @@ sub vcl_recv {
     return (hash);
   }
   if (req.url ~ "^/api/") {
-    set req.backend_hint = restaurants;
+    set req.backend_hint = origin;
     return (pass);
   }
   if (req.url ~ "^/slow/restaurant/") {
@@ -489,18 +569,23 @@ VCL
   "$VARNISHD" -F -j none -a "127.0.0.1:$VARNISH_PORT" -T none -f "$work/stoa.vcl" -s malloc,256m \
     -n "$work/varnish" -p listen_depth=4096 -p thread_pool_min=600 -p thread_pool_max=5000 \
     >"$work/varnish.log" 2>&1 &
-  pids+=($!); wait_for varnish "http://127.0.0.1:$VARNISH_PORT/restaurant/dufva" $! "$work/varnish.log" 30
+  pids+=($!); varnish_pid=$!; wait_for varnish "http://127.0.0.1:$VARNISH_PORT/restaurant/dufva" $! "$work/varnish.log" 30
 else
   note "Varnish: not installed (apt-get install varnish varnish-modules): its column is N/A."
 fi
 
 declare -A url_of=([stoa]=http://127.0.0.1:$STOA_PORT [nginx]=http://127.0.0.1:$NGINX_PORT
   [varnish]=http://127.0.0.1:$VARNISH_PORT [bare]=http://127.0.0.1:$BARE_PORT
-  [logged]=http://127.0.0.1:$LOGGED_PORT [limited]=http://127.0.0.1:$LIMITED_PORT)
+  [logged]=http://127.0.0.1:$LOGGED_PORT [limited]=http://127.0.0.1:$LIMITED_PORT
+  [floor]=http://127.0.0.1:$FLOOR_PORT [origin]=http://127.0.0.1:$ORIGIN_PORT)
+# Whose CPU time a run on each target costs (the static ceiling is the same nginx).
+declare -A pid_of=([stoa]=$stoa_pid [nginx]=$nginx_pid [static]=$nginx_pid [bare]=$bare_pid
+  [logged]=$logged_pid [limited]=$limited_pid [floor]=$floor_pid [origin]=$origin_pid)
+[ "$HAVE_VARNISH" = 1 ] && pid_of[varnish]=$varnish_pid
 peers=(stoa nginx); [ "$HAVE_VARNISH" = 1 ] && peers+=(varnish)
 
 # --- measure --------------------------------------------------------------------------
-# wrk_run URL SECONDS [wrk args...]: "requests/s p50_ms p99_ms non2xx socket_errors"
+# wrk_run URL SECONDS [wrk args...]: "requests/s p50_ms p99_ms non2xx socket_errors requests"
 wrk_run() {
   local url=$1 s=$2; shift 2
   local out
@@ -512,15 +597,21 @@ wrk_run() {
     /^Requests\/sec/ { rps = $2 }
     /Non-2xx/ { bad = $NF }
     /Socket errors/ { gsub(/,/, ""); errs = $4 + $6 + $8 + $10 }
-    END { printf "%s %.3f %.3f %d %d\n", rps, p50, p99, bad, errs }'
+    / requests in / { n = $1 }
+    END { printf "%s %.3f %.3f %d %d %d\n", rps, p50, p99, bad, errs, n }'
 }
 # hit SCENARIO TARGET ROUND URL [wrk args...]: one wrk run, recorded.
 hit() {
   local scen=$1 target=$2 round=$3 url=$4; shift 4
-  local rps p50 p99 bad errs
-  read -r rps p50 p99 bad errs <<<"$(wrk_run "$url" "$DURATION_S" "$@")"
+  local rps p50 p99 bad errs n cpu0 cpu1 pid=${pid_of[$target]:-}
+  [ -n "$pid" ] && cpu0=$(cpu_us "$pid")
+  read -r rps p50 p99 bad errs n <<<"$(wrk_run "$url" "$DURATION_S" "$@")"
   rec "$scen" "$target" "$round" rps "$rps"; rec "$scen" "$target" "$round" p50 "$p50"
-  rec "$scen" "$target" "$round" p99 "$p99"
+  rec "$scen" "$target" "$round" p99 "$p99"; rec "$scen" "$target" "$round" requests "$n"
+  if [ -n "$pid" ] && [ "$n" -gt 0 ]; then
+    cpu1=$(cpu_us "$pid")
+    rec "$scen" "$target" "$round" cpu_us "$(awk -v c=$((cpu1 - cpu0)) -v n="$n" 'BEGIN { printf "%.2f", c / n }')"
+  fi
   if [ "$bad" != 0 ] || [ "$errs" != 0 ]; then
     note "$scen, $target, round $round: $bad non-2xx answers, $errs socket errors"
   fi
@@ -541,12 +632,19 @@ done
 echo "1/5 cache hits ($((ROUNDS * (${#peers[@]} + 4) * DURATION_S))s)" >&2
 hit_targets=("${peers[@]}" static bare logged limited)
 for t in bare logged limited; do c -o /dev/null "${url_of[$t]}/restaurant/dufva"; c -o /dev/null "${url_of[$t]}/restaurant/dufva"; done
+access_lines() { sleep 0.2; wc -l <"$ACCESS_FILE" 2>/dev/null || echo 0; }
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${hit_targets[@]}"; do
     if [ "$t" = static ]; then hit hit static "$r" "http://127.0.0.1:$NGINX_PORT/static"
+    elif [ "$t" = logged ]; then
+      before=$(access_lines)
+      hit hit "$t" "$r" "${url_of[$t]}/restaurant/dufva"
+      rec hit logged "$r" access_lines $(( $(access_lines) - before ))
     else hit hit "$t" "$r" "${url_of[$t]}/restaurant/dufva"; fi
   done
 done
+dropped=$(c "http://127.0.0.1:$LOGGED_ADMIN/metrics" | awk '/^stoa_access_log_dropped_total / { print $2 }')
+rec hit logged 0 access_dropped "${dropped:-0}"
 
 # 1b. The same cache hits measured by oha, a second client, when it is installed.
 if [ "$HAVE_OHA" = 1 ]; then
@@ -572,12 +670,11 @@ else
 fi
 
 # 2. Pass-through: no cache, every request reaches the upstream over a kept-alive connection.
-echo "2/5 pass-through ($((ROUNDS * ${#peers[@]} * DURATION_S))s)" >&2
+# Each round also measures the floor and the origin alone (it must not be the bottleneck).
+echo "2/5 pass-through ($((ROUNDS * (${#peers[@]} + 2) * DURATION_S))s)" >&2
 for r in $(seq 1 "$ROUNDS"); do
-  for t in "${peers[@]}"; do
-    reset_stats "$UP_PORT"
+  for t in "${peers[@]}" floor origin; do
     hit pass "$t" "$r" "${url_of[$t]}/api/restaurant/dufva"
-    rec pass "$t" "$r" upstream_calls "$(upstream_stat "$UP_PORT" total)"
   done
 done
 
@@ -623,7 +720,7 @@ for t in "${peers[@]}"; do
   c -o /dev/null "${url_of[$t]}/expiring/restaurant/dufva"
   sleep 0.3
   reset_stats "$SLOW_PORT"
-  read -r rps p50 p99 bad errs <<<"$(wrk_run "${url_of[$t]}/expiring/restaurant/dufva" "$EXPIRY_S")"
+  read -r rps p50 p99 bad errs _ <<<"$(wrk_run "${url_of[$t]}/expiring/restaurant/dufva" "$EXPIRY_S")"
   rec expiry "$t" 1 rps "$rps"; rec expiry "$t" 1 p50 "$p50"; rec expiry "$t" 1 p99 "$p99"
   [ "$bad" = 0 ] && [ "$errs" = 0 ] || note "expiry, $t: $bad non-2xx answers, $errs socket errors"
   sleep 0.5   # let a refresh started in the last moments land
@@ -664,4 +761,4 @@ done
 
 echo >&2
 python3 "$LOADTEST/report.py" compare "$results" "$notes" \
-  "wrk -t$THREADS -c$CONNECTIONS; $ROUNDS round(s) of ${DURATION_S}s per server, interleaved; $WORKERS workers each; $cores cores; stampede $STAMPEDE_CLIENTS clients, upstream $UPSTREAM_LATENCY; expiry ${EXPIRY_S}s at 1 s TTL"
+  "wrk -t$THREADS -c$CONNECTIONS; $ROUNDS round(s) of ${DURATION_S}s per server, interleaved; $WORKERS workers each (floor: $FLOOR_MODEL); pass-through origin: nginx static file, $ORIGIN_WORKERS worker(s); $cores cores; stampede $STAMPEDE_CLIENTS clients, upstream $UPSTREAM_LATENCY; expiry ${EXPIRY_S}s at 1 s TTL"

@@ -14,7 +14,7 @@ import collections
 import statistics
 import sys
 
-PEERS = ("nginx", "varnish")
+PEERS = ("nginx", "varnish", "floor")
 
 
 def load(path):
@@ -45,6 +45,8 @@ def fmt_value(v, unit):
         return f"{v:.0f}" if v == int(v) else f"{v:.2f}"
     if unit == "ratio":
         return f"{v:.2f}"
+    if unit == "us":
+        return f"{v:.1f}"
     return f"{v:.2f}" if v < 100 else f"{v:.0f}"  # ms
 
 
@@ -81,12 +83,14 @@ def cell(data, scen, target, metric, unit):
 
 def compare(results, notes_path, setup):
     data = load(results)
-    w_label, w_val, w_ratio = 46, 11, 20
-    head = (f"{'':{w_label}} {'stoa':>{w_val}} {'nginx':>{w_val}} {'Varnish':>{w_val}}"
-            f"   {'stoa/nginx':<{w_ratio}} {'stoa/Varnish':<{w_ratio}}")
+    w_label, w_val, w_ratio = 46, 10, 19
+    head = (f"{'':{w_label}} {'stoa':>{w_val}} {'nginx':>{w_val}} {'Varnish':>{w_val}} {'floor':>{w_val}}"
+            f"   {'stoa/nginx':<{w_ratio}} {'stoa/Varnish':<{w_ratio}} {'stoa/floor':<{w_ratio}}")
     print(setup)
     print("values: medians over the rounds; ratios: per-round median (min-max); requests/s: higher is"
-          " better, ms and upstream calls: lower is better")
+          " better, ms, CPU µs per request and upstream calls: lower is better")
+    print("CPU µs per request: the server's user + system CPU time over a run (/proc/PID/stat, its"
+          " processes and threads) divided by the requests wrk completed")
     print()
     print(head)
     print("-" * len(head))
@@ -94,8 +98,11 @@ def compare(results, notes_path, setup):
     def row(label, scen, metric, unit):
         cells = [cell(data, scen, t, metric, unit) for t in ("stoa",) + PEERS]
         rs = [fmt_ratio(ratios(data, scen, metric, "stoa", p)) for p in PEERS]
+        if not values(data, scen, "floor", metric):
+            rs[2] = ""
         print(f"{label:<{w_label}} {cells[0]:>{w_val}} {cells[1]:>{w_val}} {cells[2]:>{w_val}}"
-              f"   {rs[0]:<{w_ratio}} {rs[1]:<{w_ratio}}")
+              f" {cells[3] if cells[3] != 'N/A' else '':>{w_val}}"
+              f"   {rs[0]:<{w_ratio}} {rs[1]:<{w_ratio}} {rs[2]:<{w_ratio}}")
 
     def section(title):
         print(title)
@@ -104,16 +111,26 @@ def compare(results, notes_path, setup):
     row("  requests/s", "hit", "rps", "rps")
     row("  p50 ms", "hit", "p50", "ms")
     row("  p99 ms", "hit", "p99", "ms")
+    row("  CPU µs per request", "hit", "cpu_us", "us")
     row("  requests/s, oha -c50 (a second client)", "hit_oha", "rps", "rps")
     row("  p99 ms, oha", "hit_oha", "p99", "ms")
     static = median(values(data, "hit", "static", "rps"))
     st = fmt_ratio(ratios(data, "hit", "rps", "stoa", "static"))
     print(f"{'  ceiling: nginx static return 200, requests/s':<{w_label}} {'':>{w_val}} "
           f"{fmt_value(static, 'rps'):>{w_val}} {'':>{w_val}}   stoa/ceiling {st}")
-    section("pass-through, no cache (wrk, upstream keep-alive)")
+    section("pass-through, no cache (wrk, upstream keep-alive; floor: bare pingora, loadtest/floor)")
     row("  requests/s", "pass", "rps", "rps")
     row("  p50 ms", "pass", "p50", "ms")
     row("  p99 ms", "pass", "p99", "ms")
+    row("  CPU µs per request", "pass", "cpu_us", "us")
+    o_rps = median(values(data, "pass", "origin", "rps"))
+    o_cpu = median(values(data, "pass", "origin", "cpu_us"))
+    p_max = max([median(values(data, "pass", t, "rps")) or 0 for t in ("stoa",) + PEERS])
+    o_ok = "" if o_rps is None else (
+        f" ({o_rps / p_max:.1f}x the fastest proxy: not the bottleneck)" if p_max and o_rps >= 1.5 * p_max
+        else " (less than 1.5x the fastest proxy: it may limit the rows above)")
+    print(f"  the origin alone (nginx static file): {fmt_value(o_rps, 'rps')} requests/s,"
+          f" {fmt_value(o_cpu, 'us')} CPU µs per request{o_ok}")
     section("stampede: 1,000 clients, one cold key, slow upstream")
     row("  upstream calls per stampede", "stampede", "upstream_calls", "calls")
     row("  p50 ms (connected first, then fired)", "stampede", "p50", "ms")
@@ -130,13 +147,15 @@ def compare(results, notes_path, setup):
     section("GET with a JSON body (CLV), cache hit (wrk -s clv.lua)")
     row("  requests/s", "clv", "rps", "rps")
     row("  p99 ms", "clv", "p99", "ms")
+    row("  CPU µs per request", "clv", "cpu_us", "us")
 
     sizes = {t: values(data, "info", t, "body_bytes") for t in ("stoa",) + PEERS}
     print("answer bytes on the hit path: " + ", ".join(
         f"{t} {int(v[0])}" for t, v in sizes.items() if v))
 
     print()
-    vhead = f"{'stoa variants, cache hits':<{w_label}} {'requests/s':>{w_val}} {'p99 ms':>{w_val}}   vs stoa (requests/s)"
+    vhead = (f"{'stoa variants, cache hits':<{w_label}} {'requests/s':>{w_val}} {'p99 ms':>{w_val}}"
+             f" {'CPU µs/req':>{w_val}}   vs stoa (requests/s)")
     print(vhead)
     print("-" * len(vhead))
     for label, t in (("stoa: metrics on, access log off (above)", "stoa"),
@@ -145,10 +164,17 @@ def compare(results, notes_path, setup):
                      ("stoa: + generous per-client rate limit", "limited")):
         rps = median(values(data, "hit", t, "rps"))
         p99 = median(values(data, "hit", t, "p99"))
+        cpu = median(values(data, "hit", t, "cpu_us"))
         rel = fmt_ratio(ratios(data, "hit", "rps", t, "stoa")) if t != "stoa" else ""
-        print(f"{label:<{w_label}} {fmt_value(rps, 'rps'):>{w_val}} {fmt_value(p99, 'ms'):>{w_val}}   {rel}")
+        print(f"{label:<{w_label}} {fmt_value(rps, 'rps'):>{w_val}} {fmt_value(p99, 'ms'):>{w_val}}"
+              f" {fmt_value(cpu, 'us'):>{w_val}}   {rel}")
     rs = ratios(data, "hit", "rps", "logged", "bare")
-    print(f"{'metrics + access log on / both off':<{w_label}} {'':>{w_val}} {'':>{w_val}}   {fmt_ratio(rs)}")
+    print(f"{'metrics + access log on / both off':<{w_label}} {'':>{w_val}} {'':>{w_val}} {'':>{w_val}}   {fmt_ratio(rs)}")
+    lines = sum(values(data, "hit", "logged", "access_lines"))
+    served = sum(values(data, "hit", "logged", "requests"))
+    dropped = values(data, "hit", "logged", "access_dropped")
+    print(f"access log of the JSON row: {lines:,.0f} lines written for {served:,.0f} requests wrk completed"
+          f" (in-flight ones at a run's end are logged too); {dropped[0] if dropped else 0:,.0f} dropped")
 
     # Targets.
     print()
@@ -161,7 +187,9 @@ def compare(results, notes_path, setup):
         print(f"  [{verdict(ok)}] {text}: {detail}")
 
     r = ratios(data, "hit", "rps", "stoa", "nginx")
-    target("cache hits >= 1.0x nginx", median(r) >= 1.0 if r else None, fmt_ratio(r))
+    target("cache hits >= 1.2x nginx", median(r) >= 1.2 if r else None, fmt_ratio(r))
+    r = ratios(data, "hit", "cpu_us", "stoa", "nginx")
+    target("CPU per cache hit <= nginx's", median(r) <= 1.0 if r else None, "CPU " + fmt_ratio(r))
     r = ratios(data, "hit", "p99", "stoa", "nginx")
     target("cache-hit p99 no worse than nginx", median(r) <= 1.0 if r else None, "p99 " + fmt_ratio(r))
     calls = values(data, "stampede", "stoa", "upstream_calls") + values(data, "stampede_hey", "stoa", "upstream_calls")
@@ -178,6 +206,14 @@ def compare(results, notes_path, setup):
     target("expiry: client p99 < 10 ms", max(p99) < 10.0 if p99 else None, f"{fmt_value(median(p99), 'ms')} ms")
     r = ratios(data, "pass", "rps", "stoa", "nginx")
     target("pass-through >= 1.0x nginx proxy_pass (keep-alive)", median(r) >= 1.0 if r else None, fmt_ratio(r))
+    r = ratios(data, "pass", "rps", "stoa", "floor")
+    target("pass-through >= 0.9x the floor", median(r) >= 0.9 if r else None, fmt_ratio(r))
+    r = ratios(data, "pass", "cpu_us", "stoa", "nginx")
+    target("pass-through CPU per request within 1.6x nginx's", median(r) <= 1.6 if r else None,
+           "CPU " + fmt_ratio(r))
+    r = ratios(data, "hit", "rps", "logged", "bare")
+    target("JSON access log on <= 10% below off (metrics + log on / both off)",
+           median(r) >= 0.9 if r else None, fmt_ratio(r))
 
     try:
         with open(notes_path) as f:
@@ -213,8 +249,9 @@ def soak(results):
         first, last, pct = drift(series, unit)
         ok = pct < 10.0
         ok_all &= ok
-        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {first:.2f} {unit} -> {last:.2f} {unit}"
-              f" ({pct:+.1f}%; target < +10%)")
+        ratio = f"{last / first:.3f}x" if first else "N/A"
+        print(f"  [{'PASS' if ok else 'MISS'}] {name}: {first:.2f} {unit} -> {last:.2f} {unit},"
+              f" last/first {ratio} ({pct:+.1f}%; target < +10%)")
     bad = values(data, "soak", "stoa", "non2xx")
     rps = values(data, "soak", "stoa", "rps")
     if bad and rps:

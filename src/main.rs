@@ -69,7 +69,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let _log_writer = match stoa::telemetry::init(&config.log.level, config.log.format) {
+            let _log_writer = match stoa::telemetry::init(&config.log) {
                 Ok(guard) => guard,
                 Err(e) => {
                     eprintln!("stoa: {e:#}");

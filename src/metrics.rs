@@ -87,6 +87,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
+    access_log_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -241,6 +242,13 @@ impl Metrics {
                 &["result"],
             )?,
         )?;
+        let access_log_dropped = register(
+            &registry,
+            IntCounter::new(
+                "stoa_access_log_dropped_total",
+                "Access log lines dropped because the log writer fell behind.",
+            )?,
+        )?;
         let build_info = register(
             &registry,
             IntGaugeVec::new(
@@ -275,6 +283,7 @@ impl Metrics {
             cache_revalidations,
             cache_not_modified,
             in_flight,
+            access_log_dropped,
         })
     }
 
@@ -405,6 +414,12 @@ impl Metrics {
 
     /// Every series in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
+        // The access log counts its drops itself (it has no handle on the metrics).
+        let dropped = crate::telemetry::access_log_dropped();
+        let seen = self.access_log_dropped.get();
+        if dropped > seen {
+            self.access_log_dropped.inc_by(dropped - seen);
+        }
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# stoa: encoding metrics failed: {e}\n"))
@@ -891,7 +906,7 @@ mod tests {
                 other => panic!("unexpected type {other} for {name}"),
             }
         }
-        assert_eq!(families, 18, "{text}");
+        assert_eq!(families, 19, "{text}");
     }
 
     /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.

@@ -147,10 +147,12 @@ async fn a_client_that_disconnects_cancels_nothing() {
             })
         })
         .collect();
+    // Each joins the fetch the first client started, or (on a slow machine, after it ended)
+    // finds its answer stored: never a fetch of its own, which a cancelled fetch would need.
     for o in others {
         let (status, cache) = o.await.unwrap();
         assert_eq!(status, 200);
-        assert_eq!(cache, "COALESCED");
+        assert!(cache == "COALESCED" || cache == "HIT", "{cache}");
     }
     let r = http.get(gw.url("/restaurant/haga")).send().await.unwrap();
     assert_eq!(x_cache(&r), "HIT", "the entry was stored");

@@ -22,6 +22,8 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// One line per request (target `stoa::access`).
     pub access_log: bool,
+    /// Where access log lines go; `None`: stderr, with the other log lines. Read at start.
+    pub access_log_file: Option<std::path::PathBuf>,
 }
 
 impl Validator<'_> {
@@ -42,10 +44,46 @@ impl Validator<'_> {
                 None
             }
         };
+        let access_log_file = match raw.access_log_file {
+            None => Some(None),
+            Some(file) if file.trim().is_empty() => {
+                self.problem(
+                    "log.access_log_file",
+                    "is empty; leave it out to write access lines to stderr",
+                );
+                None
+            }
+            Some(file) => {
+                let path = std::path::PathBuf::from(file);
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+                    _ => std::path::PathBuf::from("."),
+                };
+                if path.is_dir() {
+                    self.problem(
+                        "log.access_log_file",
+                        format!("{} is a directory; name a file", path.display()),
+                    );
+                    None
+                } else if !dir.is_dir() {
+                    self.problem(
+                        "log.access_log_file",
+                        format!(
+                            "the directory {} does not exist (the file is created, its directory is not)",
+                            dir.display()
+                        ),
+                    );
+                    None
+                } else {
+                    Some(Some(path))
+                }
+            }
+        };
         Some(LogSettings {
             level: level_ok.then_some(level)?,
             format: format?,
             access_log: raw.access_log.unwrap_or(true),
+            access_log_file: access_log_file?,
         })
     }
 }

@@ -74,6 +74,9 @@ pub struct RawLog {
     #[schemars(extend("enum" = ["text", "json"]))]
     pub format: Option<String>,
     pub access_log: Option<bool>,
+    /// Where access log lines go: a file, appended to (created if missing). Default: stderr,
+    /// with the other log lines.
+    pub access_log_file: Option<String>,
 }
 
 /// One `[rate_limits.<name>]` table, as written in the file.
