@@ -67,7 +67,7 @@ PORT_BASE=${PORT_BASE:-19100}
 ORIGIN_WORKERS=${ORIGIN_WORKERS:-1}
 FLOOR_MODEL=${FLOOR_MODEL:-split}
 
-die() { echo "compare.sh: $*" >&2; exit 1; }
+. loadtest/lib.sh
 
 # Seconds in a duration like 10s, 2m, 1h (whole numbers).
 secs() {
@@ -143,53 +143,11 @@ fi
   || die "target/release/stoa, stoa-demo and stoa-floor are missing"
 
 # --- processes and teardown ------------------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/stoa-compare.XXXXXX")
-chmod 755 "$work"
-pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for _ in $(seq 1 50); do   # up to 5 s for a clean exit, then SIGKILL
-    local alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work compare
 
-for port in $UP_PORT $STOA_PORT $STOA_ADMIN $NGINX_PORT $BARE_PORT $BARE_ADMIN $LOGGED_PORT \
+ports_free $UP_PORT $STOA_PORT $STOA_ADMIN $NGINX_PORT $BARE_PORT $BARE_ADMIN $LOGGED_PORT \
             $LOGGED_ADMIN $LIMITED_PORT $LIMITED_ADMIN $CLV_PORT $SLOW_PORT $VARNISH_PORT \
-            $ORIGIN_PORT $FLOOR_PORT; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "127.0.0.1:$port is already in use (set PORT_BASE to move every port)"
-  fi
-done
-
-# wait_for NAME URL PID LOG [SECONDS]: until URL answers 2xx; on failure show the log.
-wait_for() {
-  local name=$1 url=$2 pid=$3 log=$4 limit=${5:-15}
-  local tries=$((limit * 10))
-  for _ in $(seq 1 "$tries"); do
-    curl -fsS -m 1 -o /dev/null "$url" 2>/dev/null && return 0
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "compare.sh: $name exited before answering $url; its log:" >&2
-      tail -n 30 "$log" >&2 || true
-      exit 1
-    fi
-    sleep 0.1
-  done
-  echo "compare.sh: $name did not answer $url within ${limit}s; its log:" >&2
-  tail -n 30 "$log" >&2 || true
-  exit 1
-}
+            $ORIGIN_PORT $FLOOR_PORT
 
 c() { curl -fsS -m 10 "$@"; }
 reset_stats() { c -X POST -o /dev/null "http://127.0.0.1:$1/__stats/reset"; }

@@ -62,7 +62,7 @@ MENU_ITEMS=${MENU_ITEMS:-150}
 PORT_BASE=${PORT_BASE:-19200}
 BIN_DIR=${BIN_DIR:-target/release}
 
-die() { echo "compression.sh: $*" >&2; exit 1; }
+. loadtest/lib.sh
 
 UP_PORT=$((PORT_BASE + 1))
 STOA_PORT=$((PORT_BASE + 2)); STOA_ADMIN=$((PORT_BASE + 3))
@@ -103,51 +103,9 @@ fi
 [ -x "$BIN_DIR/stoa" ] || die "$BIN_DIR/stoa is missing"
 
 # --- processes and teardown ------------------------------------------------------------
-work=$(mktemp -d "${TMPDIR:-/tmp}/stoa-compression.XXXXXX")
-chmod 755 "$work"
-pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for _ in $(seq 1 50); do   # up to 5 s for a clean exit, then SIGKILL
-    local alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work compression
 
-for port in $UP_PORT $STOA_PORT $STOA_ADMIN $NGINX_PORT $VARNISH_PORT; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "127.0.0.1:$port is already in use (set PORT_BASE to move every port)"
-  fi
-done
-
-# wait_for NAME URL PID LOG [SECONDS]: until URL answers 2xx; on failure show the log.
-wait_for() {
-  local name=$1 url=$2 pid=$3 log=$4 limit=${5:-15}
-  local tries=$((limit * 10))
-  for _ in $(seq 1 "$tries"); do
-    curl -fsS -m 1 -o /dev/null "$url" 2>/dev/null && return 0
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "compression.sh: $name exited before answering $url; its log:" >&2
-      tail -n 30 "$log" >&2 || true
-      exit 1
-    fi
-    sleep 0.1
-  done
-  echo "compression.sh: $name did not answer $url within ${limit}s; its log:" >&2
-  tail -n 30 "$log" >&2 || true
-  exit 1
-}
+ports_free $UP_PORT $STOA_PORT $STOA_ADMIN $NGINX_PORT $VARNISH_PORT
 
 c() { curl -fsS -m 10 "$@"; }
 results=$work/results.tsv

@@ -30,7 +30,7 @@ UP_PORT=$((PORT_BASE + 1))
 STOA_PORT=$((PORT_BASE + 2)); STOA_TLS=$((PORT_BASE + 3)); STOA_ADMIN=$((PORT_BASE + 4))
 NGINX_TLS=$((PORT_BASE + 5))
 
-die() { echo "h2.sh: $*" >&2; exit 1; }
+. loadtest/lib.sh
 
 need=()
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
@@ -54,48 +54,9 @@ if [ "${NO_BUILD:-0}" != 1 ] && [ "$BIN" = target/release ]; then
 fi
 [ -x "$BIN/stoa" ] && [ -x "$BIN/stoa-demo" ] || die "$BIN/stoa and $BIN/stoa-demo are missing"
 
-work=$(mktemp -d "${TMPDIR:-/tmp}/stoa-h2.XXXXXX")
-chmod 755 "$work"
-pids=()
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for _ in $(seq 1 50); do
-    local alive=0
-    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-    [ "$alive" = 0 ] && break
-    sleep 0.1
-  done
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+start_work h2
 
-for port in $UP_PORT $STOA_PORT $STOA_TLS $STOA_ADMIN $NGINX_TLS; do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "127.0.0.1:$port is already in use (set PORT_BASE to move every port)"
-  fi
-done
-
-# wait_for NAME URL PID LOG: until URL answers 2xx (-k: the certificate is self-signed).
-wait_for() {
-  local name=$1 url=$2 pid=$3 log=$4
-  for _ in $(seq 1 150); do
-    curl -kfsS -m 1 -o /dev/null "$url" 2>/dev/null && return 0
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "h2.sh: $name exited before answering $url; its log:" >&2
-      tail -n 30 "$log" >&2 || true
-      exit 1
-    fi
-    sleep 0.1
-  done
-  die "$name did not answer $url within 15 s"
-}
+ports_free $UP_PORT $STOA_PORT $STOA_TLS $STOA_ADMIN $NGINX_TLS
 
 # The certificate both servers present.
 tls=$(./scripts/demo-cert.sh "$work/tls")

@@ -1,0 +1,60 @@
+# Shared by the loadtest scripts: a work directory torn down with every process started,
+# port checks and readiness waits. Source it after `cd` to the repository root.
+
+# die MESSAGE: the script's name, the message, exit 1.
+die() { echo "${0##*/}: $*" >&2; exit 1; }
+
+# start_work NAME: $work (a temporary directory) and $pids (processes to stop); on exit,
+# each is sent SIGTERM, given up to 5 s, then SIGKILL, and $work is removed.
+start_work() {
+  work=$(mktemp -d "${TMPDIR:-/tmp}/stoa-$1.XXXXXX")
+  chmod 755 "$work"
+  pids=()
+  trap cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for _ in $(seq 1 50); do   # up to 5 s for a clean exit, then SIGKILL
+    local alive=0
+    for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+  exit "$rc"
+}
+
+# ports_free PORT...: dies if any is taken on 127.0.0.1.
+ports_free() {
+  local port
+  for port in "$@"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      die "127.0.0.1:$port is already in use (set PORT_BASE to move every port)"
+    fi
+  done
+}
+
+# wait_for NAME URL PID LOG [SECONDS]: until URL answers 2xx (certificates not checked:
+# the TLS benchmarks use self-signed ones); on failure, the last lines of LOG.
+wait_for() {
+  local name=$1 url=$2 pid=$3 log=$4 limit=${5:-15}
+  for _ in $(seq 1 $((limit * 10))); do
+    curl -kfsS -m 1 -o /dev/null "$url" 2>/dev/null && return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "${0##*/}: $name exited before answering $url; its log:" >&2
+      tail -n 30 "$log" >&2 || true
+      exit 1
+    fi
+    sleep 0.1
+  done
+  echo "${0##*/}: $name did not answer $url within ${limit}s; its log:" >&2
+  tail -n 30 "$log" >&2 || true
+  exit 1
+}
