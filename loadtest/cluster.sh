@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The shared cache tier ([cluster]) under load, on loopback:
 #   1. hits on an L1-warm key: one stoa with [cluster] against one without (the tier's cost on
-#      the hot path; target: within 5 %), wrk;
+#      the hot path; target: within 5 %), wrk, ROUNDS [3] interleaved rounds, medians of
+#      requests/s and CPU µs per request;
 #   2. L2-hit latency: a key fetched through node A, then asked of node B (B reads Redis and
 #      promotes), curl's time_total over KEYS keys;
 #   3. three-node stampede: STAMPEDE_CLIENTS clients on one cold key spread over three
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 LOADTEST=$PWD/loadtest
 
 DURATION=${DURATION:-5s}
+ROUNDS=${ROUNDS:-3}
 [ "${1:-}" = --quick ] && DURATION=2s
 CONNECTIONS=${CONNECTIONS:-50}
 WORKERS=${WORKERS:-2}
@@ -132,7 +134,7 @@ rewrite = "/api/restaurant/{id}"
 cache = { ttl = "60s", lock_timeout = "30s" }
 EOF
   ./target/release/stoa --config "$work/$1.toml" >"$work/$1.log" 2>&1 &
-  pids+=($!)
+  pids+=($!); last_pid=$!
   wait_for "http://127.0.0.1:$3/readyz" "$1"
 }
 
@@ -140,8 +142,10 @@ cluster_toml() {
   printf '[cluster]\nredis = "redis://127.0.0.1:%s/0"\nnode_name = "%s"\n' "$REDIS_PORT" "$1"
 }
 start_stoa solo "$SOLO_PORT" "$SOLO_ADMIN" ""
+solo_pid=$last_pid
 for i in 0 1 2; do
   start_stoa "node-$i" "$(node_port $i)" "$(node_admin $i)" "$(cluster_toml "node-$i")"
+  [ "$i" = 0 ] && node0_pid=$last_pid
 done
 for i in 0 1 2; do   # every node sees Redis up
   until c "http://127.0.0.1:$(node_admin $i)/metrics" | grep -q '^stoa_cluster_redis_up 1'; do
@@ -149,16 +153,41 @@ for i in 0 1 2; do   # every node sees Redis up
   done
 done
 
-# wrk_rps URL: requests/s of one run
-wrk_rps() {
-  wrk -t 1 -c "$CONNECTIONS" -d "$DURATION" "$1" | awk '/Requests\/sec/ {print $2}'
+# cpu_ticks PID: user + system clock ticks PID has used so far (all its threads).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# hit_run URL PID: one wrk run; prints "requests/s CPU-µs-per-request".
+hit_run() {
+  local before after out
+  before=$(cpu_ticks "$2")
+  out=$(wrk -t 1 -c "$CONNECTIONS" -d "$DURATION" "$1")
+  after=$(cpu_ticks "$2")
+  python3 - "$before" "$after" "$out" "$(getconf CLK_TCK)" <<'PY'
+import re, sys
+before, after, out, hz = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+total = int(re.search(r"(\d+) requests in", out).group(1))
+print(f"{rps:.0f} {(after - before) * 1e6 / hz / max(total, 1):.1f}")
+PY
 }
+# median_of FIELD FILE: the median of a column.
+median_of() { sort -n -k"$1" "$2" | awk -v f="$1" '{ v[NR] = $f } END { print v[int((NR + 1) / 2)] }'; }
 
-echo "1/3 L1-warm hits, cluster off vs on ($DURATION each, $CONNECTIONS connections)" >&2
+echo "1/3 L1-warm hits, cluster off vs on ($ROUNDS interleaved rounds of $DURATION, $CONNECTIONS connections)" >&2
 c -o /dev/null "http://127.0.0.1:$SOLO_PORT/restaurant/dufva"
 c -o /dev/null "http://127.0.0.1:$(node_port 0)/restaurant/dufva"
-off=$(wrk_rps "http://127.0.0.1:$SOLO_PORT/restaurant/dufva")
-on=$(wrk_rps "http://127.0.0.1:$(node_port 0)/restaurant/dufva")
+: >"$work/hits-off.txt"; : >"$work/hits-on.txt"
+for r in $(seq 1 "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then order="off on"; else order="on off"; fi
+  for which in $order; do
+    if [ "$which" = off ]; then
+      hit_run "http://127.0.0.1:$SOLO_PORT/restaurant/dufva" "$solo_pid" >>"$work/hits-off.txt"
+    else
+      hit_run "http://127.0.0.1:$(node_port 0)/restaurant/dufva" "$node0_pid" >>"$work/hits-on.txt"
+    fi
+  done
+done
+off=$(median_of 1 "$work/hits-off.txt"); off_cpu=$(median_of 2 "$work/hits-off.txt")
+on=$(median_of 1 "$work/hits-on.txt"); on_cpu=$(median_of 2 "$work/hits-on.txt")
 
 echo "2/3 L2-hit latency over $KEYS keys" >&2
 for k in $(seq 1 "$KEYS"); do
@@ -247,8 +276,9 @@ fi
 
 echo
 echo "row                                        value"
-printf '%-42s %s\n' "L1-warm hits/s, cluster off" "$off"
-printf '%-42s %s\n' "L1-warm hits/s, cluster on" "$on"
+printf '%-42s %s\n' "L1-warm hits/s, cluster off (CPU us/req)" "$off ($off_cpu)"
+printf '%-42s %s\n' "L1-warm hits/s, cluster on (CPU us/req)" "$on ($on_cpu)"
+printf '%-42s %s\n' "rounds off / on (req/s CPU-us)" "$(paste -sd',' "$work/hits-off.txt") / $(paste -sd',' "$work/hits-on.txt")"
 printf '%-42s %s\n' "cost of the tier on hits (target <= 5 %)" \
   "$(python3 -c "print(f'{(1 - $on / $off) * 100:.1f} %')")"
 printf '%-42s %s\n' "L2-hit latency p50 / p99 ms (curl)" "$l2"
