@@ -280,3 +280,89 @@ async fn a_node_without_a_copy_serves_the_shared_one_within_stale_if_error() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prefix_purge_across_routes_clears_the_shared_tier_without_keys() {
+    let redis = RedisServer::start();
+    let origin = Origin::start().await;
+    let extra = "\n[[routes]]\nname = \"things\"\npath = \"/things/{id}\"\nmethods = [\"GET\"]\n\
+                 upstream = \"origin\"\ncache = { ttl = \"60s\" }\n";
+    let mut nodes = Vec::new();
+    for n in 0..2 {
+        let text = scene(
+            &redis.url(),
+            &format!("node-{n}"),
+            &origin,
+            "ttl = \"60s\"",
+            extra,
+        );
+        nodes.push(StoaProcess::start(&text).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for node in &nodes {
+        while sample(&node.metrics().await, "stoa_cluster_redis_up") != Some(1.0) {
+            assert!(Instant::now() < deadline, "redis never up:\n{}", node.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = reqwest::Client::new();
+    for path in ["/items/a", "/items/b", "/things/a"] {
+        assert_eq!(get(&http, &nodes[0], path).await.1, "MISS");
+    }
+    assert_eq!(origin.calls(), 3);
+    // The shared entries are stored once the answers are out: wait for all three.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &nodes[0].metrics().await,
+        "stoa_cache_l2_stores_total{result=\"stored\"}",
+    ) != Some(3.0)
+    {
+        assert!(Instant::now() < deadline, "never stored in the shared tier");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let r = http
+        .post(nodes[0].admin_url("/admin/purge"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"prefix": "/items/"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // B is told once the shared copies are gone.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let cache: serde_json::Value = http
+            .get(nodes[1].admin_url("/admin/cache"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if cache["l2"]["purges_applied"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B was never told: {cache}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // B never held the entries: it reads the shared tier, where the purge removed /items/*
+    // but not /things/*.
+    assert_eq!(
+        get(&http, &nodes[1], "/things/a").await.2,
+        "answer #3 for /things/a"
+    );
+    assert_eq!(origin.calls(), 3);
+    assert_eq!(
+        get(&http, &nodes[1], "/items/a").await.2,
+        "answer #4 for /items/a"
+    );
+    assert_eq!(origin.calls(), 4);
+    let stats = redis.cli(&["info", "commandstats"]);
+    assert!(stats.contains("cmdstat_smembers"), "{stats}");
+    assert!(
+        !stats.contains("cmdstat_keys:"),
+        "KEYS blocks Redis:\n{stats}"
+    );
+}

@@ -308,6 +308,11 @@ impl Tier {
         self.cluster.key(&["idx:", route])
     }
 
+    /// The set of route names that have an index.
+    fn routes_key(&self) -> String {
+        self.cluster.key(&["routes"])
+    }
+
     /// Looks in the shared tier, takes the lease, or waits for the node that holds it.
     pub async fn before_fetch(self: &Arc<Self>, key: &CacheKey, patience: Duration) -> Before {
         if !self.is_up() {
@@ -514,6 +519,20 @@ impl Tier {
                                 .await
                         })
                         .await;
+                    // The set of indexed routes, for purges by prefix across routes (a
+                    // key of its own: on a Redis Cluster it may live on another master).
+                    let routes = self.routes_key();
+                    let route = key.route().to_string();
+                    let _ = self
+                        .cluster
+                        .run(|mut c| async move {
+                            redis::cmd("SADD")
+                                .arg(&routes)
+                                .arg(route)
+                                .query_async::<i64>(&mut c)
+                                .await
+                        })
+                        .await;
                 }
             }
             None => {
@@ -581,19 +600,19 @@ impl Tier {
                 route: None,
                 prefix,
             } => {
-                let pattern = self.index_key("*");
-                let listed = self
+                // The routes with an index, from their set: one small read, where a scan of
+                // the keyspace (KEYS) would block Redis for every client.
+                let routes_key = self.routes_key();
+                let routes = self
                     .cluster
                     .run(|mut c| async move {
-                        redis::cmd("KEYS")
-                            .arg(&pattern)
+                        redis::cmd("SMEMBERS")
+                            .arg(&routes_key)
                             .query_async::<Vec<String>>(&mut c)
                             .await
                     })
                     .await
                     .unwrap_or_default();
-                let skip = self.index_key("").len();
-                let routes = listed.iter().map(|k| k[skip..].to_string()).collect();
                 (routes, Box::new(move |p| p.starts_with(&prefix)))
             }
         };

@@ -81,6 +81,16 @@ impl RedisServer {
         let text = String::from_utf8_lossy(&buf[..n]);
         text.lines().next().map(str::to_string)
     }
+
+    /// What `redis-cli -p <port> <args>` prints.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("cannot run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl Drop for RedisServer {
