@@ -2,7 +2,7 @@
 //! redis-server. A reload on one node makes every node reload its own file; a refresh on one
 //! node costs the upstream one call cluster-wide and every node then answers the new body;
 //! a node with no copy of its own serves the shared one within stale-if-error when the
-//! upstream fails.
+//! upstream fails; a Redis that speaks only TLS is shared through `rediss://` and `ca_file`.
 
 mod common;
 
@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
 use common::{read_head, sample, x_cache, StoaProcess};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
 use tokio::io::AsyncWriteExt;
 
 const TOKEN: &str = "cluster-admin-token-3";
@@ -365,4 +369,91 @@ async fn a_prefix_purge_across_routes_clears_the_shared_tier_without_keys() {
         !stats.contains("cmdstat_keys:"),
         "KEYS blocks Redis:\n{stats}"
     );
+}
+
+/// A private CA's certificate (PEM), and a certificate and key for `localhost` it issued.
+fn private_ca() -> (String, String, String) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "stoa test redis CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (issuer.pem(), cert.pem(), key.serialize_pem())
+}
+
+async fn redis_up(node: &StoaProcess) -> bool {
+    sample(&node.metrics().await, "stoa_cluster_redis_up") == Some(1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_share_a_redis_that_speaks_only_tls() {
+    let (ca, cert, key) = private_ca();
+    let redis = RedisServer::start_tls(&cert, &key, &ca);
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("redis-ca.pem");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let url = redis.url();
+    assert!(url.starts_with("rediss://localhost:"), "{url}");
+    let tls = |node: &str, extra: &str| {
+        let text = scene(&url, node, &origin, "ttl = \"60s\"", "");
+        let lease = "lock_timeout = \"1s\"\n";
+        text.replacen(lease, &format!("{lease}{extra}\n"), 1)
+    };
+    let with_ca = format!("ca_file = {:?}", ca_file.display().to_string());
+    let a = StoaProcess::start(&tls("node-a", &with_ca)).await;
+    let b = StoaProcess::start(&tls("node-b", &with_ca)).await;
+    // Without the CA, the system roots do not know Redis's certificate: no shared tier.
+    let c = StoaProcess::start(&tls("node-c", "")).await;
+    // tls_verify = false takes any certificate.
+    let d = StoaProcess::start(&tls("node-d", "tls_verify = false")).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for node in [&a, &b, &d] {
+        while !redis_up(node).await {
+            assert!(Instant::now() < deadline, "redis never up:\n{}", node.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert!(
+        !redis_up(&c).await,
+        "an unknown CA was accepted:\n{}",
+        c.log()
+    );
+    assert!(c.log().contains("redis degraded"), "{}", c.log());
+
+    let http = reqwest::Client::new();
+    let first = "answer #1 for /items/t";
+    assert_eq!(get(&http, &a, "/items/t").await.2, first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sample(
+        &a.metrics().await,
+        "stoa_cache_l2_stores_total{result=\"stored\"}",
+    ) != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "never stored in the shared tier");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        get(&http, &b, "/items/t").await.2,
+        first,
+        "B read it from Redis"
+    );
+    assert_eq!(
+        get(&http, &d, "/items/t").await.2,
+        first,
+        "D read it from Redis"
+    );
+    assert_eq!(origin.calls(), 1);
+    assert_eq!(
+        get(&http, &c, "/items/t").await.2,
+        "answer #2 for /items/t",
+        "C has no shared tier: it fetched on its own"
+    );
+    let keys = redis.cli(&["dbsize"]);
+    assert!(keys.trim().parse::<u64>().unwrap_or(0) >= 1, "{keys}");
 }

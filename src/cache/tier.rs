@@ -718,7 +718,7 @@ impl Tier {
 
     async fn listen_once(&self, url: &str, apply: &impl Fn(&PurgeWhat), obey: &impl Fn(Order)) {
         let connect_timeout = self.cluster.settings().connect_timeout;
-        let Ok(client) = redis::Client::open(url) else {
+        let Ok(client) = self.cluster.client(url) else {
             return;
         };
         let Ok(Ok(mut pubsub)) =
