@@ -420,14 +420,18 @@ impl Control {
 fn cluster_text(config: &Config) -> String {
     match &config.cluster {
         Some(c) => format!(
-            "{} as {} (prefix {:?}, connect {:?}, commands {:?}, l2 up to {} bytes, lease {:?})",
+            "{} as {} (prefix {:?}, connect {:?}, commands {:?}, l2 up to {} bytes, lease {:?}, tls verify {}, ca {:x})",
             c.redis_display(),
             c.node_name,
             c.key_prefix,
             c.connect_timeout,
             c.command_timeout,
             c.l2_max_entry_bytes,
-            c.lock_timeout
+            c.lock_timeout,
+            c.tls_verify,
+            c.ca_pem
+                .as_deref()
+                .map_or(0, xxhash_rust::xxh3::xxh3_64)
         ),
         None => "off".to_string(),
     }
