@@ -162,17 +162,21 @@ impl AdminApp {
         let control = &self.control;
         match (method.as_str(), path) {
             ("POST", "/admin/reload") => {
+                // With [cluster], every other node reloads its own file too.
+                let broadcast = control.announce_reload().await;
                 let control = control.clone();
                 match tokio::task::spawn_blocking(move || control.reload()).await {
-                    Ok(Ok(report)) => {
-                        Answer::json(StatusCode::OK, json!({"result": "ok", "report": report}))
-                    }
+                    Ok(Ok(report)) => Answer::json(
+                        StatusCode::OK,
+                        json!({"result": "ok", "report": report, "broadcast": broadcast}),
+                    ),
                     Ok(Err(errors)) => Answer::json(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         json!({
                             "error": "invalid_config",
                             "message": "the configuration was not changed",
                             "problems": errors.0.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                            "broadcast": broadcast,
                         }),
                     ),
                     Err(e) => Answer::error(&StoaError::Internal(e.to_string())),

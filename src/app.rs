@@ -125,7 +125,12 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
             warm_timeout: config.server.warm_timeout,
         },
     );
-    let reloader = background_service("stoa reload on SIGHUP", ReloadOnHangup { control });
+    let reloader = background_service(
+        "stoa reload on SIGHUP",
+        ReloadOnHangup {
+            control: control.clone(),
+        },
+    );
 
     let pruner = background_service("stoa rate-limit pruner", Pruner { gateway });
 
@@ -142,7 +147,11 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
         );
         server.add_service(background_service(
             "stoa cluster",
-            ClusterLink { cluster, cache },
+            ClusterLink {
+                cluster,
+                cache,
+                control: Arc::downgrade(&control),
+            },
         ));
     }
 
@@ -277,10 +286,13 @@ impl BackgroundService for Pruner {
 }
 
 /// Keeps the connection to the shared Redis and its health ([`Cluster::maintain`]).
-/// With the shared cache tier, also listens for fills and for purges made on other nodes.
+/// With the shared cache tier, also listens for fills, and for purges and orders (reload,
+/// refresh) from other nodes.
 struct ClusterLink {
     cluster: Arc<Cluster>,
     cache: Arc<CacheEngine>,
+    /// Carries out the other nodes' orders (reload, refresh).
+    control: std::sync::Weak<Control>,
 }
 
 #[async_trait]
@@ -301,7 +313,13 @@ impl BackgroundService for ClusterLink {
                     cache.apply_purge(what);
                 }
             };
-            tier.listen(apply, async move {
+            let control = self.control.clone();
+            let obey = move |order: crate::cache::tier::Order| {
+                if let Some(control) = control.upgrade() {
+                    control.obey(order);
+                }
+            };
+            tier.listen(apply, obey, async move {
                 let _ = stop_listen.changed().await;
             })
             .await;

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::key::CacheKey;
 use crate::cache::origin::FetchRequest;
+use crate::cache::tier::{wall_now, Order, OrderWhat};
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::{self, Config, ConfigErrors, EnvOverrides};
 use crate::error::StoaError;
@@ -193,6 +194,41 @@ impl Control {
         })
     }
 
+    /// Asks every other node to reload its own configuration file (`POST /admin/reload`
+    /// with `[cluster]`); whether the order was sent.
+    pub async fn announce_reload(&self) -> bool {
+        match &self.shared.cache.tier {
+            Some(tier) => tier.announce(OrderWhat::Reload).await,
+            None => false,
+        }
+    }
+
+    /// Carries out an order another node broadcast: each node reloads its own file, or
+    /// refreshes the keys of a route it holds. Results go to this node's log and metrics.
+    pub fn obey(self: &Arc<Self>, order: Order) {
+        let from = order.node;
+        match order.what {
+            OrderWhat::Reload => {
+                tracing::info!(from = %from, "cluster: reload asked by another node");
+                let control = self.clone();
+                // The result is logged and counted by `reload`.
+                tokio::task::spawn_blocking(move || control.reload());
+            }
+            OrderWhat::Refresh { route, since } => {
+                let gateway = self.gateway.load();
+                match gateway.cached_route(&route) {
+                    Some(cached) => {
+                        let refetching = self.shared.cache.refresh_route(cached, Some(since));
+                        tracing::info!(from = %from, route = %route, refetching, "cluster: refresh asked by another node");
+                    }
+                    None => {
+                        tracing::warn!(from = %from, route = %route, "cluster: refresh of a route not cached here")
+                    }
+                }
+            }
+        }
+    }
+
     /// Removes entries; how many went.
     pub fn purge(&self, req: &PurgeRequest) -> Result<usize, StoaError> {
         let cache = &self.shared.cache;
@@ -276,7 +312,23 @@ impl Control {
                 hook.method, hook.path, answer.status
             ));
         }
-        let refetching = self.shared.cache.refresh_route(&cached);
+        // With the shared tier every node refreshes the keys it holds; the lease makes it
+        // one upstream call per key cluster-wide.
+        let since = match &self.shared.cache.tier {
+            Some(tier) => {
+                let since = wall_now();
+                let what = OrderWhat::Refresh {
+                    route: route_name.to_string(),
+                    since,
+                };
+                if !tier.announce(what).await {
+                    tracing::warn!(route = %route_name, "cluster: the refresh could not be sent to the other nodes");
+                }
+                Some(since)
+            }
+            None => None,
+        };
+        let refetching = self.shared.cache.refresh_route(&cached, since);
         if let Some(route) = gateway
             .routes
             .routes()
@@ -368,14 +420,18 @@ impl Control {
 fn cluster_text(config: &Config) -> String {
     match &config.cluster {
         Some(c) => format!(
-            "{} as {} (prefix {:?}, connect {:?}, commands {:?}, l2 up to {} bytes, lease {:?})",
+            "{} as {} (prefix {:?}, connect {:?}, commands {:?}, l2 up to {} bytes, lease {:?}, tls verify {}, ca {:x})",
             c.redis_display(),
             c.node_name,
             c.key_prefix,
             c.connect_timeout,
             c.command_timeout,
             c.l2_max_entry_bytes,
-            c.lock_timeout
+            c.lock_timeout,
+            c.tls_verify,
+            c.ca_pem
+                .as_deref()
+                .map_or(0, xxhash_rust::xxh3::xxh3_64)
         ),
         None => "off".to_string(),
     }

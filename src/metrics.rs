@@ -927,6 +927,8 @@ mod tests {
             command_timeout: std::time::Duration::from_secs(1),
             l2_max_entry_bytes: 1,
             lock_timeout: std::time::Duration::from_secs(1),
+            ca_pem: None,
+            tls_verify: true,
         };
         let _cluster = crate::cluster::Cluster::new(settings, metrics.registry()).unwrap();
         let text = metrics.render();

@@ -282,7 +282,15 @@ impl CacheEngine {
     /// Fetches every stored key of `route` again in the background, single flight as
     /// always; the current entries keep being served until their replacements are in.
     /// Returns how many refetches started.
-    pub fn refresh_route(self: &Arc<Self>, route: &Arc<CachedRoute>) -> usize {
+    ///
+    /// With the shared tier, `since` (wall-clock milliseconds) is the moment of the admin
+    /// refresh: shared entries stored before it are outdated, so a key is fetched once
+    /// cluster-wide (by whichever node takes its lease) and every other node refreshing it
+    /// reads the new entry from the tier.
+    pub fn refresh_route(self: &Arc<Self>, route: &Arc<CachedRoute>, since: Option<i64>) -> usize {
+        if let (Some(tier), Some(since)) = (&self.tier, since) {
+            tier.mark_refreshed(&route.name, since);
+        }
         let mut started = 0;
         for k in self.store.keys_of(&route.name) {
             let Some(entry) = self.store.get(&k) else {
@@ -392,7 +400,25 @@ impl CacheEngine {
         } else {
             CacheStatus::Coalesced
         };
-        match tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await {
+        let outcome = tokio::time::timeout(settings.lock_timeout, flight::wait(slot)).await;
+        // A failed fetch may have left the shared tier's stale copy in the store.
+        let stale = match (stale, &outcome) {
+            (
+                None,
+                Ok(Some(
+                    Outcome::Failed(_)
+                    | Outcome::ServerError(_)
+                    | Outcome::TooLarge {
+                        server_error: true, ..
+                    },
+                )),
+            ) => self
+                .store
+                .get(key)
+                .filter(|e| Instant::now() < e.error_until),
+            (stale, _) => stale,
+        };
+        match outcome {
             Ok(Some(Outcome::Shared(entry))) => Served::Entry(entry, how),
             Ok(Some(Outcome::Private(entry))) if leader => match stale {
                 Some(stale) if entry.header.status.is_server_error() => {
@@ -527,9 +553,7 @@ impl CacheEngine {
             let mut lease = None;
             if let Some(tier) = &engine.tier {
                 let patience = route.settings.lock_timeout;
-                // An admin refresh (no client, no entry being refreshed) fetches anyway.
-                let forced = refreshing.is_none() && !has_client;
-                match tier.before_fetch(lead.key(), patience, forced).await {
+                match tier.before_fetch(lead.key(), patience).await {
                     Before::Found(entry) => {
                         engine.store.insert(lead.key().clone(), entry.clone());
                         lead.finish(Outcome::Shared(entry));
@@ -618,6 +642,22 @@ impl CacheEngine {
                 (&outcome, &refreshing)
             {
                 entry.release_refresh();
+            }
+            // The fetch failed and this node holds no copy: the shared tier's one, within its
+            // stale-if-error deadline, goes into the store for the waiters to serve.
+            let failed = matches!(
+                outcome,
+                Outcome::Failed(_)
+                    | Outcome::ServerError(_)
+                    | Outcome::TooLarge {
+                        server_error: true,
+                        ..
+                    }
+            );
+            if let (true, Some(stale)) = (failed, lease.as_ref().and_then(|l| l.stale.clone())) {
+                if engine.store.get(lead.key()).is_none() && Instant::now() < stale.error_until {
+                    engine.store.insert(lead.key().clone(), stale);
+                }
             }
             let stored = match &outcome {
                 Outcome::Shared(entry) if entry.not_stored.is_none() => Some(entry.clone()),

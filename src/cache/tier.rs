@@ -183,6 +183,9 @@ pub struct Lease {
     hash: String,
     token: String,
     renewing: tokio::task::JoinHandle<()>,
+    /// The shared entry found no longer fresh but within its stale-if-error deadline: what
+    /// this node serves should its fetch fail.
+    pub stale: Option<Arc<Entry>>,
 }
 
 impl Drop for Lease {
@@ -203,6 +206,10 @@ pub struct Tier {
     renew: Script,
     fill_channel: String,
     purge_channel: String,
+    control_channel: String,
+    /// Per route, the wall-clock millisecond of its last admin refresh: a shared entry
+    /// stored before it is not used (see [`Tier::mark_refreshed`]).
+    refreshed: Mutex<HashMap<String, i64>>,
 }
 
 impl std::fmt::Debug for Tier {
@@ -241,6 +248,24 @@ pub enum PurgeWhat {
     },
 }
 
+/// An order broadcast to every other node on the `control` channel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Order {
+    pub node: String,
+    #[serde(flatten)]
+    pub what: OrderWhat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OrderWhat {
+    /// Reload your own configuration file.
+    Reload,
+    /// The route was refreshed at `since` (wall-clock milliseconds): shared entries stored
+    /// before then are outdated; refetch (once cluster-wide) the ones you hold.
+    Refresh { route: String, since: i64 },
+}
+
 impl Tier {
     pub fn new(cluster: Arc<Cluster>, metrics: TierMetrics) -> Arc<Tier> {
         let prefix = cluster.settings().key_prefix.clone();
@@ -254,6 +279,8 @@ impl Tier {
             renew: Script::new(RENEW),
             fill_channel: format!("{prefix}fill"),
             purge_channel: format!("{prefix}purge"),
+            control_channel: format!("{prefix}control"),
+            refreshed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -281,16 +308,17 @@ impl Tier {
         self.cluster.key(&["idx:", route])
     }
 
+    /// The set of route names that have an index.
+    fn routes_key(&self) -> String {
+        self.cluster.key(&["routes"])
+    }
+
     /// Looks in the shared tier, takes the lease, or waits for the node that holds it.
-    pub async fn before_fetch(
-        self: &Arc<Self>,
-        key: &CacheKey,
-        patience: Duration,
-        skip_stored: bool,
-    ) -> Before {
+    pub async fn before_fetch(self: &Arc<Self>, key: &CacheKey, patience: Duration) -> Before {
         if !self.is_up() {
             return Before::Skip;
         }
+        let refreshed = self.refreshed_since(key.route());
         let hash = hash_of(key);
         let deadline = Instant::now() + patience;
         let entry_key = self.entry_key(&hash);
@@ -298,8 +326,9 @@ impl Tier {
         let token = format!("{}:{:016x}", self.node_name(), fastrand::u64(..));
         let lease_ms = self.cluster.settings().lock_timeout.as_millis().max(1) as u64;
         let waiter = self.wait_on(&hash);
-        let mut read = !skip_stored;
+        let mut read = true;
         let mut waited = false;
+        let mut stale = None;
         loop {
             let notified = waiter.notify.notified();
             tokio::pin!(notified);
@@ -321,12 +350,20 @@ impl Tier {
             };
             match parts.as_slice() {
                 [Value::Int(1), Value::BulkString(bytes)] => {
-                    match decode(bytes, key) {
-                        Some(entry) if entry.is_fresh(Instant::now()) => {
+                    match decode_stamped(bytes, key) {
+                        Some((entry, stored_at))
+                            if entry.is_fresh(Instant::now())
+                                && refreshed.is_none_or(|since| stored_at > since) =>
+                        {
                             self.metrics.hit.inc();
                             return Before::Found(Arc::new(entry));
                         }
-                        Some(_) => self.metrics.stale.inc(),
+                        Some((entry, _)) => {
+                            self.metrics.stale.inc();
+                            if Instant::now() < entry.error_until {
+                                stale = Some(Arc::new(entry));
+                            }
+                        }
                         None => self.metrics.foreign.inc(),
                     }
                     // Not usable: take the lease without reading again.
@@ -341,7 +378,9 @@ impl Tier {
                     if waited {
                         self.metrics.expired.inc();
                     }
-                    return Before::Lease(self.lease(hash, token, lease_key, lease_ms));
+                    let mut lease = self.lease(hash, token, lease_key, lease_ms);
+                    lease.stale = stale;
+                    return Before::Lease(lease);
                 }
                 [Value::Int(3), Value::Int(pttl)] => {
                     if !waited {
@@ -370,6 +409,43 @@ impl Tier {
         }
     }
 
+    /// From now on, shared entries of `route` stored at or before `since` (wall-clock
+    /// milliseconds) count as outdated: the node that next needs one refetches it (once
+    /// cluster-wide, under the lease) and the others read the new one. An admin refresh
+    /// marks its route on every node.
+    pub fn mark_refreshed(&self, route: &str, since: i64) {
+        let mut map = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+        let at = map.entry(route.to_string()).or_insert(since);
+        *at = (*at).max(since);
+    }
+
+    fn refreshed_since(&self, route: &str) -> Option<i64> {
+        let map = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(route).copied()
+    }
+
+    /// Tells every other node to carry out `what`; whether the order was sent.
+    pub async fn announce(&self, what: OrderWhat) -> bool {
+        let order = Order {
+            node: self.node_name().to_string(),
+            what,
+        };
+        let Ok(text) = serde_json::to_string(&order) else {
+            return false;
+        };
+        let channel = self.control_channel.clone();
+        self.cluster
+            .run(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(text)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .is_ok()
+    }
+
     fn lease(self: &Arc<Self>, hash: String, token: String, lease_key: String, ms: u64) -> Lease {
         let tier = Arc::downgrade(self);
         let renew_token = token.clone();
@@ -390,6 +466,7 @@ impl Tier {
             hash,
             token,
             renewing,
+            stale: None,
         }
     }
 
@@ -439,6 +516,20 @@ impl Tier {
                                 .zadd(&index, member, until)
                                 .ignore()
                                 .query_async::<()>(&mut c)
+                                .await
+                        })
+                        .await;
+                    // The set of indexed routes, for purges by prefix across routes (a
+                    // key of its own: on a Redis Cluster it may live on another master).
+                    let routes = self.routes_key();
+                    let route = key.route().to_string();
+                    let _ = self
+                        .cluster
+                        .run(|mut c| async move {
+                            redis::cmd("SADD")
+                                .arg(&routes)
+                                .arg(route)
+                                .query_async::<i64>(&mut c)
                                 .await
                         })
                         .await;
@@ -509,19 +600,19 @@ impl Tier {
                 route: None,
                 prefix,
             } => {
-                let pattern = self.index_key("*");
-                let listed = self
+                // The routes with an index, from their set: one small read, where a scan of
+                // the keyspace (KEYS) would block Redis for every client.
+                let routes_key = self.routes_key();
+                let routes = self
                     .cluster
                     .run(|mut c| async move {
-                        redis::cmd("KEYS")
-                            .arg(&pattern)
+                        redis::cmd("SMEMBERS")
+                            .arg(&routes_key)
                             .query_async::<Vec<String>>(&mut c)
                             .await
                     })
                     .await
                     .unwrap_or_default();
-                let skip = self.index_key("").len();
-                let routes = listed.iter().map(|k| k[skip..].to_string()).collect();
                 (routes, Box::new(move |p| p.starts_with(&prefix)))
             }
         };
@@ -595,12 +686,13 @@ impl Tier {
         }
     }
 
-    /// Listens on the `fill` and `purge` channels until `shutdown`, reconnecting after
-    /// [`PROBE_EVERY`] when the connection is lost. `apply` applies a purge from another
-    /// node to this node's store.
+    /// Listens on the `fill`, `purge` and `control` channels until `shutdown`, reconnecting
+    /// after [`PROBE_EVERY`] when the connection is lost. `apply` applies a purge from
+    /// another node to this node's store; `obey` carries out another node's order.
     pub async fn listen(
         self: Arc<Self>,
         apply: impl Fn(&PurgeWhat) + Send,
+        obey: impl Fn(Order) + Send,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
@@ -614,7 +706,7 @@ impl Tier {
             let url = &urls[next % urls.len()];
             next += 1;
             tokio::select! {
-                _ = self.listen_once(url, &apply) => {}
+                _ = self.listen_once(url, &apply, &obey) => {}
                 _ = &mut shutdown => return,
             }
             tokio::select! {
@@ -624,9 +716,9 @@ impl Tier {
         }
     }
 
-    async fn listen_once(&self, url: &str, apply: &impl Fn(&PurgeWhat)) {
+    async fn listen_once(&self, url: &str, apply: &impl Fn(&PurgeWhat), obey: &impl Fn(Order)) {
         let connect_timeout = self.cluster.settings().connect_timeout;
-        let Ok(client) = redis::Client::open(url) else {
+        let Ok(client) = self.cluster.client(url) else {
             return;
         };
         let Ok(Ok(mut pubsub)) =
@@ -636,6 +728,7 @@ impl Tier {
         };
         if pubsub.subscribe(&self.fill_channel).await.is_err()
             || pubsub.subscribe(&self.purge_channel).await.is_err()
+            || pubsub.subscribe(&self.control_channel).await.is_err()
         {
             return;
         }
@@ -647,6 +740,14 @@ impl Tier {
             if message.get_channel_name() == self.fill_channel {
                 if let Ok(hash) = std::str::from_utf8(payload) {
                     self.wake(hash);
+                }
+                continue;
+            }
+            if message.get_channel_name() == self.control_channel {
+                match serde_json::from_slice::<Order>(payload) {
+                    Ok(order) if order.node != self.node_name() => obey(order),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cluster: unreadable control message"),
                 }
                 continue;
             }
@@ -697,7 +798,7 @@ fn hash_text(text: &str) -> String {
 }
 
 /// The wall clock now, in milliseconds since the epoch.
-fn wall_now() -> i64 {
+pub fn wall_now() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -804,6 +905,11 @@ pub fn encode(entry: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
 
 /// The entry in `bytes` if it is this version's and made for `key`.
 pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
+    decode_stamped(bytes, key).map(|(entry, _)| entry)
+}
+
+/// [`decode`], with the wall-clock millisecond the entry was stored at.
+fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (len, rest) = rest.split_first_chunk::<4>()?;
     let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
@@ -874,7 +980,7 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
     entry.revalidate_until = at(head.revalidate_until);
     entry.error_until = at(head.error_until);
     entry.refresh_at = head.refresh_at.map(at);
-    Some(entry)
+    Some((entry, head.stored_at))
 }
 
 #[cfg(test)]

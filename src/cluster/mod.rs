@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, RedisFuture, Value};
+use redis::{Cmd, IntoConnectionInfo, RedisFuture, Value};
 
 use crate::config::{ClusterSettings, RedisTarget};
 pub use metrics::ClusterMetrics;
@@ -249,7 +249,7 @@ impl Cluster {
         let s = &self.settings;
         match &s.redis {
             RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = self.client(url)?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(s.connect_timeout))
                     .set_response_timeout(Some(s.command_timeout))
@@ -261,7 +261,17 @@ impl Cluster {
                 )?))
             }
             RedisTarget::Cluster(seeds) => {
-                let client = redis::cluster::ClusterClientBuilder::new(seeds.clone())
+                let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.clone());
+                if s.tls() && !s.tls_verify {
+                    builder = builder.tls(redis::TlsMode::Insecure);
+                }
+                if let Some(pem) = &s.ca_pem {
+                    builder = builder.certs(redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem.clone()),
+                    });
+                }
+                let client = builder
                     .connection_timeout(s.connect_timeout)
                     .response_timeout(s.command_timeout)
                     .build()?;
@@ -271,6 +281,44 @@ impl Cluster {
                     Err(_) => Err(ClusterError::Timeout),
                 }
             }
+        }
+    }
+
+    /// A client of the single Redis at `url`, with the TLS settings of `[cluster]` for
+    /// `rediss://`: the CA of `ca_file` instead of the system roots, no verification with
+    /// `tls_verify = false`.
+    pub fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        let s = &self.settings;
+        if !url.starts_with("rediss://") {
+            return redis::Client::open(url);
+        }
+        let mut info = url.into_connection_info()?;
+        if !s.tls_verify {
+            let addr = match info.addr().clone() {
+                redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    tls_params,
+                    ..
+                } => redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: true,
+                    tls_params,
+                },
+                other => other,
+            };
+            info = info.set_addr(addr);
+        }
+        match &s.ca_pem {
+            Some(pem) => redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            None => redis::Client::open(info),
         }
     }
 

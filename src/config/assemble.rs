@@ -64,14 +64,23 @@ impl Config {
                 .map(|p| p.name.as_str())
                 .collect();
             text.push_str(&format!(
-                "; cluster: node {:?} on {} (keys prefixed {:?}, commands bounded by {}), \
+                "; cluster: node {:?} on {}{} (keys prefixed {:?}, commands bounded by {}), \
                  cached answers up to {} shared in Redis as a second tier, one fetch per \
                  key cluster-wide (a node's lease on a fetch lasts {} unless renewed), \
-                 purges reach every node, \
+                 purges reach every node, and so do admin reloads (each node reads its own \
+                 file) and refreshes (one refetch per key cluster-wide), \
                  rate limits shared by all instances: {}; without Redis each instance \
                  falls back to its own cache, flights and buckets",
                 cluster.node_name,
                 cluster.redis_display(),
+                match (cluster.tls(), &cluster.ca_pem, cluster.tls_verify) {
+                    (false, _, _) => "",
+                    (true, _, false) =>
+                        " over TLS, its certificate NOT verified (tls_verify = false)",
+                    (true, Some(_), true) => " over TLS, its certificate checked against ca_file",
+                    (true, None, true) =>
+                        " over TLS, its certificate checked against the system roots",
+                },
                 cluster.key_prefix,
                 humantime::format_duration(cluster.command_timeout),
                 bytesize::ByteSize(cluster.l2_max_entry_bytes),

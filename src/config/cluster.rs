@@ -31,9 +31,21 @@ pub struct ClusterSettings {
     pub l2_max_entry_bytes: u64,
     /// The life of a lease on fetching a key, renewed by its holder while it fetches.
     pub lock_timeout: Duration,
+    /// With `rediss://`: the CA certificates (PEM) trusted instead of the system roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// With `rediss://`: whether Redis's certificate is verified.
+    pub tls_verify: bool,
 }
 
 impl ClusterSettings {
+    /// Whether stoa speaks TLS to Redis (`rediss://`).
+    pub fn tls(&self) -> bool {
+        match &self.redis {
+            RedisTarget::Single(url) => url.starts_with("rediss://"),
+            RedisTarget::Cluster(seeds) => seeds.iter().any(|s| s.starts_with("rediss://")),
+        }
+    }
+
     /// The Redis address(es) without passwords, for logs and `stoa check`.
     pub fn redis_display(&self) -> String {
         match &self.redis {
@@ -67,6 +79,20 @@ const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
 impl Validator<'_> {
     pub(super) fn cluster(&mut self, raw: RawCluster) -> Option<ClusterSettings> {
         let before = self.problems.len();
+        let tls = match &raw.redis {
+            Some(RawRedis::One(url)) => url.starts_with("rediss://"),
+            Some(RawRedis::Seeds(seeds)) => {
+                let n = seeds.iter().filter(|s| s.starts_with("rediss://")).count();
+                if n != 0 && n != seeds.len() {
+                    self.problem(
+                        "cluster.redis",
+                        "the seed nodes mix redis:// and rediss://: use one for all",
+                    );
+                }
+                n != 0
+            }
+            None => false,
+        };
         let redis = match raw.redis {
             None => {
                 self.problem(
@@ -137,6 +163,23 @@ impl Validator<'_> {
             raw.lock_timeout.as_ref(),
             DEFAULT_LOCK_TIMEOUT,
         );
+        for (key, set) in [
+            ("ca_file", raw.ca_file.is_some()),
+            ("tls_verify", raw.tls_verify.is_some()),
+        ] {
+            if set && !tls {
+                self.problem(
+                    format!("cluster.{key}"),
+                    "applies to rediss:// (TLS) only; the redis url is redis://",
+                );
+            }
+        }
+        let ca_pem = match (&raw.ca_file, tls) {
+            (Some(file), true) => self
+                .certificates("cluster.ca_file", file)
+                .map(|(_, pem)| pem),
+            _ => None,
+        };
         if self.problems.len() != before {
             return None;
         }
@@ -148,6 +191,8 @@ impl Validator<'_> {
             command_timeout: command_timeout?,
             l2_max_entry_bytes: l2_max_entry_bytes?,
             lock_timeout: lock_timeout?,
+            ca_pem,
+            tls_verify: raw.tls_verify.unwrap_or(true),
         })
     }
 
@@ -164,13 +209,12 @@ impl Validator<'_> {
             }
         };
         match url.scheme() {
-            "redis" => {}
-            "rediss" => {
-                self.problem(path, "rediss:// (TLS) is not supported yet; use redis://");
-                return false;
-            }
+            "redis" | "rediss" => {}
             other => {
-                self.problem(path, format!("scheme {other:?} is not \"redis\""));
+                self.problem(
+                    path,
+                    format!("scheme {other:?} is not \"redis\" or \"rediss\""),
+                );
                 return false;
             }
         }
@@ -259,7 +303,7 @@ mod tests {
         assert_eq!(
             p,
             [
-                "cluster.redis: scheme \"http\" is not \"redis\"",
+                "cluster.redis: scheme \"http\" is not \"redis\" or \"rediss\"",
                 "cluster.node_name: \"a b\" must be 1-64 letters, digits, '.', '_' or '-'",
                 "cluster.key_prefix: \"p x\" must be at most 64 printable ASCII characters without spaces",
                 "cluster.connect_timeout: 5 has no unit; write a duration like \"5s\" or \"5ms\"",
@@ -269,10 +313,26 @@ mod tests {
         assert_eq!(
             problems("[cluster]\nredis = [\"redis://a:1/3\", \"rediss://b:2\"]\n"),
             [
+                "cluster.redis: the seed nodes mix redis:// and rediss://: use one for all",
                 "cluster.redis[0]: a Redis Cluster has only database 0",
-                "cluster.redis[1]: rediss:// (TLS) is not supported yet; use redis://",
             ]
         );
+        assert_eq!(
+            problems(
+                "[cluster]\nredis = \"redis://a\"\nca_file = \"/x.pem\"\ntls_verify = false\n"
+            ),
+            [
+                "cluster.ca_file: applies to rediss:// (TLS) only; the redis url is redis://",
+                "cluster.tls_verify: applies to rediss:// (TLS) only; the redis url is redis://",
+            ]
+        );
+        let c = load_str(
+            "[cluster]\nredis = \"rediss://r.example:6380/0\"\ntls_verify = false\n",
+            EnvOverrides::Ignore,
+        )
+        .unwrap();
+        let s = c.cluster.unwrap();
+        assert!(s.tls() && !s.tls_verify && s.ca_pem.is_none());
         assert_eq!(
             problems("[cluster]\nredis = []\n"),
             ["cluster.redis: the list of Redis Cluster seed nodes is empty"]

@@ -114,6 +114,11 @@ pub struct RawCluster {
     /// How long a node's lease on fetching a key lasts unless renewed (default "2s"): a
     /// node that dies mid-fetch holds the others up at most this long.
     pub lock_timeout: Option<RawDuration>,
+    /// With `rediss://`: a PEM file of the CA certificates trusted for Redis instead of the
+    /// system roots (a private CA).
+    pub ca_file: Option<String>,
+    /// With `rediss://`: `false` accepts any certificate Redis presents (default `true`).
+    pub tls_verify: Option<bool>,
 }
 
 /// One Redis URL, or the seed nodes of a Redis Cluster.

@@ -119,7 +119,11 @@ impl Validator<'_> {
 
     /// The certificates of the PEM file at `file` (key path `key`), each parseable and not
     /// expired (DER), and the file as read; `None` when a problem was reported.
-    fn certificates(&mut self, key: &str, file: &str) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+    pub(super) fn certificates(
+        &mut self,
+        key: &str,
+        file: &str,
+    ) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
         let pem = self.read_file(key, file)?;
         let mut certs = Vec::new();
         for cert in CertificateDer::pem_slice_iter(&pem) {

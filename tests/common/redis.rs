@@ -12,6 +12,8 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only (`--port 0 --tls-port <port>`): the certificate, key and CA files.
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl RedisServer {
@@ -22,20 +24,54 @@ impl RedisServer {
             child: None,
             port: free_port(),
             dir,
+            tls: None,
         };
         redis.launch();
         redis
     }
 
-    /// `redis://127.0.0.1:<port>/0`.
+    /// Starts redis-server speaking only TLS, with the PEM certificate `cert` (for
+    /// `localhost`) and its `key`; `ca` is the CA file redis-cli checks it with.
+    pub fn start_tls(cert: &str, key: &str, ca: &str) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let files = ["cert.pem", "key.pem", "ca.pem"].map(|name| dir.path().join(name));
+        for (path, text) in files.iter().zip([cert, key, ca]) {
+            std::fs::write(path, text).expect("tls file");
+        }
+        let mut redis = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+            tls: Some(files),
+        };
+        redis.launch();
+        redis
+    }
+
+    /// `redis://127.0.0.1:<port>/0`, or `rediss://localhost:<port>/0` with TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://localhost:{}/0", self.port),
+            None => format!("redis://127.0.0.1:{}/0", self.port),
+        }
     }
 
     fn launch(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("redis log");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some([cert, key, ca]) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -49,7 +85,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.command("PING").as_deref() == Some("+PONG") {
+            let pong = match self.tls {
+                None => self.command("PING").as_deref() == Some("+PONG"),
+                Some(_) => self.cli(&["ping"]).trim() == "PONG",
+            };
+            if pong {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -80,6 +120,19 @@ impl RedisServer {
         let n = stream.read(&mut buf).ok()?;
         let text = String::from_utf8_lossy(&buf[..n]);
         text.lines().next().map(str::to_string)
+    }
+
+    /// What `redis-cli -p <port> <args>` prints.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut command = Command::new("redis-cli");
+        command.args(["-p", &self.port.to_string()]);
+        if let Some([_, _, ca]) = &self.tls {
+            command
+                .args(["-h", "localhost", "--tls", "--cacert"])
+                .arg(ca);
+        }
+        let out = command.args(args).output().expect("cannot run redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
