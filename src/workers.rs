@@ -284,3 +284,55 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Worker<A> {
         self.inner.listen_addresses()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_accepts_what_is_queued_then_closes_the_socket() {
+        let mut sockets = ListenSockets::default();
+        sockets.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = sockets.sockets[0].1.local_addr().unwrap();
+        let workers = Workers::new(sockets, 2);
+        // Connections the kernel accepted into the queue, not yet taken by any worker.
+        let clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        assert!(!workers.accept_stopped(), "one worker still accepts");
+        assert!(workers.accept_stopped(), "the last worker stopped");
+        let left = workers.sweep();
+        assert_eq!(left.len(), clients.len());
+        assert!(*workers.swept.borrow());
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "the socket is closed after the sweep"
+        );
+        assert!(workers.table().is_err(), "no socket left to hand out");
+    }
+
+    #[test]
+    fn each_worker_gets_its_own_descriptor_of_the_same_socket() {
+        let mut sockets = ListenSockets::default();
+        sockets.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (key, addr) = (
+            sockets.sockets[0].0.clone(),
+            sockets.sockets[0].1.local_addr().unwrap(),
+        );
+        let workers = Workers::new(sockets, 2);
+        let (a, b) = (workers.table().unwrap(), workers.table().unwrap());
+        let (fd_a, fd_b) = (*a.lock().get(&key).unwrap(), *b.lock().get(&key).unwrap());
+        assert_ne!(fd_a, fd_b);
+        // SAFETY: the descriptors were just made for this test and are owned once each.
+        let (la, lb) = unsafe {
+            use std::os::fd::FromRawFd;
+            (TcpListener::from_raw_fd(fd_a), TcpListener::from_raw_fd(fd_b))
+        };
+        assert_eq!(la.local_addr().unwrap(), addr);
+        assert_eq!(lb.local_addr().unwrap(), addr);
+        // Closing one worker's descriptor leaves the socket listening.
+        drop(la);
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        assert_eq!(workers.sweep().len(), 1);
+    }
+}

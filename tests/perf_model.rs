@@ -6,7 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{calls, demo_with, knobs, x_cache, Api, EchoUpstream, StoaProcess};
+use common::{
+    calls, demo_with, knobs, read_until_closed, x_cache, Api, EchoUpstream, RawAnswer, StoaProcess,
+};
 use serde_json::Value;
 
 fn echo_routes(echo: &EchoUpstream) -> String {
@@ -241,5 +243,54 @@ async fn single_flight_holds_across_workers() {
         workers,
         BTreeSet::from([0, 1]),
         "the requests were taken by both workers"
+    );
+}
+
+/// Connections that wait in the accept queue when the stop comes are answered, not reset:
+/// stoa is frozen (SIGSTOP) while clients connect and send their requests, then gets
+/// SIGTERM and resumes. Every one of them gets its 200 before stoa closes it, and stoa exits
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_queued_at_the_stop_are_answered() {
+    use tokio::io::AsyncWriteExt;
+    let echo = EchoUpstream::start().await;
+    let mut gw = StoaProcess::start_with("threads = 2", &echo_routes(&echo)).await;
+    let warm = reqwest::get(gw.url("/cached/1")).await.unwrap();
+    assert_eq!(warm.status(), 200);
+    gw.signal(libc::SIGSTOP);
+    let mut queued = Vec::new();
+    for i in 0..64 {
+        // The kernel completes the handshakes: the connections wait in the queue.
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        let path = if i % 2 == 0 { "/cached/1" } else { "/pass/1" };
+        sock.write_all(format!("GET {path} HTTP/1.1\r\nHost: stoa\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        queued.push(sock);
+    }
+    gw.signal(libc::SIGTERM);
+    gw.signal(libc::SIGCONT);
+    for (i, mut sock) in queued.into_iter().enumerate() {
+        let (got, closed) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
+        let answer = RawAnswer::parse(&got);
+        assert_eq!(answer.status, 200, "connection {i}: {answer:?}\n{}", gw.log());
+        // Answered before the stop reached the workers (kept alive, then closed idle by the
+        // drain) or after it (closing its connection): either way answered and closed.
+        assert!(closed, "connection {i} left open: {answer:?}");
+    }
+    let status = gw
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|| panic!("stoa did not exit:\n{}", gw.log()));
+    assert_eq!(status.code(), Some(0), "{}", gw.log());
+    eprintln!(
+        "{}",
+        gw.log()
+            .lines()
+            .filter(|l| l.contains("accept queue"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 }
