@@ -275,7 +275,12 @@ async fn connections_queued_at_the_stop_are_answered() {
     for (i, mut sock) in queued.into_iter().enumerate() {
         let (got, closed) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
         let answer = RawAnswer::parse(&got);
-        assert_eq!(answer.status, 200, "connection {i}: {answer:?}\n{}", gw.log());
+        assert_eq!(
+            answer.status,
+            200,
+            "connection {i}: {answer:?}\n{}",
+            gw.log()
+        );
         // Answered before the stop reached the workers (kept alive, then closed idle by the
         // drain) or after it (closing its connection): either way answered and closed.
         assert!(closed, "connection {i} left open: {answer:?}");
