@@ -20,14 +20,16 @@ use crate::admin::AdminApp;
 use crate::cache::tier::Tier;
 use crate::cache::CacheEngine;
 use crate::cluster::Cluster;
+use crate::config::WorkerModel;
 use crate::config::{Config, EnvOverrides};
-use crate::connections::{Listener, Stoppable};
+use crate::connections::Listener;
 use crate::control::Control;
 use crate::gateway::{Gateway, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
 use crate::proxy::StoaProxy;
+use crate::workers::{ListenSockets, Worker, Workers};
 
 /// How long to wait for the proxy listener to accept its first probe before giving up on
 /// readiness (the process keeps serving, and `/readyz` stays 503).
@@ -36,18 +38,23 @@ const READINESS_DEADLINE: Duration = Duration::from_secs(30);
 /// Serves `config` (read from `config_path`, which SIGHUP and the admin API reload) until
 /// SIGTERM or SIGINT, then drains in-flight requests and returns.
 pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::Result<()> {
+    // The proxy's listening sockets are stoa's own (see `crate::workers`); the admin
+    // listener is pingora's, checked here so that a taken port fails the start at once.
+    let mut sockets = ListenSockets::default();
     for (what, addr) in [
         ("server.listen", config.server.listen),
         (
             "server.listen_tls",
             config.server.tls.as_ref().map(|t| t.listen),
         ),
-        ("admin.listen", Some(config.admin.listen)),
     ] {
         let Some(addr) = addr else { continue };
-        std::net::TcpListener::bind(addr)
+        sockets
+            .bind(addr)
             .with_context(|| format!("{what}: cannot listen on {addr}"))?;
     }
+    std::net::TcpListener::bind(config.admin.listen)
+        .with_context(|| format!("admin.listen: cannot listen on {}", config.admin.listen))?;
 
     let lifecycle = Lifecycle::new();
     let metrics = Arc::new(Metrics::new().context("cannot set up metrics")?);
@@ -74,8 +81,16 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     )?));
     let control = Control::new(config_path, env, gateway.clone(), shared, lifecycle.clone());
 
+    let threads = config.server.threads;
+    // `workers`: one single-thread service per worker, no work stealing; `shared`: one
+    // service whose threads steal work.
+    let (services, threads_per_service) = match config.server.worker_model {
+        WorkerModel::Workers => (threads, 1),
+        WorkerModel::Shared => (1, threads),
+    };
     let conf = ServerConf {
-        threads: config.server.threads,
+        threads: threads_per_service,
+        work_stealing: config.server.worker_model == WorkerModel::Shared,
         // stoa drains in-flight requests itself (see `SignalWatch`), so pingora need not wait.
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
@@ -85,32 +100,38 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     server.bootstrap();
     let server_conf = server.configuration.clone();
 
-    let mut proxy_app = pingora::proxy::http_proxy(
-        &server_conf,
-        StoaProxy::new(gateway.clone(), lifecycle.clone()),
-    );
-    let mut options = HttpServerOptions::default();
-    options.h2c = config.server.h2c;
-    // An HTTP/2 connection with no open stream is closed as an idle HTTP/1.1 one is.
-    options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
-    proxy_app.server_options = Some(options);
-    proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
-    let mut listener =
-        Listener::new(proxy_app, gateway.clone(), lifecycle.clone()).with_h2c(config.server.h2c);
-    if let Some(tls) = &config.server.tls {
-        // The TLS listener accepts plain TCP: stoa makes the handshakes itself, under the
-        // connection deadlines (see `Listener`).
-        listener = listener.with_tls(
-            tls.listen,
-            crate::tls::acceptor(gateway.clone(), tls.certified.clone())?,
+    lifecycle.set_proxy_workers(services);
+    let workers = Workers::new(sockets, services);
+    let mut proxies = Vec::with_capacity(services);
+    for worker in 0..services {
+        let mut proxy_app = pingora::proxy::http_proxy(
+            &server_conf,
+            StoaProxy::new(gateway.clone(), lifecycle.clone()),
         );
-    }
-    let mut proxy = Service::new("stoa proxy".to_string(), listener);
-    if let Some(listen) = config.server.listen {
-        proxy.add_tcp(&listen.to_string());
-    }
-    if let Some(tls) = &config.server.tls {
-        proxy.add_tcp(&tls.listen.to_string());
+        let mut options = HttpServerOptions::default();
+        options.h2c = config.server.h2c;
+        // An HTTP/2 connection with no open stream is closed as an idle HTTP/1.1 one is.
+        options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
+        proxy_app.server_options = Some(options);
+        proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
+        let mut listener = Listener::new(proxy_app, gateway.clone(), lifecycle.clone())
+            .with_h2c(config.server.h2c)
+            .with_worker(worker);
+        if let Some(tls) = &config.server.tls {
+            // The TLS listener accepts plain TCP: stoa makes the handshakes itself, under the
+            // connection deadlines (see `Listener`).
+            listener = listener.with_tls(
+                tls.listen,
+                crate::tls::acceptor(gateway.clone(), tls.certified.clone())?,
+            );
+        }
+        proxies.push(Worker::new(
+            format!("stoa proxy {worker}"),
+            listener,
+            workers.clone(),
+            lifecycle.clone(),
+            threads_per_service,
+        ));
     }
 
     let mut admin = Service::new("stoa admin".to_string(), AdminApp::new(control.clone()));
@@ -134,7 +155,9 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
 
     let pruner = background_service("stoa rate-limit pruner", Pruner { gateway });
 
-    server.add_service(Stoppable::new(proxy, lifecycle.clone()));
+    for proxy in proxies {
+        server.add_service(proxy);
+    }
     server.add_service(admin);
     server.add_service(probe);
     server.add_service(pruner);

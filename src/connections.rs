@@ -10,10 +10,10 @@
 //!   connection is in (reading a head, reading a body, idle between requests) and enforces
 //!   that phase's deadline; the proxy tells it when a head and a body are complete;
 //! - serves the proxy through [`Listener`], which counts open connections (refusing those
-//!   beyond `server.max_connections`) and, once pingora has closed the listening socket,
-//!   drains the connections before idle ones are closed;
-//! - hands the proxy service a shutdown signal of its own ([`Stoppable`]), so that SIGTERM
-//!   closes the listening socket first while in-flight requests keep running.
+//!   beyond `server.max_connections`) and, once the listening sockets are closed, drains the
+//!   connections before idle ones are closed;
+//! - hands the proxy's workers a shutdown signal of their own (`crate::workers`), so that
+//!   SIGTERM stops accepting first while in-flight requests keep running.
 
 use std::future::Future;
 use std::io;
@@ -39,8 +39,7 @@ use pingora::protocols::{
     TimingDigest, UniqueID, UniqueIDType, IO,
 };
 use pingora::proxy::Session;
-use pingora::server::{ListenFds, ShutdownWatch};
-use pingora::services::Service as ServiceTrait;
+use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
@@ -483,6 +482,8 @@ pub struct Listener<A> {
     tls: Option<(SocketAddr, Acceptor)>,
     /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
     h2c: bool,
+    /// Which proxy worker this is (for the debug log).
+    worker: usize,
 }
 
 impl<A> Listener<A> {
@@ -498,7 +499,14 @@ impl<A> Listener<A> {
             started: std::time::Instant::now(),
             tls: None,
             h2c: false,
+            worker: 0,
         }
+    }
+
+    /// The proxy worker this listener serves in.
+    pub fn with_worker(mut self, worker: usize) -> Self {
+        self.worker = worker;
+        self
     }
 
     /// Cleartext connections may speak HTTP/2 with prior knowledge.
@@ -553,6 +561,17 @@ impl<A> Listener<A> {
         }
     }
 
+    /// From here on every answer closes its connection.
+    pub fn begin_drain(&self) {
+        self.lifecycle.begin_drain();
+        self.drain_tx.send_replace(true);
+    }
+
+    /// How long the drain may take (`server.shutdown_timeout`).
+    pub fn shutdown_timeout(&self) -> Duration {
+        self.gateway.load().config.server.shutdown_timeout
+    }
+
     /// At most one warning a second about connections refused at `max_connections`.
     fn warn_refused(&self, max: usize) {
         let now = self.started.elapsed().as_secs() + 1;
@@ -585,6 +604,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
             // Dropping the stream closes the connection at once.
             return None;
         };
+        tracing::debug!(worker = self.worker, "client connection accepted");
         let accepted = Instant::now();
         let (stream, tls, h2) = self
             .handshake(stream, accepted + limits.header_timeout)
@@ -606,16 +626,15 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         None
     }
 
-    /// pingora calls this once its accept loops ended, i.e. the listening socket is closed:
-    /// new connections are refused by the kernel from here on. Every answer now closes its
+    /// Called once the workers stopped accepting and the listening sockets are closed (see
+    /// `crate::workers::Served`): new connections are refused by the kernel from here on.
+    /// Every answer now closes its
     /// connection; in-flight requests finish (up to `server.shutdown_timeout`), requests
     /// already sent on idle connections get a short while to arrive, then idle connections
     /// are closed.
     async fn cleanup(&self) {
-        let timeout = self.gateway.load().config.server.shutdown_timeout;
-        let deadline = Instant::now() + timeout;
-        self.lifecycle.begin_drain();
-        self.drain_tx.send_replace(true);
+        let deadline = Instant::now() + self.shutdown_timeout();
+        self.begin_drain();
         let mut quiet_since: Option<Instant> = None;
         loop {
             let now = Instant::now();
@@ -640,53 +659,5 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         // Wakes the connections parked waiting for a next request: they close.
         self.app.cleanup().await;
         self.lifecycle.mark_proxy_closed();
-    }
-}
-
-/// The proxy service, stopped by [`Lifecycle::stop_accepting`] rather than by pingora's
-/// shutdown broadcast, which comes only after the drain.
-pub struct Stoppable<S> {
-    inner: S,
-    lifecycle: Arc<Lifecycle>,
-}
-
-impl<S> Stoppable<S> {
-    pub fn new(inner: S, lifecycle: Arc<Lifecycle>) -> Self {
-        Stoppable { inner, lifecycle }
-    }
-}
-
-#[async_trait]
-impl<S: ServiceTrait> ServiceTrait for Stoppable<S> {
-    async fn start_service(
-        &mut self,
-        fds: Option<ListenFds>,
-        mut shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
-    ) {
-        // Should pingora shut down by itself, the proxy stops as well.
-        let lifecycle = self.lifecycle.clone();
-        tokio::spawn(async move {
-            while shutdown.changed().await.is_ok() {
-                if *shutdown.borrow() {
-                    lifecycle.stop_accepting();
-                    return;
-                }
-            }
-        });
-        let stop = self.lifecycle.stop_watch();
-        self.inner.start_service(fds, stop, listeners_per_fd).await
-    }
-
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-
-    fn threads(&self) -> Option<usize> {
-        self.inner.threads()
-    }
-
-    fn listen_addresses(&self) -> Option<Vec<String>> {
-        self.inner.listen_addresses()
     }
 }

@@ -154,6 +154,11 @@ impl Control {
                 old_config.server.threads.to_string(),
             ),
             (
+                "server.worker_model",
+                format!("{:?}", config.server.worker_model).to_lowercase(),
+                format!("{:?}", old_config.server.worker_model).to_lowercase(),
+            ),
+            (
                 "cache.max_bytes",
                 config.cache.max_bytes.to_string(),
                 old_config.cache.max_bytes.to_string(),

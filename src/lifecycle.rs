@@ -3,7 +3,7 @@
 //! open client connections.
 //!
 //! A graceful stop runs: [`Lifecycle::stop_accepting`] (readiness withdrawn, the proxy's
-//! listening socket closes), then [`Lifecycle::begin_drain`] (every answer closes its
+//! workers stop accepting), then [`Lifecycle::begin_drain`] (every answer closes its
 //! connection), then [`Lifecycle::mark_proxy_closed`] (idle connections closed).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -18,7 +18,8 @@ pub struct Lifecycle {
     warmed: AtomicBool,
     stopping: AtomicBool,
     draining: AtomicBool,
-    proxy_closed: AtomicBool,
+    /// Proxy workers whose drain is not over yet.
+    proxy_open: AtomicUsize,
     in_flight: AtomicU64,
     connections: AtomicUsize,
     /// `true` once the proxy must stop accepting connections.
@@ -32,7 +33,7 @@ impl Default for Lifecycle {
             warmed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            proxy_closed: AtomicBool::new(false),
+            proxy_open: AtomicUsize::new(1),
             in_flight: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             stop: watch::channel(false).0,
@@ -56,7 +57,7 @@ impl Lifecycle {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Withdraws readiness and tells the proxy service to close its listening socket.
+    /// Withdraws readiness and tells the proxy's workers to stop accepting connections.
     pub fn stop_accepting(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stop.send_replace(true);
@@ -67,14 +68,21 @@ impl Lifecycle {
         self.stop.subscribe()
     }
 
-    /// The proxy's listening socket is closed, its drain is over and idle connections are
-    /// being closed.
-    pub fn mark_proxy_closed(&self) {
-        self.proxy_closed.store(true, Ordering::Release);
+    /// How many proxy workers serve clients; each marks itself closed.
+    pub fn set_proxy_workers(&self, n: usize) {
+        self.proxy_open.store(n.max(1), Ordering::Release);
     }
 
+    /// One proxy worker's drain is over and its idle connections are being closed.
+    pub fn mark_proxy_closed(&self) {
+        let _ = self
+            .proxy_open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// Every proxy worker is closed.
     pub fn is_proxy_closed(&self) -> bool {
-        self.proxy_closed.load(Ordering::Acquire)
+        self.proxy_open.load(Ordering::Acquire) == 0
     }
 
     /// Counts an open client connection until the returned guard is dropped; `None` (and

@@ -47,7 +47,7 @@ pub use log::{LogFormat, LogSettings};
 pub use problem::{ConfigErrors, Problem};
 pub use route::RouteSpec;
 pub use schema::schema_json;
-pub use server::{ConnectionLimits, RequestIdMode, ServerSettings};
+pub use server::{ConnectionLimits, RequestIdMode, ServerSettings, WorkerModel};
 pub use upstream::{Upstream, UpstreamGuardSettings};
 pub use upstream_tls::{ClientIdentity, UpstreamTls};
 use validate::Validator;
@@ -141,6 +141,7 @@ mod tests {
         assert_eq!(c.server.max_body_bytes, 64 * 1024);
         assert_eq!(c.server.threads, server::default_threads());
         assert_eq!(c.server.request_id, RequestIdMode::Generate);
+        assert_eq!(c.server.worker_model, WorkerModel::Workers);
         let up = &c.upstreams["menu"];
         assert_eq!(up.timeout, Duration::from_secs(5));
         assert_eq!(up.host_header, "127.0.0.1:9001");

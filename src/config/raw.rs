@@ -35,6 +35,8 @@ pub struct RawServer {
     pub h2c: Option<bool>,
     pub h2_max_concurrent_streams: Option<i64>,
     pub threads: Option<i64>,
+    #[schemars(extend("enum" = ["workers", "shared"]))]
+    pub worker_model: Option<String>,
     pub max_body_bytes: Option<RawSize>,
     pub shutdown_timeout: Option<RawDuration>,
     pub trusted_proxies: Option<Vec<String>>,

@@ -23,8 +23,10 @@ pub struct ServerSettings {
     pub h2c: bool,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
-    /// Worker threads of the proxy service.
+    /// Threads of the proxy (`server.threads`), arranged as `worker_model` says.
     pub threads: usize,
+    /// How the proxy's threads are arranged (`server.worker_model`).
+    pub worker_model: WorkerModel,
     /// What becomes of `X-Request-Id` (`server.request_id`).
     pub request_id: RequestIdMode,
     /// Largest request body accepted; larger ones get 413.
@@ -39,6 +41,16 @@ pub struct ServerSettings {
     pub connections: ConnectionLimits,
     /// Which rate-limit headers answers of limited routes carry.
     pub rate_limit_headers: RateLimitHeaders,
+}
+
+/// How the proxy's threads are arranged (`server.worker_model`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerModel {
+    /// `threads` workers of one thread each, with no work stealing, taking connections from
+    /// one shared accept queue.
+    Workers,
+    /// One proxy service whose `threads` threads steal work from each other.
+    Shared,
 }
 
 /// What stoa does with request ids (`server.request_id`).
@@ -164,6 +176,20 @@ impl Validator<'_> {
                 None
             }
         };
+        let worker_model = match raw.worker_model.as_deref() {
+            None | Some("workers") => Some(WorkerModel::Workers),
+            Some("shared") => Some(WorkerModel::Shared),
+            Some(other) => {
+                self.problem(
+                    "server.worker_model",
+                    format!(
+                        "{other:?} is not \"workers\" (single-thread workers) or \"shared\" \
+                         (one work-stealing service)"
+                    ),
+                );
+                None
+            }
+        };
         let request_id = match raw.request_id.as_deref() {
             None | Some("generate") => Some(RequestIdMode::Generate),
             Some("pass") => Some(RequestIdMode::Pass),
@@ -226,6 +252,7 @@ impl Validator<'_> {
             h2c: raw.h2c.unwrap_or(false),
             h2_max_concurrent_streams: h2_max_concurrent_streams?,
             threads: threads?,
+            worker_model: worker_model?,
             request_id: request_id?,
             max_body_bytes: max_body_bytes?,
             shutdown_timeout: shutdown_timeout?,
@@ -458,6 +485,30 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert!(
             p[0].starts_with("server.request_id: \"uuid\" is not \"generate\""),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn worker_model_defaults_to_workers_and_is_read() {
+        for (text, model) in [
+            ("workers", WorkerModel::Workers),
+            ("shared", WorkerModel::Shared),
+        ] {
+            let c = load_str(
+                &GOOD.replace(
+                    "max_body_bytes = \"64KiB\"",
+                    &format!("worker_model = \"{text}\""),
+                ),
+                EnvOverrides::Ignore,
+            )
+            .unwrap();
+            assert_eq!(c.server.worker_model, model);
+        }
+        let p = problems(&GOOD.replace("max_body_bytes = \"64KiB\"", "worker_model = \"steal\""));
+        assert_eq!(p.len(), 1);
+        assert!(
+            p[0].starts_with("server.worker_model: \"steal\" is not \"workers\""),
             "{p:?}"
         );
     }
