@@ -18,8 +18,8 @@
 //! (an early answer of the upstream is still delivered when its write fails, but not
 //! interleaved); no upgrades (101 is answered 502); no HTTP/2.
 
-use std::net::SocketAddr;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
@@ -238,9 +238,17 @@ enum Failure {
 impl Failure {
     fn connect(e: &BError) -> Self {
         if is_timeout(e) {
-            Failure::Answer(504, "upstream_timeout", format!("connecting: {}", e.etype().as_str()))
+            Failure::Answer(
+                504,
+                "upstream_timeout",
+                format!("connecting: {}", e.etype().as_str()),
+            )
         } else {
-            Failure::Answer(502, "upstream_unreachable", format!("connecting: {}", e.etype().as_str()))
+            Failure::Answer(
+                502,
+                "upstream_unreachable",
+                format!("connecting: {}", e.etype().as_str()),
+            )
         }
     }
 
@@ -265,8 +273,12 @@ async fn answer_error(down: &mut Downstream, status: u16, kind: &str, message: &
     let Ok(mut resp) = ResponseHeader::build(status, Some(2)) else {
         return false;
     };
-    if resp.insert_header(header::CONTENT_TYPE, "application/json").is_err()
-        || resp.insert_header(header::CONTENT_LENGTH, body.len()).is_err()
+    if resp
+        .insert_header(header::CONTENT_TYPE, "application/json")
+        .is_err()
+        || resp
+            .insert_header(header::CONTENT_LENGTH, body.len())
+            .is_err()
     {
         return false;
     }

@@ -34,7 +34,9 @@ struct Floor {
 
 impl Floor {
     async fn start(peer: SocketAddr, extra: &[&str]) -> Floor {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("address");
         let child = Command::new(env!("CARGO_BIN_EXE_stoa-floor"))
             .args(["--listen", &addr.to_string(), "--peer", &peer.to_string()])
             .args(["--path", "lean", "--threads", "1"])
@@ -45,7 +47,10 @@ impl Floor {
             .expect("start stoa-floor");
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(addr).await.is_err() {
-            assert!(Instant::now() < deadline, "stoa-floor did not listen on {addr}");
+            assert!(
+                Instant::now() < deadline,
+                "stoa-floor did not listen on {addr}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Floor { child, addr }
@@ -80,7 +85,9 @@ struct Origin {
 }
 
 async fn origin() -> (Arc<Origin>, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the origin");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the origin");
     let addr = listener.local_addr().expect("origin address");
     let state = Arc::new(Origin::default());
     let s = state.clone();
@@ -111,7 +118,8 @@ impl Head {
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
     }
     fn content_length(&self) -> Option<usize> {
-        self.get("content-length").map(|v| v.parse().expect("a Content-Length"))
+        self.get("content-length")
+            .map(|v| v.parse().expect("a Content-Length"))
     }
 }
 
@@ -205,9 +213,11 @@ async fn serve(s: Arc<Origin>, conn: TcpStream) {
                 w.write_all(&body[MIB..]).await.expect("the rest");
             }
             "/chunked" => {
-                w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n")
-                    .await
-                    .expect("first chunk");
+                w.write_all(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nfirst \r\n",
+                )
+                .await
+                .expect("first chunk");
                 s.wait_release().await;
                 w.write_all(b"6\r\nsecond\r\n0\r\n\r\n")
                     .await
@@ -323,7 +333,11 @@ async fn streams_five_mib_both_ways() {
         c.extend_from_slice(b"\r\n");
         c
     };
-    client.w.write_all(&chunk(&body[..MIB])).await.expect("first MiB");
+    client
+        .w
+        .write_all(&chunk(&body[..MIB]))
+        .await
+        .expect("first MiB");
     let deadline = Instant::now() + STREAM_WAIT;
     while origin.received.load(Ordering::SeqCst) < MIB {
         assert!(
@@ -354,7 +368,10 @@ async fn streams_five_mib_both_ways() {
         }
     })
     .await;
-    assert!(origin.upload_ok.load(Ordering::SeqCst), "the origin got the 5 MiB intact");
+    assert!(
+        origin.upload_ok.load(Ordering::SeqCst),
+        "the origin got the 5 MiB intact"
+    );
     assert_eq!(got, BIG);
     assert!(ok, "the answer came back intact");
     assert!(
@@ -379,7 +396,11 @@ async fn streams_a_chunked_answer() {
         .expect("request");
     let head = read_head(&mut client.r).await.expect("an answer");
     assert_eq!(status(&head), 200);
-    assert!(head.chunked(), "the answer stays chunked: {:?}", head.headers);
+    assert!(
+        head.chunked(),
+        "the answer stays chunked: {:?}",
+        head.headers
+    );
     let mut body = Vec::new();
     read_body(&mut client.r, &head, |p| {
         if body.is_empty() {
@@ -394,14 +415,20 @@ async fn streams_a_chunked_answer() {
         "the first chunk did not reach the client before the last was sent"
     );
     let (head, body) = client.get("/small").await;
-    assert_eq!(status(&head), 200, "the connection goes on after a chunked answer");
+    assert_eq!(
+        status(&head),
+        200,
+        "the connection goes on after a chunked answer"
+    );
     assert_eq!(body, b"hello 2");
     assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_502_when_nothing_listens() {
-    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
     let floor = Floor::start(closed, &[]).await;
     let mut client = Client::connect(floor.addr).await;
     let (head, body) = client.get("/small").await;
@@ -427,5 +454,8 @@ async fn answers_504_when_the_upstream_is_silent() {
     assert_eq!(status(&head), 504);
     assert!(started.elapsed() < Duration::from_secs(5));
     let body = String::from_utf8(body).expect("UTF-8");
-    assert!(body.starts_with(r#"{"error":"upstream_timeout","#), "{body}");
+    assert!(
+        body.starts_with(r#"{"error":"upstream_timeout","#),
+        "{body}"
+    );
 }
