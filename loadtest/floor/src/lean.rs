@@ -75,8 +75,11 @@ impl Lean {
         }
     }
 
-    /// A connection to the upstream and whether it was reused.
-    async fn connection(&self) -> Result<(Stream, bool), BError> {
+    /// A connection to the upstream and whether it was reused; a new one when `fresh`.
+    async fn connection(&self, fresh: bool) -> Result<(Stream, bool), BError> {
+        if fresh {
+            return Ok((self.connector.new_stream(&self.peer).await?, false));
+        }
         match &self.idle {
             Some(idle) => {
                 loop {
@@ -113,14 +116,17 @@ impl Lean {
         let no_body = down.is_body_empty();
         let mut retried = false;
         let mut up = loop {
-            let (stream, reused) = self.connection().await.map_err(|e| Failure::connect(&e))?;
+            let (stream, reused) = self
+                .connection(retried)
+                .await
+                .map_err(|e| Failure::connect(&e))?;
             let mut up = Upstream::new(stream);
             up.read_timeout = Some(self.timeout);
             up.write_timeout = Some(self.timeout);
             match self.exchange_head(down, &mut up).await {
                 Ok(()) => break up,
-                // A kept-alive connection the upstream closed meanwhile: once more on a new one,
-                // when nothing of the request body was consumed.
+                // A kept-alive connection the upstream closed meanwhile: once more on a new
+                // connection, when nothing of the request body was consumed.
                 Err(e) if reused && no_body && !retried && !is_timeout(&e) => retried = true,
                 Err(e) => return Err(Failure::exchange(&e)),
             }

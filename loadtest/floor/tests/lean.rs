@@ -71,6 +71,8 @@ impl Drop for Floor {
 ///                         `release`, the rest
 ///   GET /chunked          200 chunked: "first ", a wait for `release`, "second", the last chunk
 ///   GET /silent           reads the request and never answers
+///   GET /bye              200 "bye", then closes the connection (no Connection header: a
+///                         kept-alive connection the origin drops while it idles)
 #[derive(Default)]
 struct Origin {
     connections: AtomicUsize,
@@ -222,6 +224,12 @@ async fn serve(s: Arc<Origin>, conn: TcpStream) {
                 w.write_all(b"6\r\nsecond\r\n0\r\n\r\n")
                     .await
                     .expect("last chunks");
+            }
+            "/bye" => {
+                w.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye")
+                    .await
+                    .expect("answer");
+                return;
             }
             "/silent" => {
                 tokio::time::sleep(Duration::from_secs(30)).await;
@@ -422,6 +430,23 @@ async fn streams_a_chunked_answer() {
     );
     assert_eq!(body, b"hello 2");
     assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+}
+
+/// Upstream connections the origin closed while they sat in the pool are not used for the
+/// next request (or, if one is, the request is sent again on a new connection): no 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skips_upstream_connections_the_origin_closed() {
+    for pool in ["own", "pingora"] {
+        let (origin, peer) = origin().await;
+        let floor = Floor::start(peer, &["--pool", pool]).await;
+        let mut client = Client::connect(floor.addr).await;
+        for i in 1..=5 {
+            let (head, body) = client.get("/bye").await;
+            assert_eq!(status(&head), 200, "pool {pool}, request {i}");
+            assert_eq!(body, b"bye", "pool {pool}, request {i}");
+        }
+        assert_eq!(origin.connections.load(Ordering::SeqCst), 5, "pool {pool}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
