@@ -125,12 +125,22 @@ def compare(results, notes_path, setup):
     row("  CPU µs per request", "pass", "cpu_us", "us")
     o_rps = median(values(data, "pass", "origin", "rps"))
     o_cpu = median(values(data, "pass", "origin", "cpu_us"))
-    p_max = max([median(values(data, "pass", t, "rps")) or 0 for t in ("stoa",) + PEERS])
+    p_max = max([median(values(data, "pass", t, "rps")) or 0 for t in ("stoa",) + PEERS + ("lean",)])
     o_ok = "" if o_rps is None else (
         f" ({o_rps / p_max:.1f}x the fastest proxy: not the bottleneck)" if p_max and o_rps >= 1.5 * p_max
         else " (less than 1.5x the fastest proxy: it may limit the rows above)")
     print(f"  the origin alone (nginx static file): {fmt_value(o_rps, 'rps')} requests/s,"
           f" {fmt_value(o_cpu, 'us')} CPU µs per request{o_ok}")
+    if values(data, "pass", "lean", "rps"):
+        l_rps = median(values(data, "pass", "lean", "rps"))
+        l_p99 = median(values(data, "pass", "lean", "p99"))
+        l_cpu = median(values(data, "pass", "lean", "cpu_us"))
+        print(f"  lean: the floor on pingora-core's HTTP/1 sessions (stoa-floor --path lean):"
+              f" {fmt_value(l_rps, 'rps')} requests/s, p99 {fmt_value(l_p99, 'ms')} ms,"
+              f" {fmt_value(l_cpu, 'us')} CPU µs per request; lean/floor requests/s"
+              f" {fmt_ratio(ratios(data, 'pass', 'rps', 'lean', 'floor'))},"
+              f" CPU {fmt_ratio(ratios(data, 'pass', 'cpu_us', 'lean', 'floor'))};"
+              f" stoa/lean {fmt_ratio(ratios(data, 'pass', 'rps', 'stoa', 'lean'))}")
     section("stampede: 1,000 clients, one cold key, slow upstream")
     row("  upstream calls per stampede", "stampede", "upstream_calls", "calls")
     row("  p50 ms (connected first, then fired)", "stampede", "p50", "ms")

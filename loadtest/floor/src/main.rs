@@ -3,52 +3,52 @@
 //! logging), to show what pingora's proxy path itself costs next to stoa's.
 //!
 //!   stoa-floor --listen 127.0.0.1:8080 --peer 127.0.0.1:8081 [--threads N] [--model split|shared]
+//!              [--path proxy|lean] [--pool own|pingora] [--timeout SECONDS]
+//!
+//! `--path proxy` (the default) is pingora's `ProxyHttp` with a fixed peer; `--path lean` is a
+//! custom pingora-core `ServerApp` on the HTTP/1 server and client sessions (see `lean.rs`),
+//! with its own upstream pool (`--pool own`, default) or pingora's (`--pool pingora`), and
+//! `--timeout` (default 10 s) on connecting to and each read and write of the upstream.
 //!
 //! `--model split` (the default) runs N single-thread services without work stealing, each
 //! accepting from the one listening socket, like nginx workers; `--model shared` runs one
 //! service on N threads with pingora's default work stealing.
 
+mod lean;
+mod proxy;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
+use pingora::services::listening::Service;
 
-struct Floor {
-    peer: SocketAddr,
-}
-
-#[async_trait]
-impl ProxyHttp for Floor {
-    type CTX = ();
-
-    fn new_ctx(&self) -> Self::CTX {}
-
-    async fn upstream_peer(
-        &self,
-        _session: &mut Session,
-        _ctx: &mut Self::CTX,
-    ) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.peer, false, String::new())))
-    }
-}
+use lean::{Lean, PoolKind};
+use proxy::Floor;
 
 struct Args {
     listen: String,
     peer: SocketAddr,
     threads: usize,
     split: bool,
+    lean: bool,
+    pool: PoolKind,
+    timeout: Duration,
 }
 
-const USAGE: &str =
-    "usage: stoa-floor --listen ADDR --peer ADDR [--threads N] [--model split|shared]";
+const USAGE: &str = "usage: stoa-floor --listen ADDR --peer ADDR [--threads N] \
+[--model split|shared] [--path proxy|lean] [--pool own|pingora] [--timeout SECONDS]";
 
 fn args() -> Result<Args, String> {
     let mut listen = None;
     let mut peer = None;
     let mut threads = std::thread::available_parallelism().map_or(1, usize::from);
     let mut split = true;
+    let mut lean = false;
+    let mut pool = PoolKind::Own;
+    let mut timeout = Duration::from_secs(10);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
@@ -73,6 +73,29 @@ fn args() -> Result<Args, String> {
                     other => return Err(format!("--model {other}: not split or shared")),
                 }
             }
+            "--path" => {
+                lean = match value()?.as_str() {
+                    "proxy" => false,
+                    "lean" => true,
+                    other => return Err(format!("--path {other}: not proxy or lean")),
+                }
+            }
+            "--pool" => {
+                pool = match value()?.as_str() {
+                    "own" => PoolKind::Own,
+                    "pingora" => PoolKind::Pingora,
+                    other => return Err(format!("--pool {other}: not own or pingora")),
+                }
+            }
+            "--timeout" => {
+                let v = value()?;
+                timeout = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite() && *s > 0.0)
+                    .map(Duration::from_secs_f64)
+                    .ok_or(format!("--timeout {v}: not a positive number of seconds"))?;
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -82,6 +105,9 @@ fn args() -> Result<Args, String> {
         peer: peer.ok_or("--peer is required")?,
         threads,
         split,
+        lean,
+        pool,
+        timeout,
     })
 }
 
@@ -107,6 +133,18 @@ fn main() -> ExitCode {
     server.bootstrap();
     let services = if args.split { args.threads } else { 1 };
     for i in 0..services {
+        if args.lean {
+            let mut service = Service::new(
+                format!("lean {i}"),
+                Lean::new(args.peer, args.timeout, args.pool),
+            );
+            service.add_tcp(&args.listen);
+            if args.split {
+                service.threads = Some(1);
+            }
+            server.add_service(service);
+            continue;
+        }
         let mut proxy = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             Floor { peer: args.peer },

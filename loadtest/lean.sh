@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The floor's two forwarding paths side by side: stoa-floor --path proxy (pingora's ProxyHttp)
+# and --path lean (pingora-core's HTTP/1 sessions, no ProxyHttp), in front of one nginx serving
+# a static file, driven by wrk in interleaved rounds. Prints requests/s, p99 and CPU µs per
+# request (user + system of the server's threads over the run, /proc/PID/stat) of every run,
+# then the medians.
+#
+#   loadtest/lean.sh
+#   DURATION=5 ROUNDS=3 CONNECTIONS=50 WORKERS=2 MODEL=split loadtest/lean.sh
+#
+# Needs nginx, wrk and python3; uses target/release/stoa-floor (cargo build --release -p stoa-floor).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-50}
+WORKERS=${WORKERS:-2}
+MODEL=${MODEL:-split}
+POOL=${POOL:-own}
+PORT_BASE=${PORT_BASE:-19300}
+ORIGIN_PORT=$((PORT_BASE + 1)); PROXY_PORT=$((PORT_BASE + 2)); LEAN_PORT=$((PORT_BASE + 3))
+
+. loadtest/lib.sh
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || die "nginx is required"
+command -v wrk >/dev/null 2>&1 || die "wrk is required"
+[ -x target/release/stoa-floor ] || die "build it first: cargo build --release -p stoa-floor"
+
+start_work lean
+ports_free $ORIGIN_PORT $PROXY_PORT $LEAN_PORT
+
+# The origin: one nginx worker serving 381 bytes of JSON (the size of the demo's menu).
+mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
+python3 -c 'import sys; h, t = "{\"name\": \"Dufva\", \"menu\": \"", "\"}"; sys.stdout.write(h + "x" * (381 - len(h) - len(t)) + t)' \
+  >"$work/origin/www/api/restaurant/dufva"
+chmod -R a+rX "$work/origin"
+cat >"$work/origin.conf" <<NGINX
+worker_processes 1;
+pid $work/origin.pid;
+error_log $work/origin/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/origin/tmp;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+    root $work/origin/www;
+    default_type application/json;
+  }
+}
+NGINX
+"$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
+pids+=($!)
+wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
+
+declare -A pid_of port_of=([proxy]=$PROXY_PORT [lean]=$LEAN_PORT)
+for path in proxy lean; do
+  ./target/release/stoa-floor --listen "127.0.0.1:${port_of[$path]}" --peer "127.0.0.1:$ORIGIN_PORT" \
+    --threads "$WORKERS" --model "$MODEL" --path "$path" --pool "$POOL" >"$work/$path.log" 2>&1 &
+  pids+=($!); pid_of[$path]=$!
+  wait_for "stoa-floor --path $path" "http://127.0.0.1:${port_of[$path]}/api/restaurant/dufva" $! "$work/$path.log"
+done
+
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of all threads
+hz=$(getconf CLK_TCK)
+echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds; stoa-floor --threads $WORKERS --model $MODEL (lean: --pool $POOL); $(nproc) cores"
+printf '%-6s %5s %12s %9s %14s\n' path round requests/s "p99 ms" "CPU us/req"
+results=$work/results
+for r in $(seq 1 "$ROUNDS"); do
+  for path in proxy lean; do
+    t0=$(ticks "${pid_of[$path]}")
+    out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
+            "http://127.0.0.1:${port_of[$path]}/api/restaurant/dufva")
+    t1=$(ticks "${pid_of[$path]}")
+    read -r rps p99 n bad < <(printf '%s\n' "$out" | awk '
+      function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+      /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
+      /Non-2xx/ { bad = $NF } END { printf "%s %.2f %d %d\n", rps, p99, n, bad }')
+    [ "$bad" = 0 ] || echo "  ($path, round $r: $bad non-2xx answers)"
+    cpu=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1000000 / hz / n }')
+    printf '%-6s %5s %12s %9s %14s\n' "$path" "$r" "$rps" "$p99" "$cpu"
+    echo "$path $rps $p99 $cpu" >>"$results"
+  done
+done
+echo "medians:"
+python3 - "$results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    path, *vals = line.split()
+    rows.setdefault(path, []).append([float(v) for v in vals])
+med = {p: [statistics.median(col) for col in zip(*v)] for p, v in rows.items()}
+for p, (rps, p99, cpu) in med.items():
+    print(f"{p:<6} {rps:>12,.0f} requests/s  p99 {p99:6.2f} ms  {cpu:6.1f} CPU us/req")
+if "proxy" in med and "lean" in med:
+    print(f"lean/proxy: requests/s {med['lean'][0] / med['proxy'][0]:.2f}x,"
+          f" CPU per request {med['lean'][2] / med['proxy'][2]:.2f}x")
+PY
