@@ -390,7 +390,10 @@ cache = {{ ttl = "1h", key_body = ["customer_id"], refresh_hook = "/refresh_data
         if now_b != before_b {
             break;
         }
-        assert!(Instant::now() < deadline, "the other entry was never refetched");
+        assert!(
+            Instant::now() < deadline,
+            "the other entry was never refetched"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
