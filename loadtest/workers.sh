@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# stoa's two thread models side by side: `server.worker_model = "workers"` (server.threads
+# single-thread workers, no work stealing, one shared socket) and "shared" (one service on
+# server.threads threads with tokio's work stealing), same configuration otherwise, in front
+# of one nginx serving a static file, driven by wrk in interleaved rounds: cache hits and
+# pass-through. Prints requests/s, p99 and CPU µs per request (user + system of stoa's threads
+# over the run, /proc/PID/stat) of every run, then the medians.
+#
+#   loadtest/workers.sh
+#   DURATION=5 ROUNDS=3 CONNECTIONS=50 WORKERS=2 loadtest/workers.sh
+#
+# Needs nginx, wrk and python3; uses target/release/stoa (cargo build --release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-50}
+WORKERS=${WORKERS:-2}
+PORT_BASE=${PORT_BASE:-19400}
+ORIGIN_PORT=$((PORT_BASE + 1))
+
+. loadtest/lib.sh
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[ -x "$NGINX" ] || die "nginx is required"
+command -v wrk >/dev/null 2>&1 || die "wrk is required"
+[ -x target/release/stoa ] || die "build it first: cargo build --release"
+
+start_work workers
+declare -A port_of=([workers]=$((PORT_BASE + 2)) [shared]=$((PORT_BASE + 4)))
+declare -A admin_of=([workers]=$((PORT_BASE + 3)) [shared]=$((PORT_BASE + 5)))
+ports_free $ORIGIN_PORT "${port_of[@]}" "${admin_of[@]}"
+
+# The origin: one nginx worker serving 381 bytes of JSON (the size of the demo's menu).
+mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
+python3 -c 'import sys; h, t = "{\"name\": \"Dufva\", \"menu\": \"", "\"}"; sys.stdout.write(h + "x" * (381 - len(h) - len(t)) + t)' \
+  >"$work/origin/www/api/restaurant/dufva"
+chmod -R a+rX "$work/origin"
+cat >"$work/origin.conf" <<NGINX
+worker_processes 1;
+pid $work/origin.pid;
+error_log $work/origin/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/origin/tmp;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+    root $work/origin/www;
+    default_type application/json;
+  }
+}
+NGINX
+"$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
+pids+=($!)
+wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
+
+declare -A pid_of
+for model in workers shared; do
+  cat >"$work/$model.toml" <<TOML
+[server]
+listen = "127.0.0.1:${port_of[$model]}"
+threads = $WORKERS
+worker_model = "$model"
+[admin]
+listen = "127.0.0.1:${admin_of[$model]}"
+[log]
+level = "warn"
+access_log = false
+[upstreams.origin]
+url = "http://127.0.0.1:$ORIGIN_PORT"
+[[routes]]
+name = "hit"
+methods = ["GET"]
+path = "/hit/{id}"
+upstream = "origin"
+rewrite = "/api/restaurant/{id}"
+cache = { ttl = "1h" }
+[[routes]]
+name = "pass"
+methods = ["GET"]
+path = "/api/{*rest}"
+upstream = "origin"
+TOML
+  ./target/release/stoa --config "$work/$model.toml" >"$work/$model.log" 2>&1 &
+  pids+=($!); pid_of[$model]=$!
+  wait_for "stoa ($model)" "http://127.0.0.1:${admin_of[$model]}/readyz" $! "$work/$model.log"
+  curl -fsS -o /dev/null "http://127.0.0.1:${port_of[$model]}/hit/dufva"
+done
+
+ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of all threads
+hz=$(getconf CLK_TCK)
+echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds; stoa threads = $WORKERS; $(nproc) cores"
+printf '%-5s %-8s %5s %12s %9s %14s\n' row model round requests/s "p99 ms" "CPU us/req"
+results=$work/results
+for r in $(seq 1 "$ROUNDS"); do
+  for row in hit pass; do
+    path=/hit/dufva; [ "$row" = pass ] && path=/api/restaurant/dufva
+    # Alternate who goes first from round to round.
+    order="workers shared"; [ $((r % 2)) = 0 ] && order="shared workers"
+    for model in $order; do
+      t0=$(ticks "${pid_of[$model]}")
+      out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${port_of[$model]}$path")
+      t1=$(ticks "${pid_of[$model]}")
+      read -r rps p99 n bad < <(printf '%s\n' "$out" | awk '
+        function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+        /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
+        /Non-2xx/ { bad = $NF } END { printf "%s %.2f %d %d\n", rps, p99, n, bad }')
+      [ "$bad" = 0 ] || echo "  ($row, $model, round $r: $bad non-2xx answers)"
+      cpu=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1000000 / hz / n }')
+      printf '%-5s %-8s %5s %12s %9s %14s\n' "$row" "$model" "$r" "$rps" "$p99" "$cpu"
+      echo "$row $model $rps $p99 $cpu" >>"$results"
+    done
+  done
+done
+echo "medians:"
+python3 - "$results" <<'PY'
+import statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    row, model, *vals = line.split()
+    rows.setdefault((row, model), []).append([float(v) for v in vals])
+med = {k: [statistics.median(col) for col in zip(*v)] for k, v in rows.items()}
+for (row, model), (rps, p99, cpu) in sorted(med.items()):
+    print(f"{row:<5} {model:<8} {rps:>12,.0f} requests/s  p99 {p99:6.2f} ms  {cpu:6.1f} CPU us/req")
+for row in ("hit", "pass"):
+    w, s = med.get((row, "workers")), med.get((row, "shared"))
+    if w and s:
+        print(f"{row}: workers/shared requests/s {w[0] / s[0]:.2f}x, CPU per request {w[2] / s[2]:.2f}x")
+PY
