@@ -342,21 +342,24 @@ if [ -n "$SOAK" ]; then
   samples=$((SOAK_S / 10))
   echo "soak: $samples x 10 s of wrk -t$THREADS -c$CONNECTIONS -s loadtest/soak.lua against stoa" \
        "(4/10 hits, 2/10 misses, 2/10 pass-through, 2/10 over a 200/s limit); $(nproc) cores" >&2
-  printf '%6s %12s %9s %9s %10s %14s\n' "t s" "requests/s" "p50 ms" "p99 ms" "non-2xx" "stoa RSS MiB"
+  printf '%6s %12s %9s %9s %10s %14s %12s\n' "t s" "requests/s" "p50 ms" "p99 ms" "non-2xx" "stoa RSS MiB" "CPU us/req"
   for i in $(seq 1 "$samples"); do
+    cpu_before=$(cpu_us "$stoa_pid")
     out=$(timeout 40 wrk -t"$THREADS" -c"$CONNECTIONS" -d10s --latency -s "$LOADTEST/soak.lua" "$base" 2>&1) \
       || { echo "$out" >&2; die "wrk failed during the soak"; }
-    read -r rps p50 p99 bad errs < <(printf '%s\n' "$out" | awk '
+    cpu_after=$(cpu_us "$stoa_pid")
+    read -r rps p50 p99 bad n errs < <(printf '%s\n' "$out" | awk '
       function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /m$/) return v*60000; if (v ~ /s$/) return v*1000; return v }
       /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
-      /Non-2xx/ { bad = $NF } /Socket errors/ { errs = $0 }
-      END { gsub(/[ ,]+/, "_", errs); printf "%s %.3f %.3f %d %s\n", rps, p50, p99, bad, (errs == "" ? "-" : errs) }')
+      / requests in / { n = $1 } /Non-2xx/ { bad = $NF } /Socket errors/ { errs = $0 }
+      END { gsub(/[ ,]+/, "_", errs); printf "%s %.3f %.3f %d %d %s\n", rps, p50, p99, bad, n, (errs == "" ? "-" : errs) }')
+    cpu_req=$(awk -v d=$((cpu_after - cpu_before)) -v n="$n" 'BEGIN { printf "%.1f", (n > 0 ? d / n : 0) }')
     kill -0 "$stoa_pid" 2>/dev/null || { tail -n 30 "$work/stoa.log" >&2; die "stoa exited during the soak"; }
     rss_kb=$(awk '/^VmRSS/ { print $2 }' "/proc/$stoa_pid/status")
-    printf '%6d %12.0f %9.3f %9.3f %10d %14.1f\n' $((i * 10)) "$rps" "$p50" "$p99" "$bad" "$(echo "$rss_kb" | awk '{ print $1 / 1024 }')"
+    printf '%6d %12.0f %9.3f %9.3f %10d %14.1f %12s\n' $((i * 10)) "$rps" "$p50" "$p99" "$bad" "$(echo "$rss_kb" | awk '{ print $1 / 1024 }')" "$cpu_req"
     [ "$errs" = "-" ] || echo "  wrk: $errs" >&2
     rec soak stoa "$i" rps "$rps"; rec soak stoa "$i" p99 "$p99"; rec soak stoa "$i" rss_kb "$rss_kb"
-    rec soak stoa "$i" non2xx "$bad"
+    rec soak stoa "$i" non2xx "$bad"; rec soak stoa "$i" cpu_us "$cpu_req"
   done
   python3 "$LOADTEST/report.py" soak "$results"
   exit 0

@@ -262,6 +262,16 @@ def soak(results):
         ratio = f"{last / first:.3f}x" if first else "N/A"
         print(f"  [{'PASS' if ok else 'MISS'}] {name}: {first:.2f} {unit} -> {last:.2f} {unit},"
               f" last/first {ratio} ({pct:+.1f}%; target < +10%)")
+    # Not targets: what the machine gave (requests/s) and what a request cost stoa (CPU),
+    # to tell a slower stoa from a busier machine.
+    for name, series, unit in (
+        ("requests/s", values(data, "soak", "stoa", "rps"), ""),
+        ("stoa CPU us per request", values(data, "soak", "stoa", "cpu_us"), " us"),
+    ):
+        if len(series) >= 2 * k:
+            first, last, pct = drift(series, unit)
+            print(f"  [info] {name}: {first:,.1f}{unit} -> {last:,.1f}{unit}, last/first"
+                  f" {last / first:.3f}x ({pct:+.1f}%)" if first else f"  [info] {name}: N/A")
     bad = values(data, "soak", "stoa", "non2xx")
     rps = values(data, "soak", "stoa", "rps")
     if bad and rps:
