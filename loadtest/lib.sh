@@ -58,3 +58,34 @@ wait_for() {
   tail -n 30 "$log" >&2 || true
   exit 1
 }
+
+# start_static_origin PORT: one nginx worker ($NGINX) on 127.0.0.1:PORT serving 381 bytes of
+# JSON (the size of the demo's menu) at /api/restaurant/dufva, files under $work/origin;
+# returns once it answers.
+start_static_origin() {
+  local ORIGIN_PORT=$1
+  mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
+  python3 -c 'import sys; h, t = "{\"name\": \"Dufva\", \"menu\": \"", "\"}"; sys.stdout.write(h + "x" * (381 - len(h) - len(t)) + t)' \
+    >"$work/origin/www/api/restaurant/dufva"
+  chmod -R a+rX "$work/origin"
+  cat >"$work/origin.conf" <<NGINX
+worker_processes 1;
+pid $work/origin.pid;
+error_log $work/origin/error.log warn;
+daemon off;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/origin/tmp;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
+    root $work/origin/www;
+    default_type application/json;
+  }
+}
+NGINX
+  "$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
+  pids+=($!)
+  wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
+}
