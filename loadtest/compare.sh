@@ -6,7 +6,7 @@
 #
 #   loadtest/compare.sh                  # the full comparison, about 5 minutes
 #   loadtest/compare.sh --quick          # a smoke run, about 1 minute
-#   loadtest/compare.sh --soak 10m       # stoa alone under steady mixed load: p99 and RSS drift
+#   loadtest/compare.sh --soak 10m       # stoa and nginx in turn under a steady mix: p99, RSS, CPU drift
 #   DURATION=10s ROUNDS=5 loadtest/compare.sh
 #
 # Installs what is missing (nginx-light, varnish, varnish-modules, wrk, hey, curl, python3)
@@ -22,8 +22,9 @@ usage: loadtest/compare.sh [--quick] [--soak DURATION]
   (no flag)        stoa vs nginx vs Varnish: cache hits, pass-through, stampede,
                    expiry under load, GET-with-JSON-body hits; one table with ratios
   --quick          the same, short: 1 round of 2 s per hit run, 6 s of expiry load
-  --soak DURATION  stoa alone under steady mixed load (hits, misses, pass-through, 429s)
-                   for DURATION (e.g. 10m, at least 20s), sampling p99 and RSS every 10 s
+  --soak DURATION  stoa and nginx in turn under steady mixed load (hits, misses, pass-through,
+                   429s) for DURATION (e.g. 10m, at least 40s): 10 s samples of each, p99,
+                   RSS and CPU per request; drift first vs last minute, stoa's beside nginx's
 
 environment (defaults in brackets):
   DURATION [5s]  ROUNDS [3]   one wrk run per server per round, servers interleaved
@@ -83,7 +84,7 @@ DURATION_S=$(secs "$DURATION")
 EXPIRY_S=$(secs "$EXPIRY_DURATION")
 if [ -n "$SOAK" ]; then
   SOAK_S=$(secs "$SOAK")
-  [ "$SOAK_S" -ge 20 ] || die "--soak needs at least 20s (two 10 s samples)"
+  [ "$SOAK_S" -ge 40 ] || die "--soak needs at least 40s (two 10 s samples of each server)"
 fi
 
 # Ports: upstreams, stoa variants, nginx, Varnish.
@@ -106,8 +107,8 @@ need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 if [ -z "$SOAK" ]; then
-  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
   command -v varnishd >/dev/null 2>&1 || [ -x /usr/sbin/varnishd ] || need+=(varnish)
   vmod_bodyaccess || need+=(varnish-modules)
   command -v hey >/dev/null 2>&1 || need+=(hey)
@@ -134,7 +135,7 @@ HAVE_HEY=0; command -v hey >/dev/null 2>&1 && HAVE_HEY=1
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 HAVE_OHA=0; [ -x "$OHA" ] && HAVE_OHA=1
 HAVE_VARNISH=0; [ -z "$SOAK" ] && [ -x "$VARNISHD" ] && HAVE_VARNISH=1
-if [ -z "$SOAK" ]; then [ -x "$NGINX" ] || die "nginx is required (apt-get install nginx-light)"; fi
+[ -x "$NGINX" ] || die "nginx is required (apt-get install nginx-light)"
 
 if [ "${NO_BUILD:-0}" != 1 ]; then
   echo "building stoa (cargo build --release --workspace --bins)" >&2
@@ -331,39 +332,6 @@ TOML
 # The main contender: metrics on, access log off (as nginx below: access_log off).
 start_stoa stoa "$STOA_PORT" "$STOA_ADMIN" $'[log]\nlevel = "warn"\naccess_log = false' ""
 
-# ======================================================================================
-# Soak: stoa alone, steady mixed load, p99 and RSS every 10 s.
-# ======================================================================================
-if [ -n "$SOAK" ]; then
-  base=http://127.0.0.1:$STOA_PORT
-  for id in bikupan dufva glada haga hjulet hubben jons jorpes livet nanna rudbeck svarta tallrik; do
-    c -o /dev/null "$base/restaurant/$id"
-  done
-  samples=$((SOAK_S / 10))
-  echo "soak: $samples x 10 s of wrk -t$THREADS -c$CONNECTIONS -s loadtest/soak.lua against stoa" \
-       "(4/10 hits, 2/10 misses, 2/10 pass-through, 2/10 over a 200/s limit); $(nproc) cores" >&2
-  printf '%6s %12s %9s %9s %10s %14s %12s\n' "t s" "requests/s" "p50 ms" "p99 ms" "non-2xx" "stoa RSS MiB" "CPU us/req"
-  for i in $(seq 1 "$samples"); do
-    cpu_before=$(cpu_us "$stoa_pid")
-    out=$(timeout 40 wrk -t"$THREADS" -c"$CONNECTIONS" -d10s --latency -s "$LOADTEST/soak.lua" "$base" 2>&1) \
-      || { echo "$out" >&2; die "wrk failed during the soak"; }
-    cpu_after=$(cpu_us "$stoa_pid")
-    read -r rps p50 p99 bad n errs < <(printf '%s\n' "$out" | awk '
-      function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /m$/) return v*60000; if (v ~ /s$/) return v*1000; return v }
-      /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
-      / requests in / { n = $1 } /Non-2xx/ { bad = $NF } /Socket errors/ { errs = $0 }
-      END { gsub(/[ ,]+/, "_", errs); printf "%s %.3f %.3f %d %d %s\n", rps, p50, p99, bad, n, (errs == "" ? "-" : errs) }')
-    cpu_req=$(awk -v d=$((cpu_after - cpu_before)) -v n="$n" 'BEGIN { printf "%.1f", (n > 0 ? d / n : 0) }')
-    kill -0 "$stoa_pid" 2>/dev/null || { tail -n 30 "$work/stoa.log" >&2; die "stoa exited during the soak"; }
-    rss_kb=$(awk '/^VmRSS/ { print $2 }' "/proc/$stoa_pid/status")
-    printf '%6d %12.0f %9.3f %9.3f %10d %14.1f %12s\n' $((i * 10)) "$rps" "$p50" "$p99" "$bad" "$(echo "$rss_kb" | awk '{ print $1 / 1024 }')" "$cpu_req"
-    [ "$errs" = "-" ] || echo "  wrk: $errs" >&2
-    rec soak stoa "$i" rps "$rps"; rec soak stoa "$i" p99 "$p99"; rec soak stoa "$i" rss_kb "$rss_kb"
-    rec soak stoa "$i" non2xx "$bad"; rec soak stoa "$i" cpu_us "$cpu_req"
-  done
-  python3 "$LOADTEST/report.py" soak "$results"
-  exit 0
-fi
 
 # Observability cost: metrics and access log both off / both on (JSON lines to a file).
 start_stoa bare "$BARE_PORT" "$BARE_ADMIN" $'metrics = false\n[log]\nlevel = "warn"\naccess_log = false' ""
@@ -405,7 +373,8 @@ http {
   upstream restaurants { server 127.0.0.1:$UP_PORT; keepalive 64; }
   upstream slow { server 127.0.0.1:$SLOW_PORT; keepalive 64; }
   upstream clv { server 127.0.0.1:$CLV_PORT; keepalive 64; }
-  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 64; }
+  upstream origin { server ${API_UPSTREAM#http://}; keepalive 64; }
+  limit_req_zone \$binary_remote_addr zone=tight:1m rate=200r/s;
   server {
     listen 127.0.0.1:$NGINX_PORT backlog=4096;
     location /restaurant/ {
@@ -418,7 +387,22 @@ http {
       proxy_pass http://origin;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header Host 127.0.0.1:$ORIGIN_PORT;
+      proxy_set_header Host ${API_UPSTREAM#http://};
+    }
+    # The soak mix: a 1 s TTL over rotating keys, and a route limited to 200 requests/s.
+    location /miss/restaurant/ {
+      proxy_pass http://restaurants/api/restaurant/;
+      proxy_set_header Host 127.0.0.1:$UP_PORT;
+      include $work/nginx-cache.conf;
+      proxy_cache_valid 200 1s;
+    }
+    location /limited/restaurant/ {
+      limit_req zone=tight burst=200 nodelay;
+      limit_req_status 429;
+      proxy_pass http://restaurants/api/restaurant/;
+      proxy_set_header Host 127.0.0.1:$UP_PORT;
+      include $work/nginx-cache.conf;
+      proxy_cache_valid 200 60s;
     }
     location /slow/restaurant/ {
       proxy_pass http://slow/api/restaurant/;
@@ -454,6 +438,50 @@ NGINX
   || { cat "$work/nginx-t.out" >&2; die "nginx rejected the generated configuration"; }
 "$NGINX" -p "$work/nginx" -c "$work/nginx.conf" >"$work/nginx.out" 2>&1 &
 pids+=($!); nginx_pid=$!; wait_for nginx "http://127.0.0.1:$NGINX_PORT/static" $! "$work/nginx.out"
+
+# ======================================================================================
+# Soak: stoa and nginx in turn, steady mixed load, p99, RSS and CPU per request every 10 s.
+# ======================================================================================
+if [ -n "$SOAK" ]; then
+  base=http://127.0.0.1:$STOA_PORT
+  for id in bikupan dufva glada haga hjulet hubben jons jorpes livet nanna rudbeck svarta tallrik; do
+    c -o /dev/null "$base/restaurant/$id"
+  done
+  # Samples alternate between stoa and nginx (the reference: same mix, same upstream), so a
+  # drift both show is the machine's, not stoa's.
+  samples=$((SOAK_S / 20))
+  nbase=http://127.0.0.1:$NGINX_PORT
+  for id in bikupan dufva glada haga hjulet hubben jons jorpes livet nanna rudbeck svarta tallrik; do
+    c -o /dev/null "$nbase/restaurant/$id"
+  done
+  echo "soak: $samples x 10 s of wrk -t$THREADS -c$CONNECTIONS -s loadtest/soak.lua against stoa, each followed" \
+       "by 10 s against nginx (4/10 hits, 2/10 misses, 2/10 pass-through, 2/10 over a 200/s limit); $(nproc) cores" >&2
+  printf '%6s %-6s %12s %9s %9s %10s %10s %12s\n' "t s" server "requests/s" "p50 ms" "p99 ms" "non-2xx" "RSS MiB" "CPU us/req"
+  declare -A soak_base=([stoa]=$base [nginx]=$nbase) soak_pid=([stoa]=$stoa_pid [nginx]=$nginx_pid)
+  for i in $(seq 1 "$samples"); do
+    for t in stoa nginx; do
+      cpu_before=$(cpu_us "${soak_pid[$t]}")
+      out=$(timeout 40 wrk -t"$THREADS" -c"$CONNECTIONS" -d10s --latency -s "$LOADTEST/soak.lua" "${soak_base[$t]}" 2>&1) \
+        || { echo "$out" >&2; die "wrk failed during the soak"; }
+      cpu_after=$(cpu_us "${soak_pid[$t]}")
+      read -r rps p50 p99 bad n errs < <(printf '%s\n' "$out" | awk '
+        function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /m$/) return v*60000; if (v ~ /s$/) return v*1000; return v }
+        /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
+        / requests in / { n = $1 } /Non-2xx/ { bad = $NF } /Socket errors/ { errs = $0 }
+        END { gsub(/[ ,]+/, "_", errs); printf "%s %.3f %.3f %d %d %s\n", rps, p50, p99, bad, n, (errs == "" ? "-" : errs) }')
+      cpu_req=$(awk -v d=$((cpu_after - cpu_before)) -v n="$n" 'BEGIN { printf "%.1f", (n > 0 ? d / n : 0) }')
+      kill -0 "${soak_pid[$t]}" 2>/dev/null || { tail -n 30 "$work/$t.log" >&2; die "$t exited during the soak"; }
+      # RSS of the process and its children (nginx's workers).
+      rss_kb=$(for p in "${soak_pid[$t]}" $(pgrep -P "${soak_pid[$t]}"); do awk '/^VmRSS/ { print $2 }' "/proc/$p/status"; done | awk '{ s += $1 } END { print s }')
+      printf '%6d %-6s %12.0f %9.3f %9.3f %10d %10.1f %12s\n' $((i * 20)) "$t" "$rps" "$p50" "$p99" "$bad" "$(echo "$rss_kb" | awk '{ print $1 / 1024 }')" "$cpu_req"
+      [ "$errs" = "-" ] || echo "  wrk ($t): $errs" >&2
+      rec soak "$t" "$i" rps "$rps"; rec soak "$t" "$i" p99 "$p99"; rec soak "$t" "$i" rss_kb "$rss_kb"
+      rec soak "$t" "$i" non2xx "$bad"; rec soak "$t" "$i" cpu_us "$cpu_req"
+    done
+  done
+  python3 "$LOADTEST/report.py" soak "$results"
+  exit 0
+fi
 
 # --- Varnish ----------------------------------------------------------------------------
 VARNISH_BODY=0
