@@ -36,7 +36,7 @@ use super::encoding::{Compressed, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
 use super::store::{Entry, Lifetimes};
-use crate::cluster::{Cluster, PROBE_EVERY};
+use crate::cluster::{Cluster, ClusterError, PROBE_EVERY};
 use crate::config::{Coding, RedisTarget};
 
 /// The first bytes of every stored value: format name and version. A node that reads any
@@ -433,17 +433,17 @@ impl Tier {
         let Ok(text) = serde_json::to_string(&order) else {
             return false;
         };
-        let channel = self.control_channel.clone();
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&self.control_channel).arg(text);
+        self.command(publish).await.is_ok()
+    }
+
+    /// Runs one command whose reply is an integer (PUBLISH, SADD, DEL); nothing when the
+    /// tier is degraded.
+    async fn command(&self, cmd: redis::Cmd) -> Result<i64, ClusterError> {
         self.cluster
-            .run(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(text)
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
+            .run(|mut c| async move { cmd.query_async::<i64>(&mut c).await })
             .await
-            .is_ok()
     }
 
     fn lease(self: &Arc<Self>, hash: String, token: String, lease_key: String, ms: u64) -> Lease {
@@ -521,18 +521,9 @@ impl Tier {
                         .await;
                     // The set of indexed routes, for purges by prefix across routes (a
                     // key of its own: on a Redis Cluster it may live on another master).
-                    let routes = self.routes_key();
-                    let route = key.route().to_string();
-                    let _ = self
-                        .cluster
-                        .run(|mut c| async move {
-                            redis::cmd("SADD")
-                                .arg(&routes)
-                                .arg(route)
-                                .query_async::<i64>(&mut c)
-                                .await
-                        })
-                        .await;
+                    let mut add = redis::cmd("SADD");
+                    add.arg(self.routes_key()).arg(key.route());
+                    let _ = self.command(add).await;
                 }
             }
             None => {
@@ -561,33 +552,18 @@ impl Tier {
         let Ok(text) = serde_json::to_string(&message) else {
             return;
         };
-        let channel = self.purge_channel.clone();
-        let _ = self
-            .cluster
-            .run(|mut c| async move {
-                redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(text)
-                    .query_async::<i64>(&mut c)
-                    .await
-            })
-            .await;
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&self.purge_channel).arg(text);
+        let _ = self.command(publish).await;
     }
 
     async fn purge_shared(&self, what: PurgeWhat) {
         // The shared entries: found through the routes' indexes (or the key's hash).
         let (routes, matches): (Vec<String>, PathFilter) = match what {
             PurgeWhat::Key { key, .. } => {
-                let entry_key = self.entry_key(&hash_text(&key));
-                let _ = self
-                    .cluster
-                    .run(|mut c| async move {
-                        redis::cmd("DEL")
-                            .arg(&entry_key)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await;
+                let mut del = redis::cmd("DEL");
+                del.arg(self.entry_key(&hash_text(&key)));
+                let _ = self.command(del).await;
                 return;
             }
             PurgeWhat::Route { route } => (vec![route], Box::new(|_| true)),
