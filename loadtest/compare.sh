@@ -203,29 +203,8 @@ fi
 # upstream is not what limits them (its own rate is measured and printed).
 API_UPSTREAM=http://127.0.0.1:$UP_PORT
 if [ -z "$SOAK" ]; then
-  mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
-  c "http://127.0.0.1:$UP_PORT/api/restaurant/dufva" >"$work/origin/www/api/restaurant/dufva"
-  chmod -R a+rX "$work/origin"
-  cat >"$work/origin.conf" <<NGINX
-worker_processes $ORIGIN_WORKERS;
-pid $work/origin.pid;
-error_log $work/origin/error.log warn;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/origin/tmp;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-    root $work/origin/www;
-    default_type application/json;
-  }
-}
-NGINX
-  "$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
-  pids+=($!); origin_pid=$!
-  wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
+  c "http://127.0.0.1:$UP_PORT/api/restaurant/dufva" >"$work/demo-answer.json"
+  start_static_origin "$ORIGIN_PORT" "$ORIGIN_WORKERS" "$work/demo-answer.json"
   API_UPSTREAM=http://127.0.0.1:$ORIGIN_PORT
 
   # The floor: a bare pingora pass-through to the same origin, stoa's thread count.

@@ -59,17 +59,22 @@ wait_for() {
   exit 1
 }
 
-# start_static_origin PORT: one nginx worker ($NGINX) on 127.0.0.1:PORT serving 381 bytes of
-# JSON (the size of the demo's menu) at /api/restaurant/dufva, files under $work/origin;
+# start_static_origin PORT [WORKERS [BODY_FILE]]: nginx ($NGINX, WORKERS worker processes,
+# default 1) on 127.0.0.1:PORT serving BODY_FILE (default: 381 bytes of JSON, the size of the
+# demo's menu) at /api/restaurant/dufva, files under $work/origin; sets $origin_pid and
 # returns once it answers.
 start_static_origin() {
-  local ORIGIN_PORT=$1
+  local ORIGIN_PORT=$1 workers=${2:-1} body=${3:-}
   mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
-  python3 -c 'import sys; h, t = "{\"name\": \"Dufva\", \"menu\": \"", "\"}"; sys.stdout.write(h + "x" * (381 - len(h) - len(t)) + t)' \
-    >"$work/origin/www/api/restaurant/dufva"
+  if [ -n "$body" ]; then
+    cp "$body" "$work/origin/www/api/restaurant/dufva"
+  else
+    python3 -c 'import sys; h, t = "{\"name\": \"Dufva\", \"menu\": \"", "\"}"; sys.stdout.write(h + "x" * (381 - len(h) - len(t)) + t)' \
+      >"$work/origin/www/api/restaurant/dufva"
+  fi
   chmod -R a+rX "$work/origin"
   cat >"$work/origin.conf" <<NGINX
-worker_processes 1;
+worker_processes $workers;
 pid $work/origin.pid;
 error_log $work/origin/error.log warn;
 daemon off;
@@ -86,6 +91,6 @@ http {
 }
 NGINX
   "$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
-  pids+=($!)
+  pids+=($!); origin_pid=$!
   wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
 }
