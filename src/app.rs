@@ -24,6 +24,7 @@ use crate::config::WorkerModel;
 use crate::config::{Config, EnvOverrides};
 use crate::connections::Listener;
 use crate::control::Control;
+use crate::front::Front;
 use crate::gateway::{Gateway, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
@@ -114,7 +115,13 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
         options.h2_idle_timeout = Some(config.server.connections.keepalive_timeout);
         proxy_app.server_options = Some(options);
         proxy_app.h2_options = Some(h2_options(config.server.h2_max_concurrent_streams));
-        let mut listener = Listener::new(proxy_app, gateway.clone(), lifecycle.clone())
+        let front = Front::new(
+            proxy_app,
+            gateway.clone(),
+            lifecycle.clone(),
+            &config.server,
+        );
+        let mut listener = Listener::new(front, gateway.clone(), lifecycle.clone())
             .with_h2c(config.server.h2c)
             .with_worker(worker);
         if let Some(tls) = &config.server.tls {

@@ -10,48 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    demo_with, find, knobs, read_until_closed, Api, EchoUpstream, RawAnswer, StoaProcess,
+    demo_with, knobs, read_answer, read_until_closed, Api, EchoUpstream, RawAnswer, StoaProcess,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-/// Reads one `Content-Length`-framed answer; bytes past it stay in `buf`. An EOF before the
-/// answer is complete is an `UnexpectedEof` error.
-async fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<RawAnswer> {
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(pos) = find(buf, b"\r\n\r\n") {
-            break pos + 4;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("EOF after {} bytes of a head", buf.len()),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end - 4]).into_owned();
-    let mut answer = RawAnswer::from_head(&head, String::new());
-    let length: usize = answer
-        .header("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    while buf.len() < head_end + length {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "EOF inside a body",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    answer.body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
-    buf.drain(..head_end + length);
-    Ok(answer)
-}
 
 /// Sends a GET and reads its answer.
 async fn get(stream: &mut TcpStream, buf: &mut Vec<u8>, path: &str) -> io::Result<RawAnswer> {

@@ -33,6 +33,7 @@ pub struct RawServer {
     pub listen_tls: Option<String>,
     pub tls: Option<RawServerTls>,
     pub h2c: Option<bool>,
+    pub front: Option<bool>,
     pub h2_max_concurrent_streams: Option<i64>,
     pub threads: Option<i64>,
     #[schemars(extend("enum" = ["workers", "shared"]))]

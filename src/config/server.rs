@@ -21,6 +21,9 @@ pub struct ServerSettings {
     pub tls: Option<ServerTls>,
     /// HTTP/2 with prior knowledge on the cleartext listener (`server.h2c`).
     pub h2c: bool,
+    /// HTTP/1 requests stoa answers itself skip pingora's proxy (`server.front`; see
+    /// `crate::front`).
+    pub front: bool,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
     /// Threads of the proxy (`server.threads`), arranged as `worker_model` says.
@@ -250,6 +253,7 @@ impl Validator<'_> {
             listen: listen?,
             tls: tls.ok()?,
             h2c: raw.h2c.unwrap_or(false),
+            front: raw.front.unwrap_or(true),
             h2_max_concurrent_streams: h2_max_concurrent_streams?,
             threads: threads?,
             worker_model: worker_model?,

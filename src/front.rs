@@ -1,0 +1,276 @@
+//! The HTTP/1 front of the proxy: answers the requests stoa answers itself (cached and
+//! aggregate routes, stoa's own errors) without pingora's proxy machinery, and hands every
+//! other request (pass-through routes, heads that do not arrive whole in one read, HTTP/2)
+//! to pingora's `HttpProxy`, which serves them exactly as before.
+//!
+//! Why: on a cache hit, pingora's `HttpProxy` costs more than the hit itself (a session
+//! wrapper with a cache state and module contexts, per-phase boxed futures, the proxy's
+//! bookkeeping). The front reads the head's bytes itself, looks at the request line, and
+//! - for a route stoa answers, parses the head with pingora's HTTP/1 session (from the bytes
+//!   already read, no second read) and runs the same [`StoaProxy`] phases `HttpProxy` would
+//!   run for it (`early_request_filter`, `request_filter`, `logging`);
+//! - for anything else, gives pingora a session that starts from those bytes, so it parses
+//!   the head as if it had read it itself.
+//!
+//! Both lanes answer a request the same way: the phases, the error table, the access log,
+//! the metrics and the connection's deadlines (the [`crate::connections::Guarded`] stream)
+//! are the same code.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::v1::server::HttpSession as SessionV1;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::{HttpProxy, ProxyHttp, Session};
+use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Notify;
+
+use crate::config::ServerSettings;
+use crate::error::StoaError;
+use crate::gateway::Gateway;
+use crate::lifecycle::Lifecycle;
+use crate::proxy::{answer, RequestCtx, StoaProxy};
+use crate::routes::{normalize_path, Lookup, PathMode};
+
+/// The first read of a request head (pingora reads the same amount).
+const HEAD_READ: usize = 4096;
+
+/// How long an HTTP/1 connection may wait for its next request, as pingora sets it (stoa's
+/// own `server.keepalive_timeout` is enforced by the connection's stream).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// Headers the front's look at a head allows; a head with more goes to pingora.
+const MAX_HEADERS: usize = 64;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Which code answers a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// The front: a route stoa answers itself, or one of its own errors.
+    Front,
+    /// pingora's `HttpProxy`.
+    Proxy,
+}
+
+/// The proxy's app: the front, with pingora's proxy behind it.
+pub struct Front {
+    proxy: Arc<HttpProxy<StoaProxy>>,
+    stoa: StoaProxy,
+    gateway: Arc<ArcSwap<Gateway>>,
+    lifecycle: Arc<Lifecycle>,
+    /// Cleartext connections may open with HTTP/2's preface (`server.h2c`).
+    h2c: bool,
+    /// `server.front`; when off, every connection goes to the proxy.
+    enabled: bool,
+    closing: Closing,
+}
+
+impl Front {
+    pub fn new(
+        proxy: HttpProxy<StoaProxy>,
+        gateway: Arc<ArcSwap<Gateway>>,
+        lifecycle: Arc<Lifecycle>,
+        server: &ServerSettings,
+    ) -> Self {
+        Front {
+            proxy: Arc::new(proxy),
+            stoa: StoaProxy::new(gateway.clone(), lifecycle.clone()),
+            gateway,
+            lifecycle,
+            h2c: server.h2c,
+            enabled: server.front,
+            closing: Closing::default(),
+        }
+    }
+
+    /// Whether the connection speaks HTTP/2: ALPN chose it, or (h2c) it opens with the
+    /// preface. `None`: the connection ended or timed out before it said.
+    async fn speaks_h2(&self, stream: &mut Stream) -> Option<bool> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return Some(true);
+        }
+        if !self.h2c || stream.get_ssl_digest().is_some() {
+            return Some(false);
+        }
+        let mut opening = [0u8; H2_PREFACE.len()];
+        match stream.try_peek(&mut opening).await {
+            Ok(peeked) => Some(peeked && &opening == H2_PREFACE),
+            Err(e) => {
+                tracing::debug!("connection closed before its first request: {e}");
+                None
+            }
+        }
+    }
+
+    /// Serves one request the front answers, whose head's bytes are `head`.
+    async fn answer(
+        &self,
+        stream: Stream,
+        head: BytesMut,
+        gateway: Arc<Gateway>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let mut session = Session::new_h1(stream);
+        if let ServerSession::H1(v1) = &mut *session.downstream_session {
+            v1.set_pipelined_prefix(head);
+        }
+        session.set_keepalive(keepalive(shutdown));
+        match session.downstream_session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                // The head is whole but pingora cannot parse it: its 400, as `HttpProxy` does.
+                tracing::debug!("bad request head: {e}");
+                let _ = session.downstream_session.respond_error(400).await;
+                session.downstream_session.shutdown().await;
+                return None;
+            }
+        }
+        if *shutdown.borrow() {
+            // Draining: this answer closes the connection.
+            session.set_keepalive(None);
+        }
+        let mut ctx = RequestCtx::new(self.lifecycle.track(), gateway);
+        let filtered = match self.stoa.early_request_filter(&mut session, &mut ctx).await {
+            Ok(()) => self.stoa.request_filter(&mut session, &mut ctx).await,
+            Err(e) => Err(e),
+        };
+        match filtered {
+            Ok(true) => {}
+            Ok(false) => {
+                // Only a pass-through route is left to pingora, and the front never takes
+                // those (the same configuration decided both): answer rather than hang.
+                let err = StoaError::Internal("a pass-through request reached the front".into());
+                let deco = ctx.decorations(true);
+                let _ = answer::error(&mut session, &err, &deco).await;
+            }
+            Err(e) => {
+                // As `HttpProxy` does with a failed phase: stoa's error answer, the log,
+                // and the connection closes.
+                self.stoa.fail_to_proxy(&mut session, &e, &mut ctx).await;
+                if !self.stoa.suppress_error_log(&session, &ctx, &e) {
+                    tracing::error!("request failed: {e}");
+                }
+                self.stoa.logging(&mut session, Some(&e), &mut ctx).await;
+                return None;
+            }
+        }
+        self.stoa.logging(&mut session, None, &mut ctx).await;
+        let settings = pingora::apps::HttpPersistentSettings::for_session(&session);
+        let reusable = session.downstream_session.finish().await.ok().flatten()?;
+        Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+    }
+}
+
+/// The keep-alive of a connection's next session: none once the service is stopping.
+fn keepalive(shutdown: &ShutdownWatch) -> Option<u64> {
+    (!*shutdown.borrow()).then_some(KEEPALIVE_SECS)
+}
+
+/// Which lane takes the request whose head starts `head`: the front for a whole head on a
+/// route stoa answers itself (or none: stoa's 404/405/400), the proxy for anything else.
+fn lane(head: &[u8], gateway: &Gateway) -> Lane {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Lane::Proxy;
+    }
+    let (Some(method), Some(target)) = (req.method, req.path) else {
+        return Lane::Proxy;
+    };
+    // Origin-form targets only; anything else is pingora's to parse.
+    if !target.starts_with('/') || target.contains('#') {
+        return Lane::Proxy;
+    }
+    let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
+        return Lane::Proxy;
+    };
+    if method == http::Method::CONNECT {
+        return Lane::Proxy;
+    }
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    let Ok(path) = normalize_path(path, PathMode::Resolve) else {
+        // stoa's 400 for the path.
+        return Lane::Front;
+    };
+    match gateway.routes.lookup(&method, &path) {
+        Lookup::Found(_, route, _) if route.cache.is_none() => Lane::Proxy,
+        _ => Lane::Front,
+    }
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !self.enabled || self.speaks_h2(&mut stream).await? {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        loop {
+            let mut head = BytesMut::with_capacity(HEAD_READ);
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut head) => match read {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                },
+                () = self.closing.wait() => return None,
+            }
+            let gateway = self.gateway.load_full();
+            let reused = match lane(&head, &gateway) {
+                Lane::Front => self.answer(stream, head, gateway, shutdown).await,
+                Lane::Proxy => {
+                    let mut v1 = SessionV1::new(stream);
+                    v1.set_pipelined_prefix(head);
+                    let mut session = ServerSession::H1(v1);
+                    session.set_keepalive(keepalive(shutdown));
+                    self.proxy.process_new_http(session, shutdown).await
+                }
+            };
+            stream = reused?.consume().0;
+        }
+    }
+
+    /// The listening socket is closed and the drain is over: connections waiting for their
+    /// next request close, in both lanes.
+    async fn cleanup(&self) {
+        self.closing.fire();
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+/// Set once the service stops: wakes the connections waiting for a next request.
+#[derive(Default)]
+struct Closing {
+    closed: AtomicBool,
+    notify: Notify,
+}
+
+impl Closing {
+    fn fire(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read, so a `fire` in between is not missed.
+        notified.as_mut().enable();
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        notified.await;
+    }
+}

@@ -1,0 +1,178 @@
+//! End to end: the HTTP/1 front (`server.front`), which answers cached routes and stoa's
+//! own errors itself and hands everything else to pingora's proxy. Seen from raw sockets,
+//! so that heads can be cut, bodies sent with their heads, and lanes mixed on one connection.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{dechunk, read_answer, read_until_closed, EchoUpstream, RawAnswer, StoaProcess};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A pass-through route (`/pass/...`) and a cached route (`/cached/{id}`) on an upstream
+/// that echoes what it received.
+fn routes(echo: &EchoUpstream) -> String {
+    format!(
+        "[upstreams.echo]\nurl = \"{}\"\n\n\
+         [[routes]]\nname = \"pass\"\npath = \"/pass/{{*rest}}\"\nupstream = \"echo\"\n\n\
+         [[routes]]\nname = \"cached\"\nmethods = [\"GET\"]\npath = \"/cached/{{id}}\"\n\
+         upstream = \"echo\"\nrewrite = \"/items/{{id}}\"\ncache = {{ ttl = \"1m\" }}\n",
+        echo.url()
+    )
+}
+
+async fn send(sock: &mut TcpStream, buf: &mut Vec<u8>, request: &str) -> RawAnswer {
+    sock.write_all(request.as_bytes()).await.unwrap();
+    read_answer(sock, buf).await.unwrap()
+}
+
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: stoa\r\n\r\n")
+}
+
+/// Cached, pass-through and unmatched requests take turns on one keep-alive connection:
+/// each is answered as its route says, and the connection stays open throughout.
+async fn lanes_take_turns_on_one_connection(gw: &StoaProcess) {
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut buf = Vec::new();
+    let first = send(&mut sock, &mut buf, &get("/cached/a")).await;
+    assert_eq!((first.status, first.x_cache()), (200, "MISS"), "{first:?}");
+    assert_eq!(first.json()["target"], "/items/a");
+
+    let pass = send(&mut sock, &mut buf, &get("/pass/x?q=1")).await;
+    assert_eq!(pass.status, 200, "{pass:?}");
+    assert_eq!(pass.json()["target"], "/pass/x?q=1");
+    assert!(pass.header("x-cache").is_none(), "{pass:?}");
+
+    let hit = send(&mut sock, &mut buf, &get("/cached/a")).await;
+    assert_eq!((hit.status, hit.x_cache()), (200, "HIT"), "{hit:?}");
+    assert_eq!(hit.body, first.body);
+
+    let missing = send(&mut sock, &mut buf, &get("/nowhere")).await;
+    missing.assert_error(404, "not_found", "/nowhere");
+
+    let post = "POST /pass/form HTTP/1.1\r\nHost: stoa\r\nContent-Length: 11\r\n\r\nhello=world";
+    let posted = send(&mut sock, &mut buf, post).await;
+    assert_eq!(posted.status, 200, "{posted:?}");
+    assert_eq!(posted.json()["body"], "hello=world");
+
+    let again = send(&mut sock, &mut buf, &get("/cached/a")).await;
+    assert_eq!((again.status, again.x_cache()), (200, "HIT"), "{again:?}");
+    assert!(!again.closes(), "{again:?}");
+}
+
+#[tokio::test]
+async fn cached_pass_through_and_unmatched_requests_share_a_keepalive_connection() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    lanes_take_turns_on_one_connection(&gw).await;
+}
+
+#[tokio::test]
+async fn with_the_front_off_every_request_is_answered_the_same_way() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start_with("front = false", &routes(&echo)).await;
+    lanes_take_turns_on_one_connection(&gw).await;
+}
+
+/// A head that does not arrive in one read goes to pingora's proxy, which reads the rest:
+/// the answer is the one a whole head gets, and the cache entry is the same.
+#[tokio::test]
+async fn a_head_arriving_in_pieces_is_answered_like_a_whole_one() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut buf = Vec::new();
+    for (path, x_cache) in [("/cached/b", "MISS"), ("/cached/b", "HIT")] {
+        let request = get(path);
+        let (start, rest) = request.split_at(9);
+        sock.write_all(start.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sock.write_all(rest.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut sock, &mut buf).await.unwrap();
+        assert_eq!(
+            (answer.status, answer.x_cache()),
+            (200, x_cache),
+            "{answer:?}"
+        );
+    }
+    // A whole head for the same key on the same connection: the entry the pieces stored.
+    let whole = send(&mut sock, &mut buf, &get("/cached/b")).await;
+    assert_eq!((whole.status, whole.x_cache()), (200, "HIT"), "{whole:?}");
+}
+
+/// A request body that came in the same read as its head reaches the upstream whole, on a
+/// pass-through route (the proxy parses the bytes the front read) and as a chunked body.
+#[tokio::test]
+async fn a_body_read_with_its_head_reaches_the_upstream_whole() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut buf = Vec::new();
+    let body = "x".repeat(3000);
+    let request = format!(
+        "PUT /pass/big HTTP/1.1\r\nHost: stoa\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = send(&mut sock, &mut buf, &request).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.json()["body"], body.as_str());
+
+    let chunked = "POST /pass/chunks HTTP/1.1\r\nHost: stoa\r\nTransfer-Encoding: chunked\r\n\r\n\
+                   5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    let answer = send(&mut sock, &mut buf, chunked).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let sent = answer.json()["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(dechunk(&sent), "hello world", "{sent:?}");
+}
+
+/// A client that sends its next request before reading the answer (pipelining) gets the
+/// first answer whole; stoa does not serve pipelined requests, so it then closes.
+#[tokio::test]
+async fn pipelined_requests_get_the_first_answer_whole_then_a_close() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    for path in ["/cached/c", "/pass/p"] {
+        let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+        let two = format!("{}{}", get(path), get(path));
+        sock.write_all(two.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let first = read_answer(&mut sock, &mut buf).await.unwrap();
+        assert_eq!(first.status, 200, "{path}: {first:?}");
+        let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+        assert!(closed, "{path}: still open");
+        buf.extend_from_slice(&rest);
+        assert!(
+            buf.is_empty(),
+            "{path}: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+    }
+}
+
+/// SIGTERM: a connection waiting in the front for its next request is closed once the
+/// drain is over, and the process exits without waiting for `shutdown_timeout` (10 s).
+#[tokio::test]
+async fn sigterm_closes_connections_idle_in_the_front() {
+    let echo = EchoUpstream::start().await;
+    let mut gw = StoaProcess::start(&routes(&echo)).await;
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut buf = Vec::new();
+    let answer = send(&mut sock, &mut buf, &get("/cached/d")).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let started = std::time::Instant::now();
+    gw.signal(libc::SIGTERM);
+    let (got, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+    assert!(closed && got.is_empty(), "closed: {closed}, got {got:?}");
+    let status = gw.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
