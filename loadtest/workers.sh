@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# stoa's two thread models side by side: `server.worker_model = "workers"` (server.threads
-# single-thread workers, no work stealing, one shared socket) and "shared" (one service on
-# server.threads threads with tokio's work stealing), same configuration otherwise, in front
-# of one nginx serving a static file, driven by wrk in interleaved rounds: cache hits and
-# pass-through. Prints requests/s, p99 and CPU µs per request (user + system of stoa's threads
-# over the run, /proc/PID/stat) of every run, then the medians.
+# Two stoa variants side by side, same configuration otherwise, in front of one nginx serving
+# a static file, driven by wrk in interleaved rounds: cache hits and pass-through. Prints
+# requests/s, p99 and CPU µs per request (user + system of stoa's threads over the run,
+# /proc/PID/stat) of every run, then the medians and the ratios.
 #
-#   loadtest/workers.sh
+#   loadtest/workers.sh            # the thread models: server.worker_model = "workers" (threads
+#                                  # single-thread workers, no work stealing, one shared socket)
+#                                  # against "shared" (one service, tokio's work stealing)
+#   loadtest/workers.sh --front    # the HTTP/1 front: server.front = true against false (every
+#                                  # request through pingora's proxy)
 #   DURATION=5 ROUNDS=3 CONNECTIONS=50 WORKERS=2 loadtest/workers.sh
 #
 # Needs nginx, wrk and python3; uses target/release/stoa (cargo build --release).
@@ -25,20 +27,29 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 command -v wrk >/dev/null 2>&1 || die "wrk is required"
 [ -x target/release/stoa ] || die "build it first: cargo build --release"
 
+# The two variants: their names and the [server] line each gets.
+a=workers b=shared
+declare -A setting_of=([workers]='worker_model = "workers"' [shared]='worker_model = "shared"')
+case ${1:-} in
+  --front) a=front b=proxy; setting_of=([front]='front = true' [proxy]='front = false') ;;
+  '') ;;
+  *) die "usage: loadtest/workers.sh [--front]" ;;
+esac
+
 start_work workers
-declare -A port_of=([workers]=$((PORT_BASE + 2)) [shared]=$((PORT_BASE + 4)))
-declare -A admin_of=([workers]=$((PORT_BASE + 3)) [shared]=$((PORT_BASE + 5)))
+declare -A port_of=([$a]=$((PORT_BASE + 2)) [$b]=$((PORT_BASE + 4)))
+declare -A admin_of=([$a]=$((PORT_BASE + 3)) [$b]=$((PORT_BASE + 5)))
 ports_free $ORIGIN_PORT "${port_of[@]}" "${admin_of[@]}"
 
 start_static_origin "$ORIGIN_PORT"
 
 declare -A pid_of
-for model in workers shared; do
+for model in $a $b; do
   cat >"$work/$model.toml" <<TOML
 [server]
 listen = "127.0.0.1:${port_of[$model]}"
 threads = $WORKERS
-worker_model = "$model"
+${setting_of[$model]}
 [admin]
 listen = "127.0.0.1:${admin_of[$model]}"
 [log]
@@ -68,13 +79,14 @@ done
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of all threads
 hz=$(getconf CLK_TCK)
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds; stoa threads = $WORKERS; $(nproc) cores"
-printf '%-5s %-8s %5s %12s %9s %14s\n' row model round requests/s "p99 ms" "CPU us/req"
+echo "$a: ${setting_of[$a]}; $b: ${setting_of[$b]}"
+printf '%-5s %-8s %5s %12s %9s %14s\n' row variant round requests/s "p99 ms" "CPU us/req"
 results=$work/results
 for r in $(seq 1 "$ROUNDS"); do
   for row in hit pass; do
     path=/hit/dufva; [ "$row" = pass ] && path=/api/restaurant/dufva
     # Alternate who goes first from round to round.
-    order="workers shared"; [ $((r % 2)) = 0 ] && order="shared workers"
+    order="$a $b"; [ $((r % 2)) = 0 ] && order="$b $a"
     for model in $order; do
       t0=$(ticks "${pid_of[$model]}")
       out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${port_of[$model]}$path")
@@ -91,7 +103,7 @@ for r in $(seq 1 "$ROUNDS"); do
   done
 done
 echo "medians:"
-python3 - "$results" <<'PY'
+python3 - "$results" "$a" "$b" <<'PY'
 import statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -100,8 +112,9 @@ for line in open(sys.argv[1]):
 med = {k: [statistics.median(col) for col in zip(*v)] for k, v in rows.items()}
 for (row, model), (rps, p99, cpu) in sorted(med.items()):
     print(f"{row:<5} {model:<8} {rps:>12,.0f} requests/s  p99 {p99:6.2f} ms  {cpu:6.1f} CPU us/req")
+a, b = sys.argv[2], sys.argv[3]
 for row in ("hit", "pass"):
-    w, s = med.get((row, "workers")), med.get((row, "shared"))
+    w, s = med.get((row, a)), med.get((row, b))
     if w and s:
-        print(f"{row}: workers/shared requests/s {w[0] / s[0]:.2f}x, CPU per request {w[2] / s[2]:.2f}x")
+        print(f"{row}: {a}/{b} requests/s {w[0] / s[0]:.2f}x, CPU per request {w[2] / s[2]:.2f}x")
 PY

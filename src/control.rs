@@ -159,6 +159,11 @@ impl Control {
                 format!("{:?}", old_config.server.worker_model).to_lowercase(),
             ),
             (
+                "server.front",
+                config.server.front.to_string(),
+                old_config.server.front.to_string(),
+            ),
+            (
                 "cache.max_bytes",
                 config.cache.max_bytes.to_string(),
                 old_config.cache.max_bytes.to_string(),

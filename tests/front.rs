@@ -176,3 +176,33 @@ async fn sigterm_closes_connections_idle_in_the_front() {
         started.elapsed()
     );
 }
+
+/// `server.front` is read at start: a reload that changes it says so and changes nothing.
+#[tokio::test]
+async fn a_reload_that_turns_the_front_off_says_it_needs_a_restart() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    let path = gw.dir.path().join("stoa.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen("[server]\n", "[server]\nfront = false\n", 1),
+    )
+    .unwrap();
+    gw.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !gw.log().contains("configuration reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        gw.log().contains("server.front: still true until restart"),
+        "{}",
+        gw.log()
+    );
+    lanes_take_turns_on_one_connection(&gw).await;
+}

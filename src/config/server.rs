@@ -494,6 +494,17 @@ mod tests {
     }
 
     #[test]
+    fn front_is_on_by_default_and_can_be_turned_off() {
+        let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
+        assert!(c.server.front);
+        let off = GOOD.replace("max_body_bytes = \"64KiB\"", "front = false");
+        let c = load_str(&off, EnvOverrides::Ignore).unwrap();
+        assert!(!c.server.front);
+        let p = problems(&GOOD.replace("max_body_bytes = \"64KiB\"", "front = \"yes\""));
+        assert_eq!(p.len(), 1, "{p:?}");
+    }
+
+    #[test]
     fn worker_model_defaults_to_workers_and_is_read() {
         for (text, model) in [
             ("workers", WorkerModel::Workers),
