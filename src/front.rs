@@ -16,7 +16,6 @@
 //! the metrics and the connection's deadlines (the [`crate::connections::Guarded`] stream)
 //! are the same code.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -29,7 +28,7 @@ use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
 use tokio::io::AsyncReadExt;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use crate::config::ServerSettings;
 use crate::error::StoaError;
@@ -70,7 +69,8 @@ pub struct Front {
     h2c: bool,
     /// `server.front`; when off, every connection goes to the proxy.
     enabled: bool,
-    closing: Closing,
+    /// Set once the service stops: connections waiting for their next request close.
+    closing: watch::Sender<bool>,
 }
 
 impl Front {
@@ -87,7 +87,7 @@ impl Front {
             lifecycle,
             h2c: server.h2c,
             enabled: server.front,
-            closing: Closing::default(),
+            closing: watch::Sender::new(false),
         }
     }
 
@@ -217,6 +217,7 @@ impl ServerApp for Front {
         if !self.enabled || self.speaks_h2(&mut stream).await? {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
+        let mut closing = self.closing.subscribe();
         loop {
             let mut head = BytesMut::with_capacity(HEAD_READ);
             tokio::select! {
@@ -225,7 +226,7 @@ impl ServerApp for Front {
                     Ok(0) | Err(_) => return None,
                     Ok(_) => {}
                 },
-                () = self.closing.wait() => return None,
+                _ = closing.wait_for(|closed| *closed) => return None,
             }
             let gateway = self.gateway.load_full();
             let reused = match lane(&head, &gateway) {
@@ -245,32 +246,7 @@ impl ServerApp for Front {
     /// The listening socket is closed and the drain is over: connections waiting for their
     /// next request close, in both lanes.
     async fn cleanup(&self) {
-        self.closing.fire();
+        self.closing.send_replace(true);
         ServerApp::cleanup(&*self.proxy).await;
-    }
-}
-
-/// Set once the service stops: wakes the connections waiting for a next request.
-#[derive(Default)]
-struct Closing {
-    closed: AtomicBool,
-    notify: Notify,
-}
-
-impl Closing {
-    fn fire(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-
-    async fn wait(&self) {
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        // Registered before the flag is read, so a `fire` in between is not missed.
-        notified.as_mut().enable();
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
-        notified.await;
     }
 }
