@@ -9,6 +9,7 @@
 #                                  # against "shared" (one service, tokio's work stealing)
 #   loadtest/workers.sh --front    # the HTTP/1 front: server.front = true against false (every
 #                                  # request through pingora's proxy)
+#   loadtest/workers.sh --log      # the JSON access log to a file against no access log
 #   DURATION=5 ROUNDS=3 CONNECTIONS=50 WORKERS=2 loadtest/workers.sh
 #
 # Needs nginx, wrk and python3; uses target/release/stoa (cargo build --release).
@@ -27,16 +28,22 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 command -v wrk >/dev/null 2>&1 || die "wrk is required"
 [ -x target/release/stoa ] || die "build it first: cargo build --release"
 
-# The two variants: their names and the [server] line each gets.
+start_work workers
+# The two variants: their names, the [server] line and the [log] section each gets.
 a=workers b=shared
 declare -A setting_of=([workers]='worker_model = "workers"' [shared]='worker_model = "shared"')
+quiet=$'level = "warn"\naccess_log = false'
+declare -A log_of=([workers]=$quiet [shared]=$quiet)
 case ${1:-} in
-  --front) a=front b=proxy; setting_of=([front]='front = true' [proxy]='front = false') ;;
+  --front) a=front b=proxy; setting_of=([front]='front = true' [proxy]='front = false')
+           log_of=([front]=$quiet [proxy]=$quiet) ;;
+  --log) a=logged b=quiet; setting_of=([logged]='' [quiet]='')
+         log_of=([logged]="$(printf 'level = "info"\naccess_log = true\nformat = "json"\naccess_log_file = "%s"' "$work/access.log")"
+                 [quiet]=$quiet) ;;
   '') ;;
-  *) die "usage: loadtest/workers.sh [--front]" ;;
+  *) die "usage: loadtest/workers.sh [--front | --log]" ;;
 esac
 
-start_work workers
 declare -A port_of=([$a]=$((PORT_BASE + 2)) [$b]=$((PORT_BASE + 4)))
 declare -A admin_of=([$a]=$((PORT_BASE + 3)) [$b]=$((PORT_BASE + 5)))
 ports_free $ORIGIN_PORT "${port_of[@]}" "${admin_of[@]}"
@@ -53,8 +60,7 @@ ${setting_of[$model]}
 [admin]
 listen = "127.0.0.1:${admin_of[$model]}"
 [log]
-level = "warn"
-access_log = false
+${log_of[$model]}
 [upstreams.origin]
 url = "http://127.0.0.1:$ORIGIN_PORT"
 [[routes]]
@@ -118,3 +124,6 @@ for row in ("hit", "pass"):
     if w and s:
         print(f"{row}: {a}/{b} requests/s {w[0] / s[0]:.2f}x, CPU per request {w[2] / s[2]:.2f}x")
 PY
+if [ -f "$work/access.log" ]; then
+  echo "access log of the logged variant: $(wc -l <"$work/access.log") lines written (every request, hits and pass-through, is a line)"
+fi
