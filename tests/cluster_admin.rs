@@ -6,116 +6,16 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::cluster::{quoted, scene, three_nodes, Origin, TOKEN};
 use common::redis::RedisServer;
-use common::{read_head, sample, x_cache, StoaProcess};
+use common::{sample, x_cache, StoaProcess};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair,
 };
-use tokio::io::AsyncWriteExt;
-
-const TOKEN: &str = "cluster-admin-token-3";
-
-/// An origin that answers `GET` with `answer #<n> for <path>` (counting calls), or `503`
-/// while `failing` is set.
-struct Origin {
-    port: u16,
-    calls: Arc<AtomicUsize>,
-    failing: Arc<AtomicBool>,
-}
-
-impl Origin {
-    async fn start() -> Origin {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let failing = Arc::new(AtomicBool::new(false));
-        let (counter, fail) = (calls.clone(), failing.clone());
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let (counter, fail) = (counter.clone(), fail.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(end) = read_head(&mut sock, &mut buf).await {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                        let (status, body) = if fail.load(Ordering::SeqCst) {
-                            ("503 Service Unavailable", "down".to_string())
-                        } else {
-                            ("200 OK", format!("answer #{n} for {path}"))
-                        };
-                        let resp = format!(
-                            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if sock.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Origin {
-            port,
-            calls,
-            failing,
-        }
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-/// A node's configuration after `[server]`: the cluster, the origin, the `items` route with
-/// `cache`, and `extra` (more routes).
-fn scene(redis: &str, node: &str, origin: &Origin, cache: &str, extra: &str) -> String {
-    format!(
-        r#"token = "{TOKEN}"
-
-[cluster]
-redis = "{redis}"
-node_name = "{node}"
-command_timeout = "300ms"
-connect_timeout = "300ms"
-lock_timeout = "1s"
-
-[upstreams.origin]
-url = "http://127.0.0.1:{}"
-timeout = "10s"
-
-[[routes]]
-name = "items"
-path = "/items/{{id}}"
-methods = ["GET"]
-upstream = "origin"
-cache = {{ {cache} }}
-{extra}"#,
-        origin.port
-    )
-}
-
-async fn three_nodes(redis: &RedisServer, origin: &Origin, cache: &str) -> Vec<StoaProcess> {
-    let mut nodes = Vec::new();
-    for n in 0..3 {
-        let text = scene(&redis.url(), &format!("node-{n}"), origin, cache, "");
-        nodes.push(StoaProcess::start(&text).await);
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for node in &nodes {
-        while sample(&node.metrics().await, "stoa_cluster_redis_up") != Some(1.0) {
-            assert!(Instant::now() < deadline, "redis never up:\n{}", node.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    nodes
-}
 
 async fn reloads(node: &StoaProcess, result: &str) -> f64 {
     let series = format!("stoa_config_reloads_total{{result=\"{result}\"}}");
@@ -132,8 +32,8 @@ async fn get(http: &reqwest::Client, node: &StoaProcess, path: &str) -> (u16, St
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reload_on_one_node_reloads_every_node_from_its_own_file() {
     let redis = RedisServer::start();
-    let origin = Origin::start().await;
-    let nodes = three_nodes(&redis, &origin, "ttl = \"60s\"").await;
+    let origin = Origin::start(Duration::ZERO).await;
+    let nodes = three_nodes(&quoted(&redis.url()), &origin, "ttl = \"60s\"").await;
     let http = reqwest::Client::new();
     let (status, _, _) = get(&http, &nodes[1], "/extra/x").await;
     assert_eq!(status, 404, "no such route yet");
@@ -141,7 +41,7 @@ async fn a_reload_on_one_node_reloads_every_node_from_its_own_file() {
     // Only B's file changes: a new route.
     let extra = "\n[[routes]]\nname = \"extra\"\npath = \"/extra/{id}\"\nupstream = \"origin\"\n";
     nodes[1].rewrite_config(&scene(
-        &redis.url(),
+        &quoted(&redis.url()),
         "node-1",
         &origin,
         "ttl = \"60s\"",
@@ -192,8 +92,8 @@ async fn a_reload_on_one_node_reloads_every_node_from_its_own_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_on_one_node_costs_one_call_and_reaches_every_node() {
     let redis = RedisServer::start();
-    let origin = Origin::start().await;
-    let nodes = three_nodes(&redis, &origin, "ttl = \"60s\"").await;
+    let origin = Origin::start(Duration::ZERO).await;
+    let nodes = three_nodes(&quoted(&redis.url()), &origin, "ttl = \"60s\"").await;
     let http = reqwest::Client::new();
     let first = "answer #1 for /items/r";
     assert_eq!(get(&http, &nodes[0], "/items/r").await.2, first);
@@ -246,8 +146,13 @@ async fn a_refresh_on_one_node_costs_one_call_and_reaches_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_without_a_copy_serves_the_shared_one_within_stale_if_error() {
     let redis = RedisServer::start();
-    let origin = Origin::start().await;
-    let nodes = three_nodes(&redis, &origin, "ttl = \"1s\", stale_if_error = \"60s\"").await;
+    let origin = Origin::start(Duration::ZERO).await;
+    let nodes = three_nodes(
+        &quoted(&redis.url()),
+        &origin,
+        "ttl = \"1s\", stale_if_error = \"60s\"",
+    )
+    .await;
     let http = reqwest::Client::new();
     let (_, cache, body) = get(&http, &nodes[0], "/items/s").await;
     assert_eq!(
@@ -288,13 +193,13 @@ async fn a_node_without_a_copy_serves_the_shared_one_within_stale_if_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_prefix_purge_across_routes_clears_the_shared_tier_without_keys() {
     let redis = RedisServer::start();
-    let origin = Origin::start().await;
+    let origin = Origin::start(Duration::ZERO).await;
     let extra = "\n[[routes]]\nname = \"things\"\npath = \"/things/{id}\"\nmethods = [\"GET\"]\n\
                  upstream = \"origin\"\ncache = { ttl = \"60s\" }\n";
     let mut nodes = Vec::new();
     for n in 0..2 {
         let text = scene(
-            &redis.url(),
+            &quoted(&redis.url()),
             &format!("node-{n}"),
             &origin,
             "ttl = \"60s\"",
@@ -394,14 +299,14 @@ async fn redis_up(node: &StoaProcess) -> bool {
 async fn nodes_share_a_redis_that_speaks_only_tls() {
     let (ca, cert, key) = private_ca();
     let redis = RedisServer::start_tls(&cert, &key, &ca);
-    let origin = Origin::start().await;
+    let origin = Origin::start(Duration::ZERO).await;
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("redis-ca.pem");
     std::fs::write(&ca_file, &ca).unwrap();
     let url = redis.url();
     assert!(url.starts_with("rediss://localhost:"), "{url}");
     let tls = |node: &str, extra: &str| {
-        let text = scene(&url, node, &origin, "ttl = \"60s\"", "");
+        let text = scene(&quoted(&url), node, &origin, "ttl = \"60s\"", "");
         let lease = "lock_timeout = \"1s\"\n";
         text.replacen(lease, &format!("{lease}{extra}\n"), 1)
     };

@@ -6,108 +6,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::cluster::{quoted, three_nodes, wait_redis_up, Origin, TOKEN};
 use common::redis::{RedisCluster, RedisServer};
-use common::{read_head, sample, x_cache, StoaProcess};
-use tokio::io::AsyncWriteExt;
-
-const TOKEN: &str = "cluster-admin-token-1";
-
-/// An origin that answers `GET` with `answer #<n> for <path>` after `delay`, counting calls.
-struct Origin {
-    port: u16,
-    calls: Arc<AtomicUsize>,
-}
-
-impl Origin {
-    async fn start(delay: Duration) -> Origin {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counter = calls.clone();
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let counter = counter.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(end) = read_head(&mut sock, &mut buf).await {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                        tokio::time::sleep(delay).await;
-                        let body = format!("answer #{n} for {path}");
-                        let resp = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if sock.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Origin { port, calls }
-    }
-
-    fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-}
-
-fn scene(redis: &str, node: &str, origin: &Origin, cache: &str) -> String {
-    format!(
-        r#"token = "{TOKEN}"
-
-[cluster]
-redis = {redis}
-node_name = "{node}"
-command_timeout = "300ms"
-connect_timeout = "300ms"
-lock_timeout = "1s"
-
-[upstreams.origin]
-url = "http://127.0.0.1:{}"
-timeout = "10s"
-
-[[routes]]
-name = "items"
-path = "/items/{{id}}"
-methods = ["GET"]
-upstream = "origin"
-cache = {{ {cache} }}
-"#,
-        origin.port
-    )
-}
-
-async fn three_nodes(redis: &str, origin: &Origin, cache: &str) -> Vec<StoaProcess> {
-    let mut nodes = Vec::new();
-    for n in 0..3 {
-        nodes.push(StoaProcess::start(&scene(redis, &format!("node-{n}"), origin, cache)).await);
-    }
-    wait_redis_up(&nodes, true).await;
-    nodes
-}
-
-async fn wait_redis_up(nodes: &[StoaProcess], up: bool) {
-    let want = if up { 1.0 } else { 0.0 };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for node in nodes {
-        while sample(&node.metrics().await, "stoa_cluster_redis_up") != Some(want) {
-            assert!(
-                Instant::now() < deadline,
-                "redis up={up} never seen:\n{}",
-                node.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
+use common::{sample, x_cache, StoaProcess};
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -156,7 +59,7 @@ async fn one_cold_key_costs_one_call(redis: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_requests_over_three_nodes_cost_one_upstream_call() {
     let redis = RedisServer::start();
-    one_cold_key_costs_one_call(&format!("\"{}\"", redis.url())).await;
+    one_cold_key_costs_one_call(&quoted(&redis.url())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -169,7 +72,7 @@ async fn a_redis_cluster_works_like_a_single_redis() {
 async fn at_most_one_call_per_ttl_window_under_load() {
     let redis = RedisServer::start();
     let origin = Origin::start(Duration::from_millis(50)).await;
-    let nodes = three_nodes(&format!("\"{}\"", redis.url()), &origin, "ttl = \"1s\"").await;
+    let nodes = three_nodes(&quoted(&redis.url()), &origin, "ttl = \"1s\"").await;
     let started = Instant::now();
     let run = Duration::from_millis(3500);
     let mut failed = 0;
@@ -191,7 +94,7 @@ async fn a_lease_holder_that_dies_costs_at_most_one_more_call() {
     let redis = RedisServer::start();
     let origin = Origin::start(Duration::from_millis(1500)).await;
     let nodes = three_nodes(
-        &format!("\"{}\"", redis.url()),
+        &quoted(&redis.url()),
         &origin,
         "ttl = \"60s\", lock_timeout = \"10s\"",
     )
@@ -241,7 +144,7 @@ async fn a_lease_holder_that_dies_costs_at_most_one_more_call() {
 async fn a_purge_on_one_node_reaches_the_others_and_redis() {
     let redis = RedisServer::start();
     let origin = Origin::start(Duration::ZERO).await;
-    let nodes = three_nodes(&format!("\"{}\"", redis.url()), &origin, "ttl = \"60s\"").await;
+    let nodes = three_nodes(&quoted(&redis.url()), &origin, "ttl = \"60s\"").await;
     let http = client();
     let get = |n: usize| http.get(nodes[n].url("/items/p")).send();
     assert_eq!(x_cache(&get(0).await.unwrap()), "MISS");
@@ -318,7 +221,7 @@ async fn a_purge_on_one_node_reaches_the_others_and_redis() {
 async fn redis_stopped_under_load_fails_nothing_and_is_used_again_when_back() {
     let mut redis = RedisServer::start();
     let origin = Origin::start(Duration::from_millis(20)).await;
-    let nodes = three_nodes(&format!("\"{}\"", redis.url()), &origin, "ttl = \"60s\"").await;
+    let nodes = three_nodes(&quoted(&redis.url()), &origin, "ttl = \"60s\"").await;
     let mut failed = 0;
     let mut round = 0;
     let started = Instant::now();
