@@ -159,7 +159,7 @@ impl RedisCluster {
             _dir: dir,
         };
         for i in 0..masters {
-            let port = free_port();
+            let port = cluster_node_port();
             let node_dir = cluster._dir.path().join(format!("n{i}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
             let log = std::fs::File::create(node_dir.join("redis.log")).expect("redis log");
@@ -233,6 +233,18 @@ impl RedisCluster {
             .map(|p| format!("\"redis://127.0.0.1:{p}\""))
             .collect();
         format!("[{}]", seeds.join(", "))
+    }
+}
+
+/// A free port for a cluster node whose bus port (the port + 10000, which Redis opens too)
+/// is free as well: Redis refuses node ports above 55535, and the system's ephemeral range
+/// reaches 60999.
+fn cluster_node_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
     }
 }
 
