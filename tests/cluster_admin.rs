@@ -241,15 +241,7 @@ async fn a_prefix_purge_across_routes_clears_the_shared_tier_without_keys() {
     // B is told once the shared copies are gone.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let cache: serde_json::Value = http
-            .get(nodes[1].admin_url("/admin/cache"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let cache: serde_json::Value = nodes[1].admin_json("/admin/cache", TOKEN).await;
         if cache["l2"]["purges_applied"].as_u64() >= Some(1) {
             break;
         }

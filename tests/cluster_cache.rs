@@ -178,15 +178,7 @@ async fn a_purge_on_one_node_reaches_the_others_and_redis() {
         2,
         "not found in Redis either: fetched again"
     );
-    let cache: serde_json::Value = http
-        .get(nodes[1].admin_url("/admin/cache"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cache: serde_json::Value = nodes[1].admin_json("/admin/cache", TOKEN).await;
     assert_eq!(cache["l2"]["up"], true, "{cache}");
     assert!(cache["l2"]["purges_applied"].as_u64() >= Some(1), "{cache}");
 

@@ -291,27 +291,11 @@ async fn purge_needs_the_token_and_removes_only_what_it_names() {
 
     // The cache view and the redacted configuration.
     http.get(gw.url("/restaurant/dufva")).send().await.unwrap();
-    let cache: Value = http
-        .get(gw.admin_url("/admin/cache"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cache: Value = gw.admin_json("/admin/cache", TOKEN).await;
     assert_eq!(cache["routes"]["restaurant"]["entries"], 1, "{cache}");
     assert_eq!(cache["entries"], 2, "{cache}");
     assert_eq!(cache["routes"]["list"]["entries"], 1, "{cache}");
-    let config: Value = http
-        .get(gw.admin_url("/admin/config"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config: Value = gw.admin_json("/admin/config", TOKEN).await;
     assert_eq!(config["admin"]["token"], "<redacted>");
     assert_eq!(config["routes"][0]["name"], "restaurant");
     assert!(!config.to_string().contains(TOKEN));

@@ -152,6 +152,19 @@ impl StoaProcess {
         format!("http://127.0.0.1:{}{path}", self.admin_port)
     }
 
+    /// A JSON view of the admin API (`GET path` with the admin token).
+    pub async fn admin_json(&self, path: &str, token: &str) -> serde_json::Value {
+        reqwest::Client::new()
+            .get(self.admin_url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The metrics exposition from the admin listener.
     pub async fn metrics(&self) -> String {
         reqwest::get(self.admin_url("/metrics"))
