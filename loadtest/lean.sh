@@ -39,23 +39,13 @@ for path in proxy lean; do
   wait_for "stoa-floor --path $path" "http://127.0.0.1:${port_of[$path]}/api/restaurant/dufva" $! "$work/$path.log"
 done
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of all threads
-hz=$(getconf CLK_TCK)
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds; stoa-floor --threads $WORKERS --model $MODEL (lean: --pool $POOL); $(nproc) cores"
 printf '%-6s %5s %12s %9s %14s\n' path round requests/s "p99 ms" "CPU us/req"
 results=$work/results
 for r in $(seq 1 "$ROUNDS"); do
   for path in proxy lean; do
-    t0=$(ticks "${pid_of[$path]}")
-    out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency \
-            "http://127.0.0.1:${port_of[$path]}/api/restaurant/dufva")
-    t1=$(ticks "${pid_of[$path]}")
-    read -r rps p99 n bad < <(printf '%s\n' "$out" | awk '
-      function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-      /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
-      /Non-2xx/ { bad = $NF } END { printf "%s %.2f %d %d\n", rps, p99, n, bad }')
+    read -r rps p99 _ bad cpu < <(wrk_round "${pid_of[$path]}" "http://127.0.0.1:${port_of[$path]}/api/restaurant/dufva")
     [ "$bad" = 0 ] || echo "  ($path, round $r: $bad non-2xx answers)"
-    cpu=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1000000 / hz / n }')
     printf '%-6s %5s %12s %9s %14s\n' "$path" "$r" "$rps" "$p99" "$cpu"
     echo "$path $rps $p99 $cpu" >>"$results"
   done

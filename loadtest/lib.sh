@@ -94,3 +94,19 @@ NGINX
   pids+=($!); origin_pid=$!
   wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/api/restaurant/dufva" $! "$work/origin.out"
 }
+
+# wrk_round PID URL: one `wrk -t1 -c$CONNECTIONS -d${DURATION}s --latency` run against URL,
+# with the CPU (user + system, all threads, /proc/PID/stat) PID spent over it. Prints
+# "requests/s p99-ms requests non-2xx cpu-us-per-request".
+wrk_round() {
+  local pid=$1 url=$2 t0 t1 out rps p99 n bad
+  t0=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url")
+  t1=$(awk '{ print $14 + $15 }' "/proc/$pid/stat")
+  read -r rps p99 n bad < <(printf '%s\n' "$out" | awk '
+    function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+    /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
+    /Non-2xx/ { bad = $NF } END { printf "%s %.2f %d %d\n", rps, p99, n, bad }')
+  awk -v rps="$rps" -v p99="$p99" -v n="$n" -v bad="$bad" -v t=$((t1 - t0)) -v hz="$(getconf CLK_TCK)" \
+    'BEGIN { printf "%s %s %d %d %.1f\n", rps, p99, n, bad, (n > 0 ? t * 1000000 / hz / n : 0) }'
+}

@@ -82,8 +82,6 @@ TOML
   curl -fsS -o /dev/null "http://127.0.0.1:${port_of[$model]}/hit/dufva"
 done
 
-ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }   # utime + stime of all threads
-hz=$(getconf CLK_TCK)
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds; stoa threads = $WORKERS; $(nproc) cores"
 echo "$a: ${setting_of[$a]}; $b: ${setting_of[$b]}"
 printf '%-5s %-8s %5s %12s %9s %14s\n' row variant round requests/s "p99 ms" "CPU us/req"
@@ -94,15 +92,8 @@ for r in $(seq 1 "$ROUNDS"); do
     # Alternate who goes first from round to round.
     order="$a $b"; [ $((r % 2)) = 0 ] && order="$b $a"
     for model in $order; do
-      t0=$(ticks "${pid_of[$model]}")
-      out=$(wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "http://127.0.0.1:${port_of[$model]}$path")
-      t1=$(ticks "${pid_of[$model]}")
-      read -r rps p99 n bad < <(printf '%s\n' "$out" | awk '
-        function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
-        /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 } / requests in / { n = $1 }
-        /Non-2xx/ { bad = $NF } END { printf "%s %.2f %d %d\n", rps, p99, n, bad }')
+      read -r rps p99 _ bad cpu < <(wrk_round "${pid_of[$model]}" "http://127.0.0.1:${port_of[$model]}$path")
       [ "$bad" = 0 ] || echo "  ($row, $model, round $r: $bad non-2xx answers)"
-      cpu=$(awk -v t=$((t1 - t0)) -v hz="$hz" -v n="$n" 'BEGIN { printf "%.1f", t * 1000000 / hz / n }')
       printf '%-5s %-8s %5s %12s %9s %14s\n' "$row" "$model" "$r" "$rps" "$p99" "$cpu"
       echo "$row $model $rps $p99 $cpu" >>"$results"
     done
