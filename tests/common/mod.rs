@@ -15,12 +15,22 @@ pub mod redis;
 
 pub const STOA: &str = env!("CARGO_BIN_EXE_stoa");
 
-/// A port nobody listens on right now (bound, then released).
+/// A port nobody listens on right now (bound, then released), never one this test
+/// binary handed out before: the kernel may offer a just-released port again, and two
+/// listeners of one configuration must not be given the same port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Starts a demo upstream on an ephemeral port with its default knobs.
