@@ -15,26 +15,33 @@
 //! Both lanes answer a request the same way: the phases, the error table, the access log,
 //! the metrics and the connection's deadlines (the [`crate::connections::Guarded`] stream)
 //! are the same code.
+//!
+//! An answer from the cache to an HTTP/1.1 keep-alive request that came alone (no body, no
+//! bytes of a next request) is written as bytes past the session: the stored head's bytes,
+//! built once per entry, then this answer's headers and the body ([`Raw`],
+//! [`answer::raw_entry`]); pingora's session would rebuild and serialize the whole head
+//! for every hit. Any other answer goes through the session.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
-use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::v1::server::HttpSession as SessionV1;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::config::ServerSettings;
 use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::{answer, RequestCtx, StoaProxy};
+use crate::proxy::answer::{self, RawAnswer};
+use crate::proxy::{Raw, RequestCtx, StoaProxy};
 use crate::routes::{normalize_path, Lookup, PathMode};
 
 /// The first read of a request head (pingora reads the same amount).
@@ -53,8 +60,10 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Which code answers a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
-    /// The front: a route stoa answers itself, or one of its own errors.
-    Front,
+    /// The front: a route stoa answers itself, or one of its own errors. `alone`: the
+    /// bytes read are exactly one HTTP/1.1 request without a body, so that an answer from
+    /// the cache may be written as bytes past pingora's session (see [`Raw`]).
+    Front { alone: bool },
     /// pingora's `HttpProxy`.
     Proxy,
 }
@@ -110,14 +119,16 @@ impl Front {
         }
     }
 
-    /// Serves one request the front answers, whose head's bytes are `head`.
+    /// Serves one request the front answers, whose head's bytes are `head`; the stream,
+    /// if the connection may carry another request.
     async fn answer(
         &self,
         stream: Stream,
         head: BytesMut,
+        alone: bool,
         gateway: Arc<Gateway>,
         shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
+    ) -> Option<Stream> {
         let mut session = Session::new_h1(stream);
         if let ServerSession::H1(v1) = &mut *session.downstream_session {
             v1.set_pipelined_prefix(head);
@@ -139,6 +150,9 @@ impl Front {
             session.set_keepalive(None);
         }
         let mut ctx = RequestCtx::new(self.lifecycle.track(), gateway);
+        if alone {
+            ctx.raw = Raw::Allowed;
+        }
         let filtered = match self.stoa.early_request_filter(&mut session, &mut ctx).await {
             Ok(()) => self.stoa.request_filter(&mut session, &mut ctx).await,
             Err(e) => Err(e),
@@ -163,11 +177,36 @@ impl Front {
                 return None;
             }
         }
+        if let Raw::Ready(raw) = std::mem::take(&mut ctx.raw) {
+            // Logged first: the session is gone once its stream is taken to write.
+            ctx.raw = Raw::Sent {
+                status: raw.status,
+                body_bytes: raw.body_bytes,
+            };
+            self.stoa.logging(&mut session, None, &mut ctx).await;
+            // The session's box, not the session: a move of the session copies it whole.
+            return write_raw(session.downstream_session, raw).await;
+        }
         self.stoa.logging(&mut session, None, &mut ctx).await;
-        let settings = pingora::apps::HttpPersistentSettings::for_session(&session);
         let reusable = session.downstream_session.finish().await.ok().flatten()?;
-        Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+        Some(reusable.into_parts().0)
     }
+}
+
+/// Writes an answer the cache gave as bytes on the session's stream (the request was read
+/// whole, so nothing of the next one is buffered in the session); the stream, to read the
+/// next request from.
+async fn write_raw(session: Box<ServerSession>, raw: RawAnswer) -> Option<Stream> {
+    let ServerSession::H1(v1) = *session else {
+        return None;
+    };
+    let mut stream = v1.into_inner();
+    stream.write_all(&raw.head).await.ok()?;
+    if let Some(body) = raw.body.filter(|b| !b.is_empty()) {
+        stream.write_all(&body).await.ok()?;
+    }
+    stream.flush().await.ok()?;
+    Some(stream)
 }
 
 /// The keep-alive of a connection's next session: none once the service is stopping.
@@ -180,9 +219,9 @@ fn keepalive(shutdown: &ShutdownWatch) -> Option<u64> {
 fn lane(head: &[u8], gateway: &Gateway) -> Lane {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
+    let Ok(httparse::Status::Complete(parsed)) = req.parse(head) else {
         return Lane::Proxy;
-    }
+    };
     let (Some(method), Some(target)) = (req.method, req.path) else {
         return Lane::Proxy;
     };
@@ -193,17 +232,23 @@ fn lane(head: &[u8], gateway: &Gateway) -> Lane {
     let Ok(method) = http::Method::from_bytes(method.as_bytes()) else {
         return Lane::Proxy;
     };
+    let alone = req.version == Some(1)
+        && parsed == head.len()
+        && req.headers.iter().all(|h| {
+            !(h.name.eq_ignore_ascii_case("transfer-encoding")
+                || h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+        });
     if method == http::Method::CONNECT {
         return Lane::Proxy;
     }
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     let Ok(path) = normalize_path(path, PathMode::Resolve) else {
         // stoa's 400 for the path.
-        return Lane::Front;
+        return Lane::Front { alone };
     };
     match gateway.routes.lookup(&method, &path) {
         Lookup::Found(_, route, _) if route.cache.is_none() => Lane::Proxy,
-        _ => Lane::Front,
+        _ => Lane::Front { alone },
     }
 }
 
@@ -229,17 +274,19 @@ impl ServerApp for Front {
                 _ = closing.wait_for(|closed| *closed) => return None,
             }
             let gateway = self.gateway.load_full();
-            let reused = match lane(&head, &gateway) {
-                Lane::Front => self.answer(stream, head, gateway, shutdown).await,
+            stream = match lane(&head, &gateway) {
+                Lane::Front { alone } => {
+                    self.answer(stream, head, alone, gateway, shutdown).await?
+                }
                 Lane::Proxy => {
                     let mut v1 = SessionV1::new(stream);
                     v1.set_pipelined_prefix(head);
                     let mut session = ServerSession::H1(v1);
                     session.set_keepalive(keepalive(shutdown));
-                    self.proxy.process_new_http(session, shutdown).await
+                    let reused = self.proxy.process_new_http(session, shutdown).await;
+                    reused?.consume().0
                 }
             };
-            stream = reused?.consume().0;
         }
     }
 

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dechunk, read_answer, read_until_closed, EchoUpstream, RawAnswer, StoaProcess};
+use common::{
+    dechunk, read_answer, read_head, read_until_closed, EchoUpstream, RawAnswer, StoaProcess,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -205,4 +207,111 @@ async fn a_reload_that_turns_the_front_off_says_it_needs_a_restart() {
         gw.log()
     );
     lanes_take_turns_on_one_connection(&gw).await;
+}
+
+/// The headers two answers must agree on: all but `Date` and `Age` (the clock's) and the
+/// framing of a body that depends on the gateway's port (the upstream echoes its request).
+fn comparable(answer: &RawAnswer) -> Vec<(String, String)> {
+    let mut headers: Vec<_> = answer
+        .headers
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "date" | "age" | "content-length"))
+        .cloned()
+        .collect();
+    headers.sort();
+    headers
+}
+
+/// Answers from the cache, which the front writes as bytes past pingora's session, carry
+/// the headers pingora's session gives them (`server.front = false`): a miss, hits, a HEAD,
+/// a compressed variant, a conditional request, a request that closes.
+#[tokio::test]
+async fn answers_the_front_writes_from_the_cache_carry_the_sessions_headers() {
+    let echo = EchoUpstream::start().await;
+    let front = StoaProcess::start(&routes(&echo)).await;
+    let proxy = StoaProcess::start_with("front = false", &routes(&echo)).await;
+    // A query long enough for the echoed answer to be stored compressed too.
+    let target = format!("/cached/e?pad={}", "ab".repeat(800));
+    let requests = [
+        ("GET", "X-Request-Id: r-1"),
+        ("GET", "X-Request-Id: r-2"),
+        ("HEAD", "X-Request-Id: r-3"),
+        ("GET", "Accept-Encoding: gzip\r\nX-Request-Id: r-4"),
+        ("GET", "If-None-Match: \"nope\"\r\nX-Request-Id: r-5"),
+        ("GET", "Connection: close\r\nX-Request-Id: r-6"),
+    ]
+    .map(|(method, headers)| {
+        format!("{method} {target} HTTP/1.1\r\nHost: stoa\r\n{headers}\r\n\r\n")
+    });
+    let mut answers = Vec::new();
+    for gw in [&front, &proxy] {
+        let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for request in &requests {
+            let head_only = request.starts_with("HEAD");
+            let answer = if head_only {
+                sock.write_all(request.as_bytes()).await.unwrap();
+                let end = read_head(&mut sock, &mut buf).await.unwrap();
+                let head = String::from_utf8_lossy(&buf[..end - 4]).into_owned();
+                buf.drain(..end);
+                RawAnswer::from_head(&head, String::new())
+            } else {
+                send(&mut sock, &mut buf, request).await
+            };
+            let length: usize = answer.header("content-length").unwrap().parse().unwrap();
+            if !head_only && answer.header("content-encoding").is_none() {
+                assert_eq!(answer.body.len(), length, "{request:?}: {answer:?}");
+                assert_eq!(
+                    answer.json()["target"],
+                    target.replace("/cached/", "/items/")
+                );
+            }
+            assert!(answer.header("date").is_some() && answer.header("age").is_some());
+            got.push(answer);
+        }
+        let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+        assert!(closed && rest.is_empty(), "{rest:?}");
+        answers.push(got);
+    }
+    let x_cache: Vec<_> = answers[0].iter().map(|a| a.x_cache()).collect();
+    assert_eq!(x_cache, ["MISS", "HIT", "HIT", "HIT", "HIT", "HIT"]);
+    assert_eq!(answers[0][3].header("content-encoding"), Some("gzip"));
+    assert!(answers[0][5].closes(), "{:?}", answers[0][5]);
+    for (i, (a, b)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert_eq!(a.status, b.status, "{}", requests[i]);
+        assert_eq!(comparable(a), comparable(b), "{}", requests[i]);
+    }
+}
+
+/// The answer that ends a connection (`server.keepalive_requests`, HTTP/1.0 without
+/// keep-alive) says `Connection: close`, and the connection closes after it.
+#[tokio::test]
+async fn cached_answers_that_end_a_connection_say_so_and_close_it() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start_with("keepalive_requests = 3", &routes(&echo)).await;
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut buf = Vec::new();
+    for (i, x_cache) in ["MISS", "HIT", "HIT"].into_iter().enumerate() {
+        let answer = send(&mut sock, &mut buf, &get("/cached/f")).await;
+        assert_eq!(answer.x_cache(), x_cache, "{answer:?}");
+        assert_eq!(answer.closes(), i == 2, "request {}: {answer:?}", i + 1);
+    }
+    let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+    assert!(closed && rest.is_empty(), "{rest:?}");
+
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let http10 = "GET /cached/f HTTP/1.0\r\nHost: stoa\r\n\r\n";
+    let answer = send(&mut sock, &mut buf, http10).await;
+    assert_eq!(
+        (answer.status, answer.x_cache()),
+        (200, "HIT"),
+        "{answer:?}"
+    );
+    assert!(!answer
+        .headers
+        .iter()
+        .any(|(k, v)| k == "connection" && v == "keep-alive"));
+    let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+    assert!(closed && rest.is_empty(), "{rest:?}");
 }

@@ -7,7 +7,7 @@
 //! picks one (no compression, lock or allocation of its own).
 
 use std::io::{Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http::{header, HeaderValue};
@@ -52,6 +52,8 @@ pub struct Variant {
     pub coding: Coding,
     pub header: ResponseHeader,
     pub body: Bytes,
+    /// `header` as bytes to send, built by the first answer that writes it.
+    pub wire: OnceLock<Bytes>,
 }
 
 /// The compressed forms of an entry, in the route's order of preference; most entries
@@ -80,7 +82,8 @@ impl Variants {
     pub fn weight(&self) -> u64 {
         self.0
             .iter()
-            .map(|v| (v.body.len() + header_bytes(&v.header)) as u64)
+            // The head counts twice: as headers, and as the bytes to send (`wire`).
+            .map(|v| (v.body.len() + 2 * header_bytes(&v.header)) as u64)
             .sum()
     }
 
@@ -103,6 +106,7 @@ impl Variants {
                 coding,
                 header: h,
                 body,
+                wire: OnceLock::new(),
             });
         }
         Ok(Variants(out.into_boxed_slice()))

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -50,6 +50,8 @@ pub struct Entry {
     refreshing: AtomicBool,
     /// Compressed forms of the body, weighed with it.
     variants: Variants,
+    /// The identity head as bytes to send, built by the first answer that writes it.
+    wire: OnceLock<Bytes>,
     weight: u64,
 }
 
@@ -86,7 +88,9 @@ impl Entry {
                     .sum::<usize>()
         });
         Entry {
-            weight: ENTRY_OVERHEAD + (key_len + header_bytes + body.len() + recipe_bytes) as u64,
+            // The head counts twice: as headers, and as the bytes to send (`wire`).
+            weight: ENTRY_OVERHEAD
+                + (key_len + 2 * header_bytes + body.len() + recipe_bytes) as u64,
             recipe,
             validators: None,
             shareable_with_authorization: false,
@@ -101,6 +105,7 @@ impl Entry {
             refreshing: AtomicBool::new(false),
             not_stored: None,
             variants: Variants::default(),
+            wire: OnceLock::new(),
         }
     }
 
@@ -115,12 +120,24 @@ impl Entry {
     /// The head and body to answer a client with this `Accept-Encoding`: a compressed
     /// variant if it accepts one, else the identity answer.
     pub fn pick(&self, accept: Option<&http::HeaderValue>) -> (&ResponseHeader, &Bytes) {
+        let (header, body, _) = self.pick_with_wire(accept);
+        (header, body)
+    }
+
+    /// Like [`Entry::pick`], with where the picked head's bytes to send are kept once
+    /// built (whoever writes answers builds them, on first use).
+    pub fn pick_with_wire(
+        &self,
+        accept: Option<&http::HeaderValue>,
+    ) -> (&ResponseHeader, &Bytes, &OnceLock<Bytes>) {
         if self.variants.is_empty() {
-            return (&self.header, &self.body);
+            return (&self.header, &self.body, &self.wire);
         }
         match self.variants.pick(accept) {
-            Some(Variant { header, body, .. }) => (header, body),
-            None => (&self.header, &self.body),
+            Some(Variant {
+                header, body, wire, ..
+            }) => (header, body, wire),
+            None => (&self.header, &self.body, &self.wire),
         }
     }
 

@@ -1,8 +1,13 @@
 //! Writing stoa's own answers (errors, cached entries, streams) and the headers every
 //! answer gets; the limits of a request head.
 
+use std::io::Write;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
+use pingora::protocols::http::date::get_cached_date;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
@@ -108,6 +113,106 @@ pub async fn entry(
             .await?;
     }
     Ok(())
+}
+
+/// An answer from an entry as the bytes to send: the head (status line and headers) and
+/// the body, with what the access log and the metrics record of it.
+pub struct RawAnswer {
+    pub head: Vec<u8>,
+    pub body: Option<Bytes>,
+    pub status: u16,
+    pub body_bytes: u64,
+}
+
+/// Headers of a stored head that every answer from it sets anew (see [`raw_entry`]).
+const SET_PER_ANSWER: [http::HeaderName; 5] = [
+    http::header::DATE,
+    http::header::CONNECTION,
+    http::header::AGE,
+    http::HeaderName::from_static("x-request-id"),
+    http::HeaderName::from_static("x-cache"),
+];
+
+/// The answer [`entry`] would write, as bytes, for the front to write past pingora's
+/// session: the stored head's bytes (built once per entry, see [`Entry::pick_with_wire`])
+/// followed by the headers of this answer (`Date` and `Connection`, as pingora's session
+/// sets them, `Age`, `X-Cache`, the request id, the `Cache-Status` member).
+///
+/// `None` when the session must write it: not an HTTP/1.1 keep-alive session, an answer
+/// that closes the connection, or rate-limit headers to set.
+pub fn raw_entry(
+    session: &Session,
+    entry: &Entry,
+    status: CacheStatus,
+    deco: &Decorations<'_>,
+) -> Option<RawAnswer> {
+    let ServerSession::H1(v1) = &*session.downstream_session else {
+        return None;
+    };
+    let req = v1.req_header();
+    if deco.close
+        || deco.rate.is_some()
+        || req.version != http::Version::HTTP_11
+        || !v1.will_keepalive()
+    {
+        return None;
+    }
+    let x_cache = status.header_value()?;
+    let (stored, body, wire) = entry.pick_with_wire(req.headers.get(http::header::ACCEPT_ENCODING));
+    let wire = wire.get_or_init(|| head_bytes(stored));
+    let member = deco.cache_member.map_or(&[][..], |m| m.as_bytes());
+    let id = deco.request_id.as_bytes();
+    let mut head = Vec::with_capacity(wire.len() + 128 + id.len() + member.len());
+    head.extend_from_slice(wire);
+    head.extend_from_slice(b"Date: ");
+    head.extend_from_slice(get_cached_date().as_bytes());
+    head.extend_from_slice(b"\r\nConnection: keep-alive\r\n");
+    // Writes into a Vec cannot fail.
+    let _ = write!(
+        head,
+        "Age: {}\r\n",
+        entry.age_secs(std::time::Instant::now())
+    );
+    head.extend_from_slice(b"x-cache: ");
+    head.extend_from_slice(x_cache.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    if !id.is_empty() {
+        head.extend_from_slice(b"x-request-id: ");
+        head.extend_from_slice(id);
+        head.extend_from_slice(b"\r\n");
+    }
+    if !member.is_empty() {
+        head.extend_from_slice(b"cache-status: ");
+        head.extend_from_slice(member);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let head_only = req.method == http::Method::HEAD;
+    Some(RawAnswer {
+        head,
+        body: (!head_only).then(|| body.clone()),
+        status: stored.status.as_u16(),
+        body_bytes: if head_only { 0 } else { body.len() as u64 },
+    })
+}
+
+/// A stored head as HTTP/1.1 bytes, as pingora's session writes it, without the headers
+/// each answer sets (see [`SET_PER_ANSWER`]) and without the blank line that ends it.
+fn head_bytes(stored: &ResponseHeader) -> Bytes {
+    let mut head = stored.clone();
+    for name in &SET_PER_ANSWER {
+        head.remove_header(name);
+    }
+    let mut buf = BytesMut::with_capacity(256);
+    buf.put_slice(b"HTTP/1.1 ");
+    buf.put_slice(head.status.as_str().as_bytes());
+    buf.put_u8(b' ');
+    if let Some(reason) = head.get_reason_phrase() {
+        buf.put_slice(reason.as_bytes());
+    }
+    buf.put_slice(b"\r\n");
+    head.header_to_h1_wire(&mut buf);
+    buf.freeze()
 }
 
 /// Writes an answer too large to store as it arrives from the upstream, with `X-Cache`;

@@ -10,7 +10,7 @@ use pingora::proxy::Session;
 
 use super::answer::Decorations;
 use super::cache_status::{self, BypassWhy};
-use super::ctx::RequestCtx;
+use super::ctx::{Raw, RequestCtx};
 use super::{answer, body, limit, over_tls, peer_addr};
 use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
@@ -175,7 +175,16 @@ pub async fn serve(
             cached.not_modified.inc();
             not_modified(session, &entry, status, &deco).await
         }
-        Served::Entry(entry, status) => answer::entry(session, &entry, status, &deco).await,
+        Served::Entry(entry, status) => {
+            if matches!(ctx.raw, Raw::Allowed) {
+                if let Some(raw) = answer::raw_entry(session, &entry, status, &deco) {
+                    // The front writes it (see `crate::front`).
+                    ctx.raw = Raw::Ready(raw);
+                    return Ok(());
+                }
+            }
+            answer::entry(session, &entry, status, &deco).await
+        }
         Served::Stream(streaming, status) => {
             answer::stream(session, streaming, status, &deco).await
         }

@@ -8,7 +8,7 @@ use crate::gateway::{Gateway, Route};
 use crate::lifecycle::InFlight;
 use crate::ratelimit::{Decision, UpstreamPermit};
 
-use super::answer::Decorations;
+use super::answer::{Decorations, RawAnswer};
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -29,6 +29,24 @@ pub struct RequestCtx {
     /// The rate-limit decision, whose headers go on every answer.
     pub limit: Option<Decision>,
     pub upstream: Upstream,
+    /// Whether the front writes this request's answer as bytes itself.
+    pub raw: Raw,
+}
+
+/// An answer the front writes as bytes, past pingora's session (see
+/// [`super::answer::raw_entry`]).
+#[derive(Default)]
+pub enum Raw {
+    /// The answer goes through the session.
+    #[default]
+    Off,
+    /// The front may write it: an HTTP/1.1 keep-alive request without a body, read whole
+    /// and alone.
+    Allowed,
+    /// Ready for the front to write.
+    Ready(RawAnswer),
+    /// Written (or being written) by the front: what the log and the metrics record.
+    Sent { status: u16, body_bytes: u64 },
 }
 
 /// When the request and its upstream call started, and how long the upstream took.
@@ -67,6 +85,7 @@ impl RequestCtx {
             cache_status: None,
             limit: None,
             upstream: Upstream::default(),
+            raw: Raw::Off,
         }
     }
 

@@ -33,7 +33,7 @@ use crate::ratelimit::client_addr;
 use crate::routes::{normalize_path, upstream_uri, Lookup, PathMode};
 use crate::telemetry::{access_log, AccessRecord};
 
-pub use ctx::RequestCtx;
+pub use ctx::{Raw, RequestCtx};
 
 /// The proxy service: routes each request and answers it from the cache or the upstream.
 pub struct StoaProxy {
@@ -288,7 +288,13 @@ impl ProxyHttp for StoaProxy {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         connections::request_done(session);
         ctx.upstream.permit = None;
-        let status = session.response_written().map_or(0, |h| h.status.as_u16());
+        let (status, body_bytes) = match ctx.raw {
+            Raw::Sent { status, body_bytes } => (status, body_bytes),
+            _ => (
+                session.response_written().map_or(0, |h| h.status.as_u16()),
+                session.body_bytes_sent() as u64,
+            ),
+        };
         let elapsed = ctx.timing.started.elapsed();
         let gateway = &ctx.gateway;
         if gateway.record_metrics {
@@ -318,7 +324,7 @@ impl ProxyHttp for StoaProxy {
                     .map_or(UNMATCHED_ROUTE, |r| r.spec.name.as_str()),
                 status,
                 cache: ctx.cache_status(),
-                bytes: session.body_bytes_sent() as u64,
+                bytes: body_bytes,
                 duration: elapsed,
                 upstream_duration: ctx.timing.upstream_elapsed,
                 request_id: ctx.request_id.to_str().unwrap_or_default(),
