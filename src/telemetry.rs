@@ -283,41 +283,103 @@ fn write_lines(rx: Receiver<Message>, sink: Box<dyn Write + Send>) {
 /// One access line, newline included, into `buf`: what tracing-subscriber's `fmt` layer
 /// writes for the event (timestamps RFC 3339 in UTC with microseconds).
 fn format_line(buf: &mut Vec<u8>, format: LogFormat, now: SystemTime, rec: &AccessRecord) {
-    let ts = humantime::format_rfc3339_micros(now);
-    // Writes into a Vec cannot fail.
-    let _ = match format {
-        LogFormat::Json => json_line(buf, ts, rec),
-        LogFormat::Text => text_line(buf, ts, rec),
-    };
+    match format {
+        LogFormat::Json => json_line(buf, now, rec),
+        LogFormat::Text => {
+            let ts = humantime::format_rfc3339_micros(now);
+            // Writes into a Vec cannot fail.
+            let _ = text_line(buf, ts, rec);
+        }
+    }
 }
 
-fn json_line(
-    buf: &mut Vec<u8>,
-    ts: humantime::Rfc3339Timestamp,
-    rec: &AccessRecord,
-) -> io::Result<()> {
-    write!(buf, "{{\"timestamp\":\"{ts}\",\"level\":\"INFO\"")?;
+/// `now` as humantime's RFC 3339 with microseconds (`2026-12-02T07:44:36.838160Z`): the
+/// part up to the seconds is formatted once per second per thread, the rest by hand.
+fn push_timestamp(buf: &mut Vec<u8>, now: SystemTime) {
+    thread_local! {
+        /// The last second formatted, and its `YYYY-MM-DDTHH:MM:SS`.
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != secs {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            *text = humantime::format_rfc3339_seconds(whole).to_string();
+            text.pop(); // the `Z`
+            *second = secs;
+        }
+        buf.extend_from_slice(text.as_bytes());
+    });
+    let micros = since.subsec_micros();
+    let mut digits = [b'0'; 6];
+    let mut n = micros;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    buf.push(b'.');
+    buf.extend_from_slice(&digits);
+    buf.push(b'Z');
+}
+
+/// `,"key":` and `value` as a JSON string, escaped as serde_json escapes it.
+fn push_string(buf: &mut Vec<u8>, key: &str, value: &str) {
+    buf.extend_from_slice(b",\"");
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(b"\":");
+    if value.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Writes into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *buf, value);
+    } else {
+        buf.push(b'"');
+        buf.extend_from_slice(value.as_bytes());
+        buf.push(b'"');
+    }
+}
+
+/// `,"key":` and `value` as a JSON number.
+fn push_number(buf: &mut Vec<u8>, key: &str, value: u64) {
+    buf.extend_from_slice(b",\"");
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(b"\":");
+    buf.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+/// `,"key":` and `value` in float seconds, as serde_json writes an `f64`.
+fn push_seconds(buf: &mut Vec<u8>, key: &str, value: Duration) {
+    buf.extend_from_slice(b",\"");
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(b"\":");
+    // Writes into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, &value.as_secs_f64());
+}
+
+fn json_line(buf: &mut Vec<u8>, now: SystemTime, rec: &AccessRecord) {
+    buf.extend_from_slice(b"{\"timestamp\":\"");
+    push_timestamp(buf, now);
+    buf.extend_from_slice(b"\",\"level\":\"INFO\"");
     if let Some(client) = rec.client {
-        write!(buf, ",\"client\":\"{client}\"")?;
+        // Writes into a Vec cannot fail.
+        let _ = write!(buf, ",\"client\":\"{client}\"");
     }
-    let string = |buf: &mut Vec<u8>, key: &str, value: &str| -> io::Result<()> {
-        write!(buf, ",\"{key}\":")?;
-        serde_json::to_writer(&mut *buf, value).map_err(io::Error::other)
-    };
-    string(buf, "method", rec.method)?;
-    string(buf, "path", rec.path)?;
-    string(buf, "route", rec.route)?;
-    write!(buf, ",\"status\":{}", rec.status)?;
-    write!(buf, ",\"cache\":\"{}\"", rec.cache.label())?;
-    write!(buf, ",\"bytes\":{}", rec.bytes)?;
-    buf.extend_from_slice(b",\"duration\":");
-    serde_json::to_writer(&mut *buf, &rec.duration.as_secs_f64()).map_err(io::Error::other)?;
+    push_string(buf, "method", rec.method);
+    push_string(buf, "path", rec.path);
+    push_string(buf, "route", rec.route);
+    push_number(buf, "status", rec.status.into());
+    push_string(buf, "cache", rec.cache.label());
+    push_number(buf, "bytes", rec.bytes);
+    push_seconds(buf, "duration", rec.duration);
     if let Some(up) = rec.upstream_duration {
-        buf.extend_from_slice(b",\"upstream_duration\":");
-        serde_json::to_writer(&mut *buf, &up.as_secs_f64()).map_err(io::Error::other)?;
+        push_seconds(buf, "upstream_duration", up);
     }
-    string(buf, "request_id", rec.request_id)?;
-    writeln!(buf, ",\"target\":\"{ACCESS_TARGET}\"}}")
+    push_string(buf, "request_id", rec.request_id);
+    buf.extend_from_slice(b",\"target\":\"");
+    buf.extend_from_slice(ACCESS_TARGET.as_bytes());
+    buf.extend_from_slice(b"\"}\n");
 }
 
 fn text_line(
@@ -457,6 +519,35 @@ mod tests {
         assert_eq!(line["duration"].as_f64(), Some(1.5));
         assert_eq!(line["upstream_duration"].as_f64(), Some(1.25));
         assert_eq!(line["request_id"], "00ff00ff00ff00ff");
+    }
+
+    #[test]
+    fn timestamps_are_humantimes_to_the_microsecond() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        // Within one second and across seconds, with micros that need leading zeros.
+        for offset in [0, 7, 999_999, 1_000_000, 1_000_042, 86_400_123_456, 5] {
+            let at = base + Duration::from_micros(offset);
+            let mut ours = Vec::new();
+            push_timestamp(&mut ours, at);
+            let theirs = humantime::format_rfc3339_micros(at).to_string();
+            assert_eq!(String::from_utf8(ours).unwrap(), theirs);
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped_as_serde_json_escapes_them() {
+        for value in [
+            "/plain/path",
+            "quote\"back\\slash",
+            "tab\tnew\nline\u{1}",
+            "Köttbullar/ärtsoppa",
+            "",
+        ] {
+            let mut ours = Vec::new();
+            push_string(&mut ours, "path", value);
+            let theirs = format!(",\"path\":{}", serde_json::to_string(value).unwrap());
+            assert_eq!(String::from_utf8(ours).unwrap(), theirs);
+        }
     }
 
     #[test]
