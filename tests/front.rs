@@ -209,78 +209,102 @@ async fn a_reload_that_turns_the_front_off_says_it_needs_a_restart() {
     lanes_take_turns_on_one_connection(&gw).await;
 }
 
-/// The headers two answers must agree on: all but `Date` and `Age` (the clock's) and the
-/// framing of a body that depends on the gateway's port (the upstream echoes its request).
+/// The headers two answers must agree on: all but `Date` and `Age` (the clock's), the
+/// framing of a body that depends on the gateway's port (the upstream echoes its request),
+/// and the values of the rate limiter's headers that count time and tokens.
 fn comparable(answer: &RawAnswer) -> Vec<(String, String)> {
     let mut headers: Vec<_> = answer
         .headers
         .iter()
         .filter(|(k, _)| !matches!(k.as_str(), "date" | "age" | "content-length"))
-        .cloned()
+        .map(|(k, v)| match k.as_str() {
+            "ratelimit" | "ratelimit-remaining" | "ratelimit-reset" => (k.clone(), String::new()),
+            _ => (k.clone(), v.clone()),
+        })
         .collect();
     headers.sort();
     headers
 }
 
+/// The answers to `requests` on one connection; the connection must close after them.
+async fn answers_on_one_connection(gw: &StoaProcess, requests: &[String]) -> Vec<RawAnswer> {
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    let mut buf = Vec::new();
+    let mut got = Vec::new();
+    for request in requests {
+        let answer = if request.starts_with("HEAD") {
+            sock.write_all(request.as_bytes()).await.unwrap();
+            let end = read_head(&mut sock, &mut buf).await.unwrap();
+            let head = String::from_utf8_lossy(&buf[..end - 4]).into_owned();
+            buf.drain(..end);
+            RawAnswer::from_head(&head, String::new())
+        } else {
+            send(&mut sock, &mut buf, request).await
+        };
+        assert!(answer.header("date").is_some() && answer.header("age").is_some());
+        got.push(answer);
+    }
+    let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
+    assert!(closed && rest.is_empty(), "{rest:?}");
+    got
+}
+
 /// Answers from the cache, which the front writes as bytes past pingora's session, carry
 /// the headers pingora's session gives them (`server.front = false`): a miss, hits, a HEAD,
-/// a compressed variant, a conditional request, a request that closes.
+/// a compressed variant, a conditional request, a request that closes; on a route without
+/// a rate limit and on one with (its headers on every answer).
 #[tokio::test]
 async fn answers_the_front_writes_from_the_cache_carry_the_sessions_headers() {
     let echo = EchoUpstream::start().await;
-    let front = StoaProcess::start(&routes(&echo)).await;
-    let proxy = StoaProcess::start_with("front = false", &routes(&echo)).await;
-    // A query long enough for the echoed answer to be stored compressed too.
-    let target = format!("/cached/e?pad={}", "ab".repeat(800));
-    let requests = [
-        ("GET", "X-Request-Id: r-1"),
-        ("GET", "X-Request-Id: r-2"),
-        ("HEAD", "X-Request-Id: r-3"),
-        ("GET", "Accept-Encoding: gzip\r\nX-Request-Id: r-4"),
-        ("GET", "If-None-Match: \"nope\"\r\nX-Request-Id: r-5"),
-        ("GET", "Connection: close\r\nX-Request-Id: r-6"),
-    ]
-    .map(|(method, headers)| {
-        format!("{method} {target} HTTP/1.1\r\nHost: stoa\r\n{headers}\r\n\r\n")
-    });
-    let mut answers = Vec::new();
-    for gw in [&front, &proxy] {
-        let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-        let mut buf = Vec::new();
-        let mut got = Vec::new();
-        for request in &requests {
-            let head_only = request.starts_with("HEAD");
-            let answer = if head_only {
-                sock.write_all(request.as_bytes()).await.unwrap();
-                let end = read_head(&mut sock, &mut buf).await.unwrap();
-                let head = String::from_utf8_lossy(&buf[..end - 4]).into_owned();
-                buf.drain(..end);
-                RawAnswer::from_head(&head, String::new())
-            } else {
-                send(&mut sock, &mut buf, request).await
-            };
+    let rest = format!(
+        "[rate_limits.generous]\nrequests_per_second = 1000\nburst = 1000\n\n{}\n\
+         [[routes]]\nname = \"limited\"\nmethods = [\"GET\"]\npath = \"/limited/{{id}}\"\n\
+         upstream = \"echo\"\nrewrite = \"/items/{{id}}\"\ncache = {{ ttl = \"1m\" }}\n\
+         rate_limit = \"generous\"\n",
+        routes(&echo)
+    );
+    let server = "rate_limit_headers = \"both\"";
+    let front = StoaProcess::start_with(server, &rest).await;
+    let proxy = StoaProcess::start_with(&format!("{server}\nfront = false"), &rest).await;
+    for route in ["cached", "limited"] {
+        // A query long enough for the echoed answer to be stored compressed too.
+        let target = format!("/{route}/e?pad={}", "ab".repeat(800));
+        let requests = [
+            ("GET", "X-Request-Id: r-1"),
+            ("GET", "X-Request-Id: r-2"),
+            ("HEAD", "X-Request-Id: r-3"),
+            ("GET", "Accept-Encoding: gzip\r\nX-Request-Id: r-4"),
+            ("GET", "If-None-Match: \"nope\"\r\nX-Request-Id: r-5"),
+            ("GET", "Connection: close\r\nX-Request-Id: r-6"),
+        ]
+        .map(|(method, headers)| {
+            format!("{method} {target} HTTP/1.1\r\nHost: stoa\r\n{headers}\r\n\r\n")
+        });
+        let ours = answers_on_one_connection(&front, &requests).await;
+        let theirs = answers_on_one_connection(&proxy, &requests).await;
+        let x_cache: Vec<_> = ours.iter().map(|a| a.x_cache()).collect();
+        assert_eq!(
+            x_cache,
+            ["MISS", "HIT", "HIT", "HIT", "HIT", "HIT"],
+            "{route}"
+        );
+        assert_eq!(ours[3].header("content-encoding"), Some("gzip"));
+        assert!(ours[5].closes(), "{:?}", ours[5]);
+        for answer in [&ours[0], &ours[1], &ours[4], &ours[5]] {
             let length: usize = answer.header("content-length").unwrap().parse().unwrap();
-            if !head_only && answer.header("content-encoding").is_none() {
-                assert_eq!(answer.body.len(), length, "{request:?}: {answer:?}");
-                assert_eq!(
-                    answer.json()["target"],
-                    target.replace("/cached/", "/items/")
-                );
-            }
-            assert!(answer.header("date").is_some() && answer.header("age").is_some());
-            got.push(answer);
+            assert_eq!(answer.body.len(), length, "{answer:?}");
+            let upstream_target = target.replace(&format!("/{route}/"), "/items/");
+            assert_eq!(answer.json()["target"], upstream_target.as_str());
         }
-        let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
-        assert!(closed && rest.is_empty(), "{rest:?}");
-        answers.push(got);
-    }
-    let x_cache: Vec<_> = answers[0].iter().map(|a| a.x_cache()).collect();
-    assert_eq!(x_cache, ["MISS", "HIT", "HIT", "HIT", "HIT", "HIT"]);
-    assert_eq!(answers[0][3].header("content-encoding"), Some("gzip"));
-    assert!(answers[0][5].closes(), "{:?}", answers[0][5]);
-    for (i, (a, b)) in answers[0].iter().zip(&answers[1]).enumerate() {
-        assert_eq!(a.status, b.status, "{}", requests[i]);
-        assert_eq!(comparable(a), comparable(b), "{}", requests[i]);
+        for answer in &ours {
+            let limited = answer.header("ratelimit-policy").is_some()
+                && answer.header("ratelimit-remaining").is_some();
+            assert_eq!(limited, route == "limited", "{answer:?}");
+        }
+        for ((a, b), request) in ours.iter().zip(&theirs).zip(&requests) {
+            assert_eq!(a.status, b.status, "{request}");
+            assert_eq!(comparable(a), comparable(b), "{request}");
+        }
     }
 }
 

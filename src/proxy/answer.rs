@@ -139,7 +139,8 @@ const SET_PER_ANSWER: [http::HeaderName; 5] = [
 /// sets them, `Age`, `X-Cache`, the request id, the `Cache-Status` member).
 ///
 /// `None` when the session must write it: not an HTTP/1.1 keep-alive session, an answer
-/// that closes the connection, or rate-limit headers to set.
+/// that closes the connection, or a stored head that has a header the rate limiter sets
+/// (the session's answer would replace it).
 pub fn raw_entry(
     session: &Session,
     entry: &Entry,
@@ -150,11 +151,7 @@ pub fn raw_entry(
         return None;
     };
     let req = v1.req_header();
-    if deco.close
-        || deco.rate.is_some()
-        || req.version != http::Version::HTTP_11
-        || !v1.will_keepalive()
-    {
+    if deco.close || req.version != http::Version::HTTP_11 || !v1.will_keepalive() {
         return None;
     }
     let x_cache = status.header_value()?;
@@ -180,6 +177,18 @@ pub fn raw_entry(
         head.extend_from_slice(b"x-request-id: ");
         head.extend_from_slice(id);
         head.extend_from_slice(b"\r\n");
+    }
+    if let Some(rate) = deco.rate {
+        for (name, value) in rate.headers(deco.rate_style) {
+            if stored.headers.contains_key(&name) {
+                return None;
+            }
+            // As pingora's session writes names it has no case for.
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
     }
     if !member.is_empty() {
         head.extend_from_slice(b"cache-status: ");
