@@ -1,8 +1,6 @@
 //! Writing stoa's own answers (errors, cached entries, streams) and the headers every
 //! answer gets; the limits of a request head.
 
-use std::io::Write;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -161,22 +159,17 @@ pub fn raw_entry(
     let id = deco.request_id.as_bytes();
     let mut head = Vec::with_capacity(wire.len() + 128 + id.len() + member.len());
     head.extend_from_slice(wire);
-    head.extend_from_slice(b"Date: ");
-    head.extend_from_slice(get_cached_date().as_bytes());
-    head.extend_from_slice(b"\r\nConnection: keep-alive\r\n");
-    // Writes into a Vec cannot fail.
-    let _ = write!(
-        head,
-        "Age: {}\r\n",
-        entry.age_secs(std::time::Instant::now())
+    push_line(&mut head, b"Date", get_cached_date().as_bytes());
+    push_line(&mut head, b"Connection", b"keep-alive");
+    let age = entry.age_secs(std::time::Instant::now());
+    push_line(
+        &mut head,
+        b"Age",
+        itoa::Buffer::new().format(age).as_bytes(),
     );
-    head.extend_from_slice(b"x-cache: ");
-    head.extend_from_slice(x_cache.as_bytes());
-    head.extend_from_slice(b"\r\n");
+    push_line(&mut head, b"x-cache", x_cache.as_bytes());
     if !id.is_empty() {
-        head.extend_from_slice(b"x-request-id: ");
-        head.extend_from_slice(id);
-        head.extend_from_slice(b"\r\n");
+        push_line(&mut head, b"x-request-id", id);
     }
     if let Some(rate) = deco.rate {
         for (name, value) in rate.headers(deco.rate_style) {
@@ -184,16 +177,11 @@ pub fn raw_entry(
                 return None;
             }
             // As pingora's session writes names it has no case for.
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
+            push_line(&mut head, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     if !member.is_empty() {
-        head.extend_from_slice(b"cache-status: ");
-        head.extend_from_slice(member);
-        head.extend_from_slice(b"\r\n");
+        push_line(&mut head, b"cache-status", member);
     }
     head.extend_from_slice(b"\r\n");
     let head_only = req.method == http::Method::HEAD;
@@ -203,6 +191,14 @@ pub fn raw_entry(
         status: stored.status.as_u16(),
         body_bytes: if head_only { 0 } else { body.len() as u64 },
     })
+}
+
+/// One header line, `name: value` and its line end.
+fn push_line(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    head.extend_from_slice(name);
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n");
 }
 
 /// A stored head as HTTP/1.1 bytes, as pingora's session writes it, without the headers
