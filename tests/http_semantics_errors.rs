@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{raw_send, read_head, RawAnswer, StoaProcess};
-use tokio::io::AsyncWriteExt;
+use common::{path_of, raw_send, serve_heads, text_answer, RawAnswer, StoaProcess};
 
 /// An origin answering by path: `/busy/*` a 503 with `Retry-After: 120` (after `delay`),
 /// `/flip/*` the status in `flip` (200 or 503), `/big/*` a 503 with a 5000-byte body,
@@ -34,41 +33,25 @@ impl Origin {
         let calls = Arc::new(AtomicUsize::new(0));
         let flip = Arc::new(AtomicU16::new(200));
         let (c, f) = (calls.clone(), flip.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
+        let task = serve_heads(listener, move |head| {
+            let (calls, flip) = (c.clone(), f.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let path = path_of(&head);
+                let (status, extra, body) = if path.starts_with("/busy/") {
+                    tokio::time::sleep(delay).await;
+                    (503, "Retry-After: 120\r\n", "busy, come back".to_string())
+                } else if path.starts_with("/flip/") {
+                    let s = flip.load(Ordering::SeqCst);
+                    (s, "", format!("status {s}"))
+                } else if path.starts_with("/big/") {
+                    (503, "Retry-After: 7\r\n", "x".repeat(5000))
+                } else if path.starts_with("/age/") {
+                    (200, "Age: 2000\r\n", "aged".to_string())
+                } else {
+                    (200, "Age: -5\r\n", "odd age".to_string())
                 };
-                let (calls, flip) = (c.clone(), f.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(end) = read_head(&mut sock, &mut buf).await {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
-                        let (status, extra, body) = if path.starts_with("/busy/") {
-                            tokio::time::sleep(delay).await;
-                            (503, "Retry-After: 120\r\n", "busy, come back".to_string())
-                        } else if path.starts_with("/flip/") {
-                            let s = flip.load(Ordering::SeqCst);
-                            (s, "", format!("status {s}"))
-                        } else if path.starts_with("/big/") {
-                            (503, "Retry-After: 7\r\n", "x".repeat(5000))
-                        } else if path.starts_with("/age/") {
-                            (200, "Age: 2000\r\n", "aged".to_string())
-                        } else {
-                            (200, "Age: -5\r\n", "odd age".to_string())
-                        };
-                        let resp = format!(
-                            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\n{extra}content-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if sock.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                text_answer(status, extra, &body)
             }
         });
         Origin {

@@ -9,8 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use common::{raw_send, read_head, sample, RawAnswer, StoaProcess};
-use tokio::io::AsyncWriteExt;
+use common::{path_of, raw_send, sample, serve_heads, RawAnswer, StoaProcess};
 
 #[derive(Clone, Default)]
 struct Reply {
@@ -55,49 +54,35 @@ impl Origin {
         let replies: Arc<Mutex<HashMap<String, Reply>>> = Arc::default();
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let (r, s) = (replies.clone(), seen.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (replies, seen) = (r.clone(), s.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(end) = read_head(&mut sock, &mut buf).await {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        seen.lock().unwrap().push(head.clone());
-                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
-                        let reply = replies.lock().unwrap().get(&path).cloned();
-                        let reply = reply.unwrap_or_else(|| Reply {
-                            status: 404,
-                            ..Reply::default()
-                        });
-                        tokio::time::sleep(reply.delay).await;
-                        let inm = header_of(&head, "if-none-match");
-                        let resp = match (&reply.etag, inm) {
-                            (Some(tag), Some(inm)) if inm.contains(tag.as_str()) => format!(
-                                "HTTP/1.1 304 Not Modified\r\netag: {tag}\r\n{}\r\n",
-                                reply.headers_304
-                            ),
-                            _ => format!(
-                                "HTTP/1.1 {} X\r\n{}{}content-length: {}\r\n\r\n{}",
-                                reply.status,
-                                reply
-                                    .etag
-                                    .as_ref()
-                                    .map(|t| format!("etag: {t}\r\n"))
-                                    .unwrap_or_default(),
-                                reply.headers,
-                                reply.body.len(),
-                                reply.body
-                            ),
-                        };
-                        if sock.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
+        let task = serve_heads(listener, move |head| {
+            let (replies, seen) = (r.clone(), s.clone());
+            async move {
+                seen.lock().unwrap().push(head.clone());
+                let reply = replies.lock().unwrap().get(&path_of(&head)).cloned();
+                let reply = reply.unwrap_or_else(|| Reply {
+                    status: 404,
+                    ..Reply::default()
                 });
+                tokio::time::sleep(reply.delay).await;
+                let inm = header_of(&head, "if-none-match");
+                match (&reply.etag, inm) {
+                    (Some(tag), Some(inm)) if inm.contains(tag.as_str()) => format!(
+                        "HTTP/1.1 304 Not Modified\r\netag: {tag}\r\n{}\r\n",
+                        reply.headers_304
+                    ),
+                    _ => format!(
+                        "HTTP/1.1 {} X\r\n{}{}content-length: {}\r\n\r\n{}",
+                        reply.status,
+                        reply
+                            .etag
+                            .as_ref()
+                            .map(|t| format!("etag: {t}\r\n"))
+                            .unwrap_or_default(),
+                        reply.headers,
+                        reply.body.len(),
+                        reply.body
+                    ),
+                }
             }
         });
         Origin {

@@ -126,8 +126,7 @@ use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::read_head;
-use tokio::io::AsyncWriteExt;
+use common::{path_of, serve_heads, text_answer};
 
 /// An origin answering by path: `/up/*` a 200 carrying a `Cache-Status` of a cache behind
 /// stoa; `/cookie/*`, `/nostore/*`, `/private/*`, `/vary/*` a 200 with `Set-Cookie`,
@@ -154,47 +153,31 @@ impl Origin {
         let calls = Arc::new(AtomicUsize::new(0));
         let flip = Arc::new(AtomicU16::new(200));
         let (c, f) = (calls.clone(), flip.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (calls, flip) = (c.clone(), f.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(end) = read_head(&mut sock, &mut buf).await {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        calls.fetch_add(1, Ordering::SeqCst);
-                        let path = head.split(' ').nth(1).unwrap_or_default().to_string();
-                        let segment = path.split('/').nth(1).unwrap_or_default();
-                        let (status, extra, body) = match segment {
-                            "up" => (200, "Cache-Status: \"behind\"; hit\r\n", "up".to_string()),
-                            "cookie" => (200, "Set-Cookie: a=b\r\n", "c".to_string()),
-                            "nostore" => (200, "Cache-Control: no-store\r\n", "n".to_string()),
-                            "private" => (200, "Cache-Control: private\r\n", "p".to_string()),
-                            "vary" => (200, "Vary: X-Other\r\n", "v".to_string()),
-                            "teapot" => (418, "", "tea".to_string()),
-                            "slow" => {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
-                                (200, "", "slow".to_string())
-                            }
-                            "flip" => {
-                                let s = flip.load(Ordering::SeqCst);
-                                (s, "", format!("status {s}"))
-                            }
-                            "big" => (200, "", "x".repeat(5000)),
-                            _ => (200, "", "plain".to_string()),
-                        };
-                        let resp = format!(
-                            "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\n{extra}content-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if sock.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
+        let task = serve_heads(listener, move |head| {
+            let (calls, flip) = (c.clone(), f.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let path = path_of(&head);
+                let segment = path.split('/').nth(1).unwrap_or_default();
+                let (status, extra, body) = match segment {
+                    "up" => (200, "Cache-Status: \"behind\"; hit\r\n", "up".to_string()),
+                    "cookie" => (200, "Set-Cookie: a=b\r\n", "c".to_string()),
+                    "nostore" => (200, "Cache-Control: no-store\r\n", "n".to_string()),
+                    "private" => (200, "Cache-Control: private\r\n", "p".to_string()),
+                    "vary" => (200, "Vary: X-Other\r\n", "v".to_string()),
+                    "teapot" => (418, "", "tea".to_string()),
+                    "slow" => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        (200, "", "slow".to_string())
                     }
-                });
+                    "flip" => {
+                        let s = flip.load(Ordering::SeqCst);
+                        (s, "", format!("status {s}"))
+                    }
+                    "big" => (200, "", "x".repeat(5000)),
+                    _ => (200, "", "plain".to_string()),
+                };
+                text_answer(status, extra, &body)
             }
         });
         Origin {

@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
-
-use super::{read_head, sample, StoaProcess};
+use super::{path_of, sample, serve_heads, text_answer, StoaProcess};
 
 /// The admin token of every node.
 pub const TOKEN: &str = "cluster-test-token";
@@ -27,31 +25,16 @@ impl Origin {
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = Arc::new(AtomicBool::new(false));
         let (counter, fail) = (calls.clone(), failing.clone());
-        tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                let (counter, fail) = (counter.clone(), fail.clone());
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    while let Some(end) = read_head(&mut sock, &mut buf).await {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        buf.drain(..end);
-                        let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                        tokio::time::sleep(delay).await;
-                        let (status, body) = if fail.load(Ordering::SeqCst) {
-                            ("503 Service Unavailable", "down".to_string())
-                        } else {
-                            ("200 OK", format!("answer #{n} for {path}"))
-                        };
-                        let resp = format!(
-                            "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if sock.write_all(resp.as_bytes()).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+        serve_heads(listener, move |head| {
+            let (counter, fail) = (counter.clone(), fail.clone());
+            async move {
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::time::sleep(delay).await;
+                if fail.load(Ordering::SeqCst) {
+                    text_answer(503, "", "down")
+                } else {
+                    text_answer(200, "", &format!("answer #{n} for {}", path_of(&head)))
+                }
             }
         });
         Origin {

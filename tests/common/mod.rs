@@ -354,6 +354,49 @@ pub async fn read_head(sock: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> O
     }
 }
 
+/// Serves every connection `listener` accepts: each request head read (bodies are not
+/// read) gets the answer `answer` makes of it, written whole. The accept loop's task.
+pub fn serve_heads<F, Fut>(
+    listener: tokio::net::TcpListener,
+    answer: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = String> + Send,
+{
+    use tokio::io::AsyncWriteExt;
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(end) = read_head(&mut sock, &mut buf).await {
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end);
+                    let resp = answer(head).await;
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// A `text/plain` answer: status `status`, the header lines `extra` (each ending in CRLF),
+/// `Content-Length`, then `body`.
+pub fn text_answer(status: u16, extra: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\n{extra}content-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The path of a request head's request line ("" when it has none).
+pub fn path_of(head: &str) -> String {
+    head.split(' ').nth(1).unwrap_or_default().to_string()
+}
+
 /// The value of one sample in a Prometheus exposition: `name{labels}` exactly as written
 /// (labels in alphabetical order, as they are written: `stoa_requests_total{cache="hit",route="r",status="200"}`).
 pub fn sample(exposition: &str, series: &str) -> Option<f64> {
