@@ -16,8 +16,8 @@
 //! the metrics and the connection's deadlines (the [`crate::connections::Guarded`] stream)
 //! are the same code.
 //!
-//! An answer from the cache to an HTTP/1.1 keep-alive request that came alone (no body, no
-//! bytes of a next request) is written as bytes past the session: the stored head's bytes,
+//! An answer from the cache to an HTTP/1.1 keep-alive request that came alone (its head
+//! and body in one read, no bytes of a next request) is written as bytes past the session: the stored head's bytes,
 //! built once per entry, then this answer's headers and the body ([`Raw`],
 //! [`answer::raw_entry`]); pingora's session would rebuild and serialize the whole head
 //! for every hit. Any other answer goes through the session.
@@ -61,8 +61,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
     /// The front: a route stoa answers itself, or one of its own errors. `alone`: the
-    /// bytes read are exactly one HTTP/1.1 request without a body, so that an answer from
-    /// the cache may be written as bytes past pingora's session (see [`Raw`]).
+    /// bytes read are exactly one HTTP/1.1 request, head and `Content-Length` body, so
+    /// that an answer from the cache may be written as bytes past pingora's session once
+    /// the body is read (see [`Raw`]).
     Front { alone: bool },
     /// pingora's `HttpProxy`.
     Proxy,
@@ -233,11 +234,7 @@ fn lane(head: &[u8], gateway: &Gateway) -> Lane {
         return Lane::Proxy;
     };
     let alone = req.version == Some(1)
-        && parsed == head.len()
-        && req.headers.iter().all(|h| {
-            !(h.name.eq_ignore_ascii_case("transfer-encoding")
-                || h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-        });
+        && body_length(req.headers).is_some_and(|body| parsed + body == head.len());
     if method == http::Method::CONNECT {
         return Lane::Proxy;
     }
@@ -250,6 +247,24 @@ fn lane(head: &[u8], gateway: &Gateway) -> Lane {
         Lookup::Found(_, route, _) if route.cache.is_none() => Lane::Proxy,
         _ => Lane::Front { alone },
     }
+}
+
+/// The length of a request's body by its head: 0 without `Content-Length`, its value with
+/// exactly one; `None` for a chunked body or any other framing (left to the session).
+fn body_length(headers: &[httparse::Header]) -> Option<usize> {
+    let mut length = None;
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return None;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if length.is_some() || h.value.is_empty() || !h.value.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            length = Some(std::str::from_utf8(h.value).ok()?.parse().ok()?);
+        }
+    }
+    Some(length.unwrap_or(0))
 }
 
 #[async_trait]
@@ -295,5 +310,41 @@ impl ServerApp for Front {
     async fn cleanup(&self) {
         self.closing.send_replace(true);
         ServerApp::cleanup(&*self.proxy).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::body_length;
+
+    fn length(head: &str) -> Option<usize> {
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut req = httparse::Request::new(&mut headers);
+        req.parse(head.as_bytes()).unwrap();
+        body_length(req.headers)
+    }
+
+    #[test]
+    fn only_a_single_plain_content_length_frames_a_body_the_front_takes_whole() {
+        assert_eq!(length("GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Some(0));
+        assert_eq!(
+            length("GET / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"),
+            Some(12)
+        );
+        assert_eq!(
+            length("GET / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"),
+            Some(0)
+        );
+        for framing in [
+            "Transfer-Encoding: chunked\r\n",
+            "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+            "Content-Length: 3\r\nContent-Length: 3\r\n",
+            "Content-Length: +3\r\n",
+            "Content-Length: 3, 3\r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+        ] {
+            let head = format!("GET / HTTP/1.1\r\n{framing}\r\n");
+            assert_eq!(length(&head), None, "{framing:?}");
+        }
     }
 }

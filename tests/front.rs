@@ -339,3 +339,44 @@ async fn cached_answers_that_end_a_connection_say_so_and_close_it() {
     let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
     assert!(closed && rest.is_empty(), "{rest:?}");
 }
+
+/// A GET whose JSON body came in the same read as its head (a body-keyed route) is answered
+/// from the cache as the session answers it, and the connection goes on with the next
+/// request: the body was read whole before the answer went out.
+#[tokio::test]
+async fn a_body_keyed_get_is_answered_from_the_cache_and_the_connection_goes_on() {
+    let echo = EchoUpstream::start().await;
+    let rest = format!(
+        "{}\n[[routes]]\nname = \"keyed\"\nmethods = [\"GET\"]\npath = \"/keyed\"\n\
+         upstream = \"echo\"\ncache = {{ ttl = \"1m\", key_body = [\"id\"] }}\n",
+        routes(&echo)
+    );
+    let front = StoaProcess::start(&rest).await;
+    let proxy = StoaProcess::start_with("front = false", &rest).await;
+    let with_body = |body: &str, extra: &str| {
+        format!(
+            "GET /keyed HTTP/1.1\r\nHost: stoa\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nX-Request-Id: k\r\n{extra}\r\n{body}",
+            body.len()
+        )
+    };
+    let requests = [
+        with_body(r#"{"id": 1}"#, ""),
+        with_body(r#"{ "id" : 1 }"#, ""),
+        with_body(r#"{"id": 2}"#, ""),
+        "GET /cached/g HTTP/1.1\r\nHost: stoa\r\nX-Request-Id: k\r\n\r\n".to_string(),
+        with_body(r#"{"id": 2}"#, "Connection: close\r\n"),
+    ];
+    let ours = answers_on_one_connection(&front, &requests).await;
+    let theirs = answers_on_one_connection(&proxy, &requests).await;
+    let x_cache: Vec<_> = ours.iter().map(|a| a.x_cache()).collect();
+    assert_eq!(x_cache, ["MISS", "HIT", "MISS", "MISS", "HIT"]);
+    assert_eq!(ours[1].body, ours[0].body);
+    assert_ne!(ours[2].body, ours[0].body);
+    for ((a, b), request) in ours.iter().zip(&theirs).zip(&requests) {
+        let length: usize = a.header("content-length").unwrap().parse().unwrap();
+        assert_eq!(a.body.len(), length, "{request}");
+        assert_eq!(a.status, b.status, "{request}");
+        assert_eq!(comparable(a), comparable(b), "{request}");
+    }
+}

@@ -40,8 +40,8 @@ pub enum Raw {
     /// The answer goes through the session.
     #[default]
     Off,
-    /// The front may write it: an HTTP/1.1 keep-alive request without a body, read whole
-    /// and alone.
+    /// The front may write it: an HTTP/1.1 request read whole and alone (its body, if any,
+    /// came with its head and is read before the answer).
     Allowed,
     /// Ready for the front to write.
     Ready(RawAnswer),
