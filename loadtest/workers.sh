@@ -9,6 +9,8 @@
 #                                  # against "shared" (one service, tokio's work stealing)
 #   loadtest/workers.sh --front    # the HTTP/1 front: server.front = true against false (every
 #                                  # request through pingora's proxy)
+#   loadtest/workers.sh --forward  # pass-through forwarded by the front: server.front_forward
+#                                  # = true against false (pass-through by pingora's proxy)
 #   loadtest/workers.sh --log      # the JSON access log to a file against no access log
 #   DURATION=5 ROUNDS=3 CONNECTIONS=50 WORKERS=2 loadtest/workers.sh
 #
@@ -37,11 +39,13 @@ declare -A log_of=([workers]=$quiet [shared]=$quiet)
 case ${1:-} in
   --front) a=front b=proxy; setting_of=([front]='front = true' [proxy]='front = false')
            log_of=([front]=$quiet [proxy]=$quiet) ;;
+  --forward) a=forward b=proxy; setting_of=([forward]='front_forward = true' [proxy]='front_forward = false')
+             log_of=([forward]=$quiet [proxy]=$quiet) ;;
   --log) a=logged b=quiet; setting_of=([logged]='' [quiet]='')
          log_of=([logged]="$(printf 'level = "info"\naccess_log = true\nformat = "json"\naccess_log_file = "%s"' "$work/access.log")"
                  [quiet]=$quiet) ;;
   '') ;;
-  *) die "usage: loadtest/workers.sh [--front | --log]" ;;
+  *) die "usage: loadtest/workers.sh [--front | --forward | --log]" ;;
 esac
 
 declare -A port_of=([$a]=$((PORT_BASE + 2)) [$b]=$((PORT_BASE + 4)))

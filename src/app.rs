@@ -120,6 +120,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
             gateway.clone(),
             lifecycle.clone(),
             &config.server,
+            &server_conf,
         );
         let mut listener = Listener::new(front, gateway.clone(), lifecycle.clone())
             .with_h2c(config.server.h2c)

@@ -164,6 +164,11 @@ impl Control {
                 old_config.server.front.to_string(),
             ),
             (
+                "server.front_forward",
+                config.server.front_forward.to_string(),
+                old_config.server.front_forward.to_string(),
+            ),
+            (
                 "cache.max_bytes",
                 config.cache.max_bytes.to_string(),
                 old_config.cache.max_bytes.to_string(),

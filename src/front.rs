@@ -1,14 +1,17 @@
 //! The HTTP/1 front of the proxy: answers the requests stoa answers itself (cached and
-//! aggregate routes, stoa's own errors) without pingora's proxy machinery, and hands every
-//! other request (pass-through routes, heads that do not arrive whole in one read, HTTP/2)
+//! aggregate routes, stoa's own errors) and forwards the plain pass-through requests without
+//! pingora's proxy machinery, and hands every other request (pass-through requests whose
+//! framing or headers need interpreting, heads that do not arrive whole in one read, HTTP/2)
 //! to pingora's `HttpProxy`, which serves them exactly as before.
 //!
 //! Why: on a cache hit, pingora's `HttpProxy` costs more than the hit itself (a session
 //! wrapper with a cache state and module contexts, per-phase boxed futures, the proxy's
 //! bookkeeping). The front reads the head's bytes itself, looks at the request line, and
-//! - for a route stoa answers, parses the head with pingora's HTTP/1 session (from the bytes
-//!   already read, no second read) and runs the same [`StoaProxy`] phases `HttpProxy` would
-//!   run for it (`early_request_filter`, `request_filter`, `logging`);
+//! - for a route stoa answers, or a pass-through request it may forward ([`forwardable`]),
+//!   parses the head with pingora's HTTP/1 session (from the bytes already read, no second
+//!   read) and runs the same [`StoaProxy`] phases `HttpProxy` would run for it
+//!   (`early_request_filter`, `request_filter`, then for a pass-through request the
+//!   [`Forwarder`], and `logging`);
 //! - for anything else, gives pingora a session that starts from those bytes, so it parses
 //!   the head as if it had read it itself.
 //!
@@ -21,6 +24,8 @@
 //! built once per entry, then this answer's headers and the body ([`Raw`],
 //! [`answer::raw_entry`]); pingora's session would rebuild and serialize the whole head
 //! for every hit. Any other answer goes through the session.
+//!
+//! [`answer::raw_entry`]: crate::proxy::answer::raw_entry
 
 use std::sync::Arc;
 
@@ -32,15 +37,17 @@ use pingora::protocols::http::v1::server::HttpSession as SessionV1;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
+use pingora::{Error, ErrorType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::config::ServerSettings;
-use crate::error::StoaError;
+use crate::forward::Forwarder;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
-use crate::proxy::answer::{self, RawAnswer};
+use crate::proxy::answer::RawAnswer;
 use crate::proxy::{Raw, RequestCtx, StoaProxy};
 use crate::routes::{normalize_path, Lookup, PathMode};
 
@@ -79,6 +86,8 @@ pub struct Front {
     h2c: bool,
     /// `server.front`; when off, every connection goes to the proxy.
     enabled: bool,
+    /// Forwards the pass-through requests the front takes (`server.front_forward`).
+    forwarder: Option<Forwarder>,
     /// Set once the service stops: connections waiting for their next request close.
     closing: watch::Sender<bool>,
 }
@@ -89,6 +98,7 @@ impl Front {
         gateway: Arc<ArcSwap<Gateway>>,
         lifecycle: Arc<Lifecycle>,
         server: &ServerSettings,
+        server_conf: &ServerConf,
     ) -> Self {
         Front {
             proxy: Arc::new(proxy),
@@ -97,6 +107,7 @@ impl Front {
             lifecycle,
             h2c: server.h2c,
             enabled: server.front,
+            forwarder: server.front_forward.then(|| Forwarder::new(server_conf)),
             closing: watch::Sender::new(false),
         }
     }
@@ -161,22 +172,20 @@ impl Front {
         match filtered {
             Ok(true) => {}
             Ok(false) => {
-                // Only a pass-through route is left to pingora, and the front never takes
-                // those (the same configuration decided both): answer rather than hang.
-                let err = StoaError::Internal("a pass-through request reached the front".into());
-                let deco = ctx.decorations(true);
-                let _ = answer::error(&mut session, &err, &deco).await;
-            }
-            Err(e) => {
-                // As `HttpProxy` does with a failed phase: stoa's error answer, the log,
-                // and the connection closes.
-                self.stoa.fail_to_proxy(&mut session, &e, &mut ctx).await;
-                if !self.stoa.suppress_error_log(&session, &ctx, &e) {
-                    tracing::error!("request failed: {e}");
+                // A pass-through route: the front takes only those it forwards (the same
+                // configuration decided both); answer rather than hang if not.
+                let forwarded = match &self.forwarder {
+                    Some(forwarder) => forwarder.forward(&self.stoa, &mut session, &mut ctx).await,
+                    None => Error::e_explain(
+                        ErrorType::InternalError,
+                        "a pass-through request reached the front",
+                    ),
+                };
+                if let Err(e) = forwarded {
+                    return self.failed(&mut session, &mut ctx, &e).await;
                 }
-                self.stoa.logging(&mut session, Some(&e), &mut ctx).await;
-                return None;
             }
+            Err(e) => return self.failed(&mut session, &mut ctx, &e).await,
         }
         if let Raw::Ready(raw) = std::mem::take(&mut ctx.raw) {
             // Logged first: the session is gone once its stream is taken to write.
@@ -191,6 +200,24 @@ impl Front {
         self.stoa.logging(&mut session, None, &mut ctx).await;
         let reusable = session.downstream_session.finish().await.ok().flatten()?;
         Some(reusable.into_parts().0)
+    }
+}
+
+impl Front {
+    /// As `HttpProxy` does with a failed phase or proxying: stoa's error answer (unless an
+    /// answer was under way), the log, and the connection closes.
+    async fn failed(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        e: &Error,
+    ) -> Option<Stream> {
+        self.stoa.fail_to_proxy(session, e, ctx).await;
+        if !self.stoa.suppress_error_log(session, ctx, e) {
+            tracing::error!("request failed: {e}");
+        }
+        self.stoa.logging(session, Some(e), ctx).await;
+        None
     }
 }
 
@@ -216,8 +243,9 @@ fn keepalive(shutdown: &ShutdownWatch) -> Option<u64> {
 }
 
 /// Which lane takes the request whose head starts `head`: the front for a whole head on a
-/// route stoa answers itself (or none: stoa's 404/405/400), the proxy for anything else.
-fn lane(head: &[u8], gateway: &Gateway) -> Lane {
+/// route stoa answers itself (or none: stoa's 404/405/400) and, when it `forwards`, for a
+/// pass-through request it may forward (see [`forwardable`]); the proxy for anything else.
+fn lane(head: &[u8], gateway: &Gateway, forwards: bool) -> Lane {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let Ok(httparse::Status::Complete(parsed)) = req.parse(head) else {
@@ -244,9 +272,49 @@ fn lane(head: &[u8], gateway: &Gateway) -> Lane {
         return Lane::Front { alone };
     };
     match gateway.routes.lookup(&method, &path) {
-        Lookup::Found(_, route, _) if route.cache.is_none() => Lane::Proxy,
+        Lookup::Found(_, route, _) if route.cache.is_none() => {
+            if forwards && alone && forwardable(req.headers) {
+                Lane::Front { alone }
+            } else {
+                Lane::Proxy
+            }
+        }
         _ => Lane::Front { alone },
     }
+}
+
+/// Whether the front may forward a pass-through request whose body it has read with the
+/// head ([`crate::forward`]): one `Host`; no upgrade, `Expect` or `HTTP2-Settings`; a
+/// `Connection` header, if any, that says only `keep-alive` or `close`, so that the request's
+/// headers but the hop-by-hop ones go upstream as they are. Anything else is left to
+/// pingora's proxy, whose upstream request policy interprets it.
+fn forwardable(headers: &[httparse::Header]) -> bool {
+    let mut hosts = 0;
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("connection") {
+            let plain = h
+                .value
+                .split(|b| *b == b',')
+                .map(<[u8]>::trim_ascii)
+                .all(|t| {
+                    t.is_empty()
+                        || t.eq_ignore_ascii_case(b"keep-alive")
+                        || t.eq_ignore_ascii_case(b"close")
+                });
+            if !plain {
+                return false;
+            }
+        } else if name.eq_ignore_ascii_case("upgrade")
+            || name.eq_ignore_ascii_case("expect")
+            || name.eq_ignore_ascii_case("http2-settings")
+        {
+            return false;
+        }
+    }
+    hosts == 1
 }
 
 /// The length of a request's body by its head: 0 without `Content-Length`, its value with
@@ -289,7 +357,7 @@ impl ServerApp for Front {
                 _ = closing.wait_for(|closed| *closed) => return None,
             }
             let gateway = self.gateway.load_full();
-            stream = match lane(&head, &gateway) {
+            stream = match lane(&head, &gateway, self.forwarder.is_some()) {
                 Lane::Front { alone } => {
                     self.answer(stream, head, alone, gateway, shutdown).await?
                 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod connections;
 pub mod control;
 pub mod error;
+pub mod forward;
 pub mod front;
 pub mod gateway;
 pub mod lifecycle;

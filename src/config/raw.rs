@@ -34,6 +34,7 @@ pub struct RawServer {
     pub tls: Option<RawServerTls>,
     pub h2c: Option<bool>,
     pub front: Option<bool>,
+    pub front_forward: Option<bool>,
     pub h2_max_concurrent_streams: Option<i64>,
     pub threads: Option<i64>,
     #[schemars(extend("enum" = ["workers", "shared"]))]

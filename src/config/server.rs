@@ -24,6 +24,9 @@ pub struct ServerSettings {
     /// HTTP/1 requests stoa answers itself skip pingora's proxy (`server.front`; see
     /// `crate::front`).
     pub front: bool,
+    /// The front also forwards the HTTP/1 pass-through requests whose framing leaves nothing
+    /// to interpret (`server.front_forward`; see `crate::forward`).
+    pub front_forward: bool,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,
     /// Threads of the proxy (`server.threads`), arranged as `worker_model` says.
@@ -254,6 +257,7 @@ impl Validator<'_> {
             tls: tls.ok()?,
             h2c: raw.h2c.unwrap_or(false),
             front: raw.front.unwrap_or(true),
+            front_forward: raw.front_forward.unwrap_or(true),
             h2_max_concurrent_streams: h2_max_concurrent_streams?,
             threads: threads?,
             worker_model: worker_model?,
@@ -496,12 +500,15 @@ mod tests {
     #[test]
     fn front_is_on_by_default_and_can_be_turned_off() {
         let c = load_str(GOOD, EnvOverrides::Ignore).unwrap();
-        assert!(c.server.front);
-        let off = GOOD.replace("max_body_bytes = \"64KiB\"", "front = false");
-        let c = load_str(&off, EnvOverrides::Ignore).unwrap();
-        assert!(!c.server.front);
-        let p = problems(&GOOD.replace("max_body_bytes = \"64KiB\"", "front = \"yes\""));
-        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(c.server.front && c.server.front_forward);
+        for (key, front, forward) in [("front", false, true), ("front_forward", true, false)] {
+            let off = GOOD.replace("max_body_bytes = \"64KiB\"", &format!("{key} = false"));
+            let c = load_str(&off, EnvOverrides::Ignore).unwrap();
+            assert_eq!((c.server.front, c.server.front_forward), (front, forward));
+            let p =
+                problems(&GOOD.replace("max_body_bytes = \"64KiB\"", &format!("{key} = \"yes\"")));
+            assert_eq!(p.len(), 1, "{key}: {p:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,254 @@
+//! Pass-through requests the front forwards itself, on pingora-core's HTTP/1 client and
+//! server sessions, without pingora's `ProxyHttp` machinery (per-phase boxed futures, the
+//! duplex task loop and its channels, the proxy's session wrapper state).
+//!
+//! The front forwards only requests whose framing leaves nothing to interpret (see
+//! `front::forwardable`): HTTP/1.1, origin-form, one `Host`, a body framed by one plain
+//! `Content-Length` and read with the head, no `Transfer-Encoding`, no upgrade, no `Expect`, a
+//! `Connection` header that says no more than `keep-alive` or `close`. Every other request
+//! goes to pingora's proxy. The steps are stoa's own phases, as pingora's proxy runs them:
+//! `request_filter` (route, limits, upstream slot), `request_body_filter`,
+//! `upstream_request_filter` (URI, `Host`, `X-Forwarded-*`, request id), `response_filter`
+//! (invalidation, hop-by-hop headers, stoa's headers), `fail_to_proxy` and `logging`; the
+//! upstream connections come from pingora's pool with the route's peer and its timeouts.
+
+use bytes::{Bytes, BytesMut};
+use http::{header, Version};
+use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
+use pingora::protocols::http::v1::server::HttpSession as DownstreamSession;
+use pingora::protocols::http::ServerSession;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::upstreams::peer::Peer;
+use pingora::ErrorType;
+
+use crate::proxy::{RequestCtx, StoaProxy};
+
+/// Request headers never sent upstream by the front: hop by hop (RFC 9110 §7.6.1). The
+/// front forwards no request whose `Connection` header names any other.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// The front's forwarder: one pool of upstream connections per proxy service, as pingora's
+/// proxy has.
+pub struct Forwarder {
+    connector: TransportConnector,
+}
+
+impl Forwarder {
+    pub fn new(server_conf: &ServerConf) -> Self {
+        Forwarder {
+            connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(
+                server_conf,
+            ))),
+        }
+    }
+
+    /// Sends the request `session` has read (its route prepared by `request_filter`) to the
+    /// route's upstream and its answer to the client. `Err` as pingora's proxy has it: the
+    /// side that failed is the error's source, for `fail_to_proxy` and the log.
+    pub async fn forward(
+        &self,
+        stoa: &StoaProxy,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let peer = stoa.upstream_peer(session, ctx).await?;
+        let mut req = Box::new(session.req_header().clone());
+        upstream_request(&mut req);
+        stoa.upstream_request_filter(session, &mut req, ctx).await?;
+        let body = read_body(stoa, session, ctx).await?;
+        let mut up = self.exchange(&peer, req, body).await?;
+        let down = http1(session)?;
+        // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
+        // proxy passes them, until the final one; a 101 is refused: no upgrade was asked for.
+        let resp = loop {
+            let Some(resp) = up.resp_header() else {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "no response head")
+                    .map_err(Error::into_up);
+            };
+            if resp.status.as_u16() == 101 {
+                return Error::e_explain(ErrorType::InvalidHTTPHeader, "101 without an upgrade")
+                    .map_err(Error::into_up);
+            }
+            if !resp.status.is_informational() {
+                break resp;
+            }
+            down.write_response_header(Box::new(resp.clone()))
+                .await
+                .map_err(Error::into_down)?;
+            up.read_response().await.map_err(Error::into_up)?;
+        };
+        let mut resp = Box::new(resp.clone());
+        let ends = up.is_body_done();
+        chunk_unframed(&mut resp, session.req_header(), ends)?;
+        stoa.response_filter(session, &mut resp, ctx).await?;
+        let down = http1(session)?;
+        down.write_response_header(resp)
+            .await
+            .map_err(Error::into_down)?;
+        while let Some(piece) = up.read_body_ref().await.map_err(Error::into_up)? {
+            // `None`: the answer's framing is complete.
+            if down
+                .write_body(piece)
+                .await
+                .map_err(Error::into_down)?
+                .is_none()
+            {
+                break;
+            }
+        }
+        // The front finishes the answer (`finish`) once the request is logged.
+        up.respect_keepalive();
+        if let Some(stream) = up.reuse().await {
+            self.connector
+                .release_stream(stream, peer.reuse_hash(), peer.options.idle_timeout);
+        }
+        Ok(())
+    }
+
+    /// Writes the request upstream and reads the final answer's head. As pingora's proxy
+    /// does, an idempotent request whose kept-alive connection the upstream closed meanwhile
+    /// (closed or reset before a byte of the answer) is sent once more on a new connection.
+    async fn exchange(
+        &self,
+        peer: &HttpPeer,
+        req: Box<RequestHeader>,
+        body: Option<Bytes>,
+    ) -> Result<UpstreamSession> {
+        let (stream, reused) = self
+            .connector
+            .get_stream(peer)
+            .await
+            .map_err(Error::into_up)?;
+        let mut up = session_on(stream, peer);
+        if !reused || !req.method.is_idempotent() {
+            send(&mut up, req, body.as_ref()).await?;
+            return Ok(up);
+        }
+        match send(&mut up, Box::new((*req).clone()), body.as_ref()).await {
+            Ok(()) => Ok(up),
+            Err(mut e) => {
+                e.retry.decide_reuse(true);
+                if !e.retry() {
+                    return Err(e);
+                }
+                tracing::debug!("a kept-alive upstream connection failed, once more: {e}");
+                let stream = self
+                    .connector
+                    .new_stream(peer)
+                    .await
+                    .map_err(Error::into_up)?;
+                let mut up = session_on(stream, peer);
+                send(&mut up, req, body.as_ref()).await?;
+                Ok(up)
+            }
+        }
+    }
+}
+
+/// An answer with a body but no framing (it ends when the upstream closes) goes on chunked,
+/// so that the client's connection need not close, as pingora's proxy does it.
+fn chunk_unframed(resp: &mut ResponseHeader, req: &RequestHeader, ends: bool) -> Result<()> {
+    let no_body = req.method == http::Method::HEAD || matches!(resp.status.as_u16(), 204 | 304);
+    if no_body
+        || ends
+        || resp.headers.contains_key(header::TRANSFER_ENCODING)
+        || resp.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Ok(());
+    }
+    resp.set_version(Version::HTTP_11);
+    resp.insert_header(header::TRANSFER_ENCODING, "chunked")
+}
+
+/// The client's HTTP/1 session (the front forwards nothing else).
+fn http1(session: &mut Session) -> Result<&mut DownstreamSession> {
+    match &mut *session.downstream_session {
+        ServerSession::H1(down) => Ok(down),
+        _ => Error::e_explain(ErrorType::InternalError, "the front forwards HTTP/1 only"),
+    }
+}
+
+/// An HTTP/1 client session on `stream` with the peer's timeouts.
+fn session_on(stream: pingora::protocols::Stream, peer: &HttpPeer) -> UpstreamSession {
+    let mut up = UpstreamSession::new_with_options(stream, peer);
+    up.read_timeout = peer.options.read_timeout;
+    up.write_timeout = peer.options.write_timeout;
+    up
+}
+
+/// Writes the head and the body, then reads the first answer's head.
+async fn send(
+    up: &mut UpstreamSession,
+    req: Box<RequestHeader>,
+    body: Option<&Bytes>,
+) -> Result<()> {
+    up.write_request_header(req).await.map_err(Error::into_up)?;
+    if let Some(body) = body {
+        up.write_body(body).await.map_err(Error::into_up)?;
+        up.finish_body().await.map_err(Error::into_up)?;
+    }
+    up.read_response().await.map_err(Error::into_up)?;
+    Ok(())
+}
+
+/// The request as it goes upstream before stoa's own headers: HTTP/1.1, without the
+/// hop-by-hop headers (the upstream connection keeps alive on its own terms).
+fn upstream_request(req: &mut RequestHeader) {
+    if req.version != Version::HTTP_11 {
+        req.set_version(Version::HTTP_11);
+    }
+    for name in HOP_BY_HOP {
+        if req.headers.contains_key(name) {
+            req.remove_header(name);
+        }
+    }
+    debug_assert!(!req.headers.contains_key(header::TRANSFER_ENCODING));
+}
+
+/// The request body, whole (the front forwards only bodies that came with the head),
+/// counted against `max_body_bytes` by `request_body_filter` as pingora's proxy does.
+async fn read_body(
+    stoa: &StoaProxy,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Option<Bytes>> {
+    let mut whole: Option<Bytes> = None;
+    loop {
+        let mut piece = session
+            .downstream_session
+            .read_request_body()
+            .await
+            .map_err(Error::into_down)?;
+        let done = piece.is_none() || session.downstream_session.is_body_done();
+        stoa.request_body_filter(session, &mut piece, done, ctx)
+            .await?;
+        if let Some(piece) = piece.filter(|p| !p.is_empty()) {
+            whole = Some(match whole {
+                None => piece,
+                Some(before) => {
+                    let mut joined = BytesMut::with_capacity(before.len() + piece.len());
+                    joined.extend_from_slice(&before);
+                    joined.extend_from_slice(&piece);
+                    joined.freeze()
+                }
+            });
+        }
+        if done {
+            return Ok(whole);
+        }
+    }
+}

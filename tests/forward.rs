@@ -1,0 +1,458 @@
+//! End to end: pass-through requests the HTTP/1 front forwards itself
+//! (`server.front_forward`), against the same requests through pingora's proxy
+//! (`front_forward = false`). A scripted origin records every request head it receives and
+//! on which of its connections; the clients are raw sockets.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{find, read_answer, read_until_closed, RawAnswer, StoaProcess};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What the origin received: the connection (numbered from 0 in accept order) and the
+/// request head and body.
+#[derive(Debug, Clone)]
+struct Received {
+    connection: usize,
+    head: String,
+    body: String,
+}
+
+/// An origin that answers by path (see [`answer_for`]) and records what it received.
+struct Origin {
+    port: u16,
+    received: Arc<Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The answer to a request for `path` with `method`; `None`: close the connection without
+/// answering. `/close` answers without a length and closes; `/slow` answers after 2 s.
+fn answer_for(method: &str, path: &str) -> Option<String> {
+    let body = format!(r#"{{"path":"{path}"}}"#);
+    let answer = match path {
+        "/hangup" => return None,
+        "/chunked" => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                       transfer-encoding: chunked\r\n\r\n\
+                       5\r\n{\"a\":\r\n3\r\n1, \r\n7\r\n\"b\": 2}\r\n0\r\n\r\n"
+            .to_string(),
+        "/close" => format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{body}"
+        ),
+        "/empty" => "HTTP/1.1 204 No Content\r\nx-kind: empty\r\n\r\n".to_string(),
+        "/not-modified" => "HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n".to_string(),
+        "/hints" => format!(
+            "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        "/teapot" => format!(
+            "HTTP/1.1 418 I'm a teapot\r\ncontent-type: application/json\r\n\
+             retry-after: 120\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        _ => {
+            // Hop-by-hop headers, one of them named by `Connection`, beside end-to-end ones.
+            let shown = if method == "HEAD" { "" } else { body.as_str() };
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: x-drop\r\n\
+                 x-drop: 1\r\nkeep-alive: timeout=5\r\nproxy-authenticate: Basic\r\n\
+                 x-keep: 1\r\ncontent-length: {}\r\n\r\n{shown}",
+                body.len()
+            )
+        }
+    };
+    Some(answer)
+}
+
+impl Origin {
+    async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let log = received.clone();
+        let task = tokio::spawn(async move {
+            let mut connection = 0;
+            while let Ok((sock, _)) = listener.accept().await {
+                tokio::spawn(serve(sock, connection, log.clone()));
+                connection += 1;
+            }
+        });
+        Origin {
+            port,
+            received,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+/// Serves one connection: each request (head, then a `Content-Length` body) is recorded
+/// and answered.
+async fn serve(mut sock: TcpStream, connection: usize, log: Arc<Mutex<Vec<Received>>>) {
+    let mut buf = Vec::new();
+    loop {
+        let Some(head_end) = common::read_head(&mut sock, &mut buf).await else {
+            return;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 4096];
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+        buf.drain(..head_end + length);
+        let mut line = head.split(' ');
+        let method = line.next().unwrap_or_default().to_string();
+        let path = line.next().unwrap_or_default().to_string();
+        log.lock().unwrap().push(Received {
+            connection,
+            head,
+            body,
+        });
+        if path == "/slow" {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let Some(answer) = answer_for(&method, &path) else {
+            return;
+        };
+        if sock.write_all(answer.as_bytes()).await.is_err() || path == "/close" {
+            return;
+        }
+    }
+}
+
+/// One pass-through route to `origin` (no rewrite, a 500 ms upstream timeout) and one to a
+/// closed port.
+fn routes(origin: &Origin) -> String {
+    let closed = common::free_port();
+    format!(
+        "[upstreams.origin]\nurl = \"{}\"\ntimeout = \"500ms\"\n\n\
+         [upstreams.nowhere]\nurl = \"http://127.0.0.1:{closed}\"\n\n\
+         [[routes]]\nname = \"pass\"\npath = \"/{{*rest}}\"\nupstream = \"origin\"\n\n\
+         [[routes]]\nname = \"gone\"\npath = \"/gone/{{*rest}}\"\nupstream = \"nowhere\"\n",
+        origin.url()
+    )
+}
+
+/// The requests every gateway gets, in order, each on its own line of the script: the
+/// request as written, and whether it ends the connection's turn (read until closed).
+fn script() -> Vec<(String, bool)> {
+    let get =
+        |path: &str, extra: &str| format!("GET {path} HTTP/1.1\r\nHost: stoa.test\r\n{extra}\r\n");
+    vec![
+        (get("/plain?q=1", ""), false),
+        (
+            get(
+                "/plain",
+                "Connection: keep-alive\r\nKeep-Alive: timeout=9\r\nTE: trailers\r\n\
+                 Proxy-Authorization: Basic eA==\r\nX-Forwarded-For: 10.0.0.1\r\n\
+                 X-Request-Id: from-the-client-0001\r\n",
+            ),
+            false,
+        ),
+        (
+            "HEAD /plain HTTP/1.1\r\nHost: stoa.test\r\n\r\n".to_string(),
+            false,
+        ),
+        (
+            "POST /form HTTP/1.1\r\nHost: stoa.test\r\nContent-Type: text/plain\r\n\
+             Content-Length: 11\r\n\r\nhello=world"
+                .to_string(),
+            false,
+        ),
+        (get("/chunked", ""), false),
+        (get("/empty", ""), false),
+        (get("/not-modified", "If-None-Match: \"v1\"\r\n"), false),
+        (get("/hints", ""), false),
+        (get("/teapot", ""), false),
+        (get("/close", ""), false),
+        (get("/plain", "Connection: close\r\n"), true),
+        (get("/slow", ""), true),
+        (get("/hangup", ""), true),
+        (get("/gone/x", ""), true),
+    ]
+}
+
+/// An answer with what changes from one run to the next left out: the date, the request
+/// id stoa made, and the upstream's timing in `Cache-Status`-like detail.
+fn comparable(answer: &RawAnswer) -> (u16, Vec<(String, String)>, String) {
+    let headers = answer
+        .headers
+        .iter()
+        .filter(|(k, _)| k != "date" && k != "x-request-id")
+        .cloned()
+        .collect();
+    (answer.status, headers, answer.body.clone())
+}
+
+/// A received head with its request id left out (stoa makes a new one per request) and
+/// the origin's port in `Host` as `PORT`, the header lines sorted.
+fn comparable_head(received: &Received, port: u16) -> (String, Vec<String>, String) {
+    let host = format!("host: 127.0.0.1:{port}");
+    let mut lines = received.head.trim_end().split("\r\n");
+    let request_line = lines.next().unwrap_or_default().to_string();
+    let mut headers: Vec<String> = lines
+        .filter(|l| !l.to_ascii_lowercase().starts_with("x-request-id:"))
+        .map(str::to_ascii_lowercase)
+        .map(|h| {
+            if h == host {
+                "host: 127.0.0.1:PORT".into()
+            } else {
+                h
+            }
+        })
+        .collect();
+    headers.sort();
+    (request_line, headers, received.body.clone())
+}
+
+/// Runs the script against the gateway on `port`; the answers in order (the final ones;
+/// an informational answer is checked here and left out).
+async fn run_script(port: u16) -> Vec<RawAnswer> {
+    let mut answers = Vec::new();
+    let mut sock = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = Vec::new();
+    for (request, ends) in script() {
+        sock.write_all(request.as_bytes()).await.unwrap();
+        let answer = if ends {
+            let (mut bytes, closed) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
+            assert!(closed, "{request:?}: the connection stayed open");
+            bytes.splice(0..0, buf.drain(..));
+            sock = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            RawAnswer::parse(&bytes)
+        } else if request.starts_with("HEAD") {
+            head_only(&mut sock, &mut buf).await
+        } else if request.contains("/hints") {
+            let early = read_answer(&mut sock, &mut buf).await.unwrap();
+            assert_eq!(early.status, 103, "{early:?}");
+            assert_eq!(
+                early.header("link"),
+                Some("</style.css>; rel=preload"),
+                "{early:?}"
+            );
+            read_answer(&mut sock, &mut buf).await.unwrap()
+        } else {
+            framed(&mut sock, &mut buf).await
+        };
+        answers.push(answer);
+    }
+    answers
+}
+
+/// An answer to a HEAD: its head only, whatever its `Content-Length` says.
+async fn head_only(sock: &mut TcpStream, buf: &mut Vec<u8>) -> RawAnswer {
+    let end = common::read_head(sock, buf).await.unwrap();
+    let head = String::from_utf8_lossy(&buf[..end - 4]).into_owned();
+    buf.drain(..end);
+    RawAnswer::from_head(&head, String::new())
+}
+
+/// An answer framed by `Content-Length` or chunked (read to its last chunk, de-chunked).
+async fn framed(sock: &mut TcpStream, buf: &mut Vec<u8>) -> RawAnswer {
+    let end = common::read_head(sock, buf).await.unwrap();
+    let chunked = String::from_utf8_lossy(&buf[..end])
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    if !chunked {
+        return read_answer(sock, buf).await.unwrap();
+    }
+    loop {
+        if let Some(end) = find(buf, b"\r\n0\r\n\r\n") {
+            let bytes: Vec<u8> = buf.drain(..end + 7).collect();
+            return RawAnswer::parse(&bytes);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = sock.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "EOF inside a chunked answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Every request of the script gets the same answer, and sends the origin the same head
+/// and body, whether the front forwards it or pingora's proxy does.
+#[tokio::test]
+async fn the_front_forwards_as_pingoras_proxy_does() {
+    let origin_front = Origin::start().await;
+    let origin_proxy = Origin::start().await;
+    let front = StoaProcess::start(&routes(&origin_front)).await;
+    let proxy = StoaProcess::start_with("front_forward = false", &routes(&origin_proxy)).await;
+    let by_front = run_script(front.port).await;
+    let by_proxy = run_script(proxy.port).await;
+
+    for (((request, _), a), b) in script().iter().zip(&by_front).zip(&by_proxy) {
+        assert_eq!(comparable(a), comparable(b), "{request:?}");
+    }
+    let heads_front: Vec<_> = origin_front
+        .received()
+        .iter()
+        .map(|r| comparable_head(r, origin_front.port))
+        .collect();
+    let heads_proxy: Vec<_> = origin_proxy
+        .received()
+        .iter()
+        .map(|r| comparable_head(r, origin_proxy.port))
+        .collect();
+    assert_eq!(heads_front, heads_proxy);
+
+    // What both did, spelled out for the first requests and the failures.
+    let plain = &by_front[0];
+    assert_eq!(plain.status, 200, "{plain:?}");
+    assert_eq!(plain.header("x-keep"), Some("1"));
+    for dropped in ["x-drop", "keep-alive", "proxy-authenticate"] {
+        assert_eq!(plain.header(dropped), None, "{dropped}: {plain:?}");
+    }
+    let (request_line, headers, _) = &heads_front[1];
+    assert_eq!(request_line, "GET /plain HTTP/1.1");
+    assert!(
+        headers.contains(&"host: 127.0.0.1:PORT".to_string()),
+        "{headers:?}"
+    );
+    assert!(headers.contains(&"x-forwarded-for: 10.0.0.1, 127.0.0.1".to_string()));
+    assert!(headers.contains(&"x-forwarded-proto: http".to_string()));
+    for hop in ["connection", "keep-alive", "te:", "proxy-authorization"] {
+        assert!(
+            !headers.iter().any(|h| h.starts_with(hop)),
+            "{hop}: {headers:?}"
+        );
+    }
+    assert_eq!(heads_front[3].2, "hello=world");
+    assert_eq!(by_front[4].body, r#"{"a":1, "b": 2}"#);
+    assert_eq!(by_front[7].status, 200, "{:?}", by_front[7]);
+    assert_eq!(by_front[8].header("retry-after"), Some("120"));
+    by_front[11].assert_error(504, "upstream_timeout", "/slow");
+    by_front[12].assert_error(502, "upstream_failed", "/hangup");
+    by_front[13].assert_error(502, "upstream_unreachable", "/gone/x");
+}
+
+/// Requests the front forwards and requests it leaves to pingora's proxy (here: ones whose
+/// `Connection` header names another header) take different upstream pools; with
+/// `front_forward = false` one connection serves them all.
+#[tokio::test]
+async fn forwardable_requests_take_the_fronts_own_upstream_connections() {
+    let origin = Origin::start().await;
+    let front = StoaProcess::start(&routes(&origin)).await;
+    let nominated = "GET /plain HTTP/1.1\r\nHost: stoa.test\r\nConnection: x-custom\r\n\
+                     X-Custom: 1\r\n\r\n";
+    let plain = "GET /plain HTTP/1.1\r\nHost: stoa.test\r\n\r\n";
+    let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
+    let mut buf = Vec::new();
+    for request in [plain, plain, nominated, nominated, plain] {
+        sock.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut sock, &mut buf).await.unwrap();
+        assert_eq!(answer.status, 200, "{answer:?}");
+    }
+    let connections: Vec<usize> = origin.received().iter().map(|r| r.connection).collect();
+    assert_eq!(connections[0], connections[1], "{connections:?}");
+    assert_eq!(connections[2], connections[3], "{connections:?}");
+    assert_ne!(connections[0], connections[2], "{connections:?}");
+    assert_eq!(connections[4], connections[0], "{connections:?}");
+    // Whichever lane: the nominated header never reaches the origin.
+    for received in origin.received() {
+        assert!(
+            !received.head.to_ascii_lowercase().contains("x-custom"),
+            "{received:?}"
+        );
+    }
+
+    let origin = Origin::start().await;
+    let proxy = StoaProcess::start_with("front_forward = false", &routes(&origin)).await;
+    let mut sock = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+    for request in [plain, nominated, plain] {
+        sock.write_all(request.as_bytes()).await.unwrap();
+        read_answer(&mut sock, &mut buf).await.unwrap();
+    }
+    let connections: Vec<usize> = origin.received().iter().map(|r| r.connection).collect();
+    assert_eq!(connections, [0, 0, 0]);
+}
+
+/// An origin that answers the first request of each connection and closes the connection
+/// when a second one comes, without answering it: what a kept-alive connection looks like
+/// when the upstream timed it out just as it was reused. The port, and how many requests
+/// it answered.
+async fn answers_once_per_connection() -> (u16, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(end) = common::read_head(&mut sock, &mut buf).await else {
+                    return;
+                };
+                buf.drain(..end);
+                *count.lock().unwrap() += 1;
+                let answer = common::text_answer(200, "", "once");
+                if sock.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                // The next request's head arrives: close, unanswered.
+                let _ = common::read_head(&mut sock, &mut buf).await;
+            });
+        }
+    });
+    (port, served, task)
+}
+
+/// A kept-alive upstream connection the origin closes as a request arrives on it: a GET
+/// is sent again on a new connection and answered, a POST is not sent twice (502), as
+/// pingora's proxy does.
+#[tokio::test]
+async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again() {
+    let (port, served, task) = answers_once_per_connection().await;
+    let front = StoaProcess::start(&format!(
+        "[upstreams.once]\nurl = \"http://127.0.0.1:{port}\"\n\n\
+         [[routes]]\nname = \"once\"\npath = \"/{{*rest}}\"\nupstream = \"once\"\n"
+    ))
+    .await;
+    let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        sock.write_all(b"GET /x HTTP/1.1\r\nHost: stoa.test\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_answer(&mut sock, &mut buf).await.unwrap();
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, "once"),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(*served.lock().unwrap(), 3);
+    // The third connection is idle in the pool: a POST on it is not sent again.
+    let post = "POST /x HTTP/1.1\r\nHost: stoa.test\r\nContent-Length: 2\r\n\r\nhi";
+    sock.write_all(post.as_bytes()).await.unwrap();
+    let (bytes, _) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
+    RawAnswer::parse(&bytes).assert_error(502, "upstream_failed", "POST");
+    assert_eq!(*served.lock().unwrap(), 3);
+    task.abort();
+}
