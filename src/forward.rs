@@ -10,7 +10,7 @@
 //! `request_filter` (route, limits, upstream slot), `request_body_filter`,
 //! `upstream_request_filter` (URI, `Host`, `X-Forwarded-*`, request id), `response_filter`
 //! (invalidation, hop-by-hop headers, stoa's headers), `fail_to_proxy` and `logging`; the
-//! upstream connections come from pingora's pool with the route's peer and its timeouts.
+//! upstream connections are the worker's own ([`IdlePool`]), opened for the route's peer with its timeouts.
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Version};
@@ -26,6 +26,7 @@ use pingora::upstreams::peer::Peer;
 use pingora::ErrorType;
 
 use crate::proxy::{RequestCtx, StoaProxy};
+use crate::upstream::pool::IdlePool;
 
 /// Request headers never sent upstream by the front: hop by hop (RFC 9110 §7.6.1). The
 /// front forwards no request whose `Connection` header names any other.
@@ -41,10 +42,12 @@ const HOP_BY_HOP: [&str; 9] = [
     "http2-settings",
 ];
 
-/// The front's forwarder: one pool of upstream connections per proxy service, as pingora's
-/// proxy has.
+/// The front's forwarder: one pool of idle upstream connections per proxy service, as
+/// pingora's proxy has.
 pub struct Forwarder {
+    /// Opens new upstream connections (TCP, and TLS to an https upstream).
     connector: TransportConnector,
+    idle: IdlePool,
 }
 
 impl Forwarder {
@@ -53,6 +56,7 @@ impl Forwarder {
             connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(
                 server_conf,
             ))),
+            idle: IdlePool::default(),
         }
     }
 
@@ -70,7 +74,8 @@ impl Forwarder {
         upstream_request(&mut req);
         stoa.upstream_request_filter(session, &mut req, ctx).await?;
         let body = read_body(stoa, session, ctx).await?;
-        let mut up = self.exchange(&peer, req, body).await?;
+        let key = peer.reuse_hash();
+        let mut up = self.exchange(&peer, key, req, body).await?;
         let down = http1(session)?;
         // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
         // proxy passes them, until the final one; a 101 is refused: no upgrade was asked for.
@@ -113,8 +118,7 @@ impl Forwarder {
         // The front finishes the answer (`finish`) once the request is logged.
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
-            self.connector
-                .release_stream(stream, peer.reuse_hash(), peer.options.idle_timeout);
+            self.idle.put(key, stream);
         }
         Ok(())
     }
@@ -125,14 +129,17 @@ impl Forwarder {
     async fn exchange(
         &self,
         peer: &HttpPeer,
+        key: u64,
         req: Box<RequestHeader>,
         body: Option<Bytes>,
     ) -> Result<UpstreamSession> {
-        let (stream, reused) = self
-            .connector
-            .get_stream(peer)
-            .await
-            .map_err(Error::into_up)?;
+        let (stream, reused) = match self.idle.take(key) {
+            Some(stream) => (stream, true),
+            None => {
+                let stream = self.connector.new_stream(peer).await;
+                (stream.map_err(Error::into_up)?, false)
+            }
+        };
         let mut up = session_on(stream, peer);
         if !reused || !req.method.is_idempotent() {
             send(&mut up, req, body.as_ref()).await?;

@@ -301,8 +301,11 @@ async fn framed(sock: &mut TcpStream, buf: &mut Vec<u8>) -> RawAnswer {
 async fn the_front_forwards_as_pingoras_proxy_does() {
     let origin_front = Origin::start().await;
     let origin_proxy = Origin::start().await;
-    let front = StoaProcess::start(&routes(&origin_front)).await;
-    let proxy = StoaProcess::start_with("front_forward = false", &routes(&origin_proxy)).await;
+    // One worker each: which idle upstream connections a request finds (and so whether a
+    // failed one is retried) does not depend on which worker took the connection.
+    let front = StoaProcess::start_with("threads = 1", &routes(&origin_front)).await;
+    let proxy =
+        StoaProcess::start_with("threads = 1\nfront_forward = false", &routes(&origin_proxy)).await;
     let by_front = run_script(front.port).await;
     let by_proxy = run_script(proxy.port).await;
 
@@ -453,6 +456,74 @@ async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again
     sock.write_all(post.as_bytes()).await.unwrap();
     let (bytes, _) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
     RawAnswer::parse(&bytes).assert_error(502, "upstream_failed", "POST");
+    assert_eq!(*served.lock().unwrap(), 3);
+    task.abort();
+}
+
+/// An origin that closes each connection 20 ms after answering its first request, as an
+/// upstream with a short keep-alive timeout does. The port, and how many requests it
+/// answered.
+async fn closes_idle_connections() -> (u16, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(Mutex::new(0usize));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let Some(end) = common::read_head(&mut sock, &mut buf).await else {
+                    return;
+                };
+                let length = if buf[..end].starts_with(b"POST") {
+                    2
+                } else {
+                    0
+                };
+                while buf.len() < end + length {
+                    let mut chunk = [0u8; 64];
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                *count.lock().unwrap() += 1;
+                let answer = common::text_answer(200, "", "fresh");
+                let _ = sock.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (port, served, task)
+}
+
+/// A pooled connection the upstream closed while it was idle is not used again: a POST
+/// (never sent twice) after the close still reaches the upstream, on a new connection.
+#[tokio::test]
+async fn a_connection_the_upstream_closed_while_idle_is_not_taken() {
+    let (port, served, task) = closes_idle_connections().await;
+    let front = StoaProcess::start(&format!(
+        "[upstreams.brief]\nurl = \"http://127.0.0.1:{port}\"\n\n\
+         [[routes]]\nname = \"brief\"\npath = \"/{{*rest}}\"\nupstream = \"brief\"\n"
+    ))
+    .await;
+    let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
+    let mut buf = Vec::new();
+    for request in [
+        "GET /x HTTP/1.1\r\nHost: stoa.test\r\n\r\n",
+        "POST /x HTTP/1.1\r\nHost: stoa.test\r\nContent-Length: 2\r\n\r\nhi",
+        "POST /x HTTP/1.1\r\nHost: stoa.test\r\nContent-Length: 2\r\n\r\nhi",
+    ] {
+        sock.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut sock, &mut buf).await.unwrap();
+        assert_eq!(
+            (answer.status, answer.body.as_str()),
+            (200, "fresh"),
+            "{answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(*served.lock().unwrap(), 3);
     task.abort();
 }
