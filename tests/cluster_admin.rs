@@ -321,7 +321,11 @@ async fn nodes_share_a_redis_that_speaks_only_tls() {
         "an unknown CA was accepted:\n{}",
         c.log()
     );
-    assert!(c.log().contains("redis degraded"), "{}", c.log());
+    // Its first refused handshake may still be under way on a busy machine.
+    while !c.log().contains("redis degraded") {
+        assert!(Instant::now() < deadline, "no degraded tier:\n{}", c.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let http = reqwest::Client::new();
     let first = "answer #1 for /items/t";
