@@ -102,32 +102,35 @@ impl Origin {
     }
 }
 
-/// Serves one connection: each request (head, then a `Content-Length` body) is recorded
-/// and answered.
+/// Reads one request from `sock` (bytes past it stay in `buf`): its head and its
+/// `Content-Length` body; `None` when the peer is gone first.
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, String)> {
+    let head_end = common::read_head(sock, buf).await?;
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let mut chunk = [0u8; 4096];
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
+    buf.drain(..head_end + length);
+    Some((head, body))
+}
+
+/// Serves one connection: each request is recorded and answered.
 async fn serve(mut sock: TcpStream, connection: usize, log: Arc<Mutex<Vec<Received>>>) {
     let mut buf = Vec::new();
-    loop {
-        let Some(head_end) = common::read_head(&mut sock, &mut buf).await else {
-            return;
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        while buf.len() < head_end + length {
-            let mut chunk = [0u8; 4096];
-            match sock.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body = String::from_utf8_lossy(&buf[head_end..head_end + length]).into_owned();
-        buf.drain(..head_end + length);
+    while let Some((head, body)) = read_request(&mut sock, &mut buf).await {
         let mut line = head.split(' ');
         let method = line.next().unwrap_or_default().to_string();
         let path = line.next().unwrap_or_default().to_string();
@@ -395,11 +398,22 @@ async fn forwardable_requests_take_the_fronts_own_upstream_connections() {
     assert_eq!(connections, [0, 0, 0]);
 }
 
-/// An origin that answers the first request of each connection and closes the connection
-/// when a second one comes, without answering it: what a kept-alive connection looks like
-/// when the upstream timed it out just as it was reused. The port, and how many requests
-/// it answered.
-async fn answers_once_per_connection() -> (u16, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
+/// When an [`answers_once`] origin closes a connection after answering its first request.
+#[derive(Clone, Copy)]
+enum ThenClose {
+    /// As the next request arrives, without answering it: what a kept-alive connection
+    /// looks like when the upstream timed it out just as it was reused.
+    OnTheNextRequest,
+    /// After a while, as an upstream with a short keep-alive timeout does.
+    After(Duration),
+}
+
+/// An origin that answers the first request of each connection with `body`, then closes
+/// the connection as `then` says. Its port, how many requests it answered, its task.
+async fn answers_once(
+    body: &'static str,
+    then: ThenClose,
+) -> (u16, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let served = Arc::new(Mutex::new(0usize));
@@ -409,21 +423,32 @@ async fn answers_once_per_connection() -> (u16, Arc<Mutex<usize>>, tokio::task::
             let count = count.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let Some(end) = common::read_head(&mut sock, &mut buf).await else {
+                if read_request(&mut sock, &mut buf).await.is_none() {
                     return;
-                };
-                buf.drain(..end);
+                }
                 *count.lock().unwrap() += 1;
-                let answer = common::text_answer(200, "", "once");
+                let answer = common::text_answer(200, "", body);
                 if sock.write_all(answer.as_bytes()).await.is_err() {
                     return;
                 }
-                // The next request's head arrives: close, unanswered.
-                let _ = common::read_head(&mut sock, &mut buf).await;
+                match then {
+                    ThenClose::OnTheNextRequest => {
+                        let _ = common::read_head(&mut sock, &mut buf).await;
+                    }
+                    ThenClose::After(pause) => tokio::time::sleep(pause).await,
+                }
             });
         }
     });
     (port, served, task)
+}
+
+/// One pass-through route for every path to the upstream on `port`.
+fn route_to(port: u16) -> String {
+    format!(
+        "[upstreams.origin]\nurl = \"http://127.0.0.1:{port}\"\n\n\
+         [[routes]]\nname = \"all\"\npath = \"/{{*rest}}\"\nupstream = \"origin\"\n"
+    )
 }
 
 /// A kept-alive upstream connection the origin closes as a request arrives on it: a GET
@@ -431,12 +456,8 @@ async fn answers_once_per_connection() -> (u16, Arc<Mutex<usize>>, tokio::task::
 /// pingora's proxy does.
 #[tokio::test]
 async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again() {
-    let (port, served, task) = answers_once_per_connection().await;
-    let front = StoaProcess::start(&format!(
-        "[upstreams.once]\nurl = \"http://127.0.0.1:{port}\"\n\n\
-         [[routes]]\nname = \"once\"\npath = \"/{{*rest}}\"\nupstream = \"once\"\n"
-    ))
-    .await;
+    let (port, served, task) = answers_once("once", ThenClose::OnTheNextRequest).await;
+    let front = StoaProcess::start(&route_to(port)).await;
     let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
     let mut buf = Vec::new();
     for _ in 0..3 {
@@ -460,54 +481,13 @@ async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again
     task.abort();
 }
 
-/// An origin that closes each connection 20 ms after answering its first request, as an
-/// upstream with a short keep-alive timeout does. The port, and how many requests it
-/// answered.
-async fn closes_idle_connections() -> (u16, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let served = Arc::new(Mutex::new(0usize));
-    let count = served.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut sock, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let Some(end) = common::read_head(&mut sock, &mut buf).await else {
-                    return;
-                };
-                let length = if buf[..end].starts_with(b"POST") {
-                    2
-                } else {
-                    0
-                };
-                while buf.len() < end + length {
-                    let mut chunk = [0u8; 64];
-                    match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                *count.lock().unwrap() += 1;
-                let answer = common::text_answer(200, "", "fresh");
-                let _ = sock.write_all(answer.as_bytes()).await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            });
-        }
-    });
-    (port, served, task)
-}
-
 /// A pooled connection the upstream closed while it was idle is not used again: a POST
 /// (never sent twice) after the close still reaches the upstream, on a new connection.
 #[tokio::test]
 async fn a_connection_the_upstream_closed_while_idle_is_not_taken() {
-    let (port, served, task) = closes_idle_connections().await;
-    let front = StoaProcess::start(&format!(
-        "[upstreams.brief]\nurl = \"http://127.0.0.1:{port}\"\n\n\
-         [[routes]]\nname = \"brief\"\npath = \"/{{*rest}}\"\nupstream = \"brief\"\n"
-    ))
-    .await;
+    let pause = ThenClose::After(Duration::from_millis(20));
+    let (port, served, task) = answers_once("fresh", pause).await;
+    let front = StoaProcess::start(&route_to(port)).await;
     let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
     let mut buf = Vec::new();
     for request in [
