@@ -123,7 +123,7 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Writes the request upstream and reads the final answer's head. As pingora's proxy
+    /// Writes the request upstream and reads the first answer's head. As pingora's proxy
     /// does, an idempotent request whose kept-alive connection the upstream closed meanwhile
     /// (closed or reset before a byte of the answer) is sent once more on a new connection.
     async fn exchange(
