@@ -26,21 +26,8 @@ use pingora::upstreams::peer::Peer;
 use pingora::ErrorType;
 
 use crate::proxy::{RequestCtx, StoaProxy};
+use crate::upstream::headers;
 use crate::upstream::pool::IdlePool;
-
-/// Request headers never sent upstream by the front: hop by hop (RFC 9110 §7.6.1). The
-/// front forwards no request whose `Connection` header names any other.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
-];
 
 /// The front's forwarder: one pool of idle upstream connections per proxy service, as
 /// pingora's proxy has.
@@ -218,12 +205,7 @@ fn upstream_request(req: &mut RequestHeader) {
     if req.version != Version::HTTP_11 {
         req.set_version(Version::HTTP_11);
     }
-    for name in HOP_BY_HOP {
-        if req.headers.contains_key(name) {
-            req.remove_header(name);
-        }
-    }
-    debug_assert!(!req.headers.contains_key(header::TRANSFER_ENCODING));
+    headers::strip_request(req);
 }
 
 /// The request body, whole (the front forwards only bodies that came with the head),

@@ -9,21 +9,33 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-/// Request headers that must not be forwarded as they are.
+/// Request headers that are hop by hop (RFC 9110 §7.6.1): never sent upstream.
+const HOP_BY_HOP_REQUEST: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Request headers that must not be forwarded as they are on a fetch: the hop-by-hop ones,
+/// and the host and length the fetch sets itself.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "host"
-            | "content-length"
-    )
+    HOP_BY_HOP_REQUEST.contains(&name.as_str()) || name == "host" || name == "content-length"
+}
+
+/// Drops the hop-by-hop headers from a request stoa forwards itself (the front's forwarder;
+/// it takes no request whose `Connection` header names any other header).
+pub fn strip_request(req: &mut RequestHeader) {
+    for name in HOP_BY_HOP_REQUEST {
+        if req.headers.contains_key(name) {
+            req.remove_header(name);
+        }
+    }
 }
 
 /// Response headers not passed on from the upstream: hop-by-hop ones (the length is kept).
@@ -103,7 +115,8 @@ pub fn strip_response(resp: &mut ResponseHeader) {
 /// `Host`, prepared when the route was built), the `peer` appended to `X-Forwarded-For`,
 /// `X-Forwarded-Proto` (`https` when the request came over TLS) and the request id (none
 /// sent when it is empty: `server.request_id` is `off`, or `pass` without a valid one).
-/// (pingora drops the hop-by-hop headers itself.)
+/// (The hop-by-hop headers are gone by then: pingora's proxy drops them, the front's
+/// forwarder calls [`strip_request`].)
 pub fn forward(
     req: &mut RequestHeader,
     host: &HeaderValue,
