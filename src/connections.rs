@@ -47,7 +47,7 @@ use tokio::time::{Instant, Sleep};
 use crate::config::ConnectionLimits;
 use crate::error::StoaError;
 use crate::gateway::Gateway;
-use crate::lifecycle::Lifecycle;
+use crate::lifecycle::{Lifecycle, OpenConnection};
 
 /// After the last in-flight request, how long a draining process still waits for requests
 /// already on their way over idle keep-alive connections before it closes those.
@@ -126,6 +126,10 @@ impl Cut {
 /// has to wait; the one timer of a connection is only moved when it would fire too late.
 #[derive(Debug)]
 pub struct Guarded {
+    /// Declared before `inner`, so it is dropped first: the connection's slot under
+    /// `max_connections` is free before the socket closes, and a client that sees the close
+    /// may connect again at once.
+    _open: OpenConnection,
     inner: Stream,
     limits: ConnectionLimits,
     /// Written by the proxy through `&self` (the same task that polls the stream).
@@ -148,6 +152,7 @@ pub struct Guarded {
 
 impl Guarded {
     fn new(
+        open: OpenConnection,
         inner: Stream,
         limits: ConnectionLimits,
         cut: Arc<Cut>,
@@ -155,6 +160,7 @@ impl Guarded {
         (h2, h2c): (bool, bool),
     ) -> Self {
         Guarded {
+            _open: open,
             inner,
             limits,
             phase: AtomicU8::new(HEAD),
@@ -525,9 +531,14 @@ impl<A> Listener<A> {
     /// `deadline`, with whether it is TLS and whether ALPN chose HTTP/2; the stream as it
     /// was for a connection to the cleartext listener. `None`: the handshake failed or was
     /// too slow, and the connection is dropped.
-    async fn handshake(&self, stream: Stream, deadline: Instant) -> Option<(Stream, bool, bool)> {
+    async fn handshake(
+        &self,
+        open: OpenConnection,
+        stream: Stream,
+        deadline: Instant,
+    ) -> Option<(OpenConnection, Stream, bool, bool)> {
         let Some((addr, acceptor)) = &self.tls else {
-            return Some((stream, false, false));
+            return Some((open, stream, false, false));
         };
         let local = stream
             .get_socket_digest()
@@ -536,7 +547,7 @@ impl<A> Listener<A> {
             local.port() == addr.port() && (addr.ip().is_unspecified() || local.ip() == addr.ip())
         });
         if !on_tls {
-            return Some((stream, false, false));
+            return Some((open, stream, false, false));
         }
         let l4 = match stream.into_any().downcast::<L4Stream>() {
             Ok(l4) => *l4,
@@ -545,16 +556,22 @@ impl<A> Listener<A> {
                 return None;
             }
         };
-        match tokio::time::timeout_at(deadline, acceptor.tls_handshake(l4)).await {
+        // Held here (not in the timeout) so the socket it owns closes when this function
+        // returns, after `open` is dropped: the slot is free before the client sees the close.
+        let handshake = acceptor.tls_handshake(l4);
+        tokio::pin!(handshake);
+        match tokio::time::timeout_at(deadline, &mut handshake).await {
             Ok(Ok(tls)) => {
                 let h2 = matches!(tls.selected_alpn_proto(), Some(ALPN::H2));
-                Some((Box::new(tls), true, h2))
+                Some((open, Box::new(tls), true, h2))
             }
             Ok(Err(e)) => {
+                drop(open);
                 tracing::debug!("TLS handshake failed: {e}");
                 None
             }
             Err(_) => {
+                drop(open);
                 tracing::debug!("closing a client connection: no TLS handshake in time");
                 None
             }
@@ -599,19 +616,20 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
     ) -> Option<Stream> {
         // Read per connection, so a reload applies to the connections opened after it.
         let limits = self.gateway.load().config.server.connections;
-        let Some(_open) = self.lifecycle.open_connection(limits.max_connections) else {
+        let Some(open) = self.lifecycle.open_connection(limits.max_connections) else {
             self.warn_refused(limits.max_connections);
             // Dropping the stream closes the connection at once.
             return None;
         };
         tracing::debug!(worker = self.worker, "client connection accepted");
         let accepted = Instant::now();
-        let (stream, tls, h2) = self
-            .handshake(stream, accepted + limits.header_timeout)
+        let (open, stream, tls, h2) = self
+            .handshake(open, stream, accepted + limits.header_timeout)
             .await?;
         let h2c = self.h2c && !tls;
         let cut = Arc::new(Cut::default());
         let stream: Stream = Box::new(Guarded::new(
+            open,
             stream,
             limits,
             cut.clone(),
