@@ -313,14 +313,15 @@ impl CacheEngine {
     /// within stale-while-revalidate (then one background refresh starts, as it does once
     /// a fresh entry passes its refresh-ahead point). Otherwise gives `make_fetch` back with
     /// the stale copy that may still serve on error, for [`CacheEngine::serve_miss`].
+    /// `now`: the request's clock reading, which its answer's `Age` and `Cache-Status` use too.
     #[allow(clippy::result_large_err)]
     pub fn serve_from_memory<F: FnOnce() -> FetchRequest>(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
         key: &CacheKey,
         make_fetch: F,
+        now: Instant,
     ) -> Result<Served, (F, Option<Arc<Entry>>)> {
-        let now = Instant::now();
         let current = self.store.get(key);
         if let Some(entry) = &current {
             if now < entry.fresh_until {
@@ -345,7 +346,7 @@ impl CacheEngine {
         key: &CacheKey,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) -> Served {
-        match self.serve_from_memory(route, key, make_fetch) {
+        match self.serve_from_memory(route, key, make_fetch, Instant::now()) {
             Ok(served) => served,
             Err((make_fetch, stale)) => {
                 self.serve_miss(route, key, stale, make_fetch, || Ok(()))

@@ -1,6 +1,8 @@
 //! Writing stoa's own answers (errors, cached entries, streams) and the headers every
 //! answer gets; the limits of a request head.
 
+use std::time::Instant;
+
 use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
@@ -87,6 +89,7 @@ pub async fn entry(
     entry: &Entry,
     status: CacheStatus,
     deco: &Decorations<'_>,
+    now: Instant,
 ) -> Result<()> {
     let req = session.req_header();
     let head_only = req.method == http::Method::HEAD;
@@ -97,7 +100,7 @@ pub async fn entry(
     if let (false, Some(value)) = (status == CacheStatus::Hit, status.header_value()) {
         header.insert_header("x-cache", value)?;
     }
-    header.insert_header("age", entry.age_secs(std::time::Instant::now()))?;
+    header.insert_header("age", entry.age_secs(now))?;
     deco.apply(&mut header)?;
     if deco.close {
         session.set_keepalive(None);
@@ -136,6 +139,8 @@ const SET_PER_ANSWER: [http::HeaderName; 5] = [
 /// followed by the headers of this answer (`Date` and `Connection`, as pingora's session
 /// sets them, `Age`, `X-Cache`, the request id, the `Cache-Status` member).
 ///
+/// `now`: when the entry was looked at, for its `Age`.
+///
 /// `None` when the session must write it: not an HTTP/1.1 keep-alive session, an answer
 /// that closes the connection, or a stored head that has a header the rate limiter sets
 /// (the session's answer would replace it).
@@ -144,6 +149,7 @@ pub fn raw_entry(
     entry: &Entry,
     status: CacheStatus,
     deco: &Decorations<'_>,
+    now: Instant,
 ) -> Option<RawAnswer> {
     let ServerSession::H1(v1) = &*session.downstream_session else {
         return None;
@@ -161,7 +167,7 @@ pub fn raw_entry(
     head.extend_from_slice(wire);
     push_line(&mut head, b"Date", get_cached_date().as_bytes());
     push_line(&mut head, b"Connection", b"keep-alive");
-    let age = entry.age_secs(std::time::Instant::now());
+    let age = entry.age_secs(now);
     push_line(
         &mut head,
         b"Age",

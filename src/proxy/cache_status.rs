@@ -88,7 +88,12 @@ fn entry_member(
     let ttl = ttl_secs(entry, now);
     let fwd_status = entry.header.status.as_u16();
     match status {
-        CacheStatus::Hit => write!(v, "; hit; ttl={ttl}"),
+        // The hit path's member: copied, not formatted.
+        CacheStatus::Hit => {
+            v.put_slice(b"; hit; ttl=");
+            v.put_slice(itoa::Buffer::new().format(ttl).as_bytes());
+            Ok(())
+        }
         CacheStatus::Stale if from_memory => {
             write!(v, "; hit; ttl={ttl}; detail=stale-while-revalidate")
         }

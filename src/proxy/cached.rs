@@ -123,7 +123,10 @@ pub async fn serve(
         let decision = &mut ctx.limit;
         let make_fetch =
             || cached.shared_fetch(method, &upstream_path, &key, &req.headers, request_id);
-        match gateway.cache.serve_from_memory(cached, &key, make_fetch) {
+        match gateway
+            .cache
+            .serve_from_memory(cached, &key, make_fetch, asked)
+        {
             Ok(served) => {
                 from_memory = true;
                 served
@@ -155,7 +158,9 @@ pub async fn serve(
     let draining = lifecycle.is_draining();
     let status = served_status(&served);
     ctx.cache = status;
-    ctx.cache_status = cache_status::member(&served, from_memory, bypass_why, Instant::now());
+    // An answer from memory was looked at `asked`; one from upstream, now.
+    let now = if from_memory { asked } else { Instant::now() };
+    ctx.cache_status = cache_status::member(&served, from_memory, bypass_why, now);
     let went_upstream = match &served {
         Served::Entry(..) => matches!(
             status,
@@ -173,17 +178,17 @@ pub async fn serve(
             if answers_not_modified(session.req_header(), &entry, status) =>
         {
             cached.not_modified.inc();
-            not_modified(session, &entry, status, &deco).await
+            not_modified(session, &entry, status, &deco, now).await
         }
         Served::Entry(entry, status) => {
             if matches!(ctx.raw, Raw::Allowed) {
-                if let Some(raw) = answer::raw_entry(session, &entry, status, &deco) {
+                if let Some(raw) = answer::raw_entry(session, &entry, status, &deco, now) {
                     // The front writes it (see `crate::front`).
                     ctx.raw = Raw::Ready(raw);
                     return Ok(());
                 }
             }
-            answer::entry(session, &entry, status, &deco).await
+            answer::entry(session, &entry, status, &deco, now).await
         }
         Served::Stream(streaming, status) => {
             answer::stream(session, streaming, status, &deco).await
@@ -213,6 +218,7 @@ async fn not_modified(
     entry: &Entry,
     status: CacheStatus,
     deco: &Decorations<'_>,
+    now: Instant,
 ) -> Result<()> {
     use http::header;
     let mut head = ResponseHeader::build(http::StatusCode::NOT_MODIFIED, Some(10))?;
@@ -231,7 +237,7 @@ async fn not_modified(
             head.append_header(name.clone(), value.clone())?;
         }
     }
-    head.insert_header(header::AGE, entry.age_secs(Instant::now()))?;
+    head.insert_header(header::AGE, entry.age_secs(now))?;
     if let Some(value) = status.header_value() {
         head.insert_header("x-cache", value)?;
     }
