@@ -409,24 +409,26 @@ enum ThenClose {
 }
 
 /// An origin that answers the first request of each connection with `body`, then closes
-/// the connection as `then` says. Its port, how many requests it answered, its task.
+/// the connection as `then` says. Its port, the request line of each request it answered,
+/// its task.
 async fn answers_once(
     body: &'static str,
     then: ThenClose,
-) -> (u16, Arc<Mutex<usize>>, tokio::task::JoinHandle<()>) {
+) -> (u16, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let served = Arc::new(Mutex::new(0usize));
-    let count = served.clone();
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let log = served.clone();
     let task = tokio::spawn(async move {
         while let Ok((mut sock, _)) = listener.accept().await {
-            let count = count.clone();
+            let log = log.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                if read_request(&mut sock, &mut buf).await.is_none() {
+                let Some((head, _)) = read_request(&mut sock, &mut buf).await else {
                     return;
-                }
-                *count.lock().unwrap() += 1;
+                };
+                let line = head.lines().next().unwrap_or_default().to_owned();
+                log.lock().unwrap().push(line);
                 let answer = common::text_answer(200, "", body);
                 if sock.write_all(answer.as_bytes()).await.is_err() {
                     return;
@@ -452,33 +454,47 @@ fn route_to(port: u16) -> String {
 }
 
 /// A kept-alive upstream connection the origin closes as a request arrives on it: a GET
-/// is sent again on a new connection and answered, a POST is not sent twice (502), as
-/// pingora's proxy does.
+/// is sent again on a new connection and answered, with the route's rewrite as the first
+/// time; a POST is not sent twice (502), as pingora's proxy does. Both lanes: the front's
+/// forwarder and pingora's proxy (`front_forward = false`).
 #[tokio::test]
 async fn an_idempotent_request_on_a_connection_the_upstream_closed_is_sent_again() {
-    let (port, served, task) = answers_once("once", ThenClose::OnTheNextRequest).await;
-    let front = StoaProcess::start(&route_to(port)).await;
-    let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
-    let mut buf = Vec::new();
-    for _ in 0..3 {
-        sock.write_all(b"GET /x HTTP/1.1\r\nHost: stoa.test\r\n\r\n")
-            .await
-            .unwrap();
-        let answer = read_answer(&mut sock, &mut buf).await.unwrap();
-        assert_eq!(
-            (answer.status, answer.body.as_str()),
-            (200, "once"),
-            "{answer:?}"
+    for server in ["threads = 1", "threads = 1\nfront_forward = false"] {
+        let (port, served, task) = answers_once("once", ThenClose::OnTheNextRequest).await;
+        let routes = format!(
+            "[upstreams.origin]\nurl = \"http://127.0.0.1:{port}\"\n\n\
+             [[routes]]\nname = \"api\"\npath = \"/r/{{id}}\"\nupstream = \"origin\"\n\
+             rewrite = \"/api/{{id}}\"\n"
         );
+        let front = StoaProcess::start_with(server, &routes).await;
+        let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..3 {
+            sock.write_all(b"GET /r/x HTTP/1.1\r\nHost: stoa.test\r\n\r\n")
+                .await
+                .unwrap();
+            let answer = read_answer(&mut sock, &mut buf).await.unwrap();
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (200, "once"),
+                "{server}: {answer:?}"
+            );
+        }
+        // The second and third GETs were each sent twice: once on the connection that
+        // closed, then on a new one, rewritten both times.
+        assert_eq!(
+            *served.lock().unwrap(),
+            vec!["GET /api/x HTTP/1.1"; 3],
+            "{server}"
+        );
+        // The third connection is idle in the pool: a POST on it is not sent again.
+        let post = "POST /r/x HTTP/1.1\r\nHost: stoa.test\r\nContent-Length: 2\r\n\r\nhi";
+        sock.write_all(post.as_bytes()).await.unwrap();
+        let (bytes, _) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
+        RawAnswer::parse(&bytes).assert_error(502, "upstream_failed", "POST");
+        assert_eq!(served.lock().unwrap().len(), 3, "{server}");
+        task.abort();
     }
-    assert_eq!(*served.lock().unwrap(), 3);
-    // The third connection is idle in the pool: a POST on it is not sent again.
-    let post = "POST /x HTTP/1.1\r\nHost: stoa.test\r\nContent-Length: 2\r\n\r\nhi";
-    sock.write_all(post.as_bytes()).await.unwrap();
-    let (bytes, _) = read_until_closed(&mut sock, Duration::from_secs(10)).await;
-    RawAnswer::parse(&bytes).assert_error(502, "upstream_failed", "POST");
-    assert_eq!(*served.lock().unwrap(), 3);
-    task.abort();
 }
 
 /// A pooled connection the upstream closed while it was idle is not used again: a POST
@@ -504,6 +520,6 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_taken() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(*served.lock().unwrap(), 3);
+    assert_eq!(served.lock().unwrap().len(), 3);
     task.abort();
 }

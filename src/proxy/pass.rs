@@ -42,14 +42,16 @@ pub fn peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
     }
 }
 
-/// The head sent upstream: the rewritten URI and the forwarding headers.
+/// The head sent upstream: the rewritten URI and the forwarding headers. Run again for each
+/// attempt (pingora's proxy retries with a new copy of the client's head), so the URI is
+/// kept for the next one.
 pub fn upstream_head(
     session: &Session,
     upstream_request: &mut RequestHeader,
     ctx: &mut RequestCtx,
 ) -> Result<()> {
-    if let Some(uri) = ctx.upstream.uri.take() {
-        upstream_request.set_uri(uri);
+    if let Some(uri) = &ctx.upstream.uri {
+        upstream_request.set_uri(uri.clone());
     }
     let Some(link) = ctx.route().and_then(|r| r.link.as_ref()) else {
         return Error::e_explain(ErrorType::InternalError, "no upstream for this route");
