@@ -22,11 +22,11 @@ use pingora::protocols::http::v1::server::HttpSession as DownstreamSession;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
-use pingora::upstreams::peer::Peer;
 use pingora::ErrorType;
 
-use crate::proxy::{RequestCtx, StoaProxy};
+use crate::proxy::{pass, RequestCtx, StoaProxy};
 use crate::upstream::headers;
+use crate::upstream::link::Link;
 use crate::upstream::pool::IdlePool;
 
 /// The front's forwarder: one pool of idle upstream connections per proxy service, as
@@ -56,13 +56,10 @@ impl Forwarder {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let peer = stoa.upstream_peer(session, ctx).await?;
-        let mut req = Box::new(session.req_header().clone());
-        upstream_request(&mut req);
-        stoa.upstream_request_filter(session, &mut req, ctx).await?;
+        let link = pass::start_call(ctx)?;
+        let req = upstream_head(stoa, session, ctx).await?;
         let body = read_body(stoa, session, ctx).await?;
-        let key = peer.reuse_hash();
-        let mut up = self.exchange(&peer, key, req, body).await?;
+        let mut up = self.exchange(stoa, session, ctx, &link, req, body).await?;
         let down = http1(session)?;
         // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
         // proxy passes them, until the final one; a 101 is refused: no upgrade was asked for.
@@ -105,52 +102,72 @@ impl Forwarder {
         // The front finishes the answer (`finish`) once the request is logged.
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
-            self.idle.put(key, stream);
+            self.idle.put(link.pool_key, stream);
         }
         Ok(())
     }
 
     /// Writes the request upstream and reads the first answer's head. As pingora's proxy
     /// does, an idempotent request whose kept-alive connection the upstream closed meanwhile
-    /// (closed or reset before a byte of the answer) is sent once more on a new connection.
+    /// (closed or reset before a byte of the answer) is sent once more on a new connection,
+    /// with its head built again from the client's.
     async fn exchange(
         &self,
-        peer: &HttpPeer,
-        key: u64,
+        stoa: &StoaProxy,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        link: &Link,
         req: Box<RequestHeader>,
         body: Option<Bytes>,
     ) -> Result<UpstreamSession> {
-        let (stream, reused) = match self.idle.take(key) {
+        let peer = &link.peer;
+        let (stream, reused) = match self.idle.take(link.pool_key) {
             Some(stream) => (stream, true),
             None => {
                 let stream = self.connector.new_stream(peer).await;
                 (stream.map_err(Error::into_up)?, false)
             }
         };
+        let may_retry = reused && req.method.is_idempotent();
         let mut up = session_on(stream, peer);
-        if !reused || !req.method.is_idempotent() {
-            send(&mut up, req, body.as_ref()).await?;
+        let Err(mut e) = send(&mut up, req, body.as_ref()).await else {
             return Ok(up);
+        };
+        if !may_retry {
+            return Err(e);
         }
-        match send(&mut up, Box::new((*req).clone()), body.as_ref()).await {
-            Ok(()) => Ok(up),
-            Err(mut e) => {
-                e.retry.decide_reuse(true);
-                if !e.retry() {
-                    return Err(e);
-                }
-                tracing::debug!("a kept-alive upstream connection failed, once more: {e}");
-                let stream = self
-                    .connector
-                    .new_stream(peer)
-                    .await
-                    .map_err(Error::into_up)?;
-                let mut up = session_on(stream, peer);
-                send(&mut up, req, body.as_ref()).await?;
-                Ok(up)
-            }
+        e.retry.decide_reuse(true);
+        if !e.retry() {
+            return Err(e);
         }
+        tracing::debug!("a kept-alive upstream connection failed, once more: {e}");
+        let req = upstream_head(stoa, session, ctx).await?;
+        let stream = self
+            .connector
+            .new_stream(peer)
+            .await
+            .map_err(Error::into_up)?;
+        let mut up = session_on(stream, peer);
+        send(&mut up, req, body.as_ref()).await?;
+        Ok(up)
     }
+}
+
+/// The head sent upstream: the client's, HTTP/1.1, without its hop-by-hop headers (the
+/// upstream connection keeps alive on its own terms), with stoa's URI and headers
+/// (`upstream_request_filter`).
+async fn upstream_head(
+    stoa: &StoaProxy,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<Box<RequestHeader>> {
+    let mut req = Box::new(session.req_header().clone());
+    if req.version != Version::HTTP_11 {
+        req.set_version(Version::HTTP_11);
+    }
+    headers::strip_request(&mut req);
+    stoa.upstream_request_filter(session, &mut req, ctx).await?;
+    Ok(req)
 }
 
 /// An answer with a body but no framing (it ends when the upstream closes) goes on chunked,
@@ -197,15 +214,6 @@ async fn send(
     }
     up.read_response().await.map_err(Error::into_up)?;
     Ok(())
-}
-
-/// The request as it goes upstream before stoa's own headers: HTTP/1.1, without the
-/// hop-by-hop headers (the upstream connection keeps alive on its own terms).
-fn upstream_request(req: &mut RequestHeader) {
-    if req.version != Version::HTTP_11 {
-        req.set_version(Version::HTTP_11);
-    }
-    headers::strip_request(req);
 }
 
 /// The request body, whole (the front forwards only bodies that came with the head),

@@ -1,6 +1,7 @@
 //! Pass-through routes: a slot of the upstream, then pingora proxies to the route's peer;
 //! the head sent upstream, invalidation after a successful write, the call's metrics.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -13,6 +14,7 @@ use super::{over_tls, peer_addr};
 use crate::error::StoaError;
 use crate::gateway::Route;
 use crate::upstream::headers;
+use crate::upstream::link::Link;
 
 /// Takes one of the upstream's slots for the request and keeps the URI to send it to.
 /// `Err` is the answer (503 over the upstream's limits, 400 for a URI that cannot be sent).
@@ -35,9 +37,15 @@ pub async fn prepare(ctx: &mut RequestCtx, route: &Route, uri: &str) -> Result<(
 
 /// The route's peer; the upstream call starts now.
 pub fn peer(ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    Ok(Box::new(start_call(ctx)?.peer.clone()))
+}
+
+/// The route's link to its upstream (its peer, for the front's forwarder, which borrows
+/// it rather than copying it); the upstream call starts now.
+pub fn start_call(ctx: &mut RequestCtx) -> Result<Arc<Link>> {
     ctx.timing.upstream_started = Some(Instant::now());
-    match ctx.route().and_then(|r| r.link.as_ref()) {
-        Some(link) => Ok(Box::new(link.peer.clone())),
+    match ctx.route().and_then(|r| r.link.clone()) {
+        Some(link) => Ok(link),
         None => Error::e_explain(ErrorType::InternalError, "no upstream for this route"),
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
 
 use super::client::{UpstreamClient, MAX_RESPONSE_BYTES};
@@ -21,6 +21,8 @@ pub struct Link {
     upstream: Arc<Upstream>,
     /// Where pass-through requests go, through pingora's connector.
     pub peer: HttpPeer,
+    /// The peer's `reuse_hash`: which idle upstream connections may carry its requests.
+    pub pool_key: u64,
     client: UpstreamClient,
     metrics: Arc<UpstreamMetrics>,
 }
@@ -34,6 +36,7 @@ impl Link {
     ) -> Self {
         Link {
             upstream,
+            pool_key: peer.reuse_hash(),
             peer,
             client,
             metrics,
