@@ -191,12 +191,12 @@ impl AdminApp {
                     Ok(r) => r,
                     Err(e) => {
                         return Answer::error(&StoaError::BadRequest(format!(
-                            "purge takes {{\"route\"}}, {{\"prefix\"}} or {{\"request\"}}: {e}"
+                            "purge takes {{\"route\"}}, {{\"prefix\"}}, {{\"request\"}} or {{\"tags\"}}, and {{\"soft\"}}: {e}"
                         )))
                     }
                 };
-                match control.purge(&request) {
-                    Ok(purged) => Answer::json(StatusCode::OK, json!({"purged": purged})),
+                match control.purge(&request).await {
+                    Ok(report) => Answer::json(StatusCode::OK, json!(report)),
                     Err(e) => Answer::error(&e),
                 }
             }

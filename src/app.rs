@@ -339,10 +339,8 @@ impl BackgroundService for ClusterLink {
                 return;
             };
             let cache = Arc::downgrade(&self.cache);
-            let apply = move |what: &crate::cache::tier::PurgeWhat| {
-                if let Some(cache) = cache.upgrade() {
-                    cache.apply_purge(what);
-                }
+            let apply = move |inv: &crate::cache::purge::Invalidation| {
+                cache.upgrade().map_or(0, |cache| cache.apply_local(inv))
             };
             let control = self.control.clone();
             let obey = move |order: crate::cache::tier::Order| {

@@ -9,8 +9,10 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::cache::engine::PurgeReport;
 use crate::cache::key::CacheKey;
 use crate::cache::origin::FetchRequest;
+use crate::cache::purge::{Invalidation, PurgeWhat};
 use crate::cache::tier::{wall_now, Order, OrderWhat};
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::{self, Config, ConfigErrors, EnvOverrides};
@@ -35,16 +37,22 @@ pub struct ReloadReport {
     pub restart_needed: Vec<String>,
 }
 
-/// Which entries a purge removes.
+/// Which entries a purge reaches, and whether it removes them or marks them stale.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurgeRequest {
-    /// Every entry of this route (or, with `prefix`, of this route only).
+    /// Every entry of this route (or, with `prefix` or `tags`, of this route only).
     pub route: Option<String>,
     /// Entries whose upstream path starts with this.
     pub prefix: Option<String>,
     /// The entry one request would be served from, derived exactly as when serving.
     pub request: Option<ExactRequest>,
+    /// Entries carrying any of these tags.
+    pub tags: Option<Vec<String>>,
+    /// Mark the entries stale instead of removing them: the next request is answered from
+    /// the stale copy while one revalidation runs.
+    #[serde(default)]
+    pub soft: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,7 +205,12 @@ impl Control {
                 .iter()
                 .any(|new| same_cached_answers(old_route, new));
             if !kept {
-                purged_entries += self.shared.cache.purge_route(&old_route.name);
+                purged_entries += self.shared.cache.invalidate_here(Invalidation {
+                    what: PurgeWhat::Route {
+                        route: old_route.name.clone(),
+                    },
+                    soft: false,
+                });
                 purged_routes.push(old_route.name.clone());
             }
         }
@@ -244,20 +257,47 @@ impl Control {
         }
     }
 
-    /// Removes entries; how many went.
-    pub fn purge(&self, req: &PurgeRequest) -> Result<usize, StoaError> {
-        let cache = &self.shared.cache;
-        match (&req.route, &req.prefix, &req.request) {
-            (Some(route), None, None) => Ok(cache.purge_route(route)),
-            (route, Some(prefix), None) => Ok(cache.purge_prefix(route.as_deref(), prefix)),
-            (None, None, Some(exact)) => {
-                let (_, key) = self.exact_key(exact)?;
-                Ok(cache.purge_key(&key))
+    /// Applies a purge on every node (see [`CacheEngine::invalidate`]) and says what it hit.
+    pub async fn purge(&self, req: &PurgeRequest) -> Result<PurgeReport, StoaError> {
+        let what = match (&req.route, &req.prefix, &req.request, &req.tags) {
+            (Some(route), None, None, None) => PurgeWhat::Route {
+                route: route.clone(),
+            },
+            (route, Some(prefix), None, None) => PurgeWhat::Prefix {
+                route: route.clone(),
+                prefix: prefix.clone(),
+            },
+            (None, None, Some(exact), None) => {
+                let (cached, key) = self.exact_key(exact)?;
+                PurgeWhat::Key {
+                    route: cached.name.clone(),
+                    key: key.as_str().to_string(),
+                }
             }
-            _ => Err(StoaError::BadRequest(
-                "give one of: route, prefix (optionally with route), request".into(),
-            )),
-        }
+            (route, None, None, Some(tags)) => {
+                if tags.is_empty() || tags.iter().any(String::is_empty) {
+                    return Err(StoaError::BadRequest(
+                        "tags must be a non-empty list of non-empty strings".into(),
+                    ));
+                }
+                PurgeWhat::Tags {
+                    tags: tags.clone(),
+                    routes: route.as_ref().map(|r| vec![r.clone()]),
+                }
+            }
+            _ => {
+                return Err(StoaError::BadRequest(
+                    "give one of: route, prefix (optionally with route), request, tags \
+                     (optionally with route)"
+                        .into(),
+                ))
+            }
+        };
+        let inv = Invalidation {
+            what,
+            soft: req.soft,
+        };
+        Ok(self.shared.cache.invalidate(inv).await)
     }
 
     /// The cached route and key a client request maps to.

@@ -541,6 +541,7 @@ impl RouteMetrics {
             CacheStatus::Bypass => 3,
             CacheStatus::Coalesced => 4,
             CacheStatus::None => 5,
+            CacheStatus::SharedHit => 6,
         };
         &self.by_cache[index]
     }
@@ -927,6 +928,7 @@ mod tests {
             command_timeout: std::time::Duration::from_secs(1),
             l2_max_entry_bytes: 1,
             lock_timeout: std::time::Duration::from_secs(1),
+            ack_timeout: std::time::Duration::from_secs(1),
             ca_pem: None,
             tls_verify: true,
         };

@@ -14,7 +14,8 @@ use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::store::{Entry, Lifetimes, Store};
-use super::tier::{Before, PurgeWhat, Tier};
+use super::purge::{Invalidation, PurgeWhat, Reach};
+use super::tier::{Before, Tier};
 use super::{CacheStatus, NotStored};
 use crate::config::{CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
@@ -172,6 +173,26 @@ pub enum Served {
     Error(StoaError, CacheStatus),
 }
 
+/// What an invalidation did: the answer of the admin purge.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PurgeReport {
+    /// Entries it hit on this node.
+    pub purged: usize,
+    pub soft: bool,
+    /// Entries removed from the shared tier (with `[cluster]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared: Option<usize>,
+    /// With `[cluster]`, Redis was degraded: applied on this node only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub degraded: bool,
+    /// Entries it hit on each node that confirmed it, this one included (with `[cluster]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<std::collections::BTreeMap<String, usize>>,
+    /// Live nodes that did not confirm it within `cluster.ack_timeout`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unconfirmed: Vec<String>,
+}
+
 /// The store and the flights, shared by every cached route.
 pub struct CacheEngine {
     pub store: Store,
@@ -204,18 +225,56 @@ impl CacheEngine {
         })
     }
 
-    /// With a shared tier: removes its copies and tells every other node to drop theirs,
-    /// in the background.
-    fn broadcast(&self, what: PurgeWhat) {
-        if let Some(tier) = &self.tier {
-            let tier = tier.clone();
-            tokio::spawn(async move { tier.purge(what).await });
+    /// Applies an invalidation on every node and answers once it is in force everywhere:
+    /// the shared tier's copies (and the leases of fills in flight there) go first, then
+    /// this node's fills in flight and entries, then every other live node applies it and
+    /// says so (or the wait, bounded by `cluster.ack_timeout`, ends and the answer names
+    /// the nodes that did not confirm).
+    pub async fn invalidate(&self, inv: Invalidation) -> PurgeReport {
+        let shared = match &self.tier {
+            Some(tier) => tier.purge_shared(&inv).await,
+            None => None,
+        };
+        let purged = self.apply_local(&inv);
+        let mut report = PurgeReport {
+            purged,
+            soft: inv.soft,
+            shared,
+            degraded: self.tier.is_some() && shared.is_none(),
+            nodes: None,
+            unconfirmed: Vec::new(),
+        };
+        if let (Some(tier), false) = (&self.tier, report.degraded) {
+            let acks = tier.broadcast_purge(&inv).await;
+            let mut nodes = acks.confirmed;
+            nodes.insert(tier.node_name().to_string(), purged);
+            report.nodes = Some(nodes);
+            report.unconfirmed = acks.unconfirmed;
         }
+        report
     }
 
-    /// Applies a purge another node broadcast, to this node's store only.
-    pub fn apply_purge(&self, what: &PurgeWhat) -> usize {
-        match what {
+    /// [`CacheEngine::invalidate`] without waiting: applied on this node now, the shared
+    /// tier's copies removed in the background (a reload, which each node runs itself).
+    pub fn invalidate_here(&self, inv: Invalidation) -> usize {
+        if let (Some(tier), Ok(runtime)) = (&self.tier, tokio::runtime::Handle::try_current()) {
+            let tier = tier.clone();
+            let inv = inv.clone();
+            runtime.spawn(async move { tier.purge_shared(&inv).await });
+        }
+        self.apply_local(&inv)
+    }
+
+    /// Applies an invalidation to this node only (one another node broadcast, or the local
+    /// part of [`CacheEngine::invalidate`]): the fills in flight it reaches are detached
+    /// and never stored, then the stored entries it names are removed (hard) or marked
+    /// stale (soft). How many entries it hit.
+    pub fn apply_local(&self, inv: &Invalidation) -> usize {
+        self.flights.invalidate(&inv.what);
+        if inv.soft {
+            return self.mark_stale(&inv.what);
+        }
+        match &inv.what {
             PurgeWhat::Route { route } => self.store.remove_route(route),
             PurgeWhat::Prefix { route, prefix } => {
                 self.store.remove_prefix(route.as_deref(), prefix)
@@ -228,44 +287,37 @@ impl CacheEngine {
                 .filter(|k| k.as_str() == key)
                 .map(|k| usize::from(self.store.remove(&k)))
                 .sum(),
+            PurgeWhat::Tags { .. } => self
+                .tagged(&inv.what)
+                .iter()
+                .map(|k| usize::from(self.store.remove(k)))
+                .sum(),
         }
     }
 
-    /// Removes every entry of the route named `route`; how many went.
-    pub fn purge_route(&self, route: &str) -> usize {
-        self.broadcast(PurgeWhat::Route {
-            route: route.to_string(),
-        });
-        self.store.remove_route(route)
+    /// The stored keys a tag purge names.
+    fn tagged(&self, what: &PurgeWhat) -> Vec<Arc<CacheKey>> {
+        let tags: Vec<&str> = what.tags().iter().map(String::as_str).collect();
+        let mut keys = self.store.keys_of_tags(&tags);
+        keys.retain(|k| what.reaches(k) != Reach::No);
+        keys
     }
 
-    /// Removes the entries whose upstream path starts with `prefix`, of `route` or of
-    /// every route; how many went.
-    pub fn purge_prefix(&self, route: Option<&str>, prefix: &str) -> usize {
-        self.broadcast(PurgeWhat::Prefix {
-            route: route.map(str::to_string),
-            prefix: prefix.to_string(),
-        });
-        self.store.remove_prefix(route, prefix)
-    }
-
-    /// Removes the entries of `route` made for exactly the upstream `path` (invalidation
-    /// after a write); how many went.
-    pub fn purge_path(&self, route: &str, path: &str) -> usize {
-        self.broadcast(PurgeWhat::Path {
-            route: route.to_string(),
-            path: path.to_string(),
-        });
-        self.store.remove_path(route, path)
-    }
-
-    /// Removes the entry under `key`; how many went (0 or 1).
-    pub fn purge_key(&self, key: &CacheKey) -> usize {
-        self.broadcast(PurgeWhat::Key {
-            route: key.route().to_string(),
-            key: key.as_str().to_string(),
-        });
-        usize::from(self.store.remove(key))
+    /// Marks the stored entries `what` names stale (soft purge); how many.
+    fn mark_stale(&self, what: &PurgeWhat) -> usize {
+        let keys: Vec<Arc<CacheKey>> = match what {
+            PurgeWhat::Tags { .. } => self.tagged(what),
+            _ => self
+                .store
+                .entries()
+                .map(|(k, _)| k)
+                .filter(|k| what.reaches(k) == Reach::Yes)
+                .collect(),
+        };
+        keys.iter()
+            .filter_map(|k| self.store.get(k))
+            .filter(|entry| entry.mark_stale())
+            .count()
     }
 
     /// Entries and bytes per route name.
@@ -324,12 +376,14 @@ impl CacheEngine {
     ) -> Result<Served, (F, Option<Arc<Entry>>)> {
         let current = self.store.get(key);
         if let Some(entry) = &current {
-            if now < entry.fresh_until {
+            let marked_stale = entry.is_marked_stale();
+            if now < entry.fresh_until && !marked_stale {
                 if entry.refresh_at.is_some_and(|at| now >= at) {
                     self.refresh(route, entry, key, make_fetch);
                 }
                 return Ok(Served::Entry(entry.clone(), CacheStatus::Hit));
             }
+            // A copy a soft purge marked is served so too while it would have been fresh.
             if now < entry.revalidate_until {
                 self.refresh(route, entry, key, make_fetch);
                 return Ok(Served::Entry(entry.clone(), CacheStatus::Stale));
@@ -421,6 +475,10 @@ impl CacheEngine {
         };
         match outcome {
             Ok(Some(Outcome::Shared(entry))) => Served::Entry(entry, how),
+            Ok(Some(Outcome::FromTier(entry))) if leader => {
+                Served::Entry(entry, CacheStatus::SharedHit)
+            }
+            Ok(Some(Outcome::FromTier(entry))) => Served::Entry(entry, how),
             Ok(Some(Outcome::Private(entry))) if leader => match stale {
                 Some(stale) if entry.header.status.is_server_error() => {
                     Served::Entry(stale, CacheStatus::Stale)
@@ -556,8 +614,14 @@ impl CacheEngine {
                 let patience = route.settings.lock_timeout;
                 match tier.before_fetch(lead.key(), patience).await {
                     Before::Found(entry) => {
-                        engine.store.insert(lead.key().clone(), entry.clone());
-                        lead.finish(Outcome::Shared(entry));
+                        let key = lead.key().clone();
+                        lead.store_unless_invalidated(
+                            |tag| entry.has_tag(tag),
+                            || {
+                                engine.store.insert(key, entry.clone());
+                            },
+                        );
+                        lead.finish(Outcome::FromTier(entry));
                         return;
                     }
                     Before::Lease(l) => lease = Some(l),
@@ -588,7 +652,7 @@ impl CacheEngine {
                 };
                 counter.inc();
             }
-            let outcome = match answer {
+            let (outcome, stored) = match answer {
                 Ok(Answer::Whole(fetched)) => match &validated {
                     // The body is unchanged: the stored compressed bodies are kept, with
                     // heads built anew from the merged one.
@@ -599,7 +663,7 @@ impl CacheEngine {
                         } else {
                             Compressed::none()
                         };
-                        engine.settle(&route, lead.key(), fetched, recipe, compressed)
+                        engine.settle(&route, &lead, fetched, recipe, compressed)
                     }
                     _ => {
                         // Compressed (and an encoded answer decoded) off the request
@@ -613,9 +677,9 @@ impl CacheEngine {
                         match encoding::prepare(compression, counters, fetched, store, limit).await
                         {
                             Ok((fetched, compressed)) => {
-                                engine.settle(&route, lead.key(), fetched, recipe, compressed)
+                                engine.settle(&route, &lead, fetched, recipe, compressed)
                             }
-                            Err(e) => Outcome::Failed(e),
+                            Err(e) => (Outcome::Failed(e), false),
                         }
                     }
                 },
@@ -631,13 +695,14 @@ impl CacheEngine {
                             .is_private();
                     // A personal answer is for the leader only; a refresh has none.
                     let stream = (shared || has_client).then_some(streaming);
-                    Outcome::TooLarge {
+                    let outcome = Outcome::TooLarge {
                         stream: flight::handoff(stream),
                         shared,
                         server_error,
-                    }
+                    };
+                    (outcome, false)
                 }
-                Err(e) => Outcome::Failed(e),
+                Err(e) => (Outcome::Failed(e), false),
             };
             if let (Outcome::Failed(_) | Outcome::ServerError(_), Some(entry)) =
                 (&outcome, &refreshing)
@@ -657,11 +722,19 @@ impl CacheEngine {
             );
             if let (true, Some(stale)) = (failed, lease.as_ref().and_then(|l| l.stale.clone())) {
                 if engine.store.get(lead.key()).is_none() && Instant::now() < stale.error_until {
-                    engine.store.insert(lead.key().clone(), stale);
+                    let key = lead.key().clone();
+                    lead.store_unless_invalidated(
+                        |tag| stale.has_tag(tag),
+                        || {
+                            engine.store.insert(key, stale.clone());
+                        },
+                    );
                 }
             }
+            // Only what this node stored goes to the shared tier: not a fill an
+            // invalidation refused.
             let stored = match &outcome {
-                Outcome::Shared(entry) if entry.not_stored.is_none() => Some(entry.clone()),
+                Outcome::Shared(entry) if stored => Some(entry.clone()),
                 _ => None,
             };
             let key = lead.key().clone();
@@ -672,15 +745,17 @@ impl CacheEngine {
         });
     }
 
-    /// Turns an upstream answer into an outcome, storing it when cacheable.
+    /// Turns an upstream answer into an outcome, storing it when cacheable and no
+    /// invalidation reached the fill while it was in flight; whether it was stored.
     fn settle(
         &self,
         route: &CachedRoute,
-        key: &Arc<CacheKey>,
+        lead: &Lead,
         fetched: Fetched,
         recipe: Arc<FetchRequest>,
         compressed: Compressed,
-    ) -> Outcome {
+    ) -> (Outcome, bool) {
+        let key = lead.key();
         match fetched_to_entry(
             fetched,
             &route.settings,
@@ -689,18 +764,25 @@ impl CacheEngine {
             Some(recipe),
             compressed,
         ) {
-            Err(e) => Outcome::Failed(e),
+            Err(e) => (Outcome::Failed(e), false),
             Ok((entry, Disposition::Store)) => {
-                if !self.store.insert(key.clone(), entry.clone()) {
-                    // Within max_entry_bytes, but its head and key tip it over what the
-                    // store holds in one entry.
-                    route.too_large.inc();
-                }
-                Outcome::Shared(entry)
+                let mut held = false;
+                lead.store_unless_invalidated(
+                    |tag| entry.has_tag(tag),
+                    || {
+                        held = self.store.insert(key.clone(), entry.clone());
+                        if !held {
+                            // Within max_entry_bytes, but its head and key tip it over
+                            // what the store holds in one entry.
+                            route.too_large.inc();
+                        }
+                    },
+                );
+                (Outcome::Shared(entry), held)
             }
-            Ok((entry, Disposition::Share)) => Outcome::Shared(entry),
-            Ok((entry, Disposition::Private(_))) => Outcome::Private(entry),
-            Ok((entry, Disposition::ServerError)) => Outcome::ServerError(entry),
+            Ok((entry, Disposition::Share)) => (Outcome::Shared(entry), false),
+            Ok((entry, Disposition::Private(_))) => (Outcome::Private(entry), false),
+            Ok((entry, Disposition::ServerError)) => (Outcome::ServerError(entry), false),
         }
     }
 }
@@ -1116,13 +1198,177 @@ mod tests {
         get(&engine, &b, "/x").await;
         assert_eq!(origin.0.load(Ordering::SeqCst), 3);
 
-        assert_eq!(engine.purge_path("a", "/x"), 1);
-        assert_eq!(engine.purge_route("b"), 1);
+        let hard = |what| Invalidation { what, soft: false };
+        let path = PurgeWhat::Path {
+            route: "a".into(),
+            path: "/x".into(),
+        };
+        assert_eq!(engine.apply_local(&hard(path)), 1);
+        let route = PurgeWhat::Route { route: "b".into() };
+        assert_eq!(engine.apply_local(&hard(route)), 1);
         assert_eq!(engine.store.len(), 1, "a's /y stays");
         assert!(matches!(
             get(&engine, &a, "/y").await,
             Served::Entry(_, CacheStatus::Hit)
         ));
+    }
+
+    /// An origin whose answer is the version it read when the fetch began; fetches wait
+    /// at the gate while it is shut.
+    struct Versioned {
+        version: AtomicUsize,
+        calls: AtomicUsize,
+        gate: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Versioned {
+        fn new() -> Arc<Self> {
+            Arc::new(Versioned {
+                version: AtomicUsize::new(1),
+                calls: AtomicUsize::new(0),
+                gate: tokio::sync::watch::channel(true).0,
+            })
+        }
+    }
+
+    impl Origin for Versioned {
+        fn fetch(&self, _req: FetchRequest, _limit: usize) -> Pending<'_, Answer> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let read = self.version.load(Ordering::SeqCst);
+            let mut gate = self.gate.subscribe();
+            Box::pin(async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok(Answer::Whole(Fetched {
+                    status: http::StatusCode::OK,
+                    headers: http::HeaderMap::new(),
+                    body: Bytes::from(format!("v{read}")),
+                }))
+            })
+        }
+    }
+
+    fn versioned_route(origin: Arc<Versioned>) -> Arc<CachedRoute> {
+        let counting = route("r", Arc::new(Counting::default()));
+        let mut route = Arc::try_unwrap(counting).ok().unwrap();
+        route.origin = origin;
+        Arc::new(route)
+    }
+
+    fn body_of(served: &Served) -> (String, CacheStatus) {
+        match served {
+            Served::Entry(entry, status) => {
+                (String::from_utf8_lossy(&entry.body).into_owned(), *status)
+            }
+            _ => panic!("an entry"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_purge_during_a_fill_is_not_undone_by_it() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Versioned::new();
+        let route = versioned_route(origin.clone());
+        origin.gate.send_replace(false);
+        // A fill reads version 1, then waits.
+        let before = tokio::spawn({
+            let (engine, route) = (engine.clone(), route.clone());
+            async move { get(&engine, &route, "/k").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let joined = tokio::spawn({
+            let (engine, route) = (engine.clone(), route.clone());
+            async move { get(&engine, &route, "/k").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The upstream changes, then the purge is acknowledged.
+        origin.version.store(2, Ordering::SeqCst);
+        let purge = Invalidation {
+            what: PurgeWhat::Path {
+                route: "r".into(),
+                path: "/k".into(),
+            },
+            soft: false,
+        };
+        engine.apply_local(&purge);
+        // A request after it starts a new fetch rather than joining the old one.
+        let after = tokio::spawn({
+            let (engine, route) = (engine.clone(), route.clone());
+            async move { get(&engine, &route, "/k").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 2);
+        origin.gate.send_replace(true);
+        // Those that joined before the purge get what the old fill read ...
+        assert_eq!(body_of(&before.await.unwrap()).0, "v1");
+        assert_eq!(body_of(&joined.await.unwrap()).0, "v1");
+        // ... and everything after it the new version, from memory too.
+        assert_eq!(body_of(&after.await.unwrap()).0, "v2");
+        assert_eq!(
+            body_of(&get(&engine, &route, "/k").await),
+            ("v2".into(), CacheStatus::Hit)
+        );
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_fill_an_invalidation_reached_is_never_stored() {
+        // Whatever the order of the fill's end and the request after the purge.
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Versioned::new();
+        let route = versioned_route(origin.clone());
+        origin.gate.send_replace(false);
+        let before = tokio::spawn({
+            let (engine, route) = (engine.clone(), route.clone());
+            async move { get(&engine, &route, "/k").await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        origin.version.store(2, Ordering::SeqCst);
+        let purge = Invalidation {
+            what: PurgeWhat::Route { route: "r".into() },
+            soft: false,
+        };
+        engine.apply_local(&purge);
+        origin.gate.send_replace(true);
+        assert_eq!(body_of(&before.await.unwrap()).0, "v1");
+        assert!(engine.store.is_empty(), "the raced fill was not stored");
+        assert_eq!(
+            body_of(&get(&engine, &route, "/k").await),
+            ("v2".into(), CacheStatus::Miss)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_soft_purge_serves_stale_while_one_refresh_runs() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Versioned::new();
+        let route = versioned_route(origin.clone());
+        assert_eq!(body_of(&get(&engine, &route, "/k").await).0, "v1");
+        origin.version.store(2, Ordering::SeqCst);
+        origin.gate.send_replace(false);
+        let soft = Invalidation {
+            what: PurgeWhat::Prefix {
+                route: None,
+                prefix: "/".into(),
+            },
+            soft: true,
+        };
+        assert_eq!(engine.apply_local(&soft), 1);
+        assert_eq!(engine.apply_local(&soft), 0, "marked once");
+        for _ in 0..50 {
+            assert_eq!(
+                body_of(&get(&engine, &route, "/k").await),
+                ("v1".into(), CacheStatus::Stale)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 2, "one refresh");
+        origin.gate.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            body_of(&get(&engine, &route, "/k").await),
+            ("v2".into(), CacheStatus::Hit)
+        );
+        assert_eq!(origin.calls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

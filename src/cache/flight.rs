@@ -2,12 +2,13 @@
 //! the fetch itself through a watch channel (no polling), all with the same result.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::watch;
 
 use super::key::CacheKey;
 use super::origin::Streaming;
+use super::purge::{PurgeWhat, Reach};
 use super::store::Entry;
 use crate::error::StoaError;
 
@@ -16,6 +17,8 @@ use crate::error::StoaError;
 pub enum Outcome {
     /// An answer every waiter may have (it may or may not have been stored).
     Shared(Arc<Entry>),
+    /// An entry another node stored in the shared tier, promoted into this node's store.
+    FromTier(Arc<Entry>),
     /// An answer for the request that led the fetch only (`Set-Cookie`, `private`, ...):
     /// the other waiters must ask the upstream themselves.
     Private(Arc<Entry>),
@@ -48,7 +51,35 @@ pub fn take(handoff: &Handoff) -> Option<Box<Streaming>> {
 }
 
 type Slot = watch::Receiver<Option<Outcome>>;
-type Map = Arc<Mutex<HashMap<Arc<CacheKey>, Slot>>>;
+
+/// What invalidations did to a fill while it was in flight.
+#[derive(Debug, Default)]
+struct Fate {
+    /// An invalidation named its key: its answer goes to the requests that joined before,
+    /// and is never stored.
+    doomed: bool,
+    /// Tags purged while it was in flight, before its answer's tags were known: checked
+    /// against them when it is about to be stored.
+    purged_tags: Vec<String>,
+}
+
+type FateCell = Arc<Mutex<Fate>>;
+
+struct Flight {
+    slot: Slot,
+    fate: FateCell,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The flight a request for the key joins.
+    current: HashMap<Arc<CacheKey>, Flight>,
+    /// Flights an invalidation detached (requests after it lead a new one) that are still
+    /// running: a later invalidation must reach them too.
+    detached: Vec<(Arc<CacheKey>, Weak<Mutex<Fate>>)>,
+}
+
+type Map = Arc<Mutex<Inner>>;
 
 /// Fetches in flight, by cache key.
 #[derive(Default)]
@@ -61,11 +92,16 @@ pub struct Flights {
 pub struct Lead {
     key: Arc<CacheKey>,
     tx: watch::Sender<Option<Outcome>>,
+    fate: FateCell,
     map: Map,
 }
 
-fn lock(map: &Map) -> std::sync::MutexGuard<'_, HashMap<Arc<CacheKey>, Slot>> {
+fn lock(map: &Map) -> std::sync::MutexGuard<'_, Inner> {
     map.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fate(cell: &Mutex<Fate>) -> std::sync::MutexGuard<'_, Fate> {
+    cell.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Either the caller leads a new fetch, or joins the one in flight.
@@ -84,18 +120,26 @@ impl Flights {
         recheck: impl FnOnce() -> Option<T>,
     ) -> Result<Joined, T> {
         let mut map = lock(&self.map);
-        if let Some(slot) = map.get(key) {
-            return Ok(Joined::Wait(slot.clone()));
+        if let Some(flight) = map.current.get(key) {
+            return Ok(Joined::Wait(flight.slot.clone()));
         }
         if let Some(found) = recheck() {
             return Err(found);
         }
         let key = Arc::new(key.clone());
         let (tx, rx) = watch::channel(None);
-        map.insert(key.clone(), rx.clone());
+        let fate = FateCell::default();
+        map.current.insert(
+            key.clone(),
+            Flight {
+                slot: rx.clone(),
+                fate: fate.clone(),
+            },
+        );
         let lead = Lead {
             key,
             tx,
+            fate,
             map: self.map.clone(),
         };
         Ok(Joined::Lead(lead, rx))
@@ -110,7 +154,47 @@ impl Flights {
     }
 
     pub fn in_flight(&self) -> usize {
-        lock(&self.map).len()
+        lock(&self.map).current.len()
+    }
+
+    /// Applies an invalidation to the fills in flight: each one it reaches is detached (a
+    /// request from now on leads a new fetch) and will not be stored; a tag purge detaches
+    /// every fill it may reach and leaves the verdict to the answer's tags. A fill is stored
+    /// under the same lock ([`Lead::store_unless_invalidated`]): either before this, and
+    /// then the caller's removal of stored entries, which follows, takes it out, or not at
+    /// all. How many fills it reached.
+    pub fn invalidate(&self, what: &PurgeWhat) -> usize {
+        let mut map = lock(&self.map);
+        let Inner { current, detached } = &mut *map;
+        detached.retain(|(_, fate)| fate.strong_count() > 0);
+        let mut reached = 0;
+        let mut mark = |key: &CacheKey, cell: &Mutex<Fate>| match what.reaches(key) {
+            Reach::No => false,
+            Reach::Yes => {
+                fate(cell).doomed = true;
+                reached += 1;
+                true
+            }
+            Reach::ByTags => {
+                fate(cell).purged_tags.extend(what.tags().iter().cloned());
+                reached += 1;
+                true
+            }
+        };
+        for (key, cell) in detached.iter() {
+            if let Some(cell) = cell.upgrade() {
+                mark(key, &cell);
+            }
+        }
+        current.retain(|key, flight| {
+            if mark(key, &flight.fate) {
+                detached.push((key.clone(), Arc::downgrade(&flight.fate)));
+                false
+            } else {
+                true
+            }
+        });
+        reached
     }
 }
 
@@ -119,11 +203,49 @@ impl Lead {
         &self.key
     }
 
+    /// Runs `store` unless an invalidation reached this fill while it was in flight
+    /// (`has_tag` tells whether the answer carries a tag); whether it ran. Under the
+    /// flights' lock: an invalidation either sees the stored entry or refuses the fill.
+    pub fn store_unless_invalidated(
+        &self,
+        has_tag: impl Fn(&str) -> bool,
+        store: impl FnOnce(),
+    ) -> bool {
+        let _map = lock(&self.map);
+        let refused = {
+            let fate = fate(&self.fate);
+            fate.doomed || fate.purged_tags.iter().any(|t| has_tag(t))
+        };
+        if !refused {
+            store();
+        }
+        !refused
+    }
+
+    /// Whether an invalidation reached this fill (its answer may still carry none of
+    /// the purged tags).
+    pub fn was_invalidated(&self) -> bool {
+        let _map = lock(&self.map);
+        let fate = fate(&self.fate);
+        fate.doomed || !fate.purged_tags.is_empty()
+    }
+
+    /// Leaves the map, if this flight is still the one requests join.
+    fn leave(&self, map: &mut Inner) {
+        if map
+            .current
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(&f.fate, &self.fate))
+        {
+            map.current.remove(&self.key);
+        }
+    }
+
     /// Publishes the outcome: the key leaves the map first, then every waiter wakes.
     /// The caller stores a cacheable answer before calling this, so a request arriving in
     /// between finds either the stored entry or this flight.
     pub fn finish(self, outcome: Outcome) {
-        lock(&self.map).remove(&self.key);
+        self.leave(&mut lock(&self.map));
         self.tx.send_replace(Some(outcome));
     }
 }
@@ -131,7 +253,7 @@ impl Lead {
 impl Drop for Lead {
     fn drop(&mut self) {
         if self.tx.borrow().is_none() {
-            lock(&self.map).remove(&self.key);
+            self.leave(&mut lock(&self.map));
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod engine;
 pub mod flight;
 pub mod key;
 pub mod origin;
+pub mod purge;
 pub mod store;
 pub mod tier;
 
@@ -63,23 +64,27 @@ pub enum CacheStatus {
     Coalesced,
     /// Not a cached route.
     None,
+    /// This request led the fetch, and another node's answer in the shared tier served it
+    /// (`X-Cache: MISS`: this node's memory missed; `Cache-Status` says `detail=shared-tier`).
+    SharedHit,
 }
 
 impl CacheStatus {
-    pub const ALL: [CacheStatus; 6] = [
+    pub const ALL: [CacheStatus; 7] = [
         CacheStatus::Hit,
         CacheStatus::Miss,
         CacheStatus::Stale,
         CacheStatus::Bypass,
         CacheStatus::Coalesced,
         CacheStatus::None,
+        CacheStatus::SharedHit,
     ];
 
     /// The `X-Cache` header value; `None` for routes without a cache.
     pub fn header_value(self) -> Option<&'static str> {
         match self {
             CacheStatus::Hit => Some("HIT"),
-            CacheStatus::Miss => Some("MISS"),
+            CacheStatus::Miss | CacheStatus::SharedHit => Some("MISS"),
             CacheStatus::Stale => Some("STALE"),
             CacheStatus::Bypass => Some("BYPASS"),
             CacheStatus::Coalesced => Some("COALESCED"),
@@ -96,6 +101,7 @@ impl CacheStatus {
             CacheStatus::Bypass => "bypass",
             CacheStatus::Coalesced => "coalesced",
             CacheStatus::None => "none",
+            CacheStatus::SharedHit => "shared_hit",
         }
     }
 }

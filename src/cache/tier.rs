@@ -35,6 +35,7 @@ use super::control::Validators;
 use super::encoding::{Compressed, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
+use super::purge::{Invalidation, PurgeWhat};
 use super::store::{Entry, Lifetimes};
 use crate::cluster::{Cluster, ClusterError, PROBE_EVERY};
 use crate::config::{Coding, RedisTarget};
@@ -57,10 +58,17 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
 return {3, redis.call('PTTL', KEYS[2])}
 ";
 
-/// Stores the entry, releases the lease if still ours, tells every node.
+/// Stores the entry only while the lease is still ours, releases it, tells every node.
+/// The lease is the fill's generation: an invalidation that ran since the lease was taken
+/// deleted it (see [`PURGE_KEY`]), so a fill that read the upstream before that
+/// invalidation is refused here, by Redis itself. Returns 1 (stored) or 0 (refused).
 const FILL: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+  return 0
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 ";
@@ -73,6 +81,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
+";
+
+/// An invalidation of one key: its entry and the lease of a fill in flight go together (so
+/// that fill cannot store what it read before), and the nodes waiting on that lease look
+/// again. Returns how many entries went (0 or 1).
+const PURGE_KEY: &str = r"
+local n = redis.call('DEL', KEYS[1])
+if redis.call('DEL', KEYS[2]) == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return n
+";
+
+/// Ends the lease of a fill in flight (a tag purge: its answer's tags are not known yet).
+const KILL_LEASE: &str = r"
+if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return 1
 ";
 
 /// Extends the lease if still ours.
@@ -93,6 +116,8 @@ pub struct TierMetrics {
     foreign: IntCounter,
     stored: IntCounter,
     too_large: IntCounter,
+    refused: IntCounter,
+    failed: IntCounter,
     won: IntCounter,
     waited: IntCounter,
     expired: IntCounter,
@@ -112,7 +137,7 @@ impl TierMetrics {
         let stores = IntCounterVec::new(
             Opts::new(
                 "stoa_cache_l2_stores_total",
-                "Fetched answers offered to the shared tier, by result (stored, too_large: kept local)",
+                "Fetched answers offered to the shared tier, by result (stored; too_large: kept local; refused: an invalidation ran while the fill was in flight; failed: Redis did not take it, the lease was given back)",
             ),
             &["result"],
         )?;
@@ -140,6 +165,8 @@ impl TierMetrics {
             foreign: lookups.with_label_values(&["foreign"]),
             stored: stores.with_label_values(&["stored"]),
             too_large: stores.with_label_values(&["too_large"]),
+            refused: stores.with_label_values(&["refused"]),
+            failed: stores.with_label_values(&["failed"]),
             won: leases.with_label_values(&["won"]),
             waited: leases.with_label_values(&["waited"]),
             expired: leases.with_label_values(&["expired"]),
@@ -149,7 +176,7 @@ impl TierMetrics {
     }
 
     /// (hits, misses, stored, leases won, waited, expired) for `/admin/cache`.
-    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 10] {
         [
             ("hits", self.hit.get()),
             (
@@ -158,6 +185,8 @@ impl TierMetrics {
             ),
             ("stored", self.stored.get()),
             ("too_large", self.too_large.get()),
+            ("refused", self.refused.get()),
+            ("failed", self.failed.get()),
             ("leases_won", self.won.get()),
             ("leases_waited", self.waited.get()),
             ("leases_expired", self.expired.get()),
@@ -182,6 +211,9 @@ pub enum Before {
 pub struct Lease {
     hash: String,
     token: String,
+    /// In the route's index (and the set of leases) before the fetch started, so that an
+    /// invalidation finds it: without that, nothing is stored in the shared tier.
+    indexed: bool,
     renewing: tokio::task::JoinHandle<()>,
     /// The shared entry found no longer fresh but within its stale-if-error deadline: what
     /// this node serves should its fetch fail.
@@ -204,9 +236,14 @@ pub struct Tier {
     fill: Script,
     release: Script,
     renew: Script,
+    purge_key: Script,
+    kill_lease: Script,
     fill_channel: String,
     purge_channel: String,
     control_channel: String,
+    ack_channel: String,
+    /// Purges this node sent and waits to see confirmed, by id.
+    pending_acks: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Ack>>>,
     /// Per route, the wall-clock millisecond of its last admin refresh: a shared entry
     /// stored before it is not used (see [`Tier::mark_refreshed`]).
     refreshed: Mutex<HashMap<String, i64>>,
@@ -220,33 +257,36 @@ impl std::fmt::Debug for Tier {
     }
 }
 
-/// A purge as broadcast to the other nodes.
+/// A purge as broadcast to the other nodes; each confirms it with an [`Ack`] of its `id`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Purge {
     pub node: String,
+    #[serde(default)]
+    pub id: String,
     #[serde(flatten)]
-    pub what: PurgeWhat,
+    pub inv: Invalidation,
 }
 
+/// A node's confirmation that it applied a purge, with how many entries it hit.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum PurgeWhat {
-    Route {
-        route: String,
-    },
-    Prefix {
-        route: Option<String>,
-        prefix: String,
-    },
-    Path {
-        route: String,
-        path: String,
-    },
-    Key {
-        route: String,
-        key: String,
-    },
+pub struct Ack {
+    pub id: String,
+    pub node: String,
+    pub purged: usize,
 }
+
+/// What the other nodes said of a purge.
+#[derive(Debug, Default)]
+pub struct Acks {
+    /// Entries each confirming node hit.
+    pub confirmed: std::collections::BTreeMap<String, usize>,
+    /// Live nodes that did not confirm within `cluster.ack_timeout`.
+    pub unconfirmed: Vec<String>,
+}
+
+/// A node is live while it has announced itself within this long (it does every
+/// [`PROBE_EVERY`] while it listens for purges).
+const LIVE_WITHIN: Duration = Duration::from_secs(3);
 
 /// An order broadcast to every other node on the `control` channel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -277,9 +317,13 @@ impl Tier {
             fill: Script::new(FILL),
             release: Script::new(RELEASE),
             renew: Script::new(RENEW),
+            purge_key: Script::new(PURGE_KEY),
+            kill_lease: Script::new(KILL_LEASE),
             fill_channel: format!("{prefix}fill"),
             purge_channel: format!("{prefix}purge"),
             control_channel: format!("{prefix}control"),
+            ack_channel: format!("{prefix}ack"),
+            pending_acks: Mutex::new(HashMap::new()),
             refreshed: Mutex::new(HashMap::new()),
         })
     }
@@ -311,6 +355,22 @@ impl Tier {
     /// The set of route names that have an index.
     fn routes_key(&self) -> String {
         self.cluster.key(&["routes"])
+    }
+
+    /// The leases of fills in flight: `route\nhash` by the wall-clock millisecond they
+    /// lapse unless renewed (a tag purge ends them all).
+    fn leases_key(&self) -> String {
+        self.cluster.key(&["leases"])
+    }
+
+    /// The entries carrying `tag`: `route\npath\nhash` by the end of their life.
+    fn tag_key(&self, tag: &str) -> String {
+        self.cluster.key(&["tag:", tag])
+    }
+
+    /// The live nodes, by the wall-clock millisecond each last announced itself.
+    fn nodes_key(&self) -> String {
+        self.cluster.key(&["nodes"])
     }
 
     /// Looks in the shared tier, takes the lease, or waits for the node that holds it.
@@ -378,7 +438,7 @@ impl Tier {
                     if waited {
                         self.metrics.expired.inc();
                     }
-                    let mut lease = self.lease(hash, token, lease_key, lease_ms);
+                    let mut lease = self.lease(key, hash, token, lease_key, lease_ms).await;
                     lease.stale = stale;
                     return Before::Lease(lease);
                 }
@@ -446,7 +506,27 @@ impl Tier {
             .await
     }
 
-    fn lease(self: &Arc<Self>, hash: String, token: String, lease_key: String, ms: u64) -> Lease {
+    /// The lease just won, entered in the route's index and the set of leases before the
+    /// fetch starts (an invalidation from then on finds it), renewed in the background.
+    async fn lease(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        hash: String,
+        token: String,
+        lease_key: String,
+        ms: u64,
+    ) -> Lease {
+        let index = self.index_key(key.route());
+        let member = index_member(key, &hash);
+        let leases = self.leases_key();
+        let lease_member = format!("{}\n{hash}", key.route());
+        let mut add = redis::cmd("SADD");
+        add.arg(self.routes_key()).arg(key.route());
+        let indexed = self
+            .enter(&index, &member, &leases, &lease_member, ms)
+            .await
+            .is_ok()
+            && self.command(add).await.is_ok();
         let tier = Arc::downgrade(self);
         let renew_token = token.clone();
         let renewing = tokio::spawn(async move {
@@ -460,22 +540,50 @@ impl Tier {
                     .cluster
                     .run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
                     .await;
+                let _ = tier
+                    .enter(&index, &member, &leases, &lease_member, ms)
+                    .await;
             }
         });
         Lease {
             hash,
             token,
+            indexed,
             renewing,
             stale: None,
         }
     }
 
+    /// Puts a lease in its route's index and in the set of leases, for twice its life
+    /// (renewed with it); scores only grow (`GT`), so an entry already indexed for longer
+    /// keeps its place.
+    async fn enter(
+        &self,
+        index: &str,
+        member: &str,
+        leases: &str,
+        lease_member: &str,
+        ms: u64,
+    ) -> Result<(), ClusterError> {
+        let until = wall_now() + 2 * i64::try_from(ms).unwrap_or(i64::MAX / 4);
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(index).arg("GT").arg(until).arg(member);
+        self.command(zadd).await?;
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(leases).arg("GT").arg(until).arg(lease_member);
+        self.command(zadd).await?;
+        Ok(())
+    }
+
     /// Stores `entry` (when given, storable and small enough) and releases the lease; either
-    /// way the waiting nodes are told to look again.
+    /// way the waiting nodes are told to look again. The entry's tags go into their indexes
+    /// before it is stored (a tag purge that misses them has ended the lease first, and the
+    /// store is refused). A store Redis fails (out of memory, say) gives the lease back at
+    /// once, so the other nodes do not wait out its life.
     pub async fn after_fetch(&self, key: &CacheKey, lease: Lease, entry: Option<&Entry>) {
         lease.renewing.abort();
         let max = self.cluster.settings().l2_max_entry_bytes;
-        let value = entry.and_then(|e| {
+        let value = entry.filter(|_| lease.indexed).and_then(|e| {
             let size = e.body.len() + e.compressed().bodies().map(|(_, b)| b.len()).sum::<usize>();
             if size as u64 > max {
                 self.metrics.too_large.inc();
@@ -484,9 +592,23 @@ impl Tier {
             encode(e, key).map(|v| (v, e))
         });
         let lease_key = self.lease_key(&lease.hash);
-        match value {
-            Some((value, entry)) => {
-                let now = Instant::now();
+        let mut stored = false;
+        if let Some((value, entry)) = value {
+            let now = Instant::now();
+            let until = wall_ms(entry.error_until, now);
+            let member = index_member(key, &lease.hash);
+            let tagged = format!("{}\n{member}", key.route());
+            let mut tags_in = true;
+            for tag in entry.tag_names() {
+                let tag_key = self.tag_key(tag);
+                let mut zadd = redis::cmd("ZADD");
+                zadd.arg(&tag_key).arg("GT").arg(until).arg(&tagged);
+                tags_in &= self.command(zadd).await.is_ok();
+                let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+                prune.arg(&tag_key).arg("-inf").arg(wall_now());
+                let _ = self.command(prune).await;
+            }
+            if tags_in {
                 let life = entry.error_until.saturating_duration_since(now);
                 let ms = life.as_millis().max(1) as u64;
                 let entry_key = self.entry_key(&lease.hash);
@@ -497,90 +619,129 @@ impl Tier {
                     .arg(&lease.token)
                     .arg(&self.fill_channel)
                     .arg(&lease.hash);
-                let stored = self
+                let answer = self
                     .cluster
-                    .run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
+                    .run(|mut c| async move { call.invoke_async::<i64>(&mut c).await })
                     .await;
-                if stored.is_ok() {
-                    self.metrics.stored.inc();
-                    // The route's index, for purges by route, path or prefix.
-                    let index = self.index_key(key.route());
-                    let until = wall_ms(entry.error_until, now);
-                    let member = format!("{}\n{}", key.path(), lease.hash);
-                    let _ = self
-                        .cluster
-                        .run(|mut c| async move {
-                            redis::pipe()
-                                .zrembyscore(&index, "-inf", wall_ms(Instant::now(), now))
-                                .ignore()
-                                .zadd(&index, member, until)
-                                .ignore()
-                                .query_async::<()>(&mut c)
-                                .await
-                        })
-                        .await;
-                    // The set of indexed routes, for purges by prefix across routes (a
-                    // key of its own: on a Redis Cluster it may live on another master).
-                    let mut add = redis::cmd("SADD");
-                    add.arg(self.routes_key()).arg(key.route());
-                    let _ = self.command(add).await;
+                match answer {
+                    Ok(1) => {
+                        stored = true;
+                        self.metrics.stored.inc();
+                        // The route's index, for purges by route, path or prefix.
+                        let index = self.index_key(key.route());
+                        let _ = self
+                            .cluster
+                            .run(|mut c| async move {
+                                redis::pipe()
+                                    .zrembyscore(&index, "-inf", wall_ms(Instant::now(), now))
+                                    .ignore()
+                                    .cmd("ZADD")
+                                    .arg(&index)
+                                    .arg("GT")
+                                    .arg(until)
+                                    .arg(member)
+                                    .ignore()
+                                    .query_async::<()>(&mut c)
+                                    .await
+                            })
+                            .await;
+                    }
+                    Ok(_) => self.metrics.refused.inc(),
+                    Err(e) => {
+                        self.metrics.failed.inc();
+                        tracing::debug!(error = %e, "cluster: the shared tier did not take a fill");
+                    }
                 }
             }
-            None => {
-                let mut call = self.release.key(&lease_key);
-                call.arg(&lease.token)
-                    .arg(&self.fill_channel)
-                    .arg(&lease.hash);
-                let _ = self
-                    .cluster
-                    .run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
-                    .await;
+        }
+        if !stored {
+            let mut call = self.release.key(&lease_key);
+            call.arg(&lease.token)
+                .arg(&self.fill_channel)
+                .arg(&lease.hash);
+            // Tried even when a failed store just marked the tier degraded: otherwise the
+            // other nodes wait out the lease.
+            let _ = self
+                .cluster
+                .try_run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
+                .await;
+        }
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.leases_key())
+            .arg(format!("{}\n{}", key.route(), lease.hash));
+        let _ = self.command(zrem).await;
+    }
+
+    /// Removes the shared copies an invalidation names, and ends the leases of the fills in
+    /// flight it may reach, before any node applies it to its own store (so that a node
+    /// that drops its copy does not read the old one back). How many shared entries went;
+    /// `None` when the tier is degraded.
+    pub async fn purge_shared(&self, inv: &Invalidation) -> Option<usize> {
+        if !self.is_up() {
+            return None;
+        }
+        self.metrics.purges_sent.inc();
+        let hashes: Vec<String> = match &inv.what {
+            PurgeWhat::Key { key, .. } => vec![hash_text(key)],
+            PurgeWhat::Tags { tags, routes } => self.tagged_hashes(tags, routes.as_deref()).await,
+            what => self.indexed_hashes(what).await,
+        };
+        let removed = self
+            .each_hash(hashes.into_iter(), |tier, hash| tier.purge_one(hash))
+            .await;
+        Some(removed)
+    }
+
+    /// The hashes a tag purge names, after the leases of every fill in flight (of the
+    /// routes named) are ended: their tags are not known until they store, and they index
+    /// them before they do.
+    async fn tagged_hashes(&self, tags: &[String], routes: Option<&[String]>) -> Vec<String> {
+        let in_routes = |route: &str| routes.is_none_or(|rs| rs.iter().any(|r| r == route));
+        let leases = self.members(&self.leases_key()).await;
+        let ended: Vec<String> = leases
+            .iter()
+            .filter_map(|m| m.split_once('\n'))
+            .filter(|(route, _)| in_routes(route))
+            .map(|(_, hash)| hash.to_string())
+            .collect();
+        self.each_hash(ended.into_iter(), |tier, hash| tier.end_lease(hash))
+            .await;
+        let mut hashes = Vec::new();
+        for tag in tags {
+            let tag_key = self.tag_key(tag);
+            for member in self.members(&tag_key).await {
+                let mut parts = member.splitn(3, '\n');
+                if let (Some(route), Some(_), Some(hash)) =
+                    (parts.next(), parts.next(), parts.next())
+                {
+                    if in_routes(route) {
+                        hashes.push(hash.to_string());
+                    }
+                }
+            }
+            if routes.is_none() {
+                let mut del = redis::cmd("DEL");
+                del.arg(&tag_key);
+                let _ = self.command(del).await;
             }
         }
+        hashes
     }
 
-    /// Removes the shared copies a purge names and tells the other nodes to drop theirs.
-    /// The shared copies go first, so that a node told to drop its own does not read
-    /// them back.
-    pub async fn purge(&self, what: PurgeWhat) {
-        self.metrics.purges_sent.inc();
-        self.purge_shared(what.clone()).await;
-        let message = Purge {
-            node: self.node_name().to_string(),
-            what,
-        };
-        let Ok(text) = serde_json::to_string(&message) else {
-            return;
-        };
-        let mut publish = redis::cmd("PUBLISH");
-        publish.arg(&self.purge_channel).arg(text);
-        let _ = self.command(publish).await;
-    }
-
-    async fn purge_shared(&self, what: PurgeWhat) {
-        // The shared entries: found through the routes' indexes (or the key's hash).
-        let (routes, matches): (Vec<String>, PathFilter) = match what {
-            PurgeWhat::Key { key, .. } => {
-                let mut del = redis::cmd("DEL");
-                del.arg(self.entry_key(&hash_text(&key)));
-                let _ = self.command(del).await;
-                return;
-            }
-            PurgeWhat::Route { route } => (vec![route], Box::new(|_| true)),
-            PurgeWhat::Path { route, path } => (vec![route], Box::new(move |p| p == path)),
-            PurgeWhat::Prefix {
-                route: Some(route),
-                prefix,
-            } => (vec![route], Box::new(move |p| p.starts_with(&prefix))),
-            PurgeWhat::Prefix {
-                route: None,
-                prefix,
-            } => {
-                // The routes with an index, from their set: one small read, where a scan of
-                // the keyspace (KEYS) would block Redis for every client.
+    /// The hashes a purge by route, path or prefix names, from the routes' indexes (which
+    /// hold the fills in flight too), taken out of them.
+    async fn indexed_hashes(&self, what: &PurgeWhat) -> Vec<String> {
+        let routes = match what {
+            PurgeWhat::Route { route }
+            | PurgeWhat::Path { route, .. }
+            | PurgeWhat::Prefix {
+                route: Some(route), ..
+            } => vec![route.clone()],
+            // The routes with an index, from their set: one small read, where a scan of
+            // the keyspace (KEYS) would block Redis for every client.
+            PurgeWhat::Prefix { route: None, .. } => {
                 let routes_key = self.routes_key();
-                let routes = self
-                    .cluster
+                self.cluster
                     .run(|mut c| async move {
                         redis::cmd("SMEMBERS")
                             .arg(&routes_key)
@@ -588,50 +749,185 @@ impl Tier {
                             .await
                     })
                     .await
-                    .unwrap_or_default();
-                (routes, Box::new(move |p| p.starts_with(&prefix)))
+                    .unwrap_or_default()
             }
+            PurgeWhat::Key { .. } | PurgeWhat::Tags { .. } => Vec::new(),
         };
+        let matches = |path: &str| match what {
+            PurgeWhat::Path { path: p, .. } => path == p,
+            PurgeWhat::Prefix { prefix, .. } => path.starts_with(prefix.as_str()),
+            _ => true,
+        };
+        let mut hashes = Vec::new();
         for route in routes {
             let index = self.index_key(&route);
-            let index_read = index.clone();
-            let members = self
-                .cluster
-                .run(|mut c| async move {
-                    redis::cmd("ZRANGE")
-                        .arg(&index_read)
-                        .arg(0)
-                        .arg(-1)
-                        .query_async::<Vec<String>>(&mut c)
-                        .await
-                })
+            let doomed: Vec<String> = self
+                .members(&index)
                 .await
-                .unwrap_or_default();
-            for member in members {
-                let Some((path, hash)) = member.split_once('\n') else {
-                    continue;
-                };
-                if !matches(path) {
-                    continue;
-                }
-                let entry_key = self.entry_key(hash);
-                let index = index.clone();
-                let _ = self
-                    .cluster
-                    .run(|mut c| async move {
-                        redis::cmd("DEL")
-                            .arg(&entry_key)
-                            .query_async::<i64>(&mut c)
-                            .await?;
-                        redis::cmd("ZREM")
-                            .arg(&index)
-                            .arg(&member)
-                            .query_async::<i64>(&mut c)
-                            .await
-                    })
-                    .await;
+                .into_iter()
+                .filter(|m| m.split_once('\n').is_some_and(|(path, _)| matches(path)))
+                .collect();
+            hashes.extend(
+                doomed
+                    .iter()
+                    .filter_map(|m| m.split_once('\n'))
+                    .map(|(_, hash)| hash.to_string()),
+            );
+            for chunk in doomed.chunks(1000) {
+                let mut zrem = redis::cmd("ZREM");
+                zrem.arg(&index).arg(chunk);
+                let _ = self.command(zrem).await;
             }
         }
+        hashes
+    }
+
+    /// Runs `op` for every hash, many at once (the connection pipelines them); the sum of
+    /// what they return.
+    async fn each_hash<'a, F, Fut>(&'a self, hashes: impl Iterator<Item = String>, op: F) -> usize
+    where
+        F: Fn(&'a Self, String) -> Fut,
+        Fut: std::future::Future<Output = usize> + 'a,
+    {
+        futures_util::stream::iter(hashes.map(|h| op(self, h)))
+            .buffer_unordered(PURGE_PARALLEL)
+            .fold(0, |sum, n| async move { sum + n })
+            .await
+    }
+
+    /// [`PURGE_KEY`] for one hash: how many entries went.
+    async fn purge_one(&self, hash: String) -> usize {
+        let entry_key = self.entry_key(&hash);
+        let lease_key = self.lease_key(&hash);
+        let mut call = self.purge_key.key(&entry_key);
+        call.key(&lease_key).arg(&self.fill_channel).arg(&hash);
+        self.cluster
+            .run(|mut c| async move { call.invoke_async::<i64>(&mut c).await })
+            .await
+            .map_or(0, |n| usize::try_from(n).unwrap_or(0))
+    }
+
+    /// [`KILL_LEASE`] for one hash.
+    async fn end_lease(&self, hash: String) -> usize {
+        let lease_key = self.lease_key(&hash);
+        let mut call = self.kill_lease.key(&lease_key);
+        call.arg(&self.fill_channel).arg(&hash);
+        let _ = self
+            .cluster
+            .run(|mut c| async move { call.invoke_async::<i64>(&mut c).await })
+            .await;
+        0
+    }
+
+    /// Every member of a sorted set.
+    async fn members(&self, key: &str) -> Vec<String> {
+        let key = key.to_string();
+        self.cluster
+            .run(|mut c| async move {
+                redis::cmd("ZRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Tells every other node to apply `inv`, and waits (at most `cluster.ack_timeout`)
+    /// until every live node has said it did.
+    pub async fn broadcast_purge(&self, inv: &Invalidation) -> Acks {
+        let me = self.node_name().to_string();
+        let mut acks = Acks::default();
+        let live: Vec<String> = self
+            .live_nodes()
+            .await
+            .into_iter()
+            .filter(|n| *n != me)
+            .collect();
+        let id = format!("{me}:{:016x}", fastrand::u64(..));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.pending_acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), tx);
+        let message = Purge {
+            node: me,
+            id: id.clone(),
+            inv: inv.clone(),
+        };
+        let sent = match serde_json::to_string(&message) {
+            Ok(text) => {
+                let mut publish = redis::cmd("PUBLISH");
+                publish.arg(&self.purge_channel).arg(text);
+                self.command(publish).await.is_ok()
+            }
+            Err(_) => false,
+        };
+        if sent {
+            let deadline = tokio::time::Instant::now() + self.cluster.settings().ack_timeout;
+            while !live.iter().all(|n| acks.confirmed.contains_key(n)) {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(ack)) => {
+                        acks.confirmed.insert(ack.node, ack.purged);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.pending_acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        acks.unconfirmed = live
+            .into_iter()
+            .filter(|n| !acks.confirmed.contains_key(n))
+            .collect();
+        acks
+    }
+
+    /// The nodes that announced themselves within [`LIVE_WITHIN`].
+    async fn live_nodes(&self) -> Vec<String> {
+        let key = self.nodes_key();
+        let since = wall_now() - LIVE_WITHIN.as_millis() as i64;
+        self.cluster
+            .run(|mut c| async move {
+                redis::cmd("ZRANGEBYSCORE")
+                    .arg(&key)
+                    .arg(since)
+                    .arg("+inf")
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Says this node is live: it listens for purges.
+    async fn announce_self(&self) {
+        let key = self.nodes_key();
+        let now = wall_now();
+        let me = self.node_name().to_string();
+        let _ = self
+            .cluster
+            .run(|mut c| async move {
+                redis::pipe()
+                    .zadd(&key, &me, now)
+                    .ignore()
+                    .zrembyscore(&key, "-inf", now - 60_000)
+                    .ignore()
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+    }
+
+    /// Says this node is gone (it stops listening), so purges do not wait for it.
+    async fn leave(&self) {
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.nodes_key()).arg(self.node_name());
+        let _ = self.command(zrem).await;
     }
 
     /// Registers this task as a waiter on `hash` until the guard is dropped.
@@ -662,12 +958,14 @@ impl Tier {
         }
     }
 
-    /// Listens on the `fill`, `purge` and `control` channels until `shutdown`, reconnecting
-    /// after [`PROBE_EVERY`] when the connection is lost. `apply` applies a purge from
-    /// another node to this node's store; `obey` carries out another node's order.
+    /// Listens on the `fill`, `purge`, `ack` and `control` channels until `shutdown`,
+    /// reconnecting after [`PROBE_EVERY`] when the connection is lost. `apply` applies a
+    /// purge from another node to this node's store (how many entries it hit, confirmed to
+    /// the sender); `obey` carries out another node's order. While subscribed, the node
+    /// announces itself live every [`PROBE_EVERY`], so that purges wait for it.
     pub async fn listen(
         self: Arc<Self>,
-        apply: impl Fn(&PurgeWhat) + Send,
+        apply: impl Fn(&Invalidation) -> usize + Send,
         obey: impl Fn(Order) + Send,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
@@ -683,16 +981,27 @@ impl Tier {
             next += 1;
             tokio::select! {
                 _ = self.listen_once(url, &apply, &obey) => {}
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    self.leave().await;
+                    return;
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(PROBE_EVERY) => {}
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    self.leave().await;
+                    return;
+                }
             }
         }
     }
 
-    async fn listen_once(&self, url: &str, apply: &impl Fn(&PurgeWhat), obey: &impl Fn(Order)) {
+    async fn listen_once(
+        &self,
+        url: &str,
+        apply: &impl Fn(&Invalidation) -> usize,
+        obey: &impl Fn(Order),
+    ) {
         let connect_timeout = self.cluster.settings().connect_timeout;
         let Ok(client) = self.cluster.client(url) else {
             return;
@@ -702,45 +1011,89 @@ impl Tier {
         else {
             return;
         };
-        if pubsub.subscribe(&self.fill_channel).await.is_err()
-            || pubsub.subscribe(&self.purge_channel).await.is_err()
-            || pubsub.subscribe(&self.control_channel).await.is_err()
-        {
-            return;
+        for channel in [
+            &self.fill_channel,
+            &self.purge_channel,
+            &self.ack_channel,
+            &self.control_channel,
+        ] {
+            if pubsub.subscribe(channel).await.is_err() {
+                return;
+            }
         }
         // Fills may have been missed while not subscribed.
         self.wake_all();
+        self.announce_self().await;
+        let mut beat = tokio::time::interval(PROBE_EVERY);
         let mut messages = pubsub.on_message();
-        while let Some(message) = messages.next().await {
+        loop {
+            let message = tokio::select! {
+                message = messages.next() => message,
+                _ = beat.tick() => {
+                    self.announce_self().await;
+                    continue;
+                }
+            };
+            let Some(message) = message else { return };
             let payload = message.get_payload_bytes();
-            if message.get_channel_name() == self.fill_channel {
+            let channel = message.get_channel_name();
+            if channel == self.fill_channel {
                 if let Ok(hash) = std::str::from_utf8(payload) {
                     self.wake(hash);
                 }
-                continue;
-            }
-            if message.get_channel_name() == self.control_channel {
+            } else if channel == self.ack_channel {
+                if let Ok(ack) = serde_json::from_slice::<Ack>(payload) {
+                    let pending = self.pending_acks.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(tx) = pending.get(&ack.id) {
+                        let _ = tx.send(ack);
+                    }
+                }
+            } else if channel == self.control_channel {
                 match serde_json::from_slice::<Order>(payload) {
                     Ok(order) if order.node != self.node_name() => obey(order),
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cluster: unreadable control message"),
                 }
-                continue;
-            }
-            match serde_json::from_slice::<Purge>(payload) {
-                Ok(purge) if purge.node != self.node_name() => {
-                    self.metrics.purges_applied.inc();
-                    apply(&purge.what);
+            } else {
+                match serde_json::from_slice::<Purge>(payload) {
+                    Ok(purge) if purge.node != self.node_name() => {
+                        self.metrics.purges_applied.inc();
+                        let purged = apply(&purge.inv);
+                        self.confirm(purge.id, purged).await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cluster: unreadable purge message"),
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cluster: unreadable purge message"),
             }
         }
     }
+
+    /// Tells the node that sent purge `id` that this node applied it.
+    async fn confirm(&self, id: String, purged: usize) {
+        if id.is_empty() {
+            return;
+        }
+        let ack = Ack {
+            id,
+            node: self.node_name().to_string(),
+            purged,
+        };
+        let Ok(text) = serde_json::to_string(&ack) else {
+            return;
+        };
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&self.ack_channel).arg(text);
+        let _ = self.command(publish).await;
+    }
 }
 
-/// Which of a route's paths a purge names.
-type PathFilter = Box<dyn Fn(&str) -> bool + Send>;
+/// How many purge scripts run at once (pipelined on the connection).
+const PURGE_PARALLEL: usize = 256;
+
+/// A route index's member: the key's path and hash.
+fn index_member(key: &CacheKey, hash: &str) -> String {
+    format!("{}\n{hash}", key.path())
+}
 
 /// A registered waiter; leaves the map with the last one of its key.
 struct Waiter {

@@ -87,10 +87,11 @@ impl ClusterMetrics {
         }
         match error {
             None | Some(ClusterError::Degraded) => {}
+            // The client's own response timeout (as long as `command_timeout`) may fire
+            // first: a Redis that hangs is a timeout, whoever noticed.
             Some(ClusterError::Timeout) => self.errors_timeout.inc(),
-            Some(ClusterError::Redis(e))
-                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() =>
-            {
+            Some(ClusterError::Redis(e)) if e.is_timeout() => self.errors_timeout.inc(),
+            Some(ClusterError::Redis(e)) if e.is_io_error() || e.is_connection_dropped() => {
                 self.errors_connection.inc()
             }
             Some(ClusterError::Redis(_)) => self.errors_other.inc(),

@@ -164,6 +164,18 @@ impl Cluster {
         self.timed(op(Connection::clone(&connection))).await
     }
 
+    /// [`Cluster::run`], tried even while degraded (when a connection exists): for what must
+    /// not wait for the next probe, such as giving a lease back right after a failure.
+    pub async fn try_run<T, F>(&self, op: impl FnOnce(Connection) -> F) -> Result<T, ClusterError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(connection) = self.connection.load_full() else {
+            return Err(ClusterError::Degraded);
+        };
+        self.timed(op(Connection::clone(&connection))).await
+    }
+
     async fn timed<T>(
         &self,
         command: impl Future<Output = redis::RedisResult<T>>,

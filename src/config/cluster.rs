@@ -31,6 +31,8 @@ pub struct ClusterSettings {
     pub l2_max_entry_bytes: u64,
     /// The life of a lease on fetching a key, renewed by its holder while it fetches.
     pub lock_timeout: Duration,
+    /// How long a purge waits for every live node to confirm it.
+    pub ack_timeout: Duration,
     /// With `rediss://`: the CA certificates (PEM) trusted instead of the system roots.
     pub ca_pem: Option<Vec<u8>>,
     /// With `rediss://`: whether Redis's certificate is verified.
@@ -75,6 +77,7 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_millis(200);
 const DEFAULT_L2_MAX_ENTRY_BYTES: u64 = 1 << 20;
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Validator<'_> {
     pub(super) fn cluster(&mut self, raw: RawCluster) -> Option<ClusterSettings> {
@@ -163,6 +166,11 @@ impl Validator<'_> {
             raw.lock_timeout.as_ref(),
             DEFAULT_LOCK_TIMEOUT,
         );
+        let ack_timeout = self.duration(
+            "cluster.ack_timeout",
+            raw.ack_timeout.as_ref(),
+            DEFAULT_ACK_TIMEOUT,
+        );
         for (key, set) in [
             ("ca_file", raw.ca_file.is_some()),
             ("tls_verify", raw.tls_verify.is_some()),
@@ -191,6 +199,7 @@ impl Validator<'_> {
             command_timeout: command_timeout?,
             l2_max_entry_bytes: l2_max_entry_bytes?,
             lock_timeout: lock_timeout?,
+            ack_timeout: ack_timeout?,
             ca_pem,
             tls_verify: raw.tls_verify.unwrap_or(true),
         })

@@ -118,6 +118,9 @@ pub struct RawCluster {
     /// How long a node's lease on fetching a key lasts unless renewed (default "2s"): a
     /// node that dies mid-fetch holds the others up at most this long.
     pub lock_timeout: Option<RawDuration>,
+    /// How long a purge waits for every live node to confirm it has applied it (default
+    /// "2s"); past it, the purge answers with the nodes that did not confirm.
+    pub ack_timeout: Option<RawDuration>,
     /// With `rediss://`: a PEM file of the CA certificates trusted for Redis instead of the
     /// system roots (a private CA).
     pub ca_file: Option<String>,

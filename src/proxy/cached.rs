@@ -164,7 +164,7 @@ pub async fn serve(
     let went_upstream = match &served {
         Served::Entry(..) => matches!(
             status,
-            CacheStatus::Miss | CacheStatus::Bypass | CacheStatus::Coalesced
+            CacheStatus::Miss | CacheStatus::Bypass | CacheStatus::Coalesced | CacheStatus::SharedHit
         ),
         Served::Stream(..) => true,
         Served::Error(..) => status != CacheStatus::None,

@@ -236,7 +236,7 @@ impl ProxyHttp for StoaProxy {
         if let Some(started) = ctx.timing.upstream_started {
             ctx.timing.upstream_elapsed = Some(started.elapsed());
         }
-        pass::invalidate_after_write(session, upstream_response, ctx);
+        pass::invalidate_after_write(session, upstream_response, ctx).await;
         crate::upstream::headers::strip_response(upstream_response);
         let draining = self.lifecycle.is_draining();
         ctx.decorations(draining).apply(upstream_response)?;

@@ -11,6 +11,7 @@ use pingora::ErrorType;
 
 use super::ctx::RequestCtx;
 use super::{over_tls, peer_addr};
+use crate::cache::purge::{Invalidation, PurgeWhat};
 use crate::error::StoaError;
 use crate::gateway::Route;
 use crate::upstream::headers;
@@ -74,20 +75,33 @@ pub fn upstream_head(
 }
 
 /// After a successful write (any method but GET and HEAD), purges the cached answers of
-/// the routes it `invalidates` for the same upstream path.
-pub fn invalidate_after_write(session: &Session, response: &ResponseHeader, ctx: &RequestCtx) {
+/// the routes it `invalidates` for the same upstream path, on every node, before the
+/// write's answer goes to the client: once the client has its answer, no node serves what
+/// the write changed, and no fill that read the upstream before it is stored.
+pub async fn invalidate_after_write(session: &Session, response: &ResponseHeader, ctx: &RequestCtx) {
     let Some(route) = ctx.route() else {
         return;
     };
     let method = &session.req_header().method;
     let write = method != http::Method::GET && method != http::Method::HEAD;
-    if !write || !response.status.is_success() {
+    if !write || !response.status.is_success() || route.spec.invalidates.is_empty() {
         return;
     }
     let path = &ctx.upstream.path;
     for target in &route.spec.invalidates {
-        let purged = ctx.gateway.cache.purge_path(target, path);
-        tracing::debug!(route = %target, path = %path, purged, "invalidated after a write");
+        let inv = Invalidation {
+            what: PurgeWhat::Path {
+                route: target.clone(),
+                path: path.clone(),
+            },
+            soft: false,
+        };
+        let report = ctx.gateway.cache.invalidate(inv).await;
+        if report.unconfirmed.is_empty() {
+            tracing::debug!(route = %target, path = %path, purged = report.purged, "invalidated after a write");
+        } else {
+            tracing::warn!(route = %target, path = %path, unconfirmed = ?report.unconfirmed, "invalidated after a write; some nodes did not confirm");
+        }
     }
 }
 
