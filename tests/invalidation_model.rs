@@ -165,10 +165,7 @@ async fn run_model(
         .unwrap();
     let clients = 8;
     let per_client = ops.div_ceil(clients);
-    let urls: Vec<(String, String)> = nodes
-        .iter()
-        .map(|n| (n.url(""), n.admin_url("")))
-        .collect();
+    let urls: Vec<(String, String)> = nodes.iter().map(|n| (n.url(""), n.admin_url(""))).collect();
     let tasks = (0..clients).map(|c| {
         let (model, stale, reads, http, urls) = (
             model.clone(),

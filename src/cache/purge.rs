@@ -61,10 +61,10 @@ impl PurgeWhat {
         let yes = |b: bool| if b { Reach::Yes } else { Reach::No };
         match self {
             PurgeWhat::Route { route } => yes(key.route() == route),
-            PurgeWhat::Prefix { route, prefix } => yes(route
-                .as_deref()
-                .is_none_or(|r| r == key.route())
-                && key.path().starts_with(prefix.as_str())),
+            PurgeWhat::Prefix { route, prefix } => {
+                yes(route.as_deref().is_none_or(|r| r == key.route())
+                    && key.path().starts_with(prefix.as_str()))
+            }
             PurgeWhat::Path { route, path } => yes(key.route() == route && key.path() == path),
             PurgeWhat::Key { key: full, .. } => yes(key.as_str() == full),
             PurgeWhat::Tags { routes, .. } => match routes {
@@ -151,7 +151,10 @@ mod tests {
             soft: true,
         };
         let text = serde_json::to_string(&inv).unwrap();
-        assert_eq!(text, r#"{"kind":"path","route":"a","path":"/x","soft":true}"#);
+        assert_eq!(
+            text,
+            r#"{"kind":"path","route":"a","path":"/x","soft":true}"#
+        );
         assert_eq!(serde_json::from_str::<Invalidation>(&text).unwrap(), inv);
         let old = r#"{"kind":"route","route":"a"}"#;
         assert!(!serde_json::from_str::<Invalidation>(old).unwrap().soft);

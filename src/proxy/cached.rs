@@ -164,7 +164,10 @@ pub async fn serve(
     let went_upstream = match &served {
         Served::Entry(..) => matches!(
             status,
-            CacheStatus::Miss | CacheStatus::Bypass | CacheStatus::Coalesced | CacheStatus::SharedHit
+            CacheStatus::Miss
+                | CacheStatus::Bypass
+                | CacheStatus::Coalesced
+                | CacheStatus::SharedHit
         ),
         Served::Stream(..) => true,
         Served::Error(..) => status != CacheStatus::None,

@@ -78,7 +78,11 @@ pub fn upstream_head(
 /// the routes it `invalidates` for the same upstream path, on every node, before the
 /// write's answer goes to the client: once the client has its answer, no node serves what
 /// the write changed, and no fill that read the upstream before it is stored.
-pub async fn invalidate_after_write(session: &Session, response: &ResponseHeader, ctx: &RequestCtx) {
+pub async fn invalidate_after_write(
+    session: &Session,
+    response: &ResponseHeader,
+    ctx: &RequestCtx,
+) {
     let Some(route) = ctx.route() else {
         return;
     };
