@@ -528,7 +528,7 @@ async fn concurrent_different_ranges_on_a_cold_key_share_one_fetch_and_get_their
     origin.set(
         "/slow",
         Reply {
-            delay: Duration::from_millis(400),
+            delay: Duration::from_millis(1000),
             ..reply("content-type: text/plain\r\n", BODY.as_bytes())
         },
     );
