@@ -912,6 +912,9 @@ fn fetched_to_entry(
     header
         .insert_header("x-cache", "HIT")
         .map_err(|e| StoaError::Internal(e.to_string()))?;
+    if status == 200 && !header.headers.contains_key(header::ACCEPT_RANGES) {
+        let _ = header.insert_header(header::ACCEPT_RANGES, "bytes");
+    }
     let life = Lifetimes {
         ttl,
         stale_while_revalidate,

@@ -20,6 +20,7 @@ use crate::ratelimit::Decision;
 use crate::upstream::headers;
 
 use super::cache_status;
+use super::range::Ranged;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
@@ -112,6 +113,69 @@ pub async fn entry(
         session
             .write_response_body(Some(body.clone()), true)
             .await?;
+    }
+    Ok(())
+}
+
+/// Writes the answer to a GET for a byte range of an entry (see [`super::range`]), of the
+/// representation the client's `Accept-Encoding` picks: a `206` with the stored head,
+/// `Content-Range`, the part's length and the part; or, for a range past the end, a
+/// `416` with `Content-Range: bytes */len` and no body. Both carry `X-Cache`, `Age` and
+/// the headers of every answer.
+pub async fn part(
+    session: &mut Session,
+    entry: &Entry,
+    status: CacheStatus,
+    ranged: Ranged,
+    deco: &Decorations<'_>,
+    now: Instant,
+) -> Result<()> {
+    use http::header;
+    let req = session.req_header();
+    let (stored, body) = entry.pick(req.headers.get(header::ACCEPT_ENCODING));
+    let (mut head, part) = match ranged {
+        Ranged::Part { first, last, len } => {
+            let mut head = stored.clone();
+            head.set_status(http::StatusCode::PARTIAL_CONTENT)?;
+            head.set_reason_phrase(None)?;
+            let range = format!("bytes {first}-{last}/{len}");
+            head.insert_header(header::CONTENT_RANGE, range)?;
+            head.insert_header(header::CONTENT_LENGTH, last - first + 1)?;
+            // Within the body: `last < len`, its length.
+            let part = body.slice(first as usize..=last as usize);
+            (head, Some(part))
+        }
+        Ranged::Unsatisfiable { len } => {
+            let mut head = ResponseHeader::build(http::StatusCode::RANGE_NOT_SATISFIABLE, Some(8))?;
+            head.insert_header(header::CONTENT_RANGE, format!("bytes */{len}"))?;
+            head.insert_header(header::CONTENT_LENGTH, 0)?;
+            // What the representation depends on, and how to ask for it again.
+            for name in [header::VARY, header::ETAG, header::LAST_MODIFIED] {
+                for value in stored.headers.get_all(&name) {
+                    head.append_header(name.clone(), value.clone())?;
+                }
+            }
+            (head, None)
+        }
+        Ranged::Whole => return self::entry(session, entry, status, deco, now).await,
+    };
+    // The stored head already says `X-Cache: HIT`.
+    if let (false, Some(value)) = (
+        status == CacheStatus::Hit && part.is_some(),
+        status.header_value(),
+    ) {
+        head.insert_header("x-cache", value)?;
+    }
+    head.insert_header(header::AGE, entry.age_secs(now))?;
+    deco.apply(&mut head)?;
+    if deco.close {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(head), part.is_none())
+        .await?;
+    if let Some(part) = part {
+        session.write_response_body(Some(part), true).await?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use pingora::proxy::Session;
 use super::answer::Decorations;
 use super::cache_status::{self, BypassWhy};
 use super::ctx::{Raw, RequestCtx};
+use super::range::{self, Ranged};
 use super::{answer, body, limit, over_tls, peer_addr};
 use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
@@ -184,6 +185,17 @@ pub async fn serve(
             not_modified(session, &entry, status, &deco, now).await
         }
         Served::Entry(entry, status) => {
+            // A request without `Range` pays one header lookup here.
+            if session
+                .req_header()
+                .headers
+                .contains_key(http::header::RANGE)
+            {
+                let ranged = ranged(session.req_header(), &entry, status);
+                if ranged != Ranged::Whole {
+                    return answer::part(session, &entry, status, ranged, &deco, now).await;
+                }
+            }
             if matches!(ctx.raw, Raw::Allowed) {
                 if let Some(raw) = answer::raw_entry(session, &entry, status, &deco, now) {
                     // The front writes it (see `crate::front`).
@@ -211,6 +223,20 @@ fn answers_not_modified(req: &RequestHeader, entry: &Entry, status: CacheStatus)
         && status != CacheStatus::Bypass
         && entry.header.status == http::StatusCode::OK
         && Validators::not_modified(entry.validators.as_deref(), headers)
+}
+
+/// How a GET with `Range` is answered from this entry (RFC 9110 §14.2): only a 200 the
+/// cache gave (a bypass's request carried its `Range` upstream), over the representation
+/// the client's `Accept-Encoding` picks.
+fn ranged(req: &RequestHeader, entry: &Entry, status: CacheStatus) -> Ranged {
+    if req.method != http::Method::GET
+        || status == CacheStatus::Bypass
+        || entry.header.status != http::StatusCode::OK
+    {
+        return Ranged::Whole;
+    }
+    let (stored, body) = entry.pick(req.headers.get(http::header::ACCEPT_ENCODING));
+    range::select(&req.headers, &stored.headers, body.len() as u64)
 }
 
 /// Writes a `304` for `entry` (RFC 9110 §15.4.5): the fields a 200 would carry that

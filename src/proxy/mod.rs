@@ -11,6 +11,7 @@ pub mod ctx;
 pub mod fail;
 pub mod limit;
 pub mod pass;
+pub mod range;
 pub mod request_id;
 
 use std::net::IpAddr;

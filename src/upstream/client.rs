@@ -138,6 +138,15 @@ impl UpstreamClient {
         }
         let mut response = builder.send().await.map_err(|e| self.error(&e))?;
         let status = response.status();
+        // Interim answers (`100 Continue`, `103 Early Hints`) are read past by the client,
+        // so the answer here is the final one; a `101` (no upgrade was asked for) is a
+        // broken answer, never one to store or pass on.
+        if status.is_informational() {
+            return Err(Failure::Failed(format!(
+                "a {status} answer to a request without an upgrade"
+            ))
+            .into_error(Some(&self.upstream)));
+        }
         // Only end-to-end headers go on: nothing hop-by-hop or named in `Connection` is
         // stored or replayed.
         let headers = headers::end_to_end_response(response.headers())
