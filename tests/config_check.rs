@@ -129,6 +129,70 @@ cache = { ttl = "10x", bogus = 1 }
 }
 
 #[test]
+fn targeted_field_and_silent_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = |targeted: &str, freshness: &str| {
+        format!(
+            r#"
+[cache]
+targeted_field = "{targeted}"
+
+[upstreams.x]
+url = "http://127.0.0.1:9"
+
+[[routes]]
+name = "r"
+methods = ["GET"]
+path = "/r"
+upstream = "x"
+cache = {{ ttl = "10s", {freshness}silent = "heuristic" }}
+
+[[routes]]
+name = "s"
+methods = ["GET"]
+path = "/s"
+upstream = "x"
+cache = {{ ttl = "10s", freshness = "origin", silent = "sometimes" }}
+"#
+        )
+    };
+    let path = write_temp(dir.path(), "bad.toml", &text("Cache-Control", ""));
+    let (code, out, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = [
+        "cache.targeted_field: \"Cache-Control\" already has a meaning in HTTP or stoa",
+        "routes[0].cache.silent: \"heuristic\" is how stoa treats an upstream that says \
+         nothing of freshness: it applies only with freshness = \"origin\"",
+        "routes[1].cache.silent: \"sometimes\" is not one of ttl",
+    ];
+    for line in expected {
+        assert!(err.contains(line), "missing {line:?} in:\n{err}");
+    }
+    assert!(err.contains("3 problem(s)"), "{err}");
+
+    let path = write_temp(dir.path(), "names.toml", &text("Stoa Control", ""));
+    let (code, _, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("cache.targeted_field: \"Stoa Control\" is not a header name"),
+        "{err}"
+    );
+    let path = write_temp(dir.path(), "hop.toml", &text("Keep-Alive", ""));
+    let (_, _, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert!(
+        err.contains("cache.targeted_field: \"Keep-Alive\" already has a meaning"),
+        "{err}"
+    );
+
+    let good =
+        text("Edge-Cache-Control", "freshness = \"origin\", ").replace("\"sometimes\"", "\"ttl\"");
+    let path = write_temp(dir.path(), "good.toml", &good);
+    let (code, out, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("configuration ok"), "{out}");
+}
+
+#[test]
 fn the_shipped_schema_is_current() {
     let (code, out, err) = stoa(&["schema"], &[]);
     assert_eq!(code, 0, "{out}{err}");

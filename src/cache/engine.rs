@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header;
 use pingora::http::ResponseHeader;
 
-use super::control::{Directives, Validators};
+use super::control::{Directives, Lifetime, Validators};
 use super::encoding::{self, Compressed, Variants};
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
@@ -135,8 +135,9 @@ impl CachedRoute {
 
     /// A too-large answer as served, counted; a 5xx too goes to the client as the
     /// upstream gave it.
-    fn stream(&self, streaming: Box<Streaming>) -> Served {
+    fn stream(&self, mut streaming: Box<Streaming>) -> Served {
         self.too_large.inc();
+        streaming.headers.remove(&self.settings.targeted_field);
         Served::Stream(streaming, CacheStatus::Bypass)
     }
 }
@@ -851,16 +852,23 @@ fn fetched_to_entry(
     let cc = if settings.ignore_upstream_cache_control {
         Directives::default()
     } else {
-        Directives::parse(&fetched.headers)
+        Directives::parse_for(&fetched.headers, &settings.targeted_field)
     };
     let origin = settings.freshness == Freshness::Origin;
+    // An answer that states no lifetime and is given none (`silent = "heuristic"`).
+    let mut unstated = None;
     let ttl = match settings.ttl_for(status) {
         _ if server_error || cc.no_cache => Duration::ZERO,
         None => Duration::ZERO,
         Some(route_ttl) if origin => {
-            let ttl = cc
-                .lifetime(&fetched.headers, upstream_age)
-                .unwrap_or(route_ttl);
+            let (headers, silent) = (&fetched.headers, settings.silent);
+            let ttl = match cc.origin_lifetime(headers, upstream_age, status, route_ttl, silent) {
+                Lifetime::Fresh(ttl) => ttl,
+                none => {
+                    unstated = Some(none);
+                    Duration::ZERO
+                }
+            };
             settings.max_ttl.map_or(ttl, |max| ttl.min(max))
         }
         Some(route_ttl) => route_ttl,
@@ -871,8 +879,9 @@ fn fetched_to_entry(
         ttl
     };
     let secs = |s: Option<u64>, route: Duration| s.map_or(route, Duration::from_secs);
-    let (stale_while_revalidate, stale_if_error) = if cc.no_cache || (origin && cc.must_revalidate)
-    {
+    // An answer given no lifetime is not served stale either: it is always revalidated.
+    let must_revalidate = cc.must_revalidate || unstated.is_some();
+    let (stale_while_revalidate, stale_if_error) = if cc.no_cache || (origin && must_revalidate) {
         (Duration::ZERO, Duration::ZERO)
     } else if origin {
         (
@@ -886,10 +895,12 @@ fn fetched_to_entry(
         .map_err(|e| StoaError::Internal(e.to_string()))?;
     // The origin hands over end-to-end headers only (see `Origin`); the length is set anew,
     // and not at all on answers that have no body (204, 304); the upstream's `Age` is kept
-    // apart and added to the time in stoa; fields named by `no-cache="..."` are not kept.
+    // apart and added to the time in stoa; fields named by `no-cache="..."` are not kept, nor
+    // the field aimed at stoa (kept with the validators, for a revalidation's 304).
     for (name, value) in &fetched.headers {
         if name == header::CONTENT_LENGTH
             || name == header::AGE
+            || *name == settings.targeted_field
             || cc.no_cache_fields.iter().any(|f| f == name.as_str())
         {
             continue;
@@ -899,7 +910,8 @@ fn fetched_to_entry(
             .map_err(|e| StoaError::Internal(e.to_string()))?;
     }
     // From the stored copies (see `owned_value`), not the client's buffer.
-    let validators = Validators::of(&header.headers);
+    let validators = Validators::of(&header.headers)
+        .map(|v| v.keeping(&settings.targeted_field, &fetched.headers));
     let body = if has_no_body(fetched.status) {
         Bytes::new()
     } else {
@@ -923,7 +935,9 @@ fn fetched_to_entry(
     };
     // A `no-cache` answer is stored only when it can be revalidated, and then revalidated
     // on every request (it is never fresh).
-    let revalidate_always = cc.no_cache && validators.is_some() && !server_error;
+    let revalidate_always = (cc.no_cache || unstated == Some(Lifetime::Revalidate))
+        && validators.is_some()
+        && !server_error;
     let shareable = cc.shareable_with_authorization();
     // Every answer of a route that compresses varies by `Accept-Encoding`. The validators
     // above are the identity head's: revalidation asks with the upstream's own `ETag`.
@@ -938,10 +952,13 @@ fn fetched_to_entry(
         Disposition::Store if ttl.is_zero() => Disposition::Share,
         d => d,
     };
-    // A cacheable status that is not stored was either `no-cache` without a validator or
-    // already stale when it arrived (origin freshness of zero).
+    // A cacheable status that is not stored was either `no-cache` without a validator, given
+    // no lifetime, or already stale when it arrived (origin freshness of zero).
     let not_stored = match disposition.not_stored() {
         Some(NotStored::Status) if !server_error && cc.no_cache => Some(NotStored::NoCache),
+        Some(NotStored::Status) if !server_error && unstated.is_some() => {
+            Some(NotStored::NoFreshness)
+        }
         Some(NotStored::Status) if !server_error && settings.ttl_for(status).is_some() => {
             Some(NotStored::Expired)
         }
@@ -990,6 +1007,9 @@ fn merge_not_modified(stored: &Entry, not_modified: Fetched) -> Fetched {
         if !framing(name) {
             headers.append(name.clone(), value.clone());
         }
+    }
+    if let Some(validators) = &stored.validators {
+        validators.restore_targeted(&mut headers);
     }
     Fetched {
         status: stored.header.status,
@@ -1060,20 +1080,7 @@ fn disposition_of(
         return Disposition::Private(NotStored::SetCookie);
     }
     if !settings.ignore_upstream_cache_control {
-        let private = headers.get_all(header::CACHE_CONTROL).iter().find_map(|v| {
-            v.to_str().ok().and_then(|v| {
-                v.split(',').find_map(|d| {
-                    let d = d.trim();
-                    if d.eq_ignore_ascii_case("no-store") {
-                        Some(NotStored::NoStore)
-                    } else if d.eq_ignore_ascii_case("private") {
-                        Some(NotStored::Private)
-                    } else {
-                        None
-                    }
-                })
-            })
-        });
+        let private = Directives::parse_for(headers, &settings.targeted_field).not_storable();
         if let Some(why) = private {
             return Disposition::Private(why);
         }
@@ -1141,6 +1148,8 @@ mod tests {
             ignore_upstream_cache_control: false,
             freshness: Freshness::Route,
             max_ttl: None,
+            silent: crate::config::Silent::Ttl,
+            targeted_field: header::HeaderName::from_static("stoa-cache-control"),
             warm: Vec::new(),
             refresh_hook: None,
             max_entry_bytes: 1 << 20,

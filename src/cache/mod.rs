@@ -31,6 +31,9 @@ pub enum NotStored {
     NoCache,
     /// Stale on arrival: the origin's freshness lifetime was zero.
     Expired,
+    /// No lifetime stated, none assumed (`silent = "heuristic"`), and no validator to
+    /// revalidate it with (or a status that is not heuristically cacheable).
+    NoFreshness,
 }
 
 impl NotStored {
@@ -44,6 +47,7 @@ impl NotStored {
             NotStored::Status => "status",
             NotStored::NoCache => "no-cache",
             NotStored::Expired => "expired",
+            NotStored::NoFreshness => "no-freshness",
         }
     }
 }

@@ -183,6 +183,7 @@ impl Validator<'_> {
         if let Some(store) = &cache {
             self.cache_entry_limits(&mut indexed, store);
             self.cache_compression(&mut indexed, store);
+            self.cache_targeted_field(&mut indexed, store);
         }
         let mut routes: Vec<RouteSpec> = indexed.into_iter().map(|(_, r)| r).collect();
         for route in &mut routes {

@@ -36,7 +36,7 @@ pub use aggregate::spec::{
 pub use assemble::Config;
 pub use cache::settings::{
     CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
-    RefreshHook, UnkeyedBody, WarmRequest,
+    RefreshHook, Silent, UnkeyedBody, WarmRequest, DEFAULT_TARGETED_FIELD,
 };
 pub use cache::CacheStoreSettings;
 pub use cluster::{redact_url, ClusterSettings, RedisTarget};

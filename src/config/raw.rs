@@ -190,6 +190,9 @@ pub enum RawWarm {
 pub struct RawCacheSection {
     pub max_bytes: Option<RawSize>,
     pub max_entry_bytes: Option<RawSize>,
+    /// The response field aimed at stoa alone (RFC 9213), read before `CDN-Cache-Control`
+    /// and `Cache-Control` and removed from what clients get (default `Stoa-Cache-Control`).
+    pub targeted_field: Option<String>,
     pub compression: Option<RawCompression>,
 }
 
@@ -237,6 +240,10 @@ pub struct RawCache {
     #[schemars(extend("enum" = ["route", "origin"]))]
     pub freshness: Option<String>,
     pub max_ttl: Option<RawDuration>,
+    /// With `freshness = "origin"`, what an answer that states no freshness gets: `"ttl"`
+    /// (the route's, the default) or `"heuristic"` (RFC 9111 §4.2.2).
+    #[schemars(extend("enum" = ["ttl", "heuristic"]))]
+    pub silent: Option<String>,
     pub warm: Option<Vec<RawWarm>>,
     pub refresh_hook: Option<String>,
     pub max_entry_bytes: Option<RawSize>,

@@ -238,7 +238,8 @@ impl ProxyHttp for StoaProxy {
             ctx.timing.upstream_elapsed = Some(started.elapsed());
         }
         pass::invalidate_after_write(session, upstream_response, ctx).await;
-        crate::upstream::headers::strip_response(upstream_response);
+        let targeted = &ctx.gateway.config.cache.targeted_field;
+        crate::upstream::headers::strip_response(upstream_response, targeted);
         let draining = self.lifecycle.is_draining();
         ctx.decorations(draining).apply(upstream_response)?;
         if draining {

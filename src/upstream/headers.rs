@@ -85,9 +85,11 @@ pub fn end_to_end_response(
     })
 }
 
-/// Drops from a pass-through answer the headers its `Connection` header names, and the
-/// hop-by-hop ones that are not framing (pingora writes `Connection` itself).
-pub fn strip_response(resp: &mut ResponseHeader) {
+/// Drops from a pass-through answer the headers its `Connection` header names, the
+/// hop-by-hop ones that are not framing (pingora writes `Connection` itself), and the field
+/// aimed at stoa alone, `targeted` (RFC 9213: stoa's cache reads it, nothing passes it on;
+/// `CDN-Cache-Control` goes on).
+pub fn strip_response(resp: &mut ResponseHeader, targeted: &HeaderName) {
     if resp.headers.contains_key(http::header::CONNECTION) {
         let nominated: Vec<String> = connection_nominated(&resp.headers)
             .map(str::to_ascii_lowercase)
@@ -109,6 +111,7 @@ pub fn strip_response(resp: &mut ResponseHeader) {
         }
         resp.remove_header(name);
     }
+    resp.remove_header(targeted);
 }
 
 /// Rewrites the head of a pass-through request for its upstream: `host` (the upstream's
@@ -251,6 +254,28 @@ mod tests {
             .map(|(n, _)| n.as_str())
             .collect();
         assert_eq!(names, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn a_pass_through_answer_loses_the_field_aimed_at_stoa_only() {
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("Stoa-Cache-Control", "max-age=60")
+            .unwrap();
+        resp.append_header("stoa-cache-control", "public").unwrap();
+        resp.append_header("CDN-Cache-Control", "max-age=30")
+            .unwrap();
+        resp.append_header("Cache-Control", "no-store").unwrap();
+        strip_response(&mut resp, &HeaderName::from_static("stoa-cache-control"));
+        assert!(!resp.headers.contains_key("stoa-cache-control"));
+        assert_eq!(resp.headers["cdn-cache-control"], "max-age=30");
+        assert_eq!(resp.headers["cache-control"], "no-store");
+        let mut wire = Vec::new();
+        resp.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(
+            !wire.to_ascii_lowercase().contains("stoa-cache-control"),
+            "{wire}"
+        );
     }
 
     #[test]

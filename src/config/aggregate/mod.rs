@@ -338,6 +338,9 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         ignore_upstream_cache_control: false,
         freshness: crate::config::Freshness::Route,
         max_ttl: None,
+        silent: crate::config::Silent::Ttl,
+        // The `[cache]` one, filled in with the other routes'.
+        targeted_field: http::HeaderName::from_static(crate::config::DEFAULT_TARGETED_FIELD),
         warm: Vec::new(),
         refresh_hook: None,
         // The `[cache]` default, filled in with the other routes'.

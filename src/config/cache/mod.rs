@@ -12,7 +12,7 @@ use crate::config::RouteSpec;
 use crate::routes::PathTemplate;
 use settings::{
     CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
-    RefreshHook, UnkeyedBody, WarmRequest,
+    RefreshHook, Silent, UnkeyedBody, WarmRequest, DEFAULT_TARGETED_FIELD,
 };
 
 pub mod settings;
@@ -31,6 +31,44 @@ const UNKEYABLE_HEADERS: [&str; 9] = [
     "upgrade",
 ];
 
+/// Names the field aimed at stoa may not take: hop-by-hop fields, the fields HTTP caching
+/// and framing rest on (RFC 9110, RFC 9111), the targeted field of CDNs (RFC 9213 §3) and
+/// the fields stoa writes itself. Removing any of them from answers would break them.
+const NOT_TARGETED_FIELDS: [&str; 29] = [
+    // Hop by hop.
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    // Caching, validation and representation.
+    "age",
+    "cache-control",
+    "cdn-cache-control",
+    "content-encoding",
+    "content-length",
+    "content-location",
+    "content-range",
+    "content-type",
+    "date",
+    "etag",
+    "expires",
+    "last-modified",
+    "location",
+    "pragma",
+    "set-cookie",
+    "vary",
+    "www-authenticate",
+    // stoa's own.
+    "cache-status",
+    "x-cache",
+    "x-request-id",
+];
+
 /// The `[cache]` section: the one store all cached routes share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheStoreSettings {
@@ -40,6 +78,8 @@ pub struct CacheStoreSettings {
     pub max_entry_bytes: u64,
     /// `[cache.compression]`.
     pub compression: Arc<CompressionSettings>,
+    /// The response field aimed at stoa alone (RFC 9213), lowercase.
+    pub targeted_field: HeaderName,
 }
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
@@ -226,6 +266,30 @@ impl Validator<'_> {
             }
         };
 
+        let silent = match (raw.silent.as_deref(), freshness) {
+            (None | Some("ttl"), _) => Some(Silent::Ttl),
+            (Some("heuristic"), Some(Freshness::Route)) => {
+                self.problem(
+                    format!("{path}.silent"),
+                    "\"heuristic\" is how stoa treats an upstream that says nothing of freshness: it \
+                     applies only with freshness = \"origin\" (with freshness = \"route\", ttl is \
+                     every answer's freshness)",
+                );
+                None
+            }
+            (Some("heuristic"), _) => Some(Silent::Heuristic),
+            (Some(other), _) => {
+                self.problem(
+                    format!("{path}.silent"),
+                    format!(
+                        "{other:?} is not one of ttl (the route's ttl when the upstream states no \
+                         freshness), heuristic (only what RFC 9111 §4.2.2 allows)"
+                    ),
+                );
+                None
+            }
+        };
+
         // Only safe or pure methods may be cached, and a POST only when keyed on its body.
         let route_path = path.strip_suffix(".cache").unwrap_or(path);
         match methods {
@@ -332,6 +396,9 @@ impl Validator<'_> {
             ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
             freshness: freshness?,
             max_ttl: max_ttl?,
+            silent: silent?,
+            // The `[cache]` one, once that section is known.
+            targeted_field: HeaderName::from_static(DEFAULT_TARGETED_FIELD),
             max_entry_bytes: max_entry_bytes?,
             compress: raw.compress,
             compression: None,
@@ -359,11 +426,53 @@ impl Validator<'_> {
             return None;
         }
         let compression = self.compression(raw.compression.unwrap_or_default());
+        let targeted_field = self.targeted_field(raw.targeted_field.as_deref());
         Some(CacheStoreSettings {
             max_bytes,
             max_entry_bytes,
             compression: Arc::new(compression?),
+            targeted_field: targeted_field?,
         })
+    }
+
+    /// `cache.targeted_field`: a field name of the upstream's answers that is not one HTTP or
+    /// stoa gives another meaning.
+    fn targeted_field(&mut self, raw: Option<&str>) -> Option<HeaderName> {
+        let Some(text) = raw else {
+            return Some(HeaderName::from_static(DEFAULT_TARGETED_FIELD));
+        };
+        let key = "cache.targeted_field";
+        match HeaderName::from_bytes(text.to_ascii_lowercase().as_bytes()) {
+            Ok(name) if NOT_TARGETED_FIELDS.contains(&name.as_str()) => {
+                self.problem(
+                    key,
+                    format!(
+                        "{text:?} already has a meaning in HTTP or stoa, and stoa removes the field \
+                         aimed at it from every answer: name a field of its own, such as \
+                         \"Stoa-Cache-Control\""
+                    ),
+                );
+                None
+            }
+            Ok(name) => Some(name),
+            Err(_) => {
+                self.problem(key, format!("{text:?} is not a header name"));
+                None
+            }
+        }
+    }
+
+    /// Gives every cached route the `[cache]` section's `targeted_field`.
+    pub(super) fn cache_targeted_field(
+        &mut self,
+        routes: &mut [(usize, RouteSpec)],
+        store: &CacheStoreSettings,
+    ) {
+        for (_, route) in routes.iter_mut() {
+            if let Some(cache) = route.cache.as_mut() {
+                cache.targeted_field = store.targeted_field.clone();
+            }
+        }
     }
 
     /// `[cache.compression]`: every key checked, each problem explained.
@@ -689,5 +798,88 @@ mod tests {
         let cache = c.routes[0].cache.as_ref().unwrap();
         assert_eq!(cache.freshness, super::Freshness::Origin);
         assert_eq!(cache.max_ttl, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn silent_and_targeted_field_are_checked_and_reach_every_cached_route() {
+        let route = |name: &str, cache: &str| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\nmethods = [\"GET\"]\npath = \"/{name}\"\n\
+                 upstream = \"u\"\ncache = {cache}\n"
+            )
+        };
+        let upstream = "[upstreams.u]\nurl = \"http://127.0.0.1:9\"\n";
+        let good = [
+            route(
+                "a",
+                r#"{ ttl = "10s", freshness = "origin", silent = "heuristic" }"#,
+            ),
+            route(
+                "b",
+                r#"{ ttl = "10s", freshness = "origin", silent = "ttl" }"#,
+            ),
+            route("c", r#"{ ttl = "10s" }"#),
+        ]
+        .concat();
+        let c = load_str(
+            &format!("[cache]\ntargeted_field = \"Edge-Control\"\n{upstream}{good}"),
+            EnvOverrides::Ignore,
+        )
+        .unwrap();
+        assert_eq!(c.cache.targeted_field.as_str(), "edge-control");
+        let silent: Vec<super::Silent> = c
+            .routes
+            .iter()
+            .map(|r| r.cache.as_ref().unwrap().silent)
+            .collect();
+        assert_eq!(
+            silent,
+            [
+                super::Silent::Heuristic,
+                super::Silent::Ttl,
+                super::Silent::Ttl
+            ]
+        );
+        for r in &c.routes {
+            assert_eq!(r.cache.as_ref().unwrap().targeted_field, "edge-control");
+        }
+        let c = load_str(&format!("{upstream}{good}"), EnvOverrides::Ignore).unwrap();
+        assert_eq!(c.cache.targeted_field, "stoa-cache-control");
+        assert_eq!(
+            c.routes[2].cache.as_ref().unwrap().targeted_field,
+            "stoa-cache-control"
+        );
+
+        let bad = [
+            route("d", r#"{ ttl = "10s", silent = "heuristic" }"#),
+            route(
+                "e",
+                r#"{ ttl = "10s", freshness = "origin", silent = "guess" }"#,
+            ),
+        ]
+        .concat();
+        for (field, why) in [
+            ("Cache-Control", "already has a meaning"),
+            ("CDN-Cache-Control", "already has a meaning"),
+            ("Transfer-Encoding", "already has a meaning"),
+            ("X-Cache", "already has a meaning"),
+            ("Stoa Cache", "is not a header name"),
+            ("", "is not a header name"),
+        ] {
+            let text = format!("[cache]\ntargeted_field = \"{field}\"\n{upstream}{bad}");
+            let p = problems(&text);
+            let expect = [
+                format!("cache.targeted_field: \"{field}\" {why}"),
+                "routes[0].cache.silent: \"heuristic\" is how stoa treats".to_string(),
+                "routes[1].cache.silent: \"guess\" is not one of ttl".to_string(),
+            ];
+            for e in &expect {
+                assert!(
+                    p.iter().any(|l| l.starts_with(e.as_str())),
+                    "missing {e:?} in {p:#?}"
+                );
+            }
+            assert_eq!(p.len(), expect.len(), "{p:#?}");
+        }
     }
 }

@@ -50,6 +50,21 @@ pub enum Freshness {
     Origin,
 }
 
+/// What an answer that states no freshness of its own gets, with `freshness = "origin"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silent {
+    /// The route's `ttl` (or status TTL): the operator's word.
+    Ttl,
+    /// Only what RFC 9111 §4.2.2 allows: a heuristic lifetime from `Last-Modified` for a
+    /// heuristically cacheable status (or a `public` answer), at most the route's TTL;
+    /// otherwise none, so that it is never reused without revalidation.
+    Heuristic,
+}
+
+/// The name of the response field aimed at stoa alone (RFC 9213) when `[cache]` does not
+/// name one.
+pub const DEFAULT_TARGETED_FIELD: &str = "stoa-cache-control";
+
 /// A request fetched into the cache at start and after a refresh.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WarmRequest {
@@ -93,6 +108,11 @@ pub struct CacheSettings {
     pub freshness: Freshness,
     /// Cap on the freshness the upstream may give (origin freshness only).
     pub max_ttl: Option<Duration>,
+    /// What an answer that states no freshness gets (origin freshness only).
+    pub silent: Silent,
+    /// The response field aimed at stoa alone (`cache.targeted_field`): read before
+    /// `CDN-Cache-Control` and `Cache-Control`, never passed on.
+    pub targeted_field: HeaderName,
     pub warm: Vec<WarmRequest>,
     pub refresh_hook: Option<RefreshHook>,
     /// Largest answer body stored; a larger one is streamed to its client uncached. The
