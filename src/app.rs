@@ -69,7 +69,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     let tier = cluster
         .as_ref()
         .map(|c| Tier::new(c.clone(), metrics.tier().clone()));
-    let cache = CacheEngine::with_tier(config.cache.max_bytes, tier);
+    let cache = CacheEngine::with_tier(config.cache.max_bytes, tier, metrics.purges().clone());
     let shared = Shared {
         cache: cache.clone(),
         metrics: metrics.clone(),

@@ -19,6 +19,7 @@ use prometheus::{
 
 use crate::cache::encoding::Counters;
 use crate::cache::engine::Revalidations;
+use crate::cache::purge::PurgeMetrics;
 use crate::cache::tier::TierMetrics;
 use crate::cache::CacheStatus;
 use crate::config::Coding;
@@ -84,6 +85,7 @@ pub struct Metrics {
     cache_revalidations: IntCounterVec,
     cache_not_modified: IntCounterVec,
     tier: TierMetrics,
+    purges: PurgeMetrics,
     in_flight: IntGauge,
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
@@ -263,8 +265,10 @@ impl Metrics {
             .get_metric_with_label_values(&[env!("CARGO_PKG_VERSION")])?
             .set(1);
         let tier = TierMetrics::register(&registry)?;
+        let purges = PurgeMetrics::register(&registry)?;
         Ok(Metrics {
             tier,
+            purges,
             reloads_ok: reloads.get_metric_with_label_values(&["ok"])?,
             reloads_error: reloads.get_metric_with_label_values(&["error"])?,
             registry,
@@ -404,6 +408,10 @@ impl Metrics {
 
     /// The registry, for collectors of other modules.
     /// The shared cache tier's counters (at zero without `[cluster]`).
+    pub fn purges(&self) -> &PurgeMetrics {
+        &self.purges
+    }
+
     pub fn tier(&self) -> &TierMetrics {
         &self.tier
     }
@@ -724,6 +732,7 @@ mod tests {
                 r#"stoa_request_duration_seconds_count{cache="coalesced",route="restaurant"} 1"#,
                 r#"stoa_request_duration_seconds_count{cache="hit",route="restaurant"} 2"#,
                 r#"stoa_request_duration_seconds_count{cache="miss",route="restaurant"} 2"#,
+                r#"stoa_request_duration_seconds_count{cache="shared_hit",route="restaurant"} 0"#,
                 r#"stoa_request_duration_seconds_count{cache="stale",route="restaurant"} 0"#,
             ])
         );
@@ -907,7 +916,7 @@ mod tests {
                 other => panic!("unexpected type {other} for {name}"),
             }
         }
-        assert_eq!(families, 19, "{text}");
+        assert_eq!(families, 23, "{text}");
     }
 
     /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.

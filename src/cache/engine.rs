@@ -13,7 +13,7 @@ use super::encoding::{self, Compressed, Variants};
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
-use super::purge::{Invalidation, PurgeWhat, Reach};
+use super::purge::{Invalidation, PurgeMetrics, PurgeWhat, Reach};
 use super::store::{Entry, Lifetimes, Store};
 use super::tier::{Before, Tier};
 use super::{CacheStatus, NotStored};
@@ -200,6 +200,7 @@ pub struct CacheEngine {
     flights: Flights,
     /// The shared second tier, with `[cluster]`.
     pub tier: Option<Arc<Tier>>,
+    purges: PurgeMetrics,
 }
 
 impl std::fmt::Debug for CacheEngine {
@@ -214,15 +215,17 @@ impl std::fmt::Debug for CacheEngine {
 
 impl CacheEngine {
     pub fn new(max_bytes: u64) -> Arc<Self> {
-        Self::with_tier(max_bytes, None)
+        Self::with_tier(max_bytes, None, PurgeMetrics::unregistered())
     }
 
-    /// An engine with the shared second tier `tier` (see [`Tier`]).
-    pub fn with_tier(max_bytes: u64, tier: Option<Arc<Tier>>) -> Arc<Self> {
+    /// An engine with the shared second tier `tier` (see [`Tier`]), counting invalidations
+    /// in `purges`.
+    pub fn with_tier(max_bytes: u64, tier: Option<Arc<Tier>>, purges: PurgeMetrics) -> Arc<Self> {
         Arc::new(CacheEngine {
             store: Store::new(max_bytes),
             flights: Flights::default(),
             tier,
+            purges,
         })
     }
 
@@ -232,6 +235,7 @@ impl CacheEngine {
     /// says so (or the wait, bounded by `cluster.ack_timeout`, ends and the answer names
     /// the nodes that did not confirm).
     pub async fn invalidate(&self, inv: Invalidation) -> PurgeReport {
+        let taken = Instant::now();
         let shared = match &self.tier {
             Some(tier) => tier.purge_shared(&inv).await,
             None => None,
@@ -252,6 +256,8 @@ impl CacheEngine {
             report.nodes = Some(nodes);
             report.unconfirmed = acks.unconfirmed;
         }
+        let confirmed = report.unconfirmed.is_empty() && !report.degraded;
+        self.purges.taken(&inv, taken.elapsed(), confirmed);
         report
     }
 
@@ -616,12 +622,15 @@ impl CacheEngine {
                 match tier.before_fetch(lead.key(), patience).await {
                     Before::Found(entry) => {
                         let key = lead.key().clone();
-                        lead.store_unless_invalidated(
+                        let stored = lead.store_unless_invalidated(
                             |tag| entry.has_tag(tag),
                             || {
                                 engine.store.insert(key, entry.clone());
                             },
                         );
+                        if !stored {
+                            engine.purges.fill_refused();
+                        }
                         lead.finish(Outcome::FromTier(entry));
                         return;
                     }
@@ -768,7 +777,7 @@ impl CacheEngine {
             Err(e) => (Outcome::Failed(e), false),
             Ok((entry, Disposition::Store)) => {
                 let mut held = false;
-                lead.store_unless_invalidated(
+                let stored = lead.store_unless_invalidated(
                     |tag| entry.has_tag(tag),
                     || {
                         held = self.store.insert(key.clone(), entry.clone());
@@ -779,6 +788,9 @@ impl CacheEngine {
                         }
                     },
                 );
+                if !stored {
+                    self.purges.fill_refused();
+                }
                 (Outcome::Shared(entry), held)
             }
             Ok((entry, Disposition::Share)) => (Outcome::Shared(entry), false),

@@ -3,6 +3,7 @@
 //! The same description travels to the other nodes of a cluster (serde), so every node
 //! applies exactly what the node that took the purge applied.
 
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use serde::{Deserialize, Serialize};
 
 use super::key::CacheKey;
@@ -82,6 +83,17 @@ impl PurgeWhat {
         }
     }
 
+    /// The `kind` label of the invalidation metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PurgeWhat::Route { .. } => "route",
+            PurgeWhat::Prefix { .. } => "prefix",
+            PurgeWhat::Path { .. } => "path",
+            PurgeWhat::Key { .. } => "request",
+            PurgeWhat::Tags { .. } => "tags",
+        }
+    }
+
     /// A short description for logs and answers.
     pub fn describe(&self) -> String {
         match self {
@@ -98,6 +110,78 @@ impl PurgeWhat {
             PurgeWhat::Key { route, .. } => format!("one request of route {route}"),
             PurgeWhat::Tags { tags, .. } => format!("tags {}", tags.join(", ")),
         }
+    }
+}
+
+/// The invalidation counters, registered whether or not a cluster is configured.
+#[derive(Clone)]
+pub struct PurgeMetrics {
+    invalidations: IntCounterVec,
+    seconds: Histogram,
+    fills_refused: IntCounter,
+    unconfirmed: IntCounter,
+}
+
+impl PurgeMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<PurgeMetrics> {
+        let metrics = Self::new()?;
+        registry.register(Box::new(metrics.invalidations.clone()))?;
+        registry.register(Box::new(metrics.seconds.clone()))?;
+        registry.register(Box::new(metrics.fills_refused.clone()))?;
+        registry.register(Box::new(metrics.unconfirmed.clone()))?;
+        for kind in ["route", "prefix", "path", "request", "tags"] {
+            for mode in ["hard", "soft"] {
+                metrics.invalidations.with_label_values(&[kind, mode]);
+            }
+        }
+        Ok(metrics)
+    }
+
+    fn new() -> prometheus::Result<PurgeMetrics> {
+        Ok(PurgeMetrics {
+            invalidations: IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_invalidations_total",
+                    "Invalidations this instance took (admin purges, writes' invalidates, Cache-Group-Invalidation), by kind (route, prefix, path, request, tags) and mode (hard, soft)",
+                ),
+                &["kind", "mode"],
+            )?,
+            seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "stoa_cache_invalidation_seconds",
+                    "Time from taking an invalidation to its acknowledgement (with [cluster]: every live instance applied it)",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )?,
+            fills_refused: IntCounter::new(
+                "stoa_cache_fills_refused_total",
+                "Fills in flight that an invalidation kept from being stored (their answer went only to the requests already waiting)",
+            )?,
+            unconfirmed: IntCounter::new(
+                "stoa_cache_invalidations_unconfirmed_total",
+                "Invalidations answered after cluster.ack_timeout without every live instance's confirmation",
+            )?,
+        })
+    }
+
+    /// Counters of their own, for engines built without a registry (tests).
+    pub fn unregistered() -> PurgeMetrics {
+        Self::new().unwrap_or_else(|_| unreachable!("constant metric definitions"))
+    }
+
+    pub fn taken(&self, inv: &Invalidation, took: std::time::Duration, confirmed: bool) {
+        let mode = if inv.soft { "soft" } else { "hard" };
+        self.invalidations
+            .with_label_values(&[inv.what.kind(), mode])
+            .inc();
+        self.seconds.observe(took.as_secs_f64());
+        if !confirmed {
+            self.unconfirmed.inc();
+        }
+    }
+
+    pub fn fill_refused(&self) {
+        self.fills_refused.inc();
     }
 }
 
