@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::quoted;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use common::{path_of, serve_heads, text_answer, StoaProcess};
 
 const TOKEN: &str = "model-token";
@@ -105,11 +105,12 @@ impl Model {
     }
 }
 
+/// A node's configuration; `cluster`: the Redis (a TOML value: a quoted URL or a list of
+/// Redis Cluster seeds) and the node's name.
 fn config(origin: &VersionedOrigin, cluster: Option<(&str, &str)>) -> String {
     let cluster = match cluster {
         Some((redis, node)) => format!(
-            "[cluster]\nredis = {}\nnode_name = \"{node}\"\ncommand_timeout = \"1s\"\nlock_timeout = \"2s\"\nack_timeout = \"3s\"\n\n",
-            quoted(redis)
+            "[cluster]\nredis = {redis}\nnode_name = \"{node}\"\ncommand_timeout = \"1s\"\nlock_timeout = \"2s\"\nack_timeout = \"3s\"\n\n"
         ),
         None => String::new(),
     };
@@ -321,19 +322,35 @@ async fn one_node_never_serves_what_an_acknowledged_invalidation_replaced() {
     report("one node", &stale, reads, started.elapsed());
 }
 
+/// Three nodes on `redis` (a TOML value), every one live before the first purge.
+async fn three_nodes(redis: &str, origin: &VersionedOrigin) -> Vec<StoaProcess> {
+    let mut nodes = Vec::new();
+    for n in 0..3 {
+        let text = config(origin, Some((redis, &format!("node-{n}"))));
+        nodes.push(StoaProcess::start(&text).await);
+    }
+    common::cluster::wait_redis_up(&nodes, true).await;
+    // Each announces itself live every second while it listens for purges.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    nodes
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_never_serve_what_an_acknowledged_invalidation_replaced() {
     let redis = RedisServer::start();
     let origin = VersionedOrigin::start(seed()).await;
-    let mut nodes = Vec::new();
-    for n in 0..3 {
-        let text = config(&origin, Some((&redis.url(), &format!("node-{n}"))));
-        nodes.push(StoaProcess::start(&text).await);
-    }
-    common::cluster::wait_redis_up(&nodes, true).await;
-    // Every node has announced itself live before the first purge.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let nodes = three_nodes(&quoted(&redis.url()), &origin).await;
     let started = Instant::now();
     let (stale, reads) = run_model(&nodes, &origin, seed(), ops(400)).await;
     report("three nodes", &stale, reads, started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_on_a_redis_cluster_never_serve_what_an_invalidation_replaced() {
+    let cluster = RedisCluster::start(3);
+    let origin = VersionedOrigin::start(seed()).await;
+    let nodes = three_nodes(&cluster.seeds_toml(), &origin).await;
+    let started = Instant::now();
+    let (stale, reads) = run_model(&nodes, &origin, seed(), ops(200)).await;
+    report("three nodes on a Redis Cluster", &stale, reads, started.elapsed());
 }
