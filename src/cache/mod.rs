@@ -8,6 +8,7 @@ pub mod flight;
 pub mod key;
 pub mod origin;
 pub mod store;
+pub mod tags;
 pub mod tier;
 
 pub use engine::{CacheEngine, CachedRoute, Served};
