@@ -38,9 +38,9 @@ pub const SURROGATE_KEY: HeaderName = HeaderName::from_static("surrogate-key");
 /// `Cache-Tag`: comma-separated tags, taken out of the answer.
 pub const CACHE_TAG: HeaderName = HeaderName::from_static("cache-tag");
 
-/// Bytes counted for each tag beyond its text: its place in the entry's list and the
-/// entry's key in the store's tag index.
-const TAG_OVERHEAD: u64 = 48;
+/// Bytes counted for each tag beyond its text, estimated: its place in the entry's list,
+/// and the entry's key in the store's tag index (under the tag, and the key's own record).
+const TAG_OVERHEAD: u64 = 64;
 
 #[derive(Clone)]
 enum List {
