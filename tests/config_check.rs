@@ -193,6 +193,38 @@ cache = {{ ttl = "10s", freshness = "origin", silent = "sometimes" }}
 }
 
 #[test]
+fn bad_tag_templates_are_reported_with_their_key_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(
+        dir.path(),
+        "bad-tags.toml",
+        r#"
+[upstreams.menus]
+url = "http://127.0.0.1:9"
+
+[[routes]]
+name = "restaurant"
+methods = ["GET"]
+path = "/restaurant/{id}"
+upstream = "menus"
+cache = { ttl = "10s", key_query = ["lang"], tags = ["restaurant:{id}", "lang:{lang}", "city:{city}", "", "r:{id", "menus}"] }
+"#,
+    );
+    let (code, out, err) = stoa(&["check", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, 1, "{out}{err}");
+    let expected = [
+        "routes[0].cache.tags[2]: \"city:{city}\" uses {city}, which names no parameter of the route's path \"/restaurant/{id}\", no query parameter listed in key_query and no body field listed in key_body",
+        "routes[0].cache.tags[3]: \"\" is empty",
+        "routes[0].cache.tags[4]: \"r:{id\" has unbalanced braces",
+        "routes[0].cache.tags[5]: \"menus}\" has unbalanced braces",
+    ];
+    for line in expected {
+        assert!(err.contains(line), "missing {line:?} in:\n{err}");
+    }
+    assert!(err.contains("4 problem(s)"), "{err}");
+}
+
+#[test]
 fn the_shipped_schema_is_current() {
     let (code, out, err) = stoa(&["schema"], &[]);
     assert_eq!(code, 0, "{out}{err}");

@@ -1167,6 +1167,7 @@ mod tests {
             max_entry_bytes: 1 << 20,
             compress: None,
             compression: None,
+            tags: Vec::new(),
         };
         let counter = || prometheus::IntCounter::new("counter", "test").unwrap();
         let too_large = counter();

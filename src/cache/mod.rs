@@ -9,6 +9,7 @@ pub mod key;
 pub mod origin;
 pub mod purge;
 pub mod store;
+pub mod tags;
 pub mod tier;
 
 pub use engine::{CacheEngine, CachedRoute, Served};

@@ -1,6 +1,7 @@
 //! The bounded in-memory store: `quick_cache` weighted by bytes, holding ready-to-send
-//! responses, with an index of its keys by route and path so that purges touch only the
-//! entries they name. Evictions are counted; entries too heavy to hold are refused apart.
+//! responses, with an index of its keys by route and path, and by tag, so that purges
+//! touch only the entries they name. Evictions are counted; entries too heavy to hold are
+//! refused apart.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use super::control::Validators;
 use super::encoding::{Compressed, Variant, Variants};
 use super::key::CacheKey;
 use super::origin::FetchRequest;
+use super::tags::Tags;
 use crate::config::capacity::{
     estimated_items, largest_entry_weight, ENTRY_OVERHEAD, HOT_ALLOCATION, SHARDS,
 };
@@ -52,6 +54,8 @@ pub struct Entry {
     marked_stale: AtomicBool,
     /// Compressed forms of the body, weighed with it.
     variants: Variants,
+    /// The entry's tags (surrogate keys), weighed with it and indexed by the store.
+    tags: Tags,
     /// The identity head as bytes to send, built by the first answer that writes it.
     wire: OnceLock<Bytes>,
     weight: u64,
@@ -108,8 +112,23 @@ impl Entry {
             marked_stale: AtomicBool::new(false),
             not_stored: None,
             variants: Variants::default(),
+            tags: Tags::default(),
             wire: OnceLock::new(),
         }
+    }
+
+    /// With its tags (route and upstream ones), made compact and weighed with the entry
+    /// (before it is stored: the store weighs and indexes an entry when it is inserted).
+    pub fn with_tags(mut self, mut tags: Tags) -> Self {
+        tags.freeze();
+        self.weight = self.weight - self.tags.weight() + tags.weight();
+        self.tags = tags;
+        self
+    }
+
+    /// The tags a purge by tag finds this entry under.
+    pub fn tags(&self) -> &Tags {
+        &self.tags
     }
 
     /// With compressed forms of the body, weighed with the entry (before it is stored:
@@ -155,13 +174,13 @@ impl Entry {
     }
 
     /// Whether it carries `tag`.
-    pub fn has_tag(&self, _tag: &str) -> bool {
-        false
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.tags.contains(tag)
     }
 
     /// Its tags.
     pub fn tag_names(&self) -> impl Iterator<Item = &str> {
-        std::iter::empty()
+        self.tags.iter()
     }
 
     /// Whether a soft purge marked it stale.
@@ -262,13 +281,37 @@ impl Lifecycle<Key, Arc<Entry>> for CountEvictions {
     }
 }
 
-/// The stored keys by route name, then by path (ordered, for prefixes).
+/// The tags of one key, as the index added them: the entry's own list, shared.
+type KeyTags = Arc<[Box<str>]>;
+
+/// The stored keys by route name, then by path (ordered, for prefixes), and by tag.
 #[derive(Default)]
-struct Index(HashMap<Box<str>, BTreeMap<Box<str>, HashSet<Key>>>);
+struct Index {
+    routes: HashMap<Box<str>, BTreeMap<Box<str>, HashSet<Key>>>,
+    /// The keys carrying each tag.
+    tags: HashMap<Box<str>, HashSet<Key>>,
+    /// The tags of each tagged key, to take it out of `tags` when it goes.
+    tagged: HashMap<Key, KeyTags>,
+}
 
 impl Index {
-    fn add(&mut self, key: Key) {
-        self.0
+    /// Adds `key` with its tags; a key added again keeps only its new tags.
+    fn add(&mut self, key: Key, tags: Option<KeyTags>) {
+        self.untag(&key);
+        if let Some(tags) = tags {
+            for tag in tags.iter() {
+                match self.tags.get_mut(&**tag) {
+                    Some(keys) => {
+                        keys.insert(key.clone());
+                    }
+                    None => {
+                        self.tags.insert(tag.clone(), HashSet::from([key.clone()]));
+                    }
+                }
+            }
+            self.tagged.insert(key.clone(), tags);
+        }
+        self.routes
             .entry(key.route().into())
             .or_default()
             .entry(key.path().into())
@@ -277,24 +320,46 @@ impl Index {
     }
 
     fn remove(&mut self, key: &CacheKey) {
-        let Some(paths) = self.0.get_mut(key.route()) else {
+        self.untag(key);
+        self.remove_path_of(key);
+    }
+
+    /// Takes `key` out of the route and path tree.
+    fn remove_path_of(&mut self, key: &CacheKey) {
+        let Some(paths) = self.routes.get_mut(key.route()) else {
             return;
         };
-        if let Some(keys) = paths.get_mut(key.path()) {
+        // One walk down the tree when the path had this key only, as most have.
+        if let Some((path, mut keys)) = paths.remove_entry(key.path()) {
             keys.remove(key);
-            if keys.is_empty() {
-                paths.remove(key.path());
+            if !keys.is_empty() {
+                paths.insert(path, keys);
             }
         }
         if paths.is_empty() {
-            self.0.remove(key.route());
+            self.routes.remove(key.route());
+        }
+    }
+
+    /// Takes `key` out of the sets of the tags it was added with.
+    fn untag(&mut self, key: &CacheKey) {
+        let Some(tags) = self.tagged.remove(key) else {
+            return;
+        };
+        for tag in tags.iter() {
+            if let Some(keys) = self.tags.get_mut(&**tag) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.tags.remove(&**tag);
+                }
+            }
         }
     }
 
     /// Takes out the keys of `route` made for the paths from `from` on, in order, while
     /// `go_on` holds: only those paths are looked at.
     fn take(&mut self, route: &str, from: &str, go_on: impl Fn(&str) -> bool) -> Vec<Key> {
-        let Some(paths) = self.0.get_mut(route) else {
+        let Some(paths) = self.routes.get_mut(route) else {
             return Vec::new();
         };
         let doomed: Vec<Box<str>> = paths
@@ -303,23 +368,60 @@ impl Index {
             .take_while(|path| go_on(path))
             .cloned()
             .collect();
-        let keys = doomed
+        let keys: Vec<Key> = doomed
             .iter()
             .filter_map(|path| paths.remove(path))
             .flatten()
             .collect();
         if paths.is_empty() {
-            self.0.remove(route);
+            self.routes.remove(route);
+        }
+        for key in &keys {
+            self.untag(key);
         }
         keys
+    }
+
+    /// Takes out every key carrying one of `tags`, each once.
+    fn take_tags(&mut self, tags: &[&str]) -> Vec<Key> {
+        let mut taken = Vec::new();
+        for tag in tags {
+            // Each key goes from every other tag's set too, so no later tag names it again.
+            let Some(keys) = self.tags.remove(*tag) else {
+                continue;
+            };
+            for key in keys {
+                self.untag(&key);
+                taken.push(key);
+            }
+        }
+        // Out of the path tree in its own order: each walk down it follows the last one
+        // through nodes still in the processor's cache (a purge of many keys takes a third
+        // of the time it takes in the tag's order).
+        taken.sort_unstable_by(|a, b| (a.route(), a.path()).cmp(&(b.route(), b.path())));
+        for key in &taken {
+            self.remove_path_of(key);
+        }
+        taken
+    }
+
+    /// The keys carrying one of `tags`, each once.
+    fn keys_of_tags(&self, tags: &[&str]) -> Vec<Key> {
+        let mut seen: HashSet<&Key> = HashSet::new();
+        tags.iter()
+            .filter_map(|tag| self.tags.get(*tag))
+            .flatten()
+            .filter(|key| seen.insert(key))
+            .cloned()
+            .collect()
     }
 }
 
 /// The response store shared by every cached route.
 ///
 /// Every change to what it holds (insert, remove, purge, and the evictions an insert makes)
-/// happens under the index's lock, so the index names exactly the stored keys. Lookups
-/// never take that lock.
+/// happens under the index's lock, so the index names exactly the stored keys, each under
+/// exactly the tags of its stored entry. Lookups never take that lock.
 pub struct Store {
     cache: Cache<Key, Arc<Entry>, ByBytes, DefaultHashBuilder, CountEvictions>,
     index: Mutex<Index>,
@@ -371,6 +473,7 @@ impl Store {
     /// Stores `entry` under `key`; false if it is heavier than the store can hold, and then
     /// the older entry under `key` (outdated) goes too, counted as neither.
     pub fn insert(&self, key: Key, entry: Arc<Entry>) -> bool {
+        let tags = entry.tags.shared();
         let mut index = self.index();
         if entry.weight > self.largest_entry {
             self.cache.remove(&*key);
@@ -387,7 +490,7 @@ impl Store {
             index.remove(gone);
         }
         if self.cache.contains_key(&*key) {
-            index.add(key);
+            index.add(key, tags);
         }
         true
     }
@@ -415,36 +518,49 @@ impl Store {
         let mut index = self.index();
         let routes: Vec<Box<str>> = match route {
             Some(route) => vec![route.into()],
-            None => index.0.keys().cloned().collect(),
+            None => index.routes.keys().cloned().collect(),
         };
         let starts = |p: &str| p.starts_with(prefix);
-        routes
+        let keys: Vec<Key> = routes
             .iter()
-            .map(|route| self.remove_keys(index.take(route, prefix, starts)))
-            .sum()
+            .flat_map(|route| index.take(route, prefix, starts))
+            .collect();
+        self.remove_keys(index, keys)
     }
 
     fn remove_paths(&self, route: &str, from: &str, go_on: impl Fn(&str) -> bool) -> usize {
         let mut index = self.index();
-        self.remove_keys(index.take(route, from, go_on))
+        let keys = index.take(route, from, go_on);
+        self.remove_keys(index, keys)
     }
 
-    /// Removes keys just taken out of the index (whose lock the caller holds).
-    fn remove_keys(&self, keys: Vec<Key>) -> usize {
-        keys.iter()
-            .filter(|k| self.cache.remove(&***k).is_some())
-            .count()
+    /// Removes every entry carrying one of `tags`; how many went.
+    pub fn remove_tags(&self, tags: &[&str]) -> usize {
+        let mut index = self.index();
+        let keys = index.take_tags(tags);
+        self.remove_keys(index, keys)
     }
 
-    /// The stored keys carrying any of `tags`.
-    pub fn keys_of_tags(&self, _tags: &[&str]) -> Vec<Key> {
-        Vec::new()
+    /// The stored keys carrying one of `tags`, each once.
+    pub fn keys_of_tags(&self, tags: &[&str]) -> Vec<Key> {
+        self.index().keys_of_tags(tags)
+    }
+
+    /// Removes keys just taken out of `index`, then releases its lock before the entries
+    /// are freed (many of them take a while); how many were stored.
+    fn remove_keys(&self, index: MutexGuard<'_, Index>, keys: Vec<Key>) -> usize {
+        let gone: Vec<_> = keys
+            .iter()
+            .filter_map(|k| self.cache.remove(&**k))
+            .collect();
+        drop(index);
+        gone.len()
     }
 
     /// The stored keys of `route`.
     pub fn keys_of(&self, route: &str) -> Vec<Key> {
         self.index()
-            .0
+            .routes
             .get(route)
             .map(|paths| paths.values().flatten().cloned().collect())
             .unwrap_or_default()
@@ -570,7 +686,7 @@ mod tests {
     fn in_index(store: &Store) -> usize {
         store
             .index()
-            .0
+            .routes
             .values()
             .flat_map(|p| p.values())
             .map(HashSet::len)
@@ -635,6 +751,185 @@ mod tests {
         assert_eq!(store.remove_route("r"), held);
         assert_eq!(store.len(), 0);
         assert_eq!(in_index(&store), 0);
-        assert!(store.index().0.is_empty(), "no empty maps are kept");
+        assert!(store.index().routes.is_empty(), "no empty maps are kept");
+    }
+
+    fn tagged(body_len: usize, tags: &[&str]) -> Arc<Entry> {
+        let e = Arc::try_unwrap(entry(body_len)).unwrap();
+        Arc::new(e.with_tags(tags.iter().copied().collect()))
+    }
+
+    /// The tag index names exactly the stored keys, each under exactly the tags of its
+    /// stored entry, with no empty sets kept.
+    fn assert_tag_index_in_step(store: &Store) {
+        let index = store.index();
+        let mut pairs = 0;
+        for (tag, keys) in &index.tags {
+            assert!(!keys.is_empty(), "an empty set is kept for {tag:?}");
+            for key in keys {
+                let held = store.cache.peek(&**key);
+                let held = held.unwrap_or_else(|| panic!("{tag:?} names {key:?}, not held"));
+                assert!(held.tags().contains(tag), "{key:?} is not tagged {tag:?}");
+                assert!(index.tagged[key].iter().any(|t| t == tag));
+                pairs += 1;
+            }
+        }
+        let mut held_pairs = 0;
+        let mut held_tagged = 0;
+        for (key, entry) in store.entries() {
+            held_tagged += usize::from(!entry.tags().is_empty());
+            for tag in entry.tags().iter() {
+                assert!(
+                    index.tags.get(tag).is_some_and(|keys| keys.contains(&key)),
+                    "{key:?} is held with {tag:?} but not indexed under it"
+                );
+                held_pairs += 1;
+            }
+        }
+        assert_eq!(pairs, held_pairs);
+        assert_eq!(index.tagged.len(), held_tagged);
+    }
+
+    #[test]
+    fn tags_weigh_with_their_entry() {
+        let plain = entry(10);
+        let e = tagged(10, &["restaurant:42", "menus"]);
+        assert_eq!(e.weight(), plain.weight() + e.tags().weight());
+        assert!(e.tags().weight() > 0);
+        // Tagging again replaces the tags and their weight.
+        let again = Arc::try_unwrap(e)
+            .unwrap()
+            .with_tags(["x"].into_iter().collect());
+        assert_eq!(again.weight(), plain.weight() + again.tags().weight());
+        assert_eq!(again.tags().iter().collect::<Vec<_>>(), ["x"]);
+    }
+
+    #[test]
+    fn purges_by_tag_touch_only_the_entries_tagged() {
+        let store = Store::new(1 << 20);
+        let fill = || {
+            assert!(store.insert(k("/r/1"), tagged(10, &["restaurant:1", "menus"])));
+            assert!(store.insert(k("/r/2"), tagged(10, &["restaurant:2", "menus"])));
+            assert!(store.insert(k("/r/3"), tagged(10, &["restaurant:3"])));
+            assert!(store.insert(k("/plain"), entry(10)));
+        };
+        let held = |path| store.get(&test_key("r", path)).is_some();
+        fill();
+        assert_tag_index_in_step(&store);
+        let mut menus: Vec<String> = store
+            .keys_of_tags(&["menus", "restaurant:1"])
+            .iter()
+            .map(|k| k.path().to_string())
+            .collect();
+        menus.sort();
+        assert_eq!(menus, ["/r/1", "/r/2"], "each key once");
+        assert!(store.keys_of_tags(&["nothing"]).is_empty());
+
+        assert_eq!(store.remove_tags(&["restaurant:1"]), 1);
+        assert!(!held("/r/1") && held("/r/2") && held("/r/3") && held("/plain"));
+        assert_eq!(
+            store.keys_of_tags(&["menus"]).len(),
+            1,
+            "/r/1 left every tag"
+        );
+        assert_tag_index_in_step(&store);
+        assert_eq!(store.remove_tags(&["restaurant:1"]), 0);
+
+        // Two tags naming one entry remove it once.
+        fill();
+        assert_eq!(store.remove_tags(&["menus", "restaurant:2", "nothing"]), 2);
+        assert!(held("/r/3") && held("/plain"));
+        assert_tag_index_in_step(&store);
+        assert_eq!(in_index(&store), store.len());
+
+        // Purges by route, path and prefix take keys out of the tag index too.
+        fill();
+        assert_eq!(store.remove_path("r", "/r/1"), 1);
+        assert_eq!(store.remove_prefix(None, "/r/"), 2);
+        assert_tag_index_in_step(&store);
+        assert!(store.index().tags.is_empty());
+        fill();
+        assert!(store.remove(&test_key("r", "/r/2")));
+        assert_tag_index_in_step(&store);
+        assert_eq!(store.remove_route("r"), 3);
+        let index = store.index();
+        assert!(index.tags.is_empty() && index.tagged.is_empty() && index.routes.is_empty());
+    }
+
+    #[test]
+    fn a_replaced_or_refused_entry_leaves_its_old_tags() {
+        let store = Store::new(1 << 20);
+        assert!(store.insert(k("/k"), tagged(10, &["a", "b"])));
+        assert!(store.insert(k("/k"), tagged(10, &["b", "c"])));
+        assert_tag_index_in_step(&store);
+        assert!(store.keys_of_tags(&["a"]).is_empty());
+        assert_eq!(store.keys_of_tags(&["c"]).len(), 1);
+        assert_eq!(store.remove_tags(&["a"]), 0);
+        assert_eq!(store.len(), 1);
+        // A new entry without tags takes the key out of the tag index.
+        assert!(store.insert(k("/k"), entry(10)));
+        assert_tag_index_in_step(&store);
+        assert!(store.index().tagged.is_empty());
+        assert!(store.insert(k("/k"), tagged(10, &["b"])));
+        // Refused: the outdated entry goes, with its tags, and the new tags never come.
+        let heavy = largest_body(1 << 20) as usize + HEAD_ALLOWANCE as usize;
+        assert!(!store.insert(k("/k"), tagged(heavy, &["z"])));
+        assert_tag_index_in_step(&store);
+        assert!(store.keys_of_tags(&["b", "z"]).is_empty());
+        assert!(store.index().tags.is_empty());
+    }
+
+    #[test]
+    fn the_tag_index_stays_in_step_through_eviction_storms() {
+        let store = Store::new(64 * 1024);
+        let heavy = largest_body(64 * 1024) as usize + HEAD_ALLOWANCE as usize;
+        for i in 0..3000usize {
+            let shared = if i % 2 == 0 { "even" } else { "odd" };
+            let group = format!("group:{}", i % 7);
+            let own = format!("own:{i}");
+            let e = if i % 50 == 49 {
+                // Now and then too heavy: refused, and the key's older entry goes.
+                tagged(heavy, &[shared, "refused"])
+            } else {
+                tagged(256 + i % 1024, &[shared, &group, &own])
+            };
+            // Keys come back, with other tags, as often as new ones come.
+            store.insert(k(&format!("/p/{}", i % 400)), e);
+            if i % 500 == 0 {
+                assert_tag_index_in_step(&store);
+            }
+        }
+        assert!(store.evictions() > 0);
+        assert_tag_index_in_step(&store);
+        assert_eq!(in_index(&store), store.len());
+        assert!(store.keys_of_tags(&["refused"]).is_empty());
+
+        let even = store.keys_of_tags(&["even"]).len();
+        assert!(even > 0);
+        let held = store.len();
+        assert_eq!(store.remove_tags(&["even"]), even);
+        assert_eq!(store.len(), held - even);
+        assert!(store.entries().all(|(_, e)| !e.tags().contains("even")));
+        assert_tag_index_in_step(&store);
+        assert_eq!(store.remove_tags(&["odd"]), held - even);
+        assert!(store.is_empty());
+        let index = store.index();
+        assert!(index.tags.is_empty() && index.tagged.is_empty() && index.routes.is_empty());
+    }
+
+    #[test]
+    fn a_tag_on_100k_entries_is_purged_at_once() {
+        let store = Store::new(512 << 20);
+        let n = 100_000;
+        for i in 0..n {
+            let e = tagged(0, &["shared", if i % 2 == 0 { "even" } else { "odd" }]);
+            assert!(store.insert(k(&format!("/p/{i}")), e));
+        }
+        assert_eq!(store.len(), n, "nothing evicted");
+        assert_eq!(store.keys_of_tags(&["even"]).len(), n / 2);
+        assert_eq!(store.remove_tags(&["shared"]), n);
+        assert!(store.is_empty());
+        let index = store.index();
+        assert!(index.tags.is_empty() && index.tagged.is_empty() && index.routes.is_empty());
     }
 }

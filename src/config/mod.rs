@@ -38,6 +38,9 @@ pub use cache::settings::{
     CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
     RefreshHook, Silent, UnkeyedBody, WarmRequest, DEFAULT_TARGETED_FIELD,
 };
+pub use cache::tags::{
+    TagScope, TagSource, TagTemplate, TagTemplateError, MAX_TAGS, MAX_TAG_BYTES,
+};
 pub use cache::CacheStoreSettings;
 pub use cluster::{redact_url, ClusterSettings, RedisTarget};
 pub use limits::{

@@ -249,6 +249,10 @@ pub struct RawCache {
     pub max_entry_bytes: Option<RawSize>,
     /// Compress this route's cached answers (default: `cache.compression.enabled`).
     pub compress: Option<bool>,
+    /// Tags (surrogate keys) given to every answer this route stores, such as
+    /// `"restaurant:{id}"`: a `{name}` is a parameter of the route's path, a query parameter
+    /// listed in `key_query` or a body field listed in `key_body`.
+    pub tags: Option<Vec<String>>,
 }
 
 /// One leg of an aggregate route (`[[routes.legs]]`).

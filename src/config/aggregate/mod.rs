@@ -347,6 +347,7 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         max_entry_bytes: 0,
         compress: None,
         compression: None,
+        tags: Vec::new(),
     }
 }
 

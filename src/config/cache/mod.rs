@@ -14,8 +14,10 @@ use settings::{
     CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
     RefreshHook, Silent, UnkeyedBody, WarmRequest, DEFAULT_TARGETED_FIELD,
 };
+use tags::{TagScope, TagTemplate, MAX_TAGS};
 
 pub mod settings;
+pub mod tags;
 
 /// Request headers stoa sets itself for each hop: keying on them would forward a client's
 /// framing to the upstream.
@@ -378,7 +380,10 @@ impl Validator<'_> {
             }
         };
 
+        let tags = self.tag_templates(path, raw.tags, template, &key_query, &key_body);
+
         Some(CacheSettings {
+            tags: tags?,
             warm,
             refresh_hook: refresh_hook?,
             ttl: ttl?,
@@ -403,6 +408,54 @@ impl Validator<'_> {
             compress: raw.compress,
             compression: None,
         })
+    }
+
+    /// `cache.tags`: every template compiled against the parts of the route's key, every
+    /// problem of every template reported.
+    fn tag_templates(
+        &mut self,
+        path: &str,
+        raw: Option<Vec<String>>,
+        template: Option<&PathTemplate>,
+        key_query: &KeyQuery,
+        key_body: &KeyBody,
+    ) -> Option<Vec<TagTemplate>> {
+        let raw = raw.unwrap_or_default();
+        let scope = TagScope {
+            path: template,
+            query: match key_query {
+                KeyQuery::Only(names) => names,
+                KeyQuery::All => &[],
+            },
+            body: match key_body {
+                KeyBody::Fields(fields) => fields,
+                KeyBody::None | KeyBody::Whole => &[],
+            },
+        };
+        let mut ok = true;
+        if raw.len() > MAX_TAGS {
+            self.problem(
+                format!("{path}.tags"),
+                format!(
+                    "lists {} tags; an answer carries at most {MAX_TAGS} (the first ones)",
+                    raw.len()
+                ),
+            );
+            ok = false;
+        }
+        let mut tags = Vec::with_capacity(raw.len());
+        for (j, text) in raw.iter().enumerate() {
+            match TagTemplate::parse(text, &scope) {
+                Ok(t) => tags.push(t),
+                Err(errors) => {
+                    for e in errors {
+                        self.problem(format!("{path}.tags[{j}]"), format!("{text:?} {e}"));
+                    }
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(tags)
     }
 
     /// The `[cache]` section: the store's bound and the largest answer it stores, by
@@ -881,5 +934,92 @@ mod tests {
             }
             assert_eq!(p.len(), expect.len(), "{p:#?}");
         }
+    }
+
+    #[test]
+    fn tag_templates_are_checked_against_the_key() {
+        let text = r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "one"
+            methods = ["GET"]
+            path = "/restaurant/{id}"
+            upstream = "u"
+            cache = { ttl = "10s", key_query = ["lang"], tags = ["restaurant:{id}", "menus", "lang:{lang}:{id}"] }
+            [[routes]]
+            name = "two"
+            methods = ["GET", "POST"]
+            path = "/orders/{*rest}"
+            upstream = "u"
+            cache = { ttl = "10s", key_body = ["customer_id"], tags = ["customer:{customer_id}", "{rest}"] }
+        "#;
+        let c = load_str(text, EnvOverrides::Ignore).unwrap();
+        let tags = |i: usize| -> Vec<String> {
+            c.routes[i]
+                .cache
+                .as_ref()
+                .unwrap()
+                .tags
+                .iter()
+                .map(|t| t.to_string())
+                .collect()
+        };
+        assert_eq!(tags(0), ["restaurant:{id}", "menus", "lang:{lang}:{id}"]);
+        assert_eq!(tags(1), ["customer:{customer_id}", "{rest}"]);
+        let t = &c.routes[0].cache.as_ref().unwrap().tags[2];
+        let sources: Vec<_> = t.placeholders().collect();
+        assert_eq!(
+            sources,
+            [
+                ("lang", super::tags::TagSource::Query),
+                ("id", super::tags::TagSource::Path)
+            ]
+        );
+
+        let long = "x".repeat(129);
+        let bad = format!(
+            r#"
+            [upstreams.u]
+            url = "http://127.0.0.1:9"
+            [[routes]]
+            name = "one"
+            methods = ["GET"]
+            path = "/restaurant/{{id}}"
+            upstream = "u"
+            cache = {{ ttl = "10s", tags = ["r:{{ide}}", "", "r:{{id", "q:{{lang}}:{{city}}", "{long}", "{{1}}", "ok:{{id}}"] }}
+        "#
+        );
+        let p = problems(&bad);
+        let expect = [
+            "routes[0].cache.tags[0]: \"r:{ide}\" uses {ide}, which names no parameter of the route's path \"/restaurant/{id}\"",
+            "routes[0].cache.tags[1]: \"\" is empty",
+            "routes[0].cache.tags[2]: \"r:{id\" has unbalanced braces",
+            "routes[0].cache.tags[3]: \"q:{lang}:{city}\" uses {lang}",
+            "routes[0].cache.tags[3]: \"q:{lang}:{city}\" uses {city}",
+            "routes[0].cache.tags[4]: \"xxx",
+            "routes[0].cache.tags[5]: \"{1}\" uses {1}, which is not a name",
+        ];
+        for e in expect {
+            assert!(
+                p.iter().any(|l| l.starts_with(e)),
+                "missing {e:?} in {p:#?}"
+            );
+        }
+        assert!(
+            p[5].contains("is 129 bytes without its placeholders"),
+            "{p:#?}"
+        );
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+
+        let many: Vec<String> = (0..65).map(|i| format!("\"t{i}\"")).collect();
+        let p = problems(&text.replace(
+            r#"tags = ["restaurant:{id}", "menus", "lang:{lang}:{id}"]"#,
+            &format!("tags = [{}]", many.join(", ")),
+        ));
+        assert_eq!(
+            p,
+            ["routes[0].cache.tags: lists 65 tags; an answer carries at most 64 (the first ones)"]
+        );
     }
 }

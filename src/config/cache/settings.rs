@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use http::HeaderName;
 
+use super::tags::TagTemplate;
+
 /// Which query parameters are part of the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyQuery {
@@ -122,6 +124,9 @@ pub struct CacheSettings {
     pub compress: Option<bool>,
     /// How this route's stored answers are compressed; `None`: they are not.
     pub compression: Option<Arc<CompressionSettings>>,
+    /// The tags every answer stored for this route gets (`cache.tags`), besides those the
+    /// upstream sends.
+    pub tags: Vec<TagTemplate>,
 }
 
 /// A content coding stoa compresses cached answers with.
