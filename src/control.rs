@@ -13,6 +13,7 @@ use crate::cache::engine::PurgeReport;
 use crate::cache::key::CacheKey;
 use crate::cache::origin::FetchRequest;
 use crate::cache::purge::{Invalidation, PurgeWhat};
+use crate::cache::tags::Tags;
 use crate::cache::tier::{wall_now, Order, OrderWhat};
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::{self, Config, ConfigErrors, EnvOverrides};
@@ -354,6 +355,7 @@ impl Control {
                     path_and_query: format!("{base}{}", hook.path),
                     headers: http::HeaderMap::new(),
                     body: Bytes::new(),
+                    tags: Tags::new(),
                 })
                 .await?;
             if !answer.status.is_success() {
@@ -454,8 +456,17 @@ impl Control {
                     continue;
                 }
             };
-            let make_fetch =
-                || cached.shared_fetch(method.clone(), &upstream_path, &key, &headers, None);
+            let client_path = warm.path.split('?').next().unwrap_or_default();
+            let make_fetch = || {
+                cached.shared_fetch(
+                    method.clone(),
+                    &upstream_path,
+                    &key,
+                    &headers,
+                    None,
+                    client_path,
+                )
+            };
             match self.shared.cache.serve(cached, &key, make_fetch).await {
                 Served::Entry(_, status) if status != CacheStatus::Bypass => warmed += 1,
                 Served::Entry(..) => {}

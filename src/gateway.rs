@@ -10,6 +10,7 @@ use prometheus::IntCounter;
 
 use crate::aggregate::{Aggregator, LegCall, Legs, LegsHandle};
 use crate::cache::origin::FetchRequest;
+use crate::cache::tags::Tags;
 use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
 use crate::cluster::Cluster;
 use crate::config::{Config, RouteSpec, Upstream};
@@ -254,6 +255,7 @@ impl Gateway {
             path_and_query: upstream_path,
             headers,
             body,
+            tags: Tags::new(),
         };
         let Some(cached) = &route.cache else {
             // Through the route's link: its upstream's slots, and counted as its fetches.
@@ -284,6 +286,7 @@ impl Gateway {
                     &key,
                     &fetch.headers,
                     None,
+                    path.split('?').next().unwrap_or_default(),
                 )
             };
             self.cache.serve(cached, &key, shared).await
@@ -367,6 +370,7 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
     let cached = match (&spec.cache, origin) {
         (Some(settings), Some((origin, origin_name))) => Some(Arc::new(CachedRoute {
             name: spec.name.clone(),
+            path: spec.path.clone(),
             settings: settings.clone(),
             origin,
             origin_name,

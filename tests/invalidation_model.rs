@@ -352,5 +352,10 @@ async fn three_nodes_on_a_redis_cluster_never_serve_what_an_invalidation_replace
     let nodes = three_nodes(&cluster.seeds_toml(), &origin).await;
     let started = Instant::now();
     let (stale, reads) = run_model(&nodes, &origin, seed(), ops(200)).await;
-    report("three nodes on a Redis Cluster", &stale, reads, started.elapsed());
+    report(
+        "three nodes on a Redis Cluster",
+        &stale,
+        reads,
+        started.elapsed(),
+    );
 }

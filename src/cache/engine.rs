@@ -15,14 +15,18 @@ use super::key::{self, CacheKey};
 use super::origin::{has_no_body, Answer, FetchRequest, Fetched, Origin, Streaming};
 use super::purge::{Invalidation, PurgeMetrics, PurgeWhat, Reach};
 use super::store::{Entry, Lifetimes, Store};
+use super::tags::{json_tag_value, take_upstream_tags, Tags};
 use super::tier::{Before, Tier};
 use super::{CacheStatus, NotStored};
 use crate::config::{CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
+use crate::routes::{normalize_path, PathMode, PathTemplate};
 
 /// A cached route's settings and the origin of its answers.
 pub struct CachedRoute {
     pub name: String,
+    /// The route's path template: the path parameters of its tag templates.
+    pub path: PathTemplate,
     pub settings: CacheSettings,
     pub origin: Arc<dyn Origin>,
     /// The name errors report: the upstream's, or the aggregate route's.
@@ -89,6 +93,8 @@ impl CachedRoute {
     /// JSON in the key, sent as `application/json` (none when the route does not key on
     /// the body); of the client's `headers` only the key headers go, so no `Accept`,
     /// `Content-Type`, credentials or `Accept-Encoding` unless keyed. `request_id` is stoa's.
+    /// `client_path` (the path the client asked for) gives the route's tag templates their
+    /// path parameters.
     pub fn shared_fetch(
         &self,
         method: http::Method,
@@ -96,6 +102,7 @@ impl CachedRoute {
         key: &CacheKey,
         headers: &http::HeaderMap,
         request_id: Option<&http::HeaderValue>,
+        client_path: &str,
     ) -> FetchRequest {
         let settings = &self.settings;
         let mut sent = http::HeaderMap::new();
@@ -119,12 +126,46 @@ impl CachedRoute {
         if let Some(id) = request_id {
             sent.insert("x-request-id", id.clone());
         }
+        let path_and_query = keyed_query_only(upstream_path_and_query, &settings.key_query);
+        let tags = self.route_tags(client_path, &path_and_query, key);
         FetchRequest {
             method,
-            path_and_query: keyed_query_only(upstream_path_and_query, &settings.key_query),
+            path_and_query,
             headers: sent,
             body,
+            tags,
         }
+    }
+
+    /// The tags the route's templates (`cache.tags`) give the answer to this request: path
+    /// parameters from the client's path, keyed query parameters from the query sent
+    /// upstream, keyed body fields from the key's canonical JSON. A template whose value
+    /// the request lacks gives no tag.
+    fn route_tags(&self, client_path: &str, path_and_query: &str, key: &CacheKey) -> Tags {
+        let mut tags = Tags::new();
+        if self.settings.tags.is_empty() {
+            return tags;
+        }
+        let path = normalize_path(client_path, PathMode::Resolve).ok();
+        let captures = path.as_deref().and_then(|p| self.path.matches(p));
+        let query = path_and_query.split_once('?').map_or("", |(_, q)| q);
+        let body: Option<serde_json::Value> = serde_json::from_str(key.body()).ok();
+        for template in &self.settings.tags {
+            let rendered = template.render(
+                |name| captures.as_ref().and_then(|c| c.get(name)),
+                |name| {
+                    url::form_urlencoded::parse(query.as_bytes())
+                        .find(|(n, _)| n == name)
+                        .map(|(_, v)| v.into_owned())
+                },
+                |name| body.as_ref()?.get(name).and_then(json_tag_value),
+            );
+            if let Some(tag) = rendered {
+                tags.insert(&tag);
+            }
+        }
+        tags.freeze();
+        tags
     }
 
     /// Asks the origin; an answer over the route's `max_entry_bytes` comes back as a stream.
@@ -138,6 +179,7 @@ impl CachedRoute {
     fn stream(&self, mut streaming: Box<Streaming>) -> Served {
         self.too_large.inc();
         streaming.headers.remove(&self.settings.targeted_field);
+        take_upstream_tags(&mut streaming.headers, &mut Tags::new());
         Served::Stream(streaming, CacheStatus::Bypass)
     }
 }
@@ -845,13 +887,18 @@ impl Disposition {
 }
 
 fn fetched_to_entry(
-    fetched: Fetched,
+    mut fetched: Fetched,
     settings: &CacheSettings,
     key_len: usize,
     now: Instant,
     recipe: Option<Arc<FetchRequest>>,
     compressed: Compressed,
 ) -> Result<(Arc<Entry>, Disposition), StoaError> {
+    // The route's tags and the upstream's (`Cache-Groups` stays in the answer; the CDN
+    // fields `Surrogate-Key` and `Cache-Tag` go).
+    let mut tags = recipe.as_ref().map_or_else(Tags::new, |r| r.tags.clone());
+    take_upstream_tags(&mut fetched.headers, &mut tags);
+    tags.freeze();
     let status = fetched.status.as_u16();
     let server_error = fetched.status.is_server_error();
     let disposition = match disposition(&fetched, settings) {
@@ -981,7 +1028,8 @@ fn fetched_to_entry(
             .with_upstream_age(upstream_age)
             .with_validators(validators, shareable)
             .with_not_stored(not_stored)
-            .with_variants(variants),
+            .with_variants(variants)
+            .with_tags(tags),
     );
     Ok((entry, disposition))
 }
@@ -1068,6 +1116,7 @@ fn owned_value(value: &http::HeaderValue) -> http::HeaderValue {
 /// A copy of a request in its own allocations, to keep with a stored entry.
 fn owned_request(fetch: &FetchRequest) -> FetchRequest {
     FetchRequest {
+        tags: fetch.tags.clone(),
         method: fetch.method.clone(),
         path_and_query: fetch.path_and_query.clone(),
         headers: fetch
@@ -1178,6 +1227,7 @@ mod tests {
         ]);
         Arc::new(CachedRoute {
             name: name.to_string(),
+            path: crate::routes::PathTemplate::parse("/{*rest}").unwrap(),
             settings,
             origin,
             origin_name: "test".to_string(),
@@ -1197,7 +1247,7 @@ mod tests {
         let key = route
             .key_for(&http::Method::GET, path, b"", &headers)
             .unwrap();
-        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None);
+        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None, path);
         engine.serve(route, &key, fetch).await
     }
 

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, Method, StatusCode};
 
+use super::tags::Tags;
 use crate::error::StoaError;
 
 /// A future an [`Origin`] or a [`Rest`] returns.
@@ -38,6 +39,9 @@ pub struct FetchRequest {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The tags the route's templates give the answer (`cache.tags`); never sent upstream.
+    /// Kept with the entry's recipe, so that a refetch tags its answer alike.
+    pub tags: Tags,
 }
 
 /// A complete upstream answer. Its headers are end-to-end only: the origin has dropped the

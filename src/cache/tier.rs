@@ -37,12 +37,13 @@ use super::key::CacheKey;
 use super::origin::FetchRequest;
 use super::purge::{Invalidation, PurgeWhat};
 use super::store::{Entry, Lifetimes};
+use super::tags::Tags;
 use crate::cluster::{Cluster, ClusterError, PROBE_EVERY};
 use crate::config::{Coding, RedisTarget};
 
 /// The first bytes of every stored value: format name and version. A node that reads any
 /// other prefix treats the value as a miss.
-const MAGIC: &[u8; 5] = b"STOA\x01";
+const MAGIC: &[u8; 5] = b"STOA\x02";
 
 /// Longest wait between two looks at a key whose lease another node holds.
 pub const RECHECK: Duration = Duration::from_secs(1);
@@ -1117,6 +1118,13 @@ impl Drop for Waiter {
     }
 }
 
+/// Tags read back, as a frozen set.
+fn frozen(tags: &[String]) -> Tags {
+    let mut set: Tags = tags.iter().map(String::as_str).collect();
+    set.freeze();
+    set
+}
+
 /// The key's name in Redis: a 128-bit hash of its full text, the same on every node.
 fn hash_of(key: &CacheKey) -> String {
     hash_text(key.as_str())
@@ -1173,6 +1181,8 @@ struct Head {
     /// The identity body's length; the compressed bodies follow it, in this order.
     body_len: u64,
     compressed: Vec<(String, u64)>,
+    /// Every tag of the entry (the route's and the upstream's).
+    tags: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1181,6 +1191,8 @@ struct Recipe {
     path_and_query: String,
     headers: Vec<(String, Vec<u8>)>,
     body: Vec<u8>,
+    /// The route's tags, for a refetch.
+    tags: Vec<String>,
 }
 
 fn pairs(headers: &http::HeaderMap) -> Vec<(String, Vec<u8>)> {
@@ -1212,12 +1224,14 @@ pub fn encode(entry: &Entry, key: &CacheKey) -> Option<Vec<u8>> {
             path_and_query: r.path_and_query.clone(),
             headers: pairs(&r.headers),
             body: r.body.to_vec(),
+            tags: r.tags.iter().map(str::to_string).collect(),
         }),
         body_len: entry.body.len() as u64,
         compressed: compressed
             .bodies()
             .map(|(c, b)| (c.token().to_string(), b.len() as u64))
             .collect(),
+        tags: entry.tag_names().map(str::to_string).collect(),
     };
     let head = rmp_serde::to_vec(&head).ok()?;
     let bodies = entry.body.len() + compressed.bodies().map(|(_, b)| b.len()).sum::<usize>();
@@ -1286,6 +1300,7 @@ fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
                 })
                 .collect::<Option<http::HeaderMap>>()?,
             body: Bytes::from(r.body),
+            tags: frozen(&r.tags),
         })),
         None => None,
     };
@@ -1303,7 +1318,8 @@ fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
     let mut entry = Entry::new(header, body, key.byte_len(), now, life, recipe)
         .with_upstream_age(head.upstream_age)
         .with_validators(validators, head.shareable_with_authorization)
-        .with_variants(variants);
+        .with_variants(variants)
+        .with_tags(frozen(&head.tags));
     entry.stored_at = at(head.stored_at);
     entry.fresh_until = at(head.fresh_until);
     entry.revalidate_until = at(head.revalidate_until);
@@ -1387,7 +1403,7 @@ mod tests {
         let key = test_key("r", "/p");
         let mut bytes = encode(&entry(), &key).unwrap();
         assert!(decode(&bytes, &test_key("r", "/q")).is_none());
-        bytes[4] = 2;
+        bytes[4] = 3;
         assert!(decode(&bytes, &key).is_none());
         assert!(decode(b"STOA", &key).is_none());
         assert!(decode(&[], &key).is_none());

@@ -16,6 +16,7 @@ use super::{answer, body, limit, over_tls, peer_addr};
 use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
 use crate::cache::store::Entry;
+use crate::cache::tags::Tags;
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::CacheSettings;
 use crate::connections;
@@ -115,6 +116,7 @@ pub async fn serve(
             headers: private_fetch_headers(req, peer, over_tls(session), &ctx.request_id),
             path_and_query: upstream_path,
             body,
+            tags: Tags::new(),
         };
         // Boxed: the slow paths' futures are large and must not bloat every request's.
         Box::pin(gateway.cache.bypass(cached, fetch)).await
@@ -122,8 +124,16 @@ pub async fn serve(
         // No id upstream when there is none (`server.request_id`).
         let request_id = Some(&ctx.request_id).filter(|id| !id.is_empty());
         let decision = &mut ctx.limit;
-        let make_fetch =
-            || cached.shared_fetch(method, &upstream_path, &key, &req.headers, request_id);
+        let make_fetch = || {
+            cached.shared_fetch(
+                method,
+                &upstream_path,
+                &key,
+                &req.headers,
+                request_id,
+                req.uri.path(),
+            )
+        };
         match gateway
             .cache
             .serve_from_memory(cached, &key, make_fetch, asked)

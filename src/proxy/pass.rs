@@ -12,6 +12,7 @@ use pingora::ErrorType;
 use super::ctx::RequestCtx;
 use super::{over_tls, peer_addr};
 use crate::cache::purge::{Invalidation, PurgeWhat};
+use crate::cache::tags::group_invalidation;
 use crate::error::StoaError;
 use crate::gateway::Route;
 use crate::upstream::headers;
@@ -88,7 +89,16 @@ pub async fn invalidate_after_write(
     };
     let method = &session.req_header().method;
     let write = method != http::Method::GET && method != http::Method::HEAD;
-    if !write || !response.status.is_success() || route.spec.invalidates.is_empty() {
+    if !write {
+        return;
+    }
+    // RFC 9875 §3: groups the upstream names on its answer to an unsafe method, for the
+    // cached routes of the same upstream (on any answer but an error).
+    let groups = group_invalidation(&response.headers);
+    if !groups.is_empty() && response.status.as_u16() < 400 {
+        invalidate_groups(route, groups, ctx).await;
+    }
+    if !response.status.is_success() || route.spec.invalidates.is_empty() {
         return;
     }
     let path = &ctx.upstream.path;
@@ -107,6 +117,35 @@ pub async fn invalidate_after_write(
             tracing::warn!(route = %target, path = %path, unconfirmed = ?report.unconfirmed, "invalidated after a write; some nodes did not confirm");
         }
     }
+}
+
+/// Invalidates `groups` in the cached routes of the route's upstream.
+async fn invalidate_groups(route: &Route, groups: Vec<String>, ctx: &RequestCtx) {
+    let Some(upstream) = route.spec.upstream.as_ref().map(|u| u.name.as_str()) else {
+        return;
+    };
+    let routes: Vec<String> = ctx
+        .gateway
+        .routes
+        .routes()
+        .iter()
+        .filter(|r| {
+            r.cache.is_some() && r.spec.upstream.as_ref().map(|u| u.name.as_str()) == Some(upstream)
+        })
+        .map(|r| r.spec.name.clone())
+        .collect();
+    if routes.is_empty() {
+        return;
+    }
+    let inv = Invalidation {
+        what: PurgeWhat::Tags {
+            tags: groups,
+            routes: Some(routes),
+        },
+        soft: false,
+    };
+    let report = ctx.gateway.cache.invalidate(inv).await;
+    tracing::debug!(route = %route.spec.name, purged = report.purged, "Cache-Group-Invalidation applied");
 }
 
 /// Counts the upstream call of a pass-through request that ended with `e` and `status`.

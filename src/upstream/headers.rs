@@ -88,7 +88,8 @@ pub fn end_to_end_response(
 /// Drops from a pass-through answer the headers its `Connection` header names, the
 /// hop-by-hop ones that are not framing (pingora writes `Connection` itself), and the field
 /// aimed at stoa alone, `targeted` (RFC 9213: stoa's cache reads it, nothing passes it on;
-/// `CDN-Cache-Control` goes on).
+/// `CDN-Cache-Control` goes on), and the CDN tag fields `Surrogate-Key` and `Cache-Tag`,
+/// which are for caches, as CDNs drop them (`Cache-Groups` goes on, RFC 9875).
 pub fn strip_response(resp: &mut ResponseHeader, targeted: &HeaderName) {
     if resp.headers.contains_key(http::header::CONNECTION) {
         let nominated: Vec<String> = connection_nominated(&resp.headers)
@@ -112,6 +113,8 @@ pub fn strip_response(resp: &mut ResponseHeader, targeted: &HeaderName) {
         resp.remove_header(name);
     }
     resp.remove_header(targeted);
+    resp.remove_header("surrogate-key");
+    resp.remove_header("cache-tag");
 }
 
 /// Rewrites the head of a pass-through request for its upstream: `host` (the upstream's
