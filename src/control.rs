@@ -269,9 +269,10 @@ impl Control {
             },
             (None, None, Some(exact), None) => {
                 let (cached, key) = self.exact_key(exact)?;
+                // Every variant of the request: the key without learned vary values.
                 PurgeWhat::Key {
                     route: cached.name.clone(),
-                    key: key.as_str().to_string(),
+                    key: key.base().to_string(),
                 }
             }
             (route, None, None, Some(tags)) => {
@@ -456,7 +457,12 @@ impl Control {
             };
             let make_fetch =
                 || cached.shared_fetch(method.clone(), &upstream_path, &key, &headers, None);
-            match self.shared.cache.serve(cached, &key, make_fetch).await {
+            match self
+                .shared
+                .cache
+                .serve(cached, &key, &headers, make_fetch)
+                .await
+            {
                 Served::Entry(_, status) if status != CacheStatus::Bypass => warmed += 1,
                 Served::Entry(..) => {}
                 Served::Stream(..) => {

@@ -38,7 +38,7 @@ pub use cache::settings::{
     CacheSettings, Coding, CompressionSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout,
     RefreshHook, UnkeyedBody, WarmRequest,
 };
-pub use cache::CacheStoreSettings;
+pub use cache::{CacheStoreSettings, UNKEYABLE_HEADERS};
 pub use cluster::{redact_url, ClusterSettings, RedisTarget};
 pub use limits::{
     AppliesTo, ClientSource, Mode, PolicySettings, RateLimitHeaders, Scope, MAX_REFILL,

@@ -19,7 +19,7 @@ pub mod settings;
 
 /// Request headers stoa sets itself for each hop: keying on them would forward a client's
 /// framing to the upstream.
-const UNKEYABLE_HEADERS: [&str; 9] = [
+pub const UNKEYABLE_HEADERS: [&str; 9] = [
     "connection",
     "content-length",
     "host",
@@ -41,6 +41,13 @@ pub struct CacheStoreSettings {
     /// `[cache.compression]`.
     pub compression: Arc<CompressionSettings>,
 }
+
+/// Variants stored per request (route, method, path, query, body) when a route learned
+/// vary headers and does not say.
+pub const DEFAULT_MAX_VARIANTS: usize = 16;
+
+/// Largest `max_variants` accepted.
+const MAX_MAX_VARIANTS: i64 = 4096;
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
 pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 8 * 1024 * 1024;
@@ -174,6 +181,17 @@ impl Validator<'_> {
                 self.problem(
                     format!("{path}.jitter"),
                     format!("{j} is not a fraction between 0 and 0.5 (e.g. 0.05)"),
+                );
+                None
+            }
+        };
+        let max_variants = match raw.max_variants {
+            None => Some(DEFAULT_MAX_VARIANTS),
+            Some(n) if (1..=MAX_MAX_VARIANTS).contains(&n) => usize::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    format!("{path}.max_variants"),
+                    format!("{n} is not a number of variants from 1 to {MAX_MAX_VARIANTS}"),
                 );
                 None
             }
@@ -329,6 +347,7 @@ impl Validator<'_> {
             on_lock_timeout: on_lock_timeout?,
             refresh_ahead: refresh_ahead?,
             jitter: jitter?,
+            max_variants: max_variants?,
             ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
             freshness: freshness?,
             max_ttl: max_ttl?,
@@ -689,5 +708,31 @@ mod tests {
         let cache = c.routes[0].cache.as_ref().unwrap();
         assert_eq!(cache.freshness, super::Freshness::Origin);
         assert_eq!(cache.max_ttl, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn max_variants_defaults_to_sixteen_and_is_checked() {
+        let route = |cache: &str| {
+            format!(
+                "[upstreams.u]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nname = \"r\"\n\
+                 methods = [\"GET\"]\npath = \"/r\"\nupstream = \"u\"\ncache = {cache}\n"
+            )
+        };
+        let max = |cache: &str| {
+            let c = load_str(&route(cache), EnvOverrides::Ignore).unwrap();
+            c.routes[0].cache.as_ref().unwrap().max_variants
+        };
+        assert_eq!(max(r#"{ ttl = "10s" }"#), super::DEFAULT_MAX_VARIANTS);
+        assert_eq!(max(r#"{ ttl = "10s", max_variants = 3 }"#), 3);
+        for bad in ["0", "-1", "5000"] {
+            let p = problems(&route(&format!(
+                r#"{{ ttl = "10s", max_variants = {bad} }}"#
+            )));
+            assert!(
+                p.iter()
+                    .any(|l| l.starts_with("routes[0].cache.max_variants: ")),
+                "{bad}: {p:#?}"
+            );
+        }
     }
 }
