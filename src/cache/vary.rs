@@ -63,7 +63,7 @@ impl Learned {
 
     /// The names learned, in the order learned; `None` (one atomic load) while there are none.
     pub fn names(&self) -> Option<arc_swap::Guard<Arc<Box<[HeaderName]>>>> {
-        (self.len() > 0).then(|| self.names.load())
+        (!self.is_empty()).then(|| self.names.load())
     }
 
     /// A copy of the names learned.
