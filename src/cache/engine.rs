@@ -82,11 +82,11 @@ impl CachedRoute {
         )
     }
 
-    /// The learned vary headers `key` holds: the first [`CacheKey::varied`] of the route's.
+    /// The learned vary headers `key` holds.
     fn covered_by(&self, key: &CacheKey) -> Vec<header::HeaderName> {
-        let names = self.vary.snapshot();
-        let n = key.varied().min(names.len());
-        names[..n].to_vec()
+        let mut names = self.vary.snapshot();
+        names.retain(|name| key.vary_names().any(|held| held == name.as_str()));
+        names
     }
 
     /// Learns the request headers an answer's `Vary` names that `covered` (with the key
@@ -168,9 +168,11 @@ impl CachedRoute {
         }
         if key.varied() > 0 {
             if let Some(learned) = self.vary.names() {
-                for name in learned.iter().take(key.varied()) {
-                    for value in headers.get_all(name) {
-                        sent.append(name.clone(), value.clone());
+                for name in learned.iter() {
+                    if key.vary_names().any(|held| held == name.as_str()) {
+                        for value in headers.get_all(name) {
+                            sent.append(name.clone(), value.clone());
+                        }
                     }
                 }
             }

@@ -40,7 +40,7 @@ pub struct CacheKey {
     body: Range<usize>,
     /// The end of the base: the key without its learned-vary part.
     base: usize,
-    /// How many of the route's learned vary headers the key holds (its first ones).
+    /// How many of the route's learned vary headers the key holds.
     varied: u8,
     hash: u64,
 }
@@ -78,10 +78,18 @@ impl CacheKey {
         &self.text[self.base..]
     }
 
-    /// How many of its route's learned vary headers the key holds: the first `varied()`
-    /// of them (a route's learned list only grows).
+    /// How many of its route's learned vary headers the key holds (a route's learned list
+    /// only grows: fewer than the route has means the key was made before it learned more).
     pub fn varied(&self) -> usize {
         usize::from(self.varied)
+    }
+
+    /// The names of the learned vary headers the key holds.
+    pub fn vary_names(&self) -> impl Iterator<Item = &str> {
+        self.vary_part()
+            .split(SEP)
+            .skip(1)
+            .filter_map(|line| line.split_once('=').map(|(name, _)| name))
     }
 
     /// The key of the same request with the values of `learned` (all the route's learned
@@ -529,6 +537,11 @@ mod tests {
         assert_eq!(plain.vary_part(), "");
         assert_eq!(a.varied(), 2);
         assert_eq!(plain.varied(), 0);
+        assert_eq!(
+            a.vary_names().collect::<Vec<_>>(),
+            ["accept-language", "x-token"]
+        );
+        assert_eq!(plain.vary_names().count(), 0);
         assert_eq!(
             a.vary_part(),
             "@vary\naccept-language=en-us,sv;q=0.8\nx-token=\n"

@@ -4,9 +4,10 @@
 //! An answer whose `Vary` names a request header the route's key does not cover was made
 //! without the value other clients send: it is not stored nor handed to anyone, the header
 //! is learned, and every request then keys on its normalised value (see
-//! [`crate::cache::key`]) and sends it upstream on the shared fetch. The list only grows
-//! (at most [`MAX_LEARNED`] names), so how many of its first names a key holds tells which
-//! list it was made with.
+//! [`crate::cache::key`]) and sends it upstream on the shared fetch. The list is kept in
+//! name order, so instances that learned the same headers make the same keys whatever order
+//! they learned them in; it only grows (at most [`MAX_LEARNED`] names), so a key holding
+//! fewer names than the route has was made before the route learned the others.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,7 +44,9 @@ impl Learned {
     /// A route's list, starting with `names` (those learned under the previous
     /// configuration, when its answers stay valid).
     pub fn new(names: &[HeaderName], refused: Refusals) -> Self {
-        let names: Box<[HeaderName]> = names.iter().take(MAX_LEARNED).cloned().collect();
+        let mut names: Vec<HeaderName> = names.iter().take(MAX_LEARNED).cloned().collect();
+        names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        let names = names.into_boxed_slice();
         Learned {
             len: AtomicUsize::new(names.len()),
             names: ArcSwap::from_pointee(names),
@@ -61,7 +64,7 @@ impl Learned {
         self.len() == 0
     }
 
-    /// The names learned, in the order learned; `None` (one atomic load) while there are none.
+    /// The names learned, in name order; `None` (one atomic load) while there are none.
     pub fn names(&self) -> Option<arc_swap::Guard<Arc<Box<[HeaderName]>>>> {
         (!self.is_empty()).then(|| self.names.load())
     }
@@ -87,6 +90,7 @@ impl Learned {
             return false;
         }
         if names.len() > current.len() {
+            names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             let len = names.len();
             self.names.store(Arc::new(names.into_boxed_slice()));
             // After the list: a reader that sees the new length finds the names.
@@ -219,7 +223,12 @@ mod tests {
         assert_eq!(learned.len(), MAX_LEARNED, "nothing learned past the bound");
         let names = learned.names().unwrap();
         assert_eq!(names[0], "accept-language");
+        assert_eq!(names[1], "x-0");
         assert!(!names.contains(&name("origin")));
+        // In name order, whatever the order learned.
+        let learned = Learned::new(&[name("x-b")], refusals());
+        assert!(learned.learn(&[name("x-c"), name("x-a")]));
+        assert_eq!(learned.snapshot(), [name("x-a"), name("x-b"), name("x-c")]);
         // Two new names with room for one: neither.
         let learned = Learned::new(&more, refusals());
         assert!(!learned.learn(&[name("a"), name("b")]));
