@@ -213,13 +213,32 @@ impl AdminApp {
             }
             ("GET", "/admin/cache") => {
                 let cache = &control.shared.cache;
-                let routes: serde_json::Map<String, serde_json::Value> = cache
+                let mut routes: serde_json::Map<String, serde_json::Value> = cache
                     .route_counts()
                     .into_iter()
                     .map(|(route, (entries, bytes))| {
                         (route, json!({"entries": entries, "bytes": bytes}))
                     })
                     .collect();
+                // Every cached route: the request headers it learned its answers vary on.
+                let gateway = control.gateway.load();
+                for route in gateway.routes.routes() {
+                    let Some(cached) = &route.cache else { continue };
+                    let learned: Vec<String> = cached
+                        .vary
+                        .snapshot()
+                        .iter()
+                        .map(|name| name.to_string())
+                        .collect();
+                    let slot = routes
+                        .entry(route.spec.name.clone())
+                        .or_insert_with(|| json!({"entries": 0, "bytes": 0}));
+                    slot["vary"] = json!({
+                        "learned": learned,
+                        "max_learned": crate::cache::vary::MAX_LEARNED,
+                        "max_variants": cached.settings.max_variants,
+                    });
+                }
                 Answer::json(
                     StatusCode::OK,
                     json!({

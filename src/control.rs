@@ -270,9 +270,10 @@ impl Control {
             },
             (None, None, Some(exact), None) => {
                 let (cached, key) = self.exact_key(exact)?;
+                // Every variant of the request: the key without learned vary values.
                 PurgeWhat::Key {
                     route: cached.name.clone(),
-                    key: key.as_str().to_string(),
+                    key: key.base().to_string(),
                 }
             }
             (route, None, None, Some(tags)) => {
@@ -467,7 +468,12 @@ impl Control {
                     client_path,
                 )
             };
-            match self.shared.cache.serve(cached, &key, make_fetch).await {
+            match self
+                .shared
+                .cache
+                .serve(cached, &key, &headers, make_fetch)
+                .await
+            {
                 Served::Entry(_, status) if status != CacheStatus::Bypass => warmed += 1,
                 Served::Entry(..) => {}
                 Served::Stream(..) => {

@@ -11,6 +11,7 @@ use prometheus::IntCounter;
 use crate::aggregate::{Aggregator, LegCall, Legs, LegsHandle};
 use crate::cache::origin::FetchRequest;
 use crate::cache::tags::Tags;
+use crate::cache::vary::Learned;
 use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
 use crate::cluster::Cluster;
 use crate::config::{Config, RouteSpec, Upstream};
@@ -139,6 +140,7 @@ impl Gateway {
             clients: &clients,
             limiters: &limiters,
             legs: &legs,
+            previous,
         };
         let routes = config
             .routes
@@ -289,7 +291,7 @@ impl Gateway {
                     path.split('?').next().unwrap_or_default(),
                 )
             };
-            self.cache.serve(cached, &key, shared).await
+            self.cache.serve(cached, &key, &fetch.headers, shared).await
         };
         match served {
             Served::Entry(entry, _) => Ok((entry.header.status, entry.body.clone())),
@@ -328,6 +330,8 @@ struct Parts<'a> {
     clients: &'a HashMap<String, UpstreamClient>,
     limiters: &'a HashMap<String, Arc<RateLimiter>>,
     legs: &'a Arc<LegsHandle>,
+    /// The configuration before a reload.
+    previous: Option<&'a Gateway>,
 }
 
 /// A route as served: its peer, cache and origin, limiter and metrics.
@@ -387,6 +391,13 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
                 .metrics
                 .cache_not_modified(&spec.name)
                 .map_err(metric_err)?,
+            vary: Learned::new(
+                &learned_before(spec, parts.previous),
+                parts
+                    .metrics
+                    .cache_variants_refused(&spec.name)
+                    .map_err(metric_err)?,
+            ),
         })),
         _ => None,
     };
@@ -416,6 +427,18 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
         limiter,
         rate_limited,
     })
+}
+
+/// The vary headers the route learned under the previous configuration, when its stored
+/// answers stay valid (their keys hold those headers' values).
+fn learned_before(spec: &RouteSpec, previous: Option<&Gateway>) -> Vec<http::HeaderName> {
+    previous
+        .into_iter()
+        .flat_map(|p| p.routes.routes())
+        .find(|old| same_cached_answers(&old.spec, spec))
+        .and_then(|old| old.cache.as_ref())
+        .map(|cached| cached.vary.snapshot())
+        .unwrap_or_default()
 }
 
 fn metric_err(e: prometheus::Error) -> StoaError {

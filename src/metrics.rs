@@ -21,6 +21,7 @@ use crate::cache::encoding::Counters;
 use crate::cache::engine::Revalidations;
 use crate::cache::purge::PurgeMetrics;
 use crate::cache::tier::TierMetrics;
+use crate::cache::vary::Refusals;
 use crate::cache::CacheStatus;
 use crate::config::Coding;
 
@@ -84,6 +85,7 @@ pub struct Metrics {
     compression_saved: IntCounterVec,
     cache_revalidations: IntCounterVec,
     cache_not_modified: IntCounterVec,
+    cache_variants_refused: IntCounterVec,
     tier: TierMetrics,
     purges: PurgeMetrics,
     in_flight: IntGauge,
@@ -227,6 +229,16 @@ impl Metrics {
                 &["route"],
             )?,
         )?;
+        let cache_variants_refused = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "stoa_cache_variants_refused_total",
+                    "Answers on cached routes not stored for their Vary, by route and reason (max_variants: a new variant of a request with max_variants stored; max_vary_headers: it varies on more request headers than a route learns).",
+                ),
+                &["route", "reason"],
+            )?,
+        )?;
         let in_flight = register(
             &registry,
             IntGauge::new(
@@ -286,6 +298,7 @@ impl Metrics {
             compression_saved,
             cache_revalidations,
             cache_not_modified,
+            cache_variants_refused,
             in_flight,
             access_log_dropped,
         })
@@ -342,6 +355,19 @@ impl Metrics {
     /// The counter of a cached route's answers too large to store (exported at zero).
     pub fn cache_too_large(&self, route: &str) -> prometheus::Result<IntCounter> {
         self.cache_too_large.get_metric_with_label_values(&[route])
+    }
+
+    /// The counters of a cached route's answers not stored for their `Vary`, by reason
+    /// (exported at zero).
+    pub fn cache_variants_refused(&self, route: &str) -> prometheus::Result<Refusals> {
+        let reason = |r: &str| {
+            self.cache_variants_refused
+                .get_metric_with_label_values(&[route, r])
+        };
+        Ok(Refusals {
+            max_variants: reason("max_variants")?,
+            max_vary_headers: reason("max_vary_headers")?,
+        })
     }
 
     /// The counters of compressions done and bytes saved, by encoding (shared by every

@@ -53,7 +53,7 @@ fn key(path: &str) -> CacheKey {
         body: b"",
         headers: &http::HeaderMap::new(),
     };
-    derive(&parts, &KeyQuery::All, &KeyBody::None, &[]).unwrap()
+    derive(&parts, &KeyQuery::All, &KeyBody::None, &[], &[]).unwrap()
 }
 
 fn entry(body: Vec<u8>) -> Entry {

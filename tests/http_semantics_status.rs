@@ -130,7 +130,7 @@ use common::{path_of, serve_heads, text_answer};
 
 /// An origin answering by path: `/up/*` a 200 carrying a `Cache-Status` of a cache behind
 /// stoa; `/cookie/*`, `/nostore/*`, `/private/*`, `/vary/*` a 200 with `Set-Cookie`,
-/// `Cache-Control: no-store`, `Cache-Control: private`, `Vary: X-Other`; `/teapot/*` a 418;
+/// `Cache-Control: no-store`, `Cache-Control: private`, `Vary: *`; `/teapot/*` a 418;
 /// `/slow/*` a 200 after 300 ms; `/flip/*` the status in `flip`; `/big/*` a 200 of 5000
 /// bytes; anything else a plain 200. Counts requests.
 struct Origin {
@@ -164,7 +164,7 @@ impl Origin {
                     "cookie" => (200, "Set-Cookie: a=b\r\n", "c".to_string()),
                     "nostore" => (200, "Cache-Control: no-store\r\n", "n".to_string()),
                     "private" => (200, "Cache-Control: private\r\n", "p".to_string()),
-                    "vary" => (200, "Vary: X-Other\r\n", "v".to_string()),
+                    "vary" => (200, "Vary: *\r\n", "v".to_string()),
                     "teapot" => (418, "", "tea".to_string()),
                     "slow" => {
                         tokio::time::sleep(Duration::from_millis(300)).await;

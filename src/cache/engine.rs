@@ -17,6 +17,7 @@ use super::purge::{Invalidation, PurgeMetrics, PurgeWhat, Reach};
 use super::store::{Entry, Lifetimes, Store};
 use super::tags::{json_tag_value, take_upstream_tags, Tags};
 use super::tier::{Before, Tier};
+use super::vary::{self, Learned, Uncovered};
 use super::{CacheStatus, NotStored};
 use crate::config::{CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
@@ -39,6 +40,8 @@ pub struct CachedRoute {
     pub revalidations: Revalidations,
     /// `stoa_cache_not_modified_total{route}`: 304s answered to clients from memory.
     pub not_modified: prometheus::IntCounter,
+    /// The request headers its answers vary on, learned from the upstream's `Vary`.
+    pub vary: Learned,
 }
 
 /// How the revalidations of a route's entries ended.
@@ -65,6 +68,8 @@ impl CachedRoute {
             Some((p, q)) => (p, Some(q)),
             None => (upstream_path_and_query, None),
         };
+        // One atomic load on a route that learned nothing.
+        let learned = self.vary.names();
         key::derive(
             &key::KeyParts {
                 route: &self.name,
@@ -77,7 +82,63 @@ impl CachedRoute {
             &self.settings.key_query,
             &self.settings.key_body,
             &self.settings.key_headers,
+            learned.as_ref().map_or(&[], |names| &names[..]),
         )
+    }
+
+    /// The learned vary headers `key` holds.
+    fn covered_by(&self, key: &CacheKey) -> Vec<header::HeaderName> {
+        let mut names = self.vary.snapshot();
+        names.retain(|name| key.vary_names().any(|held| held == name.as_str()));
+        names
+    }
+
+    /// Learns the request headers an answer's `Vary` names that `covered` (with the key
+    /// headers) does not, when the answer would be stored once they are covered; an
+    /// answer that is not stored anyway teaches nothing.
+    fn learn_from(
+        &self,
+        status: http::StatusCode,
+        headers: &http::HeaderMap,
+        covered: &[header::HeaderName],
+    ) {
+        let settings = &self.settings;
+        let Uncovered::Names(names) = vary::uncovered(headers, &settings.key_headers, covered)
+        else {
+            return;
+        };
+        let all: Vec<header::HeaderName> = covered.iter().chain(&names).cloned().collect();
+        if !status.is_server_error()
+            && disposition_of(status, headers, settings, &all) == Disposition::Store
+        {
+            self.vary.learn(&names);
+        }
+    }
+
+    /// `fetch` (made for `key` or a key with fewer learned headers) carrying the client's
+    /// values of the learned vary headers `learned` too: the fetch for the key made with them.
+    fn with_learned(
+        &self,
+        mut fetch: FetchRequest,
+        learned: &[header::HeaderName],
+        headers: &http::HeaderMap,
+    ) -> FetchRequest {
+        for name in learned {
+            fetch.headers.remove(name);
+            for value in headers.get_all(name) {
+                fetch.headers.append(name.clone(), value.clone());
+            }
+        }
+        fetch
+    }
+
+    /// Whether `key`, not stored yet, would be one variant too many of its request.
+    fn variants_full(&self, store: &Store, key: &CacheKey) -> bool {
+        key.varied() > 0
+            && store.get(key).is_none()
+            && store.count_path(key.route(), key.path(), |k| {
+                k.varied() == key.varied() && k.base() == key.base()
+            }) >= self.settings.max_variants
     }
 
     /// Whether a request with this body goes around the cache: a body the key ignores, on
@@ -91,10 +152,11 @@ impl CachedRoute {
     /// The upstream request whose answer every request with `key` shares: only what the
     /// key covers. The query keeps only the keyed parameters; the body is the canonical
     /// JSON in the key, sent as `application/json` (none when the route does not key on
-    /// the body); of the client's `headers` only the key headers go, so no `Accept`,
-    /// `Content-Type`, credentials or `Accept-Encoding` unless keyed. `request_id` is stoa's.
-    /// `client_path` (the path the client asked for) gives the route's tag templates their
-    /// path parameters.
+    /// the body); of the client's `headers` only the key headers and the learned vary
+    /// headers the key holds go, so no `Accept`, `Content-Type`, credentials or
+    /// `Accept-Encoding` unless keyed or varied on. `request_id` is stoa's. `client_path`
+    /// (the path the client asked for) gives the route's tag templates their path
+    /// parameters.
     pub fn shared_fetch(
         &self,
         method: http::Method,
@@ -109,6 +171,17 @@ impl CachedRoute {
         for name in &settings.key_headers {
             for value in headers.get_all(name) {
                 sent.append(name.clone(), value.clone());
+            }
+        }
+        if key.varied() > 0 {
+            if let Some(learned) = self.vary.names() {
+                for name in learned.iter() {
+                    if key.vary_names().any(|held| held == name.as_str()) {
+                        for value in headers.get_all(name) {
+                            sent.append(name.clone(), value.clone());
+                        }
+                    }
+                }
             }
         }
         let body = match settings.key_body {
@@ -333,7 +406,7 @@ impl CacheEngine {
                 .store
                 .keys_of(route)
                 .into_iter()
-                .filter(|k| k.as_str() == key)
+                .filter(|k| k.base() == key)
                 .map(|k| usize::from(self.store.remove(&k)))
                 .sum(),
             PurgeWhat::Tags { .. } => self
@@ -442,17 +515,19 @@ impl CacheEngine {
     }
 
     /// Serves a request whose cache key is `key`. `make_fetch` builds the upstream request;
-    /// it is called at most once, only when the upstream must be asked.
+    /// it is called at most once, only when the upstream must be asked. `headers`: the
+    /// request's, whose values of newly learned vary headers its answer is made with.
     pub async fn serve(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
         key: &CacheKey,
+        headers: &http::HeaderMap,
         make_fetch: impl FnOnce() -> FetchRequest,
     ) -> Served {
         match self.serve_from_memory(route, key, make_fetch, Instant::now()) {
             Ok(served) => served,
             Err((make_fetch, stale)) => {
-                self.serve_miss(route, key, stale, make_fetch, || Ok(()))
+                self.serve_miss(route, key, stale, make_fetch, || Ok(()), headers)
                     .await
             }
         }
@@ -466,6 +541,11 @@ impl CacheEngine {
     /// waiter goes upstream on its own (private answer, lock timeout with `bypass`). A
     /// request that joins a flight in progress, or finds the answer stored by a flight that
     /// just ended, is never asked. Its `Err` is answered with the cache not consulted.
+    ///
+    /// When the route learns a vary header from the flight's answer (or learned one since
+    /// `key` was made), that answer was made without this request's value of it: the
+    /// request is served under its key with the learned headers' values from `headers`,
+    /// through that key's own single flight (a new variant, or one stored already).
     pub async fn serve_miss(
         self: &Arc<Self>,
         route: &Arc<CachedRoute>,
@@ -473,18 +553,54 @@ impl CacheEngine {
         stale: Option<Arc<Entry>>,
         make_fetch: impl FnOnce() -> FetchRequest,
         admit: impl FnOnce() -> Result<(), StoaError>,
+        headers: &http::HeaderMap,
     ) -> Served {
         let mut admit = Some(admit);
+        let mut flown = self.fly(route, key, stale, make_fetch, &mut admit).await;
+        let mut rekeyed: Option<CacheKey> = None;
+        // Each round holds more learned headers than the last: at most one per header.
+        loop {
+            let fetch = match flown {
+                Flown::Served(served) => return served,
+                Flown::Rekey(fetch) => fetch,
+            };
+            let learned = route.vary.snapshot();
+            let key = rekeyed.as_ref().unwrap_or(key).with_vary(&learned, headers);
+            let fetch = route.with_learned(fetch, &learned, headers);
+            flown = match self.serve_from_memory(route, &key, move || fetch, Instant::now()) {
+                Ok(served) => Flown::Served(served),
+                Err((make_fetch, stale)) => {
+                    self.fly(route, &key, stale, make_fetch, &mut admit).await
+                }
+            };
+            rekeyed = Some(key);
+        }
+    }
+
+    /// One round of [`CacheEngine::serve_miss`]: the single flight of `key`.
+    async fn fly<F: FnOnce() -> FetchRequest>(
+        self: &Arc<Self>,
+        route: &Arc<CachedRoute>,
+        key: &CacheKey,
+        stale: Option<Arc<Entry>>,
+        make_fetch: F,
+        admit: &mut Option<impl FnOnce() -> Result<(), StoaError>>,
+    ) -> Flown {
         let joined = self.flights.join(key, || {
+            // Made before the route learned a vary header: under the key with it instead.
+            if route.vary.len() > key.varied() {
+                return Some(None);
+            }
             if let Some(fresh) = self.store.get(key).filter(|e| e.is_fresh(Instant::now())) {
-                return Some(Served::Entry(fresh, CacheStatus::Hit));
+                return Some(Some(Served::Entry(fresh, CacheStatus::Hit)));
             }
             let refused = admit.take().and_then(|admit| admit().err());
-            refused.map(|e| Served::Error(e, CacheStatus::None))
+            refused.map(|e| Some(Served::Error(e, CacheStatus::None)))
         });
         let settings = &route.settings;
         let (slot, leader, later) = match joined {
-            Err(served) => return served,
+            Err(Some(served)) => return Flown::Served(served),
+            Err(None) => return Flown::Rekey(make_fetch()),
             Ok(Joined::Lead(lead, slot)) => {
                 let fetch = make_fetch();
                 // The leader keeps a copy: it may have to go upstream itself (lock timeout
@@ -522,12 +638,22 @@ impl CacheEngine {
                 .filter(|e| Instant::now() < e.error_until),
             (stale, _) => stale,
         };
-        match outcome {
+        let served = match outcome {
             Ok(Some(Outcome::Shared(entry))) => Served::Entry(entry, how),
             Ok(Some(Outcome::FromTier(entry))) if leader => {
                 Served::Entry(entry, CacheStatus::SharedHit)
             }
             Ok(Some(Outcome::FromTier(entry))) => Served::Entry(entry, how),
+            // The answer varies on a header the route learned from it (or since `key` was
+            // made): made without this request's value, it goes to nobody.
+            Ok(Some(Outcome::Private(entry)))
+                if entry.not_stored == Some(NotStored::Vary) && route.vary.len() > key.varied() =>
+            {
+                match later.take() {
+                    Some(fetch) => return Flown::Rekey(fetch),
+                    None => Served::Error(StoaError::Internal("no request to send".into()), how),
+                }
+            }
             Ok(Some(Outcome::Private(entry))) if leader => match stale {
                 Some(stale) if entry.header.status.is_server_error() => {
                     Served::Entry(stale, CacheStatus::Stale)
@@ -545,7 +671,7 @@ impl CacheEngine {
                 server_error,
             })) => {
                 if let (true, Some(stale)) = (server_error, stale) {
-                    return Served::Entry(stale, CacheStatus::Stale);
+                    return Flown::Served(Served::Entry(stale, CacheStatus::Stale));
                 }
                 let taken = (leader || shared).then(|| flight::take(&stream)).flatten();
                 // Let go of the stream now if nobody took it: it holds an upstream slot.
@@ -559,7 +685,7 @@ impl CacheEngine {
                 }
             }
             Ok(Some(Outcome::Private(_))) => match later.take() {
-                Some(fetch) => self.bypass_admitted(route, fetch, admit).await,
+                Some(fetch) => self.bypass_admitted(route, fetch, admit.take()).await,
                 None => Served::Error(StoaError::Internal("no request to send".into()), how),
             },
             Ok(Some(Outcome::Failed(err))) => match stale {
@@ -580,13 +706,14 @@ impl CacheEngine {
                         Served::Entry(entry, CacheStatus::Stale)
                     }
                     (OnLockTimeout::Bypass, _) => match later.take() {
-                        Some(fetch) => self.bypass_admitted(route, fetch, admit).await,
+                        Some(fetch) => self.bypass_admitted(route, fetch, admit.take()).await,
                         None => Served::Error(timeout, how),
                     },
                     _ => Served::Error(timeout, how),
                 }
             }
-        }
+        };
+        Flown::Served(served)
     }
 
     /// [`CacheEngine::bypass`], once `admit` (if not asked yet) lets the request through.
@@ -607,7 +734,8 @@ impl CacheEngine {
         match route.fetch(fetch).await {
             Ok(Answer::Whole(fetched)) => {
                 let none = Compressed::none();
-                match fetched_to_entry(fetched, &route.settings, 0, Instant::now(), None, none) {
+                let settings = &route.settings;
+                match fetched_to_entry(fetched, settings, &[], 0, Instant::now(), None, none) {
                     Ok((entry, _)) => Served::Entry(entry, CacheStatus::Bypass),
                     Err(e) => Served::Error(e, CacheStatus::Bypass),
                 }
@@ -720,7 +848,9 @@ impl CacheEngine {
                     _ => {
                         // Compressed (and an encoded answer decoded) off the request
                         // path, before the entry is weighed and stored.
-                        let store = disposition(&fetched, &route.settings) == Disposition::Store
+                        let covered = route.covered_by(lead.key());
+                        let store = disposition(&fetched, &route.settings, &covered)
+                            == Disposition::Store
                             && !fetched.status.is_server_error();
                         let limit =
                             usize::try_from(route.settings.max_entry_bytes).unwrap_or(usize::MAX);
@@ -742,9 +872,14 @@ impl CacheEngine {
                     if !server_error {
                         engine.store.remove(lead.key());
                     }
-                    let shared =
-                        !disposition_of(streaming.status, &streaming.headers, &route.settings)
-                            .is_private();
+                    let covered = route.covered_by(lead.key());
+                    let shared = !disposition_of(
+                        streaming.status,
+                        &streaming.headers,
+                        &route.settings,
+                        &covered,
+                    )
+                    .is_private();
                     // A personal answer is for the leader only; a refresh has none.
                     let stream = (shared || has_client).then_some(streaming);
                     let outcome = Outcome::TooLarge {
@@ -798,7 +933,9 @@ impl CacheEngine {
     }
 
     /// Turns an upstream answer into an outcome, storing it when cacheable and no
-    /// invalidation reached the fill while it was in flight; whether it was stored.
+    /// invalidation reached the fill while it was in flight; whether it was stored. An
+    /// answer whose `Vary` names request headers the key does not hold teaches them to the
+    /// route first (see [`CachedRoute::learn_from`]), and is not stored.
     fn settle(
         &self,
         route: &CachedRoute,
@@ -808,20 +945,35 @@ impl CacheEngine {
         compressed: Compressed,
     ) -> (Outcome, bool) {
         let key = lead.key();
+        let covered = route.covered_by(key);
+        route.learn_from(fetched.status, &fetched.headers, &covered);
         match fetched_to_entry(
             fetched,
             &route.settings,
+            &covered,
             key.byte_len(),
             Instant::now(),
             Some(recipe),
             compressed,
         ) {
             Err(e) => (Outcome::Failed(e), false),
+            Ok((mut entry, Disposition::Store)) if route.variants_full(&self.store, key) => {
+                route.vary.refused.max_variants.inc();
+                if let Some(fresh) = Arc::get_mut(&mut entry) {
+                    fresh.not_stored = Some(NotStored::Variants);
+                }
+                (Outcome::Shared(entry), false)
+            }
             Ok((entry, Disposition::Store)) => {
                 let mut held = false;
                 let stored = lead.store_unless_invalidated(
                     |tag| entry.has_tag(tag),
                     || {
+                        // Checked again where stores are one at a time.
+                        if route.variants_full(&self.store, key) {
+                            route.vary.refused.max_variants.inc();
+                            return;
+                        }
                         held = self.store.insert(key.clone(), entry.clone());
                         if !held {
                             // Within max_entry_bytes, but its head and key tip it over
@@ -840,6 +992,14 @@ impl CacheEngine {
             Ok((entry, Disposition::ServerError)) => (Outcome::ServerError(entry), false),
         }
     }
+}
+
+/// How one round of a miss ended.
+enum Flown {
+    Served(Served),
+    /// The route learned a vary header the round's key does not hold: serve the request
+    /// under the key that does, with this request sent upstream if need be.
+    Rekey(FetchRequest),
 }
 
 /// A request to send upstream later, if at all: built already, or built on demand.
@@ -886,9 +1046,11 @@ impl Disposition {
     }
 }
 
+/// `learned`: the learned vary headers the answer's key holds.
 fn fetched_to_entry(
     mut fetched: Fetched,
     settings: &CacheSettings,
+    learned: &[header::HeaderName],
     key_len: usize,
     now: Instant,
     recipe: Option<Arc<FetchRequest>>,
@@ -901,7 +1063,7 @@ fn fetched_to_entry(
     tags.freeze();
     let status = fetched.status.as_u16();
     let server_error = fetched.status.is_server_error();
-    let disposition = match disposition(&fetched, settings) {
+    let disposition = match disposition(&fetched, settings, learned) {
         Disposition::Private(why) => Disposition::Private(why),
         _ if server_error => Disposition::ServerError,
         d => d,
@@ -1128,14 +1290,20 @@ fn owned_request(fetch: &FetchRequest) -> FetchRequest {
     }
 }
 
-fn disposition(fetched: &Fetched, settings: &CacheSettings) -> Disposition {
-    disposition_of(fetched.status, &fetched.headers, settings)
+fn disposition(
+    fetched: &Fetched,
+    settings: &CacheSettings,
+    learned: &[header::HeaderName],
+) -> Disposition {
+    disposition_of(fetched.status, &fetched.headers, settings, learned)
 }
 
+/// `learned`: the learned vary headers the answer's key holds, beside the key headers.
 fn disposition_of(
     status: http::StatusCode,
     headers: &http::HeaderMap,
     settings: &CacheSettings,
+    learned: &[header::HeaderName],
 ) -> Disposition {
     if headers.contains_key(header::SET_COOKIE) {
         return Disposition::Private(NotStored::SetCookie);
@@ -1146,19 +1314,7 @@ fn disposition_of(
             return Disposition::Private(why);
         }
     }
-    let unkeyed_vary = headers.get_all(header::VARY).iter().any(|v| {
-        v.to_str().map_or(true, |v| {
-            v.split(',').map(str::trim).any(|h| {
-                !h.is_empty()
-                    && !h.eq_ignore_ascii_case("accept-encoding")
-                    && !settings
-                        .key_headers
-                        .iter()
-                        .any(|k| k.as_str().eq_ignore_ascii_case(h))
-            })
-        })
-    });
-    if unkeyed_vary {
+    if vary::uncovered(headers, &settings.key_headers, learned) != Uncovered::None {
         return Disposition::Private(NotStored::Vary);
     }
     if settings.ttl_for(status.as_u16()).is_some() {
@@ -1217,6 +1373,7 @@ mod tests {
             compress: None,
             compression: None,
             tags: Vec::new(),
+            max_variants: 16,
         };
         let counter = || prometheus::IntCounter::new("counter", "test").unwrap();
         let too_large = counter();
@@ -1239,6 +1396,13 @@ mod tests {
                 failed: counter(),
             },
             not_modified: counter(),
+            vary: Learned::new(
+                &[],
+                vary::Refusals {
+                    max_variants: counter(),
+                    max_vary_headers: counter(),
+                },
+            ),
         })
     }
 
@@ -1248,7 +1412,7 @@ mod tests {
             .key_for(&http::Method::GET, path, b"", &headers)
             .unwrap();
         let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None, path);
-        engine.serve(route, &key, fetch).await
+        engine.serve(route, &key, &headers, fetch).await
     }
 
     #[tokio::test]
@@ -1461,5 +1625,229 @@ mod tests {
             assert_eq!(keyed_query_only(given, &only), sent, "{given}");
         }
         assert_eq!(keyed_query_only("/p?z=1&a=2", &KeyQuery::All), "/p?z=1&a=2");
+    }
+
+    /// An origin that answers with the `Accept-Language` it was asked in (`-` for none)
+    /// and the `Vary` in `vary`, after a pause, counting fetches.
+    struct Languages {
+        vary: std::sync::Mutex<&'static str>,
+        calls: AtomicUsize,
+    }
+
+    impl Languages {
+        fn new(vary: &'static str) -> Arc<Self> {
+            Arc::new(Languages {
+                vary: std::sync::Mutex::new(vary),
+                calls: AtomicUsize::new(0),
+            })
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Origin for Languages {
+        fn fetch(&self, req: FetchRequest, _limit: usize) -> Pending<'_, Answer> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let vary = *self.vary.lock().unwrap();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let language = req
+                    .headers
+                    .get(header::ACCEPT_LANGUAGE)
+                    .map_or("-".to_string(), |v| v.to_str().unwrap().to_string());
+                let mut headers = http::HeaderMap::new();
+                if !vary.is_empty() {
+                    headers.insert(header::VARY, http::HeaderValue::from_static(vary));
+                }
+                Ok(Answer::Whole(Fetched {
+                    status: http::StatusCode::OK,
+                    headers,
+                    body: Bytes::from(language),
+                }))
+            })
+        }
+    }
+
+    fn language_route(origin: Arc<Languages>, max_variants: usize) -> Arc<CachedRoute> {
+        let counting = route("r", Arc::new(Counting::default()));
+        let mut route = Arc::try_unwrap(counting).ok().unwrap();
+        route.origin = origin;
+        route.settings.max_variants = max_variants;
+        Arc::new(route)
+    }
+
+    async fn get_in(
+        engine: &Arc<CacheEngine>,
+        route: &Arc<CachedRoute>,
+        path: &str,
+        language: Option<&str>,
+    ) -> (String, CacheStatus) {
+        let mut headers = http::HeaderMap::new();
+        if let Some(language) = language {
+            headers.insert(header::ACCEPT_LANGUAGE, language.parse().unwrap());
+        }
+        let key = route
+            .key_for(&http::Method::GET, path, b"", &headers)
+            .unwrap();
+        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None);
+        body_of(&engine.serve(route, &key, &headers, fetch).await)
+    }
+
+    #[tokio::test]
+    async fn a_vary_is_learned_and_each_client_gets_an_answer_made_with_its_header() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Languages::new("Accept-Language");
+        let route = language_route(origin.clone(), 16);
+        // The first answer was made without the client's language: asked again with it.
+        assert_eq!(
+            get_in(&engine, &route, "/p", Some("sv")).await,
+            ("sv".into(), CacheStatus::Miss)
+        );
+        assert_eq!(origin.calls(), 2);
+        assert_eq!(route.vary.snapshot(), [header::ACCEPT_LANGUAGE]);
+        assert_eq!(
+            get_in(&engine, &route, "/p", Some(" SV ")).await,
+            ("sv".into(), CacheStatus::Hit),
+            "the same language, normalised"
+        );
+        assert_eq!(
+            get_in(&engine, &route, "/p", Some("en")).await,
+            ("en".into(), CacheStatus::Miss)
+        );
+        assert_eq!(
+            get_in(&engine, &route, "/p", None).await,
+            ("-".into(), CacheStatus::Miss)
+        );
+        assert_eq!(origin.calls(), 4, "one call per new variant");
+        for (language, body) in [(Some("sv"), "sv"), (Some("en"), "en"), (None, "-")] {
+            assert_eq!(
+                get_in(&engine, &route, "/p", language).await,
+                (body.into(), CacheStatus::Hit)
+            );
+        }
+        // Another path of the route: keyed on the language from its first request on.
+        assert_eq!(
+            get_in(&engine, &route, "/q", Some("fi")).await,
+            ("fi".into(), CacheStatus::Miss)
+        );
+        assert_eq!(origin.calls(), 5);
+        assert_eq!(engine.store.len(), 4);
+
+        // An exact-request purge names the key's base: every variant of the request goes.
+        let headers = http::HeaderMap::new();
+        let key = route
+            .key_for(&http::Method::GET, "/p", b"", &headers)
+            .unwrap();
+        assert_ne!(key.base(), key.as_str());
+        let exact = Invalidation {
+            what: PurgeWhat::Key {
+                route: "r".into(),
+                key: key.base().to_string(),
+            },
+            soft: false,
+        };
+        assert_eq!(engine.apply_local(&exact), 3);
+        assert_eq!(engine.store.len(), 1, "/q stays");
+        assert_eq!(
+            get_in(&engine, &route, "/p", Some("sv")).await,
+            ("sv".into(), CacheStatus::Miss)
+        );
+        assert_eq!(origin.calls(), 6, "no second learning");
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_requests_share_one_learning_and_one_flight_per_variant() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Languages::new("accept-language");
+        let route = language_route(origin.clone(), 16);
+        let languages = ["sv", "en", "sv", "fi", "en", "sv", "sv", "fi"];
+        let calls = languages
+            .iter()
+            .map(|l| get_in(&engine, &route, "/p", Some(l)));
+        let answers = futures_util::future::join_all(calls).await;
+        for (language, (body, _)) in languages.iter().zip(&answers) {
+            assert_eq!(body, language);
+        }
+        assert_eq!(
+            origin.calls(),
+            1 + 3,
+            "the first answer, then one per language"
+        );
+        // A key made before the route learned goes to the key with the language at once.
+        let late = language_route(origin.clone(), 16);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::ACCEPT_LANGUAGE, "da".parse().unwrap());
+        let old = late
+            .key_for(&http::Method::GET, "/p", b"", &headers)
+            .unwrap();
+        assert!(late.vary.learn(&[header::ACCEPT_LANGUAGE]));
+        let fetch = || late.shared_fetch(http::Method::GET, "/p", &old, &headers, None);
+        let served = engine.serve(&late, &old, &headers, fetch).await;
+        assert_eq!(body_of(&served), ("da".into(), CacheStatus::Miss));
+        assert_eq!(origin.calls(), 5, "one call");
+    }
+
+    #[tokio::test]
+    async fn max_variants_and_vary_star_are_not_stored() {
+        let engine = CacheEngine::new(1 << 20);
+        let origin = Languages::new("Accept-Language");
+        let route = language_route(origin.clone(), 2);
+        get_in(&engine, &route, "/p", Some("sv")).await;
+        get_in(&engine, &route, "/p", Some("en")).await;
+        assert_eq!(origin.calls(), 3);
+        for _ in 0..2 {
+            assert_eq!(
+                get_in(&engine, &route, "/p", Some("fi")).await,
+                ("fi".into(), CacheStatus::Miss),
+                "a third variant is served, not stored"
+            );
+        }
+        assert_eq!(origin.calls(), 5);
+        assert_eq!(route.vary.refused.max_variants.get(), 2);
+        assert_eq!(engine.store.len(), 2);
+        // Another request has room for its own.
+        assert_eq!(
+            get_in(&engine, &route, "/p?x=1", Some("fi")).await,
+            ("fi".into(), CacheStatus::Miss)
+        );
+        assert_eq!(
+            get_in(&engine, &route, "/p?x=1", Some("fi")).await,
+            ("fi".into(), CacheStatus::Hit)
+        );
+
+        let star = Languages::new("*");
+        let route = language_route(star.clone(), 16);
+        for _ in 0..2 {
+            let (_, status) = get_in(&engine, &route, "/s", Some("sv")).await;
+            assert_eq!(status, CacheStatus::Miss);
+        }
+        assert_eq!(star.calls(), 2);
+        assert!(route.vary.is_empty());
+    }
+
+    #[test]
+    fn a_shared_fetch_carries_the_learned_headers_its_key_holds() {
+        let route = language_route(Languages::new(""), 16);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(header::ACCEPT_LANGUAGE, "sv".parse().unwrap());
+        headers.insert(header::ORIGIN, "https://a.example".parse().unwrap());
+        let before = route
+            .key_for(&http::Method::GET, "/p", b"", &headers)
+            .unwrap();
+        let sent = route.shared_fetch(http::Method::GET, "/p", &before, &headers, None);
+        assert!(sent.headers.is_empty(), "{:?}", sent.headers);
+        assert!(route.vary.learn(&[header::ACCEPT_LANGUAGE]));
+        let after = route
+            .key_for(&http::Method::GET, "/p", b"", &headers)
+            .unwrap();
+        assert_eq!(after.base(), before.as_str());
+        let sent = route.shared_fetch(http::Method::GET, "/p", &after, &headers, None);
+        assert_eq!(sent.headers.len(), 1);
+        assert_eq!(sent.headers[header::ACCEPT_LANGUAGE], "sv");
+        // A key made before learning sends only what it holds.
+        let sent = route.shared_fetch(http::Method::GET, "/p", &before, &headers, None);
+        assert!(sent.headers.is_empty());
     }
 }

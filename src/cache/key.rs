@@ -4,6 +4,10 @@
 //!
 //! Canonical JSON has its object keys sorted and no insignificant white space, with
 //! numbers as parsed, so `{"customer_id":"a"}` and `{ "customer_id" : "a" }` share a key.
+//!
+//! A route that learned from its upstream's `Vary` which request headers its answers depend
+//! on (see [`crate::cache::vary`]) adds their normalised values after all that: the key
+//! without them is the key's *base*, the same for every variant of one request.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::ops::Range;
@@ -22,6 +26,10 @@ const SEP: char = '\n';
 /// Hashes every key once, when it is made; seeded once per process.
 static HASHER: LazyLock<DefaultHashBuilder> = LazyLock::new(DefaultHashBuilder::default);
 
+/// Opens the learned-vary part of a key; cannot begin a header name, so it cannot be
+/// mistaken for a key header's line.
+const VARY_MARK: &str = "@vary";
+
 /// A cache key: route, method, path and variant, held in one string (one allocation, as
 /// a request's key is made on every request) with where each part lies, and its hash.
 #[derive(Debug, Clone)]
@@ -30,6 +38,10 @@ pub struct CacheKey {
     route: Range<usize>,
     path: Range<usize>,
     body: Range<usize>,
+    /// The end of the base: the key without its learned-vary part.
+    base: usize,
+    /// How many of the route's learned vary headers the key holds.
+    varied: u8,
     hash: u64,
 }
 
@@ -53,6 +65,48 @@ impl CacheKey {
     /// The whole key, as every node derives it.
     pub fn as_str(&self) -> &str {
         &self.text
+    }
+
+    /// The key without the values of learned vary headers: shared by every variant of
+    /// one request (what an exact-request purge names). The whole key when it has none.
+    pub fn base(&self) -> &str {
+        &self.text[..self.base]
+    }
+
+    /// The learned-vary part ("" when the key has none).
+    pub fn vary_part(&self) -> &str {
+        &self.text[self.base..]
+    }
+
+    /// How many of its route's learned vary headers the key holds (a route's learned list
+    /// only grows: fewer than the route has means the key was made before it learned more).
+    pub fn varied(&self) -> usize {
+        usize::from(self.varied)
+    }
+
+    /// The names of the learned vary headers the key holds.
+    pub fn vary_names(&self) -> impl Iterator<Item = &str> {
+        self.vary_part()
+            .split(SEP)
+            .skip(1)
+            .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+    }
+
+    /// The key of the same request with the values of `learned` (all the route's learned
+    /// vary headers) taken from `headers`, in place of those it holds.
+    pub fn with_vary(&self, learned: &[HeaderName], headers: &HeaderMap) -> CacheKey {
+        let mut text = String::with_capacity(self.base + vary_len(learned, headers));
+        text.push_str(self.base());
+        push_vary(&mut text, learned, headers);
+        CacheKey {
+            hash: HASHER.hash_one(text.as_str()),
+            text,
+            route: self.route.clone(),
+            path: self.path.clone(),
+            body: self.body.clone(),
+            base: self.base,
+            varied: varied_count(learned),
+        }
     }
 
     /// Bytes held, for weighing entries.
@@ -86,13 +140,18 @@ pub struct KeyParts<'a> {
 }
 
 /// Derives the key; a body that is not valid JSON on a body-keyed route is a 400.
+/// `learned`: the vary headers the route learned (none on most routes), whose normalised
+/// values end the key.
 pub fn derive(
     parts: &KeyParts<'_>,
     key_query: &KeyQuery,
     key_body: &KeyBody,
     key_headers: &[HeaderName],
+    learned: &[HeaderName],
 ) -> Result<CacheKey, StoaError> {
-    let mut key = String::with_capacity(parts.route.len() + parts.path.len() + 64);
+    let mut key = String::with_capacity(
+        parts.route.len() + parts.path.len() + 64 + vary_len(learned, parts.headers),
+    );
     key.push_str(parts.route);
     let route = 0..key.len();
     key.push(SEP);
@@ -127,13 +186,92 @@ pub fn derive(
         }
         key.push(SEP);
     }
+    let base = key.len();
+    push_vary(&mut key, learned, parts.headers);
     Ok(CacheKey {
         hash: HASHER.hash_one(key.as_str()),
         text: key,
         route,
         path,
         body,
+        base,
+        varied: varied_count(learned),
     })
+}
+
+/// Request headers whose values are compared without regard to case: their normalised
+/// values are lower-cased (language tags, media types, charsets, origins' scheme and host).
+const CASE_INSENSITIVE: [&str; 4] = ["accept", "accept-charset", "accept-language", "origin"];
+
+fn varied_count(learned: &[HeaderName]) -> u8 {
+    u8::try_from(learned.len()).unwrap_or(u8::MAX)
+}
+
+/// At least the bytes [`push_vary`] writes, so the key is allocated once.
+fn vary_len(learned: &[HeaderName], headers: &HeaderMap) -> usize {
+    if learned.is_empty() {
+        return 0;
+    }
+    let values: usize = learned
+        .iter()
+        .map(|name| {
+            let lines: usize = headers.get_all(name).iter().map(|v| v.len() + 1).sum();
+            // Lossy decoding may write 3 bytes for one.
+            name.as_str().len() + 2 + 3 * lines
+        })
+        .sum();
+    VARY_MARK.len() + 1 + values
+}
+
+/// Writes the learned-vary part: a mark line, then `name=value` per learned header, its
+/// value normalised: the field lines joined by `,`, each list element trimmed, runs of
+/// white space in it made one space, empty elements left out, and lower-cased for the
+/// headers in [`CASE_INSENSITIVE`]. An absent header and an empty one are the same.
+fn push_vary(key: &mut String, learned: &[HeaderName], headers: &HeaderMap) {
+    if learned.is_empty() {
+        return;
+    }
+    key.push_str(VARY_MARK);
+    key.push(SEP);
+    for name in learned {
+        key.push_str(name.as_str());
+        key.push('=');
+        let lower = CASE_INSENSITIVE.contains(&name.as_str());
+        let mut first = true;
+        for value in headers.get_all(name) {
+            let text = String::from_utf8_lossy(value.as_bytes());
+            for element in text.split(',') {
+                let mut words = element.split_ascii_whitespace();
+                let Some(word) = words.next() else {
+                    continue;
+                };
+                if !first {
+                    key.push(',');
+                }
+                first = false;
+                push_word(key, word, lower);
+                for word in words {
+                    key.push(' ');
+                    push_word(key, word, lower);
+                }
+            }
+        }
+        key.push(SEP);
+    }
+}
+
+fn push_word(key: &mut String, word: &str, lower: bool) {
+    if lower {
+        key.extend(word.chars().map(|c| c.to_ascii_lowercase()));
+    } else {
+        key.push_str(word);
+    }
+}
+
+/// The upstream path of a key's text (as [`CacheKey::path`] gives it), for those that hold
+/// only the text.
+pub fn path_of_text(text: &str) -> Option<&str> {
+    text.split(SEP).nth(2)
 }
 
 fn push_query(key: &mut String, query: Option<&str>, which: &KeyQuery) {
@@ -201,7 +339,7 @@ pub fn test_key(route: &str, path: &str) -> CacheKey {
         body: b"",
         headers: &headers,
     };
-    derive(&parts, &KeyQuery::All, &KeyBody::None, &[]).expect("a key without a body")
+    derive(&parts, &KeyQuery::All, &KeyBody::None, &[], &[]).expect("a key without a body")
 }
 
 #[cfg(test)]
@@ -227,6 +365,7 @@ mod tests {
             },
             &kq,
             &kb,
+            &[],
             &[],
         )
     }
@@ -350,10 +489,113 @@ mod tests {
                 &KeyQuery::All,
                 &KeyBody::None,
                 &names,
+                &[],
             )
             .unwrap()
         };
         assert_ne!(k(&h1), k(&h2));
         assert_eq!(k(&h1), k(&h1.clone()));
+        assert_eq!(k(&h1).base(), k(&h1).as_str(), "no learned part");
+    }
+
+    fn learned_key(headers: &[(&str, &str)], learned: &[HeaderName]) -> CacheKey {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        derive(
+            &KeyParts {
+                route: "r",
+                method: &Method::GET,
+                path: "/p",
+                query: Some("a=1"),
+                body: b"",
+                headers: &map,
+            },
+            &KeyQuery::All,
+            &KeyBody::None,
+            &[HeaderName::from_static("x-keyed")],
+            learned,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn learned_headers_end_the_key_with_normalised_values() {
+        let learned = [
+            HeaderName::from_static("accept-language"),
+            HeaderName::from_static("x-token"),
+        ];
+        let k = |h: &[(&str, &str)]| learned_key(h, &learned);
+        let plain = learned_key(&[("x-keyed", "k")], &[]);
+        let a = k(&[("x-keyed", "k"), ("accept-language", "en-US, sv;q=0.8")]);
+        assert_eq!(a.base(), plain.as_str(), "the base is the key without them");
+        assert_eq!(plain.base(), plain.as_str());
+        assert_eq!(plain.vary_part(), "");
+        assert_eq!(a.varied(), 2);
+        assert_eq!(plain.varied(), 0);
+        assert_eq!(
+            a.vary_names().collect::<Vec<_>>(),
+            ["accept-language", "x-token"]
+        );
+        assert_eq!(plain.vary_names().count(), 0);
+        assert_eq!(
+            a.vary_part(),
+            "@vary\naccept-language=en-us,sv;q=0.8\nx-token=\n"
+        );
+        assert_eq!((a.route(), a.path()), ("r", "/p"));
+        // Trimmed, white space collapsed, lower-cased, field lines joined, empties dropped.
+        for same in [
+            "  EN-us ,\tsv;q=0.8 ",
+            "en-US,,sv;q=0.8",
+            "en-us , sv;q=0.8,",
+        ] {
+            assert_eq!(
+                k(&[("x-keyed", "k"), ("accept-language", same)]),
+                a,
+                "{same:?}"
+            );
+        }
+        assert_eq!(
+            k(&[
+                ("x-keyed", "k"),
+                ("accept-language", "en-US"),
+                ("accept-language", "sv;q=0.8"),
+            ]),
+            a
+        );
+        assert_ne!(k(&[("x-keyed", "k"), ("accept-language", "sv")]), a);
+        // Inner white space is kept as one space; other headers keep their case.
+        let spaced = k(&[("x-token", "a   b")]);
+        assert!(spaced.vary_part().contains("x-token=a b\n"));
+        assert_ne!(k(&[("x-token", "A")]), k(&[("x-token", "a")]));
+        // Absent and empty are the same.
+        assert_eq!(k(&[("x-token", "")]), k(&[]));
+        // The key headers stay in the base.
+        assert_ne!(k(&[("x-keyed", "other")]).base(), a.base());
+    }
+
+    #[test]
+    fn a_key_made_again_with_more_learned_headers() {
+        let learned = [HeaderName::from_static("origin")];
+        let mut headers = HeaderMap::new();
+        headers.insert("origin", "HTTPS://A.Example".parse().unwrap());
+        let before = learned_key(&[("origin", "HTTPS://A.Example")], &[]);
+        let again = before.with_vary(&learned, &headers);
+        let derived = learned_key(&[("origin", "HTTPS://A.Example")], &learned);
+        assert_eq!(again, derived);
+        assert_eq!(again.as_str(), derived.as_str());
+        assert_eq!(again.varied(), 1);
+        assert_eq!(again.base(), before.as_str());
+        assert!(again.vary_part().ends_with("origin=https://a.example\n"));
+        assert_eq!(
+            again.with_vary(&learned, &HeaderMap::new()).base(),
+            before.as_str(),
+            "made from the base, not on top of the old values"
+        );
+        assert_eq!(path_of_text(again.as_str()), Some("/p"));
     }
 }

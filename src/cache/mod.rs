@@ -11,6 +11,7 @@ pub mod purge;
 pub mod store;
 pub mod tags;
 pub mod tier;
+pub mod vary;
 
 pub use engine::{CacheEngine, CachedRoute, Served};
 pub use origin::Origin;
@@ -24,8 +25,11 @@ pub enum NotStored {
     NoStore,
     /// A `Set-Cookie` header.
     SetCookie,
-    /// A `Vary` on a header the key does not cover.
+    /// A `Vary` on a header the key does not cover and the route cannot learn (`*`, a
+    /// hop's own header, or beyond the headers a route learns).
     Vary,
+    /// A new variant of a request that has `max_variants` stored already.
+    Variants,
     /// A status the route does not cache (no ttl for it, or an upstream 5xx).
     Status,
     /// `Cache-Control: no-cache` without a validator to revalidate it with.
@@ -45,6 +49,7 @@ impl NotStored {
             NotStored::NoStore => "no-store",
             NotStored::SetCookie => "set-cookie",
             NotStored::Vary => "vary",
+            NotStored::Variants => "max-variants",
             NotStored::Status => "status",
             NotStored::NoCache => "no-cache",
             NotStored::Expired => "expired",

@@ -21,7 +21,8 @@ pub enum PurgeWhat {
     },
     /// The entries of `route` made for exactly the upstream `path` (a write's `invalidates`).
     Path { route: String, path: String },
-    /// The one entry under this full key.
+    /// The entries of one request: those whose key's base (the key without the values
+    /// of learned vary headers, see [`CacheKey::base`]) is this, so every variant.
     Key { route: String, key: String },
     /// Every entry carrying one of these tags (route templates, `Cache-Groups`,
     /// `Surrogate-Key`, `Cache-Tag`), of every route, or of the routes named (those of one
@@ -67,7 +68,7 @@ impl PurgeWhat {
                     && key.path().starts_with(prefix.as_str()))
             }
             PurgeWhat::Path { route, path } => yes(key.route() == route && key.path() == path),
-            PurgeWhat::Key { key: full, .. } => yes(key.as_str() == full),
+            PurgeWhat::Key { key: base, .. } => yes(key.base() == base),
             PurgeWhat::Tags { routes, .. } => match routes {
                 Some(routes) if !routes.iter().any(|r| r == key.route()) => Reach::No,
                 _ => Reach::ByTags,

@@ -566,6 +566,15 @@ impl Store {
             .unwrap_or_default()
     }
 
+    /// How many stored keys of `route` made for exactly `path` satisfy `which`.
+    pub fn count_path(&self, route: &str, path: &str, which: impl Fn(&CacheKey) -> bool) -> usize {
+        self.index()
+            .routes
+            .get(route)
+            .and_then(|paths| paths.get(path))
+            .map_or(0, |keys| keys.iter().filter(|k| which(k)).count())
+    }
+
     /// A snapshot of the entries (keys and values are reference-counted, not copied).
     pub fn entries(&self) -> impl Iterator<Item = (Key, Arc<Entry>)> + '_ {
         self.cache.iter()

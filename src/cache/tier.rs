@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 
 use super::control::Validators;
 use super::encoding::{Compressed, Variants};
-use super::key::CacheKey;
+use super::key::{self, CacheKey};
 use super::origin::FetchRequest;
 use super::purge::{Invalidation, PurgeWhat};
 use super::store::{Entry, Lifetimes};
@@ -683,7 +683,12 @@ impl Tier {
         }
         self.metrics.purges_sent.inc();
         let hashes: Vec<String> = match &inv.what {
-            PurgeWhat::Key { key, .. } => vec![hash_text(key)],
+            // The request's entry, and its variants from the route's index.
+            PurgeWhat::Key { key, .. } => {
+                let mut hashes = vec![hash_text(key)];
+                hashes.extend(self.indexed_hashes(&inv.what).await);
+                hashes
+            }
             PurgeWhat::Tags { tags, routes } => self.tagged_hashes(tags, routes.as_deref()).await,
             what => self.indexed_hashes(what).await,
         };
@@ -729,12 +734,13 @@ impl Tier {
         hashes
     }
 
-    /// The hashes a purge by route, path or prefix names, from the routes' indexes (which
-    /// hold the fills in flight too), taken out of them.
+    /// The hashes a purge by route, path or prefix (or the variants of one request) names,
+    /// from the routes' indexes (which hold the fills in flight too), taken out of them.
     async fn indexed_hashes(&self, what: &PurgeWhat) -> Vec<String> {
         let routes = match what {
             PurgeWhat::Route { route }
             | PurgeWhat::Path { route, .. }
+            | PurgeWhat::Key { route, .. }
             | PurgeWhat::Prefix {
                 route: Some(route), ..
             } => vec![route.clone()],
@@ -752,11 +758,19 @@ impl Tier {
                     .await
                     .unwrap_or_default()
             }
-            PurgeWhat::Key { .. } | PurgeWhat::Tags { .. } => Vec::new(),
+            PurgeWhat::Tags { .. } => Vec::new(),
         };
-        let matches = |path: &str| match what {
+        // A variant's hash starts with its base's (see `hash_of`).
+        let variants_of = match what {
+            PurgeWhat::Key { key, .. } => Some((key::path_of_text(key), hash_text(key) + ".")),
+            _ => None,
+        };
+        let matches = |path: &str, hash: &str| match what {
             PurgeWhat::Path { path: p, .. } => path == p,
             PurgeWhat::Prefix { prefix, .. } => path.starts_with(prefix.as_str()),
+            PurgeWhat::Key { .. } => variants_of
+                .as_ref()
+                .is_some_and(|(p, base)| *p == Some(path) && hash.starts_with(base.as_str())),
             _ => true,
         };
         let mut hashes = Vec::new();
@@ -766,7 +780,10 @@ impl Tier {
                 .members(&index)
                 .await
                 .into_iter()
-                .filter(|m| m.split_once('\n').is_some_and(|(path, _)| matches(path)))
+                .filter(|m| {
+                    m.split_once('\n')
+                        .is_some_and(|(path, hash)| matches(path, hash))
+                })
                 .collect();
             hashes.extend(
                 doomed
@@ -1125,9 +1142,15 @@ fn frozen(tags: &[String]) -> Tags {
     set
 }
 
-/// The key's name in Redis: a 128-bit hash of its full text, the same on every node.
+/// The key's name in Redis: a 128-bit hash of its full text, the same on every node. A
+/// variant's (a key with learned vary values) is its base's, a dot, then its own, so that
+/// an exact-request purge finds every variant in the route's index.
 fn hash_of(key: &CacheKey) -> String {
-    hash_text(key.as_str())
+    if key.vary_part().is_empty() {
+        hash_text(key.as_str())
+    } else {
+        format!("{}.{}", hash_text(key.base()), hash_text(key.as_str()))
+    }
 }
 
 fn hash_text(text: &str) -> String {

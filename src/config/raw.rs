@@ -237,6 +237,10 @@ pub struct RawCache {
     pub refresh_ahead: Option<f64>,
     pub jitter: Option<f64>,
     pub ignore_upstream_cache_control: Option<bool>,
+    /// Most variants (by the request headers the upstream's `Vary` names) stored per
+    /// request: route, method, path, query and body (default 16).
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_variants: Option<i64>,
     #[schemars(extend("enum" = ["route", "origin"]))]
     pub freshness: Option<String>,
     pub max_ttl: Option<RawDuration>,

@@ -156,11 +156,14 @@ pub async fn serve(
                     Some(checked) => checked,
                     None => admit(decision, &req.headers),
                 };
-                Box::pin(
-                    gateway
-                        .cache
-                        .serve_miss(cached, &key, stale, make_fetch, admit),
-                )
+                Box::pin(gateway.cache.serve_miss(
+                    cached,
+                    &key,
+                    stale,
+                    make_fetch,
+                    admit,
+                    &req.headers,
+                ))
                 .await
             }
         }

@@ -346,6 +346,7 @@ fn aggregate_cache(ttl: Duration, deadline: Duration) -> CacheSettings {
         // The `[cache]` default, filled in with the other routes'.
         max_entry_bytes: 0,
         compress: None,
+        max_variants: crate::config::cache::DEFAULT_MAX_VARIANTS,
         compression: None,
         tags: Vec::new(),
     }

@@ -21,7 +21,7 @@ pub mod tags;
 
 /// Request headers stoa sets itself for each hop: keying on them would forward a client's
 /// framing to the upstream.
-const UNKEYABLE_HEADERS: [&str; 9] = [
+pub const UNKEYABLE_HEADERS: [&str; 9] = [
     "connection",
     "content-length",
     "host",
@@ -83,6 +83,13 @@ pub struct CacheStoreSettings {
     /// The response field aimed at stoa alone (RFC 9213), lowercase.
     pub targeted_field: HeaderName,
 }
+
+/// Variants stored per request (route, method, path, query, body) when a route learned
+/// vary headers and does not say.
+pub const DEFAULT_MAX_VARIANTS: usize = 16;
+
+/// Largest `max_variants` accepted.
+const MAX_MAX_VARIANTS: i64 = 4096;
 
 /// Largest answer stored when `[cache]` does not say (if the store can hold it).
 pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 8 * 1024 * 1024;
@@ -216,6 +223,17 @@ impl Validator<'_> {
                 self.problem(
                     format!("{path}.jitter"),
                     format!("{j} is not a fraction between 0 and 0.5 (e.g. 0.05)"),
+                );
+                None
+            }
+        };
+        let max_variants = match raw.max_variants {
+            None => Some(DEFAULT_MAX_VARIANTS),
+            Some(n) if (1..=MAX_MAX_VARIANTS).contains(&n) => usize::try_from(n).ok(),
+            Some(n) => {
+                self.problem(
+                    format!("{path}.max_variants"),
+                    format!("{n} is not a number of variants from 1 to {MAX_MAX_VARIANTS}"),
                 );
                 None
             }
@@ -398,6 +416,7 @@ impl Validator<'_> {
             on_lock_timeout: on_lock_timeout?,
             refresh_ahead: refresh_ahead?,
             jitter: jitter?,
+            max_variants: max_variants?,
             ignore_upstream_cache_control: raw.ignore_upstream_cache_control.unwrap_or(false),
             freshness: freshness?,
             max_ttl: max_ttl?,
@@ -1021,5 +1040,31 @@ mod tests {
             p,
             ["routes[0].cache.tags: lists 65 tags; an answer carries at most 64 (the first ones)"]
         );
+    }
+
+    #[test]
+    fn max_variants_defaults_to_sixteen_and_is_checked() {
+        let route = |cache: &str| {
+            format!(
+                "[upstreams.u]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nname = \"r\"\n\
+                 methods = [\"GET\"]\npath = \"/r\"\nupstream = \"u\"\ncache = {cache}\n"
+            )
+        };
+        let max = |cache: &str| {
+            let c = load_str(&route(cache), EnvOverrides::Ignore).unwrap();
+            c.routes[0].cache.as_ref().unwrap().max_variants
+        };
+        assert_eq!(max(r#"{ ttl = "10s" }"#), super::DEFAULT_MAX_VARIANTS);
+        assert_eq!(max(r#"{ ttl = "10s", max_variants = 3 }"#), 3);
+        for bad in ["0", "-1", "5000"] {
+            let p = problems(&route(&format!(
+                r#"{{ ttl = "10s", max_variants = {bad} }}"#
+            )));
+            assert!(
+                p.iter()
+                    .any(|l| l.starts_with("routes[0].cache.max_variants: ")),
+                "{bad}: {p:#?}"
+            );
+        }
     }
 }

@@ -105,6 +105,9 @@ pub struct CacheSettings {
     /// Up to this fraction is taken off each TTL at random, so keys filled together do not
     /// expire together.
     pub jitter: f64,
+    /// Most variants stored per request (route, method, path, query, body) once the route
+    /// learned vary headers; a new one beyond is not stored.
+    pub max_variants: usize,
     /// Cache even when the upstream says `Cache-Control: no-store` or `private`.
     pub ignore_upstream_cache_control: bool,
     pub freshness: Freshness,
