@@ -1691,7 +1691,7 @@ mod tests {
         let key = route
             .key_for(&http::Method::GET, path, b"", &headers)
             .unwrap();
-        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None);
+        let fetch = || route.shared_fetch(http::Method::GET, path, &key, &headers, None, path);
         body_of(&engine.serve(route, &key, &headers, fetch).await)
     }
 
@@ -1783,7 +1783,7 @@ mod tests {
             .key_for(&http::Method::GET, "/p", b"", &headers)
             .unwrap();
         assert!(late.vary.learn(&[header::ACCEPT_LANGUAGE]));
-        let fetch = || late.shared_fetch(http::Method::GET, "/p", &old, &headers, None);
+        let fetch = || late.shared_fetch(http::Method::GET, "/p", &old, &headers, None, "/p");
         let served = engine.serve(&late, &old, &headers, fetch).await;
         assert_eq!(body_of(&served), ("da".into(), CacheStatus::Miss));
         assert_eq!(origin.calls(), 5, "one call");
@@ -1836,18 +1836,18 @@ mod tests {
         let before = route
             .key_for(&http::Method::GET, "/p", b"", &headers)
             .unwrap();
-        let sent = route.shared_fetch(http::Method::GET, "/p", &before, &headers, None);
+        let sent = route.shared_fetch(http::Method::GET, "/p", &before, &headers, None, "/p");
         assert!(sent.headers.is_empty(), "{:?}", sent.headers);
         assert!(route.vary.learn(&[header::ACCEPT_LANGUAGE]));
         let after = route
             .key_for(&http::Method::GET, "/p", b"", &headers)
             .unwrap();
         assert_eq!(after.base(), before.as_str());
-        let sent = route.shared_fetch(http::Method::GET, "/p", &after, &headers, None);
+        let sent = route.shared_fetch(http::Method::GET, "/p", &after, &headers, None, "/p");
         assert_eq!(sent.headers.len(), 1);
         assert_eq!(sent.headers[header::ACCEPT_LANGUAGE], "sv");
         // A key made before learning sends only what it holds.
-        let sent = route.shared_fetch(http::Method::GET, "/p", &before, &headers, None);
+        let sent = route.shared_fetch(http::Method::GET, "/p", &before, &headers, None, "/p");
         assert!(sent.headers.is_empty());
     }
 }
