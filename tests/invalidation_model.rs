@@ -2,7 +2,8 @@
 //! processes (one alone, and three on a real redis-server) in front of a versioned origin
 //! whose answers are slow, so that fills race purges and writes. Clients read, write
 //! through a route that `invalidates`, purge by every kind (exact request, path prefix,
-//! route, tag; hard and soft) through random nodes, while short TTLs expire entries.
+//! route, the route's tags and the upstream's; hard and soft) through random nodes, while
+//! short TTLs expire entries.
 //!
 //! The model: each key's version only grows; an invalidation acknowledged at time T (the
 //! client has its answer) fixes a floor: the version the upstream had said for that key
@@ -57,7 +58,8 @@ impl VersionedOrigin {
                 let read = *state.lock().unwrap().get(&key).unwrap_or(&0);
                 let pause = rng.lock().unwrap().u64(0..250);
                 tokio::time::sleep(Duration::from_millis(pause)).await;
-                text_answer(200, "cache-control: max-age=60\r\n", &read.to_string())
+                let tags = format!("surrogate-key: up-{key} up-all\r\n");
+                text_answer(200, &tags, &read.to_string())
             }
         });
         VersionedOrigin { port, versions }
@@ -127,7 +129,7 @@ methods = ["GET"]
 path = "/items/{{id}}"
 upstream = "origin"
 rewrite = "/api/items/{{id}}"
-cache = {{ ttl = "1s", lock_timeout = "10s" }}
+cache = {{ ttl = "1s", lock_timeout = "10s", tags = ["item:{{id}}", "items"] }}
 
 [[routes]]
 name = "item-write"
@@ -224,7 +226,8 @@ async fn run_model(
                         let version = origin.bump(&key);
                         // Every key the purge names, with the version the upstream has for
                         // it now (the others did not change: their floor is what they are).
-                        let (body, named): (serde_json::Value, Vec<String>) = match rng.u8(..3) {
+                        let all = || (0..KEYS).map(|k| format!("k{k}")).collect();
+                        let (body, named): (serde_json::Value, Vec<String>) = match rng.u8(..7) {
                             0 => (
                                 serde_json::json!({"request": {"path": format!("/items/{key}")}}),
                                 vec![key.clone()],
@@ -233,10 +236,19 @@ async fn run_model(
                                 serde_json::json!({"prefix": format!("/api/items/{key}"), "route": "items"}),
                                 vec![key.clone()],
                             ),
-                            _ => (
-                                serde_json::json!({"route": "items"}),
-                                (0..KEYS).map(|k| format!("k{k}")).collect(),
+                            2 => (serde_json::json!({"route": "items"}), all()),
+                            // The route's tags, from its templates ...
+                            3 => (
+                                serde_json::json!({"tags": [format!("item:{key}")]}),
+                                vec![key.clone()],
                             ),
+                            4 => (serde_json::json!({"tags": ["items"]}), all()),
+                            // ... and the upstream's (`Surrogate-Key`).
+                            5 => (
+                                serde_json::json!({"tags": [format!("up-{key}")]}),
+                                vec![key.clone()],
+                            ),
+                            _ => (serde_json::json!({"tags": ["up-all"]}), all()),
                         };
                         let mut body = body;
                         body["soft"] = serde_json::json!(soft);
