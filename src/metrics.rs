@@ -942,7 +942,7 @@ mod tests {
                 other => panic!("unexpected type {other} for {name}"),
             }
         }
-        assert_eq!(families, 23, "{text}");
+        assert_eq!(families, 24, "{text}");
     }
 
     /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.

@@ -1,7 +1,8 @@
 //! The shared tier's own guards, against a real redis-server, through the tier's API: a
 //! fill whose lease an invalidation ended is refused by Redis itself (the fill script
-//! checks the lease), and a fill Redis cannot store (out of memory) gives its lease back
-//! at once instead of holding the other nodes for the lease's life.
+//! checks the lease), a fill Redis cannot store (out of memory) gives its lease back at
+//! once instead of holding the other nodes for the lease's life, and a Redis that hangs is
+//! counted as timing out.
 
 mod common;
 
@@ -176,4 +177,30 @@ async fn a_fill_redis_cannot_store_gives_the_lease_back_at_once() {
         "the lease was given back"
     );
     b.after_fetch(&k, l, None).await;
+}
+
+#[tokio::test]
+async fn a_hung_redis_is_counted_as_timeouts_not_connection_errors() {
+    let redis = RedisServer::start();
+    let registry = prometheus::Registry::new();
+    let mut s = settings(&redis, "a");
+    s.command_timeout = Duration::from_millis(200);
+    let cluster = Cluster::new(s, &registry).unwrap();
+    cluster.probe().await;
+    assert!(cluster.is_up());
+    redis.signal("STOP");
+    cluster.probe().await;
+    redis.signal("CONT");
+    let errors = |kind: &str| {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == "stoa_cluster_redis_errors_total")
+            .flat_map(|f| f.get_metric())
+            .find(|m| m.get_label().iter().any(|l| l.value() == kind))
+            .map_or(0, |m| m.get_counter().get_value() as u64)
+    };
+    assert_eq!(errors("timeout"), 1);
+    assert_eq!(errors("connection"), 0);
+    assert!(!cluster.is_up(), "degraded while it hangs");
 }

@@ -965,6 +965,7 @@ impl CacheEngine {
                 (Outcome::Shared(entry), false)
             }
             Ok((entry, Disposition::Store)) => {
+                self.purges.tags_dropped(entry.tags().dropped());
                 let mut held = false;
                 let stored = lead.store_unless_invalidated(
                     |tag| entry.has_tag(tag),

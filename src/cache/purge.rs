@@ -121,6 +121,7 @@ pub struct PurgeMetrics {
     seconds: Histogram,
     fills_refused: IntCounter,
     unconfirmed: IntCounter,
+    tags_dropped: IntCounter,
 }
 
 impl PurgeMetrics {
@@ -130,6 +131,7 @@ impl PurgeMetrics {
         registry.register(Box::new(metrics.seconds.clone()))?;
         registry.register(Box::new(metrics.fills_refused.clone()))?;
         registry.register(Box::new(metrics.unconfirmed.clone()))?;
+        registry.register(Box::new(metrics.tags_dropped.clone()))?;
         for kind in ["route", "prefix", "path", "request", "tags"] {
             for mode in ["hard", "soft"] {
                 metrics.invalidations.with_label_values(&[kind, mode]);
@@ -162,6 +164,10 @@ impl PurgeMetrics {
                 "stoa_cache_invalidations_unconfirmed_total",
                 "Invalidations answered after cluster.ack_timeout without every live instance's confirmation",
             )?,
+            tags_dropped: IntCounter::new(
+                "stoa_cache_tags_dropped_total",
+                "Tags left off stored answers: past 64 per answer, or longer than 128 bytes (the first ones are kept)",
+            )?,
         })
     }
 
@@ -183,6 +189,12 @@ impl PurgeMetrics {
 
     pub fn fill_refused(&self) {
         self.fills_refused.inc();
+    }
+
+    pub fn tags_dropped(&self, n: u32) {
+        if n > 0 {
+            self.tags_dropped.inc_by(u64::from(n));
+        }
     }
 }
 

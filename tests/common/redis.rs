@@ -105,6 +105,18 @@ impl RedisServer {
         }
     }
 
+    /// Sends the server `signal` (`"STOP"` hangs it, `"CONT"` lets it go on).
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill -{signal}");
+        }
+    }
+
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
