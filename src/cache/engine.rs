@@ -605,7 +605,7 @@ impl CacheEngine {
                 let fetch = make_fetch();
                 // The leader keeps a copy: it may have to go upstream itself (lock timeout
                 // with `bypass`, or a too-large answer another request took).
-                let spare = Some(fetch.clone());
+                let spare = Some(Box::new(fetch.clone()));
                 // An expired entry with validators is revalidated rather than refetched.
                 let validated = self.store.get(key).filter(|e| e.validators.is_some());
                 self.spawn_fetch(route.clone(), lead, fetch, None, validated, true);
@@ -1005,14 +1005,14 @@ enum Flown {
 
 /// A request to send upstream later, if at all: built already, or built on demand.
 enum Later<F> {
-    Built(Option<FetchRequest>),
+    Built(Option<Box<FetchRequest>>),
     Lazy(F),
 }
 
 impl<F: FnOnce() -> FetchRequest> Later<F> {
     fn take(self) -> Option<FetchRequest> {
         match self {
-            Later::Built(fetch) => fetch,
+            Later::Built(fetch) => fetch.map(|f| *f),
             Later::Lazy(make) => Some(make()),
         }
     }
