@@ -14,6 +14,9 @@ command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 # The cluster tests start a real Redis (tests/common/redis.rs); `make run` needs none.
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+# tests/status_page.rs drives the admin status page in a headless Chromium over WebDriver.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -1,5 +1,6 @@
-//! The admin listener: health, readiness and Prometheus metrics, open to anyone who can
-//! reach the (by default loopback) address; and the admin API (reload, purge, refresh,
+//! The admin listener: health, readiness, Prometheus metrics and the status page
+//! (`/status`, `/status.json`), open to anyone who can reach the (by default loopback)
+//! address; and the admin API (reload, purge, refresh,
 //! config, cache), which needs `Authorization: Bearer <admin.token>` (the scheme in any case).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use serde_json::json;
 use crate::control::{Control, PurgeRequest};
 use crate::error::{json_error_body, StoaError};
 use crate::metrics;
+use crate::status;
 
 /// Largest admin request body read.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
@@ -128,7 +130,9 @@ impl AdminApp {
             })
         };
         match path.as_str() {
-            "/healthz" | "/readyz" | "/metrics" if !read_only => wrong_method(),
+            "/healthz" | "/readyz" | "/metrics" | "/status" | "/status.json" if !read_only => {
+                wrong_method()
+            }
             "/healthz" => Answer::json(StatusCode::OK, json!({"status": "ok"})),
             "/readyz" => {
                 let lifecycle = &self.control.lifecycle;
@@ -148,6 +152,17 @@ impl AdminApp {
                 body: self.render_metrics().into_bytes(),
                 allow: None,
             },
+            // The status page and its JSON view: open as `/metrics` is.
+            "/status" => Answer {
+                status: StatusCode::OK,
+                content_type: "text/html; charset=utf-8",
+                body: status::PAGE.as_bytes().to_vec(),
+                allow: None,
+            },
+            "/status.json" => {
+                self.refresh_gauges();
+                Answer::json(StatusCode::OK, status::view(&self.control))
+            }
             p if p.starts_with("/admin/") => {
                 if let Some(refusal) = self.authorize(session) {
                     return refusal;
@@ -279,6 +294,12 @@ impl AdminApp {
 
     /// Brings the gauges up to date, then renders the exposition.
     fn render_metrics(&self) -> String {
+        self.refresh_gauges();
+        self.control.shared.metrics.render()
+    }
+
+    /// Sets the gauges a scrape reads (cache size and evictions, requests in flight).
+    fn refresh_gauges(&self) {
         let control = &self.control;
         let store = &control.shared.cache.store;
         let metrics = &control.shared.metrics;
@@ -287,7 +308,6 @@ impl AdminApp {
         let before = self.evictions_reported.swap(evictions, Ordering::AcqRel);
         metrics.cache_evicted(evictions.saturating_sub(before));
         metrics.set_in_flight(control.lifecycle.in_flight());
-        metrics.render()
     }
 }
 

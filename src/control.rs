@@ -2,6 +2,7 @@
 //! signal handlers call it; it never blocks the request path (a reload swaps one pointer).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::error::StoaError;
 use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::routes::PathMode;
+use crate::status::ReloadRecord;
 
 /// An optional listener address as a reload report shows it.
 fn shown(addr: Option<std::net::SocketAddr>) -> String {
@@ -91,6 +93,10 @@ pub struct Control {
     pub lifecycle: Arc<Lifecycle>,
     /// Reloads run one at a time.
     reloading: Mutex<()>,
+    /// When the configuration in force was loaded (Unix milliseconds).
+    loaded_at_ms: AtomicU64,
+    /// The outcome of the last reload, for the status page.
+    last_reload: Mutex<Option<ReloadRecord>>,
 }
 
 impl Control {
@@ -108,6 +114,8 @@ impl Control {
             shared,
             lifecycle,
             reloading: Mutex::new(()),
+            loaded_at_ms: AtomicU64::new(crate::status::errors::now_ms()),
+            last_reload: Mutex::new(None),
         })
     }
 
@@ -120,11 +128,41 @@ impl Control {
         let result =
             config::load(&self.config_path, self.env).and_then(|config| self.apply(config));
         self.shared.metrics.config_reload(result.is_ok());
+        let at_ms = crate::status::errors::now_ms();
+        let record = match &result {
+            Ok(_) => {
+                self.loaded_at_ms.store(at_ms, Ordering::Relaxed);
+                ReloadRecord {
+                    at_ms,
+                    result: "ok",
+                    problems: Vec::new(),
+                }
+            }
+            Err(errors) => ReloadRecord {
+                at_ms,
+                result: "error",
+                problems: errors.0.iter().map(|p| p.to_string()).collect(),
+            },
+        };
+        *self.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
         match &result {
             Ok(report) => tracing::info!(?report, "configuration reloaded"),
             Err(errors) => tracing::error!(problems = %errors, "configuration reload refused"),
         }
         result
+    }
+
+    /// When the configuration in force was loaded (Unix milliseconds).
+    pub fn loaded_at_ms(&self) -> u64 {
+        self.loaded_at_ms.load(Ordering::Relaxed)
+    }
+
+    /// The outcome of the last reload (`None` before the first).
+    pub fn last_reload(&self) -> Option<ReloadRecord> {
+        self.last_reload
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn apply(&self, config: Config) -> Result<ReloadReport, ConfigErrors> {

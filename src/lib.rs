@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

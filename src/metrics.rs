@@ -449,15 +449,20 @@ impl Metrics {
 
     /// Every series in the Prometheus text format 0.0.4 ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.gather())
+            .unwrap_or_else(|e| format!("# stoa: encoding metrics failed: {e}\n"))
+    }
+
+    /// Every family, as [`Metrics::render`] writes them (and the status page reads them).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
         // The access log counts its drops itself (it has no handle on the metrics).
         let dropped = crate::telemetry::access_log_dropped();
         let seen = self.access_log_dropped.get();
         if dropped > seen {
             self.access_log_dropped.inc_by(dropped - seen);
         }
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| format!("# stoa: encoding metrics failed: {e}\n"))
+        self.registry.gather()
     }
 }
 

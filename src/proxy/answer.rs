@@ -58,6 +58,13 @@ impl Decorations<'_> {
 /// Writes one of stoa's own JSON errors. The connection is only kept if the request body
 /// was fully read, so an unread body can never be mistaken for the next request.
 pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_>) -> Result<()> {
+    let req = session.req_header();
+    crate::status::errors::record(
+        req.method.as_str(),
+        req.uri.path(),
+        err,
+        deco.request_id.as_bytes(),
+    );
     let body = err.body();
     let mut header = ResponseHeader::build(err.status(), Some(6))?;
     header.insert_header("content-type", "application/json")?;
