@@ -281,6 +281,7 @@ def main():
     args = parser.parse_args()
 
     page, paths = generate(args.schema)
+    shown = args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out
     if args.paths:
         print("\n".join(paths))
         return 0
@@ -289,16 +290,16 @@ def main():
         if current == page:
             return 0
         diff = difflib.unified_diff(current.splitlines(), page.splitlines(),
-                                    f"{args.out} (checked in)", f"{args.out} (generated)",
+                                    f"{shown} (checked in)", f"{shown} (generated)",
                                     lineterm="")
         sys.stdout.write("\n".join(diff) + "\n")
-        print(f"config-reference: {args.out} is not what {args.schema} generates; "
+        print(f"config-reference: {shown} is not what the schema generates; "
               "run `make docs` or scripts/config-reference.py", file=sys.stderr)
         return 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.out.exists() or args.out.read_text() != page:
         args.out.write_text(page)
-        print(f"config-reference: wrote {args.out} ({len(paths)} keys)")
+        print(f"config-reference: wrote {shown} ({len(paths)} keys)")
     return 0
 
 
