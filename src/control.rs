@@ -221,6 +221,7 @@ impl Control {
                 old_config.cache.max_bytes.to_string(),
             ),
             ("cluster", cluster_text(&config), cluster_text(old_config)),
+            ("tracing", tracing_text(&config), tracing_text(old_config)),
         ];
         let restart_needed = fixed
             .into_iter()
@@ -544,5 +545,16 @@ fn cluster_text(config: &Config) -> String {
                 .map_or(0, xxhash_rust::xxh3::xxh3_64)
         ),
         None => "off".to_string(),
+    }
+}
+
+/// The `[tracing]` section as the reload reports it: read at start only.
+fn tracing_text(config: &Config) -> String {
+    match &config.tracing {
+        None => "off".to_string(),
+        Some(t) => format!(
+            "{} (sample_ratio {}, service_name {:?})",
+            t.otlp_endpoint, t.sample_ratio, t.service_name
+        ),
     }
 }

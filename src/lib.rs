@@ -17,6 +17,7 @@ pub mod front;
 pub mod gateway;
 pub mod lifecycle;
 pub mod metrics;
+pub mod otel;
 pub mod proxy;
 pub mod ratelimit;
 pub mod routes;

@@ -76,7 +76,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match stoa::app::run(config, path, EnvOverrides::Apply) {
+            if let Err(e) = stoa::otel::init(config.tracing.as_ref()) {
+                eprintln!("stoa: tracing: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            let ran = stoa::app::run(config, path, EnvOverrides::Apply);
+            // The spans still queued go to the collector (a few seconds at most).
+            stoa::otel::shutdown();
+            match ran {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("stoa: {e:#}");

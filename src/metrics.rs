@@ -92,6 +92,7 @@ pub struct Metrics {
     reloads_ok: IntCounter,
     reloads_error: IntCounter,
     access_log_dropped: IntCounter,
+    trace_spans_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -263,6 +264,13 @@ impl Metrics {
                 "Access log lines dropped because the log writer fell behind.",
             )?,
         )?;
+        let trace_spans_dropped = register(
+            &registry,
+            IntCounter::new(
+                "stoa_trace_spans_dropped_total",
+                "Trace spans dropped: the export queue was full, or the collector did not take them.",
+            )?,
+        )?;
         let build_info = register(
             &registry,
             IntGaugeVec::new(
@@ -301,6 +309,7 @@ impl Metrics {
             cache_variants_refused,
             in_flight,
             access_log_dropped,
+            trace_spans_dropped,
         })
     }
 
@@ -461,6 +470,11 @@ impl Metrics {
         let seen = self.access_log_dropped.get();
         if dropped > seen {
             self.access_log_dropped.inc_by(dropped - seen);
+        }
+        let dropped = crate::otel::spans_dropped();
+        let seen = self.trace_spans_dropped.get();
+        if dropped > seen {
+            self.trace_spans_dropped.inc_by(dropped - seen);
         }
         self.registry.gather()
     }

@@ -22,6 +22,7 @@ use super::{CacheStatus, NotStored};
 use crate::config::{CacheSettings, Freshness, KeyBody, KeyQuery, OnLockTimeout, UnkeyedBody};
 use crate::error::StoaError;
 use crate::routes::{normalize_path, PathMode, PathTemplate};
+use opentelemetry::trace::SpanKind;
 
 /// A cached route's settings and the origin of its answers.
 pub struct CachedRoute {
@@ -586,17 +587,21 @@ impl CacheEngine {
         make_fetch: F,
         admit: &mut Option<impl FnOnce() -> Result<(), StoaError>>,
     ) -> Flown {
-        let joined = self.flights.join(key, || {
-            // Made before the route learned a vary header: under the key with it instead.
-            if route.vary.len() > key.varied() {
-                return Some(None);
-            }
-            if let Some(fresh) = self.store.get(key).filter(|e| e.is_fresh(Instant::now())) {
-                return Some(Some(Served::Entry(fresh, CacheStatus::Hit)));
-            }
-            let refused = admit.take().and_then(|admit| admit().err());
-            refused.map(|e| Some(Served::Error(e, CacheStatus::None)))
-        });
+        let joined = self.flights.join_traced(
+            key,
+            || {
+                // Made before the route learned a vary header: under the key with it instead.
+                if route.vary.len() > key.varied() {
+                    return Some(None);
+                }
+                if let Some(fresh) = self.store.get(key).filter(|e| e.is_fresh(Instant::now())) {
+                    return Some(Some(Served::Entry(fresh, CacheStatus::Hit)));
+                }
+                let refused = admit.take().and_then(|admit| admit().err());
+                refused.map(|e| Some(Served::Error(e, CacheStatus::None)))
+            },
+            crate::otel::start_fill,
+        );
         let settings = &route.settings;
         let (slot, leader, later) = match joined {
             Err(Some(served)) => return Flown::Served(served),
@@ -611,7 +616,13 @@ impl CacheEngine {
                 self.spawn_fetch(route.clone(), lead, fetch, None, validated, true);
                 (slot, true, Later::Built(spare))
             }
-            Ok(Joined::Wait(slot)) => (slot, false, Later::Lazy(make_fetch)),
+            Ok(Joined::Wait(slot, fill)) => {
+                // The trace shows whose fill this request waited for.
+                if let Some(fill) = &fill {
+                    crate::otel::link_current(fill, "coalesced");
+                }
+                (slot, false, Later::Lazy(make_fetch))
+            }
         };
 
         // How this request met the upstream: it led the fetch, or waited on another's.
@@ -784,12 +795,26 @@ impl CacheEngine {
         let engine = self.clone();
         let recipe = Arc::new(owned_request(&fetch));
         let validated = validated.filter(|entry| ask_conditionally(&mut fetch, entry));
-        tokio::spawn(async move {
+        let mut lead = lead;
+        // Traces on: the upstream sees the fill's span as the parent of its work.
+        let span = lead.take_span();
+        if let Some(span) = &span {
+            crate::otel::attr(span, "stoa.route", route.name.clone());
+            crate::otel::inject(span, &mut fetch.headers);
+        }
+        let fill = async move {
             // The shared tier first: an entry another node stored, or the lease to fetch.
             let mut lease = None;
             if let Some(tier) = &engine.tier {
                 let patience = route.settings.lock_timeout;
-                match tier.before_fetch(lead.key(), patience).await {
+                let redis = crate::otel::child(None, "stoa.tier.lease", SpanKind::Client);
+                let before = tier.before_fetch(lead.key(), patience).await;
+                if let Some(redis) = &redis {
+                    crate::otel::attr(redis, "db.system.name", "redis");
+                    crate::otel::attr(redis, "stoa.tier.result", before.name());
+                    crate::otel::end(redis);
+                }
+                match before {
                     Before::Found(entry) => {
                         let key = lead.key().clone();
                         let stored = lead.store_unless_invalidated(
@@ -818,7 +843,17 @@ impl CacheEngine {
                     }
                 }
             }
+            let call = crate::otel::child(None, "stoa.upstream", SpanKind::Client);
             let answer = route.fetch(fetch).await;
+            if let Some(call) = &call {
+                let status = match &answer {
+                    Ok(Answer::Whole(fetched)) => i64::from(fetched.status.as_u16()),
+                    Ok(Answer::Streaming(streaming)) => i64::from(streaming.status.as_u16()),
+                    Err(_) => 0,
+                };
+                crate::otel::attr(call, "http.response.status_code", status);
+                crate::otel::end(call);
+            }
             if validated.is_some() {
                 let status = match &answer {
                     Ok(Answer::Whole(fetched)) => Some(fetched.status),
@@ -925,11 +960,17 @@ impl CacheEngine {
                 _ => None,
             };
             let key = lead.key().clone();
+            if crate::otel::enabled() {
+                let cx = opentelemetry::Context::current();
+                crate::otel::attr(&cx, "stoa.fill.outcome", outcome.name());
+                crate::otel::attr(&cx, "stoa.fill.stored", stored.is_some());
+            }
             lead.finish(outcome);
             if let (Some(tier), Some(lease)) = (&engine.tier, lease) {
                 tier.after_fetch(&key, lease, stored.as_deref()).await;
             }
-        });
+        };
+        tokio::spawn(crate::otel::within(span, fill));
     }
 
     /// Turns an upstream answer into an outcome, storing it when cacheable and no

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
+use opentelemetry::trace::SpanContext;
+use opentelemetry::Context;
 use tokio::sync::watch;
 
 use super::key::CacheKey;
@@ -38,6 +40,20 @@ pub enum Outcome {
     Failed(StoaError),
 }
 
+impl Outcome {
+    /// What the fetch produced, as a trace records it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Shared(_) => "shared",
+            Outcome::FromTier(_) => "from_tier",
+            Outcome::Private(_) => "private",
+            Outcome::TooLarge { .. } => "too_large",
+            Outcome::ServerError(_) => "server_error",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+}
+
 /// A stream that one request may take.
 pub type Handoff = Arc<Mutex<Option<Box<Streaming>>>>;
 
@@ -68,6 +84,8 @@ type FateCell = Arc<Mutex<Fate>>;
 struct Flight {
     slot: Slot,
     fate: FateCell,
+    /// The fill's span, which its waiters link to (traces on only).
+    span: Option<SpanContext>,
 }
 
 #[derive(Default)]
@@ -94,6 +112,8 @@ pub struct Lead {
     tx: watch::Sender<Option<Outcome>>,
     fate: FateCell,
     map: Map,
+    /// The fill's span (traces on only), for the task that runs it.
+    span: Option<Context>,
 }
 
 fn lock(map: &Map) -> std::sync::MutexGuard<'_, Inner> {
@@ -107,7 +127,8 @@ fn fate(cell: &Mutex<Fate>) -> std::sync::MutexGuard<'_, Fate> {
 /// Either the caller leads a new fetch, or joins the one in flight.
 pub enum Joined {
     Lead(Lead, Slot),
-    Wait(Slot),
+    /// With the span of the fill waited on, when traces are on.
+    Wait(Slot, Option<SpanContext>),
 }
 
 impl Flights {
@@ -119,9 +140,20 @@ impl Flights {
         key: &CacheKey,
         recheck: impl FnOnce() -> Option<T>,
     ) -> Result<Joined, T> {
+        self.join_traced(key, recheck, || None)
+    }
+
+    /// [`Flights::join`], where a leader starts the fill's span with `span` (under the lock,
+    /// so that every waiter finds it).
+    pub fn join_traced<T>(
+        &self,
+        key: &CacheKey,
+        recheck: impl FnOnce() -> Option<T>,
+        span: impl FnOnce() -> Option<Context>,
+    ) -> Result<Joined, T> {
         let mut map = lock(&self.map);
         if let Some(flight) = map.current.get(key) {
-            return Ok(Joined::Wait(flight.slot.clone()));
+            return Ok(Joined::Wait(flight.slot.clone(), flight.span.clone()));
         }
         if let Some(found) = recheck() {
             return Err(found);
@@ -129,11 +161,13 @@ impl Flights {
         let key = Arc::new(key.clone());
         let (tx, rx) = watch::channel(None);
         let fate = FateCell::default();
+        let span = span();
         map.current.insert(
             key.clone(),
             Flight {
                 slot: rx.clone(),
                 fate: fate.clone(),
+                span: span.as_ref().map(crate::otel::span_context),
             },
         );
         let lead = Lead {
@@ -141,6 +175,7 @@ impl Flights {
             tx,
             fate,
             map: self.map.clone(),
+            span,
         };
         Ok(Joined::Lead(lead, rx))
     }
@@ -201,6 +236,11 @@ impl Flights {
 impl Lead {
     pub fn key(&self) -> &Arc<CacheKey> {
         &self.key
+    }
+
+    /// The fill's span, for the task that runs the fill (traces on only).
+    pub fn take_span(&mut self) -> Option<Context> {
+        self.span.take()
     }
 
     /// Runs `store` unless an invalidation reached this fill while it was in flight
@@ -282,7 +322,7 @@ mod tests {
         };
         let mut waiters = Vec::new();
         for _ in 0..100 {
-            let Ok(Joined::Wait(slot)) = flights.join(&test_key("r", "k"), || None::<()>) else {
+            let Ok(Joined::Wait(slot, _)) = flights.join(&test_key("r", "k"), || None::<()>) else {
                 panic!("later callers wait");
             };
             waiters.push(tokio::spawn(wait(slot)));
@@ -318,7 +358,7 @@ mod tests {
         let Ok(Joined::Lead(lead, _)) = flights.join(&test_key("r", "k"), || None::<()>) else {
             panic!()
         };
-        let Ok(Joined::Wait(slot)) = flights.join(&test_key("r", "k"), || None::<()>) else {
+        let Ok(Joined::Wait(slot, _)) = flights.join(&test_key("r", "k"), || None::<()>) else {
             panic!()
         };
         drop(lead);

@@ -208,6 +208,18 @@ pub enum Before {
     TimedOut,
 }
 
+impl Before {
+    /// What the shared tier said, as a trace records it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Before::Found(_) => "found",
+            Before::Lease(_) => "lease",
+            Before::Skip => "skip",
+            Before::TimedOut => "timed_out",
+        }
+    }
+}
+
 /// The right to fetch a key cluster-wide; renewed in the background until dropped.
 pub struct Lease {
     hash: String,

@@ -13,9 +13,11 @@ use super::cluster::{redact_url, ClusterSettings};
 use super::limits::{PolicySettings, Scope, NO_RATE_LIMIT};
 use super::log::LogSettings;
 use super::problem::ConfigErrors;
+use super::raw::RawTracing;
 use super::raw::{RawAdmin, RawCacheSection, RawCluster, RawLog, RawServer};
 use super::route::RouteSpec;
 use super::server::ServerSettings;
+use super::traces::TraceSettings;
 use super::upstream::Upstream;
 use super::validate::Validator;
 
@@ -27,6 +29,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub admin: AdminSettings,
     pub log: LogSettings,
+    /// OpenTelemetry traces; `None`: off. Read at start.
+    pub tracing: Option<TraceSettings>,
     pub cache: CacheStoreSettings,
     /// The Redis shared with other instances; `None`: nothing is shared.
     pub cluster: Option<ClusterSettings>,
@@ -92,6 +96,12 @@ impl Config {
                 }
             ));
         }
+        if let Some(t) = &self.tracing {
+            text.push_str(&format!(
+                "; traces to {}/v1/traces as {:?}, keeping {} of new traces",
+                t.otlp_endpoint, t.service_name, t.sample_ratio
+            ));
+        }
         text
     }
 }
@@ -130,6 +140,10 @@ impl Validator<'_> {
             Some(v) => self.section("log", &v).unwrap_or_default(),
             None => RawLog::default(),
         };
+        let tracing_raw: RawTracing = match root.remove("tracing") {
+            Some(v) => self.section("tracing", &v).unwrap_or_default(),
+            None => RawTracing::default(),
+        };
         let cluster_raw: Option<RawCluster> = root
             .remove("cluster")
             .map(|v| self.section("cluster", &v).unwrap_or_default());
@@ -139,13 +153,14 @@ impl Validator<'_> {
         for key in root.keys() {
             self.problem(
                 key.clone(),
-                "unknown section (expected server, admin, log, cache, cluster, rate_limits, upstreams or routes)",
+                "unknown section (expected server, admin, log, tracing, cache, cluster, rate_limits, upstreams or routes)",
             );
         }
 
         let default_rate_limit = server_raw.default_rate_limit.clone();
         let server = self.server(server_raw);
         let log = self.log(log_raw);
+        let tracing = self.traces(tracing_raw);
         let rate_limits = self.rate_limits(rate_limits_raw);
         if let Some(name) = &default_rate_limit {
             if !rate_limits.contains_key(name) {
@@ -194,13 +209,16 @@ impl Validator<'_> {
             }
         }
 
-        match (server, admin, cache, log) {
-            (Some(server), Some(admin), Some(cache), Some(log)) if self.problems.is_empty() => {
+        match (server, admin, cache, log, tracing) {
+            (Some(server), Some(admin), Some(cache), Some(log), Ok(tracing))
+                if self.problems.is_empty() =>
+            {
                 Ok(Config {
                     source,
                     server,
                     admin,
                     log,
+                    tracing,
                     cache,
                     cluster,
                     rate_limits,

@@ -83,6 +83,21 @@ pub struct RawLog {
     pub access_log_file: Option<String>,
 }
 
+/// The `[tracing]` section: OpenTelemetry traces over OTLP/HTTP (read at start).
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// The OTLP/HTTP collector's base URL, such as "http://127.0.0.1:4318" (spans go to
+    /// `/v1/traces` under it). Absent: tracing is off.
+    pub otlp_endpoint: Option<String>,
+    /// The share of new traces kept, 0.0 to 1.0 (default 1.0). A client's sampled
+    /// `traceparent` is always followed.
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub sample_ratio: Option<f64>,
+    /// The `service.name` of the spans (default "stoa").
+    pub service_name: Option<String>,
+}
+
 /// One `[rate_limits.<name>]` table, as written in the file.
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -304,6 +319,8 @@ pub struct RawFile {
     pub server: Option<RawServer>,
     pub admin: Option<RawAdmin>,
     pub log: Option<RawLog>,
+    /// OpenTelemetry traces (absent: off).
+    pub tracing: Option<RawTracing>,
     pub cache: Option<RawCacheSection>,
     /// The Redis that several instances share (absent: nothing is shared).
     pub cluster: Option<RawCluster>,

@@ -111,13 +111,16 @@ pub async fn serve(
         from_memory = true;
         Served::Entry(entry, CacheStatus::Hit)
     } else if private {
-        let fetch = FetchRequest {
+        let mut fetch = FetchRequest {
             method,
             headers: private_fetch_headers(req, peer, over_tls(session), &ctx.request_id),
             path_and_query: upstream_path,
             body,
             tags: Tags::new(),
         };
+        if let Some(trace) = &ctx.trace {
+            trace.inject(&mut fetch.headers);
+        }
         // Boxed: the slow paths' futures are large and must not bloat every request's.
         Box::pin(gateway.cache.bypass(cached, fetch)).await
     } else {
@@ -134,10 +137,16 @@ pub async fn serve(
                 req.uri.path(),
             )
         };
-        match gateway
+        // Traces on: the lookup's span, and the request's context for the slow path.
+        let trace = ctx.trace.as_ref().map(|t| t.context().clone());
+        let lookup = trace.as_ref().and_then(crate::otel::lookup);
+        let looked = gateway
             .cache
-            .serve_from_memory(cached, &key, make_fetch, asked)
-        {
+            .serve_from_memory(cached, &key, make_fetch, asked);
+        if let Some(lookup) = lookup {
+            crate::otel::end_lookup(lookup, looked.is_ok());
+        }
+        match looked {
             Ok(served) => {
                 from_memory = true;
                 served
@@ -156,15 +165,11 @@ pub async fn serve(
                     Some(checked) => checked,
                     None => admit(decision, &req.headers),
                 };
-                Box::pin(gateway.cache.serve_miss(
-                    cached,
-                    &key,
-                    stale,
-                    make_fetch,
-                    admit,
-                    &req.headers,
-                ))
-                .await
+                let miss =
+                    gateway
+                        .cache
+                        .serve_miss(cached, &key, stale, make_fetch, admit, &req.headers);
+                Box::pin(crate::otel::within(trace, miss)).await
             }
         }
     };

@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub upstream: Upstream,
     /// Whether the front writes this request's answer as bytes itself.
     pub raw: Raw,
+    /// The request's span (traces on only).
+    pub trace: Option<crate::otel::RequestTrace>,
 }
 
 /// An answer the front writes as bytes, past pingora's session (see
@@ -86,6 +88,7 @@ impl RequestCtx {
             limit: None,
             upstream: Upstream::default(),
             raw: Raw::Off,
+            trace: None,
         }
     }
 

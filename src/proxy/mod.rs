@@ -162,6 +162,8 @@ impl ProxyHttp for StoaProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.request_id =
             request_id::for_request(session.req_header(), ctx.gateway.config.server.request_id);
+        let req = session.req_header();
+        ctx.trace = crate::otel::RequestTrace::start(&req.method, &req.uri, &req.headers);
         let gateway = ctx.gateway.clone();
         let (route, uri) = match route_request(session, ctx, &gateway) {
             Ok(routed) => routed,
@@ -298,6 +300,10 @@ impl ProxyHttp for StoaProxy {
             ),
         };
         let elapsed = ctx.timing.started.elapsed();
+        if let Some(trace) = ctx.trace.take() {
+            let route = ctx.route().map(|r| r.spec.name.as_str());
+            trace.finish(route, ctx.cache_status().header_value(), status);
+        }
         let gateway = &ctx.gateway;
         if gateway.record_metrics {
             match ctx.route() {
