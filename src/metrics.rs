@@ -961,7 +961,7 @@ mod tests {
                 other => panic!("unexpected type {other} for {name}"),
             }
         }
-        assert_eq!(families, 24, "{text}");
+        assert_eq!(families, 25, "{text}");
     }
 
     /// Every `stoa_*` name in the dashboard must be a series `render()` exposes.
