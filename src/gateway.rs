@@ -14,6 +14,7 @@ use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
 use crate::cluster::Cluster;
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
+use crate::lane::{Lane, Why};
 use crate::metrics::{Metrics, RouteMetrics, RouteProfile};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
 use crate::routes::{
@@ -121,7 +122,12 @@ impl Gateway {
             })
             .collect();
         let unmatched = metrics.route(UNMATCHED_ROUTE, false).map_err(metric_err)?;
-        unmatched.expect([(CacheStatus::None, 404)]);
+        let lane = if config.server.front {
+            Lane::Answer
+        } else {
+            Lane::Proxy(Why::Off)
+        };
+        unmatched.expect(lane, [(CacheStatus::None, 404)]);
         let mut clients: HashMap<String, UpstreamClient> = HashMap::new();
         for (name, up) in &config.upstreams {
             if let Some(guard) = guards.get(name.as_str()) {
@@ -138,6 +144,7 @@ impl Gateway {
             clients: &clients,
             limiters: &limiters,
             legs: &legs,
+            front: (config.server.front, config.server.front_forward),
         };
         let routes = config
             .routes
@@ -325,6 +332,8 @@ struct Parts<'a> {
     clients: &'a HashMap<String, UpstreamClient>,
     limiters: &'a HashMap<String, Arc<RateLimiter>>,
     legs: &'a Arc<LegsHandle>,
+    /// `server.front` and `server.front_forward`: the lanes routes usually take.
+    front: (bool, bool),
 }
 
 /// A route as served: its peer, cache and origin, limiter and metrics.
@@ -403,7 +412,10 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
         .metrics
         .route(&spec.name, spec.cache.is_some())
         .map_err(metric_err)?;
-    route_metrics.expect(expected_answers(spec, limiter.is_some()));
+    route_metrics.expect(
+        usual_lane(spec, parts.front),
+        expected_answers(spec, limiter.is_some()),
+    );
     Ok(Route {
         link,
         metrics: route_metrics,
@@ -416,6 +428,18 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
 
 fn metric_err(e: prometheus::Error) -> StoaError {
     StoaError::Internal(format!("metrics: {e}"))
+}
+
+/// The lane a route's HTTP/1 requests usually take, whose series start at zero: stoa
+/// answers cached and aggregate routes; the front forwards pass-through requests when it
+/// does (`front`: `server.front` and `server.front_forward`), pingora's proxy otherwise.
+fn usual_lane(spec: &RouteSpec, front: (bool, bool)) -> Lane {
+    match front {
+        (false, _) => Lane::Proxy(Why::Off),
+        _ if spec.cache.is_some() || spec.aggregate.is_some() => Lane::Answer,
+        (true, true) => Lane::Forward,
+        (true, false) => Lane::Proxy(Why::Off),
+    }
 }
 
 /// The `stoa_requests_total` series a route starts with, at zero.

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::listeners::ListenerConfig;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
 use pingora::server::{Fds, ListenFds, ShutdownWatch};
@@ -230,7 +231,9 @@ impl<A: ServerApp + Send + Sync + 'static> Worker<A> {
             .unwrap_or_default();
         let mut inner = Service::new(name, Served(Arc::new(listener), workers.clone()));
         for addr in addrs {
-            inner.add_tcp(&addr);
+            inner.add_listener(
+                ListenerConfig::tcp(addr).l4_buffer(crate::connections::LISTENER_BUFFERS),
+            );
         }
         inner.threads = Some(threads);
         Worker {

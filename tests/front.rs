@@ -132,28 +132,111 @@ async fn a_body_read_with_its_head_reaches_the_upstream_whole() {
     assert_eq!(dechunk(&sent), "hello world", "{sent:?}");
 }
 
-/// A client that sends its next request before reading the answer (pipelining) gets the
-/// first answer whole; stoa does not serve pipelined requests, so it then closes.
+/// Writes `requests` in one write, then reads one answer for each, in order, on the same
+/// connection; the connection then still serves a request.
+async fn pipelined(gw: &StoaProcess, requests: &[String]) -> Vec<RawAnswer> {
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    sock.write_all(requests.concat().as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        let read = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut sock, &mut buf));
+        match read.await {
+            Ok(Ok(answer)) => answers.push(answer),
+            other => panic!("answer {i} to {request:?}: {other:?}; before it: {answers:#?}"),
+        }
+    }
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+    let after = send(&mut sock, &mut buf, &get("/nowhere/after")).await;
+    after.assert_error(404, "not_found", "/nowhere/after");
+    answers
+}
+
+/// Requests written together on one connection (pipelining, RFC 9112 §9.3) are all
+/// answered, in order, whatever lane each takes: a miss, a pass-through request, a hit, and
+/// stoa's 404.
 #[tokio::test]
-async fn pipelined_requests_get_the_first_answer_whole_then_a_close() {
+async fn three_pipelined_requests_get_three_answers_in_order() {
     let echo = EchoUpstream::start().await;
     let gw = StoaProcess::start(&routes(&echo)).await;
-    for path in ["/cached/c", "/pass/p"] {
-        let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-        let two = format!("{}{}", get(path), get(path));
-        sock.write_all(two.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let first = read_answer(&mut sock, &mut buf).await.unwrap();
-        assert_eq!(first.status, 200, "{path}: {first:?}");
-        let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
-        assert!(closed, "{path}: still open");
-        buf.extend_from_slice(&rest);
-        assert!(
-            buf.is_empty(),
-            "{path}: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-    }
+    let requests = [
+        get("/cached/three"),
+        get("/pass/three"),
+        get("/cached/three"),
+    ];
+    let answers = pipelined(&gw, &requests).await;
+    assert_eq!((answers[0].status, answers[0].x_cache()), (200, "MISS"));
+    assert_eq!(answers[0].json()["target"], "/items/three");
+    assert_eq!(answers[1].json()["target"], "/pass/three");
+    assert_eq!((answers[2].status, answers[2].x_cache()), (200, "HIT"));
+}
+
+/// Sixteen requests in one write: hits, misses, pass-through with and without a body,
+/// a request pingora's proxy takes (a `Connection` header that names another), stoa's 404,
+/// 405 and 400. Each gets its own answer, in order, on the one connection.
+#[tokio::test]
+async fn sixteen_pipelined_requests_of_every_lane_are_answered_in_order() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: stoa\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let by_proxy = "GET /pass/proxied HTTP/1.1\r\nHost: stoa\r\nConnection: keep-alive, x-hop\r\n\
+                    x-hop: 1\r\n\r\n"
+        .to_string();
+    let requests = vec![
+        get("/cached/p1"),
+        get("/pass/a?x=1"),
+        get("/cached/p1"),
+        get("/nowhere"),
+        post("/pass/form", "hello=world"),
+        get("/cached/%zz"),
+        by_proxy,
+        get("/cached/p2"),
+        "DELETE /cached/p1 HTTP/1.1\r\nHost: stoa\r\n\r\n".to_string(),
+        get("/cached/p2"),
+        post("/pass/second", "{\"n\":2}"),
+        get("/pass/z"),
+        get("/cached/p3"),
+        get("/cached/p1"),
+        get("/nowhere/else"),
+        get("/pass/last"),
+    ];
+    let answers = pipelined(&gw, &requests).await;
+    let cached = |i: usize, x_cache: &str, id: &str| {
+        let a = &answers[i];
+        assert_eq!((a.status, a.x_cache()), (200, x_cache), "{i}: {a:?}");
+        assert_eq!(a.json()["target"], format!("/items/{id}"), "{i}: {a:?}");
+    };
+    let passed = |i: usize, target: &str| {
+        let a = &answers[i];
+        assert_eq!(a.status, 200, "{i}: {a:?}");
+        assert_eq!(a.json()["target"], target, "{i}: {a:?}");
+    };
+    cached(0, "MISS", "p1");
+    passed(1, "/pass/a?x=1");
+    cached(2, "HIT", "p1");
+    answers[3].assert_error(404, "not_found", "/nowhere");
+    passed(4, "/pass/form");
+    assert_eq!(answers[4].json()["body"], "hello=world");
+    assert_eq!(
+        (answers[5].status, answers[5].json()["error"].as_str()),
+        (400, Some("bad_path"))
+    );
+    passed(6, "/pass/proxied");
+    cached(7, "MISS", "p2");
+    assert_eq!(answers[8].status, 405, "{:?}", answers[8]);
+    cached(9, "HIT", "p2");
+    passed(10, "/pass/second");
+    assert_eq!(answers[10].json()["body"], "{\"n\":2}");
+    passed(11, "/pass/z");
+    cached(12, "MISS", "p3");
+    cached(13, "HIT", "p1");
+    answers[14].assert_error(404, "not_found", "/nowhere/else");
+    passed(15, "/pass/last");
 }
 
 /// SIGTERM: a connection waiting in the front for its next request is closed once the
