@@ -10,8 +10,8 @@
 //!   connection is in (reading a head, reading a body, idle between requests) and enforces
 //!   that phase's deadline; the proxy tells it when a head and a body are complete. It also
 //!   buffers an answer's small writes in a buffer it takes for the answer and gives back once
-//!   the answer is flushed (the listener's own buffers are off: [`LISTENER_BUFFERS`]), so an
-//!   idle connection holds no buffer; and it can fence reads at the end of a request
+//!   the answer is flushed (the accepted stream has no buffers of its own: see
+//!   `crate::workers`), so an idle connection holds no buffer; and it can fence reads at the end of a request
 //!   ([`fence`]), so that pingora's proxy never reads the next request's bytes;
 //! - serves the proxy through [`Listener`], which counts open connections (refusing those
 //!   beyond `server.max_connections`) and, once the listening sockets are closed, drains the
@@ -33,7 +33,6 @@ use async_trait::async_trait;
 use futures_util::task::AtomicWaker;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::Acceptor;
-use pingora::listeners::L4BufferSettings;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::SslDigest;
@@ -53,15 +52,6 @@ use crate::config::ConnectionLimits;
 use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::{Lifecycle, OpenConnection};
-
-/// The listener's buffers under every accepted stream: none. pingora's defaults (a 64 KiB
-/// read buffer and a 1,460-byte write buffer, taken at the accept) would stay with every
-/// idle connection; reads go straight to the socket into the reader's own buffer, and
-/// [`Guarded`] buffers an answer's writes only while it is written.
-pub const LISTENER_BUFFERS: L4BufferSettings = L4BufferSettings {
-    read: Some(0),
-    write: Some(0),
-};
 
 /// How many bytes of an answer's small writes [`Guarded`] gathers into one write to the
 /// socket (pingora's default write buffer, about one TCP segment).
@@ -732,9 +722,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         };
         tracing::debug!(worker = self.worker, "client connection accepted");
         let accepted = Instant::now();
-        let (open, stream, tls, h2) = self
-            .handshake(open, stream, accepted + limits.header_timeout)
-            .await?;
+        // Boxed: the handshake's state is large, and the connection's task keeps its own
+        // future for as long as the connection lives.
+        let (open, stream, tls, h2) =
+            Box::pin(self.handshake(open, stream, accepted + limits.header_timeout)).await?;
         let h2c = self.h2c && !tls;
         let cut = Arc::new(Cut::default());
         let stream: Stream = Box::new(Guarded::new(

@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    dechunk, read_answer, read_head, read_until_closed, EchoUpstream, RawAnswer, StoaProcess,
+    dechunk, raw_exchange, read_answer, read_head, read_until_closed, serve_heads, text_answer,
+    EchoUpstream, RawAnswer, StoaProcess,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -461,5 +462,122 @@ async fn a_body_keyed_get_is_answered_from_the_cache_and_the_connection_goes_on(
         assert_eq!(a.body.len(), length, "{request}");
         assert_eq!(a.status, b.status, "{request}");
         assert_eq!(comparable(a), comparable(b), "{request}");
+    }
+}
+
+/// Sends `request` (bytes) on a fresh connection and reads the answer until the close.
+async fn refused(gw: &StoaProcess, request: &[u8]) -> RawAnswer {
+    let (bytes, closed) = raw_exchange(gw.port, request, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "still open after {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let answer = RawAnswer::parse(&bytes);
+    assert!(answer.closes(), "{answer:?}");
+    answer
+}
+
+/// Heads that break HTTP/1.1's rules get stoa's JSON errors, whatever route they name (a
+/// cached one, a pass-through one), and the connection closes: no `Host` on HTTP/1.1, two
+/// `Host`s, `Content-Length`s that differ, a target with bytes a URI cannot hold, a target
+/// over 64 KiB, an absolute-form target for another host, a head over 1 MiB.
+#[tokio::test]
+async fn heads_that_break_the_rules_get_stoas_json_errors() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    for path in ["/cached/strict", "/pass/strict"] {
+        let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+            (
+                format!("GET {path} HTTP/1.1\r\n\r\n").into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!("GET {path} HTTP/1.1\r\nHost: stoa\r\nHost: stoa\r\n\r\n").into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: stoa\r\nContent-Length: 3\r\n\
+                     Content-Length: 4\r\n\r\nabcd"
+                )
+                .into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                [
+                    format!("GET {path}").as_bytes(),
+                    b"\xff\xfe HTTP/1.1\r\nHost: stoa\r\n\r\n",
+                ]
+                .concat(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!(
+                    "GET {path}?q={} HTTP/1.1\r\nHost: stoa\r\n\r\n",
+                    "a".repeat(70 * 1024)
+                )
+                .into_bytes(),
+                414,
+                "uri_too_long",
+            ),
+            (
+                format!("GET http://elsewhere{path} HTTP/1.1\r\nHost: stoa\r\n\r\n").into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: stoa\r\n{}\r\n",
+                    format!("x-big: {}\r\n", "b".repeat(8000)).repeat(132)
+                )
+                .into_bytes(),
+                431,
+                "header_fields_too_large",
+            ),
+        ];
+        for (request, status, kind) in cases {
+            let shown = String::from_utf8_lossy(&request[..request.len().min(80)]).into_owned();
+            refused(&gw, &request)
+                .await
+                .assert_error(status, kind, &shown);
+        }
+    }
+}
+
+/// What reaches the upstream of a request whose head repeats one `Content-Length` and pads
+/// a value with white space: one `Content-Length` line, the value trimmed (RFC 9110 §8.6,
+/// §5.5); on the forwarder's lane and on pingora's proxy's alike.
+#[tokio::test]
+async fn repeated_lengths_are_folded_and_values_trimmed_before_going_upstream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Answers each head with the head itself.
+    let _up = serve_heads(listener, |head| async move { text_answer(200, "", &head) });
+    let config = format!(
+        "[upstreams.up]\nurl = \"http://127.0.0.1:{port}\"\n\n\
+         [[routes]]\nname = \"pass\"\npath = \"/pass/{{*rest}}\"\nupstream = \"up\"\n"
+    );
+    let gw = StoaProcess::start(&config).await;
+    for extra in ["", "Connection: keep-alive, x-hop\r\nx-hop: 1\r\n"] {
+        let request = format!(
+            "POST /pass/fold HTTP/1.1\r\nHost: stoa\r\nContent-Length: 3\r\ncontent-length: 3\r\n\
+             X-Pad: \t spaced out \t\r\n{extra}Connection: close\r\n\r\nabc"
+        );
+        let (bytes, _) = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10)).await;
+        let answer = RawAnswer::parse(&bytes);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let seen = answer.body.to_ascii_lowercase();
+        assert_eq!(
+            seen.matches("content-length:").count(),
+            1,
+            "{extra:?}: {seen}"
+        );
+        assert!(seen.contains("content-length: 3\r\n"), "{seen}");
+        assert!(seen.contains("x-pad: spaced out\r\n"), "{extra:?}: {seen}");
     }
 }

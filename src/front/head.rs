@@ -29,8 +29,9 @@ use crate::proxy::answer::MAX_URI_BYTES;
 /// The first read of a request head (pingora reads the same amount).
 const HEAD_READ: usize = 4096;
 
-/// Largest request head read (pingora's own limit).
-pub const MAX_HEAD: usize = 1 << 20;
+/// Most bytes read for a request head, with what came after it in the same reads: pingora's
+/// own limit (1 MiB less a byte), which its session, parsing them again, holds to.
+pub const MAX_HEAD: usize = (1 << 20) - 1;
 
 /// Most header fields in a head (pingora's own limit).
 pub const MAX_HEADERS: usize = 256;
@@ -246,15 +247,18 @@ pub async fn read(stream: &mut Stream, carried: Option<BytesMut>) -> Read {
                 Err(e) => return Read::Refused(e, buf),
             }
         }
-        if buf.len() > MAX_HEAD {
-            let e = StoaError::HeadersTooLarge { limit: MAX_HEAD };
+        let room = MAX_HEAD.saturating_sub(buf.len());
+        if room == 0 {
+            let e = StoaError::HeadersTooLarge {
+                limit: MAX_HEAD + 1,
+            };
             return Read::Refused(e, buf);
         }
         scanned = buf.len().saturating_sub(3);
         if buf.len() == buf.capacity() {
-            buf.reserve(buf.len().max(HEAD_READ));
+            buf.reserve(buf.len().max(HEAD_READ).min(room));
         }
-        match stream.read_buf(&mut buf).await {
+        match (&mut *stream).take(room as u64).read_buf(&mut buf).await {
             Ok(0) | Err(_) => return Read::Closed,
             Ok(_) => {}
         }
