@@ -540,6 +540,15 @@ pub fn fence(stream: &Stream, bytes: Option<u64>) {
     }
 }
 
+/// Bytes of a next request were read with the last one (pipelining): its head is due
+/// within `server.header_timeout`, as if its first bytes had just arrived.
+pub fn head_begun(stream: &Stream) {
+    let stream: &dyn IO = &**stream;
+    if let Some(conn) = stream.as_any().downcast_ref::<Guarded>() {
+        conn.phase.store(HEAD, Ordering::Relaxed);
+    }
+}
+
 /// The proxy read a request head: the body deadline starts (if there is a body), and the
 /// answer closes the connection if it is the connection's last (`server.keepalive_requests`).
 pub fn head_received(session: &mut Session) {

@@ -190,9 +190,11 @@ async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
         };
         match accepted {
             Ok((tcp, peer)) => {
-                let (app, stop) = (app.clone(), stop.clone());
+                let (listener, stop) = (app.0.clone(), stop.clone());
                 tokio::spawn(async move {
-                    app.process_new(accepted_stream(tcp, peer), &stop).await;
+                    listener
+                        .process_new(accepted_stream(tcp, peer), &stop)
+                        .await;
                 });
             }
             Err(e) => {

@@ -3,7 +3,7 @@
 //! hands HTTP/2 connections to pingora's `HttpProxy`.
 //!
 //! A connection's life, and where each part is:
-//! - **idle** ([`Front::process_new`]): a connection waiting for its next request holds its
+//! - **idle** (`Front`'s `process_new`): a connection waiting for its next request holds its
 //!   socket and a small state, no buffer: it waits until the socket is readable
 //!   ([`head::readable`]), and only then takes a buffer for the head;
 //! - **head** ([`head`]): the head is read whole (up to 1 MiB) and held to HTTP/1.1's rules;
@@ -322,6 +322,9 @@ impl ServerApp for Front {
                     ready = head::readable(&mut stream) => ready.ok()?,
                     _ = closing.wait_for(|closed| *closed) => return None,
                 }
+            }
+            if carried.is_some() {
+                connections::head_begun(&stream);
             }
             // Boxed: a request's state is taken when its bytes are there, and given back
             // when it is answered.
