@@ -788,3 +788,74 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         self.lifecycle.mark_proxy_closed();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A guarded stream on one end of a loopback connection, and the other end.
+    async fn pair() -> (Guarded, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let inner: Stream = Box::new(L4Stream::from(accepted.unwrap().0));
+        let open = Lifecycle::new().open_connection(1).unwrap();
+        let limits = ConnectionLimits::default();
+        let cut = Arc::new(Cut::default());
+        let guarded = Guarded::new(open, inner, limits, cut, Instant::now(), (false, false));
+        (guarded, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn small_writes_go_out_together_and_the_buffer_is_given_back() {
+        let (mut conn, mut client) = pair().await;
+        assert_eq!(conn.out.capacity(), 0, "no buffer before an answer");
+        conn.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        conn.write_all(b"content-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        assert!(conn.out.capacity() > 0, "gathered, not yet sent");
+        conn.flush().await.unwrap();
+        assert_eq!(
+            conn.out.capacity(),
+            0,
+            "the buffer goes back with the answer"
+        );
+        let mut got = vec![0u8; 40];
+        let n = client.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        // A large write goes straight out, after what was gathered before it.
+        conn.write_all(b"head").await.unwrap();
+        let body = vec![b'x'; 3 * WRITE_BUFFER];
+        conn.write_all(&body).await.unwrap();
+        conn.flush().await.unwrap();
+        let mut got = vec![0u8; 4 + body.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(conn.out.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_stream_reads_no_further_than_its_fence() {
+        let (mut conn, mut client) = pair().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nNEXT")
+            .await
+            .unwrap();
+        conn.fence.store(18, Ordering::Relaxed);
+        let mut got = vec![0u8; 64];
+        let mut n = 0;
+        while n < 18 {
+            n += conn.read(&mut got[n..]).await.unwrap();
+        }
+        assert_eq!(&got[..n], b"GET / HTTP/1.1\r\n\r\n");
+        // At the fence a read waits, leaving the next request's bytes in the socket.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), conn.read(&mut got)).await;
+        assert!(waited.is_err(), "read past the fence");
+        conn.fence.store(UNFENCED, Ordering::Relaxed);
+        let n = conn.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"NEXT");
+    }
+}
