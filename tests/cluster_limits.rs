@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 use common::redis::RedisServer;
 use common::{sample, EchoUpstream, StoaProcess};
 
-/// A pass-through route `/limited/{id}` behind the policy `p`, and `[cluster]` on `redis`.
-
 /// The rate-limit keys in Redis (`<prefix>rl:<policy>:<client>`); the shared cache tier keeps
 /// keys of its own there too (its live nodes).
 fn rate_keys(redis: &RedisServer) -> usize {
@@ -23,6 +21,7 @@ fn rate_keys(redis: &RedisServer) -> usize {
         .count()
 }
 
+/// A pass-through route `/limited/{id}` behind the policy `p`, and `[cluster]` on `redis`.
 fn scene(policy: &str, redis: Option<&RedisServer>, node: &str, up: &EchoUpstream) -> String {
     let cluster = match redis {
         Some(r) => format!(
