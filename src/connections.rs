@@ -8,7 +8,11 @@
 //!   closed), after counting the connection;
 //! - wraps every accepted stream in a [`Guarded`] stream, which knows which phase its
 //!   connection is in (reading a head, reading a body, idle between requests) and enforces
-//!   that phase's deadline; the proxy tells it when a head and a body are complete;
+//!   that phase's deadline; the proxy tells it when a head and a body are complete. It also
+//!   buffers an answer's small writes in a buffer it takes for the answer and gives back once
+//!   the answer is flushed (the accepted stream has no buffers of its own: see
+//!   `crate::workers`), so an idle connection holds no buffer; and it can fence reads at the end of a request
+//!   ([`fence`]), so that pingora's proxy never reads the next request's bytes;
 //! - serves the proxy through [`Listener`], which counts open connections (refusing those
 //!   beyond `server.max_connections`) and, once the listening sockets are closed, drains the
 //!   connections before idle ones are closed;
@@ -19,9 +23,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -48,6 +52,13 @@ use crate::config::ConnectionLimits;
 use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::{Lifecycle, OpenConnection};
+
+/// How many bytes of an answer's small writes [`Guarded`] gathers into one write to the
+/// socket (pingora's default write buffer, about one TCP segment).
+const WRITE_BUFFER: usize = 1460;
+
+/// No fence on reads (see [`fence`]).
+const UNFENCED: u64 = u64::MAX;
 
 /// After the last in-flight request, how long a draining process still waits for requests
 /// already on their way over idle keep-alive connections before it closes those.
@@ -148,6 +159,14 @@ pub struct Guarded {
     h2c: bool,
     /// Bytes of the HTTP/2 opening received so far.
     h2_bytes: usize,
+    /// An answer's small writes, sent together when full or flushed. Taken at the first
+    /// write of an answer and given back when it is flushed: empty, without capacity, while
+    /// the connection is idle.
+    out: Vec<u8>,
+    /// How many of `out`'s bytes the socket has taken (a flush may take several writes).
+    out_sent: usize,
+    /// How many more bytes reads may return ([`UNFENCED`]: any); at 0 a read waits.
+    fence: AtomicU64,
 }
 
 impl Guarded {
@@ -175,7 +194,43 @@ impl Guarded {
             h2,
             h2c,
             h2_bytes: 0,
+            out: Vec::new(),
+            out_sent: 0,
+            fence: AtomicU64::new(UNFENCED),
         }
+    }
+
+    /// Writes `out` to the socket until it is empty.
+    fn poll_send_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_sent < self.out.len() {
+            let rest = &self.out[self.out_sent..];
+            match Pin::new(&mut self.inner).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => self.out_sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.out.clear();
+        self.out_sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Gathers `len` bytes into `out`, when they fit in [`WRITE_BUFFER`]: whether they
+    /// will (`out` is sent first when they would not fit after it).
+    fn poll_gather(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.out.len() + len > WRITE_BUFFER {
+            ready!(self.poll_send_out(cx))?;
+        }
+        if len >= WRITE_BUFFER {
+            return Poll::Ready(Ok(false));
+        }
+        if self.out.capacity() == 0 {
+            self.out.reserve_exact(WRITE_BUFFER);
+        }
+        Poll::Ready(Ok(true))
     }
 
     /// The request head is parsed. Returns whether the connection may carry another request
@@ -258,14 +313,7 @@ impl Guarded {
             what: "request head",
             timeout_ms: self.limits.header_timeout.as_millis(),
         };
-        let body = err.body();
-        let mut answer = format!(
-            "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        answer.extend_from_slice(&body);
+        let answer = err.closing_answer();
         let mut inner = Pin::new(&mut self.inner);
         if let Poll::Ready(Ok(n)) = inner.as_mut().poll_write(cx, &answer) {
             if n == answer.len() {
@@ -289,10 +337,29 @@ impl AsyncRead for Guarded {
             this.since = None;
             this.head_bytes = false;
         }
+        let fence = this.fence.load(Ordering::Relaxed);
+        if fence == 0 {
+            // The request's bytes are all read: the next request's wait in the socket.
+            return Poll::Pending;
+        }
+        if fence != UNFENCED && (buf.remaining() as u64) > fence {
+            let mut limited = buf.take(fence as usize);
+            let read = Pin::new(&mut *this).poll_read(cx, &mut limited);
+            let n = limited.filled().len();
+            // SAFETY: `limited` is the start of `buf`'s unfilled part; `n` bytes of it were
+            // filled.
+            unsafe { buf.assume_init(n) };
+            buf.advance(n);
+            return read;
+        }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let got = &buf.filled()[before..];
+                if fence != UNFENCED {
+                    this.fence
+                        .store(fence - got.len() as u64, Ordering::Relaxed);
+                }
                 if !got.is_empty()
                     && this.seen == HEAD
                     && !this.head_bytes
@@ -334,15 +401,27 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if ready!(this.poll_gather(cx, buf.len()))? {
+            this.out.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
+    /// Sends what was gathered and gives the buffer back: the answer is out.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_out(cx))?;
+        this.out = Vec::new();
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_out(cx))?;
+        this.out = Vec::new();
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -350,7 +429,15 @@ impl AsyncWrite for Guarded {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if ready!(this.poll_gather(cx, len))? {
+            for b in bufs {
+                this.out.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -439,6 +526,27 @@ impl Peek for Guarded {
 fn guarded(session: &Session) -> Option<&Guarded> {
     let stream: &dyn IO = &**session.downstream_session.stream()?;
     stream.as_any().downcast_ref::<Guarded>()
+}
+
+/// Fences the reads of a connection's stream: at most `bytes` more are read (`None`: no
+/// fence), and a read past them waits. The front fences the bytes of a request it hands to
+/// pingora's proxy, which otherwise reads on into the next request (its body reads, its
+/// probe of an idle client) and, not keeping those bytes, closes the connection.
+pub fn fence(stream: &Stream, bytes: Option<u64>) {
+    let stream: &dyn IO = &**stream;
+    if let Some(conn) = stream.as_any().downcast_ref::<Guarded>() {
+        conn.fence
+            .store(bytes.unwrap_or(UNFENCED), Ordering::Relaxed);
+    }
+}
+
+/// Bytes of a next request were read with the last one (pipelining): its head is due
+/// within `server.header_timeout`, as if its first bytes had just arrived.
+pub fn head_begun(stream: &Stream) {
+    let stream: &dyn IO = &**stream;
+    if let Some(conn) = stream.as_any().downcast_ref::<Guarded>() {
+        conn.phase.store(HEAD, Ordering::Relaxed);
+    }
 }
 
 /// The proxy read a request head: the body deadline starts (if there is a body), and the
@@ -623,9 +731,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         };
         tracing::debug!(worker = self.worker, "client connection accepted");
         let accepted = Instant::now();
-        let (open, stream, tls, h2) = self
-            .handshake(open, stream, accepted + limits.header_timeout)
-            .await?;
+        // Boxed: the handshake's state is large, and the connection's task keeps its own
+        // future for as long as the connection lives.
+        let (open, stream, tls, h2) =
+            Box::pin(self.handshake(open, stream, accepted + limits.header_timeout)).await?;
         let h2c = self.h2c && !tls;
         let cut = Arc::new(Cut::default());
         let stream: Stream = Box::new(Guarded::new(
@@ -677,5 +786,76 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Listener<A> {
         // Wakes the connections parked waiting for a next request: they close.
         self.app.cleanup().await;
         self.lifecycle.mark_proxy_closed();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A guarded stream on one end of a loopback connection, and the other end.
+    async fn pair() -> (Guarded, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let inner: Stream = Box::new(L4Stream::from(accepted.unwrap().0));
+        let open = Lifecycle::new().open_connection(1).unwrap();
+        let limits = ConnectionLimits::default();
+        let cut = Arc::new(Cut::default());
+        let guarded = Guarded::new(open, inner, limits, cut, Instant::now(), (false, false));
+        (guarded, client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn small_writes_go_out_together_and_the_buffer_is_given_back() {
+        let (mut conn, mut client) = pair().await;
+        assert_eq!(conn.out.capacity(), 0, "no buffer before an answer");
+        conn.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        conn.write_all(b"content-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        assert!(conn.out.capacity() > 0, "gathered, not yet sent");
+        conn.flush().await.unwrap();
+        assert_eq!(
+            conn.out.capacity(),
+            0,
+            "the buffer goes back with the answer"
+        );
+        let mut got = vec![0u8; 40];
+        let n = client.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        // A large write goes straight out, after what was gathered before it.
+        conn.write_all(b"head").await.unwrap();
+        let body = vec![b'x'; 3 * WRITE_BUFFER];
+        conn.write_all(&body).await.unwrap();
+        conn.flush().await.unwrap();
+        let mut got = vec![0u8; 4 + body.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert_eq!(conn.out.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_fenced_stream_reads_no_further_than_its_fence() {
+        let (mut conn, mut client) = pair().await;
+        client
+            .write_all(b"GET / HTTP/1.1\r\n\r\nNEXT")
+            .await
+            .unwrap();
+        conn.fence.store(18, Ordering::Relaxed);
+        let mut got = vec![0u8; 64];
+        let mut n = 0;
+        while n < 18 {
+            n += conn.read(&mut got[n..]).await.unwrap();
+        }
+        assert_eq!(&got[..n], b"GET / HTTP/1.1\r\n\r\n");
+        // At the fence a read waits, leaving the next request's bytes in the socket.
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), conn.read(&mut got)).await;
+        assert!(waited.is_err(), "read past the fence");
+        conn.fence.store(UNFENCED, Ordering::Relaxed);
+        let n = conn.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"NEXT");
     }
 }

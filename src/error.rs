@@ -104,6 +104,28 @@ impl StoaError {
         }
     }
 
+    /// This error as a whole HTTP/1.1 answer that closes its connection: what a connection
+    /// answers when no request could be read from it (a head too slow, too large or
+    /// malformed).
+    pub fn closing_answer(&self) -> Vec<u8> {
+        let status = self.status();
+        let body = self.body();
+        let mut answer = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             cache-control: no-store\r\nconnection: close\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some((name, value)) = self.extra_header() {
+            answer.push_str(&format!("{name}: {value}\r\n"));
+        }
+        answer.push_str("\r\n");
+        let mut answer = answer.into_bytes();
+        answer.extend_from_slice(&body);
+        answer
+    }
+
     /// The extra response header this error carries: `Allow` on 405, `Retry-After` on
     /// 429 and 503.
     pub fn extra_header(&self) -> Option<(&'static str, String)> {

@@ -16,6 +16,7 @@ use crate::cache::{CacheEngine, CacheStatus, CachedRoute, Origin, Served};
 use crate::cluster::Cluster;
 use crate::config::{Config, RouteSpec, Upstream};
 use crate::error::StoaError;
+use crate::lane::{Lane, Why};
 use crate::metrics::{Metrics, RouteMetrics, RouteProfile};
 use crate::ratelimit::{RateLimiter, UpstreamGuard};
 use crate::routes::{
@@ -123,7 +124,12 @@ impl Gateway {
             })
             .collect();
         let unmatched = metrics.route(UNMATCHED_ROUTE, false).map_err(metric_err)?;
-        unmatched.expect([(CacheStatus::None, 404)]);
+        let lane = if config.server.front {
+            Lane::Answer
+        } else {
+            Lane::Proxy(Why::Off)
+        };
+        unmatched.expect(lane, [(CacheStatus::None, 404)]);
         let mut clients: HashMap<String, UpstreamClient> = HashMap::new();
         for (name, up) in &config.upstreams {
             if let Some(guard) = guards.get(name.as_str()) {
@@ -141,6 +147,7 @@ impl Gateway {
             limiters: &limiters,
             legs: &legs,
             previous,
+            front: (config.server.front, config.server.front_forward),
         };
         let routes = config
             .routes
@@ -332,6 +339,8 @@ struct Parts<'a> {
     legs: &'a Arc<LegsHandle>,
     /// The configuration before a reload.
     previous: Option<&'a Gateway>,
+    /// `server.front` and `server.front_forward`: the lanes routes usually take.
+    front: (bool, bool),
 }
 
 /// A route as served: its peer, cache and origin, limiter and metrics.
@@ -418,7 +427,10 @@ fn compile_route(spec: &RouteSpec, parts: &Parts<'_>) -> Result<Route, StoaError
         .metrics
         .route(&spec.name, spec.cache.is_some())
         .map_err(metric_err)?;
-    route_metrics.expect(expected_answers(spec, limiter.is_some()));
+    route_metrics.expect(
+        usual_lane(spec, parts.front),
+        expected_answers(spec, limiter.is_some()),
+    );
     Ok(Route {
         link,
         metrics: route_metrics,
@@ -443,6 +455,18 @@ fn learned_before(spec: &RouteSpec, previous: Option<&Gateway>) -> Vec<http::Hea
 
 fn metric_err(e: prometheus::Error) -> StoaError {
     StoaError::Internal(format!("metrics: {e}"))
+}
+
+/// The lane a route's HTTP/1 requests usually take, whose series start at zero: stoa
+/// answers cached and aggregate routes; the front forwards pass-through requests when it
+/// does (`front`: `server.front` and `server.front_forward`), pingora's proxy otherwise.
+fn usual_lane(spec: &RouteSpec, front: (bool, bool)) -> Lane {
+    match front {
+        (false, _) => Lane::Proxy(Why::Off),
+        _ if spec.cache.is_some() || spec.aggregate.is_some() => Lane::Answer,
+        (true, true) => Lane::Forward,
+        (true, false) => Lane::Proxy(Why::Off),
+    }
 }
 
 /// The `stoa_requests_total` series a route starts with, at zero.

@@ -24,6 +24,7 @@ use crate::cache::tier::TierMetrics;
 use crate::cache::vary::Refusals;
 use crate::cache::CacheStatus;
 use crate::config::Coding;
+use crate::lane::Lane;
 
 /// The `Content-Type` of [`Metrics::render`]'s output (Prometheus text format 0.0.4).
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
@@ -110,9 +111,10 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "stoa_requests_total",
-                    "Requests answered, by route, HTTP status and cache status.",
+                    "Requests answered, by route, HTTP status, cache status and lane (which \
+                     code answered: answer, forward, proxy:<why>).",
                 ),
-                &["route", "status", "cache"],
+                &["route", "status", "cache", "lane"],
             )?,
         )?;
         let request_duration = register(
@@ -536,12 +538,13 @@ impl RouteProfile<'_> {
 /// The request series of one route.
 ///
 /// The `status` label is dynamic, so its counters are created lazily but looked up without
-/// locks: per cache status, a table with one `OnceLock<IntCounter>` per status code
+/// locks: per cache status and lane, a table with one `OnceLock<IntCounter>` per status code
 /// 100..=599 (plus one slot, labelled `other`, for codes outside that range), itself
-/// allocated on the first request with that cache status. The first request with a given
-/// (cache, status) pair pays one registry lookup and the formatting of the label; every later
-/// one is an array index, an atomic load and an atomic add. A table is about 8 KiB, and a
-/// route only allocates the tables of the cache statuses it actually reports. A fixed set of
+/// allocated on the first request with that cache status and lane. The first request with a
+/// given (cache, lane, status) triple pays one registry lookup and the formatting of the
+/// label; every later one is array indexes, an atomic load and an atomic add. A table is
+/// about 8 KiB, and a route only allocates the tables of the (cache, lane) pairs it actually
+/// reports (one or two, as a route's requests take one lane). A fixed set of
 /// common codes would need a fallback (a lock or a map) for the rest; this keeps one path.
 pub struct RouteMetrics {
     name: Box<str>,
@@ -554,13 +557,14 @@ pub struct RouteMetrics {
 #[derive(Default)]
 struct CacheSlot {
     duration: OnceLock<Histogram>,
-    statuses: OnceLock<Box<[OnceLock<IntCounter>]>>,
+    /// By lane ([`Lane::index`]).
+    statuses: [OnceLock<Box<[OnceLock<IntCounter>]>>; Lane::ALL.len()],
 }
 
 impl RouteMetrics {
     /// Records one answered request: `stoa_requests_total` and `stoa_request_duration_seconds`.
-    pub fn observe(&self, status: u16, cache: CacheStatus, elapsed: Duration) {
-        if let Some(counter) = self.status_counter(status, cache) {
+    pub fn observe(&self, status: u16, cache: CacheStatus, lane: Lane, elapsed: Duration) {
+        if let Some(counter) = self.status_counter(status, cache, lane) {
             counter.inc();
         }
         if let Some(histogram) = self.duration(cache) {
@@ -571,9 +575,9 @@ impl RouteMetrics {
     /// Creates the `stoa_requests_total` series of these (cache, status) pairs at zero, so
     /// that the first burst of each is seen by `increase()` and `rate()` (a series that
     /// appears with its first value already counted hides that value).
-    pub fn expect(&self, answers: impl IntoIterator<Item = (CacheStatus, u16)>) {
+    pub fn expect(&self, lane: Lane, answers: impl IntoIterator<Item = (CacheStatus, u16)>) {
         for (cache, status) in answers {
-            self.status_counter(status, cache);
+            self.status_counter(status, cache, lane);
         }
     }
 
@@ -600,10 +604,8 @@ impl RouteMetrics {
         &self.by_cache[index]
     }
 
-    fn status_counter(&self, status: u16, cache: CacheStatus) -> Option<&IntCounter> {
-        let table = self
-            .slot(cache)
-            .statuses
+    fn status_counter(&self, status: u16, cache: CacheStatus, lane: Lane) -> Option<&IntCounter> {
+        let table = self.slot(cache).statuses[lane.index()]
             .get_or_init(|| (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect());
         let index = match status {
             100..=599 => usize::from(status - 100),
@@ -619,7 +621,7 @@ impl RouteMetrics {
         };
         let counter = self
             .requests
-            .get_metric_with_label_values(&[&*self.name, &label, cache.label()])
+            .get_metric_with_label_values(&[&*self.name, &label, cache.label(), lane.label()])
             .ok()?;
         Some(cell.get_or_init(|| counter))
     }
@@ -701,12 +703,22 @@ mod tests {
         let upstream = m.upstream("restaurants", "restaurant").unwrap();
         let limited = m.rate_limited("restaurant", "default").unwrap();
 
-        restaurant.observe(200, CacheStatus::Hit, Duration::from_micros(200));
-        restaurant.observe(200, CacheStatus::Hit, Duration::from_micros(300));
-        restaurant.observe(200, CacheStatus::Miss, ms(1200));
-        restaurant.observe(404, CacheStatus::Miss, ms(40));
-        restaurant.observe(200, CacheStatus::Coalesced, ms(900));
-        restaurant.observe(1000, CacheStatus::Bypass, ms(1));
+        restaurant.observe(
+            200,
+            CacheStatus::Hit,
+            Lane::Answer,
+            Duration::from_micros(200),
+        );
+        restaurant.observe(
+            200,
+            CacheStatus::Hit,
+            Lane::Answer,
+            Duration::from_micros(300),
+        );
+        restaurant.observe(200, CacheStatus::Miss, Lane::Answer, ms(1200));
+        restaurant.observe(404, CacheStatus::Miss, Lane::Answer, ms(40));
+        restaurant.observe(200, CacheStatus::Coalesced, Lane::Answer, ms(900));
+        restaurant.observe(1000, CacheStatus::Bypass, Lane::Answer, ms(1));
         restaurant.coalesced_waiter();
         upstream.fetch(FetchOutcome::Ok, ms(1100));
         upstream.fetch(FetchOutcome::Ok, ms(35));
@@ -725,11 +737,11 @@ mod tests {
         assert_eq!(
             series(&text, "stoa_requests_total"),
             set(&[
-                r#"stoa_requests_total{cache="bypass",route="restaurant",status="other"} 1"#,
-                r#"stoa_requests_total{cache="coalesced",route="restaurant",status="200"} 1"#,
-                r#"stoa_requests_total{cache="hit",route="restaurant",status="200"} 2"#,
-                r#"stoa_requests_total{cache="miss",route="restaurant",status="200"} 1"#,
-                r#"stoa_requests_total{cache="miss",route="restaurant",status="404"} 1"#,
+                r#"stoa_requests_total{cache="bypass",lane="answer",route="restaurant",status="other"} 1"#,
+                r#"stoa_requests_total{cache="coalesced",lane="answer",route="restaurant",status="200"} 1"#,
+                r#"stoa_requests_total{cache="hit",lane="answer",route="restaurant",status="200"} 2"#,
+                r#"stoa_requests_total{cache="miss",lane="answer",route="restaurant",status="200"} 1"#,
+                r#"stoa_requests_total{cache="miss",lane="answer",route="restaurant",status="404"} 1"#,
             ])
         );
         assert_eq!(
@@ -791,9 +803,19 @@ mod tests {
     fn histograms_have_every_bucket() {
         let m = Metrics::new().unwrap();
         let route = m.route("restaurant", true).unwrap();
-        route.observe(200, CacheStatus::Hit, Duration::from_micros(200));
-        route.observe(200, CacheStatus::Hit, Duration::from_micros(300));
-        route.observe(200, CacheStatus::Hit, Duration::from_secs(60));
+        route.observe(
+            200,
+            CacheStatus::Hit,
+            Lane::Answer,
+            Duration::from_micros(200),
+        );
+        route.observe(
+            200,
+            CacheStatus::Hit,
+            Lane::Answer,
+            Duration::from_micros(300),
+        );
+        route.observe(200, CacheStatus::Hit, Lane::Answer, Duration::from_secs(60));
         let text = m.render();
 
         let hit_buckets: Vec<&str> = text
@@ -871,31 +893,31 @@ mod tests {
             stale: true,
             limited: true,
         };
-        cached.expect(profile.answers());
+        cached.expect(Lane::Answer, profile.answers());
         let pass = m.route("pass", false).unwrap();
-        pass.expect(RouteProfile::default().answers());
+        pass.expect(Lane::Forward, RouteProfile::default().answers());
         let text = m.render();
         for line in [
-            r#"stoa_requests_total{cache="hit",route="menu",status="200"} 0"#,
-            r#"stoa_requests_total{cache="hit",route="menu",status="404"} 0"#,
-            r#"stoa_requests_total{cache="miss",route="menu",status="200"} 0"#,
-            r#"stoa_requests_total{cache="miss",route="menu",status="502"} 0"#,
-            r#"stoa_requests_total{cache="coalesced",route="menu",status="200"} 0"#,
-            r#"stoa_requests_total{cache="stale",route="menu",status="200"} 0"#,
-            r#"stoa_requests_total{cache="bypass",route="menu",status="200"} 0"#,
-            r#"stoa_requests_total{cache="bypass",route="menu",status="429"} 0"#,
-            r#"stoa_requests_total{cache="none",route="pass",status="200"} 0"#,
-            r#"stoa_requests_total{cache="none",route="pass",status="504"} 0"#,
+            r#"stoa_requests_total{cache="hit",lane="answer",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="hit",lane="answer",route="menu",status="404"} 0"#,
+            r#"stoa_requests_total{cache="miss",lane="answer",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="miss",lane="answer",route="menu",status="502"} 0"#,
+            r#"stoa_requests_total{cache="coalesced",lane="answer",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="stale",lane="answer",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="bypass",lane="answer",route="menu",status="200"} 0"#,
+            r#"stoa_requests_total{cache="bypass",lane="answer",route="menu",status="429"} 0"#,
+            r#"stoa_requests_total{cache="none",lane="forward",route="pass",status="200"} 0"#,
+            r#"stoa_requests_total{cache="none",lane="forward",route="pass",status="504"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
-        assert!(!text.contains(r#"cache="none",route="pass",status="429""#));
-        assert!(!text.contains(r#"cache="hit",route="pass""#));
+        assert!(!text.contains(r#"cache="none",lane="forward",route="pass",status="429""#));
+        assert!(!text.contains(r#"cache="hit",lane="forward",route="pass""#));
         assert!(profile.answers().len() <= 24);
         // Counting continues the pre-created series.
-        cached.observe(200, CacheStatus::Coalesced, ms(1));
+        cached.observe(200, CacheStatus::Coalesced, Lane::Answer, ms(1));
         assert!(m.render().contains(
-            "stoa_requests_total{cache=\"coalesced\",route=\"menu\",status=\"200\"} 1\n"
+            "stoa_requests_total{cache=\"coalesced\",lane=\"answer\",route=\"menu\",status=\"200\"} 1\n"
         ));
     }
 
@@ -904,13 +926,15 @@ mod tests {
         let m = Metrics::new().unwrap();
         m.route("r", true)
             .unwrap()
-            .observe(200, CacheStatus::Hit, ms(1));
+            .observe(200, CacheStatus::Hit, Lane::Answer, ms(1));
         let again = m.route("r", true).unwrap();
-        again.observe(200, CacheStatus::Hit, ms(1));
+        again.observe(200, CacheStatus::Hit, Lane::Answer, ms(1));
         again.coalesced_waiter();
         assert_eq!(again.name(), "r");
         let text = m.render();
-        assert!(text.contains("stoa_requests_total{cache=\"hit\",route=\"r\",status=\"200\"} 2\n"));
+        assert!(text.contains(
+            "stoa_requests_total{cache=\"hit\",lane=\"answer\",route=\"r\",status=\"200\"} 2\n"
+        ));
         assert!(text.contains("stoa_coalesced_waiters_total{route=\"r\"} 1\n"));
     }
 
@@ -926,8 +950,8 @@ mod tests {
     fn populated() -> Metrics {
         let m = Metrics::new().unwrap();
         let route = m.route("restaurant", true).unwrap();
-        route.observe(200, CacheStatus::Hit, ms(1));
-        route.observe(502, CacheStatus::Miss, ms(30));
+        route.observe(200, CacheStatus::Hit, Lane::Answer, ms(1));
+        route.observe(502, CacheStatus::Miss, Lane::Answer, ms(30));
         route.coalesced_waiter();
         m.upstream("restaurants", "restaurant")
             .unwrap()

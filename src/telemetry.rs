@@ -132,6 +132,8 @@ pub struct AccessRecord<'a> {
     pub route: &'a str,
     pub status: u16,
     pub cache: CacheStatus,
+    /// Which code answered it (`answer`, `forward`, `proxy:<why>`: see `crate::lane`).
+    pub lane: &'a str,
     /// Response body bytes sent.
     pub bytes: u64,
     /// Time from request to response.
@@ -141,8 +143,8 @@ pub struct AccessRecord<'a> {
     pub request_id: &'a str,
 }
 
-/// Logs one request: one line with the fields `client method path route status cache bytes
-/// duration upstream_duration request_id` and target `stoa::access`, as the tracing
+/// Logs one request: one line with the fields `client method path route status cache lane
+/// bytes duration upstream_duration request_id` and target `stoa::access`, as the tracing
 /// subscriber formats an INFO event (text, or JSON with every field at the top level).
 /// Durations are float seconds (like the metrics). `client` and `upstream_duration` are
 /// left out when `None`; `cache` is the metrics label (`hit`, `miss`, …, `none`).
@@ -371,6 +373,7 @@ fn json_line(buf: &mut Vec<u8>, now: SystemTime, rec: &AccessRecord) {
     push_string(buf, "route", rec.route);
     push_number(buf, "status", rec.status.into());
     push_string(buf, "cache", rec.cache.label());
+    push_string(buf, "lane", rec.lane);
     push_number(buf, "bytes", rec.bytes);
     push_seconds(buf, "duration", rec.duration);
     if let Some(up) = rec.upstream_duration {
@@ -393,12 +396,13 @@ fn text_line(
     }
     write!(
         buf,
-        "method={:?} path={:?} route={:?} status={} cache={:?} bytes={} duration={:?}",
+        "method={:?} path={:?} route={:?} status={} cache={:?} lane={:?} bytes={} duration={:?}",
         rec.method,
         rec.path,
         rec.route,
         rec.status,
         rec.cache.label(),
+        rec.lane,
         rec.bytes,
         rec.duration.as_secs_f64()
     )?;
@@ -464,6 +468,7 @@ mod tests {
             route: "restaurant",
             status: 200,
             cache: CacheStatus::Miss,
+            lane: "answer",
             bytes: 1234,
             duration: Duration::from_millis(1500),
             upstream_duration: Some(Duration::from_millis(1250)),
@@ -487,6 +492,7 @@ mod tests {
             route = rec.route,
             status = rec.status,
             cache = rec.cache.label(),
+            lane = rec.lane,
             bytes = rec.bytes,
             duration = rec.duration.as_secs_f64(),
             upstream_duration = rec.upstream_duration.map(|d| d.as_secs_f64()),
@@ -515,6 +521,7 @@ mod tests {
         assert_eq!(line["route"], "restaurant");
         assert_eq!(line["status"].as_u64(), Some(200));
         assert_eq!(line["cache"], "miss");
+        assert_eq!(line["lane"], "answer");
         assert_eq!(line["bytes"].as_u64(), Some(1234));
         assert_eq!(line["duration"].as_f64(), Some(1.5));
         assert_eq!(line["upstream_duration"].as_f64(), Some(1.25));
@@ -559,6 +566,7 @@ mod tests {
                 upstream_duration: None,
                 duration: Duration::from_micros(250),
                 cache: CacheStatus::None,
+                lane: "answer",
                 ..record("1")
             },
         ] {
@@ -603,6 +611,7 @@ mod tests {
             route: "clv",
             status: 429,
             cache: CacheStatus::None,
+            lane: "answer",
             bytes: 0,
             duration: Duration::from_micros(250),
             upstream_duration: None,

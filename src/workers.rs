@@ -1,8 +1,8 @@
 //! The proxy's workers (`server.threads`) and their one accept queue.
 //!
 //! stoa binds the proxy's listening sockets itself ([`ListenSockets`]) and keeps them until
-//! the drain. Each worker is a pingora listening service on a runtime of its own, given a
-//! duplicate of every socket (the same socket, so one accept queue for all: no connection
+//! the drain. Each worker is a pingora service on a runtime of its own that runs stoa's own
+//! accept loop on a duplicate of every socket (the same socket, so one accept queue for all: no connection
 //! waits behind a busy worker's queue while another is idle). All workers share the
 //! configuration, the cache, the limiters and the [`Lifecycle`]; each has its own upstream
 //! connection pool (pingora's connector of its proxy app).
@@ -14,10 +14,15 @@
 //! (each answer closes its connection: the drain has begun), then closes the sockets. No
 //! connection the kernel accepted is dropped unanswered: only one arriving in the
 //! microseconds between that last accept and the close is refused.
+//!
+//! The accept loop is stoa's, not pingora's listening service's: a connection's task holds
+//! only the connection's own future (pingora's keeps room for a TLS handshake in every
+//! connection's task, about 10 KiB, for as long as the connection lives), and its stream
+//! has no read or write buffer of its own (see `crate::connections`).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -25,14 +30,16 @@ use async_trait::async_trait;
 use pingora::apps::ServerApp;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{GetSocketDigest, SocketDigest, Stream};
-use pingora::server::{Fds, ListenFds, ShutdownWatch};
-use pingora::services::listening::Service;
+use pingora::server::{ListenFds, ShutdownWatch};
 use pingora::services::Service as ServiceTrait;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::connections::Listener;
 use crate::lifecycle::Lifecycle;
+
+/// `accept` out of file descriptors (Linux's `EMFILE`).
+const EMFILE: i32 = 24;
 
 /// The accept queue's length (as pingora's own listeners).
 const BACKLOG: i32 = 65535;
@@ -83,23 +90,18 @@ impl Workers {
         self.sockets.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A worker's table of listening sockets for pingora: a duplicate of each socket under
-    /// its address, which the worker's listener owns (and closes when its accept loop ends).
-    fn table(&self) -> io::Result<ListenFds> {
+    /// A worker's listening sockets: a duplicate of each socket under its address, which the
+    /// worker's accept loop owns (and closes when it ends).
+    fn table(&self) -> io::Result<Vec<(String, TcpListener)>> {
         let guard = self.sockets();
         let Some(sockets) = guard.as_ref() else {
             return Err(io::Error::other("the listening sockets are closed"));
         };
-        let dups = sockets
+        sockets
             .sockets
             .iter()
-            .map(|(addr, socket)| Ok((addr.clone(), OwnedFd::from(socket.try_clone()?))))
-            .collect::<io::Result<Vec<_>>>()?;
-        let mut fds = Fds::new();
-        for (addr, fd) in dups {
-            fds.add(addr, fd.into_raw_fd());
-        }
-        Ok(Arc::new(parking_lot::Mutex::new(fds)))
+            .map(|(addr, socket)| Ok((addr.clone(), socket.try_clone()?)))
+            .collect()
     }
 
     /// A worker that could not start: the others no longer wait for it.
@@ -142,15 +144,68 @@ impl Workers {
     }
 }
 
-/// A connection accepted from the queue after the workers stopped, as pingora's accept
-/// would have made it (without its read and write buffers: fine for the few of the drain).
+/// A connection accepted from the queue after the workers stopped.
 fn stream(accepted: TcpStream) -> io::Result<Stream> {
     accepted.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(accepted)?;
+    let peer = tcp.peer_addr()?;
+    Ok(accepted_stream(tcp, peer))
+}
+
+/// An accepted connection as pingora's accept makes it (`TCP_NODELAY`, a socket digest that
+/// knows the peer), without read or write buffers.
+fn accepted_stream(tcp: tokio::net::TcpStream, peer: SocketAddr) -> Stream {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+    }
     let fd = tcp.as_raw_fd();
     let mut stream = L4Stream::from(tcp);
-    stream.set_socket_digest(SocketDigest::from_raw_fd(fd));
-    Ok(Box::new(stream))
+    let digest = SocketDigest::from_raw_fd(fd);
+    let _ = digest.peer_addr.set(Some(peer.into()));
+    stream.set_socket_digest(digest);
+    Box::new(stream)
+}
+
+/// Accepts connections on `socket` until `stop` says so, each served by `app` on a task of
+/// its own.
+async fn accept_loop<A: ServerApp + Send + Sync + 'static>(
+    socket: TcpListener,
+    app: Arc<Served<A>>,
+    mut stop: ShutdownWatch,
+) {
+    let socket = match tokio::net::TcpListener::from_std(socket) {
+        Ok(socket) => socket,
+        Err(e) => {
+            tracing::error!("cannot accept on a listening socket: {e}");
+            return;
+        }
+    };
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            changed = stop.changed() => match changed {
+                Ok(()) if !*stop.borrow() => continue,
+                _ => break,
+            },
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                let (listener, stop) = (app.0.clone(), stop.clone());
+                tokio::spawn(async move {
+                    listener
+                        .process_new(accepted_stream(tcp, peer), &stop)
+                        .await;
+                });
+            }
+            Err(e) => {
+                tracing::error!("accept failed: {e}");
+                // Out of descriptors: accept would fail again at once; let others close.
+                if e.raw_os_error() == Some(EMFILE) {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
 }
 
 /// A worker's app: the proxy behind its [`Listener`], which, when the worker's accept
@@ -204,11 +259,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Served<A> {
     }
 }
 
-/// One worker: a listening service on the shared sockets, stopped by
+/// One worker: stoa's accept loops on the shared sockets, stopped by
 /// [`Lifecycle::stop_accepting`] rather than by pingora's shutdown broadcast, which comes
 /// only after the drain.
 pub struct Worker<A> {
-    inner: Service<Served<A>>,
+    name: String,
+    app: Arc<Served<A>>,
+    addrs: Vec<String>,
+    threads: usize,
     workers: Arc<Workers>,
     lifecycle: Arc<Lifecycle>,
 }
@@ -228,13 +286,11 @@ impl<A: ServerApp + Send + Sync + 'static> Worker<A> {
             .as_ref()
             .map(|s| s.sockets.iter().map(|(addr, _)| addr.clone()).collect())
             .unwrap_or_default();
-        let mut inner = Service::new(name, Served(Arc::new(listener), workers.clone()));
-        for addr in addrs {
-            inner.add_tcp(&addr);
-        }
-        inner.threads = Some(threads);
         Worker {
-            inner,
+            name,
+            app: Arc::new(Served(Arc::new(listener), workers.clone())),
+            addrs,
+            threads,
             workers,
             lifecycle,
         }
@@ -247,7 +303,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Worker<A> {
         &mut self,
         _fds: Option<ListenFds>,
         mut shutdown: ShutdownWatch,
-        listeners_per_fd: usize,
+        _listeners_per_fd: usize,
     ) {
         // Should pingora shut down by itself, the proxy stops as well.
         let lifecycle = self.lifecycle.clone();
@@ -262,31 +318,31 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Worker<A> {
         let table = match self.workers.table() {
             Ok(table) => table,
             Err(e) => {
-                tracing::error!(
-                    worker = self.inner.name(),
-                    "cannot start a proxy worker: {e}"
-                );
+                tracing::error!(worker = self.name, "cannot start a proxy worker: {e}");
                 self.workers.abandon();
                 self.lifecycle.mark_proxy_closed();
                 return;
             }
         };
         let stop = self.lifecycle.stop_watch();
-        self.inner
-            .start_service(Some(table), stop, listeners_per_fd)
-            .await
+        let loops: Vec<_> = table
+            .into_iter()
+            .map(|(_, socket)| tokio::spawn(accept_loop(socket, self.app.clone(), stop.clone())))
+            .collect();
+        futures_util::future::join_all(loops).await;
+        self.app.cleanup().await;
     }
 
     fn name(&self) -> &str {
-        self.inner.name()
+        &self.name
     }
 
     fn threads(&self) -> Option<usize> {
-        self.inner.threads()
+        Some(self.threads)
     }
 
     fn listen_addresses(&self) -> Option<Vec<String>> {
-        self.inner.listen_addresses()
+        Some(self.addrs.clone())
     }
 }
 
@@ -325,17 +381,10 @@ mod tests {
             sockets.sockets[0].1.local_addr().unwrap(),
         );
         let workers = Workers::new(sockets, 2);
-        let (a, b) = (workers.table().unwrap(), workers.table().unwrap());
-        let (fd_a, fd_b) = (*a.lock().get(&key).unwrap(), *b.lock().get(&key).unwrap());
-        assert_ne!(fd_a, fd_b);
-        // SAFETY: the descriptors were just made for this test and are owned once each.
-        let (la, lb) = unsafe {
-            use std::os::fd::FromRawFd;
-            (
-                TcpListener::from_raw_fd(fd_a),
-                TcpListener::from_raw_fd(fd_b),
-            )
-        };
+        let (mut a, mut b) = (workers.table().unwrap(), workers.table().unwrap());
+        let ((key_a, la), (key_b, lb)) = (a.remove(0), b.remove(0));
+        assert_eq!((&key_a, &key_b), (&key, &key));
+        assert_ne!(la.as_raw_fd(), lb.as_raw_fd());
         assert_eq!(la.local_addr().unwrap(), addr);
         assert_eq!(lb.local_addr().unwrap(), addr);
         // Closing one worker's descriptor leaves the socket listening.

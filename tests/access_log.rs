@@ -155,3 +155,99 @@ fn check_names_an_access_log_file_in_a_missing_directory() {
         "{out}{err}"
     );
 }
+
+/// Each line names the request's lane: `answer` for what stoa answers (a hit, a miss, its
+/// own errors, a head it refuses), `forward` for a plain pass-through request, and
+/// `proxy:<why>` for what pingora's proxy serves (here a chunked body: `proxy:framing`;
+/// `server.front = false`: `proxy:off`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_names_the_lane_that_answered() {
+    use tokio::io::AsyncWriteExt;
+    let echo = EchoUpstream::start().await;
+    let post_route = "\n[[routes]]\nname = \"post\"\nmethods = [\"POST\"]\npath = \"/post\"\nupstream = \"echo\"\n";
+    for (front, lanes) in [
+        (
+            true,
+            [
+                ("/cached/1", "answer"),
+                ("/cached/1", "answer"),
+                ("/pass/1", "forward"),
+                ("/nowhere", "answer"),
+                ("/post", "proxy:framing"),
+                ("/", "answer"),
+            ],
+        ),
+        (
+            false,
+            [
+                ("/cached/1", "proxy:off"),
+                ("/cached/1", "proxy:off"),
+                ("/pass/1", "proxy:off"),
+                ("/nowhere", "proxy:off"),
+                ("/post", "proxy:off"),
+                ("/", "proxy:off"),
+            ],
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("access.log");
+        let log = format!(
+            "format = \"json\"\naccess_log = true\naccess_log_file = \"{}\"",
+            file.display()
+        );
+        let config = format!("{}{post_route}", config(&echo, &log));
+        let gw = StoaProcess::start_with(&format!("front = {front}"), &config).await;
+        let http = reqwest::Client::new();
+        for (path, _) in &lanes[..4] {
+            http.get(gw.url(path))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+        }
+        let chunked = "POST /post HTTP/1.1\r\nHost: stoa\r\nTransfer-Encoding: chunked\r\n\
+                       Connection: close\r\n\r\n2\r\nhi\r\n0\r\n\r\n";
+        let (answer, _) =
+            common::raw_exchange(gw.port, chunked.as_bytes(), Duration::from_secs(5)).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        // An HTTP/1.1 request without `Host`: the front refuses it (400); pingora's proxy,
+        // with the front off, routes it.
+        let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+            .await
+            .unwrap();
+        sock.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        common::read_until_closed(&mut sock, Duration::from_secs(5)).await;
+        let expected = lanes.len();
+        let lines = lines_of(&file, expected).await;
+        // Sorted: a request's line may be written after the next request's answer.
+        let mut got: Vec<(String, String)> = lines
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["path"].as_str().unwrap().to_string(),
+                    v["lane"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        let mut want: Vec<(String, String)> = lanes[..expected]
+            .iter()
+            .map(|(p, l)| (p.to_string(), l.to_string()))
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "front = {front}");
+        let metrics = gw.metrics().await;
+        let first = if front { "answer" } else { "proxy:off" };
+        let series = format!(
+            "stoa_requests_total{{cache=\"hit\",lane=\"{first}\",route=\"cached\",status=\"200\"}}"
+        );
+        assert_eq!(sample(&metrics, &series), Some(1.0), "{metrics}");
+    }
+}

@@ -11,6 +11,16 @@ use std::time::{Duration, Instant};
 use common::redis::RedisServer;
 use common::{sample, EchoUpstream, StoaProcess};
 
+/// The rate-limit keys in Redis (`<prefix>rl:<policy>:<client>`); the shared cache tier keeps
+/// keys of its own there too (its live nodes).
+fn rate_keys(redis: &RedisServer) -> usize {
+    redis
+        .cli(&["--scan", "--pattern", "*rl:*"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count()
+}
+
 /// A pass-through route `/limited/{id}` behind the policy `p`, and `[cluster]` on `redis`.
 fn scene(policy: &str, redis: Option<&RedisServer>, node: &str, up: &EchoUpstream) -> String {
     let cluster = match redis {
@@ -157,7 +167,7 @@ async fn a_cluster_policy_admits_its_burst_once_across_three_nodes() {
         assert_eq!(checks(&m, "local_fallback", "allowed"), 0.0, "{m}");
     }
     assert_eq!(from_redis, 18.0);
-    assert_eq!(limit_keys(&redis), 1);
+    assert_eq!(rate_keys(&redis), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -173,7 +183,7 @@ async fn a_local_policy_admits_its_burst_on_each_node() {
     let admitted = answers.iter().filter(|(s, _)| *s == 200).count();
     assert!((30..=33).contains(&admitted), "admitted {admitted} of 36");
     // Nothing went to Redis for it.
-    assert_eq!(limit_keys(&redis), 0);
+    assert_eq!(rate_keys(&redis), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +199,7 @@ async fn with_redis_stopped_every_request_is_answered_and_redis_is_used_again_on
         .await
         .iter()
         .all(|(s, _)| *s == 200));
-    assert_eq!(limit_keys(&redis), 1);
+    assert_eq!(rate_keys(&redis), 1);
 
     redis.stop();
     let started = Instant::now();
@@ -227,7 +237,7 @@ async fn with_redis_stopped_every_request_is_answered_and_redis_is_used_again_on
 
     redis.restart();
     wait_redis_state(&nodes, true).await;
-    assert_eq!(limit_keys(&redis), 0);
+    assert_eq!(rate_keys(&redis), 0);
     let mut before = 0.0;
     for node in &nodes {
         before += checks(&node.metrics().await, "redis", "allowed");
@@ -241,7 +251,7 @@ async fn with_redis_stopped_every_request_is_answered_and_redis_is_used_again_on
         after += checks(&node.metrics().await, "redis", "allowed");
     }
     assert_eq!(after - before, 6.0);
-    assert_eq!(limit_keys(&redis), 1);
+    assert_eq!(rate_keys(&redis), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,14 +276,4 @@ async fn without_a_cluster_section_nothing_is_shared() {
         err.contains("rate_limits.p.scope: \"cluster\" needs a [cluster] section"),
         "{err}"
     );
-}
-
-/// Keys in Redis besides the registry of live nodes (`<prefix>nodes`, which every node with
-/// `[cluster]` keeps while it listens for purges): the rate limits' buckets here.
-fn limit_keys(redis: &RedisServer) -> usize {
-    redis
-        .cli(&["--scan"])
-        .lines()
-        .filter(|k| !k.is_empty() && !k.ends_with("nodes"))
-        .count()
 }

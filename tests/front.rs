@@ -7,7 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{
-    dechunk, read_answer, read_head, read_until_closed, EchoUpstream, RawAnswer, StoaProcess,
+    dechunk, raw_exchange, read_answer, read_head, read_until_closed, serve_heads, text_answer,
+    EchoUpstream, RawAnswer, StoaProcess,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -132,28 +133,116 @@ async fn a_body_read_with_its_head_reaches_the_upstream_whole() {
     assert_eq!(dechunk(&sent), "hello world", "{sent:?}");
 }
 
-/// A client that sends its next request before reading the answer (pipelining) gets the
-/// first answer whole; stoa does not serve pipelined requests, so it then closes.
+/// Writes `requests` in one write, then reads one answer for each, in order, on the same
+/// connection; the connection then still serves a request.
+async fn pipelined(gw: &StoaProcess, requests: &[String]) -> Vec<RawAnswer> {
+    let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
+    sock.write_all(requests.concat().as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut answers = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        let read = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut sock, &mut buf));
+        match read.await {
+            Ok(Ok(answer)) => answers.push(answer),
+            other => panic!("answer {i} to {request:?}: {other:?}; before it: {answers:#?}"),
+        }
+    }
+    assert!(buf.is_empty(), "{:?}", String::from_utf8_lossy(&buf));
+    let after = send(&mut sock, &mut buf, &get("/nowhere/after")).await;
+    after.assert_error(404, "not_found", "/nowhere/after");
+    answers
+}
+
+/// Requests written together on one connection (pipelining, RFC 9112 §9.3) are all
+/// answered, in order, whatever lane each takes: a miss, a pass-through request, a hit, and
+/// stoa's 404.
 #[tokio::test]
-async fn pipelined_requests_get_the_first_answer_whole_then_a_close() {
+async fn three_pipelined_requests_get_three_answers_in_order() {
     let echo = EchoUpstream::start().await;
     let gw = StoaProcess::start(&routes(&echo)).await;
-    for path in ["/cached/c", "/pass/p"] {
-        let mut sock = TcpStream::connect(("127.0.0.1", gw.port)).await.unwrap();
-        let two = format!("{}{}", get(path), get(path));
-        sock.write_all(two.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let first = read_answer(&mut sock, &mut buf).await.unwrap();
-        assert_eq!(first.status, 200, "{path}: {first:?}");
-        let (rest, closed) = read_until_closed(&mut sock, Duration::from_secs(5)).await;
-        assert!(closed, "{path}: still open");
-        buf.extend_from_slice(&rest);
-        assert!(
-            buf.is_empty(),
-            "{path}: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
-    }
+    let requests = [
+        get("/cached/three"),
+        get("/pass/three"),
+        get("/cached/three"),
+    ];
+    let answers = pipelined(&gw, &requests).await;
+    assert_eq!((answers[0].status, answers[0].x_cache()), (200, "MISS"));
+    assert_eq!(answers[0].json()["target"], "/items/three");
+    assert_eq!(answers[1].json()["target"], "/pass/three");
+    assert_eq!((answers[2].status, answers[2].x_cache()), (200, "HIT"));
+}
+
+/// Sixteen requests in one write: hits, misses, pass-through with and without a body,
+/// requests pingora's proxy takes (a `Connection` header that names another; with and without
+/// a body), stoa's 404, 405 and 400. Each gets its own answer, in order, on the one connection.
+#[tokio::test]
+async fn sixteen_pipelined_requests_of_every_lane_are_answered_in_order() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: stoa\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let by_proxy = "GET /pass/proxied HTTP/1.1\r\nHost: stoa\r\nConnection: keep-alive, x-hop\r\n\
+                    x-hop: 1\r\n\r\n"
+        .to_string();
+    // Its body comes with it: pingora's proxy reads it, and not a byte past it.
+    let by_proxy_post = "POST /pass/z HTTP/1.1\r\nHost: stoa\r\nConnection: keep-alive, x-hop\r\n\
+                         Content-Length: 5\r\n\r\nz=1&2"
+        .to_string();
+    let requests = vec![
+        get("/cached/p1"),
+        get("/pass/a?x=1"),
+        get("/cached/p1"),
+        get("/nowhere"),
+        post("/pass/form", "hello=world"),
+        get("/cached/%zz"),
+        by_proxy,
+        get("/cached/p2"),
+        "DELETE /cached/p1 HTTP/1.1\r\nHost: stoa\r\n\r\n".to_string(),
+        get("/cached/p2"),
+        post("/pass/second", "{\"n\":2}"),
+        by_proxy_post,
+        get("/cached/p3"),
+        get("/cached/p1"),
+        get("/nowhere/else"),
+        get("/pass/last"),
+    ];
+    let answers = pipelined(&gw, &requests).await;
+    let cached = |i: usize, x_cache: &str, id: &str| {
+        let a = &answers[i];
+        assert_eq!((a.status, a.x_cache()), (200, x_cache), "{i}: {a:?}");
+        assert_eq!(a.json()["target"], format!("/items/{id}"), "{i}: {a:?}");
+    };
+    let passed = |i: usize, target: &str| {
+        let a = &answers[i];
+        assert_eq!(a.status, 200, "{i}: {a:?}");
+        assert_eq!(a.json()["target"], target, "{i}: {a:?}");
+    };
+    cached(0, "MISS", "p1");
+    passed(1, "/pass/a?x=1");
+    cached(2, "HIT", "p1");
+    answers[3].assert_error(404, "not_found", "/nowhere");
+    passed(4, "/pass/form");
+    assert_eq!(answers[4].json()["body"], "hello=world");
+    assert_eq!(
+        (answers[5].status, answers[5].json()["error"].as_str()),
+        (400, Some("bad_path"))
+    );
+    passed(6, "/pass/proxied");
+    cached(7, "MISS", "p2");
+    assert_eq!(answers[8].status, 405, "{:?}", answers[8]);
+    cached(9, "HIT", "p2");
+    passed(10, "/pass/second");
+    assert_eq!(answers[10].json()["body"], "{\"n\":2}");
+    passed(11, "/pass/z");
+    assert_eq!(answers[11].json()["body"], "z=1&2");
+    cached(12, "MISS", "p3");
+    cached(13, "HIT", "p1");
+    answers[14].assert_error(404, "not_found", "/nowhere/else");
+    passed(15, "/pass/last");
 }
 
 /// SIGTERM: a connection waiting in the front for its next request is closed once the
@@ -378,5 +467,122 @@ async fn a_body_keyed_get_is_answered_from_the_cache_and_the_connection_goes_on(
         assert_eq!(a.body.len(), length, "{request}");
         assert_eq!(a.status, b.status, "{request}");
         assert_eq!(comparable(a), comparable(b), "{request}");
+    }
+}
+
+/// Sends `request` (bytes) on a fresh connection and reads the answer until the close.
+async fn refused(gw: &StoaProcess, request: &[u8]) -> RawAnswer {
+    let (bytes, closed) = raw_exchange(gw.port, request, Duration::from_secs(10)).await;
+    assert!(
+        closed,
+        "still open after {:?}",
+        String::from_utf8_lossy(&bytes)
+    );
+    let answer = RawAnswer::parse(&bytes);
+    assert!(answer.closes(), "{answer:?}");
+    answer
+}
+
+/// Heads that break HTTP/1.1's rules get stoa's JSON errors, whatever route they name (a
+/// cached one, a pass-through one), and the connection closes: no `Host` on HTTP/1.1, two
+/// `Host`s, `Content-Length`s that differ, a target with bytes a URI cannot hold, a target
+/// over 64 KiB, an absolute-form target for another host, a head over 1 MiB.
+#[tokio::test]
+async fn heads_that_break_the_rules_get_stoas_json_errors() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    for path in ["/cached/strict", "/pass/strict"] {
+        let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+            (
+                format!("GET {path} HTTP/1.1\r\n\r\n").into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!("GET {path} HTTP/1.1\r\nHost: stoa\r\nHost: stoa\r\n\r\n").into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: stoa\r\nContent-Length: 3\r\n\
+                     Content-Length: 4\r\n\r\nabcd"
+                )
+                .into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                [
+                    format!("GET {path}").as_bytes(),
+                    b"\xff\xfe HTTP/1.1\r\nHost: stoa\r\n\r\n",
+                ]
+                .concat(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!(
+                    "GET {path}?q={} HTTP/1.1\r\nHost: stoa\r\n\r\n",
+                    "a".repeat(70 * 1024)
+                )
+                .into_bytes(),
+                414,
+                "uri_too_long",
+            ),
+            (
+                format!("GET http://elsewhere{path} HTTP/1.1\r\nHost: stoa\r\n\r\n").into_bytes(),
+                400,
+                "bad_request",
+            ),
+            (
+                format!(
+                    "GET {path} HTTP/1.1\r\nHost: stoa\r\n{}\r\n",
+                    format!("x-big: {}\r\n", "b".repeat(8000)).repeat(132)
+                )
+                .into_bytes(),
+                431,
+                "header_fields_too_large",
+            ),
+        ];
+        for (request, status, kind) in cases {
+            let shown = String::from_utf8_lossy(&request[..request.len().min(80)]).into_owned();
+            refused(&gw, &request)
+                .await
+                .assert_error(status, kind, &shown);
+        }
+    }
+}
+
+/// What reaches the upstream of a request whose head repeats one `Content-Length` and pads
+/// a value with white space: one `Content-Length` line, the value trimmed (RFC 9110 §8.6,
+/// §5.5); on the forwarder's lane and on pingora's proxy's alike.
+#[tokio::test]
+async fn repeated_lengths_are_folded_and_values_trimmed_before_going_upstream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Answers each head with the head itself.
+    let _up = serve_heads(listener, |head| async move { text_answer(200, "", &head) });
+    let config = format!(
+        "[upstreams.up]\nurl = \"http://127.0.0.1:{port}\"\n\n\
+         [[routes]]\nname = \"pass\"\npath = \"/pass/{{*rest}}\"\nupstream = \"up\"\n"
+    );
+    let gw = StoaProcess::start(&config).await;
+    for extra in ["", "Connection: keep-alive, x-hop\r\nx-hop: 1\r\n"] {
+        let request = format!(
+            "POST /pass/fold HTTP/1.1\r\nHost: stoa\r\nContent-Length: 3\r\ncontent-length: 3\r\n\
+             X-Pad: \t spaced out \t\r\n{extra}Connection: close\r\n\r\nabc"
+        );
+        let (bytes, _) = raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10)).await;
+        let answer = RawAnswer::parse(&bytes);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        let seen = answer.body.to_ascii_lowercase();
+        assert_eq!(
+            seen.matches("content-length:").count(),
+            1,
+            "{extra:?}: {seen}"
+        );
+        assert!(seen.contains("content-length: 3\r\n"), "{seen}");
+        assert!(seen.contains("x-pad: spaced out\r\n"), "{extra:?}: {seen}");
     }
 }

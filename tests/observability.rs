@@ -166,10 +166,10 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
     // burst of each is seen by `increase()`; nothing is counted yet.
     let before = series(&text, "stoa_requests_total");
     for line in [
-        r#"stoa_requests_total{cache="coalesced",route="menu",status="200"} 0"#,
-        r#"stoa_requests_total{cache="miss",route="broken",status="502"} 0"#,
-        r#"stoa_requests_total{cache="none",route="limited",status="429"} 0"#,
-        r#"stoa_requests_total{cache="none",route="unmatched",status="404"} 0"#,
+        r#"stoa_requests_total{cache="coalesced",lane="answer",route="menu",status="200"} 0"#,
+        r#"stoa_requests_total{cache="miss",lane="answer",route="broken",status="502"} 0"#,
+        r#"stoa_requests_total{cache="none",lane="forward",route="limited",status="429"} 0"#,
+        r#"stoa_requests_total{cache="none",lane="answer",route="unmatched",status="404"} 0"#,
     ] {
         assert!(before.contains(line), "no {line} in\n{text}");
     }
@@ -251,17 +251,17 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
         &counted,
         "stoa_requests_total",
         &lines(&[
-            r#"stoa_requests_total{cache="miss",route="menu",status="200"} 2"#,
-            r#"stoa_requests_total{cache="hit",route="menu",status="200"} 3"#,
-            r#"stoa_requests_total{cache="coalesced",route="menu",status="200"} 4"#,
-            r#"stoa_requests_total{cache="none",route="limited",status="200"} 1"#,
-            r#"stoa_requests_total{cache="none",route="limited",status="429"} 1"#,
+            r#"stoa_requests_total{cache="miss",lane="answer",route="menu",status="200"} 2"#,
+            r#"stoa_requests_total{cache="hit",lane="answer",route="menu",status="200"} 3"#,
+            r#"stoa_requests_total{cache="coalesced",lane="answer",route="menu",status="200"} 4"#,
+            r#"stoa_requests_total{cache="none",lane="forward",route="limited",status="200"} 1"#,
+            r#"stoa_requests_total{cache="none",lane="forward",route="limited",status="429"} 1"#,
             // The request led the fetch that failed: a miss on a cached route. `none`
             // means "the cache was not consulted" (pass-through routes, and answers given
             // before the cache such as 429), and the dashboard's hit ratio divides by
             // `cache!="none"`.
-            r#"stoa_requests_total{cache="miss",route="broken",status="500"} 1"#,
-            r#"stoa_requests_total{cache="none",route="unmatched",status="404"} 1"#,
+            r#"stoa_requests_total{cache="miss",lane="answer",route="broken",status="500"} 1"#,
+            r#"stoa_requests_total{cache="none",lane="answer",route="unmatched",status="404"} 1"#,
         ]),
     );
     expect_series(
@@ -307,11 +307,13 @@ async fn metrics_show_exact_counts_after_a_known_sequence_of_requests() {
             r#"stoa_request_duration_seconds_count{cache="coalesced",route="menu"} 4"#,
             r#"stoa_request_duration_seconds_count{cache="stale",route="menu"} 0"#,
             r#"stoa_request_duration_seconds_count{cache="bypass",route="menu"} 0"#,
+            r#"stoa_request_duration_seconds_count{cache="shared_hit",route="menu"} 0"#,
             r#"stoa_request_duration_seconds_count{cache="hit",route="broken"} 0"#,
             r#"stoa_request_duration_seconds_count{cache="miss",route="broken"} 1"#,
             r#"stoa_request_duration_seconds_count{cache="coalesced",route="broken"} 0"#,
             r#"stoa_request_duration_seconds_count{cache="stale",route="broken"} 0"#,
             r#"stoa_request_duration_seconds_count{cache="bypass",route="broken"} 0"#,
+            r#"stoa_request_duration_seconds_count{cache="shared_hit",route="broken"} 0"#,
             r#"stoa_request_duration_seconds_count{cache="none",route="limited"} 2"#,
             r#"stoa_request_duration_seconds_count{cache="none",route="unmatched"} 1"#,
         ]),
@@ -737,7 +739,7 @@ async fn no_access_log_lines_when_the_access_log_is_off() {
     assert_eq!(
         sample(
             &text,
-            r#"stoa_requests_total{cache="none",route="pass",status="200"}"#
+            r#"stoa_requests_total{cache="none",lane="forward",route="pass",status="200"}"#
         ),
         Some(1.0),
         "{text}"

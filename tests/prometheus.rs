@@ -614,6 +614,22 @@ async fn a_real_prometheus_sees_exactly_the_traffic_sent() {
                     rate_of(sent.count(|r, _, _| r == route)),
                 );
             }
+        } else if expr.starts_with("sum by (lane) (rate(stoa_requests_total") {
+            // Every request has a lane; these are all HTTP/1 and plain, so stoa answers
+            // or forwards each.
+            let all: f64 = rows.iter().map(|(_, v)| *v).sum();
+            check(
+                &mut problems,
+                &format!("{title}: every request"),
+                all,
+                rate_of(sent.count(|_, _, _| true)),
+            );
+            check(
+                &mut problems,
+                &format!("{title}: answer and forward"),
+                by(&rows, "lane", "answer") + by(&rows, "lane", "forward"),
+                all,
+            );
         } else if expr.starts_with("sum(rate(stoa_requests_total") {
             check(
                 &mut problems,

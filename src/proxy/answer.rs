@@ -1,13 +1,11 @@
 //! Writing stoa's own answers (errors, cached entries, streams) and the headers every
 //! answer gets; the limits of a request head.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::protocols::http::date::get_cached_date;
-use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 use pingora::ErrorType;
 
@@ -40,19 +38,76 @@ pub struct Decorations<'a> {
 
 impl Decorations<'_> {
     pub fn apply(&self, header: &mut ResponseHeader) -> Result<()> {
+        self.write(header)
+    }
+
+    /// Writes the headers of every answer: the request id, the rate-limit headers, the
+    /// `Cache-Status` member (appended after any the upstream gave).
+    pub fn write(&self, out: &mut impl AnswerHeaders) -> Result<()> {
         if !self.request_id.is_empty() {
-            header.insert_header("x-request-id", self.request_id.clone())?;
+            out.set(&X_REQUEST_ID, self.request_id)?;
         }
         if let Some(rate) = self.rate {
             for (name, value) in rate.headers(self.rate_style) {
-                header.insert_header(name, value)?;
+                out.set(&name, &value)?;
             }
         }
         if let Some(member) = self.cache_member {
-            header.append_header(cache_status::CACHE_STATUS, member.clone())?;
+            out.add(&cache_status::CACHE_STATUS, member)?;
         }
         Ok(())
     }
+}
+
+const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const X_CACHE: http::HeaderName = http::HeaderName::from_static("x-cache");
+
+/// Where an answer's headers are written: a head pingora's session sends, or the bytes of
+/// a head the front sends itself. The headers stoa adds to an answer are written by one
+/// code ([`Decorations::write`], [`entry_headers`]) for both.
+pub trait AnswerHeaders {
+    /// Sets `name`, replacing what the head had of it.
+    fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()>;
+    /// Adds a `name` line after those the head has.
+    fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()>;
+}
+
+impl AnswerHeaders for ResponseHeader {
+    fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        self.insert_header(name.clone(), value.clone())
+    }
+
+    fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        self.append_header(name.clone(), value.clone()).map(|_| ())
+    }
+}
+
+/// An answer from a stored entry, whole, decided but not yet written (see
+/// [`entry_headers`]).
+pub struct Hit {
+    pub entry: Arc<Entry>,
+    /// How the cache served it (`X-Cache`).
+    pub status: CacheStatus,
+    /// When the entry was looked at, for its `Age`.
+    pub now: Instant,
+}
+
+/// The headers an answer from an entry gets on top of its stored head: `X-Cache`, `Age`,
+/// then those of every answer ([`Decorations::write`]).
+pub fn entry_headers(
+    out: &mut impl AnswerHeaders,
+    hit: &Hit,
+    deco: &Decorations<'_>,
+) -> Result<()> {
+    if let Some(x_cache) = hit.status.header_value() {
+        out.set(&X_CACHE, &http::HeaderValue::from_static(x_cache))?;
+    }
+    let age = itoa::Buffer::new()
+        .format(hit.entry.age_secs(hit.now))
+        .parse::<http::HeaderValue>()
+        .map_err(|e| Error::because(ErrorType::InternalError, "age", e))?;
+    out.set(&http::header::AGE, &age)?;
+    deco.write(out)
 }
 
 /// Writes one of stoa's own JSON errors. The connection is only kept if the request body
@@ -92,24 +147,15 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
 }
 
 /// Writes a cached (or fetched) answer from memory, with `X-Cache` and `Age`.
-pub async fn entry(
-    session: &mut Session,
-    entry: &Entry,
-    status: CacheStatus,
-    deco: &Decorations<'_>,
-    now: Instant,
-) -> Result<()> {
+pub async fn entry(session: &mut Session, hit: &Hit, deco: &Decorations<'_>) -> Result<()> {
     let req = session.req_header();
     let head_only = req.method == http::Method::HEAD;
     // The identity answer or a compressed variant, by the client's `Accept-Encoding`.
-    let (stored, body) = entry.pick(req.headers.get(http::header::ACCEPT_ENCODING));
-    // The stored head already says `X-Cache: HIT`.
+    let (stored, body) = hit
+        .entry
+        .pick(req.headers.get(http::header::ACCEPT_ENCODING));
     let mut header = stored.clone();
-    if let (false, Some(value)) = (status == CacheStatus::Hit, status.header_value()) {
-        header.insert_header("x-cache", value)?;
-    }
-    header.insert_header("age", entry.age_secs(now))?;
-    deco.apply(&mut header)?;
+    entry_headers(&mut header, hit, deco)?;
     if deco.close {
         session.set_keepalive(None);
     }
@@ -131,7 +177,7 @@ pub async fn entry(
 /// the headers of every answer.
 pub async fn part(
     session: &mut Session,
-    entry: &Entry,
+    entry: &Arc<Entry>,
     status: CacheStatus,
     ranged: Ranged,
     deco: &Decorations<'_>,
@@ -164,7 +210,14 @@ pub async fn part(
             }
             (head, None)
         }
-        Ranged::Whole => return self::entry(session, entry, status, deco, now).await,
+        Ranged::Whole => {
+            let hit = Hit {
+                entry: entry.clone(),
+                status,
+                now,
+            };
+            return self::entry(session, &hit, deco).await;
+        }
     };
     // The stored head already says `X-Cache: HIT`.
     if let (false, Some(value)) = (
@@ -185,116 +238,6 @@ pub async fn part(
         session.write_response_body(Some(part), true).await?;
     }
     Ok(())
-}
-
-/// An answer from an entry as the bytes to send: the head (status line and headers) and
-/// the body, with what the access log and the metrics record of it.
-pub struct RawAnswer {
-    pub head: Vec<u8>,
-    pub body: Option<Bytes>,
-    pub status: u16,
-    pub body_bytes: u64,
-}
-
-/// Headers of a stored head that every answer from it sets anew (see [`raw_entry`]).
-const SET_PER_ANSWER: [http::HeaderName; 5] = [
-    http::header::DATE,
-    http::header::CONNECTION,
-    http::header::AGE,
-    http::HeaderName::from_static("x-request-id"),
-    http::HeaderName::from_static("x-cache"),
-];
-
-/// The answer [`entry`] would write, as bytes, for the front to write past pingora's
-/// session: the stored head's bytes (built once per entry, see [`Entry::pick_with_wire`])
-/// followed by the headers of this answer (`Date` and `Connection`, as pingora's session
-/// sets them, `Age`, `X-Cache`, the request id, the `Cache-Status` member).
-///
-/// `now`: when the entry was looked at, for its `Age`.
-///
-/// `None` when the session must write it: not an HTTP/1.1 keep-alive session, an answer
-/// that closes the connection, or a stored head that has a header the rate limiter sets
-/// (the session's answer would replace it).
-pub fn raw_entry(
-    session: &Session,
-    entry: &Entry,
-    status: CacheStatus,
-    deco: &Decorations<'_>,
-    now: Instant,
-) -> Option<RawAnswer> {
-    let ServerSession::H1(v1) = &*session.downstream_session else {
-        return None;
-    };
-    let req = v1.req_header();
-    if deco.close || req.version != http::Version::HTTP_11 || !v1.will_keepalive() {
-        return None;
-    }
-    let x_cache = status.header_value()?;
-    let (stored, body, wire) = entry.pick_with_wire(req.headers.get(http::header::ACCEPT_ENCODING));
-    let wire = wire.get_or_init(|| head_bytes(stored));
-    let member = deco.cache_member.map_or(&[][..], |m| m.as_bytes());
-    let id = deco.request_id.as_bytes();
-    let mut head = Vec::with_capacity(wire.len() + 128 + id.len() + member.len());
-    head.extend_from_slice(wire);
-    push_line(&mut head, b"Date", get_cached_date().as_bytes());
-    push_line(&mut head, b"Connection", b"keep-alive");
-    let age = entry.age_secs(now);
-    push_line(
-        &mut head,
-        b"Age",
-        itoa::Buffer::new().format(age).as_bytes(),
-    );
-    push_line(&mut head, b"x-cache", x_cache.as_bytes());
-    if !id.is_empty() {
-        push_line(&mut head, b"x-request-id", id);
-    }
-    if let Some(rate) = deco.rate {
-        for (name, value) in rate.headers(deco.rate_style) {
-            if stored.headers.contains_key(&name) {
-                return None;
-            }
-            // As pingora's session writes names it has no case for.
-            push_line(&mut head, name.as_str().as_bytes(), value.as_bytes());
-        }
-    }
-    if !member.is_empty() {
-        push_line(&mut head, b"cache-status", member);
-    }
-    head.extend_from_slice(b"\r\n");
-    let head_only = req.method == http::Method::HEAD;
-    Some(RawAnswer {
-        head,
-        body: (!head_only).then(|| body.clone()),
-        status: stored.status.as_u16(),
-        body_bytes: if head_only { 0 } else { body.len() as u64 },
-    })
-}
-
-/// One header line, `name: value` and its line end.
-fn push_line(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    head.extend_from_slice(name);
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
-    head.extend_from_slice(b"\r\n");
-}
-
-/// A stored head as HTTP/1.1 bytes, as pingora's session writes it, without the headers
-/// each answer sets (see [`SET_PER_ANSWER`]) and without the blank line that ends it.
-fn head_bytes(stored: &ResponseHeader) -> Bytes {
-    let mut head = stored.clone();
-    for name in &SET_PER_ANSWER {
-        head.remove_header(name);
-    }
-    let mut buf = BytesMut::with_capacity(256);
-    buf.put_slice(b"HTTP/1.1 ");
-    buf.put_slice(head.status.as_str().as_bytes());
-    buf.put_u8(b' ');
-    if let Some(reason) = head.get_reason_phrase() {
-        buf.put_slice(reason.as_bytes());
-    }
-    buf.put_slice(b"\r\n");
-    head.header_to_h1_wire(&mut buf);
-    buf.freeze()
 }
 
 /// Writes an answer too large to store as it arrives from the upstream, with `X-Cache`;

@@ -8,9 +8,9 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use super::answer::Decorations;
+use super::answer::{Decorations, Hit};
 use super::cache_status::{self, BypassWhy};
-use super::ctx::{Raw, RequestCtx};
+use super::ctx::RequestCtx;
 use super::range::{self, Ranged};
 use super::{answer, body, limit, over_tls, peer_addr};
 use crate::cache::control::Validators;
@@ -24,7 +24,8 @@ use crate::gateway::Route;
 use crate::lifecycle::Lifecycle;
 use crate::upstream::headers::private_fetch_headers;
 
-/// Answers a request on the cached route `route`, sent upstream as `upstream_path`.
+/// Answers a request on the cached route `route`, sent upstream as `upstream_path`: writes
+/// the answer, or leaves an answer from an entry whole to the caller to write (`Some`).
 pub async fn serve(
     session: &mut Session,
     ctx: &mut RequestCtx,
@@ -32,21 +33,21 @@ pub async fn serve(
     route: &Route,
     cached: &Arc<CachedRoute>,
     upstream_path: String,
-) -> Result<()> {
+) -> Result<Option<Hit>> {
     let gateway = ctx.gateway.clone();
     let draining = lifecycle.is_draining();
     // Answers stoa gives before reaching the cache (400, 413, 429) did not use it.
     ctx.cache = CacheStatus::None;
     let body = match body::read_body(session, gateway.max_body_bytes).await? {
         Ok(body) => body,
-        Err(e) => return answer::error(session, &e, &ctx.decorations(draining)).await,
+        Err(e) => return written(answer::error(session, &e, &ctx.decorations(draining)).await),
     };
     connections::body_received(session);
     ctx.body_bytes = body.len() as u64;
     let req = session.req_header();
     let key = match cached.key_for(&req.method, &upstream_path, &body, &req.headers) {
         Ok(key) => key,
-        Err(e) => return answer::error(session, &e, &ctx.decorations(draining)).await,
+        Err(e) => return written(answer::error(session, &e, &ctx.decorations(draining)).await),
     };
     let mut bypass_why = if is_private_request(req, &cached.settings) {
         Some(BypassWhy::PrivateRequest)
@@ -95,7 +96,7 @@ pub async fn serve(
             None => Ok(()),
         };
         if let Err(e) = admitted {
-            return answer::error(session, &e, &ctx.decorations(draining)).await;
+            return written(answer::error(session, &e, &ctx.decorations(draining)).await);
         }
     }
     let req = session.req_header();
@@ -195,7 +196,7 @@ pub async fn serve(
         ctx.timing.upstream_elapsed = Some(asked.elapsed());
     }
     let deco = ctx.decorations(draining);
-    match served {
+    let done = match served {
         Served::Entry(entry, status)
             if answers_not_modified(session.req_header(), &entry, status) =>
         {
@@ -211,23 +212,24 @@ pub async fn serve(
             {
                 let ranged = ranged(session.req_header(), &entry, status);
                 if ranged != Ranged::Whole {
-                    return answer::part(session, &entry, status, ranged, &deco, now).await;
+                    return written(
+                        answer::part(session, &entry, status, ranged, &deco, now).await,
+                    );
                 }
             }
-            if matches!(ctx.raw, Raw::Allowed) {
-                if let Some(raw) = answer::raw_entry(session, &entry, status, &deco, now) {
-                    // The front writes it (see `crate::front`).
-                    ctx.raw = Raw::Ready(raw);
-                    return Ok(());
-                }
-            }
-            answer::entry(session, &entry, status, &deco, now).await
+            return Ok(Some(Hit { entry, status, now }));
         }
         Served::Stream(streaming, status) => {
             answer::stream(session, streaming, status, &deco).await
         }
         Served::Error(e, _) => answer::error(session, &e, &deco).await,
-    }
+    };
+    written(done)
+}
+
+/// An answer written here: nothing left to the caller.
+fn written(done: Result<()>) -> Result<Option<Hit>> {
+    done.map(|()| None)
 }
 
 /// Whether a client's conditional GET or HEAD is answered `304` from this entry: a 200

@@ -1,4 +1,4 @@
-//! The per-request context, grouped by concern: timing, route, cache, limit, upstream.
+//! The per-request context, grouped by concern: timing, route, cache, limit, upstream, lane.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +8,9 @@ use crate::gateway::{Gateway, Route};
 use crate::lifecycle::InFlight;
 use crate::ratelimit::{Decision, UpstreamPermit};
 
-use super::answer::{Decorations, RawAnswer};
+use super::answer::Decorations;
+use crate::error::StoaError;
+use crate::lane::{Lane, Why};
 
 /// Per-request state.
 pub struct RequestCtx {
@@ -29,26 +31,22 @@ pub struct RequestCtx {
     /// The rate-limit decision, whose headers go on every answer.
     pub limit: Option<Decision>,
     pub upstream: Upstream,
-    /// Whether the front writes this request's answer as bytes itself.
-    pub raw: Raw,
+    /// Which code answers the request (chosen by the front; pingora's proxy for a request
+    /// the front did not see).
+    pub lane: Lane,
+    /// The route lookup, when it was made before `request_filter` (by the front, to choose
+    /// the lane): taken by `request_filter`, which looks the route up itself otherwise.
+    pub routing: Option<Result<Routed, StoaError>>,
     /// The request's span (traces on only).
     pub trace: Option<crate::otel::RequestTrace>,
 }
 
-/// An answer the front writes as bytes, past pingora's session (see
-/// [`super::answer::raw_entry`]).
-#[derive(Default)]
-pub enum Raw {
-    /// The answer goes through the session.
-    #[default]
-    Off,
-    /// The front may write it: an HTTP/1.1 request read whole and alone (its body, if any,
-    /// came with its head and is read before the answer).
-    Allowed,
-    /// Ready for the front to write.
-    Ready(RawAnswer),
-    /// Written (or being written) by the front: what the log and the metrics record.
-    Sent { status: u16, body_bytes: u64 },
+/// A request's route: its index in the gateway's table and the path and query sent
+/// upstream.
+#[derive(Debug)]
+pub struct Routed {
+    pub index: usize,
+    pub uri: String,
 }
 
 /// When the request and its upstream call started, and how long the upstream took.
@@ -87,7 +85,8 @@ impl RequestCtx {
             cache_status: None,
             limit: None,
             upstream: Upstream::default(),
-            raw: Raw::Off,
+            lane: Lane::Proxy(Why::Off),
+            routing: None,
             trace: None,
         }
     }

@@ -1,7 +1,12 @@
-//! The pingora `ProxyHttp` implementation. Each phase names what happens and hands it to
-//! the file that does it: [`ctx`] (per-request state), [`limit`] (admission), [`cached`]
-//! (cached and aggregate routes), [`pass`] (pass-through routes), [`fail`] (failures),
-//! [`answer`] and [`body`] (stoa's own answers, request bodies).
+//! The pingora `ProxyHttp` implementation: the phases of a request, whichever code runs them
+//! (pingora's proxy, or the front, `crate::front`). Each phase names what happens and hands
+//! it to the file that does it: [`ctx`] (per-request state), [`limit`] (admission),
+//! [`cached`] (cached and aggregate routes), [`pass`] (pass-through routes), [`fail`]
+//! (failures), [`answer`] and [`body`] (stoa's own answers, request bodies).
+//!
+//! [`StoaProxy::serve`] is `request_filter` without the writing of an answer from an entry:
+//! it says what the answer is ([`Reply`]), so that whoever serves the connection writes it
+//! its own way (pingora's session here; the front may write it as bytes).
 
 pub mod answer;
 pub mod body;
@@ -29,12 +34,14 @@ use crate::cache::CacheStatus;
 use crate::connections;
 use crate::error::StoaError;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
+use crate::lane::{Lane, Why};
 use crate::lifecycle::Lifecycle;
 use crate::ratelimit::client_addr;
 use crate::routes::{normalize_path, upstream_uri, Lookup, PathMode};
 use crate::telemetry::{access_log, AccessRecord};
 
-pub use ctx::{Raw, RequestCtx};
+pub use answer::Hit;
+pub use ctx::{RequestCtx, Routed};
 
 /// The proxy service: routes each request and answers it from the cache or the upstream.
 pub struct StoaProxy {
@@ -74,27 +81,22 @@ impl StoaProxy {
     }
 }
 
-/// The steps every request takes before its route's way of answering: stoa's limits on a
-/// head, the normal form of the path, the route and the URI it sends upstream (then
-/// [`admit_request`]: admission by an every-request rate limit, the announced body size).
-/// `Ok` is the route (borrowed from `gateway`) and the upstream path and query; `Err` the
-/// answer.
-fn route_request<'g>(
-    session: &Session,
-    ctx: &mut RequestCtx,
-    gateway: &'g Gateway,
-) -> std::result::Result<(&'g Route, String), StoaError> {
-    let req = session.req_header();
-    if let Some(err) = answer::oversized_head(req) {
-        return Err(err);
-    }
+/// A request's route by its method and target path and query: normal form of the path,
+/// lookup, the path and query sent upstream. `Err` is stoa's answer (400, 404, 405). Made
+/// once per request: by the front as it chooses the lane, else by `request_filter`.
+pub fn route(
+    gateway: &Gateway,
+    method: &http::Method,
+    path: &str,
+    query: Option<&str>,
+) -> std::result::Result<Routed, StoaError> {
     // Routing, the cache key and the upstream path all start from the normal form.
-    let path = normalize_path(req.uri.path(), PathMode::Resolve)?;
-    let (index, route, captures) = match gateway.routes.lookup(&req.method, &path) {
+    let path = normalize_path(path, PathMode::Resolve)?;
+    let (index, route, captures) = match gateway.routes.lookup(method, &path) {
         Lookup::Found(index, route, captures) => (index, route, captures),
         Lookup::MethodNotAllowed(allow) => {
             return Err(StoaError::MethodNotAllowed {
-                method: req.method.to_string(),
+                method: method.to_string(),
                 allow,
             })
         }
@@ -104,21 +106,41 @@ fn route_request<'g>(
             })
         }
     };
-    ctx.route = Some(index);
     let uri = upstream_uri(
         route.upstream().map_or("", |u| u.base_path.as_str()),
         route.spec.rewrite.as_ref(),
         &captures,
         &path,
-        req.uri.query(),
+        query,
     )?;
-    // The same route, borrowed from the configuration rather than the request's path.
+    Ok(Routed { index, uri })
+}
+
+/// The steps every request takes before its route's way of answering: stoa's limits on a
+/// head, then its route ([`route`], unless the front looked it up already) and the URI it
+/// sends upstream (then [`admit_request`]: admission by an every-request rate limit, the
+/// announced body size). `Ok` is the route (borrowed from `gateway`) and the upstream path
+/// and query; `Err` the answer.
+fn route_request<'g>(
+    session: &Session,
+    ctx: &mut RequestCtx,
+    gateway: &'g Gateway,
+) -> std::result::Result<(&'g Route, String), StoaError> {
+    let req = session.req_header();
+    if let Some(err) = answer::oversized_head(req) {
+        return Err(err);
+    }
+    let routed = match ctx.routing.take() {
+        Some(routed) => routed,
+        None => route(gateway, &req.method, req.uri.path(), req.uri.query()),
+    }?;
+    ctx.route = Some(routed.index);
     let route = gateway
         .routes
         .routes()
-        .get(index)
+        .get(routed.index)
         .ok_or_else(|| StoaError::Internal("route vanished".into()))?;
-    Ok((route, uri))
+    Ok((route, routed.uri))
 }
 
 /// Admission by the route's every-request rate limit (awaited: a cluster-scope policy asks
@@ -136,6 +158,154 @@ async fn admit_request(
     body::announced_within(req, gateway.max_body_bytes)
 }
 
+/// What a request's phases decided ([`StoaProxy::serve`]).
+pub enum Reply {
+    /// The answer is written (stoa's error, a stream, a 304, a range, an aggregate's...).
+    Written,
+    /// An answer from an entry, whole, for the caller to write.
+    Entry(Hit),
+    /// A pass-through request, prepared: it goes upstream.
+    Upstream,
+}
+
+impl StoaProxy {
+    /// `request_filter`, but an answer from an entry is left to the caller to write
+    /// ([`StoaProxy::write_entry`] writes it through the session).
+    pub async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Reply> {
+        ctx.request_id =
+            request_id::for_request(session.req_header(), ctx.gateway.config.server.request_id);
+        let req = session.req_header();
+        ctx.trace = crate::otel::RequestTrace::start(&req.method, &req.uri, &req.headers);
+        let gateway = ctx.gateway.clone();
+        let (route, uri) = match route_request(session, ctx, &gateway) {
+            Ok(routed) => routed,
+            Err(e) => {
+                self.answer_error(session, ctx, &e).await?;
+                return Ok(Reply::Written);
+            }
+        };
+        let peer = peer_addr(session);
+        if let Err(e) = admit_request(session.req_header(), peer, ctx, &gateway, route).await {
+            self.answer_error(session, ctx, &e).await?;
+            return Ok(Reply::Written);
+        }
+        if let Some(cached) = &route.cache {
+            let hit = cached::serve(session, ctx, &self.lifecycle, route, cached, uri).await?;
+            return Ok(hit.map_or(Reply::Written, Reply::Entry));
+        }
+        if let Err(e) = pass::prepare(ctx, route, &uri).await {
+            self.answer_error(session, ctx, &e).await?;
+            return Ok(Reply::Written);
+        }
+        Ok(Reply::Upstream)
+    }
+
+    /// Writes an answer from an entry through the session.
+    pub async fn write_entry(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        hit: &Hit,
+    ) -> Result<()> {
+        // Read again: the process may have begun draining while this request waited.
+        let deco = ctx.decorations(self.lifecycle.is_draining());
+        answer::entry(session, hit, &deco).await
+    }
+
+    /// Whether the process is draining (every answer closes its connection).
+    pub fn draining(&self) -> bool {
+        self.lifecycle.is_draining()
+    }
+
+    /// The end of every request, however it ended (pingora's `logging`): the connection
+    /// turns idle, the upstream slot is freed, the request is recorded ([`record`]).
+    /// `sent`: the status and body bytes of an answer written past the session, if it was.
+    pub fn finish_request(
+        &self,
+        session: &Session,
+        e: Option<&Error>,
+        ctx: &mut RequestCtx,
+        sent: Option<(u16, u64)>,
+    ) {
+        connections::request_done(session);
+        ctx.upstream.permit = None;
+        let (status, body_bytes) = sent.unwrap_or_else(|| {
+            (
+                session.response_written().map_or(0, |h| h.status.as_u16()),
+                session.body_bytes_sent() as u64,
+            )
+        });
+        if let Some(trace) = ctx.trace.take() {
+            let route = ctx.route().map(|r| r.spec.name.as_str());
+            trace.finish(route, ctx.cache_status().header_value(), status);
+        }
+        let req = session.req_header();
+        let gateway = &ctx.gateway;
+        record(
+            ctx,
+            e,
+            &Seen {
+                // The client the rate limiter sees, behind trusted proxies too.
+                client: peer_addr(session)
+                    .map(|peer| client_addr(peer, &req.headers, &gateway.trusted_proxies)),
+                method: req.method.as_str(),
+                path: req.uri.path(),
+                status,
+                body_bytes,
+            },
+        );
+    }
+}
+
+/// What the record of a request says of it besides its context.
+pub struct Seen<'a> {
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub status: u16,
+    pub body_bytes: u64,
+}
+
+/// Records a request: the request and upstream metrics and the access log line.
+pub fn record(ctx: &RequestCtx, e: Option<&Error>, seen: &Seen<'_>) {
+    let elapsed = ctx.timing.started.elapsed();
+    let gateway = &ctx.gateway;
+    let status = seen.status;
+    if gateway.record_metrics {
+        match ctx.route() {
+            Some(route) => {
+                route
+                    .metrics
+                    .observe(status, ctx.cache_status(), ctx.lane, elapsed);
+                if ctx.cache == CacheStatus::Coalesced {
+                    route.metrics.coalesced_waiter();
+                }
+                pass::count_call(ctx, e, status);
+            }
+            None => gateway
+                .unmatched
+                .observe(status, CacheStatus::None, ctx.lane, elapsed),
+        }
+    }
+    if gateway.access_log {
+        access_log(&AccessRecord {
+            client: seen.client,
+            method: seen.method,
+            path: seen.path,
+            route: ctx
+                .route()
+                .map_or(UNMATCHED_ROUTE, |r| r.spec.name.as_str()),
+            status,
+            cache: ctx.cache_status(),
+            lane: ctx.lane.label(),
+            bytes: seen.body_bytes,
+            duration: elapsed,
+            upstream_duration: ctx.timing.upstream_elapsed,
+            request_id: ctx.request_id.to_str().unwrap_or_default(),
+        });
+    }
+}
+
 #[async_trait]
 impl ProxyHttp for StoaProxy {
     type CTX = RequestCtx;
@@ -150,42 +320,41 @@ impl ProxyHttp for StoaProxy {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
         connections::head_received(session);
-        Ok(())
+        if session.is_http2() {
+            ctx.lane = Lane::Proxy(Why::H2);
+        }
+        crate::upstream::headers::fold_content_length(session.req_header_mut())
     }
 
-    /// Runs once per request, first of the proxy's phases. Returning `true` means the
-    /// request is answered (stoa's own error, or a cached route's answer); `false` sends it
-    /// upstream by pingora (pass-through routes).
+    /// The front hands pingora's proxy a request with the context it made for it (its
+    /// configuration, lane and route; see `crate::front`), as the connection's context.
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+        prev_ctx: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Ok(made) = prev_ctx.downcast::<RequestCtx>() {
+            *ctx = *made;
+        }
+    }
+
+    /// Runs once per request, first of the proxy's phases ([`StoaProxy::serve`], then an
+    /// answer from an entry written through the session). Returning `true` means the request
+    /// is answered (stoa's own error, or a cached route's answer); `false` sends it upstream
+    /// by pingora (pass-through routes).
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.request_id =
-            request_id::for_request(session.req_header(), ctx.gateway.config.server.request_id);
-        let req = session.req_header();
-        ctx.trace = crate::otel::RequestTrace::start(&req.method, &req.uri, &req.headers);
-        let gateway = ctx.gateway.clone();
-        let (route, uri) = match route_request(session, ctx, &gateway) {
-            Ok(routed) => routed,
-            Err(e) => {
-                self.answer_error(session, ctx, &e).await?;
-                return Ok(true);
+        match self.serve(session, ctx).await? {
+            Reply::Written => Ok(true),
+            Reply::Entry(hit) => {
+                self.write_entry(session, ctx, &hit).await?;
+                Ok(true)
             }
-        };
-        let peer = peer_addr(session);
-        if let Err(e) = admit_request(session.req_header(), peer, ctx, &gateway, route).await {
-            self.answer_error(session, ctx, &e).await?;
-            return Ok(true);
+            Reply::Upstream => Ok(false),
         }
-        if let Some(cached) = &route.cache {
-            cached::serve(session, ctx, &self.lifecycle, route, cached, uri).await?;
-            return Ok(true);
-        }
-        if let Err(e) = pass::prepare(ctx, route, &uri).await {
-            self.answer_error(session, ctx, &e).await?;
-            return Ok(true);
-        }
-        Ok(false)
     }
 
     /// Runs before connecting upstream (pass-through only): the route's peer.
@@ -290,53 +459,6 @@ impl ProxyHttp for StoaProxy {
     /// Runs last, for every request however it ended: the connection turns idle, the
     /// upstream slot is freed, the request and upstream metrics and the access log line.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        connections::request_done(session);
-        ctx.upstream.permit = None;
-        let (status, body_bytes) = match ctx.raw {
-            Raw::Sent { status, body_bytes } => (status, body_bytes),
-            _ => (
-                session.response_written().map_or(0, |h| h.status.as_u16()),
-                session.body_bytes_sent() as u64,
-            ),
-        };
-        let elapsed = ctx.timing.started.elapsed();
-        if let Some(trace) = ctx.trace.take() {
-            let route = ctx.route().map(|r| r.spec.name.as_str());
-            trace.finish(route, ctx.cache_status().header_value(), status);
-        }
-        let gateway = &ctx.gateway;
-        if gateway.record_metrics {
-            match ctx.route() {
-                Some(route) => {
-                    route.metrics.observe(status, ctx.cache_status(), elapsed);
-                    if ctx.cache == CacheStatus::Coalesced {
-                        route.metrics.coalesced_waiter();
-                    }
-                    pass::count_call(ctx, e, status);
-                }
-                None => gateway
-                    .unmatched
-                    .observe(status, CacheStatus::None, elapsed),
-            }
-        }
-        if gateway.access_log {
-            let req = session.req_header();
-            access_log(&AccessRecord {
-                // The client the rate limiter sees, behind trusted proxies too.
-                client: peer_addr(session)
-                    .map(|peer| client_addr(peer, &req.headers, &gateway.trusted_proxies)),
-                method: req.method.as_str(),
-                path: req.uri.path(),
-                route: ctx
-                    .route()
-                    .map_or(UNMATCHED_ROUTE, |r| r.spec.name.as_str()),
-                status,
-                cache: ctx.cache_status(),
-                bytes: body_bytes,
-                duration: elapsed,
-                upstream_duration: ctx.timing.upstream_elapsed,
-                request_id: ctx.request_id.to_str().unwrap_or_default(),
-            });
-        }
+        self.finish_request(session, e, ctx, None);
     }
 }

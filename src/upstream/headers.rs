@@ -9,11 +9,15 @@ use std::net::IpAddr;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 
-/// Request headers that are hop by hop (RFC 9110 §7.6.1): never sent upstream.
-const HOP_BY_HOP_REQUEST: [&str; 9] = [
+/// The hop-by-hop headers (RFC 9110 §7.6.1, and those older HTTP and proxies used so), of
+/// requests and answers alike: the one list stoa keeps. Never sent upstream, stored or
+/// passed on as they came; `Transfer-Encoding` frames a message, so whoever writes one
+/// sets its own (see [`strip_response`]).
+pub const HOP_BY_HOP: [&str; 10] = [
     "connection",
     "keep-alive",
     "proxy-connection",
+    "proxy-authenticate",
     "proxy-authorization",
     "te",
     "trailer",
@@ -22,35 +26,48 @@ const HOP_BY_HOP_REQUEST: [&str; 9] = [
     "http2-settings",
 ];
 
+/// Whether `name` is hop by hop ([`HOP_BY_HOP`]).
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
 /// Request headers that must not be forwarded as they are on a fetch: the hop-by-hop ones,
 /// and the host and length the fetch sets itself.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP_REQUEST.contains(&name.as_str()) || name == "host" || name == "content-length"
+fn is_per_fetch(name: &HeaderName) -> bool {
+    is_hop_by_hop(name) || name == "host" || name == "content-length"
 }
 
 /// Drops the hop-by-hop headers from a request stoa forwards itself (the front's forwarder;
 /// it takes no request whose `Connection` header names any other header).
 pub fn strip_request(req: &mut RequestHeader) {
-    for name in HOP_BY_HOP_REQUEST {
+    for name in HOP_BY_HOP {
         if req.headers.contains_key(name) {
             req.remove_header(name);
         }
     }
 }
 
-/// Response headers not passed on from the upstream: hop-by-hop ones (the length is kept).
-pub fn is_hop_by_hop_response(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-authenticate"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
+/// Folds a request's repeated `Content-Length` lines that say the same length into one
+/// line (RFC 9110 §8.6), so that one goes upstream; different lengths are refused (pingora
+/// refuses them as it reads the head, the front before).
+pub fn fold_content_length(req: &mut RequestHeader) -> pingora::Result<()> {
+    let mut lengths = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let (Some(first), Some(_)) = (lengths.next(), lengths.next()) else {
+        return Ok(());
+    };
+    let first = first.clone();
+    if req
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .any(|v| v != first)
+    {
+        return pingora::Error::e_explain(
+            pingora::ErrorType::InvalidHTTPHeader,
+            "different Content-Length values",
+        );
+    }
+    req.insert_header(http::header::CONTENT_LENGTH, first)
 }
 
 /// Whether a header is part of a message's framing: never dropped for being named in
@@ -78,7 +95,7 @@ pub fn end_to_end_response(
 ) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
     let nominated: Vec<&str> = connection_nominated(headers).collect();
     headers.iter().filter(move |(name, _)| {
-        !is_hop_by_hop_response(name)
+        !is_hop_by_hop(name)
             && !nominated
                 .iter()
                 .any(|t| t.eq_ignore_ascii_case(name.as_str()))
@@ -86,7 +103,8 @@ pub fn end_to_end_response(
 }
 
 /// Drops from a pass-through answer the headers its `Connection` header names, the
-/// hop-by-hop ones that are not framing (pingora writes `Connection` itself), and the field
+/// hop-by-hop ones but `Connection` and `Transfer-Encoding` (the session that writes the
+/// answer sets both for its own connection and framing), and the field
 /// aimed at stoa alone, `targeted` (RFC 9213: stoa's cache reads it, nothing passes it on;
 /// `CDN-Cache-Control` goes on), and the CDN tag fields `Surrogate-Key` and `Cache-Tag`,
 /// which are for caches, as CDNs drop them (`Cache-Groups` goes on, RFC 9875).
@@ -99,13 +117,10 @@ pub fn strip_response(resp: &mut ResponseHeader, targeted: &HeaderName) {
             resp.remove_header(name.as_str());
         }
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "trailer",
-        "upgrade",
-    ] {
+    for name in HOP_BY_HOP {
+        if name == "connection" || name == "transfer-encoding" {
+            continue;
+        }
         // A successful upgrade (101) needs its `Upgrade` header.
         if name == "upgrade" && resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
             continue;
@@ -154,7 +169,7 @@ pub fn private_fetch_headers(
 ) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
     for (name, value) in req.headers.iter() {
-        if !is_hop_by_hop(name) {
+        if !is_per_fetch(name) {
             headers.append(name.clone(), value.clone());
         }
     }

@@ -15,7 +15,6 @@ pub mod error;
 pub mod headers;
 pub mod link;
 pub mod peer;
-pub mod pool;
 
 pub use client::{UpstreamClient, MAX_RESPONSE_BYTES};
 pub use link::Link;

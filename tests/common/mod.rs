@@ -398,7 +398,7 @@ pub fn path_of(head: &str) -> String {
 }
 
 /// The value of one sample in a Prometheus exposition: `name{labels}` exactly as written
-/// (labels in alphabetical order, as they are written: `stoa_requests_total{cache="hit",route="r",status="200"}`).
+/// (labels in alphabetical order, as they are written: `stoa_requests_total{cache="hit",lane="answer",route="r",status="200"}`).
 pub fn sample(exposition: &str, series: &str) -> Option<f64> {
     exposition.lines().find_map(|line| {
         let rest = line.strip_prefix(series)?;

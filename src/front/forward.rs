@@ -3,7 +3,7 @@
 //! duplex task loop and its channels, the proxy's session wrapper state).
 //!
 //! The front forwards only requests whose framing leaves nothing to interpret (see
-//! `front::forwardable`): HTTP/1.1, origin-form, one `Host`, a body framed by one plain
+//! [`super::lane::choose`]): HTTP/1.1, origin-form, one `Host`, a body framed by one plain
 //! `Content-Length` and read with the head, no `Transfer-Encoding`, no upgrade, no `Expect`, a
 //! `Connection` header that says no more than `keep-alive` or `close`. Every other request
 //! goes to pingora's proxy. The steps are stoa's own phases, as pingora's proxy runs them:
@@ -24,10 +24,10 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::ErrorType;
 
+use super::pool::IdlePool;
 use crate::proxy::{pass, RequestCtx, StoaProxy};
 use crate::upstream::headers;
 use crate::upstream::link::Link;
-use crate::upstream::pool::IdlePool;
 
 /// The front's forwarder: one pool of idle upstream connections per proxy service, as
 /// pingora's proxy has.

@@ -1,4 +1,4 @@
-//! The idle upstream connections of the front's forwarder ([`crate::forward`]), one pool per
+//! The idle upstream connections of the front's forwarder ([`super::forward`]), one pool per
 //! proxy worker: a LIFO stack per peer behind a mutex, held only to push or pop.
 //!
 //! pingora's pool watches every idle connection with a task of its own, spawned each time a
@@ -19,7 +19,7 @@ use std::time::Instant;
 use pingora::protocols::Stream;
 use tokio::io::{AsyncRead, ReadBuf};
 
-use super::peer::{IDLE_TIMEOUT, MAX_IDLE_PER_UPSTREAM};
+use crate::upstream::peer::{IDLE_TIMEOUT, MAX_IDLE_PER_UPSTREAM};
 
 /// An idle connection and when it became idle.
 struct Idle {

@@ -1,0 +1,341 @@
+//! stoa's HTTP/1 connection layer: the front. It serves each HTTP/1 connection from its
+//! accept (the [`crate::connections::Guarded`] stream, with its deadlines) to its close, and
+//! hands HTTP/2 connections to pingora's `HttpProxy`.
+//!
+//! A connection's life, and where each part is:
+//! - **idle** (`Front`'s `process_new`): a connection waiting for its next request holds its
+//!   socket and a small state, no buffer: it waits until the socket is readable
+//!   ([`head::readable`]), and only then takes a buffer for the head;
+//! - **head** ([`head`]): the head is read whole (up to 1 MiB) and held to HTTP/1.1's rules;
+//!   one that breaks them gets stoa's JSON error (400, 414, 431) and the connection closes;
+//! - **lane** ([`lane::choose`]): the one place a request's lane is chosen, with its route
+//!   looked up once and carried in its context ([`crate::proxy::RequestCtx`]): `answer`
+//!   (stoa answers: cached and aggregate routes, stoa's own errors), `forward` (a plain
+//!   pass-through request, [`forward`]) or `proxy:<why>` (pingora's `HttpProxy`). The lane
+//!   is in the access log and the request metrics ([`crate::lane`]);
+//! - **answer and forward**: a pingora HTTP/1 session parses the head from the bytes read,
+//!   and the front runs the phases pingora's proxy would ([`StoaProxy`]:
+//!   `early_request_filter`, [`StoaProxy::serve`], the forwarder, the log), without the
+//!   proxy's per-request machinery. An answer from an entry goes out as bytes past the
+//!   session when it can ([`write`]), otherwise through it; the upstream connections of the
+//!   forwarder are the worker's own ([`pool`]);
+//! - **proxy**: pingora's proxy gets the request's bytes and the context the front made for
+//!   it (as the connection's context, `ProxyHttp::on_connection_reuse`); reads are fenced at
+//!   the request's end ([`crate::connections::fence`]), so pingora never reads the next one;
+//! - **next**: bytes read past a request (pipelined requests, RFC 9112 §9.3) are kept for
+//!   the next one, so requests written together are all answered, in order, whatever lane
+//!   each takes. (A chunked request body on the proxy lane is the exception: pingora reads
+//!   past it, and closes the connection if it read into a next request.)
+//!
+//! Every lane answers a request the same way: the phases, the error table, the access log,
+//! the metrics and the connection's deadlines are the same code.
+
+pub mod forward;
+pub mod head;
+pub mod lane;
+pub mod pool;
+pub mod write;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::v1::server::HttpSession as SessionV1;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{Stream, ALPN};
+use pingora::proxy::{HttpProxy, ProxyHttp, Session};
+use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::{Error, ErrorType};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::config::ServerSettings;
+use crate::connections;
+use crate::error::StoaError;
+use crate::gateway::Gateway;
+use crate::lifecycle::Lifecycle;
+use crate::proxy::{self, Reply, RequestCtx, Seen, StoaProxy};
+use forward::Forwarder;
+use head::{Head, Read};
+use lane::Lane;
+
+/// How long an HTTP/1 connection may wait for its next request, as pingora sets it (stoa's
+/// own `server.keepalive_timeout` is enforced by the connection's stream).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A connection after a request: its stream, and the bytes of the next request read with
+/// this one.
+type Next = (Stream, Option<BytesMut>);
+
+/// The proxy's app: the front, with pingora's proxy behind it.
+pub struct Front {
+    proxy: Arc<HttpProxy<StoaProxy>>,
+    stoa: StoaProxy,
+    gateway: Arc<ArcSwap<Gateway>>,
+    lifecycle: Arc<Lifecycle>,
+    /// Cleartext connections may open with HTTP/2's preface (`server.h2c`).
+    h2c: bool,
+    /// `server.front`; when off, every connection goes to the proxy.
+    enabled: bool,
+    /// Forwards the pass-through requests the front takes (`server.front_forward`).
+    forwarder: Option<Forwarder>,
+    /// Set once the service stops: connections waiting for their next request close.
+    closing: watch::Sender<bool>,
+}
+
+impl Front {
+    pub fn new(
+        proxy: HttpProxy<StoaProxy>,
+        gateway: Arc<ArcSwap<Gateway>>,
+        lifecycle: Arc<Lifecycle>,
+        server: &ServerSettings,
+        server_conf: &ServerConf,
+    ) -> Self {
+        Front {
+            proxy: Arc::new(proxy),
+            stoa: StoaProxy::new(gateway.clone(), lifecycle.clone()),
+            gateway,
+            lifecycle,
+            h2c: server.h2c,
+            enabled: server.front,
+            forwarder: server.front_forward.then(|| Forwarder::new(server_conf)),
+            closing: watch::Sender::new(false),
+        }
+    }
+
+    /// Whether the connection speaks HTTP/2: ALPN chose it, or (h2c) it opens with the
+    /// preface. `None`: the connection ended or timed out before it said.
+    async fn speaks_h2(&self, stream: &mut Stream) -> Option<bool> {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return Some(true);
+        }
+        if !self.h2c || stream.get_ssl_digest().is_some() {
+            return Some(false);
+        }
+        let mut opening = [0u8; H2_PREFACE.len()];
+        match stream.try_peek(&mut opening).await {
+            Ok(peeked) => Some(peeked && &opening == H2_PREFACE),
+            Err(e) => {
+                tracing::debug!("connection closed before its first request: {e}");
+                None
+            }
+        }
+    }
+
+    /// Serves the request whose bytes start `carried` or the stream: reads its head,
+    /// chooses its lane, and runs it there; the connection, if it may carry another.
+    async fn serve(
+        &self,
+        mut stream: Stream,
+        carried: Option<BytesMut>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Next> {
+        let gateway = self.gateway.load_full();
+        let (buf, head) = match head::read(&mut stream, carried).await {
+            Read::Whole(buf, head) => (buf, head),
+            Read::Refused(err, buf) => return self.refuse(stream, &err, &buf, gateway).await,
+            Read::Closed => return None,
+        };
+        let (lane, routing) = lane::choose(&head, &buf, &gateway, self.forwarder.is_some());
+        let mut ctx = RequestCtx::new(self.lifecycle.track(), gateway);
+        ctx.lane = lane;
+        ctx.routing = routing;
+        match lane {
+            Lane::Answer | Lane::Forward => self.run(stream, buf, ctx, shutdown).await,
+            Lane::Proxy(_) => self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await,
+        }
+    }
+
+    /// Runs a request on the front (lanes `answer` and `forward`): pingora's HTTP/1 session
+    /// parses its head from the bytes read, and the front runs the phases.
+    async fn run(
+        &self,
+        stream: Stream,
+        buf: BytesMut,
+        mut ctx: RequestCtx,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Next> {
+        let mut session = Session::new_h1(stream);
+        if let ServerSession::H1(v1) = &mut *session.downstream_session {
+            // Bytes read past this request are kept for the next one (`finish`).
+            v1.set_pipelining_enabled(true);
+            v1.set_pipelined_prefix(buf);
+        }
+        session.set_keepalive(keepalive(shutdown));
+        match session.downstream_session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                // The head passed the front's rules, yet pingora cannot take it.
+                tracing::debug!("bad request head: {e}");
+                let err = StoaError::BadRequest("malformed request head".into());
+                let ServerSession::H1(v1) = *session.downstream_session else {
+                    return None;
+                };
+                return self.refuse(v1.into_inner(), &err, &[], ctx.gateway).await;
+            }
+        }
+        let reply = match self.stoa.early_request_filter(&mut session, &mut ctx).await {
+            Ok(()) => self.stoa.serve(&mut session, &mut ctx).await,
+            Err(e) => Err(e),
+        };
+        let done = match reply {
+            Ok(Reply::Written) => Ok(()),
+            Ok(Reply::Entry(hit)) => {
+                let deco = ctx.decorations(self.stoa.draining());
+                if let Some(wire) = write::entry(&session, &hit, &deco) {
+                    // Recorded first: the session is gone once its stream is taken to write.
+                    let sent = Some((wire.status, wire.body_bytes));
+                    self.stoa.finish_request(&session, None, &mut ctx, sent);
+                    let (mut stream, next) = session
+                        .downstream_session
+                        .finish()
+                        .await
+                        .ok()??
+                        .into_parts();
+                    write::send(&mut stream, &wire).await.ok()?;
+                    return Some((stream, next));
+                }
+                self.stoa.write_entry(&mut session, &ctx, &hit).await
+            }
+            Ok(Reply::Upstream) => match &self.forwarder {
+                Some(forwarder) => forwarder.forward(&self.stoa, &mut session, &mut ctx).await,
+                // The lane said the front forwards it (the same configuration decided
+                // both); answer rather than hang if not.
+                None => Error::e_explain(
+                    ErrorType::InternalError,
+                    "a pass-through request reached the front",
+                ),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            return self.failed(&mut session, &mut ctx, &e).await;
+        }
+        self.stoa.finish_request(&session, None, &mut ctx, None);
+        let reusable = session.downstream_session.finish().await.ok().flatten()?;
+        Some(reusable.into_parts())
+    }
+
+    /// Hands a request to pingora's proxy with the context made for it. The request's own
+    /// bytes go with it, and its stream's reads are fenced at its end; what follows stays
+    /// here for the next request.
+    async fn hand_to_proxy(
+        &self,
+        stream: Stream,
+        mut buf: BytesMut,
+        head: &Head,
+        ctx: RequestCtx,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Next> {
+        let mut next = None;
+        if let Some(len) = head.request_len().and_then(|l| usize::try_from(l).ok()) {
+            if buf.len() > len {
+                next = Some(buf.split_off(len));
+            }
+            connections::fence(&stream, Some(len.saturating_sub(buf.len()) as u64));
+        }
+        let mut v1 = SessionV1::new(stream);
+        v1.set_pipelined_prefix(buf);
+        let mut session = ServerSession::H1(v1);
+        session.set_keepalive(keepalive(shutdown));
+        session.set_connection_user_context(Some(Box::new(ctx)));
+        let (stream, _) = self
+            .proxy
+            .process_new_http(session, shutdown)
+            .await?
+            .consume();
+        connections::fence(&stream, None);
+        Some((stream, next))
+    }
+
+    /// As `HttpProxy` does with a failed phase or proxying: stoa's error answer (unless an
+    /// answer was under way), the log, and the connection closes.
+    async fn failed(&self, session: &mut Session, ctx: &mut RequestCtx, e: &Error) -> Option<Next> {
+        self.stoa.fail_to_proxy(session, e, ctx).await;
+        if !self.stoa.suppress_error_log(session, ctx, e) {
+            tracing::error!("request failed: {e}");
+        }
+        self.stoa.finish_request(session, Some(e), ctx, None);
+        None
+    }
+
+    /// Answers a head stoa refuses with its error, records it, and closes the connection.
+    async fn refuse(
+        &self,
+        mut stream: Stream,
+        err: &StoaError,
+        buf: &[u8],
+        gateway: Arc<Gateway>,
+    ) -> Option<Next> {
+        let answer = err.closing_answer();
+        if stream.write_all(&answer).await.is_ok() {
+            let _ = stream.flush().await;
+        }
+        let mut ctx = RequestCtx::new(self.lifecycle.track(), gateway);
+        ctx.lane = Lane::Answer;
+        let (method, target) = head::request_line(buf);
+        let path = target.split('?').next().unwrap_or_default();
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let seen = Seen {
+            client,
+            method: &method,
+            path,
+            status: err.status().as_u16(),
+            body_bytes: err.body().len() as u64,
+        };
+        proxy::record(&ctx, None, &seen);
+        None
+    }
+}
+
+/// The keep-alive of a connection's next session: none once the service is stopping.
+fn keepalive(shutdown: &ShutdownWatch) -> Option<u64> {
+    (!*shutdown.borrow()).then_some(KEEPALIVE_SECS)
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !self.enabled || self.speaks_h2(&mut stream).await? {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let mut closing = self.closing.subscribe();
+        let mut carried: Option<BytesMut> = None;
+        loop {
+            if carried.is_none() {
+                // Idle: the socket and this loop's state, no buffer.
+                tokio::select! {
+                    biased;
+                    ready = head::readable(&mut stream) => ready.ok()?,
+                    _ = closing.wait_for(|closed| *closed) => return None,
+                }
+            }
+            if carried.is_some() {
+                connections::head_begun(&stream);
+            }
+            // Boxed: a request's state is taken when its bytes are there, and given back
+            // when it is answered.
+            (stream, carried) = Box::pin(self.serve(stream, carried.take(), shutdown)).await?;
+        }
+    }
+
+    /// The listening socket is closed and the drain is over: connections waiting for their
+    /// next request close, in both lanes.
+    async fn cleanup(&self) {
+        self.closing.send_replace(true);
+        ServerApp::cleanup(&*self.proxy).await;
+    }
+}
