@@ -320,7 +320,8 @@ async fn the_json_view_agrees_with_metrics() {
             .await
             .unwrap();
         let metrics = gw.metrics().await;
-        let unmatched = r#"stoa_requests_total{cache="none",route="unmatched",status="404"}"#;
+        let unmatched =
+            r#"stoa_requests_total{cache="none",lane="answer",route="unmatched",status="404"}"#;
         if sample(&metrics, unmatched) == Some(1.0) && status["routes"][3]["requests"] == 1 {
             break (status, metrics);
         }
@@ -343,12 +344,26 @@ async fn the_json_view_agrees_with_metrics() {
             .unwrap()
             .clone()
     };
+    // Summed over the lanes, as the page shows a route's requests.
     let requests = |route: &str, cache: &str, code: u16| {
-        sample(
-            &metrics,
-            &format!(r#"stoa_requests_total{{cache="{cache}",route="{route}",status="{code}"}}"#),
-        )
-        .unwrap_or(0.0) as u64
+        let lanes = [
+            "answer",
+            "forward",
+            "proxy:off",
+            "proxy:h2",
+            "proxy:framing",
+            "proxy:headers",
+            "proxy:target",
+        ];
+        lanes
+            .iter()
+            .map(|lane| {
+                let series = format!(
+                    r#"stoa_requests_total{{cache="{cache}",lane="{lane}",route="{route}",status="{code}"}}"#
+                );
+                sample(&metrics, &series).unwrap_or(0.0)
+            })
+            .sum::<f64>() as u64
     };
     let alpha = route("alpha");
     assert_eq!(alpha["cache"]["hit"], json!(requests("alpha", "hit", 200)));

@@ -353,8 +353,8 @@ pub fn view(control: &Control) -> Value {
 mod tests {
     use super::*;
     use crate::cache::CacheStatus;
-    use crate::metrics::Metrics;
     use crate::lane::Lane;
+    use crate::metrics::Metrics;
     use std::time::Duration;
 
     fn route_buckets(m: &Metrics, route: &str) -> Buckets {
@@ -378,10 +378,20 @@ mod tests {
         assert_eq!(route_buckets(&m, "r").quantile(0.5), None);
         // 7 hits in (0.0001, 0.00025], 3 misses in (0.025, 0.05].
         for _ in 0..7 {
-            r.observe(200, CacheStatus::Hit, Lane::Answer, Duration::from_micros(200));
+            r.observe(
+                200,
+                CacheStatus::Hit,
+                Lane::Answer,
+                Duration::from_micros(200),
+            );
         }
         for _ in 0..3 {
-            r.observe(200, CacheStatus::Miss, Lane::Answer, Duration::from_millis(40));
+            r.observe(
+                200,
+                CacheStatus::Miss,
+                Lane::Answer,
+                Duration::from_millis(40),
+            );
         }
         let b = route_buckets(&m, "r");
         assert_eq!(b.count(), 10);
@@ -390,7 +400,12 @@ mod tests {
         let p99 = b.quantile(0.99).unwrap();
         assert!(p99 > 0.025 && p99 <= 0.05, "{p99}");
         // Beyond the last finite bound: that bound.
-        r.observe(200, CacheStatus::Hit, Lane::Answer, Duration::from_secs(100));
+        r.observe(
+            200,
+            CacheStatus::Hit,
+            Lane::Answer,
+            Duration::from_secs(100),
+        );
         let b = route_buckets(&m, "r");
         assert_eq!(b.quantile(1.0), Some(30.0));
     }
