@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -292,7 +292,27 @@ impl BackgroundService for ReloadOnHangup {
 }
 
 /// How often idle clients' rate-limit state is dropped.
-const PRUNE_EVERY: Duration = Duration::from_secs(10);
+pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// A prune round that forgot at least this many clients, or shrank tables by at least
+/// [`RELEASE_AFTER_BYTES`], asks the allocator to give its free pages back at once.
+pub const RELEASE_AFTER_DROPPED: usize = 65_536;
+/// See [`RELEASE_AFTER_DROPPED`].
+pub const RELEASE_AFTER_BYTES: usize = 4 << 20;
+
+/// The allocator's "give free memory back" call, set by the binary that chose the allocator
+/// ([`set_memory_release`]).
+static RELEASE_MEMORY: OnceLock<fn(bool)> = OnceLock::new();
+
+/// Sets what the rate-limit pruner calls after each round: `release(true)` after a round
+/// that dropped many clients (see [`RELEASE_AFTER_DROPPED`]), `release(false)` otherwise.
+/// The `stoa` binary passes mimalloc's `mi_collect`: mimalloc returns freed pages to the
+/// system only after a delay and only when some thread of the process allocates or collects
+/// again, so an idle server kept the memory of a flood it had already forgotten. Unset (as
+/// in tests, on the system allocator), nothing is called. Only the first call counts.
+pub fn set_memory_release(release: fn(bool)) {
+    let _ = RELEASE_MEMORY.set(release);
+}
 
 /// Keeps rate-limiter memory bounded: clients whose buckets are full again are forgotten.
 struct Pruner {
@@ -306,8 +326,18 @@ impl BackgroundService for Pruner {
         loop {
             tokio::select! {
                 _ = tick.tick() => {
+                    let (mut dropped, mut released) = (0, 0);
                     for limiter in self.gateway.load().limiters.values() {
-                        limiter.prune();
+                        let pruned = limiter.prune();
+                        dropped += pruned.dropped;
+                        released += pruned.released_bytes;
+                    }
+                    let many = dropped >= RELEASE_AFTER_DROPPED || released >= RELEASE_AFTER_BYTES;
+                    if many {
+                        tracing::debug!(dropped, released_bytes = released, "rate-limit clients pruned");
+                    }
+                    if let Some(release) = RELEASE_MEMORY.get() {
+                        release(many);
                     }
                 }
                 _ = shutdown.changed() => return,

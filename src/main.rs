@@ -9,6 +9,17 @@ use clap::{Parser, Subcommand};
 /// buffers (headers, keys) at a high rate.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc frees pages lazily: a page freed is purged (given back to the system) only after
+/// a delay, and only when a thread of the process allocates or collects again. The rate-limit
+/// pruner calls this after each round, `force` after one that dropped many clients, so that
+/// the memory of a flood of client ids is given back once they are forgotten, even when the
+/// server is idle.
+fn release_memory(force: bool) {
+    // SAFETY: mi_collect takes no pointer; it collects the calling thread's heap and purges
+    // the process's free arena pages, and may be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(force) }
+}
 use stoa::config::{self, EnvOverrides};
 
 /// stoa: a caching reverse proxy and API aggregator for slow JSON APIs.
@@ -80,6 +91,7 @@ fn main() -> ExitCode {
                 eprintln!("stoa: tracing: {e:#}");
                 return ExitCode::FAILURE;
             }
+            stoa::app::set_memory_release(release_memory);
             let ran = stoa::app::run(config, path, EnvOverrides::Apply);
             // The spans still queued go to the collector (a few seconds at most).
             stoa::otel::shutdown();

@@ -235,12 +235,12 @@ impl<C: Clock> RateLimiter<C> {
         self.interval
     }
 
-    /// `B`, the burst as the bucket uses it.
     /// The policy's draft header pieces, shared by its decisions.
     pub fn fields(&self) -> Arc<PolicyFields> {
         Arc::clone(&self.fields)
     }
 
+    /// `B`, the burst as the bucket uses it.
     pub fn burst(&self) -> u32 {
         self.burst
     }
@@ -290,14 +290,37 @@ impl<C: Clock> RateLimiter<C> {
     }
 
     /// Drops the state of clients whose bucket is full again (they are indistinguishable
-    /// from new ones), then gives memory back when the map is mostly empty. Meant to run
-    /// periodically, off the request path; it briefly locks one shard at a time.
-    pub fn prune(&self) {
+    /// from new ones); when that left the table mostly empty (its capacity more than
+    /// [`SHRINK_FACTOR`] times the clients left, plus [`SHRINK_SLACK`]), shrinks it to fit,
+    /// so that a flood of client ids does not keep its table. A table that lost less than
+    /// that keeps its capacity: the clients of the next period reuse it instead of growing
+    /// it again on the request path. Meant to run periodically, off the request path; it
+    /// locks one shard of the table at a time, and a shrink rehashes only the clients left
+    /// in that shard: few, since it shrinks only when most were dropped.
+    pub fn prune(&self) -> Pruned {
+        let before = self.store.len();
+        // Before the retain: a removal may leave a tombstone, which the table's reported
+        // capacity (entries plus room left before it must grow) no longer counts although
+        // its slot is still allocated; before, it is what the table grew to.
+        let capacity = self.store.capacity();
         self.limiter.retain_recent();
-        let len = self.store.len();
-        if self.store.capacity() > 2 * len + 64 {
+        let left = self.store.len();
+        let mut released_bytes = 0;
+        if capacity > SHRINK_FACTOR * left + SHRINK_SLACK {
             self.limiter.shrink_to_fit();
+            released_bytes = capacity.saturating_sub(self.store.capacity()) * SLOT_BYTES;
         }
+        Pruned {
+            dropped: before.saturating_sub(left),
+            left,
+            released_bytes,
+        }
+    }
+
+    /// Slots in the client table: the clients it can hold before it grows (after
+    /// removals, an underestimate of the slots allocated until the table is rehashed).
+    pub fn capacity(&self) -> usize {
+        self.store.capacity()
     }
 
     /// Clients currently tracked (an estimate while requests are being checked).
@@ -309,10 +332,31 @@ impl<C: Clock> RateLimiter<C> {
     /// (key, state and hash-table control byte). The text of header keys (at most 128 bytes
     /// each) is a separate small heap allocation per client, not counted here.
     pub fn approx_memory_bytes(&self) -> usize {
-        let slot = size_of::<(ClientKey, InMemoryState)>() + 1;
-        size_of::<Self>() + self.store.capacity() * slot
+        size_of::<Self>() + self.store.capacity() * SLOT_BYTES
     }
 }
+
+/// What one [`RateLimiter::prune`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Clients forgotten (an estimate while requests are being checked).
+    pub dropped: usize,
+    /// Clients still tracked.
+    pub left: usize,
+    /// Bytes of table the shrink gave back to the allocator (0 when the table kept its
+    /// capacity); the key text of dropped header clients comes on top.
+    pub released_bytes: usize,
+}
+
+/// The table is shrunk after a prune when its capacity is more than this many times the
+/// clients left (plus [`SHRINK_SLACK`]): most of it was dropped.
+pub const SHRINK_FACTOR: usize = 4;
+/// Tables of up to this many slots are never shrunk: they cost little (about 40 bytes a
+/// slot) and shrinking them saves nothing worth a regrowth.
+pub const SHRINK_SLACK: usize = 4096;
+
+/// One slot of the client table: key, state and the hash table's control byte.
+const SLOT_BYTES: usize = size_of::<(ClientKey, InMemoryState)>() + 1;
 
 /// governor's DashMap store, shared so that the limiter can also be measured.
 struct Store(Arc<DashMapStateStore<ClientKey>>);
@@ -629,6 +673,81 @@ mod tests {
         // ip(2) was full again after 1 s; ip(1) needs 5 s.
         assert_eq!(rl.tracked_clients(), 1);
         assert_eq!(rl.check(&ip(1)).remaining, 2);
+    }
+
+    #[test]
+    fn a_prune_that_drops_most_clients_shrinks_the_table() {
+        // One request every 100 ms, burst 20: a client that made one request is rested
+        // (and dropped) 200 ms later.
+        let (rl, clock) = fake(10.0, 20, Mode::Enforce);
+        for n in 0..50_000 {
+            rl.check(&ClientKey::Header(format!("key-{n}").into()));
+        }
+        let full = rl.capacity();
+        assert!(full >= 50_000, "{full}");
+        clock.advance(Duration::from_millis(150));
+        // 100 clients keep sending: they are not rested at the prune.
+        for n in 0..100 {
+            for _ in 0..10 {
+                rl.check(&ip(n));
+            }
+        }
+        clock.advance(Duration::from_millis(100));
+        let pruned = rl.prune();
+        assert_eq!((pruned.dropped, pruned.left), (50_000, 100));
+        assert_eq!(rl.tracked_clients(), 100);
+        let left = rl.capacity();
+        assert!(left <= SHRINK_FACTOR * 100 + SHRINK_SLACK, "{left} slots");
+        assert!(pruned.released_bytes >= (full - left) * 30, "{pruned:?}");
+        // The survivors kept their state: 10 of 20 used, one back after 100 ms, one more
+        // now (a forgotten client would have 19 left).
+        assert_eq!(rl.check(&ip(1)).remaining, 10);
+        assert!(rl.check(&ClientKey::Header("key-1".into())).allowed);
+    }
+
+    #[test]
+    fn a_prune_that_drops_a_few_clients_keeps_the_capacity() {
+        let (rl, clock) = fake(10.0, 20, Mode::Enforce);
+        for n in 0..20_000 {
+            rl.check(&ip(n));
+        }
+        clock.advance(Duration::from_millis(150));
+        // Half of them come back before the prune.
+        for n in 0..10_000 {
+            rl.check(&ip(n));
+        }
+        clock.advance(Duration::from_millis(100));
+        let capacity = rl.capacity();
+        let pruned = rl.prune();
+        assert_eq!((pruned.dropped, pruned.left), (10_000, 10_000));
+        assert_eq!(pruned.released_bytes, 0);
+        // Not rehashed: the next period's clients reuse the table instead of growing it
+        // again. (A removal that leaves a tombstone takes one from the reported capacity;
+        // a shrink to fit would have left about 11,000 to 14,000.)
+        assert!(
+            rl.capacity() + pruned.dropped >= capacity,
+            "{}",
+            rl.capacity()
+        );
+    }
+
+    #[test]
+    fn small_tables_are_left_as_they_are() {
+        let (rl, clock) = fake(10.0, 20, Mode::Enforce);
+        for n in 0..500 {
+            rl.check(&ip(n));
+        }
+        let capacity = rl.capacity();
+        assert!(capacity <= SHRINK_SLACK, "{capacity}");
+        clock.advance(Duration::from_secs(1));
+        let pruned = rl.prune();
+        assert_eq!((pruned.dropped, pruned.released_bytes), (500, 0));
+        // Not rehashed (tombstones aside, see above).
+        assert!(
+            rl.capacity() + pruned.dropped >= capacity,
+            "{}",
+            rl.capacity()
+        );
     }
 
     /// Current resident set size of this process, where the platform says.

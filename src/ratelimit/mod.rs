@@ -16,7 +16,7 @@ pub mod limiter;
 pub mod upstream;
 
 pub use identity::{client_addr, client_key, ClientKey};
-pub use limiter::{Decision, RateLimiter};
+pub use limiter::{Decision, Pruned, RateLimiter};
 pub use upstream::{Overloaded, UpstreamGuard, UpstreamPermit};
 
 /// A duration in whole seconds, rounded up (`1.2 s` -> `2`, `0 s` -> `0`).
