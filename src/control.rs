@@ -22,7 +22,6 @@ use crate::error::StoaError;
 use crate::gateway::{same_cached_answers, Gateway, Route, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::routes::PathMode;
-use crate::status::ReloadRecord;
 
 /// An optional listener address as a reload report shows it.
 fn shown(addr: Option<std::net::SocketAddr>) -> String {
@@ -38,6 +37,22 @@ pub struct ReloadReport {
     pub purged_entries: usize,
     /// Settings that only take effect after a restart (listener addresses, threads).
     pub restart_needed: Vec<String>,
+}
+
+/// The outcome of the last configuration reload, shown on the status page.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadRecord {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// `ok` or `error`.
+    pub result: &'static str,
+    /// The problems of a refused file, one sentence each (none on success).
+    pub problems: Vec<String>,
+}
+
+/// The wall clock in Unix milliseconds.
+fn wall_ms() -> u64 {
+    u64::try_from(wall_now()).unwrap_or(0)
 }
 
 /// Which entries a purge reaches, and whether it removes them or marks them stale.
@@ -114,7 +129,7 @@ impl Control {
             shared,
             lifecycle,
             reloading: Mutex::new(()),
-            loaded_at_ms: AtomicU64::new(crate::status::errors::now_ms()),
+            loaded_at_ms: AtomicU64::new(wall_ms()),
             last_reload: Mutex::new(None),
         })
     }
@@ -128,7 +143,7 @@ impl Control {
         let result =
             config::load(&self.config_path, self.env).and_then(|config| self.apply(config));
         self.shared.metrics.config_reload(result.is_ok());
-        let at_ms = crate::status::errors::now_ms();
+        let at_ms = wall_ms();
         let record = match &result {
             Ok(_) => {
                 self.loaded_at_ms.store(at_ms, Ordering::Relaxed);

@@ -20,17 +20,6 @@ use crate::gateway::UNMATCHED_ROUTE;
 /// The page, built into the binary.
 pub const PAGE: &str = include_str!("page.html");
 
-/// The outcome of the last configuration reload, for the status page.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ReloadRecord {
-    /// Unix time in milliseconds.
-    pub at_ms: u64,
-    /// `ok` or `error`.
-    pub result: &'static str,
-    /// The problems of a refused file, one sentence each (none on success).
-    pub problems: Vec<String>,
-}
-
 /// What one route's series add up to.
 #[derive(Default)]
 struct RouteSums {
