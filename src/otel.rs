@@ -8,7 +8,9 @@
 //! (or fails to export) is counted in `stoa_trace_spans_dropped_total`.
 //!
 //! Off (no `otlp_endpoint`), every entry point is one atomic load and a branch: no span,
-//! no allocation.
+//! no allocation. On, the sampling decision comes first and costs a random draw (or a look
+//! at the client's `traceparent` flags): a request left out of the sample creates no span,
+//! context or attribute at all, and neither does the work it starts.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +18,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, Tracer as _};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, Tracer as _,
+};
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::error::OTelSdkResult;
@@ -41,6 +45,8 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(3);
 static ON: AtomicBool = AtomicBool::new(false);
 static TRACING: OnceLock<Tracing> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// `sample_ratio` scaled to `u64::MAX`: a root trace is kept when a random `u64` is below.
+static KEEP_BELOW: AtomicU64 = AtomicU64::new(0);
 
 struct Tracing {
     provider: SdkTracerProvider,
@@ -82,7 +88,9 @@ pub fn init(settings: Option<&TraceSettings>) -> anyhow::Result<()> {
             .build(),
     )
     .build();
-    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+    // The sample is drawn before any span exists (see `RequestTrace::start`): what reaches
+    // the SDK is kept.
+    let sampler = Sampler::AlwaysOn;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(Bounded {
             inner: batches,
@@ -98,6 +106,7 @@ pub fn init(settings: Option<&TraceSettings>) -> anyhow::Result<()> {
     use opentelemetry::trace::TracerProvider as _;
     let tracer = provider.tracer("stoa");
     if TRACING.set(Tracing { provider, tracer }).is_ok() {
+        KEEP_BELOW.store(keep_below(settings.sample_ratio), Ordering::Relaxed);
         ON.store(true, Ordering::Relaxed);
     }
     Ok(())
@@ -109,6 +118,60 @@ pub fn shutdown() {
         ON.store(false, Ordering::Relaxed);
         let _ = t.provider.shutdown_with_timeout(Duration::from_secs(5));
     }
+}
+
+/// The threshold [`KEEP_BELOW`] holds for `ratio` (0.0 keeps nothing, 1.0 everything).
+fn keep_below(ratio: f64) -> u64 {
+    if ratio >= 1.0 {
+        u64::MAX
+    } else if ratio > 0.0 {
+        // Exact enough: the ratio is a sampling rate, not a count.
+        (ratio * u64::MAX as f64) as u64
+    } else {
+        0
+    }
+}
+
+/// Whether a request is in the sample: a client's `traceparent` decides by its `sampled`
+/// flag (W3C Trace Context, as a parent-based sampler would); without one, a random draw
+/// against `sample_ratio`. A malformed `traceparent` counts as absent.
+fn sampled(headers: &http::HeaderMap) -> bool {
+    if let Some(flags) = headers
+        .get("traceparent")
+        .and_then(|v| parent_flags(v.as_bytes()))
+    {
+        return flags & 1 == 1;
+    }
+    let below = KEEP_BELOW.load(Ordering::Relaxed);
+    below == u64::MAX || fastrand::u64(..) < below
+}
+
+/// The trace flags of a well-formed version-00 `traceparent`
+/// (`00-<32 hex>-<16 hex>-<2 hex>`), or of a later version's first 55 bytes.
+fn parent_flags(v: &[u8]) -> Option<u8> {
+    if v.len() < 55 || (v.len() > 55 && (v.starts_with(b"00") || v[55] != b'-')) {
+        return None;
+    }
+    if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' || v.starts_with(b"ff") {
+        return None;
+    }
+    let hex = |b: &[u8]| -> Option<u64> {
+        std::str::from_utf8(b)
+            .ok()
+            .filter(|s| {
+                s.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            })
+            .and_then(|s| u64::from_str_radix(s, 16).ok())
+    };
+    hex(&v[..2])?;
+    // An all-zero trace or parent id is invalid.
+    let trace = (hex(&v[3..19])?, hex(&v[19..35])?);
+    let parent = hex(&v[36..52])?;
+    if trace == (0, 0) || parent == 0 {
+        return None;
+    }
+    u8::try_from(hex(&v[53..55])?).ok()
 }
 
 fn tracer() -> Option<&'static SdkTracer> {
@@ -133,7 +196,7 @@ impl RequestTrace {
         uri: &http::Uri,
         headers: &http::HeaderMap,
     ) -> Option<RequestTrace> {
-        if !enabled() {
+        if !enabled() || !sampled(headers) {
             return None;
         }
         Self::start_slow(method, uri, headers)
@@ -214,8 +277,24 @@ pub fn inject(cx: &Context, headers: &mut http::HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
 }
 
-/// A span of stoa's work under `parent` (or the current context's span; a new trace when
-/// there is none): `None` when traces are off.
+/// Gives a fetch left out of the sample a `traceparent` of its own, unsampled (flags
+/// `00`), replacing any: the upstream can still tie its logs to one fetch, and no span is
+/// made. Nothing when traces are off.
+pub fn inject_unsampled(headers: &mut http::HeaderMap) {
+    if !enabled() {
+        return;
+    }
+    let (trace, span) = (fastrand::u128(1..), fastrand::u64(1..));
+    let value = format!("00-{trace:032x}-{span:016x}-00");
+    headers.remove("tracestate");
+    if let Ok(value) = http::HeaderValue::from_str(&value) {
+        headers.insert("traceparent", value);
+    }
+}
+
+/// A span of stoa's work under `parent` (or the current context's span): `None` when
+/// traces are off or there is no span to be a child of (the work of a request left out of
+/// the sample).
 pub fn child(parent: Option<&Context>, name: &'static str, kind: SpanKind) -> Option<Context> {
     let tracer = tracer()?;
     let current;
@@ -226,6 +305,9 @@ pub fn child(parent: Option<&Context>, name: &'static str, kind: SpanKind) -> Op
             &current
         }
     };
+    if !parent.has_active_span() {
+        return None;
+    }
     let span = tracer
         .span_builder(name)
         .with_kind(kind)
@@ -264,6 +346,49 @@ pub fn link_current(to: &SpanContext, why: &'static str) {
     let span = cx.span();
     span.add_link(to.clone(), vec![KeyValue::new("stoa.link", why)]);
     span.set_attribute(KeyValue::new("stoa.coalesced", true));
+}
+
+/// The current span as `<trace id>-<span id>` (hex), to name it across nodes; `None` when
+/// traces are off or no span is current.
+pub fn current_ids() -> Option<String> {
+    if !enabled() {
+        return None;
+    }
+    let cx = Context::current();
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid()
+        .then(|| format!("{}-{}", sc.trace_id(), sc.span_id()))
+}
+
+/// Links the current span to the span a lease token names (`...@<trace id>-<span id>`, see
+/// [`current_ids`]), a fill on another node this one waited for.
+pub fn link_current_to_token(token: &[u8], why: &'static str) {
+    if !enabled() {
+        return;
+    }
+    let Some(ids) = token
+        .iter()
+        .rposition(|&b| b == b'@')
+        .and_then(|at| std::str::from_utf8(&token[at + 1..]).ok())
+    else {
+        return;
+    };
+    let Some((trace, span)) = ids.split_once('-') else {
+        return;
+    };
+    let (Ok(trace), Ok(span)) = (TraceId::from_hex(trace), SpanId::from_hex(span)) else {
+        return;
+    };
+    let to = SpanContext::new(trace, span, TraceFlags::SAMPLED, true, Default::default());
+    if !to.is_valid() {
+        return;
+    }
+    let cx = Context::current();
+    if cx.has_active_span() {
+        cx.span()
+            .add_link(to, vec![KeyValue::new("stoa.link", why)]);
+    }
 }
 
 /// Sets an attribute on `cx`'s span.
@@ -384,5 +509,41 @@ impl<E: SpanExporter> SpanExporter for Counted<E> {
 
     fn set_resource(&mut self, resource: &Resource) {
         self.inner.set_resource(resource);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{keep_below, parent_flags};
+
+    #[test]
+    fn a_traceparents_flags_are_read_only_from_a_well_formed_one() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(parent_flags(tp.as_bytes()), Some(1));
+        let off = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(parent_flags(off.as_bytes()), Some(0));
+        // A later version may append fields after a dash.
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra";
+        assert_eq!(parent_flags(later.as_bytes()), Some(1));
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473x-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parent_flags(bad.as_bytes()), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_sample_threshold_spans_nothing_to_everything() {
+        assert_eq!(keep_below(0.0), 0);
+        assert_eq!(keep_below(1.0), u64::MAX);
+        let tenth = keep_below(0.1) as f64 / u64::MAX as f64;
+        assert!((tenth - 0.1).abs() < 1e-9, "{tenth}");
     }
 }

@@ -6,6 +6,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cluster::{quoted, scene, wait_redis_up, Origin};
+use common::redis::RedisServer;
 use common::{free_port, read_head, serve_heads, text_answer, StoaProcess};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
@@ -347,4 +349,149 @@ async fn a_dead_collector_costs_requests_nothing() {
         assert!(Instant::now() < deadline, "no drop counted:\n{metrics}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn a_clients_sampled_flag_decides_whatever_the_ratio() {
+    let collector = Collector::start().await;
+    let (origin_url, heads) = origin(Duration::ZERO);
+    // Nothing sampled on stoa's own: a client's sampled trace is still followed.
+    let gw = gateway(collector.port, 0.0, &origin_url).await;
+    let http = reqwest::Client::new();
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let resp = http
+        .get(gw.url("/item/7"))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let spans = collector
+        .until(|spans| !requests_for(spans, "/item/7").is_empty())
+        .await;
+    let request = requests_for(&spans, "/item/7");
+    assert_eq!(request.len(), 1, "{spans:#?}");
+    assert_eq!(hex(&request[0].trace_id), trace_id);
+    assert!(
+        spans.iter().all(|s| hex(&s.trace_id) == trace_id),
+        "{spans:#?}"
+    );
+
+    // Everything sampled on stoa's own: a client's unsampled trace is not.
+    let collector = Collector::start().await;
+    let gw = gateway(collector.port, 1.0, &origin_url).await;
+    let resp = http
+        .get(gw.url("/item/8"))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-00"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(collector.spans().is_empty(), "{:#?}", collector.spans());
+    let head = heads.lock().unwrap().last().unwrap().to_ascii_lowercase();
+    assert!(head.contains("traceparent: 00-"), "{head}");
+    assert!(head.contains("-00\r\n"), "unsampled upstream: {head}");
+}
+
+#[tokio::test]
+async fn a_ratio_samples_whole_requests_and_leaves_the_rest_untouched() {
+    let collector = Collector::start().await;
+    let (origin_url, _heads) = origin(Duration::ZERO);
+    let gw = gateway(collector.port, 0.5, &origin_url).await;
+    let http = reqwest::Client::new();
+    // 40 misses, then 160 hits.
+    for i in 0..200 {
+        let resp = http
+            .get(gw.url(&format!("/item/{}", i % 40)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spans = collector
+        .until(|spans| spans.iter().filter(|s| s.kind == 2).count() >= 60)
+        .await;
+    let requests: Vec<&Span> = spans.iter().filter(|s| s.kind == 2).collect();
+    // Binomial(200, 0.5): 100 ± 7; outside 60..=140 is far beyond chance.
+    assert!(
+        (60..=140).contains(&requests.len()),
+        "{} requests sampled of 200",
+        requests.len()
+    );
+    // Every other span belongs to a sampled request's trace: no orphan fill or lookup.
+    for span in spans.iter().filter(|s| s.kind != 2) {
+        assert!(
+            requests.iter().any(|r| r.trace_id == span.trace_id),
+            "a span outside every sampled request: {span:#?}"
+        );
+    }
+    let fills = spans.iter().filter(|s| s.name == "stoa.fill").count();
+    let sampled_misses = requests
+        .iter()
+        .filter(|r| attr(r, "stoa.cache").as_deref() == Some("MISS"))
+        .count();
+    assert_eq!(fills, sampled_misses, "one fill span per sampled miss");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fill_waiting_for_another_nodes_lease_links_to_that_fill() {
+    let redis = RedisServer::start();
+    let collector = Collector::start().await;
+    let origin = Origin::start(Duration::from_millis(900)).await;
+    let tracing = format!(
+        "\n[tracing]\notlp_endpoint = \"http://127.0.0.1:{}\"\nsample_ratio = 1.0\n",
+        collector.port
+    );
+    let mut nodes = Vec::new();
+    for n in 0..2 {
+        let text = scene(
+            &quoted(&redis.url()),
+            &format!("node-{n}"),
+            &origin,
+            "ttl = \"60s\"",
+            &tracing,
+        );
+        nodes.push(StoaProcess::start(&text).await);
+    }
+    wait_redis_up(&nodes, true).await;
+    let http = reqwest::Client::new();
+    let first = tokio::spawn({
+        let (http, url) = (http.clone(), nodes[0].url("/items/1"));
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    });
+    // node-0 holds the lease by now; node-1 waits for it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = http.get(nodes[1].url("/items/1")).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    let body = second.text().await.unwrap();
+    assert_eq!(body, first.await.unwrap());
+    assert_eq!(origin.calls(), 1, "one fetch cluster-wide");
+
+    let spans = collector
+        .until(|spans| spans.iter().filter(|s| s.name == "stoa.fill").count() >= 2)
+        .await;
+    let fills: Vec<&Span> = spans.iter().filter(|s| s.name == "stoa.fill").collect();
+    assert_eq!(fills.len(), 2, "{spans:#?}");
+    let (fetched, waited): (Vec<&&Span>, Vec<&&Span>) = fills.iter().partition(|f| {
+        spans
+            .iter()
+            .any(|s| s.name == "stoa.upstream" && s.parent_span_id == f.span_id)
+    });
+    assert_eq!((fetched.len(), waited.len()), (1, 1), "{fills:#?}");
+    let link = waited[0]
+        .links
+        .iter()
+        .find(|l| l.span_id == fetched[0].span_id && l.trace_id == fetched[0].trace_id);
+    assert!(
+        link.is_some(),
+        "no link to the other node's fill: {fills:#?}"
+    );
+    let why = link
+        .unwrap()
+        .attributes
+        .iter()
+        .find(|kv| kv.key == "stoa.link");
+    assert!(format!("{why:?}").contains("lease"), "{why:?}");
 }

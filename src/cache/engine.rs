@@ -798,9 +798,12 @@ impl CacheEngine {
         let mut lead = lead;
         // Traces on: the upstream sees the fill's span as the parent of its work.
         let span = lead.take_span();
-        if let Some(span) = &span {
-            crate::otel::attr(span, "stoa.route", route.name.clone());
-            crate::otel::inject(span, &mut fetch.headers);
+        match &span {
+            Some(span) => {
+                crate::otel::attr(span, "stoa.route", route.name.clone());
+                crate::otel::inject(span, &mut fetch.headers);
+            }
+            None => crate::otel::inject_unsampled(&mut fetch.headers),
         }
         let fill = async move {
             // The shared tier first: an entry another node stored, or the lease to fetch.

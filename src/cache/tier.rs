@@ -56,7 +56,7 @@ if ARGV[3] == '1' then
   if v then return {1, v} end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
-return {3, redis.call('PTTL', KEYS[2])}
+return {3, redis.call('PTTL', KEYS[2]), redis.call('GET', KEYS[2]) or ''}
 ";
 
 /// Stores the entry only while the lease is still ours, releases it, tells every node.
@@ -396,7 +396,12 @@ impl Tier {
         let deadline = Instant::now() + patience;
         let entry_key = self.entry_key(&hash);
         let lease_key = self.lease_key(&hash);
-        let token = format!("{}:{:016x}", self.node_name(), fastrand::u64(..));
+        // The token names the fill's span when traces are on: a node that waits for this
+        // lease links its own fill to it.
+        let token = match crate::otel::current_ids() {
+            Some(ids) => format!("{}:{:016x}@{ids}", self.node_name(), fastrand::u64(..)),
+            None => format!("{}:{:016x}", self.node_name(), fastrand::u64(..)),
+        };
         let lease_ms = self.cluster.settings().lock_timeout.as_millis().max(1) as u64;
         let waiter = self.wait_on(&hash);
         let mut read = true;
@@ -455,8 +460,12 @@ impl Tier {
                     lease.stale = stale;
                     return Before::Lease(lease);
                 }
-                [Value::Int(3), Value::Int(pttl)] => {
+                [Value::Int(3), Value::Int(pttl), holder @ ..] => {
                     if !waited {
+                        // The trace shows whose fill, on which node, this one waited for.
+                        if let [Value::BulkString(holder)] = holder {
+                            crate::otel::link_current_to_token(holder, "lease");
+                        }
                         if read {
                             self.metrics.miss.inc();
                         }
