@@ -185,6 +185,10 @@ fn tracer() -> Option<&'static SdkTracer> {
 pub struct RequestTrace {
     cx: Context,
     method: http::Method,
+    /// The span of the current upstream attempt of a pass-through request, and how many
+    /// attempts there were.
+    attempt: Option<Context>,
+    attempts: i64,
 }
 
 impl RequestTrace {
@@ -221,6 +225,8 @@ impl RequestTrace {
         Some(RequestTrace {
             cx: parent.with_span(span),
             method: method.clone(),
+            attempt: None,
+            attempts: 0,
         })
     }
 
@@ -235,10 +241,26 @@ impl RequestTrace {
         inject(&self.cx, headers);
     }
 
-    /// [`RequestTrace::inject`] for a head pingora sends upstream (pass-through routes).
-    pub fn inject_head(&self, head: &mut pingora::http::RequestHeader) -> pingora::Result<()> {
+    /// A pass-through request's next upstream attempt: its own span (client kind), the
+    /// parent `head` names upstream. An attempt before it (a retry on a new connection)
+    /// ends here, marked retried.
+    pub fn attempt(&mut self, head: &mut pingora::http::RequestHeader) -> pingora::Result<()> {
+        if let Some(before) = self.attempt.take() {
+            attr(&before, "stoa.retried", true);
+            before
+                .span()
+                .set_status(opentelemetry::trace::Status::error("retried"));
+            end(&before);
+        }
+        self.attempts += 1;
+        let attempt = child(Some(&self.cx), "stoa.upstream", SpanKind::Client);
+        let Some(attempt) = attempt else {
+            return Ok(());
+        };
+        attr(&attempt, "stoa.attempt", self.attempts);
         let mut fields = http::HeaderMap::new();
-        inject(&self.cx, &mut fields);
+        inject(&attempt, &mut fields);
+        self.attempt = Some(attempt);
         head.remove_header("traceparent");
         head.remove_header("tracestate");
         for (name, value) in fields {
@@ -251,6 +273,15 @@ impl RequestTrace {
 
     /// Ends the span with what the access log line says.
     pub fn finish(self, route: Option<&str>, cache: Option<&str>, status: u16) {
+        if let Some(attempt) = &self.attempt {
+            attr(attempt, "http.response.status_code", i64::from(status));
+            if status >= 500 || status == 0 {
+                attempt
+                    .span()
+                    .set_status(opentelemetry::trace::Status::error(""));
+            }
+            end(attempt);
+        }
         let span = self.cx.span();
         if let Some(route) = route {
             span.set_attribute(KeyValue::new("http.route", route.to_string()));
@@ -313,6 +344,26 @@ pub fn child(parent: Option<&Context>, name: &'static str, kind: SpanKind) -> Op
         .with_kind(kind)
         .start_with_context(tracer, parent);
     Some(parent.with_span(span))
+}
+
+/// The span of one call of an aggregate's leg, under the current one (the aggregate's
+/// fill): the leg's own request, lookup and fill run within it.
+pub fn leg(name: &str, method: &http::Method, path: &str) -> Option<Context> {
+    let cx = child(None, "stoa.aggregate.leg", SpanKind::Internal)?;
+    attr(&cx, "stoa.leg", name.to_string());
+    attr(&cx, "http.request.method", method.to_string());
+    attr(&cx, "url.path", path.to_string());
+    Some(cx)
+}
+
+/// Ends a leg's span with the status its call answered (0: none, timed out or failed).
+pub fn end_leg(cx: &Context, status: u16) {
+    attr(cx, "http.response.status_code", i64::from(status));
+    if status == 0 || status >= 400 {
+        cx.span()
+            .set_status(opentelemetry::trace::Status::error(""));
+    }
+    end(cx);
 }
 
 /// The span of a cache lookup in memory, under the request's.

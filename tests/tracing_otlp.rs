@@ -110,17 +110,28 @@ fn origin(delay: Duration) -> (String, Arc<Mutex<Vec<String>>>) {
             if slow {
                 tokio::time::sleep(delay).await;
             }
-            text_answer(200, "cache-control: max-age=60\r\n", "hello")
+            // A JSON string: aggregates' legs read it.
+            text_answer(200, "cache-control: max-age=60\r\n", "\"hello\"")
         }
     });
     (format!("http://{addr}"), heads)
 }
 
 async fn gateway(collector_port: u16, sample_ratio: f64, origin: &str) -> StoaProcess {
+    gateway_with(collector_port, sample_ratio, origin, "").await
+}
+
+/// [`gateway`] with more routes.
+async fn gateway_with(
+    collector_port: u16,
+    sample_ratio: f64,
+    origin: &str,
+    routes: &str,
+) -> StoaProcess {
     let config = format!(
         "[tracing]\notlp_endpoint = \"http://127.0.0.1:{collector_port}\"\nsample_ratio = {sample_ratio:?}\nservice_name = \"stoa-test\"\n\n\
          [upstreams.up]\nurl = \"{origin}\"\ntimeout = \"5s\"\n\n\
-         [[routes]]\nname = \"item\"\nupstream = \"up\"\nmethods = [\"GET\"]\npath = \"/item/{{id}}\"\ncache = {{ ttl = \"60s\" }}\n"
+         [[routes]]\nname = \"item\"\nupstream = \"up\"\nmethods = [\"GET\"]\npath = \"/item/{{id}}\"\ncache = {{ ttl = \"60s\" }}\n{routes}"
     );
     StoaProcess::start(&config).await
 }
@@ -494,4 +505,110 @@ async fn a_fill_waiting_for_another_nodes_lease_links_to_that_fill() {
         .iter()
         .find(|kv| kv.key == "stoa.link");
     assert!(format!("{why:?}").contains("lease"), "{why:?}");
+}
+
+#[tokio::test]
+async fn aggregate_legs_and_pass_through_attempts_have_spans() {
+    let collector = Collector::start().await;
+    let (origin_url, heads) = origin(Duration::ZERO);
+    let routes = r#"
+[[routes]]
+name = "pair"
+methods = ["GET"]
+path = "/pair/{a}/{b}"
+respond = { first = "{first}", second = "{second}" }
+
+[[routes.legs]]
+name = "first"
+path = "/item/{a}"
+
+[[routes.legs]]
+name = "second"
+path = "/item/{b}"
+
+[[routes]]
+name = "through"
+upstream = "up"
+methods = ["GET"]
+path = "/through"
+"#;
+    let gw = gateway_with(collector.port, 1.0, &origin_url, routes).await;
+    let http = reqwest::Client::new();
+    let resp = http.get(gw.url("/pair/1/2")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({ "first": "hello", "second": "hello" })
+    );
+    let resp = http.get(gw.url("/through")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let spans = collector
+        .until(|spans| {
+            spans
+                .iter()
+                .filter(|s| s.name == "stoa.aggregate.leg")
+                .count()
+                >= 2
+                && !requests_for(spans, "/through").is_empty()
+        })
+        .await;
+    let pair = requests_for(&spans, "/pair/1/2");
+    assert_eq!(pair.len(), 1, "{spans:#?}");
+    let pair_fill = spans
+        .iter()
+        .find(|s| s.name == "stoa.fill" && s.parent_span_id == pair[0].span_id)
+        .expect("the aggregate's fill");
+    let legs: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "stoa.aggregate.leg")
+        .collect();
+    assert_eq!(legs.len(), 2, "{legs:#?}");
+    for (leg, name, path) in [
+        ("first", "first", "/item/1"),
+        ("second", "second", "/item/2"),
+    ] {
+        let span = legs
+            .iter()
+            .find(|s| attr(s, "stoa.leg").as_deref() == Some(leg))
+            .unwrap_or_else(|| panic!("no span of leg {name}: {legs:#?}"));
+        assert_eq!(span.trace_id, pair[0].trace_id);
+        assert_eq!(
+            span.parent_span_id, pair_fill.span_id,
+            "under the aggregate's fill"
+        );
+        assert_eq!(attr(span, "url.path").as_deref(), Some(path));
+        assert_eq!(
+            attr(span, "http.response.status_code").as_deref(),
+            Some("200")
+        );
+        // The leg's own fill runs under the leg's span.
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.name == "stoa.fill" && s.parent_span_id == span.span_id),
+            "no fill under leg {name}: {spans:#?}"
+        );
+    }
+
+    // A pass-through request: its upstream attempt is a span, the parent the upstream sees.
+    let through = requests_for(&spans, "/through");
+    assert_eq!(through.len(), 1);
+    let attempt = spans
+        .iter()
+        .find(|s| s.name == "stoa.upstream" && s.parent_span_id == through[0].span_id)
+        .expect("an attempt span under the pass-through request");
+    assert_eq!(attr(attempt, "stoa.attempt").as_deref(), Some("1"));
+    let head = heads
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|h| h.starts_with("GET /through"))
+        .cloned()
+        .expect("the upstream saw /through");
+    assert!(
+        head.to_ascii_lowercase().contains(&hex(&attempt.span_id)),
+        "the upstream's parent is the attempt: {head}"
+    );
 }

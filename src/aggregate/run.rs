@@ -244,9 +244,18 @@ impl Aggregator {
             .as_ref()
             .map(|b| Bytes::from(render_shape(b, scope, item).to_string()))
             .unwrap_or_default();
-        let call = legs.call(&leg.method, &path, body);
+        let span = crate::otel::leg(&leg.name, &leg.method, &path);
+        let call = crate::otel::within(span.clone(), legs.call(&leg.method, &path, body));
         let timeout = leg.timeout.min(remaining);
-        let (status, body) = match tokio::time::timeout(timeout, call).await {
+        let answered = tokio::time::timeout(timeout, call).await;
+        if let Some(span) = &span {
+            let status = match &answered {
+                Ok(Ok((status, _))) => status.as_u16(),
+                _ => 0,
+            };
+            crate::otel::end_leg(span, status);
+        }
+        let (status, body) = match answered {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => return Err(LegError::Failed(e)),
             Err(_) => {

@@ -63,8 +63,8 @@ pub fn upstream_head(
     if let Some(uri) = &ctx.upstream.uri {
         upstream_request.set_uri(uri.clone());
     }
-    if let Some(trace) = &ctx.trace {
-        trace.inject_head(upstream_request)?;
+    if let Some(trace) = &mut ctx.trace {
+        trace.attempt(upstream_request)?;
     }
     let Some(link) = ctx.route().and_then(|r| r.link.as_ref()) else {
         return Error::e_explain(ErrorType::InternalError, "no upstream for this route");
