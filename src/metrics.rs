@@ -8,7 +8,7 @@
 //! Label values are bounded by the configuration: route, upstream and policy names, cache
 //! statuses, fetch outcomes and HTTP status codes; never paths or client identities.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -72,6 +72,13 @@ impl FetchOutcome {
 /// Every stoa series, in a registry of its own (no global registry).
 pub struct Metrics {
     registry: Registry,
+    /// The series the status page does not read as families (latency histograms, which it
+    /// takes from the routes' own handles, observed ones only, and per-route cache detail):
+    /// most of a scrape's bulk with many routes. `/metrics` renders both registries.
+    bulk: Registry,
+    /// Each route's counter tables by name: a reload's handles share them, so they reach
+    /// every series the route's earlier handles made (see [`RouteMetrics::each_count`]).
+    route_cells: std::sync::Mutex<std::collections::HashMap<Box<str>, Arc<RouteCells>>>,
     requests: IntCounterVec,
     request_duration: HistogramVec,
     upstream_fetches: IntCounterVec,
@@ -100,6 +107,7 @@ impl Metrics {
     /// Registers every series; `stoa_build_info{version}` is set to 1 here.
     pub fn new() -> prometheus::Result<Metrics> {
         let registry = Registry::new();
+        let bulk = Registry::new();
         let histogram = |name: &str, help: &str, labels: &[&str]| {
             HistogramVec::new(
                 HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
@@ -107,7 +115,7 @@ impl Metrics {
             )
         };
         let requests = register(
-            &registry,
+            &bulk,
             IntCounterVec::new(
                 Opts::new(
                     "stoa_requests_total",
@@ -118,7 +126,7 @@ impl Metrics {
             )?,
         )?;
         let request_duration = register(
-            &registry,
+            &bulk,
             histogram(
                 "stoa_request_duration_seconds",
                 "Time from request to response, by route and cache status.",
@@ -213,7 +221,7 @@ impl Metrics {
             compression_saved.get_metric_with_label_values(&[coding.token()])?;
         }
         let cache_revalidations = register(
-            &registry,
+            &bulk,
             IntCounterVec::new(
                 Opts::new(
                     "stoa_cache_revalidations_total",
@@ -223,7 +231,7 @@ impl Metrics {
             )?,
         )?;
         let cache_not_modified = register(
-            &registry,
+            &bulk,
             IntCounterVec::new(
                 Opts::new(
                     "stoa_cache_not_modified_total",
@@ -233,7 +241,7 @@ impl Metrics {
             )?,
         )?;
         let cache_variants_refused = register(
-            &registry,
+            &bulk,
             IntCounterVec::new(
                 Opts::new(
                     "stoa_cache_variants_refused_total",
@@ -294,6 +302,8 @@ impl Metrics {
             reloads_ok: reloads.get_metric_with_label_values(&["ok"])?,
             reloads_error: reloads.get_metric_with_label_values(&["error"])?,
             registry,
+            bulk,
+            route_cells: Default::default(),
             requests,
             request_duration,
             upstream_fetches,
@@ -320,14 +330,27 @@ impl Metrics {
     /// latency histograms and `stoa_coalesced_waiters_total` are exported at zero from
     /// the start. Calling it again for the same name (on reload) continues the same series.
     pub fn route(&self, name: &str, cached: bool) -> prometheus::Result<RouteMetrics> {
+        let cells = {
+            let mut map = self.route_cells.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(name) {
+                Some(cells) => cells.clone(),
+                None => {
+                    let cells = Arc::new(RouteCells {
+                        by_cache: std::array::from_fn(|_| CacheSlot::default()),
+                        coalesced: self
+                            .coalesced_waiters
+                            .get_metric_with_label_values(&[name])?,
+                    });
+                    map.insert(name.into(), cells.clone());
+                    cells
+                }
+            }
+        };
         let route = RouteMetrics {
             name: name.into(),
             requests: self.requests.clone(),
             durations: self.request_duration.clone(),
-            by_cache: std::array::from_fn(|_| CacheSlot::default()),
-            coalesced: self
-                .coalesced_waiters
-                .get_metric_with_label_values(&[name])?,
+            cells,
         };
         // `shared_hit` exists only with `[cluster]`: its series appears with its first use.
         for cache in CacheStatus::ALL {
@@ -335,7 +358,7 @@ impl Metrics {
                 let histogram = self
                     .request_duration
                     .get_metric_with_label_values(&[name, cache.label()])?;
-                // A fresh slot: the cell is empty, so this stores `histogram`.
+                // Stored unless an earlier handle of the route stored it (the same series).
                 let _ = route.slot(cache).duration.set(histogram);
             }
         }
@@ -465,8 +488,17 @@ impl Metrics {
             .unwrap_or_else(|e| format!("# stoa: encoding metrics failed: {e}\n"))
     }
 
-    /// Every family, as [`Metrics::render`] writes them (and the status page reads them).
+    /// Every family, as [`Metrics::render`] writes them, in name order.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.gather_light();
+        families.extend(self.bulk.gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
+    }
+
+    /// [`Metrics::gather`] without the bulk series (see `Metrics::bulk`): what the status
+    /// page reads as families.
+    pub fn gather_light(&self) -> Vec<prometheus::proto::MetricFamily> {
         // The access log counts its drops itself (it has no handle on the metrics).
         let dropped = crate::telemetry::access_log_dropped();
         let seen = self.access_log_dropped.get();
@@ -550,6 +582,11 @@ pub struct RouteMetrics {
     name: Box<str>,
     requests: IntCounterVec,
     durations: HistogramVec,
+    cells: Arc<RouteCells>,
+}
+
+/// A route's series handles, shared by its handles across reloads.
+struct RouteCells {
     by_cache: [CacheSlot; CacheStatus::ALL.len()],
     coalesced: IntCounter,
 }
@@ -583,7 +620,44 @@ impl RouteMetrics {
 
     /// Counts one request that waited for another request's fetch.
     pub fn coalesced_waiter(&self) {
-        self.coalesced.inc();
+        self.cells.coalesced.inc();
+    }
+
+    /// This route's `stoa_request_duration_seconds` series that have observations, one
+    /// per cache status (what the status page merges into its p50/p99).
+    pub fn observed_durations(&self) -> impl Iterator<Item = prometheus::proto::Metric> + '_ {
+        use prometheus::core::Metric as _;
+        self.cells
+            .by_cache
+            .iter()
+            .filter_map(|slot| slot.duration.get())
+            .filter(|h| h.get_sample_count() > 0)
+            .map(|h| h.metric())
+    }
+
+    /// Calls `each(cache, status, count)` for every `stoa_requests_total` series of this
+    /// route, one call per lane (`status` 0 is the `other` series), reading the counters
+    /// themselves: what a scrape would say, without building the series.
+    pub fn each_count(&self, mut each: impl FnMut(CacheStatus, u16, u64)) {
+        for cache in CacheStatus::ALL {
+            for table in self.slot(cache).statuses.iter().filter_map(OnceLock::get) {
+                for (index, cell) in table.iter().enumerate() {
+                    if let Some(counter) = cell.get() {
+                        let status = if index == OTHER_STATUS_SLOT {
+                            0
+                        } else {
+                            u16::try_from(index + 100).unwrap_or(0)
+                        };
+                        each(cache, status, counter.get());
+                    }
+                }
+            }
+        }
+    }
+
+    /// This route's `stoa_coalesced_waiters_total`.
+    pub fn coalesced_waiters(&self) -> u64 {
+        self.cells.coalesced.get()
     }
 
     /// The route name these handles report.
@@ -601,7 +675,7 @@ impl RouteMetrics {
             CacheStatus::None => 5,
             CacheStatus::SharedHit => 6,
         };
-        &self.by_cache[index]
+        &self.cells.by_cache[index]
     }
 
     fn status_counter(&self, status: u16, cache: CacheStatus, lane: Lane) -> Option<&IntCounter> {
@@ -936,6 +1010,34 @@ mod tests {
             "stoa_requests_total{cache=\"hit\",lane=\"answer\",route=\"r\",status=\"200\"} 2\n"
         ));
         assert!(text.contains("stoa_coalesced_waiters_total{route=\"r\"} 1\n"));
+    }
+
+    #[test]
+    fn a_reloads_handles_read_every_series_the_earlier_ones_made() {
+        let m = Metrics::new().unwrap();
+        let first = m.route("r", true).unwrap();
+        first.observe(503, CacheStatus::Miss, Lane::Answer, ms(2));
+        first.observe(200, CacheStatus::SharedHit, Lane::Forward, ms(1));
+        first.observe(1000, CacheStatus::Bypass, Lane::Answer, ms(1));
+        let again = m.route("r", true).unwrap();
+        let mut seen = Vec::new();
+        again.each_count(|cache, status, n| {
+            if n > 0 {
+                seen.push((cache.label(), status, n));
+            }
+        });
+        seen.sort();
+        assert_eq!(
+            seen,
+            [("bypass", 0, 1), ("miss", 503, 1), ("shared_hit", 200, 1)]
+        );
+        // The observed latencies too, the lazily made shared_hit series among them.
+        assert_eq!(again.observed_durations().count(), 3);
+        // And the same numbers a scrape gives.
+        let text = m.render();
+        assert!(text.contains(
+            "stoa_requests_total{cache=\"miss\",lane=\"answer\",route=\"r\",status=\"503\"} 1\n"
+        ));
     }
 
     #[test]

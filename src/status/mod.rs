@@ -113,7 +113,10 @@ fn gauge(metric: &Metric) -> i64 {
 /// first (see `AdminApp`).
 pub fn view(control: &Control) -> Value {
     let metrics = &control.shared.metrics;
-    let families: Vec<MetricFamily> = metrics.gather();
+    // The bulk series (request counts and latencies, per-route cache detail) are not
+    // gathered: requests and latencies come from the routes' own handles below (the same
+    // counters, read in place; latencies of the observed series only).
+    let families: Vec<MetricFamily> = metrics.gather_light();
     let gateway = control.gateway.load();
 
     let mut routes: HashMap<String, RouteSums> = HashMap::new();
@@ -129,20 +132,6 @@ pub fn view(control: &Control) -> Value {
         let name = family.name();
         for m in family.get_metric() {
             match name {
-                "stoa_requests_total" => {
-                    let r = routes.entry(label(m, "route").to_string()).or_default();
-                    let n = counter(m);
-                    r.requests += n;
-                    *r.by_cache.entry(label(m, "cache").to_string()).or_default() += n;
-                    *r.by_status
-                        .entry(label(m, "status").to_string())
-                        .or_default() += n;
-                }
-                "stoa_request_duration_seconds" => routes
-                    .entry(label(m, "route").to_string())
-                    .or_default()
-                    .durations
-                    .add(m),
                 "stoa_rate_limited_total" => {
                     routes
                         .entry(label(m, "route").to_string())
@@ -206,6 +195,28 @@ pub fn view(control: &Control) -> Value {
                 }
                 _ => {}
             }
+        }
+    }
+
+    for (name, handles) in gateway
+        .routes
+        .routes()
+        .iter()
+        .map(|r| (r.spec.name.as_str(), &r.metrics))
+        .chain([(UNMATCHED_ROUTE, &gateway.unmatched)])
+    {
+        let sums = routes.entry(name.to_string()).or_default();
+        handles.each_count(|cache, status, n| {
+            sums.requests += n;
+            *sums.by_cache.entry(cache.label().to_string()).or_default() += n;
+            let status = match status {
+                0 => "other".to_string(),
+                code => code.to_string(),
+            };
+            *sums.by_status.entry(status).or_default() += n;
+        });
+        for series in handles.observed_durations() {
+            sums.durations.add(&series);
         }
     }
 
