@@ -1,7 +1,8 @@
 //! The documentation holds together: the configuration reference in the book is what
 //! `scripts/config-reference.py` generates from `config/stoa.schema.json` and names every key
-//! of the schema, the book under `docs/` builds with mdbook, the README stays a short first
-//! page, and every relative link of the README and of the book points to a file that exists.
+//! of the schema, every key of the schema has a description, the book under `docs/` builds
+//! with mdbook, the README stays a short first page, and every relative link of the README
+//! and of the book points to a file that exists.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -289,5 +290,134 @@ fn relative_links_of_the_readme_and_the_book_point_to_files() {
         broken.is_empty(),
         "links to missing files:\n{}",
         broken.join("\n")
+    );
+}
+
+/// Keys of the schema allowed to have no description yet: the keys of `RawCacheSection`
+/// (`src/config/raw.rs`) whose doc comments are still to be written. Remove a key from here
+/// when its doc comment is written (the test below fails while a described key is listed).
+const KEYS_WITHOUT_DESCRIPTION_YET: &[&str] = &["cache.max_bytes", "cache.max_entry_bytes"];
+
+/// The description the reference page gives the key whose value is `node`, as
+/// `scripts/config-reference.py` picks it: the key's own doc comment; for a table, a list of
+/// tables or a table of named tables, else the doc comment of the table's struct. A named
+/// value type's description (`Duration`, `Size`) is not the key's: it is given once, under
+/// "Value types".
+fn key_description(schema: &Value, node: &Value) -> String {
+    let own = node
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !own.trim().is_empty() {
+        return own.to_string();
+    }
+    let is_value_type = node
+        .get("$ref")
+        .and_then(Value::as_str)
+        .and_then(|r| r.rsplit('/').next())
+        .is_some_and(|name| {
+            !name.starts_with("Raw") && resolve(schema, node).get("properties").is_none()
+        });
+    if is_value_type {
+        return String::new();
+    }
+    let resolved = resolve(schema, node);
+    let from_struct = resolved
+        .get("description")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !from_struct.trim().is_empty() {
+        return from_struct.to_string();
+    }
+    resolved
+        .get("additionalProperties")
+        .filter(|extra| extra.is_object())
+        .map(|extra| resolve(schema, extra))
+        .and_then(|extra| extra.get("description"))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Every key path of the schema with its description (the paths of `walk_value`).
+fn described_keys(
+    schema: &Value,
+    node: &Value,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<(String, String)>,
+) {
+    assert!(depth < 32, "the schema nests too deep at {path}");
+    if !node.is_object() {
+        return;
+    }
+    let node = resolve(schema, node);
+    if let Some(properties) = node.get("properties").and_then(Value::as_object) {
+        for (key, value) in properties {
+            let child = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            out.push((child.clone(), key_description(schema, value)));
+            described_keys(schema, value, &child, depth + 1, out);
+        }
+    }
+    if let Some(extra) = node.get("additionalProperties") {
+        described_keys(schema, extra, &format!("{path}.<name>"), depth + 1, out);
+    }
+    if let Some(items) = node.get("items") {
+        described_keys(schema, items, &format!("{path}[]"), depth + 1, out);
+    }
+    for alternatives in ["anyOf", "oneOf"] {
+        if let Some(variants) = node.get(alternatives).and_then(Value::as_array) {
+            for variant in variants {
+                described_keys(schema, variant, path, depth + 1, out);
+            }
+        }
+    }
+}
+
+#[test]
+fn every_key_of_the_schema_has_a_description() {
+    let schema: Value = serde_json::from_str(&read("config/stoa.schema.json"))
+        .expect("config/stoa.schema.json is JSON");
+    let mut keys = Vec::new();
+    described_keys(&schema, &schema, "", 0, &mut keys);
+    let mut paths = Vec::new();
+    walk_value(&schema, &schema, "", 0, &mut paths);
+    assert_eq!(
+        keys.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
+        paths,
+        "the description walk and the key walk disagree"
+    );
+
+    let missing: Vec<&str> = keys
+        .iter()
+        .filter(|(p, d)| d.trim().is_empty() && !KEYS_WITHOUT_DESCRIPTION_YET.contains(&p.as_str()))
+        .map(|(p, _)| p.as_str())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} keys of the schema have no description: {missing:?}\n\
+         write a doc comment on each field in src/config/raw.rs, then regenerate the schema \
+         (`cargo run --bin stoa -- schema > config/stoa.schema.json`) and the page \
+         (`python3 scripts/config-reference.py`)",
+        missing.len()
+    );
+
+    let stale: Vec<&str> = KEYS_WITHOUT_DESCRIPTION_YET
+        .iter()
+        .copied()
+        .filter(|exempt| {
+            keys.iter()
+                .find(|(p, _)| p == exempt)
+                .is_none_or(|(_, d)| !d.trim().is_empty())
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "these keys are listed in KEYS_WITHOUT_DESCRIPTION_YET but are described or no longer \
+         in the schema: remove them from the list: {stale:?}"
     );
 }
