@@ -595,7 +595,23 @@ struct RouteCells {
 struct CacheSlot {
     duration: OnceLock<Histogram>,
     /// By lane ([`Lane::index`]).
-    statuses: [OnceLock<Box<[OnceLock<IntCounter>]>>; Lane::ALL.len()],
+    statuses: [OnceLock<StatusTable>; Lane::ALL.len()],
+}
+
+/// One (cache, lane) pair's counters by status code, and which of them exist (so reading
+/// them all walks the few that do, not the 501 cells).
+struct StatusTable {
+    cells: Box<[OnceLock<IntCounter>]>,
+    made: parking_lot::Mutex<Vec<u16>>,
+}
+
+impl StatusTable {
+    fn new() -> StatusTable {
+        StatusTable {
+            cells: (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect(),
+            made: parking_lot::Mutex::new(Vec::new()),
+        }
+    }
 }
 
 impl RouteMetrics {
@@ -641,8 +657,10 @@ impl RouteMetrics {
     pub fn each_count(&self, mut each: impl FnMut(CacheStatus, u16, u64)) {
         for cache in CacheStatus::ALL {
             for table in self.slot(cache).statuses.iter().filter_map(OnceLock::get) {
-                for (index, cell) in table.iter().enumerate() {
-                    if let Some(counter) = cell.get() {
+                let made = table.made.lock().clone();
+                for index in made {
+                    let index = usize::from(index);
+                    if let Some(counter) = table.cells.get(index).and_then(OnceLock::get) {
                         let status = if index == OTHER_STATUS_SLOT {
                             0
                         } else {
@@ -679,13 +697,12 @@ impl RouteMetrics {
     }
 
     fn status_counter(&self, status: u16, cache: CacheStatus, lane: Lane) -> Option<&IntCounter> {
-        let table = self.slot(cache).statuses[lane.index()]
-            .get_or_init(|| (0..STATUS_SLOTS).map(|_| OnceLock::new()).collect());
+        let table = self.slot(cache).statuses[lane.index()].get_or_init(StatusTable::new);
         let index = match status {
             100..=599 => usize::from(status - 100),
             _ => OTHER_STATUS_SLOT,
         };
-        let cell = table.get(index)?;
+        let cell = table.cells.get(index)?;
         if let Some(counter) = cell.get() {
             return Some(counter);
         }
@@ -697,7 +714,12 @@ impl RouteMetrics {
             .requests
             .get_metric_with_label_values(&[&*self.name, &label, cache.label(), lane.label()])
             .ok()?;
-        Some(cell.get_or_init(|| counter))
+        if cell.set(counter).is_ok() {
+            if let Ok(index) = u16::try_from(index) {
+                table.made.lock().push(index);
+            }
+        }
+        cell.get()
     }
 
     fn duration(&self, cache: CacheStatus) -> Option<&Histogram> {
