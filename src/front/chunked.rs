@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(end(b"0\r\n\r\n"), Fed::End(5));
         assert_eq!(
             end(b"5;a=b\r\nhello\r\n0\r\nX-T: 1\r\n\r\nnext"),
-            Fed::End(28)
+            Fed::End(27)
         );
         assert_eq!(end(b"A\r\n0123456789\r\n0"), Fed::More);
         assert_eq!(end(b"5\r\nhelloX\r\n"), Fed::Invalid);

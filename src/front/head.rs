@@ -62,6 +62,10 @@ pub struct Head {
     /// upstream as it is: no `Upgrade`, `Expect` or `HTTP2-Settings`, and a `Connection`
     /// header, if any, that says only `keep-alive` or `close`.
     pub plain: bool,
+    /// A `Connection` field says `close`: the connection closes after this request
+    /// (RFC 9112 §9.6), whatever else that or another `Connection` field says (pingora's
+    /// session reads only the first field, and `keep-alive` before `close`).
+    pub close: bool,
 }
 
 impl Head {
@@ -114,6 +118,7 @@ impl Head {
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut plain = true;
+        let mut close = false;
         for field in req.headers.iter() {
             let name = field.name;
             let value = field.value;
@@ -138,14 +143,11 @@ impl Head {
                     .find(|c| !c.is_empty());
                 chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
             } else if name.eq_ignore_ascii_case("connection") {
-                plain &= value
-                    .split(|b| *b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .all(|t| {
-                        t.is_empty()
-                            || t.eq_ignore_ascii_case(b"keep-alive")
-                            || t.eq_ignore_ascii_case(b"close")
-                    });
+                for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    let closes = t.eq_ignore_ascii_case(b"close");
+                    close |= closes;
+                    plain &= t.is_empty() || closes || t.eq_ignore_ascii_case(b"keep-alive");
+                }
             } else if name.eq_ignore_ascii_case("upgrade")
                 || name.eq_ignore_ascii_case("expect")
                 || name.eq_ignore_ascii_case("http2-settings")
@@ -183,6 +185,7 @@ impl Head {
             origin_form,
             body,
             plain,
+            close,
         }))
     }
 }
@@ -321,6 +324,10 @@ mod tests {
         assert!(parse("GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
         let upgrade = "GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n";
         assert!(!parse(upgrade).unwrap().unwrap().plain);
+        let closing =
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n";
+        let closing = parse(closing).unwrap().unwrap();
+        assert!(closing.close && closing.plain);
         let absolute = "GET http://X/a HTTP/1.1\r\nHost: x\r\n\r\n";
         assert!(!parse(absolute).unwrap().unwrap().origin_form);
     }

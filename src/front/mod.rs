@@ -33,6 +33,8 @@
 
 pub mod chunked;
 pub mod forward;
+#[cfg(test)]
+mod fuzz;
 pub mod head;
 pub mod lane;
 pub mod pool;
@@ -150,17 +152,24 @@ impl Front {
         ctx.lane = lane;
         ctx.routing = routing;
         match lane {
-            Lane::Answer | Lane::Forward => self.run(stream, buf, ctx, shutdown).await,
-            Lane::Proxy(_) => self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await,
+            Lane::Answer | Lane::Forward => self.run(stream, buf, head.close, ctx, shutdown).await,
+            Lane::Proxy(_) => {
+                let next = self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await;
+                // pingora's proxy keeps alive a connection whose `close` is not in the first
+                // `Connection` field; it closes here.
+                next.filter(|_| !head.close)
+            }
         }
     }
 
     /// Runs a request on the front (lanes `answer` and `forward`): pingora's HTTP/1 session
-    /// parses its head from the bytes read, and the front runs the phases.
+    /// parses its head from the bytes read, and the front runs the phases. `close`: the head
+    /// asked for the connection to close after it.
     async fn run(
         &self,
         stream: Stream,
         buf: BytesMut,
+        close: bool,
         mut ctx: RequestCtx,
         shutdown: &ShutdownWatch,
     ) -> Option<Next> {
@@ -172,6 +181,7 @@ impl Front {
         }
         session.set_keepalive(keepalive(shutdown));
         match session.downstream_session.read_request().await {
+            Ok(true) if close => session.set_keepalive(None),
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {
