@@ -652,6 +652,13 @@ fn rfc_request(bytes: &[u8]) -> Result<Option<(usize, usize, bool, String)>, Rfc
             (Ok(_), Some(n)) => Ok(Some(n)),
         };
     }
+    let says = |token: &[u8]| {
+        values("connection").iter().any(|v| {
+            v.split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    let closes = (!http11 && !says(b"keep-alive")) || says(b"close");
     if te {
         // §6.1: TE on HTTP/1.0 is faulty framing; the final coding must be chunked; with a
         // Content-Length too, TE frames the body and the connection closes after it.
@@ -674,20 +681,18 @@ fn rfc_request(bytes: &[u8]) -> Result<Option<(usize, usize, bool, String)>, Rfc
         let Some(len) = chunked_end(&bytes[head_len..]).map_err(RfcRefusal::Body)? else {
             return Ok(None);
         };
-        return Ok(Some((head_len, head_len + len, !lengths.is_empty(), line)));
+        return Ok(Some((
+            head_len,
+            head_len + len,
+            closes || !lengths.is_empty(),
+            line,
+        )));
     }
     let length = length.map_err(RfcRefusal::Rfc)?;
     let end = head_len as u64 + length.unwrap_or(0);
     if end > bytes.len() as u64 {
         return Ok(None);
     }
-    let says = |token: &[u8]| {
-        values("connection").iter().any(|v| {
-            v.split(|b| *b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    let closes = (!http11 && !says(b"keep-alive")) || says(b"close");
     Ok(Some((head_len, end as usize, closes, line)))
 }
 
@@ -716,6 +721,10 @@ fn rfc(bytes: &[u8]) -> (Vec<(usize, usize, usize, String)>, Option<RfcRefusal>)
 
 struct Gen {
     rng: fastrand::Rng,
+    /// Hostile streams draw from every choice; the others (half of them) only from the
+    /// first ones of each list, which make requests that follow the rules, so that
+    /// pipelines run deep.
+    hostile: bool,
 }
 
 impl Gen {
@@ -723,44 +732,58 @@ impl Gen {
         from[self.rng.usize(..from.len())]
     }
 
+    /// One of `from`, or of its first `tame` in a stream that is not hostile.
+    fn pick_of<'a>(&mut self, from: &[&'a str], tame: usize) -> &'a str {
+        let n = if self.hostile { from.len() } else { tame };
+        from[self.rng.usize(..n)]
+    }
+
     fn chance(&mut self, percent: u32) -> bool {
         self.rng.u32(..100) < percent
     }
 
+    /// A chance of something hostile, in a hostile stream.
+    fn hostile(&mut self, percent: u32) -> bool {
+        self.hostile && self.chance(percent)
+    }
+
     fn target(&mut self) -> Vec<u8> {
-        let t = self.pick(&[
-            "/pass/a",
-            "/pass/a?q=1&r=%20",
-            "/pass/x/../y",
-            "/pass/%2e%2e/cached/1",
-            "/pass/%zz",
-            "/cached/1",
-            "/cached/%41?x",
-            "/cached/1/../2",
-            "/nowhere",
-            "/",
-            "*",
-            "http://stoa/pass/abs",
-            "http://other/pass/abs",
-            "http://u@stoa/pass/abs",
-            "HTTP://STOA/cached/2",
-            "stoa:80",
-            "/pass/a#frag",
-            "/pass/\u{e9}",
-            "//pass/a",
-            "/pass/a;b",
-        ]);
+        let t = self.pick_of(
+            &[
+                "/pass/a",
+                "/pass/a?q=1&r=%20",
+                "/pass/x/../y",
+                "/pass/%2e%2e/cached/1",
+                "/pass/%zz",
+                "/cached/1",
+                "/cached/%41?x",
+                "/cached/1/../2",
+                "/nowhere",
+                "/",
+                "*",
+                "http://stoa/pass/abs",
+                "http://other/pass/abs",
+                "http://u@stoa/pass/abs",
+                "HTTP://STOA/cached/2",
+                "stoa:80",
+                "/pass/a#frag",
+                "/pass/\u{e9}",
+                "//pass/a",
+                "/pass/a;b",
+            ],
+            9,
+        );
         let mut t = t.as_bytes().to_vec();
-        if self.chance(3) {
+        if self.hostile(3) {
             t.extend_from_slice(b"\xff\xfe");
         }
-        if self.chance(2) {
+        if self.hostile(2) {
             t.extend(std::iter::repeat_n(
                 b'a',
                 MAX_URI_BYTES + self.rng.usize(0..2),
             ));
         }
-        if self.chance(2) {
+        if self.hostile(2) {
             t.insert(
                 1.min(t.len()),
                 self.pick(&["\x01", " ", "\t", "\x7f"]).as_bytes()[0],
@@ -772,7 +795,8 @@ impl Gen {
     fn chunked_body(&mut self) -> Vec<u8> {
         let mut body = Vec::new();
         for _ in 0..self.rng.usize(0..4) {
-            let data: Vec<u8> = (0..self.rng.usize(1..24))
+            let most = if self.chance(10) { 3000 } else { 24 };
+            let data: Vec<u8> = (0..self.rng.usize(1..most))
                 .map(|_| self.rng.alphanumeric() as u8)
                 .collect();
             let size = if self.chance(20) {
@@ -781,11 +805,11 @@ impl Gen {
                 format!("{:x}", data.len())
             };
             let ext = if self.chance(10) { ";a=\"b\"" } else { "" };
-            let pad = if self.chance(5) { " " } else { "" };
+            let pad = if self.hostile(5) { " " } else { "" };
             write!(body_str(&mut body), "{size}{pad}{ext}\r\n").ok();
             body.extend_from_slice(&data);
             body.extend_from_slice(
-                self.pick(&["\r\n", "\r\n", "\r\n", "\r\n", "\n", "x\r\n"])
+                self.pick_of(&["\r\n", "\r\n", "\r\n", "\r\n", "\n", "x\r\n"], 4)
                     .as_bytes(),
             );
         }
@@ -795,26 +819,35 @@ impl Gen {
         );
         if self.chance(15) {
             body.extend_from_slice(
-                self.pick(&["X-Sum: 1\r\n", "A: b\r\nC: d\r\n", "T: \n"])
+                self.pick_of(&["X-Sum: 1\r\n", "A: b\r\nC: d\r\n", "T: \n"], 2)
                     .as_bytes(),
             );
         }
-        body.extend_from_slice(self.pick(&["\r\n", "\r\n", "\r\n", "\n", ""]).as_bytes());
+        body.extend_from_slice(
+            self.pick_of(&["\r\n", "\r\n", "\r\n", "\n", ""], 3)
+                .as_bytes(),
+        );
         body
     }
 
     /// One request, and its body as its framing headers say (or not).
     fn request(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
-        let method = self.pick(&[
-            "GET", "GET", "GET", "POST", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH",
-            "CONNECT", "get", "X-Y",
-        ]);
-        let version = self.pick(&[
-            "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1",
-            "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0",
-            "HTTP/1.0", "HTTP/2.0", "http/1.1",
-        ]);
+        let method = self.pick_of(
+            &[
+                "GET", "GET", "GET", "POST", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH",
+                "CONNECT", "get", "X-Y",
+            ],
+            10,
+        );
+        let version = self.pick_of(
+            &[
+                "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1",
+                "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.1", "HTTP/1.0",
+                "HTTP/1.0", "HTTP/2.0", "http/1.1",
+            ],
+            15,
+        );
         out.extend_from_slice(method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(&self.target());
@@ -822,13 +855,14 @@ impl Gen {
         out.extend_from_slice(version.as_bytes());
         let mut fields: Vec<Vec<u8>> = Vec::new();
         let hosts = match self.rng.u32(..100) {
+            _ if !self.hostile => 1,
             0..=93 => 1,
             94..=96 => 0,
             _ => 2,
         };
         for _ in 0..hosts {
             let name = self.pick(&["Host", "host", "HOST"]);
-            let value = self.pick(&["stoa", "stoa", "stoa:80", "", "other"]);
+            let value = self.pick_of(&["stoa", "stoa", "stoa:80", "", "other"], 3);
             fields.push(format!("{name}: {value}").into_bytes());
         }
         let data: Vec<u8> = (0..self.rng.usize(0..16))
@@ -836,7 +870,10 @@ impl Gen {
             .collect();
         let n = data.len();
         let mut body = Vec::new();
-        let framing = self.rng.u32(..100);
+        let framing = match self.rng.u32(..100) {
+            70..=79 if !self.hostile => 40,
+            framing => framing,
+        };
         let length = |v: &str| format!("Content-Length: {v}").into_bytes();
         match framing {
             0..=39 => {}
@@ -861,53 +898,59 @@ impl Gen {
                 body = data.clone();
             }
             _ => {
-                let te = self.pick(&[
-                    "chunked",
-                    "chunked",
-                    "Chunked",
-                    "gzip, chunked",
-                    "chunked, gzip",
-                    "identity",
-                    " chunked ",
-                    "chunked,",
-                    "",
-                ]);
+                let te = self.pick_of(
+                    &[
+                        "chunked",
+                        "chunked",
+                        "Chunked",
+                        "gzip, chunked",
+                        "chunked, gzip",
+                        "identity",
+                        " chunked ",
+                        "chunked,",
+                        "",
+                    ],
+                    4,
+                );
                 fields.push(format!("Transfer-Encoding: {te}").into_bytes());
-                if self.chance(15) {
+                if self.hostile(15) {
                     let second = self.pick(&["chunked", "gzip"]);
                     fields.push(format!("transfer-encoding: {second}").into_bytes());
                 }
-                if self.chance(20) {
+                if self.hostile(20) {
                     fields.push(length(&n.to_string()));
                 }
                 body = self.chunked_body();
             }
         }
         for _ in 0..self.rng.usize(0..3) {
-            let field = self.pick(&[
-                "Connection: keep-alive",
-                "Connection: close",
-                "Connection: keep-alive, x-hop",
-                "Connection: Upgrade",
-                "Upgrade: websocket",
-                "Expect: 100-continue",
-                "X-A:   padded   ",
-                "X-B:\tb\t",
-                "x-c: c",
-                "X-Fold: a\r\n b",
-                "X-Nul: a\0b",
-                "X-Obs: caf\u{e9}",
-                "Bad Name: x",
-                "Host : stoa",
-                "X-Empty:",
-                "Transfer-Encoding: chunked",
-                "Content-Length: 0",
-            ]);
+            let field = self.pick_of(
+                &[
+                    "Connection: keep-alive",
+                    "Connection: close",
+                    "Connection: keep-alive, x-hop",
+                    "Connection: Upgrade",
+                    "Upgrade: websocket",
+                    "Expect: 100-continue",
+                    "X-A:   padded   ",
+                    "X-B:\tb\t",
+                    "x-c: c",
+                    "X-Fold: a\r\n b",
+                    "X-Nul: a\0b",
+                    "X-Obs: caf\u{e9}",
+                    "Bad Name: x",
+                    "Host : stoa",
+                    "X-Empty:",
+                    "Transfer-Encoding: chunked",
+                    "Content-Length: 0",
+                ],
+                9,
+            );
             fields.push(field.as_bytes().to_vec());
         }
         self.rng.shuffle(&mut fields);
         let eol = |g: &mut Gen| -> &'static [u8] {
-            if g.chance(1) {
+            if g.hostile(1) {
                 b"\n"
             } else {
                 b"\r\n"
@@ -1148,10 +1191,12 @@ fn run(seed: u64, cases: usize) -> Tally {
     let gateway = gateway();
     let mut gen = Gen {
         rng: fastrand::Rng::with_seed(seed),
+        hostile: true,
     };
     let mut split = fastrand::Rng::with_seed(seed ^ 0x5eed);
     let mut tally = Tally::default();
     for _ in 0..cases {
+        gen.hostile = gen.chance(50);
         let bytes = gen.stream();
         check(&gateway, &bytes, &mut split, &mut tally);
     }
