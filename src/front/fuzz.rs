@@ -697,7 +697,11 @@ fn rfc_request(bytes: &[u8]) -> Result<Option<(usize, usize, bool, String)>, Rfc
 }
 
 /// The reference over a whole stream: what it serves, and its first refusal.
-fn rfc(bytes: &[u8]) -> (Vec<(usize, usize, usize, String)>, Option<RfcRefusal>) {
+/// A request the reference serves: where it starts, where its head ends, where it ends, and
+/// its request line.
+type RfcRequest = (usize, usize, usize, String);
+
+fn rfc(bytes: &[u8]) -> (Vec<RfcRequest>, Option<RfcRefusal>) {
     let mut at = 0;
     let mut out = Vec::new();
     while at < bytes.len() {
