@@ -288,6 +288,43 @@ async fn requests_pipelined_after_a_chunked_body_on_the_proxy_lane_are_answered(
     passed(6, "/pass/after-c3");
 }
 
+/// `close` in any `Connection` field closes the connection after the answer (RFC 9112
+/// §9.6), on the front's lanes and on pingora's proxy (whose session reads only the first
+/// field): the request written after it is not answered.
+#[tokio::test]
+async fn a_close_in_a_second_connection_field_closes_the_connection() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    for (lane, first) in [
+        ("answer", "GET /cached/close HTTP/1.1\r\nHost: stoa\r\n"),
+        ("forward", "GET /pass/close HTTP/1.1\r\nHost: stoa\r\n"),
+        (
+            "proxy",
+            "GET http://stoa/pass/close HTTP/1.1\r\nHost: stoa\r\n",
+        ),
+    ] {
+        for fields in [
+            "Connection: keep-alive\r\nConnection: close\r\n",
+            "Connection: keep-alive, close\r\n",
+        ] {
+            let request = format!("{first}{fields}\r\n{}", get("/nowhere/after"));
+            let (bytes, closed) =
+                raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10)).await;
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(closed, "{lane}, {fields:?}: still open after {text:?}");
+            assert_eq!(
+                text.matches("HTTP/1.1 ").count(),
+                1,
+                "{lane}, {fields:?}: {text:?}"
+            );
+            assert!(
+                text.starts_with("HTTP/1.1 200"),
+                "{lane}, {fields:?}: {text:?}"
+            );
+        }
+    }
+}
+
 /// SIGTERM: a connection waiting in the front for its next request is closed once the
 /// drain is over, and the process exits without waiting for `shutdown_timeout` (10 s).
 #[tokio::test]

@@ -132,7 +132,9 @@ async fn generated_pipelines_reach_the_upstream_as_written() {
         let mut at = 0;
         while at < stream.len() {
             let n = rng.usize(1..=stream.len() - at);
-            sock.write_all(&stream[at..at + n]).await.unwrap();
+            if let Err(e) = sock.write_all(&stream[at..at + n]).await {
+                panic!("case {case}: writing {heads:?}: {e}");
+            }
             at += n;
             if rng.bool() {
                 tokio::time::sleep(Duration::from_millis(1)).await;

@@ -156,8 +156,14 @@ impl Front {
             Lane::Proxy(_) => {
                 let next = self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await;
                 // pingora's proxy keeps alive a connection whose `close` is not in the first
-                // `Connection` field; it closes here.
-                next.filter(|_| !head.close)
+                // `Connection` field; it closes here, its answer sent.
+                match next {
+                    Some((mut stream, _)) if head.close => {
+                        let _ = stream.shutdown().await;
+                        None
+                    }
+                    next => next,
+                }
             }
         }
     }
