@@ -14,7 +14,8 @@
 //!   or whose last coding is not `chunked` (400, RFC 9112 §6.1).
 //!
 //! Header values are read without their leading and trailing white space (RFC 9110 §5.5),
-//! as pingora's session reads them.
+//! as pingora's session reads them. A `close` in any `Connection` field closes the
+//! connection after the request ([`Head::close`], RFC 9112 §9.6).
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
