@@ -909,4 +909,44 @@ mod tests {
         let n = conn.read(&mut got).await.unwrap();
         assert_eq!(&got[..n], b"NEXT");
     }
+
+    /// Fenced at a chunked body's end: big reads take the body, trailers included, and not
+    /// a byte of what follows, however the body's bytes arrive.
+    #[tokio::test]
+    async fn a_chunked_fence_reads_to_the_bodys_end_and_no_further() {
+        let body: &[u8] =
+            b"5\r\nhello\r\n1a;x=y\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nT: 1\r\n\r\n";
+        for split in [body.len(), 1, 7, 17] {
+            let (mut conn, mut client) = pair().await;
+            // The first 3 bytes came with the head, before the fence.
+            let mut chunked = Chunked::default();
+            assert_eq!(chunked.feed(&body[..3]), Fed::More);
+            conn.fence.store(CHUNKED, Ordering::Relaxed);
+            *conn.chunked.get_mut() = Some(Box::new(chunked));
+            let mut rest = body[3..].to_vec();
+            rest.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            let writer = tokio::spawn(async move {
+                for piece in rest.chunks(split) {
+                    client.write_all(piece).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                client
+            });
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while got.len() < body.len() - 3 {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "split {split}: closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, &body[3..], "split {split}");
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_millis(50), conn.read(&mut buf));
+            assert!(waited.await.is_err(), "split {split}: read past the body");
+            let _client = writer.await.unwrap();
+            conn.fence.store(UNFENCED, Ordering::Relaxed);
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"GET /next"), "split {split}");
+        }
+    }
 }
