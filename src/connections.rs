@@ -50,6 +50,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::config::ConnectionLimits;
 use crate::error::StoaError;
+use crate::front::chunked::{Chunked, Fed};
 use crate::gateway::Gateway;
 use crate::lifecycle::{Lifecycle, OpenConnection};
 
@@ -59,6 +60,9 @@ const WRITE_BUFFER: usize = 1460;
 
 /// No fence on reads (see [`fence`]).
 const UNFENCED: u64 = u64::MAX;
+
+/// Reads fenced at the end of a chunked body (see [`fence_chunked`]).
+const CHUNKED: u64 = u64::MAX - 1;
 
 /// After the last in-flight request, how long a draining process still waits for requests
 /// already on their way over idle keep-alive connections before it closes those.
@@ -165,8 +169,11 @@ pub struct Guarded {
     out: Vec<u8>,
     /// How many of `out`'s bytes the socket has taken (a flush may take several writes).
     out_sent: usize,
-    /// How many more bytes reads may return ([`UNFENCED`]: any); at 0 a read waits.
+    /// How many more bytes reads may return ([`UNFENCED`]: any; [`CHUNKED`]: up to the
+    /// end of `chunked`); at 0 a read waits.
     fence: AtomicU64,
+    /// The framing of the chunked body reads are fenced at, as far as it was read.
+    chunked: parking_lot::Mutex<Option<Box<Chunked>>>,
 }
 
 impl Guarded {
@@ -197,6 +204,7 @@ impl Guarded {
             out: Vec::new(),
             out_sent: 0,
             fence: AtomicU64::new(UNFENCED),
+            chunked: parking_lot::Mutex::new(None),
         }
     }
 
@@ -338,6 +346,9 @@ impl AsyncRead for Guarded {
             this.head_bytes = false;
         }
         let fence = this.fence.load(Ordering::Relaxed);
+        if fence == CHUNKED {
+            return this.poll_read_chunked(cx, buf);
+        }
         if fence == 0 {
             // The request's bytes are all read: the next request's wait in the socket.
             return Poll::Pending;
@@ -522,6 +533,34 @@ impl Peek for Guarded {
     }
 }
 
+impl Guarded {
+    /// A read fenced at the end of a chunked body: it takes no more than the body has left
+    /// whatever its bytes are, then follows the body's framing through what it took.
+    fn poll_read_chunked(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let Some(mut body) = self.chunked.get_mut().take() else {
+            self.fence.store(UNFENCED, Ordering::Relaxed);
+            return Pin::new(self).poll_read(cx, buf);
+        };
+        self.fence.store(body.most(), Ordering::Relaxed);
+        let before = buf.filled().len();
+        let read = Pin::new(&mut *self).poll_read(cx, buf);
+        let fence = match body.feed(&buf.filled()[before..]) {
+            Fed::End(_) => 0,
+            Fed::Invalid => UNFENCED,
+            Fed::More => {
+                *self.chunked.get_mut() = Some(body);
+                CHUNKED
+            }
+        };
+        self.fence.store(fence, Ordering::Relaxed);
+        read
+    }
+}
+
 /// The guarded stream under a session, if it is one.
 fn guarded(session: &Session) -> Option<&Guarded> {
     let stream: &dyn IO = &**session.downstream_session.stream()?;
@@ -537,6 +576,18 @@ pub fn fence(stream: &Stream, bytes: Option<u64>) {
     if let Some(conn) = stream.as_any().downcast_ref::<Guarded>() {
         conn.fence
             .store(bytes.unwrap_or(UNFENCED), Ordering::Relaxed);
+        conn.chunked.lock().take();
+    }
+}
+
+/// Fences the reads of a connection's stream at the end of the chunked request body whose
+/// framing so far is `body` (the bytes read before it were fed to it): pingora's proxy
+/// reads the body, and no byte past it.
+pub fn fence_chunked(stream: &Stream, body: Chunked) {
+    let stream: &dyn IO = &**stream;
+    if let Some(conn) = stream.as_any().downcast_ref::<Guarded>() {
+        *conn.chunked.lock() = Some(Box::new(body));
+        conn.fence.store(CHUNKED, Ordering::Relaxed);
     }
 }
 
@@ -857,5 +908,45 @@ mod tests {
         conn.fence.store(UNFENCED, Ordering::Relaxed);
         let n = conn.read(&mut got).await.unwrap();
         assert_eq!(&got[..n], b"NEXT");
+    }
+
+    /// Fenced at a chunked body's end: big reads take the body, trailers included, and not
+    /// a byte of what follows, however the body's bytes arrive.
+    #[tokio::test]
+    async fn a_chunked_fence_reads_to_the_bodys_end_and_no_further() {
+        let body: &[u8] =
+            b"5\r\nhello\r\n1a;x=y\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nT: 1\r\n\r\n";
+        for split in [body.len(), 1, 7, 17] {
+            let (mut conn, mut client) = pair().await;
+            // The first 3 bytes came with the head, before the fence.
+            let mut chunked = Chunked::default();
+            assert_eq!(chunked.feed(&body[..3]), Fed::More);
+            conn.fence.store(CHUNKED, Ordering::Relaxed);
+            *conn.chunked.get_mut() = Some(Box::new(chunked));
+            let mut rest = body[3..].to_vec();
+            rest.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            let writer = tokio::spawn(async move {
+                for piece in rest.chunks(split) {
+                    client.write_all(piece).await.unwrap();
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                client
+            });
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while got.len() < body.len() - 3 {
+                let n = conn.read(&mut buf).await.unwrap();
+                assert!(n > 0, "split {split}: closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got, &body[3..], "split {split}");
+            let waited =
+                tokio::time::timeout(std::time::Duration::from_millis(50), conn.read(&mut buf));
+            assert!(waited.await.is_err(), "split {split}: read past the body");
+            let _client = writer.await.unwrap();
+            conn.fence.store(UNFENCED, Ordering::Relaxed);
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"GET /next"), "split {split}");
+        }
     }
 }

@@ -245,6 +245,86 @@ async fn sixteen_pipelined_requests_of_every_lane_are_answered_in_order() {
     passed(15, "/pass/last");
 }
 
+/// A chunked request body goes to pingora's proxy, which reads it and not a byte past it:
+/// requests written after it on the same connection are answered, in order, whether the
+/// body came in the front's first read, was longer than it, or ended with trailers.
+#[tokio::test]
+async fn requests_pipelined_after_a_chunked_body_on_the_proxy_lane_are_answered() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    let chunked = |path: &str, chunks: &[&str], trailers: &str| {
+        let mut body = String::new();
+        for chunk in chunks {
+            body.push_str(&format!("{:x}\r\n{chunk}\r\n", chunk.len()));
+        }
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: stoa\r\nTransfer-Encoding: chunked\r\n\r\n\
+             {body}0\r\n{trailers}\r\n"
+        )
+    };
+    let long = "y".repeat(9000);
+    let requests = vec![
+        chunked("/pass/c1", &["hello", " world"], ""),
+        get("/pass/after-c1"),
+        get("/cached/c"),
+        chunked("/pass/c2", &[&long, "z"], "X-Sum: 1\r\n"),
+        chunked("/pass/c3", &["a"], ""),
+        get("/cached/c"),
+        get("/pass/after-c3"),
+    ];
+    let answers = pipelined(&gw, &requests).await;
+    let passed = |i: usize, target: &str| {
+        let a = &answers[i];
+        assert_eq!(a.status, 200, "{i}: {a:?}");
+        assert_eq!(a.json()["target"], target, "{i}: {a:?}");
+        a.json()["body"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(dechunk(&passed(0, "/pass/c1")), "hello world");
+    passed(1, "/pass/after-c1");
+    assert_eq!(answers[2].x_cache(), "MISS", "{:?}", answers[2]);
+    assert_eq!(dechunk(&passed(3, "/pass/c2")), format!("{long}z"));
+    assert_eq!(dechunk(&passed(4, "/pass/c3")), "a");
+    assert_eq!(answers[5].x_cache(), "HIT", "{:?}", answers[5]);
+    passed(6, "/pass/after-c3");
+}
+
+/// `close` in any `Connection` field closes the connection after the answer (RFC 9112
+/// §9.6), on the front's lanes and on pingora's proxy (whose session reads only the first
+/// field): the request written after it is not answered.
+#[tokio::test]
+async fn a_close_in_a_second_connection_field_closes_the_connection() {
+    let echo = EchoUpstream::start().await;
+    let gw = StoaProcess::start(&routes(&echo)).await;
+    for (lane, first) in [
+        ("answer", "GET /cached/close HTTP/1.1\r\nHost: stoa\r\n"),
+        ("forward", "GET /pass/close HTTP/1.1\r\nHost: stoa\r\n"),
+        (
+            "proxy",
+            "GET http://stoa/pass/close HTTP/1.1\r\nHost: stoa\r\n",
+        ),
+    ] {
+        for fields in [
+            "Connection: keep-alive\r\nConnection: close\r\n",
+            "Connection: keep-alive, close\r\n",
+        ] {
+            let request = format!("{first}{fields}\r\n{}", get("/nowhere/after"));
+            let (bytes, closed) =
+                raw_exchange(gw.port, request.as_bytes(), Duration::from_secs(10)).await;
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(closed, "{lane}, {fields:?}: still open after {text:?}");
+            assert_eq!(
+                text.matches("HTTP/1.1 ").count(),
+                1,
+                "{lane}, {fields:?}: {text:?}"
+            );
+            assert!(
+                text.starts_with("HTTP/1.1 200"),
+                "{lane}, {fields:?}: {text:?}"
+            );
+        }
+    }
+}
+
 /// SIGTERM: a connection waiting in the front for its next request is closed once the
 /// drain is over, and the process exits without waiting for `shutdown_timeout` (10 s).
 #[tokio::test]

@@ -14,9 +14,11 @@
 //!   or whose last coding is not `chunked` (400, RFC 9112 §6.1).
 //!
 //! Header values are read without their leading and trailing white space (RFC 9110 §5.5),
-//! as pingora's session reads them.
+//! as pingora's session reads them. A `close` in any `Connection` field closes the
+//! connection after the request ([`Head::close`], RFC 9112 §9.6).
 
 use std::future::poll_fn;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 
 use bytes::BytesMut;
@@ -62,6 +64,10 @@ pub struct Head {
     /// upstream as it is: no `Upgrade`, `Expect` or `HTTP2-Settings`, and a `Connection`
     /// header, if any, that says only `keep-alive` or `close`.
     pub plain: bool,
+    /// A `Connection` field says `close`: the connection closes after this request
+    /// (RFC 9112 §9.6), whatever else that or another `Connection` field says (pingora's
+    /// session reads only the first field, and `keep-alive` before `close`).
+    pub close: bool,
 }
 
 impl Head {
@@ -80,9 +86,10 @@ impl Head {
 
     /// The head at the start of `buf`: `Ok(None)` while it is not whole.
     pub fn parse(buf: &[u8]) -> Result<Option<Head>, StoaError> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut fields);
-        let len = match req.parse(buf) {
+        // Left uninitialised: filling 256 empty fields cost more than parsing a short head.
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let len = match req.parse_with_uninit_headers(buf, &mut fields) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
@@ -114,6 +121,7 @@ impl Head {
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut plain = true;
+        let mut close = false;
         for field in req.headers.iter() {
             let name = field.name;
             let value = field.value;
@@ -138,14 +146,11 @@ impl Head {
                     .find(|c| !c.is_empty());
                 chunked = Some(last.is_some_and(|c| c.eq_ignore_ascii_case(b"chunked")));
             } else if name.eq_ignore_ascii_case("connection") {
-                plain &= value
-                    .split(|b| *b == b',')
-                    .map(<[u8]>::trim_ascii)
-                    .all(|t| {
-                        t.is_empty()
-                            || t.eq_ignore_ascii_case(b"keep-alive")
-                            || t.eq_ignore_ascii_case(b"close")
-                    });
+                for t in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    let closes = t.eq_ignore_ascii_case(b"close");
+                    close |= closes;
+                    plain &= t.is_empty() || closes || t.eq_ignore_ascii_case(b"keep-alive");
+                }
             } else if name.eq_ignore_ascii_case("upgrade")
                 || name.eq_ignore_ascii_case("expect")
                 || name.eq_ignore_ascii_case("http2-settings")
@@ -183,6 +188,7 @@ impl Head {
             origin_form,
             body,
             plain,
+            close,
         }))
     }
 }
@@ -321,6 +327,10 @@ mod tests {
         assert!(parse("GET / HTTP/1.0\r\n\r\n").unwrap().is_some());
         let upgrade = "GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: ws\r\n\r\n";
         assert!(!parse(upgrade).unwrap().unwrap().plain);
+        let closing =
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n";
+        let closing = parse(closing).unwrap().unwrap();
+        assert!(closing.close && closing.plain);
         let absolute = "GET http://X/a HTTP/1.1\r\nHost: x\r\n\r\n";
         assert!(!parse(absolute).unwrap().unwrap().origin_form);
     }

@@ -21,16 +21,20 @@
 //!   forwarder are the worker's own ([`pool`]);
 //! - **proxy**: pingora's proxy gets the request's bytes and the context the front made for
 //!   it (as the connection's context, `ProxyHttp::on_connection_reuse`); reads are fenced at
-//!   the request's end ([`crate::connections::fence`]), so pingora never reads the next one;
+//!   the request's end ([`crate::connections::fence`], or for a chunked body
+//!   [`crate::connections::fence_chunked`]), so pingora never reads the next one;
 //! - **next**: bytes read past a request (pipelined requests, RFC 9112 §9.3) are kept for
 //!   the next one, so requests written together are all answered, in order, whatever lane
-//!   each takes. (A chunked request body on the proxy lane is the exception: pingora reads
-//!   past it, and closes the connection if it read into a next request.)
+//!   each takes. A chunked body handed to the proxy is fenced at its end as its bytes go by
+//!   ([`chunked`]).
 //!
 //! Every lane answers a request the same way: the phases, the error table, the access log,
 //! the metrics and the connection's deadlines are the same code.
 
+pub mod chunked;
 pub mod forward;
+#[cfg(test)]
+mod fuzz;
 pub mod head;
 pub mod lane;
 pub mod pool;
@@ -58,8 +62,9 @@ use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, Reply, RequestCtx, Seen, StoaProxy};
+use chunked::{Chunked, Fed};
 use forward::Forwarder;
-use head::{Head, Read};
+use head::{Body, Head, Read};
 use lane::Lane;
 
 /// How long an HTTP/1 connection may wait for its next request, as pingora sets it (stoa's
@@ -147,17 +152,30 @@ impl Front {
         ctx.lane = lane;
         ctx.routing = routing;
         match lane {
-            Lane::Answer | Lane::Forward => self.run(stream, buf, ctx, shutdown).await,
-            Lane::Proxy(_) => self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await,
+            Lane::Answer | Lane::Forward => self.run(stream, buf, head.close, ctx, shutdown).await,
+            Lane::Proxy(_) => {
+                let next = self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await;
+                // pingora's proxy keeps alive a connection whose `close` is not in the first
+                // `Connection` field; it closes here, its answer sent.
+                match next {
+                    Some((mut stream, _)) if head.close => {
+                        let _ = stream.shutdown().await;
+                        None
+                    }
+                    next => next,
+                }
+            }
         }
     }
 
     /// Runs a request on the front (lanes `answer` and `forward`): pingora's HTTP/1 session
-    /// parses its head from the bytes read, and the front runs the phases.
+    /// parses its head from the bytes read, and the front runs the phases. `close`: the head
+    /// asked for the connection to close after it.
     async fn run(
         &self,
         stream: Stream,
         buf: BytesMut,
+        close: bool,
         mut ctx: RequestCtx,
         shutdown: &ShutdownWatch,
     ) -> Option<Next> {
@@ -169,6 +187,7 @@ impl Front {
         }
         session.set_keepalive(keepalive(shutdown));
         match session.downstream_session.read_request().await {
+            Ok(true) if close => session.set_keepalive(None),
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {
@@ -235,11 +254,30 @@ impl Front {
         shutdown: &ShutdownWatch,
     ) -> Option<Next> {
         let mut next = None;
-        if let Some(len) = head.request_len().and_then(|l| usize::try_from(l).ok()) {
-            if buf.len() > len {
-                next = Some(buf.split_off(len));
+        match head.body {
+            Body::Length(_) => {
+                if let Some(len) = head.request_len().and_then(|l| usize::try_from(l).ok()) {
+                    if buf.len() > len {
+                        next = Some(buf.split_off(len));
+                    }
+                    connections::fence(&stream, Some(len.saturating_sub(buf.len()) as u64));
+                }
             }
-            connections::fence(&stream, Some(len.saturating_sub(buf.len()) as u64));
+            Body::Chunked => {
+                let mut body = Chunked::default();
+                match body.feed(&buf[head.len..]) {
+                    Fed::End(len) => {
+                        let end = head.len + len;
+                        if buf.len() > end {
+                            next = Some(buf.split_off(end));
+                        }
+                        connections::fence(&stream, Some(0));
+                    }
+                    Fed::More => connections::fence_chunked(&stream, body),
+                    // pingora's body reader refuses it too, and the connection closes.
+                    Fed::Invalid => {}
+                }
+            }
         }
         let mut v1 = SessionV1::new(stream);
         v1.set_pipelined_prefix(buf);
