@@ -70,7 +70,7 @@ wait_for stoa "http://127.0.0.1:$ADMIN/readyz" "$STOA_PID" "$work/stoa.log"
 for i in $(seq 1 "$ROUTES"); do
   for _ in 1 2 3; do echo "url = \"http://127.0.0.1:$PORT/r$i/dufva\""; echo 'output = "/dev/null"'; done
 done >"$work/curl.cfg"
-curl -fsS -o /dev/null -K "$work/curl.cfg" --parallel --parallel-max 20
+curl -fsS --no-progress-meter -o /dev/null -K "$work/curl.cfg" --parallel --parallel-max 20
 curl -fsS -o "$work/status.json" "http://127.0.0.1:$ADMIN/status.json"
 rows=$(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))['routes']))" "$work/status.json")
 [ "$rows" -ge "$ROUTES" ] || die "/status.json lists $rows routes, expected $ROUTES"
