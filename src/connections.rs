@@ -48,9 +48,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
+use crate::chunked::{Chunked, Fed};
 use crate::config::ConnectionLimits;
 use crate::error::StoaError;
-use crate::front::chunked::{Chunked, Fed};
 use crate::gateway::Gateway;
 use crate::lifecycle::{Lifecycle, OpenConnection};
 

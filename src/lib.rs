@@ -7,6 +7,7 @@ pub mod admin;
 pub mod aggregate;
 pub mod app;
 pub mod cache;
+pub mod chunked;
 pub mod cluster;
 pub mod config;
 pub mod connections;

@@ -37,9 +37,9 @@ use pingora::protocols::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::chunked::{Chunked, Fed};
 use super::head::{self, Body, Read, MAX_HEADERS};
 use super::lane::{self, Lane, Why};
+use crate::chunked::{Chunked, Fed};
 use crate::config::{load_str, EnvOverrides};
 use crate::gateway::{Gateway, Shared};
 use crate::proxy::answer::MAX_URI_BYTES;

@@ -26,12 +26,11 @@
 //! - **next**: bytes read past a request (pipelined requests, RFC 9112 §9.3) are kept for
 //!   the next one, so requests written together are all answered, in order, whatever lane
 //!   each takes. A chunked body handed to the proxy is fenced at its end as its bytes go by
-//!   ([`chunked`]).
+//!   ([`crate::chunked`]).
 //!
 //! Every lane answers a request the same way: the phases, the error table, the access log,
 //! the metrics and the connection's deadlines are the same code.
 
-pub mod chunked;
 pub mod forward;
 #[cfg(test)]
 mod fuzz;
@@ -56,13 +55,13 @@ use pingora::{Error, ErrorType};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
+use crate::chunked::{Chunked, Fed};
 use crate::config::ServerSettings;
 use crate::connections;
 use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, Reply, RequestCtx, Seen, StoaProxy};
-use chunked::{Chunked, Fed};
 use forward::Forwarder;
 use head::{Body, Head, Read};
 use lane::Lane;

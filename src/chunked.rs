@@ -1,7 +1,7 @@
 //! Where a chunked request body ends (RFC 9112 §7.1), found as its bytes go by.
 //!
-//! The front hands a chunked request to pingora's proxy with its stream's reads fenced at
-//! the body's end (`crate::connections::fence_chunked`): each read may take at most
+//! Below both users: the front (`crate::front`) hands a chunked request to pingora's proxy
+//! with its stream's reads fenced at the body's end (`crate::connections::fence_chunked`): each read may take at most
 //! [`Chunked::most`] bytes, which the body still has whatever they are, so the bytes of a
 //! request pipelined after it stay in the socket for the front.
 //!
