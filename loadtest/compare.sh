@@ -35,6 +35,7 @@ environment (defaults in brackets):
   ORIGIN_WORKERS [1]  worker processes of the nginx serving the pass-through rows' file
   FLOOR_MODEL [split]  the floor's threads: split (WORKERS single-thread services) or
                  shared (one service on WORKERS threads, work stealing)
+  PIPELINE_DEPTH [16]  requests written at once per connection in the pipelined rows
   PORT_BASE [19100]  ports PORT_BASE+1 .. PORT_BASE+16 on 127.0.0.1
   NO_BUILD=1     use the binaries in target/release as they are
 EOF
@@ -60,6 +61,7 @@ DURATION=${DURATION:-5s}
 ROUNDS=${ROUNDS:-3}
 CONNECTIONS=${CONNECTIONS:-50}
 THREADS=${THREADS:-1}
+PIPELINE_DEPTH=${PIPELINE_DEPTH:-16}
 WORKERS=${WORKERS:-2}          # stoa threads and nginx worker processes alike
 EXPIRY_DURATION=${EXPIRY_DURATION:-30s}
 STAMPEDE_CLIENTS=${STAMPEDE_CLIENTS:-1000}
@@ -584,6 +586,7 @@ hit() {
   read -r rps p50 p99 bad errs n <<<"$(wrk_run "$url" "$DURATION_S" "$@")"
   rec "$scen" "$target" "$round" rps "$rps"; rec "$scen" "$target" "$round" p50 "$p50"
   rec "$scen" "$target" "$round" p99 "$p99"; rec "$scen" "$target" "$round" requests "$n"
+  rec "$scen" "$target" "$round" socket_errors "$errs"
   if [ -n "$pid" ] && [ "$n" -gt 0 ]; then
     cpu1=$(cpu_us "$pid")
     rec "$scen" "$target" "$round" cpu_us "$(awk -v c=$((cpu1 - cpu0)) -v n="$n" 'BEGIN { printf "%.2f", c / n }')"
@@ -644,6 +647,16 @@ print(d["summary"]["requestsPerSec"], p["p50"] * 1000, p["p99"] * 1000, bad)')"
 else
   note "oha not installed (cargo install oha --locked): the oha rows are N/A."
 fi
+
+# 1c. Pipelined: PIPELINE_DEPTH requests written at once on each connection, cache hits and
+# pass-through; every answer counts (a server that answers one and closes shows errors).
+echo "1c/5 pipelined, depth $PIPELINE_DEPTH ($((ROUNDS * ${#peers[@]} * 2 * DURATION_S))s)" >&2
+for r in $(seq 1 "$ROUNDS"); do
+  for t in "${peers[@]}"; do
+    PIPELINE_DEPTH=$PIPELINE_DEPTH hit pipe_hit "$t" "$r" "${url_of[$t]}/restaurant/dufva" -s "$LOADTEST/pipeline.lua"
+    PIPELINE_DEPTH=$PIPELINE_DEPTH hit pipe_pass "$t" "$r" "${url_of[$t]}/api/restaurant/dufva" -s "$LOADTEST/pipeline.lua"
+  done
+done
 
 # 2. Pass-through: no cache, every request reaches the upstream over a kept-alive connection.
 # Each round also measures the floor, its lean path and the origin alone (it must not be the

@@ -66,10 +66,16 @@ fn resolve<'a>(schema: &'a Value, mut node: &'a Value) -> &'a Value {
     panic!("$ref chain too long at {node}");
 }
 
-/// Every key path under a key whose value is `node` and whose own path is `path`: the keys of
-/// a table are `path.key`, the tables of a table of named tables `path.<name>`, the elements
-/// of an array `path[]` (the notation of the reference page).
-fn walk_value(schema: &Value, node: &Value, path: &str, depth: usize, out: &mut Vec<String>) {
+/// Every key path under a key whose value is `node` and whose own path is `path`, with its
+/// description: the keys of a table are `path.key`, the tables of a table of named tables
+/// `path.<name>`, the elements of an array `path[]` (the notation of the reference page).
+fn walk_value(
+    schema: &Value,
+    node: &Value,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<(String, String)>,
+) {
     assert!(depth < 32, "the schema nests too deep at {path}");
     if !node.is_object() {
         return;
@@ -82,7 +88,7 @@ fn walk_value(schema: &Value, node: &Value, path: &str, depth: usize, out: &mut 
             } else {
                 format!("{path}.{key}")
             };
-            out.push(child.clone());
+            out.push((child.clone(), key_description(schema, value)));
             walk_value(schema, value, &child, depth + 1, out);
         }
     }
@@ -105,8 +111,9 @@ fn walk_value(schema: &Value, node: &Value, path: &str, depth: usize, out: &mut 
 fn every_key_of_the_schema_is_in_the_reference_page() {
     let schema: Value = serde_json::from_str(&read("config/stoa.schema.json"))
         .expect("config/stoa.schema.json is JSON");
-    let mut paths = Vec::new();
-    walk_value(&schema, &schema, "", 0, &mut paths);
+    let mut keys = Vec::new();
+    walk_value(&schema, &schema, "", 0, &mut keys);
+    let paths: Vec<String> = keys.into_iter().map(|(p, _)| p).collect();
     for expected in [
         "server.listen",
         "upstreams.<name>.url",
@@ -339,58 +346,12 @@ fn key_description(schema: &Value, node: &Value) -> String {
         .to_string()
 }
 
-/// Every key path of the schema with its description (the paths of `walk_value`).
-fn described_keys(
-    schema: &Value,
-    node: &Value,
-    path: &str,
-    depth: usize,
-    out: &mut Vec<(String, String)>,
-) {
-    assert!(depth < 32, "the schema nests too deep at {path}");
-    if !node.is_object() {
-        return;
-    }
-    let node = resolve(schema, node);
-    if let Some(properties) = node.get("properties").and_then(Value::as_object) {
-        for (key, value) in properties {
-            let child = if path.is_empty() {
-                key.clone()
-            } else {
-                format!("{path}.{key}")
-            };
-            out.push((child.clone(), key_description(schema, value)));
-            described_keys(schema, value, &child, depth + 1, out);
-        }
-    }
-    if let Some(extra) = node.get("additionalProperties") {
-        described_keys(schema, extra, &format!("{path}.<name>"), depth + 1, out);
-    }
-    if let Some(items) = node.get("items") {
-        described_keys(schema, items, &format!("{path}[]"), depth + 1, out);
-    }
-    for alternatives in ["anyOf", "oneOf"] {
-        if let Some(variants) = node.get(alternatives).and_then(Value::as_array) {
-            for variant in variants {
-                described_keys(schema, variant, path, depth + 1, out);
-            }
-        }
-    }
-}
-
 #[test]
 fn every_key_of_the_schema_has_a_description() {
     let schema: Value = serde_json::from_str(&read("config/stoa.schema.json"))
         .expect("config/stoa.schema.json is JSON");
     let mut keys = Vec::new();
-    described_keys(&schema, &schema, "", 0, &mut keys);
-    let mut paths = Vec::new();
-    walk_value(&schema, &schema, "", 0, &mut paths);
-    assert_eq!(
-        keys.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(),
-        paths,
-        "the description walk and the key walk disagree"
-    );
+    walk_value(&schema, &schema, "", 0, &mut keys);
 
     let missing: Vec<&str> = keys
         .iter()

@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::head::{self, Body, Read, MAX_HEADERS};
 use super::lane::{self, Lane, Why};
+use super::ProxyFence;
 use crate::chunked::{Chunked, Fed};
 use crate::config::{load_str, EnvOverrides};
 use crate::gateway::{Gateway, Shared};
@@ -308,28 +309,12 @@ async fn stoa(gateway: &Gateway, pieces: Vec<Vec<u8>>) -> Vec<StoaSeen> {
         let proxied = matches!(lane, Lane::Proxy(_));
         if proxied {
             // As `Front::hand_to_proxy` fences it.
-            *fence.lock() = match head.body {
-                Body::Length(n) => {
-                    let len = head.len + usize::try_from(n).unwrap_or(usize::MAX);
-                    if buf.len() > len {
-                        next = Some(buf.split_off(len));
-                    }
-                    Fence::Bytes(len.saturating_sub(buf.len()) as u64)
-                }
-                Body::Chunked => {
-                    let mut body = Chunked::default();
-                    match body.feed(&buf[head.len..]) {
-                        Fed::End(len) => {
-                            let end = head.len + len;
-                            if buf.len() > end {
-                                next = Some(buf.split_off(end));
-                            }
-                            Fence::Bytes(0)
-                        }
-                        Fed::More => Fence::Chunked(Box::new(body)),
-                        Fed::Invalid => Fence::Open,
-                    }
-                }
+            let (fenced, after) = super::fence_for_proxy(&mut buf, &head);
+            next = after;
+            *fence.lock() = match fenced {
+                ProxyFence::Bytes(n) => Fence::Bytes(n),
+                ProxyFence::Chunked(body) => Fence::Chunked(Box::new(body)),
+                ProxyFence::Open => Fence::Open,
             };
         }
         let mut v1 = SessionV1::new(stream.take().expect("the stream"));

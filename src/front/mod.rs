@@ -252,31 +252,11 @@ impl Front {
         ctx: RequestCtx,
         shutdown: &ShutdownWatch,
     ) -> Option<Next> {
-        let mut next = None;
-        match head.body {
-            Body::Length(_) => {
-                if let Some(len) = head.request_len().and_then(|l| usize::try_from(l).ok()) {
-                    if buf.len() > len {
-                        next = Some(buf.split_off(len));
-                    }
-                    connections::fence(&stream, Some(len.saturating_sub(buf.len()) as u64));
-                }
-            }
-            Body::Chunked => {
-                let mut body = Chunked::default();
-                match body.feed(&buf[head.len..]) {
-                    Fed::End(len) => {
-                        let end = head.len + len;
-                        if buf.len() > end {
-                            next = Some(buf.split_off(end));
-                        }
-                        connections::fence(&stream, Some(0));
-                    }
-                    Fed::More => connections::fence_chunked(&stream, body),
-                    // pingora's body reader refuses it too, and the connection closes.
-                    Fed::Invalid => {}
-                }
-            }
+        let (fence, next) = fence_for_proxy(&mut buf, head);
+        match fence {
+            ProxyFence::Bytes(n) => connections::fence(&stream, Some(n)),
+            ProxyFence::Chunked(body) => connections::fence_chunked(&stream, body),
+            ProxyFence::Open => {}
         }
         let mut v1 = SessionV1::new(stream);
         v1.set_pipelined_prefix(buf);
@@ -375,4 +355,48 @@ impl ServerApp for Front {
         self.closing.send_replace(true);
         ServerApp::cleanup(&*self.proxy).await;
     }
+}
+
+/// How the reads of a stream handed to pingora's proxy are fenced.
+pub(crate) enum ProxyFence {
+    /// At most this many more bytes: the rest of the request's body.
+    Bytes(u64),
+    /// At the end of a chunked body still arriving, found as its bytes go by.
+    Chunked(Chunked),
+    /// Not at all: a chunked body already broken (pingora's body reader refuses it too, and
+    /// the connection closes), or a length beyond what this machine can count.
+    Open,
+}
+
+/// For a request handed to pingora's proxy with `buf` (its head, and whatever was read
+/// with it): how its stream's reads are fenced, and the bytes read past its end (requests
+/// pipelined after it), split off `buf` for the next request.
+pub(crate) fn fence_for_proxy(buf: &mut BytesMut, head: &Head) -> (ProxyFence, Option<BytesMut>) {
+    let mut next = None;
+    let fence = match head.body {
+        Body::Length(_) => match head.request_len().and_then(|l| usize::try_from(l).ok()) {
+            Some(len) => {
+                if buf.len() > len {
+                    next = Some(buf.split_off(len));
+                }
+                ProxyFence::Bytes(len.saturating_sub(buf.len()) as u64)
+            }
+            None => ProxyFence::Open,
+        },
+        Body::Chunked => {
+            let mut body = Chunked::default();
+            match body.feed(&buf[head.len..]) {
+                Fed::End(len) => {
+                    let end = head.len + len;
+                    if buf.len() > end {
+                        next = Some(buf.split_off(end));
+                    }
+                    ProxyFence::Bytes(0)
+                }
+                Fed::More => ProxyFence::Chunked(body),
+                Fed::Invalid => ProxyFence::Open,
+            }
+        }
+    };
+    (fence, next)
 }
