@@ -214,11 +214,15 @@ impl RequestTrace {
     ) -> Option<RequestTrace> {
         let tracer = tracer()?;
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let name = method_name(method);
         let span = tracer
-            .span_builder(method.to_string())
+            .span_builder(name.clone())
             .with_kind(SpanKind::Server)
             .with_attributes([
-                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new(
+                    "http.request.method",
+                    opentelemetry::StringValue::from(name),
+                ),
                 KeyValue::new("url.path", uri.path().to_string()),
             ])
             .start_with_context(tracer, &parent);
@@ -272,7 +276,13 @@ impl RequestTrace {
     }
 
     /// Ends the span with what the access log line says.
-    pub fn finish(self, route: Option<&str>, cache: Option<&str>, status: u16) {
+    pub fn finish(
+        self,
+        route: Option<&str>,
+        lane: &'static str,
+        cache: Option<&'static str>,
+        status: u16,
+    ) {
         if let Some(attempt) = &self.attempt {
             attr(attempt, "http.response.status_code", i64::from(status));
             if status >= 500 || status == 0 {
@@ -287,8 +297,9 @@ impl RequestTrace {
             span.set_attribute(KeyValue::new("http.route", route.to_string()));
             span.update_name(format!("{} {route}", self.method));
         }
+        span.set_attribute(KeyValue::new("stoa.lane", lane));
         if let Some(cache) = cache {
-            span.set_attribute(KeyValue::new("stoa.cache", cache.to_string()));
+            span.set_attribute(KeyValue::new("stoa.cache", cache));
         }
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
@@ -299,6 +310,21 @@ impl RequestTrace {
         }
         span.end();
     }
+}
+
+/// A method's name for a span: the common ones without an allocation.
+fn method_name(method: &http::Method) -> std::borrow::Cow<'static, str> {
+    let name = match *method {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::PATCH => "PATCH",
+        _ => return method.to_string().into(),
+    };
+    std::borrow::Cow::Borrowed(name)
 }
 
 /// Writes `cx`'s span as `traceparent` / `tracestate` into `headers`, replacing any.

@@ -216,6 +216,7 @@ async fn a_clients_traceparent_is_continued_and_sent_upstream_under_a_stoa_span(
     assert_eq!(hex(&request.parent_span_id), client_span);
     assert_eq!(attr(request, "http.route").as_deref(), Some("item"));
     assert_eq!(attr(request, "stoa.cache").as_deref(), Some("MISS"));
+    assert_eq!(attr(request, "stoa.lane").as_deref(), Some("answer"));
     assert_eq!(
         attr(request, "http.response.status_code").as_deref(),
         Some("200")
@@ -595,6 +596,7 @@ path = "/through"
     // A pass-through request: its upstream attempt is a span, the parent the upstream sees.
     let through = requests_for(&spans, "/through");
     assert_eq!(through.len(), 1);
+    assert_eq!(attr(through[0], "stoa.lane").as_deref(), Some("forward"));
     let attempt = spans
         .iter()
         .find(|s| s.name == "stoa.upstream" && s.parent_span_id == through[0].span_id)

@@ -237,7 +237,8 @@ impl StoaProxy {
         });
         if let Some(trace) = ctx.trace.take() {
             let route = ctx.route().map(|r| r.spec.name.as_str());
-            trace.finish(route, ctx.cache_status().header_value(), status);
+            let cache = ctx.cache_status().header_value();
+            trace.finish(route, ctx.lane.label(), cache, status);
         }
         let req = session.req_header();
         let gateway = &ctx.gateway;
