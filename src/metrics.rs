@@ -329,9 +329,11 @@ impl Metrics {
                 .coalesced_waiters
                 .get_metric_with_label_values(&[name])?,
         };
-        // `shared_hit` exists only with `[cluster]`: its series appears with its first use.
+        // `shared_hit` exists only with `[cluster]`, `disk_hit` only with `cache.disk`: their
+        // series appear with their first use.
         for cache in CacheStatus::ALL {
-            if cached == (cache != CacheStatus::None) && cache != CacheStatus::SharedHit {
+            let optional = matches!(cache, CacheStatus::SharedHit | CacheStatus::DiskHit);
+            if cached == (cache != CacheStatus::None) && !optional {
                 let histogram = self
                     .request_duration
                     .get_metric_with_label_values(&[name, cache.label()])?;
@@ -600,6 +602,7 @@ impl RouteMetrics {
             CacheStatus::Coalesced => 4,
             CacheStatus::None => 5,
             CacheStatus::SharedHit => 6,
+            CacheStatus::DiskHit => 7,
         };
         &self.by_cache[index]
     }

@@ -1287,7 +1287,7 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
 }
 
 /// [`decode`], with the wall-clock millisecond the entry was stored at.
-fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
+pub fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (len, rest) = rest.split_first_chunk::<4>()?;
     let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;

@@ -209,6 +209,21 @@ pub struct RawCacheSection {
     /// and `Cache-Control` and removed from what clients get (default `Stoa-Cache-Control`).
     pub targeted_field: Option<String>,
     pub compression: Option<RawCompression>,
+    /// A disk tier under the memory store: stored answers survive restarts, and the cache
+    /// holds more (and larger answers) than memory. Looked up after memory, before the
+    /// shared tier and the upstream. Without it nothing is written to disk.
+    pub disk: Option<RawDisk>,
+}
+
+/// `[cache] disk = { path = "/var/cache/stoa", max_bytes = "10GiB" }`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawDisk {
+    /// The directory of the disk tier's files, created if missing; one stoa process per
+    /// directory.
+    pub path: String,
+    /// Bound on the bytes of the disk tier's data file (default 1GiB, at least 16MiB).
+    pub max_bytes: Option<RawSize>,
 }
 
 /// `[cache.compression]`: how cached answers are compressed for clients that accept it.
