@@ -833,7 +833,8 @@ impl CacheEngine {
             // This node's disk tier first, unless memory holds a copy (a refresh or a
             // revalidation): the disk holds that one or an older one.
             let fetch = match (&engine.disk, &refreshing, &validated) {
-                (Some(disk), None, None) => match engine.from_disk(disk, &route, lead, fetch).await {
+                (Some(disk), None, None) => match engine.from_disk(disk, &route, lead, fetch).await
+                {
                     Ok(()) => return,
                     Err((back, fetch)) => {
                         lead = back;

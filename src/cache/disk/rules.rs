@@ -262,7 +262,9 @@ mod tests {
         };
         rules.record(&soft, 100).unwrap();
         assert_eq!(rules.verdict(&key, &e, 50), Verdict::Stale);
-        rules.record(&hard(PurgeWhat::Route { route: "r".into() }), 200).unwrap();
+        rules
+            .record(&hard(PurgeWhat::Route { route: "r".into() }), 200)
+            .unwrap();
         assert_eq!(rules.verdict(&key, &e, 50), Verdict::Gone);
         assert_eq!(rules.verdict(&key, &e, 150), Verdict::Gone);
         assert_eq!(rules.verdict(&key, &e, 250), Verdict::Keep);

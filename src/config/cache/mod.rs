@@ -702,7 +702,8 @@ impl Validator<'_> {
                 n => {
                     let path = format!("routes[{i}].cache.max_entry_bytes");
                     let disk = store.disk.as_ref().map_or(0, |d| d.max_bytes);
-                    self.entry_fits(&path, n, store.max_bytes, disk).unwrap_or(n)
+                    self.entry_fits(&path, n, store.max_bytes, disk)
+                        .unwrap_or(n)
                 }
             };
         }
