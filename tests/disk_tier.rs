@@ -175,6 +175,17 @@ async fn entries_survive_a_restart_and_are_hits_without_the_upstream() {
     assert!(!status.contains("disk"), "{status}");
     let metrics = node.metrics().await;
     assert_eq!(lookups(&metrics, "hit"), n as f64, "{metrics}");
+    // The status page's cache section.
+    let status: serde_json::Value = reqwest::get(node.admin_url("/status.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let disk_status = &status["cache"]["disk"];
+    assert_eq!(disk_status["ready"], true, "{status}");
+    assert_eq!(disk_status["lookups"]["hit"], n, "{status}");
+    assert_eq!(disk_status["max_bytes"], 64 * 1024 * 1024, "{status}");
     assert!(
         sample(
             &metrics,

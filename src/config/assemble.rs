@@ -64,7 +64,7 @@ impl Config {
         if let Some(disk) = &self.cache.disk {
             text.push_str(&format!(
                 "; disk tier in {} of {} bytes: memory keeps answers of at most {} bytes, the \
-                 disk tier of at most {} (larger ones than memory holds are kept on disk only), \
+                 disk tier of at most {} bytes (larger ones than memory holds are kept on disk only), \
                  stored answers survive restarts",
                 disk.path.display(),
                 disk.max_bytes,
