@@ -411,6 +411,23 @@ async fn an_answer_too_big_for_a_memory_shard_is_stored_on_disk_and_hit() {
         Some(0.0),
         "{metrics}"
     );
+    // A node with the disk tier exports every series of the dashboard's disk panels.
+    let dashboard =
+        std::fs::read_to_string(common::repo_path("dashboards/stoa-grafana.json")).unwrap();
+    let mut named = 0;
+    for (at, _) in dashboard.match_indices("stoa_cache_disk_") {
+        let tail = &dashboard[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        named += 1;
+        assert!(
+            metrics.lines().any(|l| l.starts_with(name)),
+            "the dashboard queries {name}, absent from /metrics"
+        );
+    }
+    assert!(named >= 6, "{named}");
 }
 
 #[test]
