@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{path_of, sample, serve_heads, stoa, text_answer, x_cache, StoaProcess};
+use common::{path_of, raw_send, sample, serve_heads, stoa, text_answer, x_cache, StoaProcess};
 
 const TOKEN: &str = "disk-token";
 
@@ -453,4 +453,67 @@ fn stoa_check_refuses_a_disk_path_that_cannot_be_created() {
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("cache.disk.path"), "{err}");
     assert!(err.contains("cannot create or write"), "{err}");
+}
+
+/// The server lines of the lanes: the front (with h2c beside it) and pingora's proxy.
+const LANES: [(&str, &str); 2] = [("front", "h2c = true"), ("proxy", "front = false")];
+
+/// One GET over HTTP/2 with prior knowledge (h2c): status, headers and body.
+async fn h2c_get(port: u16, path: &str) -> (u16, http::HeaderMap, Vec<u8>) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.expect("connection open");
+    let req = http::Request::get(format!("http://localhost{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).expect("request sent");
+    let (parts, mut body) = resp.await.expect("answer").into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    (parts.status.as_u16(), parts.headers, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_hits_on_both_http1_lanes_and_over_http2() {
+    let origin = Origin::start(Duration::ZERO, 0).await;
+    for (lane, server) in LANES {
+        let disk = tempfile::tempdir().unwrap();
+        let text = scene(&origin, disk.path(), "", "");
+        let node = StoaProcess::start_with(server, &text).await;
+        let (a, _, _) = get(&node, "/items/a").await;
+        let (b, _, _) = get(&node, "/items/b").await;
+        stop(node).await;
+        let calls = origin.calls();
+        let node = StoaProcess::start_with(server, &text).await;
+        let answer = raw_send(
+            node.port,
+            "GET /items/a HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!((answer.status, answer.x_cache()), (200, "HIT"), "{lane}");
+        assert_eq!(answer.body, a, "{lane}");
+        let status = answer.header("cache-status").unwrap_or_default();
+        assert!(status.contains("detail=disk"), "{lane}: {status}");
+        if server.contains("h2c") {
+            let (code, headers, body) = h2c_get(node.port, "/items/b").await;
+            assert_eq!(
+                (code, headers["x-cache"].to_str().unwrap()),
+                (200, "HIT"),
+                "{lane} h2"
+            );
+            assert_eq!(body, b.as_bytes(), "{lane} h2");
+            let status = headers["cache-status"].to_str().unwrap();
+            assert!(status.contains("detail=disk"), "{lane} h2: {status}");
+        }
+        assert_eq!(origin.calls(), calls, "{lane}");
+    }
 }
