@@ -408,10 +408,19 @@ impl CacheEngine {
     /// and never stored, then the stored entries it names are removed (hard) or marked
     /// stale (soft). How many entries it hit.
     pub fn apply_local(&self, inv: &Invalidation) -> usize {
-        // On disk as a rule, before the fills in flight: a fill the rule misses is refused.
-        if let Some(disk) = &self.disk {
-            disk.invalidate(inv, super::tier::wall_now());
-        }
+        // On disk as a rule: in force before memory is purged (naming every entry it
+        // reaches meanwhile), timed after it (every entry stored before is older).
+        let Some(disk) = &self.disk else {
+            return self.apply_memory(inv);
+        };
+        disk.invalidate_begin(inv);
+        let hit = self.apply_memory(inv);
+        disk.invalidate_end(inv, super::tier::wall_now());
+        hit
+    }
+
+    /// [`CacheEngine::apply_local`] on the fills in flight and the memory store.
+    fn apply_memory(&self, inv: &Invalidation) -> usize {
         self.flights.invalidate(&inv.what);
         if inv.soft {
             return self.mark_stale(&inv.what);

@@ -242,10 +242,16 @@ impl Disk {
         }
     }
 
-    /// Records an invalidation applied to memory at wall-clock `at` as a rule every later
-    /// read is checked against, written down before this returns.
-    pub fn invalidate(&self, inv: &Invalidation, at: i64) {
-        match self.rules.record(inv, at) {
+    /// Starts recording an invalidation, before it is applied to memory (see
+    /// [`Rules::begin`]).
+    pub fn invalidate_begin(&self, inv: &Invalidation) {
+        self.rules.begin(inv);
+    }
+
+    /// Ends recording an invalidation once memory is purged, at wall-clock `at`, as a rule
+    /// every later read is checked against, written down before this returns.
+    pub fn invalidate_end(&self, inv: &Invalidation, at: i64) {
+        match self.rules.end(inv, at) {
             Ok(()) => {
                 self.rules_failing.store(false, Ordering::Relaxed);
             }

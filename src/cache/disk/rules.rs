@@ -27,6 +27,9 @@ pub const MAX_RULES: usize = 4096;
 /// wall clock is read apart from the entry's own clock.
 const SLACK_MS: i64 = 2;
 
+/// The time of a rule being applied: later than every entry.
+const PENDING: i64 = i64::MAX - SLACK_MS;
+
 /// The rules file's name in the tier's directory.
 const FILE: &str = "stoa-invalidations.json";
 
@@ -113,18 +116,47 @@ impl Rules {
 
     /// Records `inv`, applied at `at` (wall-clock milliseconds), and writes the rules down.
     pub fn record(&self, inv: &Invalidation, at: i64) -> Result<(), RulesError> {
+        self.begin(inv);
+        self.end(inv, at)
+    }
+
+    /// Starts recording `inv`, before it is applied to memory: until [`Rules::end`], the
+    /// rule names every entry it reaches whenever it was stored, so an entry stored (or
+    /// read from disk) while memory is being purged is covered too.
+    pub fn begin(&self, inv: &Invalidation) {
         let mut kept = self.kept.lock();
         // The same invalidation again only moves its time.
         kept.rules
             .retain(|r| !(r.soft == inv.soft && r.what == inv.what));
         kept.rules.push(Rule {
-            at,
+            at: PENDING,
             soft: inv.soft,
             what: inv.what.clone(),
         });
+    }
+
+    /// Ends recording `inv` once memory is purged, at `at` (wall-clock milliseconds, read
+    /// after memory was purged), and writes the rules down.
+    pub fn end(&self, inv: &Invalidation, at: i64) -> Result<(), RulesError> {
+        let mut kept = self.kept.lock();
+        match kept
+            .rules
+            .iter_mut()
+            .find(|r| r.soft == inv.soft && r.what == inv.what)
+        {
+            Some(rule) if rule.at == PENDING => rule.at = at,
+            Some(rule) => rule.at = rule.at.max(at),
+            None => kept.rules.push(Rule {
+                at,
+                soft: inv.soft,
+                what: inv.what.clone(),
+            }),
+        }
         while kept.rules.len() > MAX_RULES {
             let oldest = kept.rules.remove(0);
-            kept.floor = kept.floor.max(oldest.at);
+            if oldest.at != PENDING {
+                kept.floor = kept.floor.max(oldest.at);
+            }
         }
         match &self.file {
             Some(file) => write_synced(file, &kept),
@@ -268,6 +300,18 @@ mod tests {
         assert_eq!(rules.verdict(&key, &e, 50), Verdict::Gone);
         assert_eq!(rules.verdict(&key, &e, 150), Verdict::Gone);
         assert_eq!(rules.verdict(&key, &e, 250), Verdict::Keep);
+    }
+
+    #[test]
+    fn a_rule_being_applied_names_entries_stored_after_it_began() {
+        let rules = Rules::in_memory();
+        let key = test_key("r", "/p");
+        let inv = hard(PurgeWhat::Route { route: "r".into() });
+        rules.begin(&inv);
+        assert_eq!(rules.verdict(&key, &entry(&[]), 1_000_000), Verdict::Gone);
+        rules.end(&inv, 500).unwrap();
+        assert_eq!(rules.verdict(&key, &entry(&[]), 400), Verdict::Gone);
+        assert_eq!(rules.verdict(&key, &entry(&[]), 1_000_000), Verdict::Keep);
     }
 
     #[test]
