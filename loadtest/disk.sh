@@ -7,7 +7,8 @@
 #   2. a working set 4x memory: memory of 32 MiB and KEYS2 [4300] entries (about 128 MB),
 #      served from memory + disk, against the same keys on a stoa whose memory holds them
 #      all (256 MiB, no disk tier); ROUNDS [3] interleaved rounds of DURATION [5] s each,
-#      medians: requests/s, p99, CPU µs per request;
+#      medians: requests/s, p99, CPU µs per request; then memory hits of one key on each
+#      (the disk tier costs a memory hit nothing);
 #   3. a restart with about 1 GiB on disk: KEYS3 [35000] entries of 30 KB written, SIGTERM,
 #      start again: time from the start to the first hit, and the share of those entries
 #      answered HIT (from disk) in one pass over them.
@@ -153,6 +154,17 @@ for which in disk mem; do
     "$(cut -d' ' -f1 "$f" | median)" "$(cut -d' ' -f2 "$f" | median)" "$(cut -d' ' -f3 "$f" | median)" "$ROUNDS"
 done
 echo "  disk node: $(metric "$DISK_ADMIN" 'stoa_cache_disk_lookups_total{result="hit"}') disk hits"
+# Memory hits of one hot key, with and without the disk tier configured.
+: >"$work/hot-disk"; : >"$work/hot-mem"
+for r in $(seq 1 "$ROUNDS"); do
+  wrk_round "$disk_pid" "http://127.0.0.1:$DISK_PORT/k/1" | cut -d' ' -f1,2,5 >>"$work/hot-disk"
+  wrk_round "$mem_pid" "http://127.0.0.1:$MEM_PORT/k/1" | cut -d' ' -f1,2,5 >>"$work/hot-mem"
+done
+for which in disk mem; do
+  f="$work/hot-$which"
+  printf '  memory hits of one key, %-4s node: requests/s %s, p99 %s ms, CPU %s us/request\n' "$which" \
+    "$(cut -d' ' -f1 "$f" | median)" "$(cut -d' ' -f2 "$f" | median)" "$(cut -d' ' -f3 "$f" | median)"
+done
 stop "$disk_pid"; stop "$mem_pid"
 
 echo "== 3. restart with about 1 GiB on disk ($KEYS3 entries of 30 KB)"

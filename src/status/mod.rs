@@ -340,6 +340,32 @@ pub fn view(control: &Control) -> Value {
     })
 }
 
+/// The disk tier's part of the cache section: its state, lookups and writes.
+fn disk_json(disk: &crate::cache::disk::Disk) -> Value {
+    let m = disk.metrics();
+    json!({
+        "ready": disk.is_ready(),
+        "max_bytes": disk.max_bytes(),
+        "lookups": {
+            "hit": m.lookups("hit"),
+            "stale": m.lookups("stale"),
+            "miss": m.lookups("miss"),
+            "purged": m.lookups("purged"),
+            "damaged": m.lookups("damaged"),
+            "error": m.lookups("error"),
+            "not_ready": m.lookups("not_ready"),
+        },
+        "writes": {
+            "written": m.writes("written"),
+            "dropped": m.writes("dropped"),
+            "error": m.writes("error"),
+        },
+        "written_bytes": m.written_bytes.get(),
+        "read_bytes": m.read_bytes.get(),
+        "recovery_seconds": m.recovery_seconds.get(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,30 +426,4 @@ mod tests {
         let b = route_buckets(&m, "r");
         assert_eq!(b.quantile(1.0), Some(30.0));
     }
-}
-
-/// The disk tier's part of the cache section: its state, lookups and writes.
-fn disk_json(disk: &crate::cache::disk::Disk) -> Value {
-    let m = disk.metrics();
-    json!({
-        "ready": disk.is_ready(),
-        "max_bytes": disk.max_bytes(),
-        "lookups": {
-            "hit": m.lookups("hit"),
-            "stale": m.lookups("stale"),
-            "miss": m.lookups("miss"),
-            "purged": m.lookups("purged"),
-            "damaged": m.lookups("damaged"),
-            "error": m.lookups("error"),
-            "not_ready": m.lookups("not_ready"),
-        },
-        "writes": {
-            "written": m.writes("written"),
-            "dropped": m.writes("dropped"),
-            "error": m.writes("error"),
-        },
-        "written_bytes": m.written_bytes.get(),
-        "read_bytes": m.read_bytes.get(),
-        "recovery_seconds": m.recovery_seconds.get(),
-    })
 }
