@@ -84,7 +84,7 @@ config() {
     [ -n "$dir" ] && printf 'disk = { path = "%s", max_bytes = "%s" }\n' "$dir" "$bytes"
     printf '[cache.compression]\nenabled = false\n\n'
     printf '[upstreams.origin]\nurl = "http://127.0.0.1:%s"\nmax_in_flight = 64\n\n' "$ORIGIN_PORT"
-    printf '[[routes]]\nname = "k"\npath = "/k/{n}"\nupstream = "origin"\ncache = { ttl = "1h" }\n'
+    printf '[[routes]]\nname = "k"\npath = "/k/{n}"\nmethods = ["GET"]\nupstream = "origin"\ncache = { ttl = "1h" }\n'
   } >"$file"
   echo "$file"
 }
