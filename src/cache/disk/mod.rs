@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder, Load,
     RecoverMode,
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use super::key::CacheKey;
 use super::purge::Invalidation;
 use super::store::Entry;
-use super::tier::{decode_stamped, encode, wall_now};
+use super::tier::{decode_owned, encode, wall_now};
 use crate::config::{capacity, DiskSettings};
 use rules::{Rules, Verdict};
 
@@ -66,14 +67,13 @@ pub enum Found {
     Miss,
 }
 
-type Foyer = HybridCache<String, Vec<u8>>;
+type Foyer = HybridCache<String, Bytes>;
 
 /// One write: the key and the entry as stored in memory.
 type Write = (Arc<CacheKey>, Arc<Entry>);
 
 /// The disk tier of one process.
 pub struct Disk {
-    handle: tokio::runtime::Handle,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     store: Arc<OnceLock<Foyer>>,
     ready: watch::Receiver<bool>,
@@ -121,7 +121,6 @@ impl Disk {
         let store = Arc::new(OnceLock::new());
         let pending = Arc::new(AtomicUsize::new(0));
         let disk = Arc::new(Disk {
-            handle: handle.clone(),
             runtime: Mutex::new(Some(runtime)),
             store: store.clone(),
             ready,
@@ -174,20 +173,14 @@ impl Disk {
 
     /// The entry stored on disk for `key`, read against the invalidation rules.
     pub async fn lookup(&self, key: &Arc<CacheKey>) -> Found {
-        let Some(store) = self.store.get().cloned() else {
+        let Some(store) = self.store.get() else {
             self.metrics.lookup("not_ready");
             return Found::Miss;
         };
-        let name = key.as_str().to_string();
-        let read = self.handle.spawn(async move {
-            let indexed = store.storage().may_contains(&name);
-            let loaded = store.storage().load(&name).await;
-            (indexed, loaded, store, name)
-        });
-        let Ok((indexed, loaded, store, name)) = read.await else {
-            self.metrics.lookup("error");
-            return Found::Miss;
-        };
+        // Read here: the engine's file reads run on its runtime's blocking pool.
+        let name = key.as_str();
+        let indexed = store.storage().may_contains(name);
+        let loaded = store.storage().load(name).await;
         let bytes = match loaded {
             Ok(Load::Entry { value, .. }) => value,
             Ok(Load::Piece { piece, .. }) => piece.value().clone(),
@@ -209,9 +202,9 @@ impl Disk {
             }
         };
         self.metrics.read_bytes.inc_by(bytes.len() as u64);
-        let Some((entry, stored_at)) = decode_stamped(&bytes, key) else {
+        let Some((entry, stored_at)) = decode_owned(bytes, key) else {
             // Readable but not an entry of this key and version.
-            store.storage().delete(&name);
+            store.storage().delete(name);
             self.metrics.damaged.inc();
             self.metrics.lookup("damaged");
             return Found::Miss;
@@ -226,7 +219,7 @@ impl Disk {
                 Found::Stale(Arc::new(entry))
             }
             Verdict::Gone => {
-                store.storage().delete(&name);
+                store.storage().delete(name);
                 self.metrics.lookup("purged");
                 Found::Miss
             }
@@ -368,7 +361,7 @@ fn write_one(
         match foyer
             .storage_writer(key.as_str().to_string())
             .force()
-            .insert(bytes)
+            .insert(Bytes::from(bytes))
         {
             Some(_) => {
                 metrics.written_bytes.inc_by(len);
