@@ -1014,6 +1014,8 @@ mod tests {
             tls_verify: true,
         };
         let _cluster = crate::cluster::Cluster::new(settings, metrics.registry()).unwrap();
+        // And with the disk tier's.
+        crate::cache::disk::DiskMetrics::register(metrics.registry()).unwrap();
         let text = metrics.render();
         let exposed: BTreeSet<&str> = text
             .lines()
