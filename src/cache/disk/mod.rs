@@ -17,8 +17,9 @@
 //! Invalidations are not applied to the files but kept as [`rules`] every read is checked
 //! against.
 //!
-//! The tier runs on a runtime of its own (one thread, and the blocking pool for file
-//! I/O): the proxy's workers only wait for its answers.
+//! The engine runs on a runtime of its own (one thread for its flushers and the writer,
+//! and the blocking pool for file I/O); a lookup runs on the proxy worker that asks, and
+//! waits there for the file read.
 
 pub mod rules;
 
