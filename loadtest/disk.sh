@@ -15,6 +15,7 @@
 #
 #   flock /tmp/stoa-bench.lock loadtest/disk.sh
 #   NO_BUILD=1 ROUNDS=5 flock /tmp/stoa-bench.lock loadtest/disk.sh
+#   PARTS=2 flock /tmp/stoa-bench.lock loadtest/disk.sh      # only part 2 (PARTS [123])
 #
 # The disk files are in $TMPDIR: on a machine with free memory, reads come from the page
 # cache, as they would for a hot working set in production.
@@ -24,6 +25,7 @@ cd "$(dirname "$0")/.."
 LOADTEST=$PWD/loadtest
 . "$LOADTEST/lib.sh"
 
+PARTS=${PARTS:-123}
 KEYS1=${KEYS1:-8000}
 KEYS2=${KEYS2:-4300}
 KEYS3=${KEYS3:-35000}
@@ -107,6 +109,7 @@ metric() { curl -fsS "http://127.0.0.1:$1/metrics" | awk -v s="$2" '$1 == s { pr
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 
+if [[ $PARTS == *1* ]]; then
 echo "== 1. disk hits of 30 KB entries ($KEYS1 on disk, 16 MiB of memory)"
 file=$(config "$DISK_PORT" "$DISK_ADMIN" 16MiB "$work/disk1" 1GiB)
 start "$DISK_PORT" "$DISK_ADMIN" "$file"
@@ -122,7 +125,9 @@ for c in 1 8; do
     END { printf "  %d connection(s): %s requests/s, p50 %s, p99 %s, disk hits %.0f%% of %d requests\n", c, rps, p50, p99, 100 * d / n, n }'
 done
 stop "$stoa_pid"
+fi
 
+if [[ $PARTS == *2* ]]; then
 echo "== 2. a working set 4x memory ($KEYS2 entries): memory + disk vs all in memory"
 disk_file=$(config "$DISK_PORT" "$DISK_ADMIN" 32MiB "$work/disk2" 1GiB)
 mem_file=$(config "$MEM_PORT" "$MEM_ADMIN" 256MiB)
@@ -166,7 +171,9 @@ for which in disk mem; do
     "$(cut -d' ' -f1 "$f" | median)" "$(cut -d' ' -f2 "$f" | median)" "$(cut -d' ' -f3 "$f" | median)"
 done
 stop "$disk_pid"; stop "$mem_pid"
+fi
 
+if [[ $PARTS == *3* ]]; then
 echo "== 3. restart with about 1 GiB on disk ($KEYS3 entries of 30 KB)"
 file=$(config "$DISK_PORT" "$DISK_ADMIN" 64MiB "$work/disk3" 2GiB)
 start "$DISK_PORT" "$DISK_ADMIN" "$file"
@@ -188,3 +195,4 @@ t1=$(date +%s.%N)
 echo "  first hit $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s after the start; recovery $(metric "$DISK_ADMIN" stoa_cache_disk_recovery_seconds) s"
 echo "  pass over every entry: $(python3 "$LOADTEST/disk_keys.py" "$DISK_PORT" "$KEYS3" 2)"
 stop "$stoa_pid"
+fi
