@@ -517,3 +517,41 @@ async fn disk_hits_on_both_http1_lanes_and_over_http2() {
         assert_eq!(origin.calls(), calls, "{lane}");
     }
 }
+
+#[tokio::test]
+async fn an_expired_disk_entry_still_serves_stale_if_error_after_a_restart() {
+    let origin = common::cluster::Origin::start(Duration::ZERO).await;
+    let disk = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"[cache]
+disk = {{ path = "{}", max_bytes = "64MiB" }}
+
+[upstreams.origin]
+url = "http://127.0.0.1:{}"
+timeout = "5s"
+
+[[routes]]
+name = "items"
+path = "/items/{{id}}"
+methods = ["GET"]
+upstream = "origin"
+cache = {{ ttl = "1s", stale_if_error = "60s" }}
+"#,
+        disk.path().display(),
+        origin.port
+    );
+    let node = StoaProcess::start(&text).await;
+    let (first, x, _) = get(&node, "/items/1").await;
+    assert_eq!(x, "MISS");
+    stop(node).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    origin.failing.store(true, Ordering::SeqCst);
+    let node = StoaProcess::start(&text).await;
+    let (body, x, status) = get(&node, "/items/1").await;
+    assert_eq!((&body, x.as_str()), (&first, "STALE"), "{status}");
+    assert!(status.contains("stale-if-error"), "{status}");
+    origin.failing.store(false, Ordering::SeqCst);
+    let (body, x, _) = get(&node, "/items/1").await;
+    assert_eq!(x, "MISS");
+    assert_ne!(body, first);
+}

@@ -1044,10 +1044,20 @@ impl CacheEngine {
             entry.mark_stale();
         }
         let fresh = entry.is_fresh(now);
+        let key = lead.key().clone();
         if !fresh && now >= entry.revalidate_until {
+            // Past serving, not past stale-if-error: in memory for the fetch's waiters to
+            // fall back on should it fail, as an expired copy in memory would be.
+            if now < entry.error_until && self.store.get(&key).is_none() {
+                lead.store_unless_invalidated(
+                    |tag| entry.has_tag(tag),
+                    || {
+                        self.store.insert(key.clone(), entry.clone());
+                    },
+                );
+            }
             return Err((lead, fetch));
         }
-        let key = lead.key().clone();
         let stored = lead.store_unless_invalidated(
             |tag| entry.has_tag(tag),
             || {
