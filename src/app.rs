@@ -17,6 +17,7 @@ use pingora::services::listening::Service;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::admin::AdminApp;
+use crate::cache::disk::{Disk, DiskMetrics};
 use crate::cache::tier::Tier;
 use crate::cache::CacheEngine;
 use crate::cluster::Cluster;
@@ -69,7 +70,20 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     let tier = cluster
         .as_ref()
         .map(|c| Tier::new(c.clone(), metrics.tier().clone()));
-    let cache = CacheEngine::with_tier(config.cache.max_bytes, tier, metrics.purges().clone());
+    let disk = match &config.cache.disk {
+        Some(settings) => {
+            let disk_metrics = DiskMetrics::register(metrics.registry())
+                .context("cannot set up disk tier metrics")?;
+            Some(Disk::open(settings, disk_metrics)?)
+        }
+        None => None,
+    };
+    let cache = CacheEngine::with_tiers(
+        config.cache.max_bytes,
+        tier,
+        disk.clone(),
+        metrics.purges().clone(),
+    );
     let shared = Shared {
         cache: cache.clone(),
         metrics: metrics.clone(),
@@ -201,9 +215,15 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
             timeout: config.server.shutdown_timeout,
         }),
     });
+    if let Some(disk) = disk {
+        disk.close(DISK_CLOSE_LIMIT);
+    }
     tracing::info!("stoa stopped");
     Ok(())
 }
+
+/// How long a stop waits for the disk tier to write what is queued.
+const DISK_CLOSE_LIMIT: Duration = Duration::from_secs(10);
 
 /// Bytes one HTTP/2 stream may have in flight either way (the flow-control window stoa
 /// grants, and its send buffer per stream: what a client that does not read can hold up).
@@ -256,6 +276,11 @@ impl BackgroundService for ReadinessProbe {
         if !lifecycle.is_listening() {
             tracing::error!(listen = %self.addr, "proxy listener never accepted a connection");
             return;
+        }
+        // Warming (and readiness) waits for the disk tier's index: what it holds is
+        // served before anything is fetched again.
+        if let Some(disk) = &self.control.shared.cache.disk {
+            let _ = tokio::time::timeout(self.warm_timeout, disk.wait_ready()).await;
         }
         let warmed = self.control.warm_all(self.warm_timeout).await;
         lifecycle.mark_warmed();

@@ -235,6 +235,7 @@ impl Control {
                 config.cache.max_bytes.to_string(),
                 old_config.cache.max_bytes.to_string(),
             ),
+            ("cache.disk", disk_text(&config), disk_text(old_config)),
             ("cluster", cluster_text(&config), cluster_text(old_config)),
             ("tracing", tracing_text(&config), tracing_text(old_config)),
         ];
@@ -539,6 +540,14 @@ impl Control {
             }
         }
         warmed
+    }
+}
+
+/// `cache.disk` as the reload report names it.
+fn disk_text(config: &Config) -> String {
+    match &config.cache.disk {
+        Some(d) => format!("{} ({} bytes)", d.path.display(), d.max_bytes),
+        None => "off".to_string(),
     }
 }
 

@@ -352,9 +352,11 @@ impl Metrics {
             durations: self.request_duration.clone(),
             cells,
         };
-        // `shared_hit` exists only with `[cluster]`: its series appears with its first use.
+        // `shared_hit` exists only with `[cluster]`, `disk_hit` only with `cache.disk`: their
+        // series appear with their first use.
         for cache in CacheStatus::ALL {
-            if cached == (cache != CacheStatus::None) && cache != CacheStatus::SharedHit {
+            let optional = matches!(cache, CacheStatus::SharedHit | CacheStatus::DiskHit);
+            if cached == (cache != CacheStatus::None) && !optional {
                 let histogram = self
                     .request_duration
                     .get_metric_with_label_values(&[name, cache.label()])?;
@@ -692,6 +694,7 @@ impl RouteMetrics {
             CacheStatus::Coalesced => 4,
             CacheStatus::None => 5,
             CacheStatus::SharedHit => 6,
+            CacheStatus::DiskHit => 7,
         };
         &self.cells.by_cache[index]
     }
@@ -1135,6 +1138,8 @@ mod tests {
             tls_verify: true,
         };
         let _cluster = crate::cluster::Cluster::new(settings, metrics.registry()).unwrap();
+        // And with the disk tier's.
+        crate::cache::disk::DiskMetrics::register(metrics.registry()).unwrap();
         let text = metrics.render();
         let exposed: BTreeSet<&str> = text
             .lines()

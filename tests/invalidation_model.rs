@@ -110,6 +110,22 @@ impl Model {
 /// A node's configuration; `cluster`: the Redis (a TOML value: a quoted URL or a list of
 /// Redis Cluster seeds) and the node's name.
 fn config(origin: &VersionedOrigin, cluster: Option<(&str, &str)>) -> String {
+    config_with_disk(origin, cluster, None)
+}
+
+/// [`config`], with a disk tier (`cache.disk`) in `disk`.
+fn config_with_disk(
+    origin: &VersionedOrigin,
+    cluster: Option<(&str, &str)>,
+    disk: Option<&std::path::Path>,
+) -> String {
+    let disk = match disk {
+        Some(dir) => format!(
+            "[cache]\ndisk = {{ path = \"{}\", max_bytes = \"32MiB\" }}\n\n",
+            dir.display()
+        ),
+        None => String::new(),
+    };
     let cluster = match cluster {
         Some((redis, node)) => format!(
             "[cluster]\nredis = {redis}\nnode_name = \"{node}\"\ncommand_timeout = \"1s\"\nlock_timeout = \"2s\"\nack_timeout = \"3s\"\n\n"
@@ -119,7 +135,7 @@ fn config(origin: &VersionedOrigin, cluster: Option<(&str, &str)>) -> String {
     format!(
         r#"token = "{TOKEN}"
 
-{cluster}[upstreams.origin]
+{disk}{cluster}[upstreams.origin]
 url = "http://127.0.0.1:{port}"
 timeout = "10s"
 
@@ -332,6 +348,34 @@ async fn one_node_never_serves_what_an_acknowledged_invalidation_replaced() {
     let started = Instant::now();
     let (stale, reads) = run_model(std::slice::from_ref(&node), &origin, seed(), ops(400)).await;
     report("one node", &stale, reads, started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_node_with_a_disk_tier_never_serves_what_an_acknowledged_invalidation_replaced() {
+    // A purge empties memory, not the disk: every read after it that memory misses looks
+    // on disk, where the invalidation's rule must win as in memory.
+    let origin = VersionedOrigin::start(seed()).await;
+    let disk = tempfile::tempdir().unwrap();
+    let node = StoaProcess::start(&config_with_disk(&origin, None, Some(disk.path()))).await;
+    let started = Instant::now();
+    let (stale, reads) = run_model(std::slice::from_ref(&node), &origin, seed(), ops(400)).await;
+    report(
+        "one node with a disk tier",
+        &stale,
+        reads,
+        started.elapsed(),
+    );
+    let metrics = node.metrics().await;
+    let disk_reads: f64 = ["hit", "stale", "purged"]
+        .iter()
+        .filter_map(|r| {
+            common::sample(
+                &metrics,
+                &format!("stoa_cache_disk_lookups_total{{result=\"{r}\"}}"),
+            )
+        })
+        .sum();
+    assert!(disk_reads > 0.0, "the disk tier was never read:\n{metrics}");
 }
 
 /// Three nodes on `redis` (a TOML value), every one live before the first purge.

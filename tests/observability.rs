@@ -894,10 +894,11 @@ async fn dashboard_queries_only_series_the_live_gateway_exports() {
     }
 
     // The cluster panels' `stoa_cluster_*` series exist only on a gateway with `[cluster]`
-    // (tests/cluster_cache.rs checks them there); every other series exists everywhere.
+    // (tests/cluster_cache.rs checks them there), the disk tier's `stoa_cache_disk_*` only
+    // with `cache.disk` (tests/disk_tier.rs); every other series exists everywhere.
     let names: BTreeSet<String> = names
         .into_iter()
-        .filter(|n| !n.starts_with("stoa_cluster_"))
+        .filter(|n| !n.starts_with("stoa_cluster_") && !n.starts_with("stoa_cache_disk_"))
         .collect();
     let scene = Scene::start().await;
     // Before any traffic every series but the request counter (its status label is only

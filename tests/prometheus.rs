@@ -565,8 +565,9 @@ async fn a_real_prometheus_sees_exactly_the_traffic_sent() {
     let served_without_fetch = sent.count(|_, c, _| matches!(c, "hit" | "stale" | "coalesced"));
     for (title, expr) in dashboard_queries() {
         // The Redis panel's series exist only on a gateway with `[cluster]` (this one has
-        // none); tests/cluster_cache.rs checks them on one that has.
-        if expr.contains("stoa_cluster_") {
+        // none); tests/cluster_cache.rs checks them on one that has. The disk tier's only
+        // with `cache.disk` (tests/disk_tier.rs).
+        if expr.contains("stoa_cluster_") || expr.contains("stoa_cache_disk_") {
             continue;
         }
         let all = substitute(&expr, ".*");

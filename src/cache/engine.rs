@@ -9,6 +9,7 @@ use http::header;
 use pingora::http::ResponseHeader;
 
 use super::control::{Directives, Lifetime, Validators};
+use super::disk::{Disk, Found};
 use super::encoding::{self, Compressed, Variants};
 use super::flight::{self, Flights, Joined, Lead, Outcome};
 use super::key::{self, CacheKey};
@@ -316,6 +317,8 @@ pub struct CacheEngine {
     flights: Flights,
     /// The shared second tier, with `[cluster]`.
     pub tier: Option<Arc<Tier>>,
+    /// This node's disk tier, with `cache.disk`.
+    pub disk: Option<Arc<Disk>>,
     purges: PurgeMetrics,
 }
 
@@ -337,10 +340,22 @@ impl CacheEngine {
     /// An engine with the shared second tier `tier` (see [`Tier`]), counting invalidations
     /// in `purges`.
     pub fn with_tier(max_bytes: u64, tier: Option<Arc<Tier>>, purges: PurgeMetrics) -> Arc<Self> {
+        Self::with_tiers(max_bytes, tier, None, purges)
+    }
+
+    /// An engine with the shared tier `tier` and the disk tier `disk` (see [`Disk`]):
+    /// lookups go memory, disk, shared tier, upstream.
+    pub fn with_tiers(
+        max_bytes: u64,
+        tier: Option<Arc<Tier>>,
+        disk: Option<Arc<Disk>>,
+        purges: PurgeMetrics,
+    ) -> Arc<Self> {
         Arc::new(CacheEngine {
             store: Store::new(max_bytes),
             flights: Flights::default(),
             tier,
+            disk,
             purges,
         })
     }
@@ -393,6 +408,19 @@ impl CacheEngine {
     /// and never stored, then the stored entries it names are removed (hard) or marked
     /// stale (soft). How many entries it hit.
     pub fn apply_local(&self, inv: &Invalidation) -> usize {
+        // On disk as a rule: in force before memory is purged (naming every entry it
+        // reaches meanwhile), timed after it (every entry stored before is older).
+        let Some(disk) = &self.disk else {
+            return self.apply_memory(inv);
+        };
+        disk.invalidate_begin(inv);
+        let hit = self.apply_memory(inv);
+        disk.invalidate_end(inv, super::tier::wall_now());
+        hit
+    }
+
+    /// [`CacheEngine::apply_local`] on the fills in flight and the memory store.
+    fn apply_memory(&self, inv: &Invalidation) -> usize {
         self.flights.invalidate(&inv.what);
         if inv.soft {
             return self.mark_stale(&inv.what);
@@ -655,6 +683,14 @@ impl CacheEngine {
                 Served::Entry(entry, CacheStatus::SharedHit)
             }
             Ok(Some(Outcome::FromTier(entry))) => Served::Entry(entry, how),
+            // A copy a soft invalidation named, or past its freshness, serves as stale.
+            Ok(Some(Outcome::FromDisk(entry))) if !entry.is_fresh(Instant::now()) => {
+                Served::Entry(entry, CacheStatus::Stale)
+            }
+            Ok(Some(Outcome::FromDisk(entry))) if leader => {
+                Served::Entry(entry, CacheStatus::DiskHit)
+            }
+            Ok(Some(Outcome::FromDisk(entry))) => Served::Entry(entry, how),
             // The answer varies on a header the route learned from it (or since `key` was
             // made): made without this request's value, it goes to nobody.
             Ok(Some(Outcome::Private(entry)))
@@ -806,7 +842,20 @@ impl CacheEngine {
             None => crate::otel::inject_unsampled(&mut fetch.headers),
         }
         let fill = async move {
-            // The shared tier first: an entry another node stored, or the lease to fetch.
+            // This node's disk tier first, unless memory holds a copy (a refresh or a
+            // revalidation): the disk holds that one or an older one.
+            let fetch = match (&engine.disk, &refreshing, &validated) {
+                (Some(disk), None, None) => match engine.from_disk(disk, &route, lead, fetch).await
+                {
+                    Ok(()) => return,
+                    Err((back, fetch)) => {
+                        lead = back;
+                        fetch
+                    }
+                },
+                _ => fetch,
+            };
+            // The shared tier next: an entry another node stored, or the lease to fetch.
             let mut lease = None;
             if let Some(tier) = &engine.tier {
                 let patience = route.settings.lock_timeout;
@@ -976,6 +1025,58 @@ impl CacheEngine {
         tokio::spawn(crate::otel::within(span, fill));
     }
 
+    /// The leader's look in the disk tier: a fresh entry is promoted into memory (when no
+    /// invalidation reached the flight meanwhile) and ends the flight; one within its
+    /// stale-while-revalidate window, or named by a soft invalidation, too, served stale
+    /// while one refresh runs. Otherwise the flight and its fetch are given back.
+    #[allow(clippy::result_large_err)]
+    async fn from_disk(
+        self: &Arc<Self>,
+        disk: &Disk,
+        route: &Arc<CachedRoute>,
+        lead: Lead,
+        fetch: FetchRequest,
+    ) -> Result<(), (Lead, FetchRequest)> {
+        let (entry, soft) = match disk.lookup(lead.key()).await {
+            Found::Entry(entry) => (entry, false),
+            Found::Stale(entry) => (entry, true),
+            Found::Miss => return Err((lead, fetch)),
+        };
+        let now = Instant::now();
+        if soft {
+            entry.mark_stale();
+        }
+        let fresh = entry.is_fresh(now);
+        let key = lead.key().clone();
+        if !fresh && now >= entry.revalidate_until {
+            // Past serving, not past stale-if-error: in memory for the fetch's waiters to
+            // fall back on should it fail, as an expired copy in memory would be.
+            if now < entry.error_until && self.store.get(&key).is_none() {
+                lead.store_unless_invalidated(
+                    |tag| entry.has_tag(tag),
+                    || {
+                        self.store.insert(key.clone(), entry.clone());
+                    },
+                );
+            }
+            return Err((lead, fetch));
+        }
+        let stored = lead.store_unless_invalidated(
+            |tag| entry.has_tag(tag),
+            || {
+                self.store.insert(key.clone(), entry.clone());
+            },
+        );
+        if !stored {
+            self.purges.fill_refused();
+        }
+        lead.finish(Outcome::FromDisk(entry.clone()));
+        if !fresh || entry.refresh_at.is_some_and(|at| now >= at) {
+            self.refresh(route, &entry, &key, move || fetch);
+        }
+        Ok(())
+    }
+
     /// Turns an upstream answer into an outcome, storing it when cacheable and no
     /// invalidation reached the fill while it was in flight; whether it was stored. An
     /// answer whose `Vary` names request headers the key does not hold teaches them to the
@@ -1020,10 +1121,13 @@ impl CacheEngine {
                             return;
                         }
                         held = self.store.insert(key.clone(), entry.clone());
-                        if !held {
+                        match &self.disk {
+                            // Larger than memory holds in one entry: on disk only.
+                            Some(disk) => disk.write(key, &entry),
                             // Within max_entry_bytes, but its head and key tip it over
                             // what the store holds in one entry.
-                            route.too_large.inc();
+                            None if !held => route.too_large.inc(),
+                            None => {}
                         }
                     },
                 );

@@ -21,6 +21,8 @@ pub enum Outcome {
     Shared(Arc<Entry>),
     /// An entry another node stored in the shared tier, promoted into this node's store.
     FromTier(Arc<Entry>),
+    /// An entry read from this node's disk tier, promoted into its store (when it fits).
+    FromDisk(Arc<Entry>),
     /// An answer for the request that led the fetch only (`Set-Cookie`, `private`, ...):
     /// the other waiters must ask the upstream themselves.
     Private(Arc<Entry>),
@@ -46,6 +48,7 @@ impl Outcome {
         match self {
             Outcome::Shared(_) => "shared",
             Outcome::FromTier(_) => "from_tier",
+            Outcome::FromDisk(_) => "from_disk",
             Outcome::Private(_) => "private",
             Outcome::TooLarge { .. } => "too_large",
             Outcome::ServerError(_) => "server_error",

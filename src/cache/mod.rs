@@ -2,6 +2,7 @@
 //! an [`Origin`] it knows only by its trait.
 
 pub mod control;
+pub mod disk;
 pub mod encoding;
 pub mod engine;
 pub mod flight;
@@ -77,10 +78,13 @@ pub enum CacheStatus {
     /// This request led the fetch, and another node's answer in the shared tier served it
     /// (`X-Cache: MISS`: this node's memory missed; `Cache-Status` says `detail=shared-tier`).
     SharedHit,
+    /// This request led the fill and the disk tier (`cache.disk`) had the answer, now in
+    /// memory again (`X-Cache: HIT`; `Cache-Status` says `detail=disk`).
+    DiskHit,
 }
 
 impl CacheStatus {
-    pub const ALL: [CacheStatus; 7] = [
+    pub const ALL: [CacheStatus; 8] = [
         CacheStatus::Hit,
         CacheStatus::Miss,
         CacheStatus::Stale,
@@ -88,12 +92,13 @@ impl CacheStatus {
         CacheStatus::Coalesced,
         CacheStatus::None,
         CacheStatus::SharedHit,
+        CacheStatus::DiskHit,
     ];
 
     /// The `X-Cache` header value; `None` for routes without a cache.
     pub fn header_value(self) -> Option<&'static str> {
         match self {
-            CacheStatus::Hit => Some("HIT"),
+            CacheStatus::Hit | CacheStatus::DiskHit => Some("HIT"),
             CacheStatus::Miss | CacheStatus::SharedHit => Some("MISS"),
             CacheStatus::Stale => Some("STALE"),
             CacheStatus::Bypass => Some("BYPASS"),
@@ -112,6 +117,7 @@ impl CacheStatus {
             CacheStatus::Coalesced => "coalesced",
             CacheStatus::None => "none",
             CacheStatus::SharedHit => "shared_hit",
+            CacheStatus::DiskHit => "disk_hit",
         }
     }
 }

@@ -1296,30 +1296,56 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
 }
 
 /// [`decode`], with the wall-clock millisecond the entry was stored at.
-fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
+pub fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (len, rest) = rest.split_first_chunk::<4>()?;
     let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
     if rest.len() < len {
         return None;
     }
-    let (head, mut bodies) = rest.split_at(len);
+    // Only the bodies are kept: copied once, then shared by the entry's slices.
+    let start = bytes.len() - (rest.len() - len);
+    decode_shared(bytes, Bytes::copy_from_slice(&bytes[start..]), key)
+}
+
+/// [`decode_stamped`] of bytes owned already: the entry's bodies are slices of them.
+pub fn decode_owned(bytes: Bytes, key: &CacheKey) -> Option<(Entry, i64)> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    if rest.len() < len {
+        return None;
+    }
+    let start = bytes.len() - (rest.len() - len);
+    decode_shared(&bytes, bytes.slice(start..), key)
+}
+
+/// The entry whose encoding is `bytes`, its bodies taken from `bodies` (the part of it
+/// after the head, as shared bytes).
+fn decode_shared(bytes: &[u8], bodies: Bytes, key: &CacheKey) -> Option<(Entry, i64)> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    let (len, rest) = rest.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    let head = rest.get(..len)?;
     let head: Head = rmp_serde::from_slice(head).ok()?;
     if head.key != key.as_str() {
         return None;
     }
+    let mut at = 0usize;
     let mut take = |n: u64| {
-        let n = usize::try_from(n).ok().filter(|n| *n <= bodies.len())?;
-        let (taken, left) = bodies.split_at(n);
-        bodies = left;
-        Some(Bytes::copy_from_slice(taken))
+        let n = usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= bodies.len() - at)?;
+        let taken = bodies.slice(at..at + n);
+        at += n;
+        Some(taken)
     };
     let body = take(head.body_len)?;
     let mut compressed = Vec::with_capacity(head.compressed.len());
     for (token, n) in &head.compressed {
         compressed.push((Coding::parse(token)?, take(*n)?));
     }
-    if !bodies.is_empty() {
+    if at != bodies.len() {
         return None;
     }
     let status = http::StatusCode::from_u16(head.status).ok()?;
@@ -1413,6 +1439,19 @@ mod tests {
         e = e.with_variants(variants);
         let back = decode(&encode(&e, &key).unwrap(), &key).unwrap();
         assert_eq!(back.body, e.body);
+        // Decoded from owned bytes, the bodies are slices of them, the same.
+        let (owned, _) = decode_owned(Bytes::from(encode(&e, &key).unwrap()), &key).unwrap();
+        assert_eq!(owned.body, e.body);
+        assert_eq!(
+            owned.pick(Some(&http::HeaderValue::from_static("gzip"))).1,
+            &gz
+        );
+        let mut cut = encode(&e, &key).unwrap();
+        cut.pop();
+        assert!(
+            decode_owned(Bytes::from(cut), &key).is_none(),
+            "a torn entry"
+        );
         let accept = http::HeaderValue::from_static("gzip");
         let (head, body) = back.pick(Some(&accept));
         assert_eq!(body, &gz);

@@ -9,6 +9,7 @@ use figment::value::Dict;
 
 use super::admin::AdminSettings;
 use super::cache::CacheStoreSettings;
+use super::capacity;
 use super::cluster::{redact_url, ClusterSettings};
 use super::limits::{PolicySettings, Scope, NO_RATE_LIMIT};
 use super::log::LogSettings;
@@ -60,6 +61,17 @@ impl Config {
             self.server.listeners(),
             self.admin.listen
         );
+        if let Some(disk) = &self.cache.disk {
+            text.push_str(&format!(
+                "; disk tier in {} of {} bytes: memory keeps answers of at most {} bytes, the \
+                 disk tier of at most {} bytes (larger ones than memory holds are kept on disk only), \
+                 stored answers survive restarts",
+                disk.path.display(),
+                disk.max_bytes,
+                capacity::largest_body(self.cache.max_bytes),
+                capacity::largest_disk_body(disk.max_bytes),
+            ));
+        }
         if let Some(cluster) = &self.cluster {
             let shared: Vec<&str> = self
                 .rate_limits

@@ -17,6 +17,26 @@ pub const SHARDS: usize = 8;
 /// quick_cache's share of a shard for entries on probation and in use (its default).
 pub const HOT_ALLOCATION: f64 = 0.97;
 
+/// Smallest `cache.disk.max_bytes`: room for [`DISK_MIN_BLOCKS`] blocks of the smallest size.
+pub const DISK_MIN_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The disk tier writes its entries into blocks of one size, evicting a whole block at a
+/// time (oldest first); an entry never spans two blocks.
+pub const DISK_MIN_BLOCKS: u64 = 16;
+
+/// Bytes of a block of a disk tier of `max_bytes`: a 16th of it, 1 to 64 MiB, whole pages.
+pub fn disk_block_bytes(max_bytes: u64) -> u64 {
+    let block = (max_bytes / DISK_MIN_BLOCKS).clamp(1 << 20, 64 << 20);
+    block / 4096 * 4096
+}
+
+/// The largest response body the disk tier of `max_bytes` holds in one entry: the body
+/// and its compressed copies share one block, beside the head (16 times
+/// [`HEAD_ALLOWANCE`] kept for it and the block's own bookkeeping).
+pub fn largest_disk_body(max_bytes: u64) -> u64 {
+    disk_block_bytes(max_bytes).saturating_sub(16 * HEAD_ALLOWANCE) / 2
+}
+
 /// Entries are estimated at about 1 KiB (JSON answers); this only sizes the index.
 pub fn estimated_items(max_bytes: u64) -> usize {
     (max_bytes / 1024).clamp(64, 1 << 20) as usize

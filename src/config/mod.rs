@@ -42,7 +42,7 @@ pub use cache::settings::{
 pub use cache::tags::{
     TagScope, TagSource, TagTemplate, TagTemplateError, MAX_TAGS, MAX_TAG_BYTES,
 };
-pub use cache::{CacheStoreSettings, UNKEYABLE_HEADERS};
+pub use cache::{CacheStoreSettings, DiskSettings, UNKEYABLE_HEADERS};
 pub use cluster::{redact_url, ClusterSettings, RedisTarget};
 pub use limits::{
     AppliesTo, ClientSource, Mode, PolicySettings, RateLimitHeaders, Scope, MAX_REFILL,

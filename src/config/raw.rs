@@ -338,12 +338,35 @@ pub enum RawWarm {
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawCacheSection {
+    /// Bound on the memory store's bytes, entries and their keys counted (default 256MiB);
+    /// past it the least recently used entries are evicted. The store is split in shards
+    /// and an entry must fit in one: about an eighth of this is the largest answer memory
+    /// keeps (`stoa check` prints it); larger ones go to the disk tier when there is one.
     pub max_bytes: Option<RawSize>,
+    /// The default of every route's `cache.max_entry_bytes`: the largest answer body the
+    /// cache stores (default 8MiB, or what the cache can hold in one entry if less; more
+    /// than that is a `stoa check` error). A larger answer is streamed to its client and
+    /// not stored.
     pub max_entry_bytes: Option<RawSize>,
     /// The response field aimed at stoa alone (RFC 9213), read before `CDN-Cache-Control`
     /// and `Cache-Control` and removed from what clients get (default `Stoa-Cache-Control`).
     pub targeted_field: Option<String>,
     pub compression: Option<RawCompression>,
+    /// A disk tier under the memory store: stored answers survive restarts, and the cache
+    /// holds more (and larger answers) than memory. Looked up after memory, before the
+    /// shared tier and the upstream. Without it nothing is written to disk.
+    pub disk: Option<RawDisk>,
+}
+
+/// `[cache] disk = { path = "/var/cache/stoa", max_bytes = "10GiB" }`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawDisk {
+    /// The directory of the disk tier's files, created if missing; one stoa process per
+    /// directory.
+    pub path: String,
+    /// Bound on the bytes of the disk tier's data file (default 1GiB, at least 16MiB).
+    pub max_bytes: Option<RawSize>,
 }
 
 /// `[cache.compression]`: how cached answers are compressed for clients that accept it.

@@ -9,6 +9,8 @@
 //!   when not stored; `collapsed` for a request that waited on another's fetch.
 //! - `fwd=miss; stored; ttl=N; detail=shared-tier`: this node missed and the shared tier
 //!   (`[cluster]`) had another node's answer; nothing went upstream.
+//! - `hit; ttl=N; detail=disk`: this node's memory missed and its disk tier (`cache.disk`)
+//!   had the answer; nothing went upstream.
 //! - `fwd=stale; ttl=N; detail=stale-if-error`: the forward failed (an error, an upstream
 //!   5xx, or no answer within `lock_timeout`) and the copy within `stale_if_error` served.
 //! - `fwd=bypass; ...; detail=<why>`: went upstream around the cache.
@@ -102,6 +104,8 @@ fn entry_member(
         CacheStatus::Stale => write!(v, "; fwd=stale; ttl={ttl}; detail=stale-if-error"),
         // Another node's answer from the shared tier: nothing went upstream.
         CacheStatus::SharedHit => write!(v, "; fwd=miss; stored; ttl={ttl}; detail=shared-tier"),
+        // This node's disk tier had it: nothing went upstream.
+        CacheStatus::DiskHit => write!(v, "; hit; ttl={ttl}; detail=disk"),
         CacheStatus::Miss | CacheStatus::Coalesced => {
             v.put_slice(b"; fwd=miss");
             if status == CacheStatus::Coalesced {

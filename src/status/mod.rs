@@ -224,7 +224,7 @@ pub fn view(control: &Control) -> Value {
     let mut route_json = |name: &str, kind: &str, path: &str, upstream: Option<&str>| {
         let sums = routes.remove(name).unwrap_or_default();
         let cache = |status: &str| sums.by_cache.get(status).copied().unwrap_or(0);
-        let hits = cache("hit") + cache("shared_hit");
+        let hits = cache("hit") + cache("shared_hit") + cache("disk_hit");
         let lookups = hits + cache("miss") + cache("coalesced") + cache("stale");
         let fetch = |outcome: &str| sums.fetches.get(outcome).copied().unwrap_or(0);
         json!({
@@ -236,6 +236,7 @@ pub fn view(control: &Control) -> Value {
             "cache": {
                 "hit": cache("hit"),
                 "shared_hit": cache("shared_hit"),
+                "disk_hit": cache("disk_hit"),
                 "miss": cache("miss"),
                 "coalesced": cache("coalesced"),
                 "stale": cache("stale"),
@@ -337,6 +338,7 @@ pub fn view(control: &Control) -> Value {
             "evictions": scalar("stoa_cache_evictions_total"),
             "too_large": cache_too_large,
             "fills_in_flight": control.shared.cache.fetches_in_flight(),
+            "disk": control.shared.cache.disk.as_deref().map(disk_json),
         },
         "cluster": cluster,
         "routes": route_list,
@@ -346,6 +348,32 @@ pub fn view(control: &Control) -> Value {
             "kept": errors::KEPT,
             "recent": recent,
         },
+    })
+}
+
+/// The disk tier's part of the cache section: its state, lookups and writes.
+fn disk_json(disk: &crate::cache::disk::Disk) -> Value {
+    let m = disk.metrics();
+    json!({
+        "ready": disk.is_ready(),
+        "max_bytes": disk.max_bytes(),
+        "lookups": {
+            "hit": m.lookups("hit"),
+            "stale": m.lookups("stale"),
+            "miss": m.lookups("miss"),
+            "purged": m.lookups("purged"),
+            "damaged": m.lookups("damaged"),
+            "error": m.lookups("error"),
+            "not_ready": m.lookups("not_ready"),
+        },
+        "writes": {
+            "written": m.writes("written"),
+            "dropped": m.writes("dropped"),
+            "error": m.writes("error"),
+        },
+        "written_bytes": m.written_bytes.get(),
+        "read_bytes": m.read_bytes.get(),
+        "recovery_seconds": m.recovery_seconds.get(),
     })
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use crate::config::capacity;
-use crate::config::raw::{RawCache, RawCacheSection, RawCompression, RawKeyBody, RawWarm};
+use crate::config::raw::{RawCache, RawCacheSection, RawCompression, RawDisk, RawKeyBody, RawWarm};
 use crate::config::validate::Validator;
 use crate::config::RouteSpec;
 use crate::routes::PathTemplate;
@@ -82,7 +82,19 @@ pub struct CacheStoreSettings {
     pub compression: Arc<CompressionSettings>,
     /// The response field aimed at stoa alone (RFC 9213), lowercase.
     pub targeted_field: HeaderName,
+    /// `cache.disk`: the disk tier, if any.
+    pub disk: Option<DiskSettings>,
 }
+
+/// `cache.disk`: where the disk tier keeps its files and how many bytes they may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSettings {
+    pub path: std::path::PathBuf,
+    pub max_bytes: u64,
+}
+
+/// `cache.disk.max_bytes` when it is not given.
+pub const DEFAULT_DISK_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// Variants stored per request (route, method, path, query, body) when a route learned
 /// vary headers and does not say.
@@ -481,13 +493,18 @@ impl Validator<'_> {
     /// default 8 MiB or what the store can hold in one entry, if less.
     pub(super) fn cache_store(&mut self, raw: RawCacheSection) -> Option<CacheStoreSettings> {
         let max_bytes = self.size("cache.max_bytes", raw.max_bytes.as_ref(), 256 * 1024 * 1024)?;
-        let holds = capacity::largest_body(max_bytes);
+        let disk = match raw.disk {
+            Some(disk) => Some(self.disk(disk)?),
+            None => None,
+        };
+        let disk_bytes = disk.as_ref().map_or(0, |d| d.max_bytes);
+        let holds = largest_stored_body(max_bytes, disk_bytes);
         let max_entry_bytes = match &raw.max_entry_bytes {
             None => DEFAULT_MAX_ENTRY_BYTES.min(holds),
             // A problem is recorded either way; the routes are still checked.
             Some(size) => self
                 .size("cache.max_entry_bytes", Some(size), 0)
-                .and_then(|n| self.entry_fits("cache.max_entry_bytes", n, max_bytes))
+                .and_then(|n| self.entry_fits("cache.max_entry_bytes", n, max_bytes, disk_bytes))
                 .unwrap_or(holds),
         };
         if max_entry_bytes == 0 {
@@ -504,6 +521,43 @@ impl Validator<'_> {
             max_entry_bytes,
             compression: Arc::new(compression?),
             targeted_field: targeted_field?,
+            disk,
+        })
+    }
+
+    /// `cache.disk`: a directory stoa can create and write in, and a bound that holds the
+    /// tier's smallest number of blocks.
+    fn disk(&mut self, raw: RawDisk) -> Option<DiskSettings> {
+        let max_bytes = self.size(
+            "cache.disk.max_bytes",
+            raw.max_bytes.as_ref(),
+            DEFAULT_DISK_MAX_BYTES,
+        );
+        if let Some(n) = max_bytes.filter(|n| *n < capacity::DISK_MIN_BYTES) {
+            self.problem(
+                "cache.disk.max_bytes",
+                format!(
+                    "{n} bytes is too small for the disk tier: at least {} bytes",
+                    capacity::DISK_MIN_BYTES
+                ),
+            );
+            return None;
+        }
+        let path = std::path::PathBuf::from(raw.path.trim());
+        if raw.path.trim().is_empty() {
+            self.problem("cache.disk.path", "must name a directory");
+            return None;
+        }
+        if let Err(e) = writable_dir(&path) {
+            self.problem(
+                "cache.disk.path",
+                format!("{}: cannot create or write in it: {e}", path.display()),
+            );
+            return None;
+        }
+        Some(DiskSettings {
+            path,
+            max_bytes: max_bytes?,
         })
     }
 
@@ -647,26 +701,40 @@ impl Validator<'_> {
                 0 => store.max_entry_bytes,
                 n => {
                     let path = format!("routes[{i}].cache.max_entry_bytes");
-                    self.entry_fits(&path, n, store.max_bytes).unwrap_or(n)
+                    let disk = store.disk.as_ref().map_or(0, |d| d.max_bytes);
+                    self.entry_fits(&path, n, store.max_bytes, disk)
+                        .unwrap_or(n)
                 }
             };
         }
     }
 
-    /// `n` if a store of `max_bytes` can hold an answer of `n` bytes, else a problem.
-    fn entry_fits(&mut self, path: &str, n: u64, max_bytes: u64) -> Option<u64> {
-        let holds = capacity::largest_body(max_bytes);
+    /// `n` if a store of `max_bytes` (with a disk tier of `disk_bytes`, or none for 0) can
+    /// hold an answer of `n` bytes, else a problem.
+    fn entry_fits(&mut self, path: &str, n: u64, max_bytes: u64, disk_bytes: u64) -> Option<u64> {
+        let holds = largest_stored_body(max_bytes, disk_bytes);
         if n <= holds {
             return Some(n);
         }
-        self.problem(
-            path,
+        let message = if disk_bytes == 0 {
             format!(
                 "{n} bytes is more than the store holds in one entry: with cache.max_bytes = \
                  {max_bytes} it keeps answers of at most {holds} bytes (the bound is split in \
-                 shards, and one entry must fit in one); raise cache.max_bytes or lower this"
-            ),
-        );
+                 shards, and one entry must fit in one); raise cache.max_bytes, add a disk \
+                 tier (cache.disk) or lower this"
+            )
+        } else {
+            format!(
+                "{n} bytes is more than the cache holds in one entry: memory (cache.max_bytes \
+                 = {max_bytes}) keeps answers of at most {} bytes, the disk tier \
+                 (cache.disk.max_bytes = {disk_bytes}) of at most {} bytes (an entry and its \
+                 compressed copies share one of its blocks, a 16th of it up to 64 MiB); raise \
+                 a bound or lower this",
+                capacity::largest_body(max_bytes),
+                capacity::largest_disk_body(disk_bytes),
+            )
+        };
+        self.problem(path, message);
         None
     }
 
@@ -684,6 +752,24 @@ impl Validator<'_> {
             Some(v) => self.duration(path, Some(v), Duration::ZERO),
         }
     }
+}
+
+/// The largest answer body the cache stores: what memory holds in one entry, or the disk
+/// tier (of `disk_bytes`, 0 for none) if it holds more.
+pub fn largest_stored_body(max_bytes: u64, disk_bytes: u64) -> u64 {
+    let memory = capacity::largest_body(max_bytes);
+    if disk_bytes == 0 {
+        return memory;
+    }
+    memory.max(capacity::largest_disk_body(disk_bytes))
+}
+
+/// Creates `dir` if missing and proves a file can be written in it.
+fn writable_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".stoa-check-{}", std::process::id()));
+    std::fs::write(&probe, b"stoa")?;
+    std::fs::remove_file(&probe)
 }
 
 #[cfg(test)]
