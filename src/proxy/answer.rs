@@ -102,12 +102,33 @@ pub fn entry_headers(
     if let Some(x_cache) = hit.status.header_value() {
         out.set(&X_CACHE, &http::HeaderValue::from_static(x_cache))?;
     }
-    let age = itoa::Buffer::new()
-        .format(hit.entry.age_secs(hit.now))
-        .parse::<http::HeaderValue>()
-        .map_err(|e| Error::because(ErrorType::InternalError, "age", e))?;
+    let age = age_value(hit.entry.age_secs(hit.now))?;
     out.set(&http::header::AGE, &age)?;
     deco.write(out)
+}
+
+thread_local! {
+    /// The `Age` value this thread made last: answers within the same second share it.
+    static LAST_AGE: std::cell::RefCell<Option<(u64, http::HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `Age: secs`, made once per value and thread in a row rather than once per answer.
+fn age_value(secs: u64) -> Result<http::HeaderValue> {
+    LAST_AGE.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((made_for, value)) = &*last {
+            if *made_for == secs {
+                return Ok(value.clone());
+            }
+        }
+        let value = itoa::Buffer::new()
+            .format(secs)
+            .parse::<http::HeaderValue>()
+            .map_err(|e| Error::because(ErrorType::InternalError, "age", e))?;
+        *last = Some((secs, value.clone()));
+        Ok(value)
+    })
 }
 
 /// Writes one of stoa's own JSON errors. The connection is only kept if the request body
@@ -210,9 +231,9 @@ fn h2_answer_head(
     hit: &Hit,
     deco: &Decorations<'_>,
 ) -> Result<Box<ResponseHeader>> {
-    let mut head = Box::new(prepared.clone());
+    let mut parts = prepared.as_owned_parts();
     let mut out = Placeheld {
-        head: &mut head,
+        headers: &mut parts.headers,
         // Whether the placeholder of `Cache-Status` is there, and not yet replaced.
         member_pending: !stored.headers.contains_key(cache_status::CACHE_STATUS),
         id_set: false,
@@ -220,36 +241,42 @@ fn h2_answer_head(
     entry_headers(&mut out, hit, deco)?;
     let (member_pending, id_set) = (out.member_pending, out.id_set);
     if !id_set {
-        head.remove_header(&X_REQUEST_ID);
+        parts.headers.remove(&X_REQUEST_ID);
     }
     if member_pending {
-        head.remove_header(&cache_status::CACHE_STATUS);
+        parts.headers.remove(cache_status::CACHE_STATUS);
     }
-    Ok(head)
+    // No header case, as the prepared head.
+    Ok(Box::new(ResponseHeader::from(parts)))
 }
 
 /// A prepared HTTP/2 head being filled in: `set` replaces, `add` takes the place of the
 /// `Cache-Status` placeholder first (see [`h2_head`]).
 struct Placeheld<'a> {
-    head: &'a mut ResponseHeader,
+    headers: &'a mut http::HeaderMap,
     member_pending: bool,
     id_set: bool,
 }
 
+/// On the map itself: a head without header case has no second map to keep in step, and
+/// a name given as `HeaderName` needs no parsing again.
 impl AnswerHeaders for Placeheld<'_> {
     fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
         if name == X_REQUEST_ID {
             self.id_set = true;
         }
-        self.head.set(name, value)
+        self.headers.insert(name.clone(), value.clone());
+        Ok(())
     }
 
     fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
         if self.member_pending && name == cache_status::CACHE_STATUS {
             self.member_pending = false;
-            return self.head.set(name, value);
+            self.headers.insert(name.clone(), value.clone());
+        } else {
+            self.headers.append(name.clone(), value.clone());
         }
-        self.head.add(name, value)
+        Ok(())
     }
 }
 
