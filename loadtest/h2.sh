@@ -9,6 +9,13 @@
 #
 #   loadtest/h2.sh                    # 3 rounds of 10 s per row and server
 #   DURATION=2 ROUNDS=1 loadtest/h2.sh  # a smoke run
+#   loadtest/h2.sh --idle             # idle connections instead: RSS per connection
+#
+# --idle: for each of IDLE_MODES ["tls h2": TLS HTTP/1.1, HTTP/2] in turn,
+# loadtest/idle_conns.py opens IDLE_CONNS [5000] connections to each server (one cache hit
+# each, then idle for 3 s), WARM [1000] of them first: the slope from WARM to IDLE_CONNS is
+# the RSS one more idle connection costs (stoa's process; nginx's workers summed). A run
+# after another reuses the memory the first freed: give one mode per run for figures.
 #
 # environment (defaults in brackets): DURATION [10] seconds per run, ROUNDS [3],
 # CLIENTS [50] connections, STREAMS [10] concurrent streams per HTTP/2 connection (h2load -m),
@@ -25,6 +32,11 @@ STREAMS=${STREAMS:-10}
 WORKERS=${WORKERS:-2}
 PORT_BASE=${PORT_BASE:-19300}
 BIN=${BIN:-target/release}
+IDLE_MODE=0
+[ "${1:-}" = --idle ] && IDLE_MODE=1
+IDLE_CONNS=${IDLE_CONNS:-5000}
+IDLE_MODES=${IDLE_MODES:-"tls h2"}
+WARM=${WARM:-1000}
 
 UP_PORT=$((PORT_BASE + 1))
 STOA_PORT=$((PORT_BASE + 2)); STOA_TLS=$((PORT_BASE + 3)); STOA_ADMIN=$((PORT_BASE + 4))
@@ -124,7 +136,7 @@ worker_processes $WORKERS;
 pid $work/nginx.pid;
 error_log $work/nginx/error.log warn;
 daemon off;
-events { worker_connections 4096; }
+events { worker_connections 16384; }
 http {
   access_log off;
   keepalive_requests $max_requests;
@@ -175,6 +187,29 @@ for t in stoa nginx; do   # both speak HTTP/2 by ALPN, and the hit key is warm
   curl -ks -o /dev/null "${url_of[$t]}/restaurant/dufva"
 done
 
+if [ "$IDLE_MODE" = 1 ]; then
+  ulimit -n $((IDLE_CONNS * 2 + 1000)) 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+  echo "idle connections: $IDLE_CONNS per run, slope from $WARM; $(nproc) cores" >&2
+  printf '%-16s %-6s %s\n' row server result
+  for mode in $IDLE_MODES; do
+    flag=(); [ "$mode" = h2 ] && flag=(--h2)
+    for t in stoa nginx; do
+      pid_args=()
+      if [ "$t" = nginx ]; then
+        for p in $(pgrep -P "$nginx_pid"); do pid_args+=(--pid "$p"); done
+      else
+        pid_args=(--pid "$stoa_pid")
+      fi
+      out=$(python3 loadtest/idle_conns.py "${url_of[$t]}/restaurant/dufva" "${pid_args[@]}" \
+        --connections "$IDLE_CONNS" --warm "$WARM" --idle 3 "${flag[@]}") \
+        || echo "h2.sh: idle_conns.py: not every connection was answered ($t, $mode)" >&2
+      printf '%-16s %-6s %s\n' "$mode" "$t" "$out"
+      sleep 3   # the closed connections gone before the next run
+    done
+  done
+  exit 0
+fi
+
 # CPU ticks (user + system) of PID and its children (nginx's workers).
 ticks() {
   local total=0 p
@@ -218,20 +253,20 @@ done
 python3 - "$results" <<'PY'
 import sys
 from collections import defaultdict
-rows = defaultdict(lambda: defaultdict(lambda: [0.0, 0, 0]))  # row -> target -> [rps sum, done, cpu µs]
-runs = defaultdict(lambda: defaultdict(int))
+from statistics import median
+runs = defaultdict(lambda: defaultdict(list))  # row -> target -> [(req/s, CPU µs per request)]
 order = []
 for line in open(sys.argv[1]):
     row, t, rps, done, cpu = line.rstrip("\n").split("\t")
     if row not in order:
         order.append(row)
-    r = rows[row][t]
-    r[0] += float(rps or 0); r[1] += int(done or 0); r[2] += int(cpu)
-    runs[row][t] += 1
+    done = int(done or 0)
+    runs[row][t].append((float(rps or 0), int(cpu) / done if done else float("nan")))
 def cell(row, t):
-    rps_sum, done, cpu = rows[row][t]
-    n = runs[row][t] or 1
-    return rps_sum / n, (cpu / done if done else float("nan"))
+    got = runs[row][t]
+    if not got:
+        return float("nan"), float("nan")
+    return median(r for r, _ in got), median(c for _, c in got)
 print(f"{'row':<16} {'stoa req/s':>11} {'nginx req/s':>12} {'ratio':>6}   {'stoa µs/req':>11} {'nginx µs/req':>12} {'ratio':>6}")
 for row in order:
     s_rps, s_cpu = cell(row, "stoa")
@@ -239,5 +274,6 @@ for row in order:
     r1 = s_rps / n_rps if n_rps else float("nan")
     r2 = s_cpu / n_cpu if n_cpu else float("nan")
     print(f"{row:<16} {s_rps:>11.0f} {n_rps:>12.0f} {r1:>6.2f}   {s_cpu:>11.1f} {n_cpu:>12.1f} {r2:>6.2f}")
-print("CPU per request: user + system time of the server's processes during the run, over the requests answered.")
+print("Medians of the rounds. CPU per request: user + system time of the server's processes")
+print("during the run, over the requests answered.")
 PY

@@ -163,14 +163,22 @@ impl Drop for Origin {
 /// The origin as `[upstreams.origin]`, a cached route on `/c/{name}` (compressing by
 /// default), one on `/plain/{name}` with `compress = false`, then `extra`.
 async fn start(origin: &Origin, extra: &str) -> StoaProcess {
-    StoaProcess::start(&format!(
-        "[upstreams.origin]\nurl = \"http://{}\"\ntimeout = \"5s\"\n\n\
+    start_with(origin, "", extra).await
+}
+
+/// [`start`], with `server_extra` in the `[server]` section.
+async fn start_with(origin: &Origin, server_extra: &str, extra: &str) -> StoaProcess {
+    StoaProcess::start_with(
+        server_extra,
+        &format!(
+            "[upstreams.origin]\nurl = \"http://{}\"\ntimeout = \"5s\"\n\n\
          [[routes]]\nname = \"cached\"\nmethods = [\"GET\", \"HEAD\"]\npath = \"/c/{{name}}\"\n\
          upstream = \"origin\"\ncache = {{ ttl = \"60s\" }}\n\n\
          [[routes]]\nname = \"plain\"\nmethods = [\"GET\"]\npath = \"/plain/{{name}}\"\n\
          upstream = \"origin\"\ncache = {{ ttl = \"60s\", compress = false }}\n\n{extra}",
-        origin.addr
-    ))
+            origin.addr
+        ),
+    )
     .await
 }
 
@@ -270,6 +278,68 @@ async fn each_encoding_decodes_to_the_identity_bytes_with_vary_on_misses_and_hit
     assert_eq!(miss.header("content-encoding"), Some("gzip"));
     assert!(miss.vary_names_accept_encoding());
     assert_eq!(decode("gzip", &miss.body), identity);
+}
+
+/// One GET over HTTP/2 with `accept-encoding`: status, headers and body.
+async fn h2_get_ae(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    accept_encoding: &str,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    let mut send = send.clone().ready().await.expect("connection open");
+    let req = http::Request::get(format!("http://localhost{path}"))
+        .header("accept-encoding", accept_encoding)
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).expect("request sent");
+    let (parts, mut body) = resp.await.expect("answer").into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    (parts.status.as_u16(), parts.headers, data)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_each_variant_is_answered_from_its_own_prepared_head() {
+    let origin = Origin::start().await;
+    let gw = start_with(&origin, "h2c = true", "").await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let identity = big_json().into_bytes();
+    let (status, _, body) = h2_get_ae(&send, "/c/big", "identity").await;
+    assert_eq!((status, &body), (200, &identity));
+    // Twice each, in turns: every variant's head is built once and used again.
+    for _ in 0..2 {
+        for coding in ["br", "gzip", "identity"] {
+            let (status, headers, body) = h2_get_ae(&send, "/c/big", coding).await;
+            assert_eq!(status, 200, "{coding}");
+            assert_eq!(headers["x-cache"], "HIT", "{coding}");
+            assert_eq!(
+                headers["content-length"],
+                body.len().to_string().as_str(),
+                "{coding}"
+            );
+            let encoding = headers.get("content-encoding").map(|v| v.to_str().unwrap());
+            if coding == "identity" {
+                assert_eq!(encoding, None);
+                assert_eq!(body, identity);
+            } else {
+                assert_eq!(encoding, Some(coding));
+                assert_eq!(decode(coding, &body), identity, "{coding}");
+            }
+            assert_eq!(headers.get_all("age").iter().count(), 1, "{coding}");
+            assert_eq!(headers.get_all("cache-status").iter().count(), 1);
+        }
+    }
+    assert_eq!(origin.calls.load(Ordering::SeqCst), 1, "one fetch");
 }
 
 #[tokio::test]

@@ -194,6 +194,11 @@ impl Origin {
 /// stale_while_revalidate 60 s), `/e/{*rest}` (ttl 1 s, stale_if_error 60 s), `/l/{*rest}` (limited to one request a minute) and
 /// `/down/{*rest}` on an upstream that refuses connections.
 async fn stoa_for(origin: &Origin) -> StoaProcess {
+    stoa_with(origin, "").await
+}
+
+/// [`stoa_for`], with `server_extra` in its `[server]` section.
+async fn stoa_with(origin: &Origin, server_extra: &str) -> StoaProcess {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
@@ -203,7 +208,7 @@ async fn stoa_for(origin: &Origin) -> StoaProcess {
              upstream = \"{upstream}\"\nrewrite = \"/{{rest}}\"\ncache = {cache}\n{extra}\n\n"
         )
     };
-    StoaProcess::start(&format!(
+    StoaProcess::start_with(server_extra, &format!(
         "[rate_limits.one]\nper_minute = 1\nburst = 1\n\n\
          [upstreams.o]\nurl = \"http://127.0.0.1:{}\"\ntimeout = \"5s\"\n\n\
          [upstreams.down]\nurl = \"http://127.0.0.1:{closed_port}\"\nconnect_timeout = \"1s\"\n\n{}{}{}{}{}",
@@ -303,6 +308,60 @@ async fn a_miss_is_stored_then_a_hit_counts_its_ttl_after_the_upstreams_member()
     let ttl = int(&members[1], "ttl");
     assert!((57..=59).contains(&ttl), "ttl={ttl}");
     assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
+}
+
+/// The `Cache-Status` lines of an HTTP/2 answer, in order.
+async fn h2_cache_status(send: &h2::client::SendRequest<bytes::Bytes>, path: &str) -> Vec<String> {
+    let mut send = send.clone().ready().await.expect("connection open");
+    let req = http::Request::get(format!("http://localhost{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = send.send_request(req, true).expect("request sent");
+    let resp = resp.await.expect("answer");
+    assert_eq!(resp.status(), 200);
+    let (parts, mut body) = resp.into_parts();
+    while let Some(chunk) = body.data().await {
+        let _ = body
+            .flow_control()
+            .release_capacity(chunk.expect("body").len());
+    }
+    assert_eq!(parts.headers.get_all("age").iter().count(), 1);
+    parts
+        .headers
+        .get_all("cache-status")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http2_a_hit_keeps_the_upstreams_member_before_its_own() {
+    let origin = Origin::start().await;
+    let gw = stoa_with(&origin, "h2c = true").await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let miss = h2_cache_status(&send, "/c/up/2").await;
+    assert_eq!(miss.len(), 2, "{miss:?}");
+    assert!(miss[1].starts_with("stoa; fwd=miss"), "{miss:?}");
+    // Hits start from the entry's prepared HTTP/2 head: the upstream's line, then stoa's.
+    for _ in 0..2 {
+        let hit = h2_cache_status(&send, "/c/up/2").await;
+        assert_eq!(hit.len(), 2, "{hit:?}");
+        assert_eq!(hit[0], miss[0]);
+        assert!(hit[1].starts_with("stoa; hit; ttl="), "{hit:?}");
+    }
+    // And a route whose upstream sends none: one member, stoa's.
+    let miss = h2_cache_status(&send, "/c/plain/2").await;
+    assert_eq!(miss.len(), 1, "{miss:?}");
+    let hit = h2_cache_status(&send, "/c/plain/2").await;
+    assert_eq!(hit.len(), 1, "{hit:?}");
+    assert!(hit[0].starts_with("stoa; hit; ttl="), "{hit:?}");
+    assert_eq!(origin.calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

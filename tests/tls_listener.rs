@@ -267,6 +267,57 @@ async fn two_hundred_h2_streams_on_one_connection_for_a_cold_key_cost_one_upstre
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_hits_start_from_a_prepared_head_and_carry_their_own_headers() {
+    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("stoa test CA");
+    ca.install(certs.path());
+    let rest = format!(
+        "[upstreams.up]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[[routes]]\nname = \"restaurant\"\n\
+         methods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\nrewrite = \"/api/restaurant/{{id}}\"\n\
+         upstream = \"up\"\ncache = {{ ttl = \"60s\" }}\n",
+        up.url()
+    );
+    for (server_extra, with_id) in [("", true), ("request_id = \"off\"", false)] {
+        let gw = TlsGateway::start(certs.path(), server_extra, &rest).await;
+        let (send, _conn) = h2_over_tls(&gw, &ca).await;
+        let (status, _, fetched) = h2_get(&send, "/restaurant/dufva").await;
+        assert_eq!(status, 200);
+        let mut ids = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let (status, headers, body) = h2_get(&send, "/restaurant/dufva").await;
+            assert_eq!(status, 200);
+            assert_eq!(body, fetched);
+            assert_eq!(headers["x-cache"], "HIT");
+            assert_eq!(headers.get_all("age").iter().count(), 1);
+            assert!(headers["age"].to_str().unwrap().parse::<u64>().is_ok());
+            assert_eq!(headers.get_all("date").iter().count(), 1);
+            assert!(headers["date"].to_str().unwrap().ends_with(" GMT"));
+            let members: Vec<_> = headers.get_all("cache-status").iter().collect();
+            assert_eq!(members.len(), 1, "{members:?}");
+            assert!(members[0].to_str().unwrap().starts_with("stoa; hit"));
+            assert_eq!(headers["content-length"], body.len().to_string().as_str());
+            // No placeholder of the prepared head is ever sent.
+            for (name, value) in &headers {
+                assert_ne!(value, "-", "{name}");
+            }
+            for name in CONNECTION_SPECIFIC {
+                assert!(!headers.contains_key(name), "{name} sent over HTTP/2");
+            }
+            match headers.get("x-request-id") {
+                Some(id) => {
+                    assert!(with_id);
+                    assert!(ids.insert(id.clone()), "an id answered twice");
+                }
+                None => assert!(!with_id, "no x-request-id"),
+            }
+        }
+        assert_eq!(common::calls(&up, "GET /api/restaurant/dufva"), 1);
+        up.reset_stats();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limits_and_errors_are_json_over_h2() {
     let echo = EchoUpstream::start().await;
     let dead = free_port();

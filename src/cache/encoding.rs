@@ -54,6 +54,8 @@ pub struct Variant {
     pub body: Bytes,
     /// `header` as bytes to send, built by the first answer that writes it.
     pub wire: OnceLock<Bytes>,
+    /// `header` as the HTTP/2 writer sends it, built by the first such answer.
+    pub h2_head: OnceLock<Box<ResponseHeader>>,
 }
 
 /// The compressed forms of an entry, in the route's order of preference; most entries
@@ -82,8 +84,9 @@ impl Variants {
     pub fn weight(&self) -> u64 {
         self.0
             .iter()
-            // The head counts twice: as headers, and as the bytes to send (`wire`).
-            .map(|v| (v.body.len() + 2 * header_bytes(&v.header)) as u64)
+            // The head counts three times: as headers, as the bytes to send (`wire`) and
+            // as the HTTP/2 head (`h2_head`).
+            .map(|v| (v.body.len() + 3 * header_bytes(&v.header)) as u64)
             .sum()
     }
 
@@ -107,6 +110,7 @@ impl Variants {
                 header: h,
                 body,
                 wire: OnceLock::new(),
+                h2_head: OnceLock::new(),
             });
         }
         Ok(Variants(out.into_boxed_slice()))

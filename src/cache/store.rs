@@ -58,6 +58,8 @@ pub struct Entry {
     tags: Tags,
     /// The identity head as bytes to send, built by the first answer that writes it.
     wire: OnceLock<Bytes>,
+    /// The identity head as the HTTP/2 writer sends it, built by the first such answer.
+    h2_head: OnceLock<Box<ResponseHeader>>,
     weight: u64,
 }
 
@@ -94,9 +96,10 @@ impl Entry {
                     .sum::<usize>()
         });
         Entry {
-            // The head counts twice: as headers, and as the bytes to send (`wire`).
+            // The head counts three times: as headers, as the bytes to send (`wire`) and
+            // as the HTTP/2 head (`h2_head`).
             weight: ENTRY_OVERHEAD
-                + (key_len + 2 * header_bytes + body.len() + recipe_bytes) as u64,
+                + (key_len + 3 * header_bytes + body.len() + recipe_bytes) as u64,
             recipe,
             validators: None,
             shareable_with_authorization: false,
@@ -114,6 +117,7 @@ impl Entry {
             variants: Variants::default(),
             tags: Tags::default(),
             wire: OnceLock::new(),
+            h2_head: OnceLock::new(),
         }
     }
 
@@ -160,6 +164,26 @@ impl Entry {
                 header, body, wire, ..
             }) => (header, body, wire),
             None => (&self.header, &self.body, &self.wire),
+        }
+    }
+
+    /// Like [`Entry::pick`], with where the picked head is kept as the HTTP/2 writer sends
+    /// it once built (whoever writes HTTP/2 answers builds it, on first use).
+    pub fn pick_with_h2_head(
+        &self,
+        accept: Option<&http::HeaderValue>,
+    ) -> (&ResponseHeader, &Bytes, &OnceLock<Box<ResponseHeader>>) {
+        if self.variants.is_empty() {
+            return (&self.header, &self.body, &self.h2_head);
+        }
+        match self.variants.pick(accept) {
+            Some(Variant {
+                header,
+                body,
+                h2_head,
+                ..
+            }) => (header, body, h2_head),
+            None => (&self.header, &self.body, &self.h2_head),
         }
     }
 

@@ -102,12 +102,33 @@ pub fn entry_headers(
     if let Some(x_cache) = hit.status.header_value() {
         out.set(&X_CACHE, &http::HeaderValue::from_static(x_cache))?;
     }
-    let age = itoa::Buffer::new()
-        .format(hit.entry.age_secs(hit.now))
-        .parse::<http::HeaderValue>()
-        .map_err(|e| Error::because(ErrorType::InternalError, "age", e))?;
+    let age = age_value(hit.entry.age_secs(hit.now))?;
     out.set(&http::header::AGE, &age)?;
     deco.write(out)
+}
+
+thread_local! {
+    /// The `Age` value this thread made last: answers within the same second share it.
+    static LAST_AGE: std::cell::RefCell<Option<(u64, http::HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `Age: secs`, made once per value and thread in a row rather than once per answer.
+fn age_value(secs: u64) -> Result<http::HeaderValue> {
+    LAST_AGE.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((made_for, value)) = &*last {
+            if *made_for == secs {
+                return Ok(value.clone());
+            }
+        }
+        let value = itoa::Buffer::new()
+            .format(secs)
+            .parse::<http::HeaderValue>()
+            .map_err(|e| Error::because(ErrorType::InternalError, "age", e))?;
+        *last = Some((secs, value.clone()));
+        Ok(value)
+    })
 }
 
 /// Writes one of stoa's own JSON errors. The connection is only kept if the request body
@@ -150,24 +171,113 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
 pub async fn entry(session: &mut Session, hit: &Hit, deco: &Decorations<'_>) -> Result<()> {
     let req = session.req_header();
     let head_only = req.method == http::Method::HEAD;
+    let accept = req.headers.get(http::header::ACCEPT_ENCODING);
     // The identity answer or a compressed variant, by the client's `Accept-Encoding`.
-    let (stored, body) = hit
-        .entry
-        .pick(req.headers.get(http::header::ACCEPT_ENCODING));
-    let mut header = stored.clone();
-    entry_headers(&mut header, hit, deco)?;
+    let (header, body) = if session.is_http2() {
+        let (stored, body, prepared) = hit.entry.pick_with_h2_head(accept);
+        let prepared = prepared.get_or_init(|| h2_head(stored));
+        (h2_answer_head(stored, prepared, hit, deco)?, body)
+    } else {
+        let (stored, body) = hit.entry.pick(accept);
+        let mut header = Box::new(stored.clone());
+        entry_headers(&mut *header, hit, deco)?;
+        (header, body)
+    };
     if deco.close {
         session.set_keepalive(None);
     }
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
+    session.write_response_header(header, head_only).await?;
     if !head_only {
         session
             .write_response_body(Some(body.clone()), true)
             .await?;
     }
     Ok(())
+}
+
+/// Headers an HTTP/2 answer from an entry sets anew, beside those its stored head has:
+/// the prepared head ([`h2_head`]) holds a placeholder for each, so that an answer replaces
+/// values in place and never grows the map it clones.
+const H2_PLACEHOLDERS: [http::HeaderName; 4] = [
+    http::header::DATE,
+    http::header::AGE,
+    X_REQUEST_ID,
+    cache_status::CACHE_STATUS,
+];
+
+/// A stored head as HTTP/2 answers start from it, built once per entry: no header case
+/// (HTTP/2 has none), no `Age` or id of an earlier answer, and a placeholder for each
+/// header every answer sets ([`H2_PLACEHOLDERS`]; `Date` is pingora's session's). A stored
+/// `Cache-Status` stays: the member of an answer is added after it.
+fn h2_head(stored: &ResponseHeader) -> Box<ResponseHeader> {
+    let mut parts = stored.as_owned_parts();
+    let headers = &mut parts.headers;
+    headers.remove(http::header::AGE);
+    headers.remove(&X_REQUEST_ID);
+    let placeholder = http::HeaderValue::from_static("-");
+    for name in &H2_PLACEHOLDERS {
+        if !headers.contains_key(name) {
+            headers.insert(name.clone(), placeholder.clone());
+        }
+    }
+    Box::new(ResponseHeader::from(parts))
+}
+
+/// The head of one HTTP/2 answer from an entry: its prepared head ([`h2_head`]) cloned,
+/// then [`entry_headers`] in place; placeholders no header took are removed.
+fn h2_answer_head(
+    stored: &ResponseHeader,
+    prepared: &ResponseHeader,
+    hit: &Hit,
+    deco: &Decorations<'_>,
+) -> Result<Box<ResponseHeader>> {
+    let mut parts = prepared.as_owned_parts();
+    let mut out = Placeheld {
+        headers: &mut parts.headers,
+        // Whether the placeholder of `Cache-Status` is there, and not yet replaced.
+        member_pending: !stored.headers.contains_key(cache_status::CACHE_STATUS),
+        id_set: false,
+    };
+    entry_headers(&mut out, hit, deco)?;
+    let (member_pending, id_set) = (out.member_pending, out.id_set);
+    if !id_set {
+        parts.headers.remove(&X_REQUEST_ID);
+    }
+    if member_pending {
+        parts.headers.remove(cache_status::CACHE_STATUS);
+    }
+    // No header case, as the prepared head.
+    Ok(Box::new(ResponseHeader::from(parts)))
+}
+
+/// A prepared HTTP/2 head being filled in: `set` replaces, `add` takes the place of the
+/// `Cache-Status` placeholder first (see [`h2_head`]).
+struct Placeheld<'a> {
+    headers: &'a mut http::HeaderMap,
+    member_pending: bool,
+    id_set: bool,
+}
+
+/// On the map itself: a head without header case has no second map to keep in step, and
+/// a name given as `HeaderName` needs no parsing again.
+impl AnswerHeaders for Placeheld<'_> {
+    fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        if name == X_REQUEST_ID {
+            self.id_set = true;
+        }
+        self.headers.insert(name.clone(), value.clone());
+        Ok(())
+    }
+
+    fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        if self.member_pending && name == cache_status::CACHE_STATUS {
+            self.member_pending = false;
+            self.headers.insert(name.clone(), value.clone());
+        } else {
+            self.headers.append(name.clone(), value.clone());
+        }
+        Ok(())
+    }
 }
 
 /// Writes the answer to a GET for a byte range of an entry (see [`super::range`]), of the

@@ -55,6 +55,9 @@ pub fn member(
     bypass: Option<BypassWhy>,
     now: Instant,
 ) -> Option<HeaderValue> {
+    if let Served::Entry(entry, CacheStatus::Hit) = served {
+        return Some(hit_member(ttl_secs(entry, now)));
+    }
     // Room for the longest member without growing.
     let mut v = BytesMut::with_capacity(80);
     v.put_slice(b"stoa");
@@ -81,6 +84,32 @@ pub fn member(
     HeaderValue::from_maybe_shared(v.freeze()).ok()
 }
 
+thread_local! {
+    /// The hit member this thread made last: hits within the same second share it.
+    static LAST_HIT: std::cell::RefCell<Option<(i64, HeaderValue)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `stoa; hit; ttl=N`, made once per `ttl` and thread in a row rather than once per hit.
+fn hit_member(ttl: i64) -> HeaderValue {
+    LAST_HIT.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((made_for, value)) = &*last {
+            if *made_for == ttl {
+                return value.clone();
+            }
+        }
+        let mut v = BytesMut::with_capacity(32);
+        v.put_slice(b"stoa; hit; ttl=");
+        v.put_slice(itoa::Buffer::new().format(ttl).as_bytes());
+        // Digits and ASCII: always a valid value.
+        let value = HeaderValue::from_maybe_shared(v.freeze())
+            .unwrap_or_else(|_| HeaderValue::from_static("stoa; hit"));
+        *last = Some((ttl, value.clone()));
+        value
+    })
+}
+
 fn entry_member(
     v: &mut BytesMut,
     entry: &Entry,
@@ -92,7 +121,7 @@ fn entry_member(
     let ttl = ttl_secs(entry, now);
     let fwd_status = entry.header.status.as_u16();
     match status {
-        // The hit path's member: copied, not formatted.
+        // Answered by `hit_member` before this.
         CacheStatus::Hit => {
             v.put_slice(b"; hit; ttl=");
             v.put_slice(itoa::Buffer::new().format(ttl).as_bytes());

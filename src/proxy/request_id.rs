@@ -44,15 +44,21 @@ pub fn is_valid(id: &HeaderValue) -> bool {
 }
 
 /// The id of a request under `mode` (empty: none).
+///
+/// Marked sensitive: HTTP/2's header compression (HPACK) then sends it as a literal never
+/// indexed, instead of adding a value used once to the connection's table, where each new
+/// id would push out the entries the next answers reuse (`content-type`, `x-cache`, ...).
 pub fn for_request(req: &RequestHeader, mode: RequestIdMode) -> HeaderValue {
     if mode == RequestIdMode::Off {
         return none();
     }
-    match req.headers.get("x-request-id") {
+    let mut id = match req.headers.get("x-request-id") {
         Some(id) if is_valid(id) => id.clone(),
         _ if mode == RequestIdMode::Generate => generate(),
-        _ => none(),
-    }
+        _ => return none(),
+    };
+    id.set_sensitive(true);
+    id
 }
 
 /// A new id (see the module's documentation).
@@ -131,6 +137,9 @@ mod tests {
         assert_eq!(for_request(&good, Generate), "abc-1");
         assert_eq!(for_request(&good, Pass), "abc-1");
         assert_eq!(for_request(&good, Off), "");
+        // Never indexed by HPACK (see `for_request`).
+        assert!(for_request(&good, Pass).is_sensitive());
+        assert!(for_request(&bare, Generate).is_sensitive());
         for req in [&bare, &long, &spaced] {
             assert_eq!(for_request(req, Generate).len(), 16);
             assert_eq!(for_request(req, Pass), "");
