@@ -1,7 +1,7 @@
 //! Reading a request head, whole, and holding it to HTTP/1.1's rules before any lane sees it.
 //!
-//! The head is read into a buffer taken once its first bytes are there ([`readable`] waits
-//! without one), until its blank line, up to [`MAX_HEAD`] bytes; the bytes read past it (a
+//! The head is read into a buffer taken once its first bytes are there ([`first_bytes`]
+//! holds none while it waits), until its blank line, up to [`MAX_HEAD`] bytes; the bytes read past it (a
 //! body, pipelined requests) stay in the same buffer for whoever reads on. A head that breaks
 //! the rules gets one of stoa's errors ([`Read::Refused`]) and the connection closes:
 //! - a head that does not parse (400), more than [`MAX_HEADERS`] fields or more than
@@ -229,13 +229,30 @@ pub enum Read {
     Closed,
 }
 
-/// Waits until the connection has bytes to read (or has ended), holding no buffer: a read
-/// of nothing, which the socket answers once it is readable. The connection's idle deadline
-/// bounds the wait (see `crate::connections`).
-pub async fn readable(stream: &mut Stream) -> std::io::Result<()> {
+/// Bytes of a head read at once from an idle connection.
+const FIRST_READ: usize = 4096;
+
+/// The first bytes of a connection's next request; `None` when it ended first. A buffer is
+/// taken for each poll and dropped when the socket has nothing (the runtime knows when it
+/// has: no system call then), so an idle connection holds none; and a readable socket is
+/// read at once, not asked first whether it is readable (a zero-length read, one system
+/// call more per request).
+pub async fn first_bytes(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
     poll_fn(|cx| {
-        let mut nothing = ReadBuf::new(&mut []);
-        Pin::new(&mut *stream).poll_read(cx, &mut nothing)
+        let mut buf = BytesMut::zeroed(FIRST_READ);
+        let mut read = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
+            std::task::Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    return std::task::Poll::Ready(Ok(None));
+                }
+                buf.truncate(n);
+                std::task::Poll::Ready(Ok(Some(buf)))
+            }
+            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     })
     .await
 }

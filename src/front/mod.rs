@@ -5,7 +5,7 @@
 //! A connection's life, and where each part is:
 //! - **idle** (`Front`'s `process_new`): a connection waiting for its next request holds its
 //!   socket and a small state, no buffer: a buffer for the head is taken each time the
-//!   socket is polled and given back when it has nothing to read ([`first_bytes`]);
+//!   socket is polled and given back when it has nothing to read ([`head::first_bytes`]);
 //! - **head** ([`head`]): the head is read whole (up to 1 MiB) and held to HTTP/1.1's rules;
 //!   one that breaks them gets stoa's JSON error (400, 414, 431) and the connection closes;
 //! - **lane** ([`lane::choose`]): the one place a request's lane is chosen, with its route
@@ -52,7 +52,7 @@ use pingora::proxy::{HttpProxy, ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType};
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::chunked::{Chunked, Fed};
@@ -314,34 +314,6 @@ impl Front {
     }
 }
 
-/// Bytes of a head read at once from an idle connection.
-const FIRST_READ: usize = 4096;
-
-/// The first bytes of a connection's next request; `None` when it ended first. A buffer is
-/// taken for each poll and dropped when the socket has nothing (the runtime knows when it
-/// has: no system call then), so an idle connection holds none; and a readable socket is
-/// read at once, not asked first whether it is readable (a zero-length read, one system
-/// call more per request).
-async fn first_bytes(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
-    std::future::poll_fn(|cx| {
-        let mut buf = BytesMut::zeroed(FIRST_READ);
-        let mut read = tokio::io::ReadBuf::new(&mut buf);
-        match std::pin::Pin::new(&mut *stream).poll_read(cx, &mut read) {
-            std::task::Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                if n == 0 {
-                    return std::task::Poll::Ready(Ok(None));
-                }
-                buf.truncate(n);
-                std::task::Poll::Ready(Ok(Some(buf)))
-            }
-            std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    })
-    .await
-}
-
 /// The keep-alive of a connection's next session: none once the service is stopping.
 fn keepalive(shutdown: &ShutdownWatch) -> Option<u64> {
     (!*shutdown.borrow()).then_some(KEEPALIVE_SECS)
@@ -367,7 +339,7 @@ impl ServerApp for Front {
                 // Idle: the socket and this loop's state, no buffer.
                 tokio::select! {
                     biased;
-                    first = first_bytes(&mut stream) => carried = Some(first.ok()??),
+                    first = head::first_bytes(&mut stream) => carried = Some(first.ok()??),
                     _ = closing.wait_for(|closed| *closed) => return None,
                 }
             }
