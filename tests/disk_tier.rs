@@ -555,3 +555,35 @@ cache = {{ ttl = "1s", stale_if_error = "60s" }}
     assert_eq!(x, "MISS");
     assert_ne!(body, first);
 }
+
+#[tokio::test]
+async fn a_second_process_on_the_same_directory_refuses_to_start() {
+    let origin = Origin::start(Duration::ZERO, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = scene(&origin, dir.path(), "", "");
+    let first = StoaProcess::start(&text).await;
+    let (_, x, _) = get(&first, "/items/1").await;
+    assert_eq!(x, "MISS");
+    let mut second = StoaProcess::spawn("", &text);
+    let status = second
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("a second stoa served the same directory:\n{}", second.log()));
+    assert!(!status.success());
+    assert!(
+        second
+            .log()
+            .contains("another stoa process uses this directory"),
+        "{}",
+        second.log()
+    );
+    // The first one serves on, from disk too.
+    let (_, x, _) = get(&first, "/items/1").await;
+    assert_eq!(x, "HIT");
+    stop(first).await;
+    // Its lock went with it: a new process takes the directory and its entries.
+    let again = StoaProcess::start(&text).await;
+    let (_, x, status) = get(&again, "/items/1").await;
+    assert_eq!(x, "HIT", "{status}");
+    assert!(status.contains("detail=disk"), "{status}");
+}

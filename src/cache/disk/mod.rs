@@ -56,6 +56,33 @@ const FOYER_MEMORY: usize = 64 * 1024;
 pub enum DiskError {
     #[error("cache.disk: cannot start the disk tier's runtime: {0}")]
     Runtime(std::io::Error),
+    #[error("cache.disk.path {0}: another stoa process uses this directory (each needs its own)")]
+    InUse(String),
+    #[error("cache.disk.path {0}: cannot lock the directory: {1}")]
+    Lock(String, std::io::Error),
+}
+
+/// The file whose lock says a process uses the tier's directory.
+const LOCK_FILE: &str = "stoa.lock";
+
+/// Takes the directory for this process: an exclusive lock on its [`LOCK_FILE`], held as
+/// long as the returned file is open (the system lets it go when the process ends, however
+/// it ends). Two processes writing one engine's files would each overwrite what the other
+/// indexed.
+fn lock_dir(dir: &Path) -> Result<std::fs::File, DiskError> {
+    let shown = || dir.display().to_string();
+    std::fs::create_dir_all(dir).map_err(|e| DiskError::Lock(shown(), e))?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(|e| DiskError::Lock(shown(), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DiskError::InUse(shown())),
+        Err(std::fs::TryLockError::Error(e)) => Err(DiskError::Lock(shown(), e)),
+    }
 }
 
 /// What a lookup found.
@@ -75,6 +102,8 @@ type Write = (Arc<CacheKey>, Arc<Entry>);
 
 /// The disk tier of one process.
 pub struct Disk {
+    /// Held open for the process's life: the directory's lock (see [`lock_dir`]).
+    _lock: std::fs::File,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     store: Arc<OnceLock<Foyer>>,
     ready: watch::Receiver<bool>,
@@ -99,9 +128,11 @@ impl std::fmt::Debug for Disk {
 
 impl Disk {
     /// Starts the tier in `settings.path`: its runtime now, the recovery of its index in
-    /// the background. A directory that cannot be opened leaves the tier off (logged once,
-    /// every write counted as failed).
+    /// the background. A directory another process uses is an error (the process does not
+    /// start); one whose files cannot be opened leaves the tier off (logged once, every
+    /// write counted as failed).
     pub fn open(settings: &DiskSettings, metrics: DiskMetrics) -> Result<Arc<Disk>, DiskError> {
+        let lock = lock_dir(&settings.path)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("stoa-disk")
@@ -122,6 +153,7 @@ impl Disk {
         let store = Arc::new(OnceLock::new());
         let pending = Arc::new(AtomicUsize::new(0));
         let disk = Arc::new(Disk {
+            _lock: lock,
             runtime: Mutex::new(Some(runtime)),
             store: store.clone(),
             ready,
