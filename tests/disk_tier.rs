@@ -587,3 +587,39 @@ async fn a_second_process_on_the_same_directory_refuses_to_start() {
     assert_eq!(x, "HIT", "{status}");
     assert!(status.contains("detail=disk"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_from_the_shared_tier_is_kept_on_this_nodes_disk() {
+    let mut redis = common::redis::RedisServer::start();
+    let origin = Origin::start(Duration::ZERO, 0).await;
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let redis_url = redis.url();
+    let config = |n: usize| {
+        format!(
+            "{}\n[cluster]\nredis = \"{redis_url}\"\nnode_name = \"node-{n}\"\n",
+            scene(&origin, dirs[n].path(), "", ""),
+        )
+    };
+    let mut nodes = vec![
+        StoaProcess::start(&config(0)).await,
+        StoaProcess::start(&config(1)).await,
+    ];
+    common::cluster::wait_redis_up(&nodes, true).await;
+    let (b, a) = (nodes.pop().unwrap(), nodes.pop().unwrap());
+    let (body, x, _) = get(&a, "/items/1").await;
+    assert_eq!(x, "MISS");
+    // node-1 takes node-0's answer from Redis.
+    let (shared, x, status) = get(&b, "/items/1").await;
+    assert_eq!((x.as_str(), shared.as_str()), ("MISS", body.as_str()));
+    assert!(status.contains("detail=shared-tier"), "{status}");
+    assert_eq!(origin.calls(), 1);
+    stop(b).await;
+    stop(a).await;
+    // Without Redis now: node-1's own disk answers after its restart.
+    redis.stop();
+    let b = StoaProcess::start(&config(1)).await;
+    let (again, x, status) = get(&b, "/items/1").await;
+    assert_eq!((x.as_str(), again.as_str()), ("HIT", body.as_str()));
+    assert!(status.contains("detail=disk"), "{status}");
+    assert_eq!(origin.calls(), 1);
+}

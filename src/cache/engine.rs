@@ -872,7 +872,12 @@ impl CacheEngine {
                         let stored = lead.store_unless_invalidated(
                             |tag| entry.has_tag(tag),
                             || {
-                                engine.store.insert(key, entry.clone());
+                                engine.store.insert(key.clone(), entry.clone());
+                                // Kept on this node's disk too: a restart needs no trip
+                                // to the shared tier for it.
+                                if let Some(disk) = &engine.disk {
+                                    disk.write(&key, &entry);
+                                }
                             },
                         );
                         if !stored {
