@@ -623,3 +623,70 @@ async fn an_entry_from_the_shared_tier_is_kept_on_this_nodes_disk() {
     assert!(status.contains("detail=disk"), "{status}");
     assert_eq!(origin.calls(), 1);
 }
+
+fn writes(metrics: &str, result: &str) -> f64 {
+    sample(
+        metrics,
+        &format!("stoa_cache_disk_writes_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// Waits (10 s at most) until the writes counted as `result` reach `at_least`.
+async fn wait_writes(node: &StoaProcess, result: &str, at_least: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = node.metrics().await;
+        if writes(&metrics, result) >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "writes {result} never reached {at_least}:\n{metrics}\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_directory_that_refuses_writes_costs_writes_not_requests() {
+    let origin = Origin::start(Duration::ZERO, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node = StoaProcess::start(&scene(&origin, dir.path(), "", "")).await;
+    get(&node, "/items/1").await;
+    wait_writes(&node, "written", 1.0).await;
+    // A directory where the writer's probe writes its page: every write there fails, as on
+    // a full or failing disk (the tests may run as root, whom permissions do not stop).
+    let probe = dir.path().join(".stoa-probe");
+    std::fs::create_dir(&probe).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for i in 2..6 {
+        let (body, x, _) = get(&node, &format!("/items/{i}")).await;
+        assert_eq!(x, "MISS");
+        assert!(is_answer_for(&body, &format!("/items/{i}")), "{body}");
+    }
+    wait_writes(&node, "error", 4.0).await;
+    let written = writes(&node.metrics().await, "written");
+    // Another probe, still refused: logged once all the same.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    get(&node, "/items/6").await;
+    wait_writes(&node, "error", 5.0).await;
+    assert_eq!(writes(&node.metrics().await, "written"), written);
+    assert_eq!(
+        node.log().matches("refuses writes").count(),
+        1,
+        "{}",
+        node.log()
+    );
+    // Memory serves on.
+    let (_, x, _) = get(&node, "/items/3").await;
+    assert_eq!(x, "HIT");
+
+    // The directory takes writes again: so does the tier.
+    std::fs::remove_dir(&probe).unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    get(&node, "/items/7").await;
+    wait_writes(&node, "written", written + 1.0).await;
+    assert!(node.log().contains("takes writes again"), "{}", node.log());
+}

@@ -187,7 +187,7 @@ impl Disk {
                 }
             }
             let _ = ready_tx.send(true);
-            write_all(queue, store, metrics, pending).await;
+            write_all(queue, store, metrics, pending, Health::new(path)).await;
         });
         Ok(disk)
     }
@@ -361,11 +361,79 @@ async fn write_all(
     store: Arc<OnceLock<Foyer>>,
     metrics: DiskMetrics,
     pending: Arc<AtomicUsize>,
+    mut health: Health,
 ) {
     let mut failing = false;
     while let Some((key, entry)) = queue.recv().await {
-        write_one(&store, &metrics, &mut failing, &key, &entry);
+        if health.takes_writes().await {
+            write_one(&store, &metrics, &mut failing, &key, &entry);
+        } else {
+            metrics.write("error");
+        }
         pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How often the writer proves that the directory still takes writes.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The file the writer's probe writes and removes.
+const PROBE_FILE: &str = ".stoa-probe";
+
+/// Whether the tier's directory takes writes, proved at most every [`PROBE_EVERY`] by
+/// writing a page to a new file, syncing and removing it: a full disk (the engine's files
+/// are made at full size, so it is the page that does not fit) or a failing one is seen
+/// here, where the engine's own flushers only log. While it does not, writes are left out
+/// (counted as `error`); the change is logged once each way.
+struct Health {
+    dir: std::path::PathBuf,
+    checked: Option<Instant>,
+    ok: bool,
+}
+
+impl Health {
+    fn new(dir: std::path::PathBuf) -> Health {
+        Health {
+            dir,
+            checked: None,
+            ok: true,
+        }
+    }
+
+    async fn takes_writes(&mut self) -> bool {
+        if self.checked.is_some_and(|at| at.elapsed() < PROBE_EVERY) {
+            return self.ok;
+        }
+        self.checked = Some(Instant::now());
+        let probe = self.dir.join(PROBE_FILE);
+        let wrote = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&probe)?;
+            let written = file.write_all(&[0u8; 4096]).and_then(|()| file.sync_data());
+            let removed = std::fs::remove_file(&probe);
+            written.and(removed)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match (self.ok, wrote) {
+            (true, Err(e)) => {
+                self.ok = false;
+                tracing::warn!(
+                    path = %self.dir.display(),
+                    "cache.disk: the disk tier's directory refuses writes ({e}): writes are \
+                     left out (counted) until it takes them again; requests are not affected"
+                );
+            }
+            (false, Ok(())) => {
+                self.ok = true;
+                tracing::info!(
+                    path = %self.dir.display(),
+                    "cache.disk: the disk tier's directory takes writes again"
+                );
+            }
+            _ => {}
+        }
+        self.ok
     }
 }
 
