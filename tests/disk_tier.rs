@@ -458,30 +458,6 @@ fn stoa_check_refuses_a_disk_path_that_cannot_be_created() {
 /// The server lines of the lanes: the front (with h2c beside it) and pingora's proxy.
 const LANES: [(&str, &str); 2] = [("front", "h2c = true"), ("proxy", "front = false")];
 
-/// One GET over HTTP/2 with prior knowledge (h2c): status, headers and body.
-async fn h2c_get(port: u16, path: &str) -> (u16, http::HeaderMap, Vec<u8>) {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut send = send.ready().await.expect("connection open");
-    let req = http::Request::get(format!("http://localhost{path}"))
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, true).expect("request sent");
-    let (parts, mut body) = resp.await.expect("answer").into_parts();
-    let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("body");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
-    (parts.status.as_u16(), parts.headers, data)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_hits_on_both_http1_lanes_and_over_http2() {
     let origin = Origin::start(Duration::ZERO, 0).await;
@@ -504,7 +480,8 @@ async fn disk_hits_on_both_http1_lanes_and_over_http2() {
         let status = answer.header("cache-status").unwrap_or_default();
         assert!(status.contains("detail=disk"), "{lane}: {status}");
         if server.contains("h2c") {
-            let (code, headers, body) = h2c_get(node.port, "/items/b").await;
+            let send = common::h2::h2c(node.port).await;
+            let (code, headers, body) = common::h2::get(&send, "/items/b", &[]).await;
             assert_eq!(
                 (code, headers["x-cache"].to_str().unwrap()),
                 (200, "HIT"),

@@ -280,46 +280,20 @@ async fn each_encoding_decodes_to_the_identity_bytes_with_vary_on_misses_and_hit
     assert_eq!(decode("gzip", &miss.body), identity);
 }
 
-/// One GET over HTTP/2 with `accept-encoding`: status, headers and body.
-async fn h2_get_ae(
-    send: &h2::client::SendRequest<bytes::Bytes>,
-    path: &str,
-    accept_encoding: &str,
-) -> (u16, http::HeaderMap, Vec<u8>) {
-    let mut send = send.clone().ready().await.expect("connection open");
-    let req = http::Request::get(format!("http://localhost{path}"))
-        .header("accept-encoding", accept_encoding)
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, true).expect("request sent");
-    let (parts, mut body) = resp.await.expect("answer").into_parts();
-    let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("body");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
-    (parts.status.as_u16(), parts.headers, data)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http2_each_variant_is_answered_from_its_own_prepared_head() {
     let origin = Origin::start().await;
     let gw = start_with(&origin, "h2c = true", "").await;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let send = common::h2::h2c(gw.port).await;
     let identity = big_json().into_bytes();
-    let (status, _, body) = h2_get_ae(&send, "/c/big", "identity").await;
-    assert_eq!((status, &body), (200, &identity));
+    let (status, _, body) =
+        common::h2::get(&send, "/c/big", &[("accept-encoding", "identity")]).await;
+    assert_eq!((status, &body[..]), (200, &identity[..]));
     // Twice each, in turns: every variant's head is built once and used again.
     for _ in 0..2 {
         for coding in ["br", "gzip", "identity"] {
-            let (status, headers, body) = h2_get_ae(&send, "/c/big", coding).await;
+            let (status, headers, body) =
+                common::h2::get(&send, "/c/big", &[("accept-encoding", coding)]).await;
             assert_eq!(status, 200, "{coding}");
             assert_eq!(headers["x-cache"], "HIT", "{coding}");
             assert_eq!(

@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use common::{path_of, raw_send, read_answer, read_head, RawAnswer, StoaProcess};
 use tokio::io::AsyncWriteExt;
 
@@ -244,55 +243,18 @@ async fn a_range_on_a_hit_is_a_206_with_the_stored_head_on_the_http1_lanes() {
     }
 }
 
-/// An HTTP/2 connection with prior knowledge to the cleartext listener of `gw` (h2c).
-async fn h2c(gw: &StoaProcess) -> h2::client::SendRequest<Bytes> {
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    send
-}
-
-/// One GET over HTTP/2 with extra headers: status, headers and body.
-async fn h2_get(
-    send: &h2::client::SendRequest<Bytes>,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> (u16, http::HeaderMap, Bytes) {
-    let mut send = send.clone().ready().await.expect("connection open");
-    let mut req = http::Request::get(format!("http://localhost{path}"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let (resp, _) = send
-        .send_request(req.body(()).unwrap(), true)
-        .expect("request sent");
-    let resp = resp.await.expect("answer");
-    let (parts, mut body) = resp.into_parts();
-    let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("body");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
-    (parts.status.as_u16(), parts.headers, Bytes::from(data))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_range_on_a_hit_is_a_206_over_http2() {
     let origin = Origin::start().await;
     plain(&origin);
     let gw = stoa_for(&origin, "h2c = true").await;
-    let send = h2c(&gw).await;
-    let (status, headers, body) = h2_get(&send, "/c/p", &[]).await;
+    let send = common::h2::h2c(gw.port).await;
+    let (status, headers, body) = common::h2::get(&send, "/c/p", &[]).await;
     assert_eq!((status, &body[..]), (200, BODY.as_bytes()));
     assert_eq!(headers["x-cache"], "MISS");
     assert_eq!(headers["accept-ranges"], "bytes");
 
-    let (status, headers, body) = h2_get(&send, "/c/p", &[("range", "bytes=4-7")]).await;
+    let (status, headers, body) = common::h2::get(&send, "/c/p", &[("range", "bytes=4-7")]).await;
     assert_eq!((status, &body[..]), (206, &b"4567"[..]), "{headers:?}");
     assert_eq!(headers["content-range"], "bytes 4-7/20");
     assert_eq!(headers["content-length"], "4");
@@ -300,11 +262,11 @@ async fn a_range_on_a_hit_is_a_206_over_http2() {
     assert_eq!(headers["etag"], "\"v1\"");
     assert!(headers.contains_key("age"), "{headers:?}");
 
-    let (status, headers, body) = h2_get(&send, "/c/p", &[("range", "bytes=20-")]).await;
+    let (status, headers, body) = common::h2::get(&send, "/c/p", &[("range", "bytes=20-")]).await;
     assert_eq!((status, body.len()), (416, 0), "{headers:?}");
     assert_eq!(headers["content-range"], "bytes */20");
 
-    let (status, _, body) = h2_get(&send, "/c/p", &[("range", "bytes=0-1,5-6")]).await;
+    let (status, _, body) = common::h2::get(&send, "/c/p", &[("range", "bytes=0-1,5-6")]).await;
     assert_eq!((status, &body[..]), (200, BODY.as_bytes()));
     assert_eq!(origin.calls("/p"), 1);
 }

@@ -310,41 +310,11 @@ async fn a_miss_is_stored_then_a_hit_counts_its_ttl_after_the_upstreams_member()
     assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
 }
 
-/// The `Cache-Status` lines of an HTTP/2 answer, in order.
-async fn h2_cache_status(send: &h2::client::SendRequest<bytes::Bytes>, path: &str) -> Vec<String> {
-    let mut send = send.clone().ready().await.expect("connection open");
-    let req = http::Request::get(format!("http://localhost{path}"))
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, true).expect("request sent");
-    let resp = resp.await.expect("answer");
-    assert_eq!(resp.status(), 200);
-    let (parts, mut body) = resp.into_parts();
-    while let Some(chunk) = body.data().await {
-        let _ = body
-            .flow_control()
-            .release_capacity(chunk.expect("body").len());
-    }
-    assert_eq!(parts.headers.get_all("age").iter().count(), 1);
-    parts
-        .headers
-        .get_all("cache-status")
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http2_a_hit_keeps_the_upstreams_member_before_its_own() {
     let origin = Origin::start().await;
     let gw = stoa_with(&origin, "h2c = true").await;
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let send = common::h2::h2c(gw.port).await;
     let miss = h2_cache_status(&send, "/c/up/2").await;
     assert_eq!(miss.len(), 2, "{miss:?}");
     assert!(miss[1].starts_with("stoa; fwd=miss"), "{miss:?}");
@@ -518,4 +488,16 @@ async fn bypasses_and_stoas_own_errors_say_why() {
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["x-cache"], "BYPASS");
     assert_eq!(shape(&stoa_member(&r)), ["detail=rate_limited"]);
+}
+
+/// The `Cache-Status` lines of an HTTP/2 answer, in order (it has one `Age`).
+async fn h2_cache_status(send: &h2::client::SendRequest<bytes::Bytes>, path: &str) -> Vec<String> {
+    let (status, headers, _) = common::h2::get(send, path, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers.get_all("age").iter().count(), 1);
+    headers
+        .get_all("cache-status")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect()
 }

@@ -191,27 +191,6 @@ async fn tls_connect(port: u16, ca: &Ca, alpn: &[&[u8]]) -> std::io::Result<TlsS
     ca.connector(alpn).connect(name, tcp).await
 }
 
-/// One GET over an HTTP/2 connection: status, headers and body.
-async fn h2_get(
-    send: &h2::client::SendRequest<Bytes>,
-    path: &str,
-) -> (u16, http::HeaderMap, Bytes) {
-    let mut send = send.clone().ready().await.expect("connection open");
-    let req = http::Request::get(format!("https://localhost{path}"))
-        .body(())
-        .unwrap();
-    let (resp, _) = send.send_request(req, true).expect("request sent");
-    let resp = resp.await.expect("answer");
-    let (parts, mut body) = resp.into_parts();
-    let mut data = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("body");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
-    (parts.status.as_u16(), parts.headers, Bytes::from(data))
-}
-
 /// Headers HTTP/2 forbids (RFC 9113 §8.2.2).
 const CONNECTION_SPECIFIC: [&str; 5] = [
     "connection",
@@ -238,7 +217,7 @@ async fn two_hundred_h2_streams_on_one_connection_for_a_cold_key_cost_one_upstre
     let tasks: Vec<_> = (0..200)
         .map(|_| {
             let send = send.clone();
-            tokio::spawn(async move { h2_get(&send, "/restaurant/dufva").await })
+            tokio::spawn(async move { h2_get_tls(&send, "/restaurant/dufva").await })
         })
         .collect();
     let mut bodies = std::collections::HashSet::new();
@@ -261,7 +240,7 @@ async fn two_hundred_h2_streams_on_one_connection_for_a_cold_key_cost_one_upstre
     assert_eq!(misses, 1);
     assert_eq!(bodies.len(), 1);
     // And a hit afterwards, on the same connection.
-    let (status, headers, _) = h2_get(&send, "/restaurant/dufva").await;
+    let (status, headers, _) = h2_get_tls(&send, "/restaurant/dufva").await;
     assert_eq!(status, 200);
     assert_eq!(headers["x-cache"], "HIT");
 }
@@ -281,11 +260,11 @@ async fn h2_hits_start_from_a_prepared_head_and_carry_their_own_headers() {
     for (server_extra, with_id) in [("", true), ("request_id = \"off\"", false)] {
         let gw = TlsGateway::start(certs.path(), server_extra, &rest).await;
         let (send, _conn) = h2_over_tls(&gw, &ca).await;
-        let (status, _, fetched) = h2_get(&send, "/restaurant/dufva").await;
+        let (status, _, fetched) = h2_get_tls(&send, "/restaurant/dufva").await;
         assert_eq!(status, 200);
         let mut ids = std::collections::HashSet::new();
         for _ in 0..3 {
-            let (status, headers, body) = h2_get(&send, "/restaurant/dufva").await;
+            let (status, headers, body) = h2_get_tls(&send, "/restaurant/dufva").await;
             assert_eq!(status, 200);
             assert_eq!(body, fetched);
             assert_eq!(headers["x-cache"], "HIT");
@@ -334,7 +313,7 @@ async fn rate_limits_and_errors_are_json_over_h2() {
     let (send, _conn) = h2_over_tls(&gw, &ca).await;
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        let (status, headers, body) = h2_get(&send, "/echo").await;
+        let (status, headers, body) = h2_get_tls(&send, "/echo").await;
         statuses.push(status);
         if status == 429 {
             let v: Value = serde_json::from_slice(&body).unwrap();
@@ -343,11 +322,11 @@ async fn rate_limits_and_errors_are_json_over_h2() {
         }
     }
     assert_eq!(statuses, [200, 200, 429]);
-    let (status, _, body) = h2_get(&send, "/dead").await;
+    let (status, _, body) = h2_get_tls(&send, "/dead").await;
     assert_eq!(status, 502);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
-    let (status, headers, body) = h2_get(&send, "/nowhere").await;
+    let (status, headers, body) = h2_get_tls(&send, "/nowhere").await;
     assert_eq!(status, 404);
     for name in CONNECTION_SPECIFIC {
         assert!(!headers.contains_key(name), "{name} sent over HTTP/2");
@@ -376,7 +355,7 @@ async fn certificates_rotate_on_sighup_and_open_connections_keep_working() {
     old_ca.install(certs.path());
     let gw = TlsGateway::start(certs.path(), "", &echo_route(&echo)).await;
     let (held, _conn) = h2_over_tls(&gw, &old_ca).await;
-    assert_eq!(h2_get(&held, "/echo").await.0, 200);
+    assert_eq!(h2_get_tls(&held, "/echo").await.0, 200);
     assert!(tls_connect(gw.tls_port, &new_ca, &[b"h2"]).await.is_err());
 
     new_ca.install(certs.path());
@@ -387,7 +366,7 @@ async fn certificates_rotate_on_sighup_and_open_connections_keep_working() {
         "new handshakes present the new certificate"
     );
     // The connection opened before the reload is still served.
-    let (status, _, body) = h2_get(&held, "/echo").await;
+    let (status, _, body) = h2_get_tls(&held, "/echo").await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["headers"]["x-forwarded-proto"], "https");
@@ -435,7 +414,7 @@ async fn a_bad_certificate_file_is_a_reload_error_that_changes_nothing() {
     );
     // New handshakes still present the certificate read at start.
     let (send, _conn) = h2_over_tls(&gw, &ca).await;
-    assert_eq!(h2_get(&send, "/echo").await.0, 200);
+    assert_eq!(h2_get_tls(&send, "/echo").await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -470,7 +449,7 @@ async fn a_client_that_never_sends_a_client_hello_is_closed_and_tls_connections_
     );
     // Its slot is free again.
     let (send, _conn) = h2_over_tls(&gw, &ca).await;
-    assert_eq!(h2_get(&send, "/echo").await.0, 200);
+    assert_eq!(h2_get_tls(&send, "/echo").await.0, 200);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -799,4 +778,12 @@ async fn http2_connections_have_deadlines_too() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(4),
         "{waited:?}"
     );
+}
+
+/// One GET over an HTTP/2 connection to the TLS listener: status, headers and body.
+async fn h2_get_tls(
+    send: &h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> (u16, http::HeaderMap, Bytes) {
+    common::h2::get_with_scheme(send, "https", path, &[]).await
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 pub use stoa_demo::{Api, DemoServer, Knobs};
 
 pub mod cluster;
+pub mod h2;
 pub mod redis;
 
 pub const STOA: &str = env!("CARGO_BIN_EXE_stoa");
