@@ -13,9 +13,9 @@
 #      start again: time from the start to the first hit, and the share of those entries
 #      answered HIT (from disk) in one pass over them.
 #
-#   flock /tmp/stoa-bench.lock loadtest/disk.sh
-#   NO_BUILD=1 ROUNDS=5 flock /tmp/stoa-bench.lock loadtest/disk.sh
-#   PARTS=2 flock /tmp/stoa-bench.lock loadtest/disk.sh      # only part 2 (PARTS [123])
+#   loadtest/disk.sh
+#   NO_BUILD=1 ROUNDS=5 loadtest/disk.sh
+#   PARTS=2 loadtest/disk.sh      # only part 2 (PARTS [123])
 #
 # The disk files are in $TMPDIR: on a machine with free memory, reads come from the page
 # cache, as they would for a hot working set in production.
