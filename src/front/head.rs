@@ -19,11 +19,10 @@
 
 use std::future::poll_fn;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
 
 use bytes::BytesMut;
 use pingora::protocols::Stream;
-use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
+use tokio::io::AsyncReadExt;
 
 use crate::error::StoaError;
 use crate::proxy::answer::MAX_URI_BYTES;
@@ -239,17 +238,12 @@ const FIRST_READ: usize = 4096;
 /// call more per request).
 pub async fn first_bytes(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
     poll_fn(|cx| {
-        let mut buf = BytesMut::zeroed(FIRST_READ);
-        let mut read = ReadBuf::new(&mut buf);
-        match Pin::new(&mut *stream).poll_read(cx, &mut read) {
-            std::task::Poll::Ready(Ok(())) => {
-                let n = read.filled().len();
-                if n == 0 {
-                    return std::task::Poll::Ready(Ok(None));
-                }
-                buf.truncate(n);
-                std::task::Poll::Ready(Ok(Some(buf)))
-            }
+        // Not zeroed: `read_buf` fills the spare capacity as it is.
+        let mut buf = BytesMut::with_capacity(FIRST_READ);
+        let read = std::pin::pin!(stream.read_buf(&mut buf));
+        match std::future::Future::poll(read, cx) {
+            std::task::Poll::Ready(Ok(0)) => std::task::Poll::Ready(Ok(None)),
+            std::task::Poll::Ready(Ok(_)) => std::task::Poll::Ready(Ok(Some(buf))),
             std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
