@@ -202,16 +202,7 @@ const CONNECTION_SPECIFIC: [&str; 5] = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_h2_streams_on_one_connection_for_a_cold_key_cost_one_upstream_call() {
-    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 300)).await;
-    let certs = tempfile::tempdir().unwrap();
-    let ca = Ca::new("stoa test CA");
-    ca.install(certs.path());
-    let rest = format!(
-        "[upstreams.up]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[[routes]]\nname = \"restaurant\"\n\
-         methods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\nrewrite = \"/api/restaurant/{{id}}\"\n\
-         upstream = \"up\"\ncache = {{ ttl = \"60s\" }}\n",
-        up.url()
-    );
+    let (up, certs, ca, rest) = cached_restaurant_over_tls(300).await;
     let gw = TlsGateway::start(certs.path(), "h2_max_concurrent_streams = 250", &rest).await;
     let (send, _conn) = h2_over_tls(&gw, &ca).await;
     let tasks: Vec<_> = (0..200)
@@ -247,16 +238,7 @@ async fn two_hundred_h2_streams_on_one_connection_for_a_cold_key_cost_one_upstre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_hits_start_from_a_prepared_head_and_carry_their_own_headers() {
-    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, 0)).await;
-    let certs = tempfile::tempdir().unwrap();
-    let ca = Ca::new("stoa test CA");
-    ca.install(certs.path());
-    let rest = format!(
-        "[upstreams.up]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[[routes]]\nname = \"restaurant\"\n\
-         methods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\nrewrite = \"/api/restaurant/{{id}}\"\n\
-         upstream = \"up\"\ncache = {{ ttl = \"60s\" }}\n",
-        up.url()
-    );
+    let (up, certs, ca, rest) = cached_restaurant_over_tls(0).await;
     for (server_extra, with_id) in [("", true), ("request_id = \"off\"", false)] {
         let gw = TlsGateway::start(certs.path(), server_extra, &rest).await;
         let (send, _conn) = h2_over_tls(&gw, &ca).await;
@@ -786,4 +768,22 @@ async fn h2_get_tls(
     path: &str,
 ) -> (u16, http::HeaderMap, Bytes) {
     common::h2::get_with_scheme(send, "https", path, &[]).await
+}
+
+/// The restaurants demo answering after `latency_ms`, a CA whose certificate is installed
+/// in a new directory, and a cached route to the demo (the configuration after `[server]`).
+async fn cached_restaurant_over_tls(
+    latency_ms: u64,
+) -> (common::DemoServer, tempfile::TempDir, Ca, String) {
+    let up = demo_with(Api::Restaurants, knobs(Api::Restaurants, latency_ms)).await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = Ca::new("stoa test CA");
+    ca.install(certs.path());
+    let rest = format!(
+        "[upstreams.up]\nurl = \"{}\"\ntimeout = \"5s\"\n\n[[routes]]\nname = \"restaurant\"\n\
+         methods = [\"GET\"]\npath = \"/restaurant/{{id}}\"\nrewrite = \"/api/restaurant/{{id}}\"\n\
+         upstream = \"up\"\ncache = {{ ttl = \"60s\" }}\n",
+        up.url()
+    );
+    (up, certs, ca, rest)
 }
