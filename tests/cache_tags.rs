@@ -131,15 +131,7 @@ async fn get(node: &StoaProcess, path: &str) -> (String, String, reqwest::header
 }
 
 async fn purge(node: &StoaProcess, body: serde_json::Value) -> serde_json::Value {
-    let r = reqwest::Client::new()
-        .post(node.admin_url("/admin/purge"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{body}");
-    r.json().await.unwrap()
+    node.purge(TOKEN, body).await
 }
 
 async fn warm(node: &StoaProcess, paths: &[&str]) {

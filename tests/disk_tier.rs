@@ -100,15 +100,7 @@ async fn get(node: &StoaProcess, path: &str) -> (String, String, String) {
 }
 
 async fn purge(node: &StoaProcess, body: serde_json::Value) -> serde_json::Value {
-    let r = reqwest::Client::new()
-        .post(node.admin_url("/admin/purge"))
-        .bearer_auth(TOKEN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{body}");
-    r.json().await.unwrap()
+    node.purge(TOKEN, body).await
 }
 
 /// Stops `node` with SIGTERM and waits for it to exit.

@@ -125,15 +125,7 @@ fn pair(body: &str, x_cache: &str) -> (String, String) {
 }
 
 async fn purge(gw: &StoaProcess, what: Value) -> Value {
-    let r = reqwest::Client::new()
-        .post(gw.admin_url("/admin/purge"))
-        .bearer_auth(TOKEN)
-        .json(&what)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    gw.purge(TOKEN, what).await
 }
 
 /// The server lines of the lanes: stoa's front, and pingora's proxy.

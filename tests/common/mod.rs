@@ -176,6 +176,19 @@ impl StoaProcess {
             .unwrap()
     }
 
+    /// `POST /admin/purge` with `body`, which must answer 200: its report.
+    pub async fn purge(&self, token: &str, body: serde_json::Value) -> serde_json::Value {
+        let r = reqwest::Client::new()
+            .post(self.admin_url("/admin/purge"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{body}");
+        r.json().await.unwrap()
+    }
+
     /// The metrics exposition from the admin listener.
     pub async fn metrics(&self) -> String {
         reqwest::get(self.admin_url("/metrics"))
