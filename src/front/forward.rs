@@ -107,6 +107,15 @@ impl Forwarder {
         Ok(())
     }
 
+    /// A new connection to `peer`. Boxed: connecting (TLS included) is a future of several
+    /// KiB, and a request's whole future is allocated and moved per request (see
+    /// `Front::process_new`), while most requests take an idle connection.
+    async fn connect(&self, peer: &HttpPeer) -> Result<pingora::protocols::Stream> {
+        Box::pin(self.connector.new_stream(peer))
+            .await
+            .map_err(Error::into_up)
+    }
+
     /// Writes the request upstream and reads the first answer's head. As pingora's proxy
     /// does, an idempotent request whose kept-alive connection the upstream closed meanwhile
     /// (closed or reset before a byte of the answer) is sent once more on a new connection,
@@ -123,10 +132,7 @@ impl Forwarder {
         let peer = &link.peer;
         let (stream, reused) = match self.idle.take(link.pool_key) {
             Some(stream) => (stream, true),
-            None => {
-                let stream = self.connector.new_stream(peer).await;
-                (stream.map_err(Error::into_up)?, false)
-            }
+            None => (self.connect(peer).await?, false),
         };
         let may_retry = reused && req.method.is_idempotent();
         let mut up = session_on(stream, peer);
@@ -142,11 +148,7 @@ impl Forwarder {
         }
         tracing::debug!("a kept-alive upstream connection failed, once more: {e}");
         let req = upstream_head(stoa, session, ctx).await?;
-        let stream = self
-            .connector
-            .new_stream(peer)
-            .await
-            .map_err(Error::into_up)?;
+        let stream = self.connect(peer).await?;
         let mut up = session_on(stream, peer);
         send(&mut up, req, body.as_ref()).await?;
         Ok(up)

@@ -211,12 +211,7 @@ impl Front {
                     // Recorded first: the session is gone once its stream is taken to write.
                     let sent = Some((wire.status, wire.body_bytes));
                     self.stoa.finish_request(&session, None, &mut ctx, sent);
-                    let (mut stream, next) = session
-                        .downstream_session
-                        .finish()
-                        .await
-                        .ok()??
-                        .into_parts();
+                    let (mut stream, next) = finish(session.downstream_session).await?;
                     write::send(&mut stream, &wire).await.ok()?;
                     return Some((stream, next));
                 }
@@ -237,8 +232,7 @@ impl Front {
             return self.failed(&mut session, &mut ctx, &e).await;
         }
         self.stoa.finish_request(&session, None, &mut ctx, None);
-        let reusable = session.downstream_session.finish().await.ok().flatten()?;
-        Some(reusable.into_parts())
+        finish(session.downstream_session).await
     }
 
     /// Hands a request to pingora's proxy with the context made for it. The request's own
@@ -312,6 +306,17 @@ impl Front {
         proxy::record(&ctx, None, &seen);
         None
     }
+}
+
+/// Ends an answer on the front's HTTP/1 session as `ServerSession::finish` does (its body
+/// flushed, then the connection, if it may carry another request), with a future a third
+/// of that one's size: the future of every request is allocated and moved whole.
+async fn finish(session: Box<ServerSession>) -> Option<Next> {
+    let ServerSession::H1(mut v1) = *session else {
+        return None;
+    };
+    v1.finish_body().await.ok()?;
+    Some(v1.reuse().await.ok()??.into_parts())
 }
 
 /// The keep-alive of a connection's next session: none once the service is stopping.
