@@ -23,6 +23,7 @@ use pingora::protocols::http::ServerSession;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::ErrorType;
+use tokio::io::AsyncWriteExt;
 
 use super::pool::IdlePool;
 use crate::proxy::{pass, RequestCtx, StoaProxy};
@@ -57,9 +58,14 @@ impl Forwarder {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let link = pass::start_call(ctx)?;
-        let req = upstream_head(stoa, session, ctx).await?;
         let body = read_body(stoa, session, ctx).await?;
-        let mut up = self.exchange(stoa, session, ctx, &link, req, body).await?;
+        let out = match pass::upstream_wire(session, ctx, body.as_deref()) {
+            Some(wire) => Outgoing::Wire(wire),
+            None => Outgoing::Head(upstream_head(stoa, session, ctx).await?),
+        };
+        let mut up = self
+            .exchange(stoa, session, ctx, &link, out, body.as_ref())
+            .await?;
         let down = http1(session)?;
         // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
         // proxy passes them, until the final one; a 101 is refused: no upgrade was asked for.
@@ -126,18 +132,22 @@ impl Forwarder {
         session: &mut Session,
         ctx: &mut RequestCtx,
         link: &Link,
-        req: Box<RequestHeader>,
-        body: Option<Bytes>,
+        out: Outgoing,
+        body: Option<&Bytes>,
     ) -> Result<UpstreamSession> {
         let peer = &link.peer;
         let (stream, reused) = match self.idle.take(link.pool_key) {
             Some(stream) => (stream, true),
             None => (self.connect(peer).await?, false),
         };
-        let may_retry = reused && req.method.is_idempotent();
-        let mut up = session_on(stream, peer);
-        let Err(mut e) = send(&mut up, req, body.as_ref()).await else {
-            return Ok(up);
+        let may_retry = reused && session.req_header().method.is_idempotent();
+        let again = match &out {
+            Outgoing::Wire(wire) => Some(wire.clone()),
+            Outgoing::Head(_) => None,
+        };
+        let mut e = match attempt(stream, peer, out, body).await {
+            Ok(up) => return Ok(up),
+            Err(e) => e,
         };
         if !may_retry {
             return Err(e);
@@ -147,14 +157,71 @@ impl Forwarder {
             return Err(e);
         }
         tracing::debug!("a kept-alive upstream connection failed, once more: {e}");
-        let req = upstream_head(stoa, session, ctx).await?;
+        let out = match again {
+            Some(wire) => Outgoing::Wire(wire),
+            None => Outgoing::Head(upstream_head(stoa, session, ctx).await?),
+        };
         let stream = self.connect(peer).await?;
-        let mut up = session_on(stream, peer);
-        send(&mut up, req, body.as_ref()).await?;
-        Ok(up)
+        attempt(stream, peer, out, body).await
     }
 }
 
+/// What goes upstream: a head for pingora's session to write, or the head and the body as
+/// bytes ([`pass::upstream_wire`]).
+enum Outgoing {
+    Head(Box<RequestHeader>),
+    Wire(Bytes),
+}
+
+/// Sends `out` (and `body`, with a head) on `stream`, then reads the first answer's head.
+async fn attempt(
+    stream: pingora::protocols::Stream,
+    peer: &HttpPeer,
+    out: Outgoing,
+    body: Option<&Bytes>,
+) -> Result<UpstreamSession> {
+    let mut stream = stream;
+    let req = match out {
+        Outgoing::Head(req) => Some(req),
+        Outgoing::Wire(wire) => {
+            write_wire(&mut stream, &wire, peer.options.write_timeout).await?;
+            None
+        }
+    };
+    let mut up = session_on(stream, peer);
+    match req {
+        Some(req) => send(&mut up, req, body).await?,
+        None => up.read_response().await.map_err(Error::into_up).map(drop)?,
+    }
+    Ok(up)
+}
+
+/// Writes a request's bytes as pingora's session writes a head: whole, within the peer's
+/// write timeout, flushed; its errors are the session's.
+async fn write_wire(
+    stream: &mut pingora::protocols::Stream,
+    wire: &[u8],
+    timeout: Option<std::time::Duration>,
+) -> Result<()> {
+    let write = async {
+        stream.write_all(wire).await?;
+        stream.flush().await
+    };
+    let written = match timeout {
+        Some(t) => pingora::time::timeout(t, write)
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => write.await,
+    };
+    written.map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::TimedOut {
+            ErrorType::WriteTimedout
+        } else {
+            ErrorType::WriteError
+        };
+        Error::because(kind, "while writing the request", e).into_up()
+    })
+}
 /// The head sent upstream: the client's, HTTP/1.1, without its hop-by-hop headers (the
 /// upstream connection keeps alive on its own terms), with stoa's URI and headers
 /// (`upstream_request_filter`).

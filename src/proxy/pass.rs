@@ -78,6 +78,41 @@ pub fn upstream_head(
     )
 }
 
+/// The head [`upstream_head`] makes, and `body`, as the bytes to write upstream
+/// ([`headers::forward_wire`]); `None` when pingora's session must write the head: a
+/// sampled request (its attempt's span is the upstream's parent), a HEAD (the session reads
+/// the answer by the method it wrote), or a target no request line may carry.
+pub fn upstream_wire(
+    session: &Session,
+    ctx: &RequestCtx,
+    body: Option<&[u8]>,
+) -> Option<bytes::Bytes> {
+    let req = session.req_header();
+    if ctx.trace.is_some() || req.method == http::Method::HEAD {
+        return None;
+    }
+    let link = ctx.route().and_then(|r| r.link.as_ref())?;
+    let target = match &ctx.upstream.uri {
+        // As `RequestHeader::set_uri` leaves it to be written.
+        Some(uri) => uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .or_else(|| uri.authority().map(|a| a.as_str()))
+            .unwrap_or_default()
+            .as_bytes(),
+        None => req.raw_path(),
+    };
+    headers::forward_wire(
+        req,
+        target,
+        link.client().host_header(),
+        peer_addr(session),
+        over_tls(session),
+        &ctx.request_id,
+        body,
+    )
+}
+
 /// After a successful write (any method but GET and HEAD), purges the cached answers of
 /// the routes it `invalidates` for the same upstream path, on every node, before the
 /// write's answer goes to the client: once the client has its answer, no node serves what

@@ -40,11 +40,16 @@ fn is_per_fetch(name: &HeaderName) -> bool {
 /// Drops the hop-by-hop headers from a request stoa forwards itself (the front's forwarder;
 /// it takes no request whose `Connection` header names any other header).
 pub fn strip_request(req: &mut RequestHeader) {
-    for name in HOP_BY_HOP {
-        if req.headers.contains_key(name) {
-            req.remove_header(name);
-        }
+    for name in present(&req.headers, is_hop_by_hop) {
+        req.remove_header(&name);
     }
+}
+
+/// The names in `headers` that `drop` picks, found in one pass over the names a message
+/// has (a handful; most messages have none to drop, and then nothing is allocated), rather
+/// than a lookup of every name that could be there.
+fn present(headers: &HeaderMap, drop: impl Fn(&HeaderName) -> bool) -> Vec<HeaderName> {
+    headers.keys().filter(|name| drop(name)).cloned().collect()
 }
 
 /// Folds a request's repeated `Content-Length` lines that say the same length into one
@@ -117,19 +122,20 @@ pub fn strip_response(resp: &mut ResponseHeader, targeted: &HeaderName) {
             resp.remove_header(name.as_str());
         }
     }
-    for name in HOP_BY_HOP {
-        if name == "connection" || name == "transfer-encoding" {
-            continue;
+    // A successful upgrade (101) needs its `Upgrade` header.
+    let upgrade = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let dropped = present(&resp.headers, |name| {
+        if is_hop_by_hop(name) {
+            name != http::header::CONNECTION
+                && name != http::header::TRANSFER_ENCODING
+                && !(upgrade && name == http::header::UPGRADE)
+        } else {
+            name == targeted || name == "surrogate-key" || name == "cache-tag"
         }
-        // A successful upgrade (101) needs its `Upgrade` header.
-        if name == "upgrade" && resp.status == http::StatusCode::SWITCHING_PROTOCOLS {
-            continue;
-        }
+    });
+    for name in &dropped {
         resp.remove_header(name);
     }
-    resp.remove_header(targeted);
-    resp.remove_header("surrogate-key");
-    resp.remove_header("cache-tag");
 }
 
 /// Rewrites the head of a pass-through request for its upstream: `host` (the upstream's
@@ -157,6 +163,93 @@ pub fn forward(
         req.insert_header(X_REQUEST_ID, request_id.clone())?;
     }
     Ok(())
+}
+
+/// The head [`strip_request`] and [`forward`] make of `req`, with `target` as its request
+/// target, written as HTTP/1.1 bytes as pingora's client session writes a head (the
+/// client's names in their case, a replaced header in its place, the added ones last), and
+/// `body` after it: one buffer and one write, where building, cloning and dropping a
+/// `RequestHeader` would cost more than the rest of the request. `None` when the target has
+/// a byte no request line may carry (pingora's session refuses it).
+pub fn forward_wire(
+    req: &RequestHeader,
+    target: &[u8],
+    host: &HeaderValue,
+    peer: Option<IpAddr>,
+    https: bool,
+    request_id: &HeaderValue,
+    body: Option<&[u8]>,
+) -> Option<bytes::Bytes> {
+    use bytes::BufMut;
+    if target
+        .iter()
+        .any(|&b| matches!(b, 0x00 | b'\n' | b'\r' | b' '))
+    {
+        return None;
+    }
+    let forwarded = peer.map(|ip| forwarded_for(req.headers.get(X_FORWARDED_FOR), ip));
+    let proto = forwarded_proto(https);
+    let id = (!request_id.is_empty()).then_some(request_id);
+    // What `forward` sets: written where the client had it, or after the client's headers.
+    // `None` with `replace`: dropped (an empty request id); without: the client's lines go.
+    let set: [(&str, &[u8], Option<&HeaderValue>, bool); 4] = [
+        ("host", b"Host", Some(host), true),
+        (
+            X_FORWARDED_FOR,
+            X_FORWARDED_FOR.as_bytes(),
+            forwarded.as_ref(),
+            forwarded.is_some(),
+        ),
+        (
+            X_FORWARDED_PROTO,
+            X_FORWARDED_PROTO.as_bytes(),
+            Some(&proto),
+            true,
+        ),
+        (X_REQUEST_ID, X_REQUEST_ID.as_bytes(), id, true),
+    ];
+    let mut written = [false; 4];
+    let mut out = bytes::BytesMut::with_capacity(
+        256 + target.len() + req.headers.len() * 32 + body.map_or(0, <[u8]>::len),
+    );
+    out.put_slice(req.method.as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target);
+    out.put_slice(b" HTTP/1.1\r\n");
+    let line = |out: &mut bytes::BytesMut, name: &[u8], value: &HeaderValue| {
+        out.put_slice(name);
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    };
+    let mut cased = req.case_header_iter();
+    for (name, value) in req.headers.iter() {
+        let case = cased.next().map(|(case, _)| case.as_slice());
+        if is_hop_by_hop(name) {
+            continue;
+        }
+        match set.iter().position(|(set_name, ..)| name == *set_name) {
+            Some(i) if set[i].3 => {
+                if !written[i] {
+                    written[i] = true;
+                    if let Some(value) = set[i].2 {
+                        line(&mut out, set[i].1, value);
+                    }
+                }
+            }
+            _ => line(&mut out, case.unwrap_or(name.as_str().as_bytes()), value),
+        }
+    }
+    for (i, (_, wire_name, value, replace)) in set.iter().enumerate() {
+        if let (false, true, Some(value)) = (written[i], *replace, value) {
+            line(&mut out, wire_name, value);
+        }
+    }
+    out.put_slice(b"\r\n");
+    if let Some(body) = body {
+        out.put_slice(body);
+    }
+    Some(out.freeze())
 }
 
 /// Headers for a fetch made for one client only: everything end-to-end, plus forwarding
@@ -294,6 +387,84 @@ mod tests {
             !wire.to_ascii_lowercase().contains("stoa-cache-control"),
             "{wire}"
         );
+    }
+
+    /// The head `strip_request` and `forward` make, as pingora's client session writes it:
+    /// its request line, and its header lines sorted (the order of `HeaderMap`'s removals
+    /// is its own).
+    fn written_by_pingora(
+        req: &RequestHeader,
+        peer: Option<IpAddr>,
+        id: &HeaderValue,
+    ) -> (String, Vec<String>) {
+        let mut req = req.clone();
+        strip_request(&mut req);
+        forward(
+            &mut req,
+            &HeaderValue::from_static("up.example:8080"),
+            peer,
+            true,
+            id,
+        )
+        .unwrap();
+        let wire = pingora::protocols::http::v1::client::http_req_header_to_wire(&req).unwrap();
+        split(&wire)
+    }
+
+    fn split(wire: &[u8]) -> (String, Vec<String>) {
+        let text = String::from_utf8(wire.to_vec()).unwrap();
+        let head = text.strip_suffix("\r\n\r\n").unwrap();
+        let mut lines = head.split("\r\n");
+        let first = lines.next().unwrap().to_string();
+        let mut rest: Vec<String> = lines.map(str::to_string).collect();
+        rest.sort();
+        (first, rest)
+    }
+
+    #[test]
+    fn the_forwarded_head_as_bytes_is_the_head_pingora_would_write() {
+        let mut client = RequestHeader::build("POST", b"/api/x?y=1", None).unwrap();
+        for (name, value) in [
+            ("Host", "stoa.example"),
+            ("Connection", "keep-alive"),
+            ("X-Forwarded-For", "198.51.100.7"),
+            ("Accept", "application/json"),
+            ("X-Request-Id", "client-id"),
+            ("accept", "text/plain"),
+            ("Keep-Alive", "timeout=5"),
+            ("X-Custom-Case", "v"),
+            ("Content-Length", "2"),
+        ] {
+            client.append_header(name.to_string(), value).unwrap();
+        }
+        let bare = RequestHeader::build("GET", b"/menu", None).unwrap();
+        let id = HeaderValue::from_static("abc");
+        let none = HeaderValue::from_static("");
+        for req in [&client, &bare] {
+            for peer in ["10.0.0.1".parse().ok(), None] {
+                for id in [&id, &none] {
+                    let wire = forward_wire(
+                        req,
+                        req.raw_path(),
+                        &HeaderValue::from_static("up.example:8080"),
+                        peer,
+                        true,
+                        id,
+                        Some(b"{}"),
+                    )
+                    .unwrap();
+                    let (head, body) = wire.split_at(wire.len() - 2);
+                    assert_eq!(body, b"{}");
+                    assert_eq!(
+                        split(head),
+                        written_by_pingora(req, peer, id),
+                        "{peer:?} {id:?}"
+                    );
+                }
+            }
+        }
+        let bad = forward_wire(&bare, b"/a b", &id, None, false, &id, None);
+        assert!(bad.is_none(), "a space in the target");
     }
 
     #[test]
