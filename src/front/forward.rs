@@ -20,12 +20,14 @@ use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
 use pingora::protocols::http::v1::server::HttpSession as DownstreamSession;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
 use super::pool::IdlePool;
+use super::write;
 use crate::proxy::{pass, RequestCtx, StoaProxy};
 use crate::upstream::headers;
 use crate::upstream::link::Link;
@@ -49,14 +51,16 @@ impl Forwarder {
     }
 
     /// Sends the request `session` has read (its route prepared by `request_filter`) to the
-    /// route's upstream and its answer to the client. `Err` as pingora's proxy has it: the
-    /// side that failed is the error's source, for `fail_to_proxy` and the log.
+    /// route's upstream and its answer to the client, through the session or, when the
+    /// answer is plain, as a [`Relay`] for the caller to send past it. `Err` as pingora's
+    /// proxy has it: the side that failed is the error's source, for `fail_to_proxy` and
+    /// the log.
     pub async fn forward(
         &self,
         stoa: &StoaProxy,
         session: &mut Session,
         ctx: &mut RequestCtx,
-    ) -> Result<()> {
+    ) -> Result<Forwarded> {
         let link = pass::start_call(ctx)?;
         let body = read_body(stoa, session, ctx).await?;
         let out = match pass::upstream_wire(session, ctx, body.as_deref()) {
@@ -86,6 +90,20 @@ impl Forwarder {
                 .map_err(Error::into_down)?;
             up.read_response().await.map_err(Error::into_up)?;
         };
+        if let Some(body_bytes) = relayable(session, resp, stoa.draining()) {
+            let targeted = &ctx.gateway.config.cache.targeted_field;
+            if let Some(head) = write::passed_head(resp, targeted, &ctx.decorations(false)) {
+                let status = resp.status.as_u16();
+                stoa.answer_arrived(session, resp, ctx).await;
+                return Ok(Forwarded::Relay(Relay {
+                    head,
+                    up,
+                    pool_key: link.pool_key,
+                    status,
+                    body_bytes,
+                }));
+            }
+        }
         let mut resp = Box::new(resp.clone());
         let ends = up.is_body_done();
         chunk_unframed(&mut resp, session.req_header(), ends)?;
@@ -109,6 +127,43 @@ impl Forwarder {
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
             self.idle.put(link.pool_key, stream);
+        }
+        Ok(Forwarded::Through)
+    }
+
+    /// Sends a relayed answer on the client's connection `down`: its head and its body as
+    /// the upstream sends it (its length is the upstream's), then keeps the upstream
+    /// connection. `Err`: the answer was cut short, and the client's connection must close.
+    pub async fn relay(&self, relay: Relay, down: &mut Stream) -> Result<()> {
+        let Relay {
+            head,
+            mut up,
+            pool_key,
+            ..
+        } = relay;
+        let mut head = Some(head);
+        while let Some(piece) = up.read_body_ref().await.map_err(Error::into_up)? {
+            match head.take() {
+                // The head and the first piece (usually the whole body) in one write.
+                Some(head) => write::send_parts(down, &head, piece).await,
+                None => down.write_all(piece).await,
+            }
+            .or_err(ErrorType::WriteError, "relaying an answer")
+            .map_err(Error::into_down)?;
+        }
+        if let Some(head) = head {
+            down.write_all(&head)
+                .await
+                .or_err(ErrorType::WriteError, "relaying an answer")
+                .map_err(Error::into_down)?;
+        }
+        down.flush()
+            .await
+            .or_err(ErrorType::WriteError, "relaying an answer")
+            .map_err(Error::into_down)?;
+        up.respect_keepalive();
+        if let Some(stream) = up.reuse().await {
+            self.idle.put(pool_key, stream);
         }
         Ok(())
     }
@@ -164,6 +219,54 @@ impl Forwarder {
         let stream = self.connect(peer).await?;
         attempt(stream, peer, out, body).await
     }
+}
+
+/// How [`Forwarder::forward`] answered.
+pub enum Forwarded {
+    /// Through the session.
+    Through,
+    /// Not yet: the answer is to be sent past the session ([`Forwarder::relay`]).
+    Relay(Relay),
+}
+
+/// A pass-through answer sent past pingora's session, as an answer from an entry is: its
+/// head as bytes ([`write::passed_head`]), and the upstream session its body comes from.
+/// The caller records the request and takes the client's connection from the session
+/// (the session writes nothing more), then sends it with [`Forwarder::relay`].
+pub struct Relay {
+    head: Vec<u8>,
+    up: UpstreamSession,
+    pool_key: u64,
+    /// The answer's status and body length, for the log and the metrics.
+    pub status: u16,
+    pub body_bytes: u64,
+}
+
+/// Whether the answer `resp` may be relayed past the session (see [`Relay`]), and its
+/// body's length if so: a keep-alive HTTP/1.1 exchange that is not a HEAD, a final answer
+/// with a body framed by one `Content-Length` and nothing else, the process not draining.
+/// Every other answer goes through the session, which frames it.
+fn relayable(session: &Session, resp: &ResponseHeader, draining: bool) -> Option<u64> {
+    let ServerSession::H1(down) = &*session.downstream_session else {
+        return None;
+    };
+    let req = down.req_header();
+    if draining
+        || !down.will_keepalive()
+        || req.method == http::Method::HEAD
+        || req.version != Version::HTTP_11
+        || resp.version != Version::HTTP_11
+        || resp.status.is_informational()
+        || matches!(resp.status.as_u16(), 204 | 304)
+        || resp.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    let mut lengths = resp.headers.get_all(header::CONTENT_LENGTH).iter();
+    let (Some(length), None) = (lengths.next(), lengths.next()) else {
+        return None;
+    };
+    length.to_str().ok()?.parse().ok()
 }
 
 /// What goes upstream: a head for pingora's session to write, or the head and the body as

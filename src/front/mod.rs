@@ -62,7 +62,7 @@ use crate::error::StoaError;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, Reply, RequestCtx, Seen, StoaProxy};
-use forward::Forwarder;
+use forward::{Forwarded, Forwarder};
 use head::{Body, Head, Read};
 use lane::Lane;
 
@@ -218,7 +218,29 @@ impl Front {
                 self.stoa.write_entry(&mut session, &ctx, &hit).await
             }
             Ok(Reply::Upstream) => match &self.forwarder {
-                Some(forwarder) => forwarder.forward(&self.stoa, &mut session, &mut ctx).await,
+                Some(forwarder) => {
+                    match forwarder.forward(&self.stoa, &mut session, &mut ctx).await {
+                        Ok(Forwarded::Through) => Ok(()),
+                        Ok(Forwarded::Relay(relay)) => {
+                            // Recorded first, as an answer from an entry is.
+                            let sent = Some((relay.status, relay.body_bytes));
+                            self.stoa.finish_request(&session, None, &mut ctx, sent);
+                            let (mut stream, next) = finish(session.downstream_session).await?;
+                            if let Err(e) = forwarder.relay(relay, &mut stream).await {
+                                // A client gone is its own business; an upstream that breaks
+                                // off its answer is the operator's.
+                                if e.esource() == &pingora::ErrorSource::Upstream {
+                                    tracing::warn!("a pass-through answer was cut short: {e}");
+                                } else {
+                                    tracing::debug!("a pass-through answer was cut short: {e}");
+                                }
+                                return None;
+                            }
+                            return Some((stream, next));
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
                 // The lane said the front forwards it (the same configuration decided
                 // both); answer rather than hang if not.
                 None => Error::e_explain(

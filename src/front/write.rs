@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::proxy::answer::{entry_headers, AnswerHeaders, Decorations};
 use crate::proxy::Hit;
+use crate::upstream::headers;
 
 /// An answer as the bytes to send: the head (status line and headers) and the body, with
 /// what the access log and the metrics record of it.
@@ -72,6 +73,83 @@ pub fn entry(session: &Session, hit: &Hit, deco: &Decorations<'_>) -> Option<Wir
     })
 }
 
+/// The head of a pass-through answer sent past the session (see `forward::Relay`): the
+/// upstream's status line and headers as [`headers::strip_response`] leaves them, `Date`
+/// and `Connection` as pingora's session sets them, then [`Decorations::write`]'s headers.
+/// The same header lines as the session would write (in their order but for those
+/// replaced, which come last), without a `ResponseHeader` cloned, edited and serialized.
+///
+/// `None` when the session must write it: a head without its names' case, or more headers
+/// set than [`Added`] keeps track of.
+pub fn passed_head(
+    resp: &ResponseHeader,
+    targeted: &http::HeaderName,
+    deco: &Decorations<'_>,
+) -> Option<Vec<u8>> {
+    if !resp.has_case() {
+        return None;
+    }
+    let mut added = Added::default();
+    deco.write(&mut added).ok()?;
+    let mut head = Vec::with_capacity(96 + resp.headers.len() * 48 + added.bytes.len());
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(resp.status.as_str().as_bytes());
+    head.push(b' ');
+    if let Some(reason) = resp.get_reason_phrase() {
+        head.extend_from_slice(reason.as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    let drops = headers::response_drops(resp, targeted);
+    for ((name, value), (case, _)) in resp.headers.iter().zip(resp.case_header_iter()) {
+        if drops(name)
+            || name == http::header::DATE
+            || name == http::header::CONNECTION
+            || added.replaces(name)
+        {
+            continue;
+        }
+        push_line(&mut head, case.as_slice(), value.as_bytes());
+    }
+    push_line(&mut head, b"Date", get_cached_date().as_bytes());
+    push_line(&mut head, b"Connection", b"keep-alive");
+    head.extend_from_slice(&added.bytes);
+    head.extend_from_slice(b"\r\n");
+    Some(head)
+}
+
+/// Header lines written for an answer whose head is written after them: the names `set`
+/// (which replace the head's) and the lines.
+#[derive(Default)]
+struct Added {
+    bytes: Vec<u8>,
+    set: [Option<http::HeaderName>; 8],
+}
+
+impl Added {
+    fn replaces(&self, name: &http::HeaderName) -> bool {
+        self.set.iter().flatten().any(|set| set == name)
+    }
+}
+
+impl AnswerHeaders for Added {
+    fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        if self.replaces(name) {
+            return Error::e_explain(ErrorType::InternalError, "a header set twice");
+        }
+        let Some(slot) = self.set.iter_mut().find(|slot| slot.is_none()) else {
+            return Error::e_explain(ErrorType::InternalError, "more headers set than kept");
+        };
+        *slot = Some(name.clone());
+        push_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
+        Ok(())
+    }
+
+    fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
+        push_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
+        Ok(())
+    }
+}
+
 /// Header lines after a stored head's bytes.
 struct Lines<'a> {
     bytes: Vec<u8>,
@@ -123,8 +201,17 @@ fn head_bytes(stored: &ResponseHeader) -> Bytes {
 
 /// Writes `answer` on the stream, head and body in one write when the socket takes them.
 pub async fn send(stream: &mut Stream, answer: &Wire) -> io::Result<()> {
-    let head = &answer.head[..];
-    let body = answer.body.as_deref().unwrap_or_default();
+    send_parts(
+        stream,
+        &answer.head,
+        answer.body.as_deref().unwrap_or_default(),
+    )
+    .await
+}
+
+/// Writes `head` then `body` on the stream, in one write when the socket takes them, and
+/// flushes it.
+pub async fn send_parts(stream: &mut Stream, head: &[u8], body: &[u8]) -> io::Result<()> {
     let total = head.len() + body.len();
     let mut sent = 0;
     while sent < total {
@@ -140,4 +227,99 @@ pub async fn send(stream: &mut Stream, answer: &Wire) -> io::Result<()> {
         sent += n;
     }
     stream.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimitHeaders;
+
+    /// A head's status line, and its header lines sorted, with `Date`'s value left out.
+    fn lines(wire: &[u8]) -> (String, Vec<String>) {
+        let text = String::from_utf8(wire.to_vec()).unwrap();
+        let head = text.strip_suffix("\r\n\r\n").unwrap();
+        let mut lines = head.split("\r\n");
+        let first = lines.next().unwrap().to_string();
+        let mut rest: Vec<String> = lines
+            .map(|l| match l.split_once(": ") {
+                Some((name, _)) if name.eq_ignore_ascii_case("date") => format!("{name}: -"),
+                _ => l.to_string(),
+            })
+            .collect();
+        rest.sort();
+        (first, rest)
+    }
+
+    /// What pingora's session writes of `resp` after the forwarder's `response_filter`.
+    fn through_the_session(
+        resp: &ResponseHeader,
+        targeted: &http::HeaderName,
+        deco: &Decorations<'_>,
+    ) -> Vec<u8> {
+        let mut resp = resp.clone();
+        headers::strip_response(&mut resp, targeted);
+        deco.apply(&mut resp).unwrap();
+        resp.insert_header(http::header::DATE, get_cached_date())
+            .unwrap();
+        resp.insert_header(http::header::CONNECTION, "keep-alive")
+            .unwrap();
+        let mut wire = BytesMut::new();
+        wire.put_slice(b"HTTP/1.1 ");
+        wire.put_slice(resp.status.as_str().as_bytes());
+        wire.put_u8(b' ');
+        wire.put_slice(resp.get_reason_phrase().unwrap_or_default().as_bytes());
+        wire.put_slice(b"\r\n");
+        resp.header_to_h1_wire(&mut wire);
+        wire.put_slice(b"\r\n");
+        wire.to_vec()
+    }
+
+    #[test]
+    fn a_relayed_head_has_the_lines_the_session_would_write() {
+        let targeted = http::HeaderName::from_static("stoa-cache-control");
+        let mut upstream = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in [
+            ("Content-Type", "application/json"),
+            ("Connection", "X-Drop, keep-alive"),
+            ("X-Drop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("Date", "Mon, 07 Dec 2026 10:00:00 GMT"),
+            ("Server", "origin"),
+            ("Surrogate-Key", "a b"),
+            ("Stoa-Cache-Control", "max-age=60"),
+            ("X-Request-Id", "the-upstream's"),
+            ("Vary", "Accept"),
+            ("vary", "Accept-Encoding"),
+            ("Content-Length", "2"),
+        ] {
+            upstream.append_header(name.to_string(), value).unwrap();
+        }
+        let mut bare = ResponseHeader::build(418, None).unwrap();
+        bare.append_header("Content-Length".to_string(), "0")
+            .unwrap();
+        let id = http::HeaderValue::from_static("abc");
+        let none = http::HeaderValue::from_static("");
+        let member = http::HeaderValue::from_static("stoa; fwd=uri-miss");
+        for resp in [&upstream, &bare] {
+            for request_id in [&id, &none] {
+                for cache_member in [None, Some(&member)] {
+                    let deco = Decorations {
+                        request_id,
+                        rate: None,
+                        rate_style: RateLimitHeaders::Both,
+                        close: false,
+                        cache: None,
+                        cache_member,
+                    };
+                    let relayed = passed_head(resp, &targeted, &deco).unwrap();
+                    assert_eq!(
+                        lines(&relayed),
+                        lines(&through_the_session(resp, &targeted, &deco)),
+                        "{}",
+                        String::from_utf8_lossy(&relayed)
+                    );
+                }
+            }
+        }
+    }
 }

@@ -212,6 +212,21 @@ impl StoaProxy {
         answer::entry(session, hit, &deco).await
     }
 
+    /// What happens when a pass-through answer's head arrives, before it goes on: the
+    /// upstream's time is taken, and a write invalidates what it changed
+    /// ([`pass::invalidate_after_write`]).
+    pub async fn answer_arrived(
+        &self,
+        session: &Session,
+        upstream_response: &ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) {
+        if let Some(started) = ctx.timing.upstream_started {
+            ctx.timing.upstream_elapsed = Some(started.elapsed());
+        }
+        pass::invalidate_after_write(session, upstream_response, ctx).await;
+    }
+
     /// Whether the process is draining (every answer closes its connection).
     pub fn draining(&self) -> bool {
         self.lifecycle.is_draining()
@@ -406,10 +421,7 @@ impl ProxyHttp for StoaProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(started) = ctx.timing.upstream_started {
-            ctx.timing.upstream_elapsed = Some(started.elapsed());
-        }
-        pass::invalidate_after_write(session, upstream_response, ctx).await;
+        self.answer_arrived(session, upstream_response, ctx).await;
         let targeted = &ctx.gateway.config.cache.targeted_field;
         crate::upstream::headers::strip_response(upstream_response, targeted);
         let draining = self.lifecycle.is_draining();

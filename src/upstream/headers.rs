@@ -114,27 +114,34 @@ pub fn end_to_end_response(
 /// `CDN-Cache-Control` goes on), and the CDN tag fields `Surrogate-Key` and `Cache-Tag`,
 /// which are for caches, as CDNs drop them (`Cache-Groups` goes on, RFC 9875).
 pub fn strip_response(resp: &mut ResponseHeader, targeted: &HeaderName) {
-    if resp.headers.contains_key(http::header::CONNECTION) {
-        let nominated: Vec<String> = connection_nominated(&resp.headers)
-            .map(str::to_ascii_lowercase)
-            .collect();
-        for name in &nominated {
-            resp.remove_header(name.as_str());
-        }
-    }
-    // A successful upgrade (101) needs its `Upgrade` header.
-    let upgrade = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    let dropped = present(&resp.headers, |name| {
-        if is_hop_by_hop(name) {
-            name != http::header::CONNECTION
-                && name != http::header::TRANSFER_ENCODING
-                && !(upgrade && name == http::header::UPGRADE)
-        } else {
-            name == targeted || name == "surrogate-key" || name == "cache-tag"
-        }
-    });
+    let dropped = present(&resp.headers, response_drops(resp, targeted));
     for name in &dropped {
         resp.remove_header(name);
+    }
+}
+
+/// Whether a pass-through answer `resp` loses the header `name` (see [`strip_response`]).
+pub fn response_drops<'a>(
+    resp: &'a ResponseHeader,
+    targeted: &'a HeaderName,
+) -> impl Fn(&HeaderName) -> bool + 'a {
+    // A successful upgrade (101) needs its `Upgrade` header.
+    let upgrade = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let connection = resp.headers.contains_key(http::header::CONNECTION);
+    move |name| {
+        let nominated =
+            || connection_nominated(&resp.headers).any(|t| t.eq_ignore_ascii_case(name.as_str()));
+        if is_hop_by_hop(name) {
+            (name != http::header::CONNECTION
+                && name != http::header::TRANSFER_ENCODING
+                && !(upgrade && name == http::header::UPGRADE))
+                || (connection && nominated())
+        } else {
+            name == targeted
+                || name == "surrogate-key"
+                || name == "cache-tag"
+                || (connection && nominated())
+        }
     }
 }
 
