@@ -221,7 +221,9 @@ impl Forwarder {
     }
 }
 
-/// How [`Forwarder::forward`] answered.
+/// How [`Forwarder::forward`] answered. Not boxed: it is returned once per request and
+/// taken apart at once, where a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Forwarded {
     /// Through the session.
     Through,
