@@ -297,10 +297,20 @@ mod tests {
         let mut bare = ResponseHeader::build(418, None).unwrap();
         bare.append_header("Content-Length".to_string(), "0")
             .unwrap();
+        // More names in `Connection` than `response_drops` keeps at hand.
+        let mut many = ResponseHeader::build(200, None).unwrap();
+        for (name, value) in [
+            ("Connection", "a, b, c, d, X-Drop"),
+            ("X-Drop", "1"),
+            ("B", "2"),
+            ("Content-Length", "0"),
+        ] {
+            many.append_header(name.to_string(), value).unwrap();
+        }
         let id = http::HeaderValue::from_static("abc");
         let none = http::HeaderValue::from_static("");
         let member = http::HeaderValue::from_static("stoa; fwd=uri-miss");
-        for resp in [&upstream, &bare] {
+        for resp in [&upstream, &bare, &many] {
             for request_id in [&id, &none] {
                 for cache_member in [None, Some(&member)] {
                     let deco = Decorations {
