@@ -423,7 +423,7 @@ async fn an_answer_too_big_for_a_memory_shard_is_stored_on_disk_and_hit() {
 }
 
 #[test]
-fn stoa_check_refuses_a_disk_path_that_cannot_be_created() {
+fn stoa_check_refuses_a_disk_path_that_cannot_be_created_and_makes_none() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
@@ -445,6 +445,26 @@ fn stoa_check_refuses_a_disk_path_that_cannot_be_created() {
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("cache.disk.path"), "{err}");
     assert!(err.contains("cannot create or write"), "{err}");
+
+    // A directory not made yet passes where it would be made, and checking does not make it.
+    let later = dir.path().join("not-yet").join("cache");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            &file.join("below").display().to_string(),
+            &later.display().to_string(),
+        )
+        .replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"",
+            "[admin]\nlisten = \"127.0.0.1:1\"",
+        );
+    std::fs::write(&config, text).unwrap();
+    let (code, out, err) = stoa(&["check", "--config", config.to_str().unwrap()], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !dir.path().join("not-yet").exists(),
+        "stoa check made the directory"
+    );
 }
 
 /// The server lines of the lanes: the front (with h2c beside it) and pingora's proxy.

@@ -744,11 +744,14 @@ impl Validator<'_> {
         path: &str,
         value: Option<&super::raw::RawDuration>,
     ) -> Option<Duration> {
+        use super::raw::RawDuration;
+        // Zero in any unit ("0s", "0ms", "0m"), a bare "0" or the number 0: none.
+        let zero =
+            |t: &str| t.trim() == "0" || humantime::parse_duration(t.trim()) == Ok(Duration::ZERO);
         match value {
             None => Some(Duration::ZERO),
-            Some(super::raw::RawDuration::Text(t)) if t.trim() == "0s" || t.trim() == "0" => {
-                Some(Duration::ZERO)
-            }
+            Some(RawDuration::Text(t)) if zero(t) => Some(Duration::ZERO),
+            Some(RawDuration::Number(n)) if *n == 0.0 => Some(Duration::ZERO),
             Some(v) => self.duration(path, Some(v), Duration::ZERO),
         }
     }
@@ -764,10 +767,25 @@ pub fn largest_stored_body(max_bytes: u64, disk_bytes: u64) -> u64 {
     memory.max(capacity::largest_disk_body(disk_bytes))
 }
 
-/// Creates `dir` if missing and proves a file can be written in it.
+/// Proves that the disk tier can use `dir`, without making it (validating a configuration
+/// changes nothing on disk): a file can be written in it or, while it does not exist yet,
+/// in the nearest directory above it that does, where the tier will make it at start.
 fn writable_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let probe = dir.join(format!(".stoa-check-{}", std::process::id()));
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+            _ => {
+                at = std::path::Path::new(".");
+                break;
+            }
+        }
+    }
+    if !at.is_dir() {
+        let what = format!("{} is not a directory", at.display());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, what));
+    }
+    let probe = at.join(format!(".stoa-check-{}", std::process::id()));
     std::fs::write(&probe, b"stoa")?;
     std::fs::remove_file(&probe)
 }
@@ -778,6 +796,23 @@ mod tests {
 
     use crate::config::tests::problems;
     use crate::config::{load_str, EnvOverrides};
+
+    #[test]
+    fn a_stale_window_of_zero_in_any_unit_is_none() {
+        let route = |window: &str| {
+            format!(
+                "[upstreams.u]\nurl = \"http://127.0.0.1:9\"\n[[routes]]\nname = \"r\"\n\
+                 path = \"/r\"\nmethods = [\"GET\"]\nupstream = \"u\"\ncache = {{ ttl = \"10s\", \
+                 stale_while_revalidate = {window}, stale_if_error = {window} }}\n"
+            )
+        };
+        for zero in [r#""0ms""#, r#""0s""#, r#""0m""#, r#""0""#, "0"] {
+            assert_eq!(problems(&route(zero)), Vec::<String>::new(), "{zero}");
+        }
+        for wrong in [r#""soon""#, "5"] {
+            assert_eq!(problems(&route(wrong)).len(), 2, "{wrong}");
+        }
+    }
 
     #[test]
     fn cache_tables_are_validated() {
