@@ -10,7 +10,15 @@
 //! `request_filter` (route, limits, upstream slot), `request_body_filter`,
 //! `upstream_request_filter` (URI, `Host`, `X-Forwarded-*`, request id), `response_filter`
 //! (invalidation, hop-by-hop headers, stoa's headers), `fail_to_proxy` and `logging`; the
-//! upstream connections are the worker's own ([`IdlePool`]), opened for the route's peer with its timeouts.
+//! upstream connections are the worker's own ([`IdlePool`]), opened for the route's peer with
+//! its timeouts.
+//!
+//! Most requests skip the sessions' per-request head objects on both sides: the head sent
+//! upstream is written as bytes ([`pass::upstream_wire`], the lines
+//! `upstream_request_filter` would make), and a plain answer is relayed past the server
+//! session ([`Relay`], the lines `response_filter` and the session would write). A head the
+//! session must write (a sampled request, a HEAD), or an answer it must frame, takes the
+//! phases as they are.
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Version};
