@@ -80,7 +80,7 @@ pub fn entry(session: &Session, hit: &Hit, deco: &Decorations<'_>) -> Option<Wir
 /// replaced, which come last), without a `ResponseHeader` cloned, edited and serialized.
 ///
 /// `None` when the session must write it: a head without its names' case, or more headers
-/// set than [`Added`] keeps track of.
+/// set than `Added` keeps track of.
 pub fn passed_head(
     resp: &ResponseHeader,
     targeted: &http::HeaderName,
