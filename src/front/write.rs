@@ -274,6 +274,78 @@ mod tests {
         wire.to_vec()
     }
 
+    /// Seeded random answers: names from a pool that mixes stoa's own, hop-by-hop ones,
+    /// those `Connection` may name and the targeted field, in random case, repeated, with a
+    /// `Connection` header naming some of them; each relayed head is compared with what the
+    /// session would write.
+    #[test]
+    fn random_relayed_heads_have_the_lines_the_session_would_write() {
+        const NAMES: [&str; 14] = [
+            "content-type",
+            "x-request-id",
+            "keep-alive",
+            "proxy-authenticate",
+            "te",
+            "upgrade",
+            "x-drop",
+            "x-keep",
+            "vary",
+            "surrogate-key",
+            "cache-tag",
+            "stoa-cache-control",
+            "date",
+            "cache-status",
+        ];
+        let mut rng = fastrand::Rng::with_seed(24);
+        let targeted = http::HeaderName::from_static("stoa-cache-control");
+        let member = http::HeaderValue::from_static("stoa; fwd=uri-miss");
+        for round in 0..2000 {
+            let status = [200, 201, 404, 418, 500, 503][rng.usize(..6)];
+            let mut resp = ResponseHeader::build(status, None).unwrap();
+            for _ in 0..rng.usize(0..10) {
+                let name: String = NAMES[rng.usize(..NAMES.len())]
+                    .chars()
+                    .map(|c| {
+                        if rng.bool() {
+                            c.to_ascii_uppercase()
+                        } else {
+                            c
+                        }
+                    })
+                    .collect();
+                resp.append_header(name, format!("v{}", rng.u8(..)))
+                    .unwrap();
+            }
+            if rng.bool() {
+                let close = rng.bool().then_some("close");
+                let named: Vec<&str> = (0..rng.usize(0..7))
+                    .map(|_| NAMES[rng.usize(..NAMES.len())])
+                    .chain(close)
+                    .collect();
+                resp.append_header("Connection".to_string(), named.join(", "))
+                    .unwrap();
+            }
+            resp.append_header("Content-Length".to_string(), "0")
+                .unwrap();
+            let request_id = http::HeaderValue::from(rng.u32(..));
+            let deco = Decorations {
+                request_id: &request_id,
+                rate: None,
+                rate_style: RateLimitHeaders::Both,
+                close: false,
+                cache: None,
+                cache_member: rng.bool().then_some(&member),
+            };
+            let relayed = passed_head(&resp, &targeted, &deco).unwrap();
+            assert_eq!(
+                lines(&relayed),
+                lines(&through_the_session(&resp, &targeted, &deco)),
+                "round {round}: {}",
+                String::from_utf8_lossy(&relayed)
+            );
+        }
+    }
+
     #[test]
     fn a_relayed_head_has_the_lines_the_session_would_write() {
         let targeted = http::HeaderName::from_static("stoa-cache-control");
