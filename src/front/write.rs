@@ -233,6 +233,7 @@ pub async fn send_parts(stream: &mut Stream, head: &[u8], body: &[u8]) -> io::Re
 mod tests {
     use super::*;
     use crate::config::RateLimitHeaders;
+    use crate::upstream::headers::tests::random_name;
 
     /// A head's status line, and its header lines sorted, with `Date`'s value left out.
     fn lines(wire: &[u8]) -> (String, Vec<String>) {
@@ -303,16 +304,7 @@ mod tests {
             let status = [200, 201, 404, 418, 500, 503][rng.usize(..6)];
             let mut resp = ResponseHeader::build(status, None).unwrap();
             for _ in 0..rng.usize(0..10) {
-                let name: String = NAMES[rng.usize(..NAMES.len())]
-                    .chars()
-                    .map(|c| {
-                        if rng.bool() {
-                            c.to_ascii_uppercase()
-                        } else {
-                            c
-                        }
-                    })
-                    .collect();
+                let name = random_name(&mut rng, &NAMES);
                 resp.append_header(name, format!("v{}", rng.u8(..)))
                     .unwrap();
             }

@@ -361,8 +361,22 @@ fn forwarded_for(prior: Option<&HeaderValue>, ip: IpAddr) -> HeaderValue {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// One of `names`, each letter upper or lower case at random.
+    pub(crate) fn random_name(rng: &mut fastrand::Rng, names: &[&str]) -> String {
+        let name = names[rng.usize(..names.len())];
+        name.chars()
+            .map(|c| {
+                if rng.bool() {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
 
     #[test]
     fn a_private_fetch_carries_end_to_end_headers_and_forwarding() {
@@ -504,16 +518,7 @@ mod tests {
             let method = ["GET", "POST", "DELETE", "PUT"][rng.usize(..4)];
             let mut req = RequestHeader::build(method, b"/a/b?c=1", None).unwrap();
             for _ in 0..rng.usize(0..10) {
-                let name: String = NAMES[rng.usize(..NAMES.len())]
-                    .chars()
-                    .map(|c| {
-                        if rng.bool() {
-                            c.to_ascii_uppercase()
-                        } else {
-                            c
-                        }
-                    })
-                    .collect();
+                let name = random_name(&mut rng, &NAMES);
                 req.append_header(name, format!("v{}", rng.u8(..))).unwrap();
             }
             let peer = rng.bool().then(|| IpAddr::from([10, 0, 0, rng.u8(..)]));
