@@ -12,6 +12,9 @@
 #   loadtest/workers.sh --forward  # pass-through forwarded by the front: server.front_forward
 #                                  # = true against false (pass-through by pingora's proxy)
 #   loadtest/workers.sh --log      # the JSON access log to a file against no access log
+#   loadtest/workers.sh --builds BEFORE [AFTER]
+#                                  # two builds of stoa, same configuration: a binary kept from
+#                                  # before a change against AFTER (default target/release/stoa)
 #   DURATION=5 ROUNDS=3 CONNECTIONS=50 WORKERS=2 loadtest/workers.sh
 #
 # Needs nginx, wrk and python3; uses target/release/stoa (cargo build --release).
@@ -36,16 +39,25 @@ a=workers b=shared
 declare -A setting_of=([workers]='worker_model = "workers"' [shared]='worker_model = "shared"')
 quiet=$'level = "warn"\naccess_log = false'
 declare -A log_of=([workers]=$quiet [shared]=$quiet)
+declare -A bin_of=([workers]=./target/release/stoa [shared]=./target/release/stoa)
 case ${1:-} in
+  --builds) [ -n "${2:-}" ] || die "usage: loadtest/workers.sh --builds BEFORE [AFTER]"
+            a=before b=after; setting_of=([before]='' [after]='')
+            log_of=([before]=$quiet [after]=$quiet)
+            bin_of=([before]=$2 [after]=${3:-./target/release/stoa})
+            for bin in "${bin_of[@]}"; do [ -x "$bin" ] || die "not an executable: $bin"; done ;;
   --front) a=front b=proxy; setting_of=([front]='front = true' [proxy]='front = false')
-           log_of=([front]=$quiet [proxy]=$quiet) ;;
+           log_of=([front]=$quiet [proxy]=$quiet)
+           bin_of=([front]=./target/release/stoa [proxy]=./target/release/stoa) ;;
   --forward) a=forward b=proxy; setting_of=([forward]='front_forward = true' [proxy]='front_forward = false')
-             log_of=([forward]=$quiet [proxy]=$quiet) ;;
+             log_of=([forward]=$quiet [proxy]=$quiet)
+             bin_of=([forward]=./target/release/stoa [proxy]=./target/release/stoa) ;;
   --log) a=logged b=quiet; setting_of=([logged]='' [quiet]='')
          log_of=([logged]="$(printf 'level = "info"\naccess_log = true\nformat = "json"\naccess_log_file = "%s"' "$work/access.log")"
-                 [quiet]=$quiet) ;;
+                 [quiet]=$quiet)
+         bin_of=([logged]=./target/release/stoa [quiet]=./target/release/stoa) ;;
   '') ;;
-  *) die "usage: loadtest/workers.sh [--front | --forward | --log]" ;;
+  *) die "usage: loadtest/workers.sh [--front | --forward | --log | --builds BEFORE [AFTER]]" ;;
 esac
 
 declare -A port_of=([$a]=$((PORT_BASE + 2)) [$b]=$((PORT_BASE + 4)))
@@ -80,14 +92,18 @@ methods = ["GET"]
 path = "/api/{*rest}"
 upstream = "origin"
 TOML
-  ./target/release/stoa --config "$work/$model.toml" >"$work/$model.log" 2>&1 &
+  "${bin_of[$model]}" --config "$work/$model.toml" >"$work/$model.log" 2>&1 &
   pids+=($!); pid_of[$model]=$!
   wait_for "stoa ($model)" "http://127.0.0.1:${admin_of[$model]}/readyz" $! "$work/$model.log"
   curl -fsS -o /dev/null "http://127.0.0.1:${port_of[$model]}/hit/dufva"
 done
 
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s, $ROUNDS interleaved rounds; stoa threads = $WORKERS; $(nproc) cores"
-echo "$a: ${setting_of[$a]}; $b: ${setting_of[$b]}"
+if [ "$a" = before ]; then
+  echo "before: ${bin_of[before]}; after: ${bin_of[after]}"
+else
+  echo "$a: ${setting_of[$a]}; $b: ${setting_of[$b]}"
+fi
 printf '%-5s %-8s %5s %12s %9s %14s\n' row variant round requests/s "p99 ms" "CPU us/req"
 results=$work/results
 for r in $(seq 1 "$ROUNDS"); do
