@@ -49,31 +49,9 @@ ports_free "$ORIGIN_PORT" "$DISK_PORT" "$DISK_ADMIN" "$MEM_PORT" "$MEM_ADMIN"
 start_work disk
 
 # The origin: the same 30 KB of JSON at every /k/<n>.
-mkdir -p "$work/origin/www" "$work/origin/tmp"
 python3 -c 'import random, string; random.seed(1); print("{\"data\": \"" + "".join(random.choice(string.ascii_letters) for _ in range(30 * 1024 - 14)) + "\"}")' \
-  >"$work/origin/www/body"
-chmod -R a+rX "$work/origin"
-cat >"$work/origin.conf" <<NGINX
-worker_processes 1;
-pid $work/origin.pid;
-error_log $work/origin/error.log warn;
-daemon off;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/origin/tmp;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
-    root $work/origin/www;
-    default_type application/json;
-    location /k/ { try_files /body =404; }
-  }
-}
-NGINX
-"$NGINX" -p "$work/origin" -c "$work/origin.conf" >"$work/origin.out" 2>&1 &
-pids+=($!)
-wait_for "nginx (origin)" "http://127.0.0.1:$ORIGIN_PORT/k/1" $! "$work/origin.out"
+  >"$work/body.json"
+start_static_origin "$ORIGIN_PORT" 1 "$work/body.json" 'location /k/ { try_files /api/restaurant/dufva =404; }'
 
 # config PORT ADMIN MEMORY [DISK_DIR DISK_BYTES]: a stoa configuration file's path.
 config() {

@@ -59,12 +59,13 @@ wait_for() {
   exit 1
 }
 
-# start_static_origin PORT [WORKERS [BODY_FILE]]: nginx ($NGINX, WORKERS worker processes,
-# default 1) on 127.0.0.1:PORT serving BODY_FILE (default: 381 bytes of JSON, the size of the
-# demo's menu) at /api/restaurant/dufva, files under $work/origin; sets $origin_pid and
-# returns once it answers.
+# start_static_origin PORT [WORKERS [BODY_FILE [LOCATIONS]]]: nginx ($NGINX, WORKERS worker
+# processes, default 1) on 127.0.0.1:PORT serving BODY_FILE (default: 381 bytes of JSON, the
+# size of the demo's menu) at /api/restaurant/dufva, and the nginx LOCATIONS given (more paths
+# for the same file, say), files under $work/origin; sets $origin_pid and returns once it
+# answers.
 start_static_origin() {
-  local ORIGIN_PORT=$1 workers=${2:-1} body=${3:-}
+  local ORIGIN_PORT=$1 workers=${2:-1} body=${3:-} locations=${4:-}
   mkdir -p "$work/origin/www/api/restaurant" "$work/origin/tmp"
   if [ -n "$body" ]; then
     cp "$body" "$work/origin/www/api/restaurant/dufva"
@@ -87,6 +88,7 @@ http {
     listen 127.0.0.1:$ORIGIN_PORT backlog=4096;
     root $work/origin/www;
     default_type application/json;
+    $locations
   }
 }
 NGINX

@@ -1297,27 +1297,27 @@ pub fn decode(bytes: &[u8], key: &CacheKey) -> Option<Entry> {
 
 /// [`decode`], with the wall-clock millisecond the entry was stored at.
 pub fn decode_stamped(bytes: &[u8], key: &CacheKey) -> Option<(Entry, i64)> {
-    let rest = bytes.strip_prefix(MAGIC)?;
-    let (len, rest) = rest.split_first_chunk::<4>()?;
-    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
-    if rest.len() < len {
-        return None;
-    }
     // Only the bodies are kept: copied once, then shared by the entry's slices.
-    let start = bytes.len() - (rest.len() - len);
+    let start = bodies_start(bytes)?;
     decode_shared(bytes, Bytes::copy_from_slice(&bytes[start..]), key)
 }
 
 /// [`decode_stamped`] of bytes owned already: the entry's bodies are slices of them.
 pub fn decode_owned(bytes: Bytes, key: &CacheKey) -> Option<(Entry, i64)> {
+    let start = bodies_start(&bytes)?;
+    decode_shared(&bytes, bytes.slice(start..), key)
+}
+
+/// Where the bodies of the entry encoded in `bytes` start: after the magic, the head's
+/// length and the head. `None` if `bytes` is not an entry or is cut inside its head.
+fn bodies_start(bytes: &[u8]) -> Option<usize> {
     let rest = bytes.strip_prefix(MAGIC)?;
     let (len, rest) = rest.split_first_chunk::<4>()?;
     let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
     if rest.len() < len {
         return None;
     }
-    let start = bytes.len() - (rest.len() - len);
-    decode_shared(&bytes, bytes.slice(start..), key)
+    Some(bytes.len() - (rest.len() - len))
 }
 
 /// The entry whose encoding is `bytes`, its bodies taken from `bodies` (the part of it

@@ -149,6 +149,9 @@ impl Forwarder {
             pool_key,
             ..
         } = relay;
+        let cut = |e: std::io::Error| {
+            Error::because(ErrorType::WriteError, "relaying an answer", e).into_down()
+        };
         let mut head = Some(head);
         while let Some(piece) = up.read_body_ref().await.map_err(Error::into_up)? {
             match head.take() {
@@ -156,19 +159,13 @@ impl Forwarder {
                 Some(head) => write::send_parts(down, &head, piece).await,
                 None => down.write_all(piece).await,
             }
-            .or_err(ErrorType::WriteError, "relaying an answer")
-            .map_err(Error::into_down)?;
+            .map_err(cut)?;
         }
-        if let Some(head) = head {
-            down.write_all(&head)
-                .await
-                .or_err(ErrorType::WriteError, "relaying an answer")
-                .map_err(Error::into_down)?;
+        match head {
+            Some(head) => write::send_parts(down, &head, &[]).await,
+            None => down.flush().await,
         }
-        down.flush()
-            .await
-            .or_err(ErrorType::WriteError, "relaying an answer")
-            .map_err(Error::into_down)?;
+        .map_err(cut)?;
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
             self.idle.put(pool_key, stream);
@@ -179,7 +176,7 @@ impl Forwarder {
     /// A new connection to `peer`. Boxed: connecting (TLS included) is a future of several
     /// KiB, and a request's whole future is allocated and moved per request (see
     /// `Front::process_new`), while most requests take an idle connection.
-    async fn connect(&self, peer: &HttpPeer) -> Result<pingora::protocols::Stream> {
+    async fn connect(&self, peer: &HttpPeer) -> Result<Stream> {
         Box::pin(self.connector.new_stream(peer))
             .await
             .map_err(Error::into_up)
@@ -288,31 +285,30 @@ enum Outgoing {
 
 /// Sends `out` (and `body`, with a head) on `stream`, then reads the first answer's head.
 async fn attempt(
-    stream: pingora::protocols::Stream,
+    mut stream: Stream,
     peer: &HttpPeer,
     out: Outgoing,
     body: Option<&Bytes>,
 ) -> Result<UpstreamSession> {
-    let mut stream = stream;
-    let req = match out {
-        Outgoing::Head(req) => Some(req),
+    match out {
+        Outgoing::Head(req) => {
+            let mut up = session_on(stream, peer);
+            send(&mut up, req, body).await?;
+            Ok(up)
+        }
         Outgoing::Wire(wire) => {
             write_wire(&mut stream, &wire, peer.options.write_timeout).await?;
-            None
+            let mut up = session_on(stream, peer);
+            up.read_response().await.map_err(Error::into_up)?;
+            Ok(up)
         }
-    };
-    let mut up = session_on(stream, peer);
-    match req {
-        Some(req) => send(&mut up, req, body).await?,
-        None => up.read_response().await.map_err(Error::into_up).map(drop)?,
     }
-    Ok(up)
 }
 
 /// Writes a request's bytes as pingora's session writes a head: whole, within the peer's
 /// write timeout, flushed; its errors are the session's.
 async fn write_wire(
-    stream: &mut pingora::protocols::Stream,
+    stream: &mut Stream,
     wire: &[u8],
     timeout: Option<std::time::Duration>,
 ) -> Result<()> {
@@ -376,7 +372,7 @@ fn http1(session: &mut Session) -> Result<&mut DownstreamSession> {
 }
 
 /// An HTTP/1 client session on `stream` with the peer's timeouts.
-fn session_on(stream: pingora::protocols::Stream, peer: &HttpPeer) -> UpstreamSession {
+fn session_on(stream: Stream, peer: &HttpPeer) -> UpstreamSession {
     let mut up = UpstreamSession::new_with_options(stream, peer);
     up.read_timeout = peer.options.read_timeout;
     up.write_timeout = peer.options.write_timeout;

@@ -208,10 +208,9 @@ impl Front {
             Ok(Reply::Entry(hit)) => {
                 let deco = ctx.decorations(self.stoa.draining());
                 if let Some(wire) = write::entry(&session, &hit, &deco) {
-                    // Recorded first: the session is gone once its stream is taken to write.
-                    let sent = Some((wire.status, wire.body_bytes));
-                    self.stoa.finish_request(&session, None, &mut ctx, sent);
-                    let (mut stream, next) = finish(session.downstream_session).await?;
+                    let sent = (wire.status, wire.body_bytes);
+                    let down = self.past_session(session, &mut ctx, sent);
+                    let (mut stream, next) = finish(down).await?;
                     write::send(&mut stream, &wire).await.ok()?;
                     return Some((stream, next));
                 }
@@ -222,21 +221,7 @@ impl Front {
                     match forwarder.forward(&self.stoa, &mut session, &mut ctx).await {
                         Ok(Forwarded::Through) => Ok(()),
                         Ok(Forwarded::Relay(relay)) => {
-                            // Recorded first, as an answer from an entry is.
-                            let sent = Some((relay.status, relay.body_bytes));
-                            self.stoa.finish_request(&session, None, &mut ctx, sent);
-                            let (mut stream, next) = finish(session.downstream_session).await?;
-                            if let Err(e) = forwarder.relay(relay, &mut stream).await {
-                                // A client gone is its own business; an upstream that breaks
-                                // off its answer is the operator's.
-                                if e.esource() == &pingora::ErrorSource::Upstream {
-                                    tracing::warn!("a pass-through answer was cut short: {e}");
-                                } else {
-                                    tracing::debug!("a pass-through answer was cut short: {e}");
-                                }
-                                return None;
-                            }
-                            return Some((stream, next));
+                            return self.relay(forwarder, relay, session, &mut ctx).await
                         }
                         Err(e) => Err(e),
                     }
@@ -255,6 +240,42 @@ impl Front {
         }
         self.stoa.finish_request(&session, None, &mut ctx, None);
         finish(session.downstream_session).await
+    }
+
+    /// Records a request whose answer (`sent`: its status and body bytes) the front writes
+    /// past the session, and gives the session's connection to [`finish`]. Recorded first:
+    /// the session is gone once its stream is taken to write.
+    fn past_session(
+        &self,
+        session: Session,
+        ctx: &mut RequestCtx,
+        sent: (u16, u64),
+    ) -> Box<ServerSession> {
+        self.stoa.finish_request(&session, None, ctx, Some(sent));
+        session.downstream_session
+    }
+
+    /// Sends a pass-through answer the forwarder relays past the session.
+    async fn relay(
+        &self,
+        forwarder: &Forwarder,
+        relay: forward::Relay,
+        session: Session,
+        ctx: &mut RequestCtx,
+    ) -> Option<Next> {
+        let sent = (relay.status, relay.body_bytes);
+        let (mut stream, next) = finish(self.past_session(session, ctx, sent)).await?;
+        if let Err(e) = forwarder.relay(relay, &mut stream).await {
+            // A client gone is its own business; an upstream that breaks off its answer
+            // is the operator's.
+            if e.esource() == &pingora::ErrorSource::Upstream {
+                tracing::warn!("a pass-through answer was cut short: {e}");
+            } else {
+                tracing::debug!("a pass-through answer was cut short: {e}");
+            }
+            return None;
+        }
+        Some((stream, next))
     }
 
     /// Hands a request to pingora's proxy with the context made for it. The request's own

@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::proxy::answer::{entry_headers, AnswerHeaders, Decorations};
 use crate::proxy::Hit;
-use crate::upstream::headers;
+use crate::upstream::headers::{self, put_line};
 
 /// An answer as the bytes to send: the head (status line and headers) and the body, with
 /// what the access log and the metrics record of it.
@@ -60,8 +60,7 @@ pub fn entry(session: &Session, hit: &Hit, deco: &Decorations<'_>) -> Option<Wir
         stored,
     };
     head.bytes.extend_from_slice(wire);
-    push_line(&mut head.bytes, b"Date", get_cached_date().as_bytes());
-    push_line(&mut head.bytes, b"Connection", b"keep-alive");
+    put_session_lines(&mut head.bytes);
     entry_headers(&mut head, hit, deco).ok()?;
     head.bytes.extend_from_slice(b"\r\n");
     let head_only = req.method == http::Method::HEAD;
@@ -92,13 +91,7 @@ pub fn passed_head(
     let mut added = Added::default();
     deco.write(&mut added).ok()?;
     let mut head = Vec::with_capacity(96 + resp.headers.len() * 48 + added.bytes.len());
-    head.extend_from_slice(b"HTTP/1.1 ");
-    head.extend_from_slice(resp.status.as_str().as_bytes());
-    head.push(b' ');
-    if let Some(reason) = resp.get_reason_phrase() {
-        head.extend_from_slice(reason.as_bytes());
-    }
-    head.extend_from_slice(b"\r\n");
+    put_status_line(&mut head, resp);
     let drops = headers::response_drops(resp, targeted);
     for ((name, value), (case, _)) in resp.headers.iter().zip(resp.case_header_iter()) {
         if drops(name)
@@ -108,10 +101,9 @@ pub fn passed_head(
         {
             continue;
         }
-        push_line(&mut head, case.as_slice(), value.as_bytes());
+        put_line(&mut head, case.as_slice(), value.as_bytes());
     }
-    push_line(&mut head, b"Date", get_cached_date().as_bytes());
-    push_line(&mut head, b"Connection", b"keep-alive");
+    put_session_lines(&mut head);
     head.extend_from_slice(&added.bytes);
     head.extend_from_slice(b"\r\n");
     Some(head)
@@ -140,12 +132,12 @@ impl AnswerHeaders for Added {
             return Error::e_explain(ErrorType::InternalError, "more headers set than kept");
         };
         *slot = Some(name.clone());
-        push_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
+        put_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
         Ok(())
     }
 
     fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
-        push_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
+        put_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
         Ok(())
     }
 }
@@ -162,22 +154,31 @@ impl AnswerHeaders for Lines<'_> {
             // The stored head's bytes have it: a second line would not replace it.
             return Error::e_explain(ErrorType::InternalError, "a header the stored head has");
         }
-        push_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
+        put_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
         Ok(())
     }
 
     fn add(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
-        push_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
+        put_line(&mut self.bytes, name.as_str().as_bytes(), value.as_bytes());
         Ok(())
     }
 }
 
-/// One header line, `name: value` and its line end.
-fn push_line(head: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    head.extend_from_slice(name);
-    head.extend_from_slice(b": ");
-    head.extend_from_slice(value);
-    head.extend_from_slice(b"\r\n");
+/// `Date` and `Connection` as pingora's session sets them on a keep-alive answer.
+fn put_session_lines(buf: &mut impl BufMut) {
+    put_line(buf, b"Date", get_cached_date().as_bytes());
+    put_line(buf, b"Connection", b"keep-alive");
+}
+
+/// The status line of `head` as pingora's session writes it (always HTTP/1.1 here).
+fn put_status_line(buf: &mut impl BufMut, head: &ResponseHeader) {
+    buf.put_slice(b"HTTP/1.1 ");
+    buf.put_slice(head.status.as_str().as_bytes());
+    buf.put_u8(b' ');
+    if let Some(reason) = head.get_reason_phrase() {
+        buf.put_slice(reason.as_bytes());
+    }
+    buf.put_slice(b"\r\n");
 }
 
 /// A stored head as HTTP/1.1 bytes, as pingora's session writes it, without the headers
@@ -188,13 +189,7 @@ fn head_bytes(stored: &ResponseHeader) -> Bytes {
         head.remove_header(name);
     }
     let mut buf = BytesMut::with_capacity(256);
-    buf.put_slice(b"HTTP/1.1 ");
-    buf.put_slice(head.status.as_str().as_bytes());
-    buf.put_u8(b' ');
-    if let Some(reason) = head.get_reason_phrase() {
-        buf.put_slice(reason.as_bytes());
-    }
-    buf.put_slice(b"\r\n");
+    put_status_line(&mut buf, &head);
     head.header_to_h1_wire(&mut buf);
     buf.freeze()
 }
@@ -233,18 +228,16 @@ pub async fn send_parts(stream: &mut Stream, head: &[u8], body: &[u8]) -> io::Re
 mod tests {
     use super::*;
     use crate::config::RateLimitHeaders;
-    use crate::upstream::headers::tests::random_name;
+    use crate::upstream::headers::tests::{random_name, split};
 
     /// A head's status line, and its header lines sorted, with `Date`'s value left out.
     fn lines(wire: &[u8]) -> (String, Vec<String>) {
-        let text = String::from_utf8(wire.to_vec()).unwrap();
-        let head = text.strip_suffix("\r\n\r\n").unwrap();
-        let mut lines = head.split("\r\n");
-        let first = lines.next().unwrap().to_string();
-        let mut rest: Vec<String> = lines
+        let (first, rest) = split(wire);
+        let mut rest: Vec<String> = rest
+            .into_iter()
             .map(|l| match l.split_once(": ") {
                 Some((name, _)) if name.eq_ignore_ascii_case("date") => format!("{name}: -"),
-                _ => l.to_string(),
+                _ => l,
             })
             .collect();
         rest.sort();

@@ -26,24 +26,17 @@ pub const HOP_BY_HOP: [&str; 10] = [
     "http2-settings",
 ];
 
-/// Whether `name` is hop by hop ([`HOP_BY_HOP`]; a `match` on the name, which is cheaper
-/// than comparing it with each of the list's, for every header of every message).
+/// Whether `name` is hop by hop ([`HOP_BY_HOP`]).
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
-    let hop = matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "http2-settings"
-    );
-    debug_assert_eq!(hop, HOP_BY_HOP.contains(&name.as_str()));
-    hop
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+/// Writes one header line, `name: value` and its line end, as HTTP/1.1 sends it.
+pub fn put_line(buf: &mut impl bytes::BufMut, name: &[u8], value: &[u8]) {
+    buf.put_slice(name);
+    buf.put_slice(b": ");
+    buf.put_slice(value);
+    buf.put_slice(b"\r\n");
 }
 
 /// Request headers that must not be forwarded as they are on a fetch: the hop-by-hop ones,
@@ -228,23 +221,21 @@ pub fn forward_wire(
     let forwarded = peer.map(|ip| forwarded_for(req.headers.get(X_FORWARDED_FOR), ip));
     let proto = forwarded_proto(https);
     let id = (!request_id.is_empty()).then_some(request_id);
-    // What `forward` sets: written where the client had it, or after the client's headers.
-    // `None` with `replace`: dropped (an empty request id); without: the client's lines go.
-    let set: [(&str, &[u8], Option<&HeaderValue>, bool); 4] = [
-        ("host", b"Host", Some(host), true),
-        (
-            X_FORWARDED_FOR,
-            X_FORWARDED_FOR.as_bytes(),
-            forwarded.as_ref(),
-            forwarded.is_some(),
-        ),
-        (
+    // What `forward` sets (its name, as written, and its value; `None`: the client's lines
+    // are dropped), written where the client had it, or after the client's headers. Without
+    // a peer, the client's `X-Forwarded-For` goes as it came.
+    type Set<'a> = (&'a str, &'a [u8], Option<&'a HeaderValue>);
+    let set: [Option<Set>; 4] = [
+        Some(("host", b"Host", Some(host))),
+        forwarded
+            .as_ref()
+            .map(|v| (X_FORWARDED_FOR, X_FORWARDED_FOR.as_bytes(), Some(v))),
+        Some((
             X_FORWARDED_PROTO,
             X_FORWARDED_PROTO.as_bytes(),
             Some(&proto),
-            true,
-        ),
-        (X_REQUEST_ID, X_REQUEST_ID.as_bytes(), id, true),
+        )),
+        Some((X_REQUEST_ID, X_REQUEST_ID.as_bytes(), id)),
     ];
     let mut written = [false; 4];
     let mut out = bytes::BytesMut::with_capacity(
@@ -254,33 +245,32 @@ pub fn forward_wire(
     out.put_u8(b' ');
     out.put_slice(target);
     out.put_slice(b" HTTP/1.1\r\n");
-    let line = |out: &mut bytes::BytesMut, name: &[u8], value: &HeaderValue| {
-        out.put_slice(name);
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
-    };
     let mut cased = req.case_header_iter();
     for (name, value) in req.headers.iter() {
         let case = cased.next().map(|(case, _)| case.as_slice());
         if is_hop_by_hop(name) {
             continue;
         }
-        match set.iter().position(|(set_name, ..)| name == *set_name) {
-            Some(i) if set[i].3 => {
-                if !written[i] {
-                    written[i] = true;
-                    if let Some(value) = set[i].2 {
-                        line(&mut out, set[i].1, value);
-                    }
+        let replaced = set
+            .iter()
+            .position(|row| matches!(row, Some((n, ..)) if name == *n));
+        match replaced {
+            Some(i) => {
+                if let (false, Some((_, wire_name, Some(value)))) = (written[i], set[i]) {
+                    put_line(&mut out, wire_name, value.as_bytes());
                 }
+                written[i] = true;
             }
-            _ => line(&mut out, case.unwrap_or(name.as_str().as_bytes()), value),
+            None => put_line(
+                &mut out,
+                case.unwrap_or(name.as_str().as_bytes()),
+                value.as_bytes(),
+            ),
         }
     }
-    for (i, (_, wire_name, value, replace)) in set.iter().enumerate() {
-        if let (false, true, Some(value)) = (written[i], *replace, value) {
-            line(&mut out, wire_name, value);
+    for (row, written) in set.iter().zip(written) {
+        if let (false, Some((_, wire_name, Some(value)))) = (written, row) {
+            put_line(&mut out, wire_name, value.as_bytes());
         }
     }
     out.put_slice(b"\r\n");
@@ -484,7 +474,8 @@ pub(crate) mod tests {
         split(&wire)
     }
 
-    fn split(wire: &[u8]) -> (String, Vec<String>) {
+    /// A head's request or status line, and its header lines sorted.
+    pub(crate) fn split(wire: &[u8]) -> (String, Vec<String>) {
         let text = String::from_utf8(wire.to_vec()).unwrap();
         let head = text.strip_suffix("\r\n\r\n").unwrap();
         let mut lines = head.split("\r\n");
