@@ -3,12 +3,13 @@
 //! logging), to show what pingora's proxy path itself costs next to stoa's.
 //!
 //!   stoa-floor --listen 127.0.0.1:8080 --peer 127.0.0.1:8081 [--threads N] [--model split|shared]
-//!              [--path proxy|lean] [--pool own|pingora] [--timeout SECONDS]
+//!              [--path proxy|lean|raw] [--pool own|pingora] [--timeout SECONDS]
 //!
 //! `--path proxy` (the default) is pingora's `ProxyHttp` with a fixed peer; `--path lean` is a
 //! custom pingora-core `ServerApp` on the HTTP/1 server and client sessions (see `lean.rs`),
 //! with its own upstream pool (`--pool own`, default) or pingora's (`--pool pingora`), and
-//! `--timeout` (default 10 s) on connecting to and each read and write of the upstream.
+//! `--timeout` (default 10 s) on connecting to and each read and write of the upstream;
+//! `--path raw` is pingora's listener and stream with no HTTP session at all (see `raw.rs`).
 //!
 //! `--model split` (the default) runs N single-thread services without work stealing, each
 //! accepting from the one listening socket, like nginx workers; `--model shared` runs one
@@ -16,6 +17,7 @@
 
 mod lean;
 mod proxy;
+mod raw;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -27,26 +29,38 @@ use pingora::services::listening::Service;
 
 use lean::{Lean, PoolKind};
 use proxy::Floor;
+use raw::Raw;
+
+/// Which code forwards the requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// pingora's `ProxyHttp`.
+    Proxy,
+    /// pingora-core's HTTP/1 sessions (`lean.rs`).
+    Lean,
+    /// No HTTP sessions: `httparse` and the bytes as they came (`raw.rs`).
+    Raw,
+}
 
 struct Args {
     listen: String,
     peer: SocketAddr,
     threads: usize,
     split: bool,
-    lean: bool,
+    path: Path,
     pool: PoolKind,
     timeout: Duration,
 }
 
 const USAGE: &str = "usage: stoa-floor --listen ADDR --peer ADDR [--threads N] \
-[--model split|shared] [--path proxy|lean] [--pool own|pingora] [--timeout SECONDS]";
+[--model split|shared] [--path proxy|lean|raw] [--pool own|pingora] [--timeout SECONDS]";
 
 fn args() -> Result<Args, String> {
     let mut listen = None;
     let mut peer = None;
     let mut threads = std::thread::available_parallelism().map_or(1, usize::from);
     let mut split = true;
-    let mut lean = false;
+    let mut path = Path::Proxy;
     let mut pool = PoolKind::Own;
     let mut timeout = Duration::from_secs(10);
     let mut it = std::env::args().skip(1);
@@ -74,10 +88,11 @@ fn args() -> Result<Args, String> {
                 }
             }
             "--path" => {
-                lean = match value()?.as_str() {
-                    "proxy" => false,
-                    "lean" => true,
-                    other => return Err(format!("--path {other}: not proxy or lean")),
+                path = match value()?.as_str() {
+                    "proxy" => Path::Proxy,
+                    "lean" => Path::Lean,
+                    "raw" => Path::Raw,
+                    other => return Err(format!("--path {other}: not proxy, lean or raw")),
                 }
             }
             "--pool" => {
@@ -105,7 +120,7 @@ fn args() -> Result<Args, String> {
         peer: peer.ok_or("--peer is required")?,
         threads,
         split,
-        lean,
+        path,
         pool,
         timeout,
     })
@@ -133,7 +148,16 @@ fn main() -> ExitCode {
     server.bootstrap();
     let services = if args.split { args.threads } else { 1 };
     for i in 0..services {
-        if args.lean {
+        if args.path == Path::Raw {
+            let mut service = Service::new(format!("raw {i}"), Raw::new(args.peer, args.timeout));
+            service.add_tcp(&args.listen);
+            if args.split {
+                service.threads = Some(1);
+            }
+            server.add_service(service);
+            continue;
+        }
+        if args.path == Path::Lean {
             let mut service = Service::new(
                 format!("lean {i}"),
                 Lean::new(args.peer, args.timeout, args.pool),

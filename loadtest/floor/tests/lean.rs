@@ -309,6 +309,21 @@ async fn keeps_both_sides_alive() {
     );
 }
 
+/// `--path raw` (no HTTP session at all) keeps both sides alive as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raw_path_keeps_both_sides_alive() {
+    let (origin, peer) = origin().await;
+    let floor = Floor::start(peer, &["--path", "raw"]).await;
+    let mut client = Client::connect(floor.addr).await;
+    for i in 1..=20 {
+        let (head, body) = client.get("/small").await;
+        assert_eq!(status(&head), 200, "request {i}");
+        assert_eq!(body, format!("hello {i}").as_bytes(), "request {i}");
+    }
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 20);
+    assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keeps_both_sides_alive_with_pingoras_pool() {
     let (origin, peer) = origin().await;
