@@ -52,6 +52,10 @@ fn answer_for(method: &str, path: &str) -> Option<String> {
         "/short" => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                      content-length: 100\r\n\r\n{\"cut\":1}"
             .to_string(),
+        // Says 7 bytes and sends more: what follows is not an answer to anything.
+        "/overlong" => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        content-length: 7\r\n\r\n{\"a\":1}HTTP/1.1 200 OK\r\n\r\n"
+            .to_string(),
         "/not-modified" => "HTTP/1.1 304 Not Modified\r\netag: \"v1\"\r\n\r\n".to_string(),
         "/hints" => format!(
             "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n\
@@ -414,6 +418,35 @@ async fn forwardable_requests_take_the_fronts_own_upstream_connections() {
     }
     let connections: Vec<usize> = origin.received().iter().map(|r| r.connection).collect();
     assert_eq!(connections, [0, 0, 0]);
+}
+
+/// An upstream that sends more than its answer's length: the client gets the answer as
+/// long as it said, and the connection that carried the rest is not used again, so the
+/// next request gets its own answer. Both lanes.
+#[tokio::test]
+async fn bytes_past_an_answers_length_are_never_taken_for_the_next_answer() {
+    for server in ["threads = 1", "threads = 1\nfront_forward = false"] {
+        let origin = Origin::start().await;
+        let front = StoaProcess::start_with(server, &routes(&origin)).await;
+        let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
+        let mut buf = Vec::new();
+        for (path, body) in [
+            ("/overlong", r#"{"a":1}"#),
+            ("/plain", r#"{"path":"/plain"}"#),
+            ("/overlong", r#"{"a":1}"#),
+        ] {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: stoa.test\r\n\r\n");
+            sock.write_all(request.as_bytes()).await.unwrap();
+            let answer = read_answer(&mut sock, &mut buf).await.unwrap();
+            assert_eq!(
+                (answer.status, answer.body.as_str()),
+                (200, body),
+                "{server}: {answer:?}"
+            );
+        }
+        let connections: Vec<usize> = origin.received().iter().map(|r| r.connection).collect();
+        assert_ne!(connections[0], connections[1], "{server}: {connections:?}");
+    }
 }
 
 /// When an [`answers_once`] origin closes a connection after answering its first request.

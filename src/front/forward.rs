@@ -1,6 +1,6 @@
-//! Pass-through requests the front forwards itself, on pingora-core's HTTP/1 client and
-//! server sessions, without pingora's `ProxyHttp` machinery (per-phase boxed futures, the
-//! duplex task loop and its channels, the proxy's session wrapper state).
+//! Pass-through requests the front forwards itself, without pingora's `ProxyHttp`
+//! machinery (per-phase boxed futures, the duplex task loop and its channels, the proxy's
+//! session wrapper state).
 //!
 //! The front forwards only requests whose framing leaves nothing to interpret (see
 //! [`super::lane::choose`]): HTTP/1.1, origin-form, one `Host`, a body framed by one plain
@@ -13,12 +13,16 @@
 //! upstream connections are the worker's own ([`IdlePool`]), opened for the route's peer with
 //! its timeouts.
 //!
-//! Most requests skip the sessions' per-request head objects on both sides: the head sent
-//! upstream is written as bytes ([`pass::upstream_wire`], the lines
-//! `upstream_request_filter` would make), and a plain answer is relayed past the server
+//! Most requests skip pingora's client session and the server session's answer objects:
+//! the head sent upstream is written as bytes ([`pass::upstream_wire`], the lines
+//! `upstream_request_filter` would make); the answer's head is read and parsed once by the
+//! forwarder (`upstream_head`); and a plain answer to a GET is relayed past the server
 //! session ([`Relay`], the lines `response_filter` and the session would write). A head the
-//! session must write (a sampled request, a HEAD), or an answer it must frame, takes the
-//! phases as they are.
+//! client session must write (a sampled request, a HEAD), or an answer the sessions must
+//! frame (chunked, ended by a close, 1xx, 204, 304...), takes the sessions, the client
+//! session reading again the bytes the forwarder read (`rewound`).
+
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{header, Version};
@@ -32,13 +36,17 @@ use pingora::protocols::Stream;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::server::configuration::ServerConf;
 use pingora::ErrorType;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::pool::IdlePool;
-use super::write;
+use super::upstream_head::{self, Plain};
+use super::{rewound, write};
 use crate::proxy::{pass, RequestCtx, StoaProxy};
 use crate::upstream::headers;
 use crate::upstream::link::Link;
+
+/// The room taken to read a relayed body's pieces past the first.
+const BODY_BUF: usize = 16 * 1024;
 
 /// The front's forwarder: one pool of idle upstream connections per proxy service, as
 /// pingora's proxy has.
@@ -75,9 +83,35 @@ impl Forwarder {
             Some(wire) => Outgoing::Wire(wire),
             None => Outgoing::Head(upstream_head(stoa, session, ctx).await?),
         };
-        let mut up = self
+        let mut up = match self
             .exchange(stoa, session, ctx, &link, out, body.as_ref())
-            .await?;
+            .await?
+        {
+            Answer::Session(up) => *up,
+            Answer::Plain(stream, plain) => {
+                let targeted = &ctx.gateway.config.cache.targeted_field;
+                let head = relayable(session, stoa.draining())
+                    .then(|| write::passed_head(&plain, targeted, &ctx.decorations(false)))
+                    .flatten();
+                if let Some(head) = head {
+                    // A GET: nothing to invalidate after it.
+                    pass::answered(ctx);
+                    return Ok(Forwarded::Relay(Relay {
+                        head,
+                        status: plain.status,
+                        body_bytes: plain.body_len,
+                        stream,
+                        answer: plain,
+                        pool_key: link.pool_key,
+                        read_timeout: link.peer.options.read_timeout,
+                    }));
+                }
+                // The session writes it: it reads the answer again from the bytes read.
+                let mut up = session_on(rewound::rewind(stream, plain.buf), &link.peer);
+                up.read_response().await.map_err(Error::into_up)?;
+                up
+            }
+        };
         let down = http1(session)?;
         // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
         // proxy passes them, until the final one; a 101 is refused: no upgrade was asked for.
@@ -98,20 +132,6 @@ impl Forwarder {
                 .map_err(Error::into_down)?;
             up.read_response().await.map_err(Error::into_up)?;
         };
-        if let Some(body_bytes) = relayable(session, resp, stoa.draining()) {
-            let targeted = &ctx.gateway.config.cache.targeted_field;
-            if let Some(head) = write::passed_head(resp, targeted, &ctx.decorations(false)) {
-                let status = resp.status.as_u16();
-                stoa.answer_arrived(session, resp, ctx).await;
-                return Ok(Forwarded::Relay(Relay {
-                    head,
-                    up,
-                    pool_key: link.pool_key,
-                    status,
-                    body_bytes,
-                }));
-            }
-        }
         let mut resp = Box::new(resp.clone());
         let ends = up.is_body_done();
         chunk_unframed(&mut resp, session.req_header(), ends)?;
@@ -133,7 +153,7 @@ impl Forwarder {
         }
         // The front finishes the answer (`finish`) once the request is logged.
         up.respect_keepalive();
-        if let Some(stream) = up.reuse().await {
+        if let Some(stream) = up.reuse().await.and_then(rewound::unwrap) {
             self.idle.put(link.pool_key, stream);
         }
         Ok(Forwarded::Through)
@@ -145,29 +165,34 @@ impl Forwarder {
     pub async fn relay(&self, relay: Relay, down: &mut Stream) -> Result<()> {
         let Relay {
             head,
-            mut up,
+            mut stream,
+            mut answer,
             pool_key,
+            read_timeout,
             ..
         } = relay;
         let cut = |e: std::io::Error| {
             Error::because(ErrorType::WriteError, "relaying an answer", e).into_down()
         };
-        let mut head = Some(head);
-        while let Some(piece) = up.read_body_ref().await.map_err(Error::into_up)? {
-            match head.take() {
-                // The head and the first piece (usually the whole body) in one write.
-                Some(head) => write::send_parts(down, &head, piece).await,
-                None => down.write_all(piece).await,
+        // The head and what came of the body with it (usually all of it) in one write.
+        let (first, mut past) = answer.body_read();
+        write::send_parts(down, &head, first).await.map_err(cut)?;
+        let mut left = answer.body_len - first.len() as u64;
+        let buf = &mut answer.buf;
+        while left > 0 {
+            buf.clear();
+            if buf.capacity() < BODY_BUF {
+                buf.reserve(BODY_BUF);
             }
-            .map_err(cut)?;
+            let n = read_piece(&mut stream, buf, read_timeout).await?;
+            let piece = &buf[..n.min(usize::try_from(left).unwrap_or(usize::MAX))];
+            past |= piece.len() < n;
+            down.write_all(piece).await.map_err(cut)?;
+            left -= piece.len() as u64;
         }
-        match head {
-            Some(head) => write::send_parts(down, &head, &[]).await,
-            None => down.flush().await,
-        }
-        .map_err(cut)?;
-        up.respect_keepalive();
-        if let Some(stream) = up.reuse().await {
+        down.flush().await.map_err(cut)?;
+        // An answer that asked to close, or sent more than its length, ends its connection.
+        if !answer.close && !past {
             self.idle.put(pool_key, stream);
         }
         Ok(())
@@ -194,7 +219,7 @@ impl Forwarder {
         link: &Link,
         out: Outgoing,
         body: Option<&Bytes>,
-    ) -> Result<UpstreamSession> {
+    ) -> Result<Answer> {
         let peer = &link.peer;
         let (stream, reused) = match self.idle.take(link.pool_key) {
             Some(stream) => (stream, true),
@@ -237,43 +262,40 @@ pub enum Forwarded {
 }
 
 /// A pass-through answer sent past pingora's session, as an answer from an entry is: its
-/// head as bytes ([`write::passed_head`]), and the upstream session its body comes from.
+/// head as bytes ([`write::passed_head`]), and the upstream connection its body comes from.
 /// The caller records the request and takes the client's connection from the session
 /// (the session writes nothing more), then sends it with [`Forwarder::relay`].
 pub struct Relay {
     head: Vec<u8>,
-    up: UpstreamSession,
+    stream: Stream,
+    answer: Plain,
     pool_key: u64,
+    read_timeout: Option<Duration>,
     /// The answer's status and body length, for the log and the metrics.
     pub status: u16,
     pub body_bytes: u64,
 }
 
-/// Whether the answer `resp` may be relayed past the session (see [`Relay`]), and its
-/// body's length if so: a keep-alive HTTP/1.1 exchange that is not a HEAD, a final answer
-/// with a body framed by one `Content-Length` and nothing else, the process not draining.
-/// Every other answer goes through the session, which frames it.
-fn relayable(session: &Session, resp: &ResponseHeader, draining: bool) -> Option<u64> {
+/// Whether a plain answer may be relayed past the session (see [`Relay`]): a keep-alive
+/// HTTP/1.1 GET (nothing to invalidate after it), the process not draining. Every other
+/// answer goes through the session.
+fn relayable(session: &Session, draining: bool) -> bool {
     let ServerSession::H1(down) = &*session.downstream_session else {
-        return None;
+        return false;
     };
     let req = down.req_header();
-    if draining
-        || !down.will_keepalive()
-        || req.method == http::Method::HEAD
-        || req.version != Version::HTTP_11
-        || resp.version != Version::HTTP_11
-        || resp.status.is_informational()
-        || matches!(resp.status.as_u16(), 204 | 304)
-        || resp.headers.contains_key(header::TRANSFER_ENCODING)
-    {
-        return None;
-    }
-    let mut lengths = resp.headers.get_all(header::CONTENT_LENGTH).iter();
-    let (Some(length), None) = (lengths.next(), lengths.next()) else {
-        return None;
-    };
-    length.to_str().ok()?.parse().ok()
+    !draining
+        && down.will_keepalive()
+        && req.method == http::Method::GET
+        && req.version == Version::HTTP_11
+}
+
+/// An answer's head, as [`Forwarder::exchange`] read it.
+enum Answer {
+    /// Read by pingora's session, which frames the answer.
+    Session(Box<UpstreamSession>),
+    /// Read by the forwarder: a plain answer, on its connection.
+    Plain(Stream, Plain),
 }
 
 /// What goes upstream: a head for pingora's session to write, or the head and the body as
@@ -283,26 +305,59 @@ enum Outgoing {
     Wire(Bytes),
 }
 
-/// Sends `out` (and `body`, with a head) on `stream`, then reads the first answer's head.
+/// Sends `out` (and `body`, with a head) on `stream`, then reads the first answer's head:
+/// pingora's session reads it, unless the request went as bytes and the answer is plain.
 async fn attempt(
     mut stream: Stream,
     peer: &HttpPeer,
     out: Outgoing,
     body: Option<&Bytes>,
-) -> Result<UpstreamSession> {
+) -> Result<Answer> {
     match out {
         Outgoing::Head(req) => {
             let mut up = session_on(stream, peer);
             send(&mut up, req, body).await?;
-            Ok(up)
+            Ok(Answer::Session(Box::new(up)))
         }
         Outgoing::Wire(wire) => {
             write_wire(&mut stream, &wire, peer.options.write_timeout).await?;
-            let mut up = session_on(stream, peer);
-            up.read_response().await.map_err(Error::into_up)?;
-            Ok(up)
+            let read = upstream_head::read(&mut stream, peer.options.read_timeout)
+                .await
+                .map_err(Error::into_up)?;
+            match read {
+                upstream_head::Read::Plain(plain) => Ok(Answer::Plain(stream, plain)),
+                upstream_head::Read::Other(bytes) => {
+                    let mut up = session_on(rewound::rewind(stream, bytes), peer);
+                    up.read_response().await.map_err(Error::into_up)?;
+                    Ok(Answer::Session(Box::new(up)))
+                }
+            }
         }
     }
+}
+
+/// Reads a piece of a relayed body into `buf` within `timeout`: how many bytes came. The
+/// upstream closing before the body's end is an error, as in pingora's session.
+async fn read_piece(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    timeout: Option<Duration>,
+) -> Result<usize> {
+    let read = match timeout {
+        Some(t) => pingora::time::timeout(t, stream.read_buf(buf))
+            .await
+            .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())),
+        None => stream.read_buf(buf).await,
+    };
+    match read {
+        Ok(0) => Error::e_explain(ErrorType::ConnectionClosed, "while reading a relayed body"),
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            Error::e_because(ErrorType::ReadTimedout, "while reading a relayed body", e)
+        }
+        Err(e) => Error::e_because(ErrorType::ReadError, "while reading a relayed body", e),
+    }
+    .map_err(Error::into_up)
 }
 
 /// Writes a request's bytes as pingora's session writes a head: whole, within the peer's

@@ -17,8 +17,9 @@
 //!   and the front runs the phases pingora's proxy would ([`StoaProxy`]:
 //!   `early_request_filter`, [`StoaProxy::serve`], the forwarder, the log), without the
 //!   proxy's per-request machinery. An answer from an entry goes out as bytes past the
-//!   session when it can ([`write`]), otherwise through it; the upstream connections of the
-//!   forwarder are the worker's own ([`pool`]);
+//!   session when it can ([`write`]), otherwise through it; the forwarder reads the
+//!   upstream's answer head itself (`upstream_head`) and relays a plain answer past the
+//!   session, its upstream connections the worker's own ([`pool`]);
 //! - **proxy**: pingora's proxy gets the request's bytes and the context the front made for
 //!   it (as the connection's context, `ProxyHttp::on_connection_reuse`); reads are fenced at
 //!   the request's end ([`crate::connections::fence`], or for a chunked body
@@ -37,6 +38,8 @@ mod fuzz;
 pub mod head;
 pub mod lane;
 pub mod pool;
+mod rewound;
+mod upstream_head;
 pub mod write;
 
 use std::sync::Arc;

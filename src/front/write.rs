@@ -15,6 +15,7 @@ use pingora::proxy::Session;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
+use super::upstream_head::Plain;
 use crate::proxy::answer::{entry_headers, AnswerHeaders, Decorations};
 use crate::proxy::Hit;
 use crate::upstream::headers::{self, put_line};
@@ -73,35 +74,38 @@ pub fn entry(session: &Session, hit: &Hit, deco: &Decorations<'_>) -> Option<Wir
 }
 
 /// The head of a pass-through answer sent past the session (see `forward::Relay`): the
-/// upstream's status line and headers as [`headers::strip_response`] leaves them, `Date`
-/// and `Connection` as pingora's session sets them, then [`Decorations::write`]'s headers.
-/// The same header lines as the session would write (in their order but for those
-/// replaced, which come last), without a `ResponseHeader` cloned, edited and serialized.
+/// upstream's status line and header lines as [`headers::strip_response`] leaves them,
+/// `Date` and `Connection` as pingora's session sets them, then [`Decorations::write`]'s
+/// headers. The same lines as the session would write (in their order but for those
+/// replaced, which come last), from the bytes the forwarder read (`upstream_head`), with
+/// no `ResponseHeader` built, edited and serialized.
 ///
-/// `None` when the session must write it: a head without its names' case, or more headers
-/// set than `Added` keeps track of.
+/// `None` when the session must write it: more headers set than `Added` keeps track of.
 pub fn passed_head(
-    resp: &ResponseHeader,
+    resp: &Plain,
     targeted: &http::HeaderName,
     deco: &Decorations<'_>,
 ) -> Option<Vec<u8>> {
-    if !resp.has_case() {
-        return None;
-    }
     let mut added = Added::default();
     deco.write(&mut added).ok()?;
-    let mut head = Vec::with_capacity(96 + resp.headers.len() * 48 + added.bytes.len());
-    put_status_line(&mut head, resp);
-    let drops = headers::response_drops(resp, targeted);
-    for ((name, value), (case, _)) in resp.headers.iter().zip(resp.case_header_iter()) {
-        if drops(name)
-            || name == http::header::DATE
-            || name == http::header::CONNECTION
+    let mut head = Vec::with_capacity(96 + resp.len + added.bytes.len());
+    head.extend_from_slice(b"HTTP/1.1 ");
+    // A parsed status is three digits.
+    let status = resp.status;
+    head.extend_from_slice(&[status / 100, status / 10 % 10, status % 10].map(|d| b'0' + d as u8));
+    head.push(b' ');
+    head.extend_from_slice(resp.reason());
+    head.extend_from_slice(b"\r\n");
+    let drops = headers::ResponseDrops::new(resp.status, resp.values("connection"), targeted);
+    for (name, value) in resp.lines() {
+        if drops.drops(name)
+            || name.eq_ignore_ascii_case("date")
+            || name.eq_ignore_ascii_case("connection")
             || added.replaces(name)
         {
             continue;
         }
-        put_line(&mut head, case.as_slice(), value.as_bytes());
+        put_line(&mut head, name.as_bytes(), value);
     }
     put_session_lines(&mut head);
     head.extend_from_slice(&added.bytes);
@@ -118,14 +122,18 @@ struct Added {
 }
 
 impl Added {
-    fn replaces(&self, name: &http::HeaderName) -> bool {
-        self.set.iter().flatten().any(|set| set == name)
+    /// Whether `name` (in any case) is one of those set.
+    fn replaces(&self, name: &str) -> bool {
+        self.set
+            .iter()
+            .flatten()
+            .any(|set| set.as_str().eq_ignore_ascii_case(name))
     }
 }
 
 impl AnswerHeaders for Added {
     fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
-        if self.replaces(name) {
+        if self.replaces(name.as_str()) {
             return Error::e_explain(ErrorType::InternalError, "a header set twice");
         }
         let Some(slot) = self.set.iter_mut().find(|slot| slot.is_none()) else {
@@ -228,6 +236,7 @@ pub async fn send_parts(stream: &mut Stream, head: &[u8], body: &[u8]) -> io::Re
 mod tests {
     use super::*;
     use crate::config::RateLimitHeaders;
+    use crate::front::upstream_head;
     use crate::upstream::headers::tests::{random_name, split};
 
     /// A head's status line, and its header lines sorted, with `Date`'s value left out.
@@ -268,12 +277,62 @@ mod tests {
         wire.to_vec()
     }
 
+    /// `resp` as an upstream sends it.
+    fn as_sent(resp: &ResponseHeader) -> Vec<u8> {
+        let mut wire = BytesMut::new();
+        put_status_line(&mut wire, resp);
+        resp.header_to_h1_wire(&mut wire);
+        wire.put_slice(b"\r\n");
+        wire.to_vec()
+    }
+
+    /// Reads answers' heads with pingora's client session, all on one connection.
+    struct Pingora {
+        far: tokio::net::TcpStream,
+        near: Option<Stream>,
+    }
+
+    impl Pingora {
+        async fn new() -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            let (far, _) = listener.accept().await.unwrap();
+            let near: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(near));
+            Pingora {
+                far,
+                near: Some(near),
+            }
+        }
+
+        /// The head pingora's client session reads of `sent` (an answer without a body).
+        async fn read(&mut self, sent: &[u8]) -> ResponseHeader {
+            self.far.write_all(sent).await.unwrap();
+            let stream = self.near.take().unwrap();
+            let mut up = pingora::protocols::http::v1::client::HttpSession::new(stream);
+            up.read_response().await.unwrap();
+            let resp = up.resp_header().unwrap().clone();
+            self.near = Some(up.into_inner());
+            resp
+        }
+    }
+
+    /// What the forwarder relays of `sent`, read as it reads it.
+    fn relayed(sent: &[u8], targeted: &http::HeaderName, deco: &Decorations<'_>) -> Vec<u8> {
+        let plain = upstream_head::plain(sent).expect("a plain answer");
+        passed_head(&plain, targeted, deco).unwrap()
+    }
+
     /// Seeded random answers: names from a pool that mixes stoa's own, hop-by-hop ones,
     /// those `Connection` may name and the targeted field, in random case, repeated, with a
-    /// `Connection` header naming some of them; each relayed head is compared with what the
-    /// session would write.
-    #[test]
-    fn random_relayed_heads_have_the_lines_the_session_would_write() {
+    /// `Connection` header naming some of them. Each is sent as bytes; the head the
+    /// forwarder relays of what it reads is compared with what pingora's session would
+    /// write of what pingora's client session reads. One in four is made not plain (framed
+    /// otherwise, or with a status without a body): the forwarder must leave it to the
+    /// session.
+    #[tokio::test]
+    async fn random_relayed_heads_have_the_lines_the_session_would_write() {
         const NAMES: [&str; 14] = [
             "content-type",
             "x-request-id",
@@ -293,9 +352,14 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(24);
         let targeted = http::HeaderName::from_static("stoa-cache-control");
         let member = http::HeaderValue::from_static("stoa; fwd=uri-miss");
+        let mut pingora = Pingora::new().await;
+        let mut plain = 0;
         for round in 0..2000 {
             let status = [200, 201, 404, 418, 500, 503][rng.usize(..6)];
             let mut resp = ResponseHeader::build(status, None).unwrap();
+            if rng.u8(..8) == 0 {
+                resp.set_reason_phrase(Some("Fine Thanks")).unwrap();
+            }
             for _ in 0..rng.usize(0..10) {
                 let name = random_name(&mut rng, &NAMES);
                 resp.append_header(name, format!("v{}", rng.u8(..)))
@@ -310,8 +374,31 @@ mod tests {
                 resp.append_header("Connection".to_string(), named.join(", "))
                     .unwrap();
             }
-            resp.append_header("Content-Length".to_string(), "0")
-                .unwrap();
+            let length = random_name(&mut rng, &["content-length"]);
+            resp.append_header(length, "0").unwrap();
+            if rng.u8(..4) == 0 {
+                let (name, value) = match rng.u8(..4) {
+                    0 => ("Transfer-Encoding", "chunked"),
+                    1 => ("Content-Length", "0"),
+                    2 => {
+                        resp.remove_header("Content-Length");
+                        ("Content-Length", "+0")
+                    }
+                    _ => {
+                        resp.set_status([204, 304][rng.usize(..2)]).unwrap();
+                        ("X-Keep", "1")
+                    }
+                };
+                resp.append_header(name.to_string(), value).unwrap();
+                let sent = as_sent(&resp);
+                assert!(
+                    upstream_head::plain(&sent).is_none(),
+                    "round {round}: not plain, yet relayed: {}",
+                    String::from_utf8_lossy(&sent)
+                );
+                continue;
+            }
+            plain += 1;
             let request_id = http::HeaderValue::from(rng.u32(..));
             let deco = Decorations {
                 request_id: &request_id,
@@ -321,18 +408,21 @@ mod tests {
                 cache: None,
                 cache_member: rng.bool().then_some(&member),
             };
-            let relayed = passed_head(&resp, &targeted, &deco).unwrap();
+            let sent = as_sent(&resp);
+            let read = pingora.read(&sent).await;
+            let relayed = relayed(&sent, &targeted, &deco);
             assert_eq!(
                 lines(&relayed),
-                lines(&through_the_session(&resp, &targeted, &deco)),
+                lines(&through_the_session(&read, &targeted, &deco)),
                 "round {round}: {}",
                 String::from_utf8_lossy(&relayed)
             );
         }
+        assert!(plain > 1400, "{plain} plain answers of 2000");
     }
 
-    #[test]
-    fn a_relayed_head_has_the_lines_the_session_would_write() {
+    #[tokio::test]
+    async fn a_relayed_head_has_the_lines_the_session_would_write() {
         let targeted = http::HeaderName::from_static("stoa-cache-control");
         let mut upstream = ResponseHeader::build(200, None).unwrap();
         for (name, value) in [
@@ -367,7 +457,10 @@ mod tests {
         let id = http::HeaderValue::from_static("abc");
         let none = http::HeaderValue::from_static("");
         let member = http::HeaderValue::from_static("stoa; fwd=uri-miss");
+        let mut pingora = Pingora::new().await;
         for resp in [&upstream, &bare, &many] {
+            let sent = as_sent(resp);
+            let read = pingora.read(&sent).await;
             for request_id in [&id, &none] {
                 for cache_member in [None, Some(&member)] {
                     let deco = Decorations {
@@ -378,10 +471,10 @@ mod tests {
                         cache: None,
                         cache_member,
                     };
-                    let relayed = passed_head(resp, &targeted, &deco).unwrap();
+                    let relayed = relayed(&sent, &targeted, &deco);
                     assert_eq!(
                         lines(&relayed),
-                        lines(&through_the_session(resp, &targeted, &deco)),
+                        lines(&through_the_session(&read, &targeted, &deco)),
                         "{}",
                         String::from_utf8_lossy(&relayed)
                     );

@@ -221,9 +221,7 @@ impl StoaProxy {
         upstream_response: &ResponseHeader,
         ctx: &mut RequestCtx,
     ) {
-        if let Some(started) = ctx.timing.upstream_started {
-            ctx.timing.upstream_elapsed = Some(started.elapsed());
-        }
+        pass::answered(ctx);
         pass::invalidate_after_write(session, upstream_response, ctx).await;
     }
 

@@ -52,6 +52,13 @@ pub fn start_call(ctx: &mut RequestCtx) -> Result<Arc<Link>> {
     }
 }
 
+/// The upstream's answer head arrived: its time is taken.
+pub fn answered(ctx: &mut RequestCtx) {
+    if let Some(started) = ctx.timing.upstream_started {
+        ctx.timing.upstream_elapsed = Some(started.elapsed());
+    }
+}
+
 /// The head sent upstream: the rewritten URI and the forwarding headers. Run again for each
 /// attempt (pingora's proxy retries with a new copy of the client's head), so the URI is
 /// kept for the next one.

@@ -92,10 +92,20 @@ fn is_framing(name: &str) -> bool {
 /// The header names an answer's `Connection` header nominates as hop-by-hop (RFC 9110
 /// §7.6.1), framing headers excepted.
 fn connection_nominated(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+    nominated(
+        headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    )
+}
+
+/// The names `Connection` values nominate ([`connection_nominated`]); a value that is not
+/// visible ASCII (as `HeaderValue::to_str` has it) nominates none.
+fn nominated<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a str> {
+    values
+        .filter(|v| v.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b)))
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|t| !t.is_empty() && !is_framing(t))
@@ -133,38 +143,68 @@ pub fn response_drops<'a>(
     resp: &'a ResponseHeader,
     targeted: &'a HeaderName,
 ) -> impl Fn(&HeaderName) -> bool + 'a {
-    // A successful upgrade (101) needs its `Upgrade` header.
-    let upgrade = resp.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    let connection = resp.headers.contains_key(http::header::CONNECTION);
-    // The names `Connection` nominates, read once: the first few kept, the rest (rare)
-    // read again when asked.
-    let mut first: [&str; 4] = [""; 4];
-    let mut more = false;
-    for (i, token) in connection_nominated(&resp.headers).enumerate() {
-        match first.get_mut(i) {
-            Some(slot) => *slot = token,
-            None => more = true,
-        }
-    }
-    move |name| {
-        let nominated = || {
-            let name = name.as_str();
-            first
-                .iter()
-                .any(|t| !t.is_empty() && t.eq_ignore_ascii_case(name))
-                || (more
-                    && connection_nominated(&resp.headers).any(|t| t.eq_ignore_ascii_case(name)))
+    let connection = resp.headers.get_all(http::header::CONNECTION);
+    let drops = ResponseDrops::new(
+        resp.status.as_u16(),
+        connection.iter().map(HeaderValue::as_bytes),
+        targeted,
+    );
+    move |name| drops.drops(name.as_str())
+}
+
+/// Which headers of a pass-through answer [`strip_response`] drops, decided once per
+/// answer from its status and its `Connection` values, for names in any case: the one
+/// decision for an answer as pingora's session reads it and for one the front's forwarder
+/// reads as bytes.
+pub struct ResponseDrops<'a> {
+    /// A successful upgrade (101) needs its `Upgrade` header.
+    upgrade: bool,
+    /// The names `Connection` nominates: the first few at hand, the rest (rare) kept apart.
+    first: [&'a str; 4],
+    more: Vec<&'a str>,
+    targeted: &'a HeaderName,
+}
+
+impl<'a> ResponseDrops<'a> {
+    /// For an answer with `status` and the `Connection` values `connection`.
+    pub fn new(
+        status: u16,
+        connection: impl Iterator<Item = &'a [u8]>,
+        targeted: &'a HeaderName,
+    ) -> Self {
+        let mut drops = ResponseDrops {
+            upgrade: status == 101,
+            first: [""; 4],
+            more: Vec::new(),
+            targeted,
         };
-        if is_hop_by_hop(name) {
-            (name != http::header::CONNECTION
-                && name != http::header::TRANSFER_ENCODING
-                && !(upgrade && name == http::header::UPGRADE))
-                || (connection && nominated())
+        for (i, token) in nominated(connection).enumerate() {
+            match drops.first.get_mut(i) {
+                Some(slot) => *slot = token,
+                None => drops.more.push(token),
+            }
+        }
+        drops
+    }
+
+    /// Whether the header `name` (in any case) is dropped.
+    pub fn drops(&self, name: &str) -> bool {
+        let nominated = self
+            .first
+            .iter()
+            .chain(&self.more)
+            .any(|t| !t.is_empty() && t.eq_ignore_ascii_case(name));
+        if HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            // The writer sets its own `Connection` and framing; an upgrade keeps `Upgrade`.
+            let kept = name.eq_ignore_ascii_case("connection")
+                || name.eq_ignore_ascii_case("transfer-encoding")
+                || (self.upgrade && name.eq_ignore_ascii_case("upgrade"));
+            !kept || nominated
         } else {
-            name == targeted
-                || name == "surrogate-key"
-                || name == "cache-tag"
-                || (connection && nominated())
+            name.eq_ignore_ascii_case(self.targeted.as_str())
+                || name.eq_ignore_ascii_case("surrogate-key")
+                || name.eq_ignore_ascii_case("cache-tag")
+                || nominated
         }
     }
 }

@@ -1,0 +1,242 @@
+//! The head of an upstream's answer as the forwarder reads it itself, without pingora's
+//! client session: read once, parsed once by `httparse` with the session's parser settings,
+//! and kept as ranges of the bytes read. Only a plain answer is kept this way (see
+//! [`Plain`]); any other goes to pingora's session with the bytes read ([`super::rewound`]),
+//! which frames it.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use pingora::prelude::*;
+use pingora::protocols::Stream;
+use pingora::{ErrorType, RetryType};
+use tokio::io::AsyncReadExt;
+
+/// The first read's room, as pingora's session takes it.
+const INIT_BUF: usize = 4096;
+/// A head longer than this goes to pingora's session, which reads up to its own limit.
+const MOST: usize = 64 * 1024;
+/// The header lines a plain answer may have (more go to the session).
+const MAX_LINES: usize = 64;
+
+/// An answer that leaves nothing to interpret: HTTP/1.1, a final status with a body
+/// (neither 1xx, nor 204, nor 304), framed by one `Content-Length` of digits and no
+/// `Transfer-Encoding`, and header lines without folds.
+pub struct Plain {
+    /// The bytes read: the head, then whatever came of the body (and, from an upstream
+    /// that misbehaves, past it).
+    pub buf: BytesMut,
+    /// The head's length in `buf`.
+    pub len: usize,
+    pub status: u16,
+    reason: Range<usize>,
+    lines: Vec<(Range<usize>, Range<usize>)>,
+    /// The body's length.
+    pub body_len: u64,
+    /// The answer's `Connection` says `close`: its connection is not kept.
+    pub close: bool,
+}
+
+/// What [`read`] found.
+pub enum Read {
+    Plain(Plain),
+    /// Any other answer (or a head it does not take): the bytes read, for pingora's session.
+    Other(BytesMut),
+}
+
+impl Plain {
+    /// The status line's reason phrase, as it came.
+    pub fn reason(&self) -> &[u8] {
+        &self.buf[self.reason.clone()]
+    }
+
+    /// The header lines, names in their case, in their order.
+    pub fn lines(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
+        self.lines.iter().map(|(name, value)| {
+            // Names were checked to be tokens (ASCII) when the head was parsed.
+            let name = std::str::from_utf8(&self.buf[name.clone()]).unwrap_or_default();
+            (name, &self.buf[value.clone()])
+        })
+    }
+
+    /// The values of a header `name` (lowercase).
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.lines()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// The body bytes read with the head (at most the body's length), and whether more
+    /// than the body came.
+    pub fn body_read(&self) -> (&[u8], bool) {
+        let rest = &self.buf[self.len..];
+        let body = usize::try_from(self.body_len).unwrap_or(usize::MAX);
+        (&rest[..rest.len().min(body)], rest.len() > body)
+    }
+}
+
+/// Reads an answer's head from `stream`, each read within `timeout`. The errors are those
+/// pingora's session gives (a kept-alive connection closed or reset before the head is
+/// whole may be retried on a new one).
+pub async fn read(stream: &mut Stream, timeout: Option<Duration>) -> Result<Read> {
+    let mut buf = BytesMut::with_capacity(INIT_BUF);
+    loop {
+        let already = buf.len();
+        if buf.capacity() - buf.len() < INIT_BUF {
+            buf.reserve(INIT_BUF);
+        }
+        let read = match timeout {
+            Some(t) => pingora::time::timeout(t, stream.read_buf(&mut buf))
+                .await
+                .map_err(|_| {
+                    Error::explain(ErrorType::ReadTimedout, "while reading response headers")
+                })?,
+            None => stream.read_buf(&mut buf).await,
+        };
+        match read {
+            Ok(0) => {
+                let mut e = Error::explain(
+                    ErrorType::ConnectionClosed,
+                    format!("while reading response headers, bytes already read: {already}"),
+                );
+                e.retry = RetryType::ReusedOnly;
+                return Err(e);
+            }
+            Ok(_) => {}
+            Err(io) => {
+                let os = io.raw_os_error().is_some();
+                let mut e = Error::because(
+                    ErrorType::ReadError,
+                    format!("while reading response headers, bytes already read: {already}"),
+                    io,
+                );
+                if os {
+                    e.retry = RetryType::ReusedOnly;
+                }
+                return Err(e);
+            }
+        }
+        match parse(&buf) {
+            Parsed::Partial if buf.len() <= MOST => {}
+            Parsed::Partial | Parsed::Other => return Ok(Read::Other(buf)),
+            Parsed::Plain(head) => return Ok(Read::Plain(head.into_plain(buf))),
+        }
+    }
+}
+
+/// `bytes` read as [`read`] reads them: the answer, if it is whole and plain.
+#[cfg(test)]
+pub fn plain(bytes: &[u8]) -> Option<Plain> {
+    match parse(bytes) {
+        Parsed::Plain(head) => Some(head.into_plain(BytesMut::from(bytes))),
+        Parsed::Partial | Parsed::Other => None,
+    }
+}
+
+/// A plain head's parts, as ranges of the bytes parsed.
+struct Head {
+    len: usize,
+    status: u16,
+    reason: Range<usize>,
+    lines: Vec<(Range<usize>, Range<usize>)>,
+    body_len: u64,
+    close: bool,
+}
+
+impl Head {
+    fn into_plain(self, buf: BytesMut) -> Plain {
+        Plain {
+            buf,
+            len: self.len,
+            status: self.status,
+            reason: self.reason,
+            lines: self.lines,
+            body_len: self.body_len,
+            close: self.close,
+        }
+    }
+}
+
+enum Parsed {
+    Partial,
+    Plain(Head),
+    Other,
+}
+
+/// Parses `buf` as pingora's client session does (`httparse`, spaces after names and
+/// folded lines allowed in answers), and keeps a plain answer's head.
+fn parse(buf: &[u8]) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_LINES];
+    let mut resp = httparse::Response::new(&mut headers);
+    let mut parser = httparse::ParserConfig::default();
+    parser.allow_spaces_after_header_name_in_responses(true);
+    parser.allow_obsolete_multiline_headers_in_responses(true);
+    let len = match parser.parse_response(&mut resp, buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        // Too many lines, or not HTTP: the session says which.
+        Err(_) => return Parsed::Other,
+    };
+    let (Some(1), Some(status), Some(reason)) = (resp.version, resp.code, resp.reason) else {
+        return Parsed::Other;
+    };
+    if status < 200 || status == 204 || status == 304 {
+        return Parsed::Other;
+    }
+    let base = buf.as_ptr() as usize;
+    // An empty part need not point into `buf`.
+    let range = |part: &[u8]| {
+        if part.is_empty() {
+            return 0..0;
+        }
+        let start = part.as_ptr() as usize - base;
+        start..start + part.len()
+    };
+    let mut lines = Vec::with_capacity(resp.headers.len());
+    let mut body_len = None;
+    let mut close = false;
+    for h in resp.headers.iter() {
+        if h.value.iter().any(|&b| b == b'\r' || b == b'\n') {
+            return Parsed::Other;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if body_len.is_some() {
+                return Parsed::Other;
+            }
+            match digits(h.value) {
+                Some(n) => body_len = Some(n),
+                None => return Parsed::Other,
+            }
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Parsed::Other;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+        lines.push((range(h.name.as_bytes()), range(h.value)));
+    }
+    let Some(body_len) = body_len else {
+        return Parsed::Other;
+    };
+    Parsed::Plain(Head {
+        len,
+        status,
+        reason: range(reason.as_bytes()),
+        lines,
+        body_len,
+        close,
+    })
+}
+
+/// A length of digits only (the session takes more forms; those go to it).
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
