@@ -36,7 +36,7 @@ environment (defaults in brackets):
   FLOOR_MODEL [split]  the floor's threads: split (WORKERS single-thread services) or
                  shared (one service on WORKERS threads, work stealing)
   PIPELINE_DEPTH [16]  requests written at once per connection in the pipelined rows
-  PORT_BASE [19100]  ports PORT_BASE+1 .. PORT_BASE+16 on 127.0.0.1
+  PORT_BASE [19100]  ports PORT_BASE+1 .. PORT_BASE+17 on 127.0.0.1
   NO_BUILD=1     use the binaries in target/release as they are
 EOF
 }
@@ -102,6 +102,7 @@ VARNISH_PORT=$((PORT_BASE + 13))
 ORIGIN_PORT=$((PORT_BASE + 14))      # nginx serving a static file: the pass-through upstream
 FLOOR_PORT=$((PORT_BASE + 15))       # the floor: a bare pingora pass-through (loadtest/floor)
 LEAN_PORT=$((PORT_BASE + 16))        # the floor's lean path: pingora-core HTTP/1 sessions, no ProxyHttp
+RAW_PORT=$((PORT_BASE + 17))         # the floor's raw path: pingora's listener, no HTTP session
 
 # --- what we need ---------------------------------------------------------------------
 vmod_bodyaccess() { ls /usr/lib/*/varnish/vmods/libvmod_bodyaccess.so >/dev/null 2>&1; }
@@ -151,7 +152,7 @@ start_work compare
 
 ports_free $UP_PORT $STOA_PORT $STOA_ADMIN $NGINX_PORT $BARE_PORT $BARE_ADMIN $LOGGED_PORT \
             $LOGGED_ADMIN $LIMITED_PORT $LIMITED_ADMIN $CLV_PORT $SLOW_PORT $VARNISH_PORT \
-            $ORIGIN_PORT $FLOOR_PORT $LEAN_PORT
+            $ORIGIN_PORT $FLOOR_PORT $LEAN_PORT $RAW_PORT
 
 c() { curl -fsS -m 10 "$@"; }
 reset_stats() { c -X POST -o /dev/null "http://127.0.0.1:$1/__stats/reset"; }
@@ -219,6 +220,11 @@ if [ -z "$SOAK" ]; then
     --threads "$WORKERS" --model "$FLOOR_MODEL" --path lean >"$work/lean.log" 2>&1 &
   pids+=($!); lean_pid=$!
   wait_for "stoa-floor --path lean" "http://127.0.0.1:$LEAN_PORT/api/restaurant/dufva" $! "$work/lean.log"
+  # And on its raw path: no HTTP session, httparse both sides, the bytes as they came.
+  ./target/release/stoa-floor --listen "127.0.0.1:$RAW_PORT" --peer "127.0.0.1:$ORIGIN_PORT" \
+    --threads "$WORKERS" --model "$FLOOR_MODEL" --path raw >"$work/raw.log" 2>&1 &
+  pids+=($!); raw_pid=$!
+  wait_for "stoa-floor --path raw" "http://127.0.0.1:$RAW_PORT/api/restaurant/dufva" $! "$work/raw.log"
 fi
 
 # --- stoa, in the variants compared ------------------------------------------------------
@@ -554,10 +560,12 @@ declare -A url_of=([stoa]=http://127.0.0.1:$STOA_PORT [nginx]=http://127.0.0.1:$
   [varnish]=http://127.0.0.1:$VARNISH_PORT [bare]=http://127.0.0.1:$BARE_PORT
   [logged]=http://127.0.0.1:$LOGGED_PORT [limited]=http://127.0.0.1:$LIMITED_PORT
   [floor]=http://127.0.0.1:$FLOOR_PORT [lean]=http://127.0.0.1:$LEAN_PORT
+  [raw]=http://127.0.0.1:$RAW_PORT
   [origin]=http://127.0.0.1:$ORIGIN_PORT)
 # Whose CPU time a run on each target costs (the static ceiling is the same nginx).
 declare -A pid_of=([stoa]=$stoa_pid [nginx]=$nginx_pid [static]=$nginx_pid [bare]=$bare_pid
   [logged]=$logged_pid [limited]=$limited_pid [floor]=$floor_pid [lean]=$lean_pid
+  [raw]=$raw_pid
   [origin]=$origin_pid)
 [ "$HAVE_VARNISH" = 1 ] && pid_of[varnish]=$varnish_pid
 peers=(stoa nginx); [ "$HAVE_VARNISH" = 1 ] && peers+=(varnish)
@@ -659,11 +667,11 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 # 2. Pass-through: no cache, every request reaches the upstream over a kept-alive connection.
-# Each round also measures the floor, its lean path and the origin alone (it must not be the
-# bottleneck).
-echo "2/5 pass-through ($((ROUNDS * (${#peers[@]} + 3) * DURATION_S))s)" >&2
+# Each round also measures the floor, its lean and raw paths and the origin alone (it must not
+# be the bottleneck).
+echo "2/5 pass-through ($((ROUNDS * (${#peers[@]} + 4) * DURATION_S))s)" >&2
 for r in $(seq 1 "$ROUNDS"); do
-  for t in "${peers[@]}" floor lean origin; do
+  for t in "${peers[@]}" floor lean raw origin; do
     hit pass "$t" "$r" "${url_of[$t]}/api/restaurant/dufva"
   done
 done

@@ -131,7 +131,7 @@ def compare(results, notes_path, setup):
     row("  CPU µs per request", "pass", "cpu_us", "us")
     o_rps = median(values(data, "pass", "origin", "rps"))
     o_cpu = median(values(data, "pass", "origin", "cpu_us"))
-    p_max = max([median(values(data, "pass", t, "rps")) or 0 for t in ("stoa",) + PEERS + ("lean",)])
+    p_max = max([median(values(data, "pass", t, "rps")) or 0 for t in ("stoa",) + PEERS + ("lean", "raw")])
     o_ok = "" if o_rps is None else (
         f" ({o_rps / p_max:.1f}x the fastest proxy: not the bottleneck)" if p_max and o_rps >= 1.5 * p_max
         else " (less than 1.5x the fastest proxy: it may limit the rows above)")
@@ -147,6 +147,13 @@ def compare(results, notes_path, setup):
               f" {fmt_ratio(ratios(data, 'pass', 'rps', 'lean', 'floor'))},"
               f" CPU {fmt_ratio(ratios(data, 'pass', 'cpu_us', 'lean', 'floor'))};"
               f" stoa/lean {fmt_ratio(ratios(data, 'pass', 'rps', 'stoa', 'lean'))}")
+    if values(data, "pass", "raw", "rps"):
+        r_rps = median(values(data, "pass", "raw", "rps"))
+        r_cpu = median(values(data, "pass", "raw", "cpu_us"))
+        print(f"  raw: pingora's listener with no HTTP session (stoa-floor --path raw):"
+              f" {fmt_value(r_rps, 'rps')} requests/s, {fmt_value(r_cpu, 'us')} CPU µs per request;"
+              f" raw/nginx CPU {fmt_ratio(ratios(data, 'pass', 'cpu_us', 'raw', 'nginx'))};"
+              f" stoa/raw CPU {fmt_ratio(ratios(data, 'pass', 'cpu_us', 'stoa', 'raw'))}")
     section("stampede: 1,000 clients, one cold key, slow upstream")
     row("  upstream calls per stampede", "stampede", "upstream_calls", "calls")
     row("  p50 ms (connected first, then fired)", "stampede", "p50", "ms")
