@@ -34,14 +34,9 @@ use futures_util::task::AtomicWaker;
 use pingora::apps::ServerApp;
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::raw_connect::ProxyDigest;
-use pingora::protocols::tls::SslDigest;
 use pingora::protocols::Stream;
 use pingora::protocols::ALPN;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
-    TimingDigest, UniqueID, UniqueIDType, IO,
-};
+use pingora::protocols::{Peek, Ssl, IO};
 use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -456,62 +451,75 @@ impl AsyncWrite for Guarded {
     }
 }
 
-#[async_trait]
-impl Shutdown for Guarded {
-    async fn shutdown(&mut self) {
-        Shutdown::shutdown(&mut *self.inner).await
-    }
+/// Implements pingora's stream traits but `Peek` (shutdown, id, TLS, timing, proxy and
+/// socket digests) for a wrapper of a [`Stream`] in its field `inner`, by asking `inner`.
+macro_rules! delegate_stream_traits {
+    ($wrapper:ty) => {
+        #[async_trait::async_trait]
+        impl pingora::protocols::Shutdown for $wrapper {
+            async fn shutdown(&mut self) {
+                pingora::protocols::Shutdown::shutdown(&mut *self.inner).await
+            }
+        }
+
+        impl pingora::protocols::UniqueID for $wrapper {
+            fn id(&self) -> pingora::protocols::UniqueIDType {
+                pingora::protocols::UniqueID::id(&*self.inner)
+            }
+        }
+
+        impl pingora::protocols::Ssl for $wrapper {
+            fn get_ssl_digest(&self) -> Option<std::sync::Arc<pingora::protocols::tls::SslDigest>> {
+                pingora::protocols::Ssl::get_ssl_digest(&*self.inner)
+            }
+
+            fn selected_alpn_proto(&self) -> Option<pingora::protocols::ALPN> {
+                pingora::protocols::Ssl::selected_alpn_proto(&*self.inner)
+            }
+        }
+
+        impl pingora::protocols::GetTimingDigest for $wrapper {
+            fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+                pingora::protocols::GetTimingDigest::get_timing_digest(&*self.inner)
+            }
+
+            fn get_read_pending_time(&self) -> std::time::Duration {
+                pingora::protocols::GetTimingDigest::get_read_pending_time(&*self.inner)
+            }
+
+            fn get_write_pending_time(&self) -> std::time::Duration {
+                pingora::protocols::GetTimingDigest::get_write_pending_time(&*self.inner)
+            }
+        }
+
+        impl pingora::protocols::GetProxyDigest for $wrapper {
+            fn get_proxy_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+                pingora::protocols::GetProxyDigest::get_proxy_digest(&*self.inner)
+            }
+
+            fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+                pingora::protocols::GetProxyDigest::set_proxy_digest(&mut *self.inner, digest)
+            }
+        }
+
+        impl pingora::protocols::GetSocketDigest for $wrapper {
+            fn get_socket_digest(
+                &self,
+            ) -> Option<std::sync::Arc<pingora::protocols::SocketDigest>> {
+                pingora::protocols::GetSocketDigest::get_socket_digest(&*self.inner)
+            }
+
+            fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+                pingora::protocols::GetSocketDigest::set_socket_digest(&mut *self.inner, digest)
+            }
+        }
+    };
 }
+pub(crate) use delegate_stream_traits;
 
-impl UniqueID for Guarded {
-    fn id(&self) -> UniqueIDType {
-        self.inner.id()
-    }
-}
-
-impl Ssl for Guarded {
-    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for Guarded {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
-    }
-
-    fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
-    }
-
-    fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for Guarded {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
-    }
-
-    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
-    }
-}
-
-impl GetSocketDigest for Guarded {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
-    }
-
-    fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.set_socket_digest(digest)
-    }
-}
+delegate_stream_traits!(Guarded);
 
 /// pingora peeks at the first bytes of a cleartext connection for HTTP/2's preface when
 /// `server.h2c` is on, waiting for all of them: the head deadline bounds the wait.
