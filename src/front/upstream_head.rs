@@ -15,7 +15,8 @@ use tokio::io::AsyncReadExt;
 
 /// The first read's room, as pingora's session takes it.
 const INIT_BUF: usize = 4096;
-/// A head longer than this goes to pingora's session, which reads up to its own limit.
+/// A head not whole past this many bytes goes to pingora's session, which reads up to its
+/// own limit (1 MiB).
 const MOST: usize = 64 * 1024;
 /// The header lines a plain answer may have (more go to the session).
 const MAX_LINES: usize = 64;
@@ -239,4 +240,126 @@ fn digits(value: &[u8]) -> Option<u64> {
     value.iter().try_fold(0u64, |n, d| {
         n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::protocols::l4::stream::Stream as L4Stream;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair: the far end, and the near one as a pingora stream.
+    async fn pair() -> (TcpStream, Stream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        far.set_nodelay(true).unwrap();
+        (far, Box::new(L4Stream::from(near)))
+    }
+
+    /// What [`read`] makes of `answer` written in pieces of random sizes, a pause between
+    /// them: `Some((status, body length, header lines, body read))` for a plain answer,
+    /// `None` (with every byte written handed on) for any other.
+    async fn read_in_pieces(
+        answer: &[u8],
+        rng: &mut fastrand::Rng,
+    ) -> Option<(u16, u64, Vec<(String, Vec<u8>)>, Vec<u8>)> {
+        let (mut far, mut near) = pair().await;
+        let mut cuts: Vec<usize> = (0..rng.usize(0..6))
+            .map(|_| rng.usize(..answer.len()))
+            .collect();
+        cuts.push(answer.len());
+        cuts.sort_unstable();
+        let pieces: Vec<Vec<u8>> = cuts
+            .iter()
+            .scan(0, |from, &to| {
+                let piece = answer[*from..to].to_vec();
+                *from = to;
+                Some(piece)
+            })
+            .collect();
+        let writer = tokio::spawn(async move {
+            for piece in pieces {
+                far.write_all(&piece).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            far
+        });
+        let read = read(&mut near, Some(std::time::Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let _far = writer.await.unwrap();
+        match read {
+            Read::Plain(plain) => {
+                let lines = plain
+                    .lines()
+                    .map(|(n, v)| (n.to_string(), v.to_vec()))
+                    .collect();
+                let (body, _) = plain.body_read();
+                Some((plain.status, plain.body_len, lines, body.to_vec()))
+            }
+            Read::Other(bytes) => {
+                assert!(answer.starts_with(&bytes), "the bytes read are handed on");
+                None
+            }
+        }
+    }
+
+    /// Answers split at random places read as they read whole: plain ones kept with their
+    /// lines and the body that came, any other handed on untouched, heads of any length.
+    #[tokio::test]
+    async fn answers_arriving_in_pieces_read_as_whole_ones() {
+        let long = "x".repeat(10_000);
+        let too_long = "y".repeat(200_000);
+        let plain = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Long: {long}\r\n\
+             content-length: 7\r\nConnection: keep-alive\r\n\r\n{{\"a\":1}}"
+        );
+        let mut rng = fastrand::Rng::with_seed(24);
+        for _ in 0..20 {
+            let (status, body_len, lines, body) =
+                read_in_pieces(plain.as_bytes(), &mut rng).await.unwrap();
+            assert_eq!((status, body_len), (200, 7));
+            assert_eq!(body, b"{\"a\":1}");
+            let names: Vec<&str> = lines.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(
+                names,
+                ["Content-Type", "X-Long", "content-length", "Connection"]
+            );
+            assert_eq!(lines[1].1, long.as_bytes());
+        }
+        for other in [
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_string(),
+            "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n".to_string(),
+            "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+            "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n".to_string(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx".to_string(),
+            "HTTP/1.1 200 OK\r\nX-Fold: a\r\n b\r\nContent-Length: 0\r\n\r\n".to_string(),
+            format!("HTTP/1.1 200 OK\r\nX-Long: {too_long}\r\nContent-Length: 0\r\n\r\n"),
+            "HTTP/1.1 200 OK\r\n\r\n".to_string(),
+        ] {
+            assert!(
+                read_in_pieces(other.as_bytes(), &mut rng).await.is_none(),
+                "{}",
+                &other[..other.len().min(60)]
+            );
+        }
+    }
+
+    /// The upstream closing before the head is whole is an error a kept-alive connection
+    /// may be retried for, as pingora's session has it.
+    #[tokio::test]
+    async fn a_head_cut_short_is_a_retryable_close() {
+        let (mut far, mut near) = pair().await;
+        far.write_all(b"HTTP/1.1 200 OK\r\nContent-").await.unwrap();
+        drop(far);
+        let Err(e) = read(&mut near, None).await else {
+            panic!("a head cut short was read");
+        };
+        assert_eq!(e.etype(), &ErrorType::ConnectionClosed);
+        assert!(matches!(e.retry, RetryType::ReusedOnly));
+    }
 }
