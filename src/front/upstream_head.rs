@@ -53,18 +53,16 @@ impl Plain {
     }
 
     /// The header lines, names in their case, in their order.
-    pub fn lines(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.lines.iter().map(|(name, value)| {
-            // Names were checked to be tokens (ASCII) when the head was parsed.
-            let name = std::str::from_utf8(&self.buf[name.clone()]).unwrap_or_default();
-            (name, &self.buf[value.clone()])
-        })
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], &[u8])> + '_ {
+        self.lines
+            .iter()
+            .map(|(name, value)| (&self.buf[name.clone()], &self.buf[value.clone()]))
     }
 
-    /// The values of a header `name` (lowercase).
+    /// The values of a header `name` (in any case).
     pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.lines()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
             .map(|(_, v)| v)
     }
 
@@ -296,7 +294,7 @@ mod tests {
             Read::Plain(plain) => {
                 let lines = plain
                     .lines()
-                    .map(|(n, v)| (n.to_string(), v.to_vec()))
+                    .map(|(n, v)| (String::from_utf8(n.to_vec()).unwrap(), v.to_vec()))
                     .collect();
                 let (body, _) = plain.body_read();
                 Some((plain.status, plain.body_len, lines, body.to_vec()))

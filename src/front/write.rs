@@ -99,13 +99,13 @@ pub fn passed_head(
     let drops = headers::ResponseDrops::new(resp.status, resp.values("connection"), targeted);
     for (name, value) in resp.lines() {
         if drops.drops(name)
-            || name.eq_ignore_ascii_case("date")
-            || name.eq_ignore_ascii_case("connection")
+            || name.eq_ignore_ascii_case(b"date")
+            || name.eq_ignore_ascii_case(b"connection")
             || added.replaces(name)
         {
             continue;
         }
-        put_line(&mut head, name.as_bytes(), value);
+        put_line(&mut head, name, value);
     }
     put_session_lines(&mut head);
     head.extend_from_slice(&added.bytes);
@@ -123,17 +123,17 @@ struct Added {
 
 impl Added {
     /// Whether `name` (in any case) is one of those set.
-    fn replaces(&self, name: &str) -> bool {
+    fn replaces(&self, name: &[u8]) -> bool {
         self.set
             .iter()
             .flatten()
-            .any(|set| set.as_str().eq_ignore_ascii_case(name))
+            .any(|set| set.as_str().as_bytes().eq_ignore_ascii_case(name))
     }
 }
 
 impl AnswerHeaders for Added {
     fn set(&mut self, name: &http::HeaderName, value: &http::HeaderValue) -> Result<()> {
-        if self.replaces(name.as_str()) {
+        if self.replaces(name.as_str().as_bytes()) {
             return Error::e_explain(ErrorType::InternalError, "a header set twice");
         }
         let Some(slot) = self.set.iter_mut().find(|slot| slot.is_none()) else {

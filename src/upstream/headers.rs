@@ -149,7 +149,7 @@ pub fn response_drops<'a>(
         connection.iter().map(HeaderValue::as_bytes),
         targeted,
     );
-    move |name| drops.drops(name.as_str())
+    move |name| drops.drops(name.as_str().as_bytes())
 }
 
 /// Which headers of a pass-through answer [`strip_response`] drops, decided once per
@@ -188,23 +188,20 @@ impl<'a> ResponseDrops<'a> {
     }
 
     /// Whether the header `name` (in any case) is dropped.
-    pub fn drops(&self, name: &str) -> bool {
+    pub fn drops(&self, name: &[u8]) -> bool {
+        let is = |other: &str| other.as_bytes().eq_ignore_ascii_case(name);
         let nominated = self
             .first
             .iter()
             .chain(&self.more)
-            .any(|t| !t.is_empty() && t.eq_ignore_ascii_case(name));
-        if HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name)) {
+            .any(|t| !t.is_empty() && is(t));
+        if HOP_BY_HOP.iter().any(|h| is(h)) {
             // The writer sets its own `Connection` and framing; an upgrade keeps `Upgrade`.
-            let kept = name.eq_ignore_ascii_case("connection")
-                || name.eq_ignore_ascii_case("transfer-encoding")
-                || (self.upgrade && name.eq_ignore_ascii_case("upgrade"));
+            let kept =
+                is("connection") || is("transfer-encoding") || (self.upgrade && is("upgrade"));
             !kept || nominated
         } else {
-            name.eq_ignore_ascii_case(self.targeted.as_str())
-                || name.eq_ignore_ascii_case("surrogate-key")
-                || name.eq_ignore_ascii_case("cache-tag")
-                || nominated
+            is(self.targeted.as_str()) || is("surrogate-key") || is("cache-tag") || nominated
         }
     }
 }
