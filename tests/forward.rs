@@ -514,7 +514,8 @@ fn route_to(port: u16) -> String {
 async fn an_answer_cut_short_by_the_upstream_closes_the_connection() {
     for server in ["threads = 1", "threads = 1\nfront_forward = false"] {
         let origin = Origin::start().await;
-        let front = StoaProcess::start_with(server, &routes(&origin)).await;
+        let config = format!("[log]\naccess_log = true\n\n{}", routes(&origin));
+        let front = StoaProcess::start_with(server, &config).await;
         let mut sock = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
         let mut buf = Vec::new();
         for _ in 0..2 {
@@ -547,6 +548,26 @@ async fn an_answer_cut_short_by_the_upstream_closes_the_connection() {
             );
             let (_, body) = text.split_once("\r\n\r\n").unwrap();
             assert!(body.len() < 100, "{server}: {text}");
+        }
+        if server == "threads = 1" {
+            // The front records the answer once sent: the 9 bytes that came, not the 100
+            // its head announced.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let line = loop {
+                let log = front.log();
+                if let Some(line) = log.lines().find(|l| l.contains("path=\"/short\"")) {
+                    break line.to_string();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no access line:\n{log}"
+                );
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            };
+            assert!(
+                line.contains("status=200") && line.contains("bytes=9 "),
+                "{line}"
+            );
         }
         let mut again = TcpStream::connect(("127.0.0.1", front.port)).await.unwrap();
         again

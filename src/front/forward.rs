@@ -161,8 +161,9 @@ impl Forwarder {
 
     /// Sends a relayed answer on the client's connection `down`: its head and its body as
     /// the upstream sends it (its length is the upstream's), then keeps the upstream
-    /// connection. `Err`: the answer was cut short, and the client's connection must close.
-    pub async fn relay(&self, relay: Relay, down: &mut Stream) -> Result<()> {
+    /// connection. The body bytes sent, and `Err` when the answer was cut short (the
+    /// client's connection must close).
+    pub async fn relay(&self, relay: Relay, down: &mut Stream) -> (u64, Result<()>) {
         let Relay {
             head,
             mut stream,
@@ -176,26 +177,37 @@ impl Forwarder {
         };
         // The head and what came of the body with it (usually all of it) in one write.
         let (first, mut past) = answer.body_read();
-        write::send_parts(down, &head, first).await.map_err(cut)?;
-        let mut left = answer.body_len - first.len() as u64;
+        let first_len = first.len() as u64;
+        if let Err(e) = write::send_parts(down, &head, first).await {
+            return (0, Err(cut(e)));
+        }
+        let mut sent = first_len;
         let buf = &mut answer.buf;
-        while left > 0 {
+        while sent < answer.body_len {
             buf.clear();
             if buf.capacity() < BODY_BUF {
                 buf.reserve(BODY_BUF);
             }
-            let n = read_piece(&mut stream, buf, read_timeout).await?;
+            let n = match read_piece(&mut stream, buf, read_timeout).await {
+                Ok(n) => n,
+                Err(e) => return (sent, Err(e)),
+            };
+            let left = answer.body_len - sent;
             let piece = &buf[..n.min(usize::try_from(left).unwrap_or(usize::MAX))];
             past |= piece.len() < n;
-            down.write_all(piece).await.map_err(cut)?;
-            left -= piece.len() as u64;
+            if let Err(e) = down.write_all(piece).await {
+                return (sent, Err(cut(e)));
+            }
+            sent += piece.len() as u64;
         }
-        down.flush().await.map_err(cut)?;
+        if let Err(e) = down.flush().await {
+            return (sent, Err(cut(e)));
+        }
         // An answer that asked to close, or sent more than its length, ends its connection.
         if !answer.close && !past {
             self.idle.put(pool_key, stream);
         }
-        Ok(())
+        (sent, Ok(()))
     }
 
     /// A new connection to `peer`. Boxed: connecting (TLS included) is a future of several

@@ -258,7 +258,9 @@ impl Front {
         session.downstream_session
     }
 
-    /// Sends a pass-through answer the forwarder relays past the session.
+    /// Sends a pass-through answer the forwarder relays past the session, then records the
+    /// request with what was sent (all of the body, or, when the upstream or the client
+    /// broke off, what went out and why).
     async fn relay(
         &self,
         forwarder: &Forwarder,
@@ -266,9 +268,23 @@ impl Front {
         session: Session,
         ctx: &mut RequestCtx,
     ) -> Option<Next> {
-        let sent = (relay.status, relay.body_bytes);
-        let (mut stream, next) = finish(self.past_session(session, ctx, sent)).await?;
-        if let Err(e) = forwarder.relay(relay, &mut stream).await {
+        let status = relay.status;
+        let taken = self.stoa.take_record(&session, ctx);
+        let Some((mut stream, next)) = finish(session.downstream_session).await else {
+            let e =
+                Error::explain(ErrorType::WriteError, "the client's connection broke").into_down();
+            self.stoa.record_taken(&taken, ctx, Some(&*e), status, 0);
+            return None;
+        };
+        let (sent, relayed) = forwarder.relay(relay, &mut stream).await;
+        self.stoa.record_taken(
+            &taken,
+            ctx,
+            relayed.as_ref().err().map(|e| &**e),
+            status,
+            sent,
+        );
+        if let Err(e) = relayed {
             // A client gone is its own business; an upstream that breaks off its answer
             // is the operator's.
             if e.esource() == &pingora::ErrorSource::Upstream {

@@ -241,34 +241,80 @@ impl StoaProxy {
         sent: Option<(u16, u64)>,
     ) {
         connections::request_done(session);
-        ctx.upstream.permit = None;
         let (status, body_bytes) = sent.unwrap_or_else(|| {
             (
                 session.response_written().map_or(0, |h| h.status.as_u16()),
                 session.body_bytes_sent() as u64,
             )
         });
-        if let Some(trace) = ctx.trace.take() {
-            let route = ctx.route().map(|r| r.spec.name.as_str());
-            let cache = ctx.cache_status().header_value();
-            trace.finish(route, ctx.lane.label(), cache, status);
-        }
         let req = session.req_header();
-        let gateway = &ctx.gateway;
-        record(
-            ctx,
-            e,
-            &Seen {
-                // The client the rate limiter sees, behind trusted proxies too.
-                client: peer_addr(session)
-                    .map(|peer| client_addr(peer, &req.headers, &gateway.trusted_proxies)),
-                method: req.method.as_str(),
-                path: req.uri.path(),
-                status,
-                body_bytes,
-            },
-        );
+        let seen = Seen {
+            client: client_of(session, ctx),
+            method: req.method.as_str(),
+            path: req.uri.path(),
+            status,
+            body_bytes,
+        };
+        conclude(ctx, e, &seen);
     }
+
+    /// What a request's record needs of its session, taken before the session gives its
+    /// connection up for an answer relayed past it, which is recorded once sent
+    /// ([`StoaProxy::record_taken`]); the connection turns idle.
+    pub fn take_record(&self, session: &Session, ctx: &RequestCtx) -> Taken {
+        connections::request_done(session);
+        let req = session.req_header();
+        Taken {
+            client: client_of(session, ctx),
+            method: req.method.clone(),
+            uri: req.uri.clone(),
+        }
+    }
+
+    /// Records a request whose answer went out with `status` and `body_bytes` of its body
+    /// (`e`: why it ended early).
+    pub fn record_taken(
+        &self,
+        taken: &Taken,
+        ctx: &mut RequestCtx,
+        e: Option<&Error>,
+        status: u16,
+        body_bytes: u64,
+    ) {
+        let seen = Seen {
+            client: taken.client,
+            method: taken.method.as_str(),
+            path: taken.uri.path(),
+            status,
+            body_bytes,
+        };
+        conclude(ctx, e, &seen);
+    }
+}
+
+/// The client the rate limiter sees, behind trusted proxies too.
+fn client_of(session: &Session, ctx: &RequestCtx) -> Option<IpAddr> {
+    let headers = &session.req_header().headers;
+    peer_addr(session).map(|peer| client_addr(peer, headers, &ctx.gateway.trusted_proxies))
+}
+
+/// The end of a request's record: its upstream slot freed, its trace finished, and
+/// [`record`].
+fn conclude(ctx: &mut RequestCtx, e: Option<&Error>, seen: &Seen<'_>) {
+    ctx.upstream.permit = None;
+    if let Some(trace) = ctx.trace.take() {
+        let route = ctx.route().map(|r| r.spec.name.as_str());
+        let cache = ctx.cache_status().header_value();
+        trace.finish(route, ctx.lane.label(), cache, seen.status);
+    }
+    record(ctx, e, seen);
+}
+
+/// What a request's record needs of its session ([`StoaProxy::take_record`]).
+pub struct Taken {
+    client: Option<IpAddr>,
+    method: http::Method,
+    uri: http::Uri,
 }
 
 /// What the record of a request says of it besides its context.
