@@ -467,3 +467,16 @@ pub(crate) fn fence_for_proxy(buf: &mut BytesMut, head: &Head) -> (ProxyFence, O
     };
     (fence, next)
 }
+
+/// A connected pair on loopback: the far end, and the near one as a pingora stream.
+#[cfg(test)]
+pub(crate) async fn stream_pair() -> (tokio::net::TcpStream, Stream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (far, _) = listener.accept().await.unwrap();
+    far.set_nodelay(true).unwrap();
+    let near: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(near));
+    (far, near)
+}

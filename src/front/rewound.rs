@@ -102,23 +102,12 @@ impl Peek for Rewound {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pingora::protocols::l4::stream::Stream as L4Stream;
+    use crate::front::stream_pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// A connected pair: the far end, and the near one as a pingora stream.
-    async fn pair() -> (TcpStream, Stream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (far, _) = listener.accept().await.unwrap();
-        (far, Box::new(L4Stream::from(near)))
-    }
 
     #[tokio::test]
     async fn reads_the_bytes_put_back_then_the_connection_and_unwraps() {
-        let (mut far, near) = pair().await;
+        let (mut far, near) = stream_pair().await;
         far.write_all(b" world").await.unwrap();
         let mut stream = rewind(near, BytesMut::from(&b"hello"[..]));
         let mut got = vec![0u8; 11];
@@ -128,7 +117,7 @@ mod tests {
         assert!(!inner.as_any().is::<Rewound>());
         // A stream that is not rewound comes back as it is; one with bytes unread does not.
         assert!(unwrap(inner).is_some());
-        let (_far, near) = pair().await;
+        let (_far, near) = stream_pair().await;
         assert!(unwrap(rewind(near, BytesMut::from(&b"x"[..]))).is_none());
     }
 }

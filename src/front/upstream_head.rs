@@ -243,20 +243,8 @@ fn digits(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pingora::protocols::l4::stream::Stream as L4Stream;
+    use crate::front::stream_pair;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::{TcpListener, TcpStream};
-
-    /// A connected pair: the far end, and the near one as a pingora stream.
-    async fn pair() -> (TcpStream, Stream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let near = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (far, _) = listener.accept().await.unwrap();
-        far.set_nodelay(true).unwrap();
-        (far, Box::new(L4Stream::from(near)))
-    }
 
     /// What [`read`] makes of `answer` written in pieces of random sizes, a pause between
     /// them: `Some((status, body length, header lines, body read))` for a plain answer,
@@ -265,7 +253,7 @@ mod tests {
         answer: &[u8],
         rng: &mut fastrand::Rng,
     ) -> Option<(u16, u64, Vec<(String, Vec<u8>)>, Vec<u8>)> {
-        let (mut far, mut near) = pair().await;
+        let (mut far, mut near) = stream_pair().await;
         let mut cuts: Vec<usize> = (0..rng.usize(0..6))
             .map(|_| rng.usize(..answer.len()))
             .collect();
@@ -351,7 +339,7 @@ mod tests {
     /// may be retried for, as pingora's session has it.
     #[tokio::test]
     async fn a_head_cut_short_is_a_retryable_close() {
-        let (mut far, mut near) = pair().await;
+        let (mut far, mut near) = stream_pair().await;
         far.write_all(b"HTTP/1.1 200 OK\r\nContent-").await.unwrap();
         drop(far);
         let Err(e) = read(&mut near, None).await else {

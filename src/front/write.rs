@@ -294,12 +294,7 @@ mod tests {
 
     impl Pingora {
         async fn new() -> Self {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let near = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
-                .await
-                .unwrap();
-            let (far, _) = listener.accept().await.unwrap();
-            let near: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(near));
+            let (far, near) = crate::front::stream_pair().await;
             Pingora {
                 far,
                 near: Some(near),
