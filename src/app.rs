@@ -25,12 +25,13 @@ use crate::config::WorkerModel;
 use crate::config::{Config, EnvOverrides};
 use crate::connections::Listener;
 use crate::control::Control;
+use crate::front::forward::Forwarder;
 use crate::front::Front;
 use crate::gateway::{Gateway, Shared};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 
-use crate::proxy::StoaProxy;
+use crate::proxy::{PassThrough, StoaProxy};
 use crate::workers::{ListenSockets, Worker, Workers};
 
 /// How long to wait for the proxy listener to accept its first probe before giving up on
@@ -119,9 +120,14 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
     let workers = Workers::new(sockets, services);
     let mut proxies = Vec::with_capacity(services);
     for worker in 0..services {
+        // The front's forwarder, which also takes pingora's proxy's HTTP/2 pass-through
+        // streams without a body; `server.front = false` leaves every request to pingora.
+        let forwarder = (config.server.front && config.server.front_forward)
+            .then(|| Arc::new(Forwarder::new(&server_conf)));
+        let pass_through = forwarder.clone().map(|f| -> Arc<dyn PassThrough> { f });
         let mut proxy_app = pingora::proxy::http_proxy(
             &server_conf,
-            StoaProxy::new(gateway.clone(), lifecycle.clone()),
+            StoaProxy::new(gateway.clone(), lifecycle.clone()).with_pass_through(pass_through),
         );
         let mut options = HttpServerOptions::default();
         options.h2c = config.server.h2c;
@@ -134,7 +140,7 @@ pub fn run(config: Config, config_path: PathBuf, env: EnvOverrides) -> anyhow::R
             gateway.clone(),
             lifecycle.clone(),
             &config.server,
-            &server_conf,
+            forwarder,
         );
         let mut listener = Listener::new(front, gateway.clone(), lifecycle.clone())
             .with_h2c(config.server.h2c)

@@ -649,3 +649,118 @@ async fn a_connection_the_upstream_closed_while_idle_is_not_taken() {
     assert_eq!(served.lock().unwrap().len(), 3);
     task.abort();
 }
+
+/// An HTTP/2 request on the cleartext listener (h2c): status, headers, body. With a body,
+/// it is sent in a DATA frame after the head.
+async fn h2_request(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    path: &str,
+    body: Option<&'static str>,
+) -> (u16, Vec<(String, String)>, String) {
+    let mut send = send.clone().ready().await.expect("connection open");
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://stoa.test{path}"))
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = send
+        .send_request(req, body.is_none())
+        .expect("request sent");
+    if let Some(body) = body {
+        stream
+            .send_data(bytes::Bytes::from_static(body.as_bytes()), true)
+            .unwrap();
+    }
+    let (parts, mut recv) = resp.await.expect("answer").into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("body");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let mut headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .filter(|(k, _)| *k != "date" && *k != "x-request-id")
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+        .collect();
+    headers.sort();
+    (
+        parts.status.as_u16(),
+        headers,
+        String::from_utf8_lossy(&data).into_owned(),
+    )
+}
+
+/// HTTP/2 streams without a body are forwarded by the front's forwarder (lane `forward`),
+/// answered through pingora's HTTP/2 session, with the same answers, and the same heads
+/// at the origin, as pingora's proxy gives them (`front_forward = false`); a stream with a
+/// body stays with pingora's proxy (lane `proxy:h2`).
+#[tokio::test]
+async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
+    let paths = [
+        "/plain?q=1",
+        "/chunked",
+        "/empty",
+        "/not-modified",
+        "/hints",
+        "/teapot",
+        "/close",
+        "/overlong",
+        "/split",
+        "/plain",
+        "/gone/x",
+        "/slow",
+    ];
+    let mut answers = Vec::new();
+    let mut heads = Vec::new();
+    for server in [
+        "threads = 1\nh2c = true",
+        "threads = 1\nh2c = true\nfront_forward = false",
+    ] {
+        let origin = Origin::start().await;
+        let config = format!("[log]\naccess_log = true\n\n{}", routes(&origin));
+        let gw = StoaProcess::start_with(server, &config).await;
+        let send = common::h2::h2c(gw.port).await;
+        let mut got = Vec::new();
+        for path in paths {
+            got.push(h2_request(&send, "GET", path, None).await);
+        }
+        got.push(h2_request(&send, "POST", "/form", Some("hello=world")).await);
+        answers.push(got);
+        heads.push(
+            origin
+                .received()
+                .iter()
+                .map(|r| comparable_head(r, origin.port))
+                .collect::<Vec<_>>(),
+        );
+        // The lanes, from the access log.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let lanes = loop {
+            let log = gw.log();
+            let lanes: Vec<String> = log
+                .lines()
+                .filter_map(|l| l.split_once(" lane=\"")?.1.split_once('"'))
+                .map(|(lane, _)| lane.to_string())
+                .collect();
+            if lanes.len() > paths.len() || std::time::Instant::now() > deadline {
+                break lanes;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        let forwarded = lanes.iter().filter(|l| *l == "forward").count();
+        let proxied = lanes.iter().filter(|l| *l == "proxy:h2").count();
+        if server.contains("front_forward = false") {
+            assert_eq!((forwarded, proxied), (0, paths.len() + 1), "{lanes:?}");
+        } else {
+            assert_eq!((forwarded, proxied), (paths.len(), 1), "{lanes:?}");
+        }
+    }
+    for (i, (forwarded, proxied)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        let what = paths.get(i).copied().unwrap_or("POST /form");
+        assert_eq!(forwarded, proxied, "{what}");
+    }
+    assert_eq!(heads[0], heads[1]);
+}

@@ -24,13 +24,13 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{header, Version};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as UpstreamSession;
-use pingora::protocols::http::v1::server::HttpSession as DownstreamSession;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::{ProxyHttp, Session};
@@ -41,7 +41,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::pool::IdlePool;
 use super::upstream_head::{self, Plain};
 use super::{rewound, write};
-use crate::proxy::{pass, RequestCtx, StoaProxy};
+use crate::proxy::{pass, PassThrough, RequestCtx, StoaProxy};
 use crate::upstream::headers;
 use crate::upstream::link::Link;
 
@@ -71,11 +71,15 @@ impl Forwarder {
     /// answer is plain, as a [`Relay`] for the caller to send past it. `Err` as pingora's
     /// proxy has it: the side that failed is the error's source, for `fail_to_proxy` and
     /// the log.
+    ///
+    /// `may_relay`: whether the caller can send a [`Relay`] past the session (the front can;
+    /// pingora's proxy, forwarding an HTTP/2 stream, cannot).
     pub async fn forward(
         &self,
         stoa: &StoaProxy,
         session: &mut Session,
         ctx: &mut RequestCtx,
+        may_relay: bool,
     ) -> Result<Forwarded> {
         let link = pass::start_call(ctx)?;
         let body = read_body(stoa, session, ctx).await?;
@@ -90,7 +94,7 @@ impl Forwarder {
             Answer::Session(up) => *up,
             Answer::Plain(stream, plain) => {
                 let targeted = &ctx.gateway.config.cache.targeted_field;
-                let head = relayable(session, stoa.draining())
+                let head = (may_relay && relayable(session, stoa.draining()))
                     .then(|| write::passed_head(&plain, targeted, &ctx.decorations(false)))
                     .flatten();
                 if let Some(head) = head {
@@ -112,9 +116,9 @@ impl Forwarder {
                 up
             }
         };
-        let down = http1(session)?;
         // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
-        // proxy passes them, until the final one; a 101 is refused: no upgrade was asked for.
+        // proxy passes them (HTTP/2's session drops them), until the final one; a 101 is
+        // refused: no upgrade was asked for.
         let resp = loop {
             let Some(resp) = up.resp_header() else {
                 return Error::e_explain(ErrorType::InvalidHTTPHeader, "no response head")
@@ -127,7 +131,9 @@ impl Forwarder {
             if !resp.status.is_informational() {
                 break resp;
             }
-            down.write_response_header(Box::new(resp.clone()))
+            session
+                .downstream_session
+                .write_response_header(Box::new(resp.clone()))
                 .await
                 .map_err(Error::into_down)?;
             up.read_response().await.map_err(Error::into_up)?;
@@ -136,22 +142,17 @@ impl Forwarder {
         let ends = up.is_body_done();
         chunk_unframed(&mut resp, session.req_header(), ends)?;
         stoa.response_filter(session, &mut resp, ctx).await?;
-        let down = http1(session)?;
+        let down = &mut session.downstream_session;
         down.write_response_header(resp)
             .await
             .map_err(Error::into_down)?;
         while let Some(piece) = up.read_body_ref().await.map_err(Error::into_up)? {
-            // `None`: the answer's framing is complete.
-            if down
-                .write_body(piece)
-                .await
-                .map_err(Error::into_down)?
-                .is_none()
-            {
+            if !write_piece(down, piece).await.map_err(Error::into_down)? {
                 break;
             }
         }
-        // The front finishes the answer (`finish`) once the request is logged.
+        // Whoever runs the session finishes the answer (the front's `finish`, pingora's
+        // proxy) once the request is logged.
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await.and_then(rewound::unwrap) {
             self.idle.put(link.pool_key, stream);
@@ -260,6 +261,25 @@ impl Forwarder {
         };
         let stream = self.connect(peer).await?;
         attempt(stream, peer, out, body).await
+    }
+}
+
+/// pingora's proxy hands the forwarder the HTTP/2 streams it may take (see
+/// [`PassThrough`]): their answers go through the session, never past it.
+#[async_trait]
+impl PassThrough for Forwarder {
+    async fn forward(
+        &self,
+        stoa: &StoaProxy,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        match Forwarder::forward(self, stoa, session, ctx, false).await? {
+            Forwarded::Through => Ok(()),
+            Forwarded::Relay(_) => {
+                Error::e_explain(ErrorType::InternalError, "a relay the session cannot send")
+            }
+        }
     }
 }
 
@@ -430,11 +450,16 @@ fn chunk_unframed(resp: &mut ResponseHeader, req: &RequestHeader, ends: bool) ->
     resp.insert_header(header::TRANSFER_ENCODING, "chunked")
 }
 
-/// The client's HTTP/1 session (the front forwards nothing else).
-fn http1(session: &mut Session) -> Result<&mut DownstreamSession> {
-    match &mut *session.downstream_session {
-        ServerSession::H1(down) => Ok(down),
-        _ => Error::e_explain(ErrorType::InternalError, "the front forwards HTTP/1 only"),
+/// Writes a piece of an answer's body to the client; `false` when an HTTP/1 answer's
+/// framing is complete (nothing more may follow).
+async fn write_piece(down: &mut ServerSession, piece: &[u8]) -> Result<bool> {
+    match down {
+        ServerSession::H1(down) => Ok(down.write_body(piece).await?.is_some()),
+        down => {
+            let piece = Bytes::copy_from_slice(piece);
+            down.write_response_body(piece, false).await?;
+            Ok(true)
+        }
     }
 }
 

@@ -52,7 +52,6 @@ use pingora::protocols::http::v1::server::HttpSession as SessionV1;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::proxy::{HttpProxy, ProxyHttp, Session};
-use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType};
 use tokio::io::AsyncWriteExt;
@@ -90,8 +89,9 @@ pub struct Front {
     h2c: bool,
     /// `server.front`; when off, every connection goes to the proxy.
     enabled: bool,
-    /// Forwards the pass-through requests the front takes (`server.front_forward`).
-    forwarder: Option<Forwarder>,
+    /// Forwards the pass-through requests the front takes (`server.front_forward`); the
+    /// same forwarder takes pingora's proxy's HTTP/2 streams (see `proxy::PassThrough`).
+    forwarder: Option<Arc<Forwarder>>,
     /// Set once the service stops: connections waiting for their next request close.
     closing: watch::Sender<bool>,
 }
@@ -102,7 +102,7 @@ impl Front {
         gateway: Arc<ArcSwap<Gateway>>,
         lifecycle: Arc<Lifecycle>,
         server: &ServerSettings,
-        server_conf: &ServerConf,
+        forwarder: Option<Arc<Forwarder>>,
     ) -> Self {
         Front {
             proxy: Arc::new(proxy),
@@ -111,7 +111,7 @@ impl Front {
             lifecycle,
             h2c: server.h2c,
             enabled: server.front,
-            forwarder: server.front_forward.then(|| Forwarder::new(server_conf)),
+            forwarder,
             closing: watch::Sender::new(false),
         }
     }
@@ -221,7 +221,10 @@ impl Front {
             }
             Ok(Reply::Upstream) => match &self.forwarder {
                 Some(forwarder) => {
-                    match forwarder.forward(&self.stoa, &mut session, &mut ctx).await {
+                    match forwarder
+                        .forward(&self.stoa, &mut session, &mut ctx, true)
+                        .await
+                    {
                         Ok(Forwarded::Through) => Ok(()),
                         Ok(Forwarded::Relay(relay)) => {
                             return self.relay(forwarder, relay, session, &mut ctx).await

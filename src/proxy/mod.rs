@@ -47,6 +47,21 @@ pub use ctx::{RequestCtx, Routed};
 pub struct StoaProxy {
     gateway: Arc<ArcSwap<Gateway>>,
     lifecycle: Arc<Lifecycle>,
+    /// Forwards the pass-through HTTP/2 streams it may take (see [`PassThrough`]).
+    pass_through: Option<Arc<dyn PassThrough>>,
+}
+
+/// Forwards a pass-through request on its session, answer included, as pingora's proxy
+/// would (the front's forwarder, `crate::front::forward`). pingora's proxy hands it the
+/// HTTP/2 streams without a body (`request_filter`); the front forwards HTTP/1 itself.
+#[async_trait]
+pub trait PassThrough: Send + Sync {
+    async fn forward(
+        &self,
+        stoa: &StoaProxy,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<()>;
 }
 
 /// The address a request came from (the peer of its connection; a proxy's, when it came
@@ -66,7 +81,17 @@ fn over_tls(session: &Session) -> bool {
 
 impl StoaProxy {
     pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
-        StoaProxy { gateway, lifecycle }
+        StoaProxy {
+            gateway,
+            lifecycle,
+            pass_through: None,
+        }
+    }
+
+    /// The same, handing `pass_through` the HTTP/2 pass-through streams it may take.
+    pub fn with_pass_through(mut self, pass_through: Option<Arc<dyn PassThrough>>) -> Self {
+        self.pass_through = pass_through;
+        self
     }
 
     /// Writes one of stoa's own errors as the answer.
@@ -413,7 +438,18 @@ impl ProxyHttp for StoaProxy {
                 self.write_entry(session, ctx, &hit).await?;
                 Ok(true)
             }
-            Reply::Upstream => Ok(false),
+            Reply::Upstream => match &self.pass_through {
+                // An HTTP/2 stream without a body: the forwarder takes it, and answers it
+                // through the session; pingora's proxy only finishes it.
+                Some(pass_through)
+                    if session.is_http2() && session.downstream_session.is_body_empty() =>
+                {
+                    ctx.lane = Lane::Forward;
+                    pass_through.forward(self, session, ctx).await?;
+                    Ok(true)
+                }
+                _ => Ok(false),
+            },
         }
     }
 
