@@ -7,8 +7,9 @@
 pub enum Lane {
     /// stoa answers it: a cached or aggregate route, or one of stoa's own errors.
     Answer,
-    /// The front forwards it: a pass-through request whose framing leaves nothing to
-    /// interpret.
+    /// The front's forwarder forwards it: an HTTP/1 pass-through request whose framing
+    /// leaves nothing to interpret, or an HTTP/2 pass-through stream without a body (taken
+    /// from pingora's proxy, answered through its session).
     Forward,
     /// pingora's proxy serves it, for this reason.
     Proxy(Why),
@@ -17,7 +18,8 @@ pub enum Lane {
 /// Why a request goes to pingora's proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Why {
-    /// HTTP/2 (chosen by ALPN, or h2c's preface).
+    /// HTTP/2 (chosen by ALPN, or h2c's preface): a cached or aggregate route, stoa's own
+    /// errors, or a pass-through stream with a body, all on pingora's proxy session.
     H2,
     /// The front is off: `server.front = false`, or `server.front_forward = false` for a
     /// pass-through request.

@@ -48,8 +48,9 @@ pub struct RawServer {
     pub front: Option<bool>,
     /// With `front`, the HTTP/1.1 pass-through requests whose framing leaves nothing to
     /// interpret (no body or a `Content-Length` one, no `Transfer-Encoding`, `Upgrade` or
-    /// `Expect`) are forwarded by that layer too (default `true`); `false` sends every
-    /// pass-through request to pingora's proxy. A change needs a restart.
+    /// `Expect`), and the HTTP/2 pass-through streams without a body, are forwarded by that
+    /// layer's forwarder too (default `true`); `false` sends every pass-through request to
+    /// pingora's proxy. A change needs a restart.
     pub front_forward: Option<bool>,
     /// Streams one HTTP/2 connection may have open at once, 1 to 10000 (default 100). A change
     /// needs a restart.

@@ -25,7 +25,8 @@ pub struct ServerSettings {
     /// `crate::front`).
     pub front: bool,
     /// The front also forwards the HTTP/1 pass-through requests whose framing leaves nothing
-    /// to interpret (`server.front_forward`; see `crate::front::forward`).
+    /// to interpret, and the HTTP/2 pass-through streams without a body
+    /// (`server.front_forward`; see `crate::front::forward`).
     pub front_forward: bool,
     /// Streams one HTTP/2 connection may have open at once.
     pub h2_max_concurrent_streams: u32,

@@ -1,6 +1,8 @@
 //! Pass-through requests the front forwards itself, without pingora's `ProxyHttp`
 //! machinery (per-phase boxed futures, the duplex task loop and its channels, the proxy's
-//! session wrapper state).
+//! session wrapper state, pingora's upstream connector and pool). pingora's proxy also hands
+//! it the HTTP/2 pass-through streams without a body, from `request_filter`
+//! ([`PassThrough`]): their answers go through the HTTP/2 session.
 //!
 //! The front forwards only requests whose framing leaves nothing to interpret (see
 //! [`super::lane::choose`]): HTTP/1.1, origin-form, one `Host`, a body framed by one plain

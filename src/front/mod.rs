@@ -1,6 +1,7 @@
 //! stoa's HTTP/1 connection layer: the front. It serves each HTTP/1 connection from its
 //! accept (the [`crate::connections::Guarded`] stream, with its deadlines) to its close, and
-//! hands HTTP/2 connections to pingora's `HttpProxy`.
+//! hands HTTP/2 connections to pingora's `HttpProxy` (whose pass-through streams without a
+//! body come back to the front's forwarder, `crate::proxy::PassThrough`).
 //!
 //! A connection's life, and where each part is:
 //! - **idle** (`Front`'s `process_new`): a connection waiting for its next request holds its
