@@ -695,8 +695,8 @@ async fn h2_request(
 
 /// HTTP/2 streams without a body are forwarded by the front's forwarder (lane `forward`),
 /// answered through pingora's HTTP/2 session, with the same answers, and the same heads
-/// at the origin, as pingora's proxy gives them (`front_forward = false`); a stream with a
-/// body stays with pingora's proxy (lane `proxy:h2`).
+/// at the origin, as pingora's proxy gives them (`front_forward = false`), a HEAD included;
+/// a stream with a body stays with pingora's proxy (lane `proxy:h2`).
 #[tokio::test]
 async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
     let paths = [
@@ -727,6 +727,7 @@ async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
         for path in paths {
             got.push(h2_request(&send, "GET", path, None).await);
         }
+        got.push(h2_request(&send, "HEAD", "/plain", None).await);
         got.push(h2_request(&send, "POST", "/form", Some("hello=world")).await);
         answers.push(got);
         heads.push(
@@ -745,7 +746,7 @@ async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
                 .filter_map(|l| l.split_once(" lane=\"")?.1.split_once('"'))
                 .map(|(lane, _)| lane.to_string())
                 .collect();
-            if lanes.len() > paths.len() || std::time::Instant::now() > deadline {
+            if lanes.len() > paths.len() + 1 || std::time::Instant::now() > deadline {
                 break lanes;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -753,13 +754,13 @@ async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
         let forwarded = lanes.iter().filter(|l| *l == "forward").count();
         let proxied = lanes.iter().filter(|l| *l == "proxy:h2").count();
         if server.contains("front_forward = false") {
-            assert_eq!((forwarded, proxied), (0, paths.len() + 1), "{lanes:?}");
+            assert_eq!((forwarded, proxied), (0, paths.len() + 2), "{lanes:?}");
         } else {
-            assert_eq!((forwarded, proxied), (paths.len(), 1), "{lanes:?}");
+            assert_eq!((forwarded, proxied), (paths.len() + 1, 1), "{lanes:?}");
         }
     }
     for (i, (forwarded, proxied)) in answers[0].iter().zip(&answers[1]).enumerate() {
-        let what = paths.get(i).copied().unwrap_or("POST /form");
+        let what = paths.get(i).copied().unwrap_or("HEAD /plain, POST /form");
         assert_eq!(forwarded, proxied, "{what}");
     }
     assert_eq!(heads[0], heads[1]);
