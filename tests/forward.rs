@@ -659,11 +659,14 @@ async fn h2_request(
     body: Option<&'static str>,
 ) -> (u16, Vec<(String, String)>, String) {
     let mut send = send.clone().ready().await.expect("connection open");
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
-        .uri(format!("http://stoa.test{path}"))
-        .body(())
-        .unwrap();
+        .uri(format!("http://stoa.test{path}"));
+    if path.contains("cookies") {
+        // As browsers send them over HTTP/2: a field per cookie (RFC 9113 §8.2.3).
+        req = req.header("cookie", "a=1").header("cookie", "b=2");
+    }
+    let req = req.body(()).unwrap();
     let (resp, mut stream) = send
         .send_request(req, body.is_none())
         .expect("request sent");
@@ -710,6 +713,7 @@ async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
         "/overlong",
         "/split",
         "/plain",
+        "/plain?cookies",
         "/gone/x",
         "/slow",
     ];
@@ -764,4 +768,12 @@ async fn http2_streams_without_a_body_are_forwarded_as_pingoras_proxy_does() {
         assert_eq!(forwarded, proxied, "{what}");
     }
     assert_eq!(heads[0], heads[1]);
+    // Cookie fields reach the HTTP/1.1 upstream as one line.
+    let cookies = heads[0]
+        .iter()
+        .find(|(line, ..)| line.contains("cookies"))
+        .map(|(_, headers, _)| headers.iter().filter(|h| h.starts_with("cookie:")).cloned())
+        .unwrap()
+        .collect::<Vec<_>>();
+    assert_eq!(cookies, ["cookie: a=1; b=2"]);
 }

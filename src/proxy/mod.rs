@@ -401,7 +401,7 @@ impl ProxyHttp for StoaProxy {
     }
 
     /// Runs once the request head is read, before any module: its connection's head
-    /// deadline is met.
+    /// deadline is met; an HTTP/2 request's cookie fields become one.
     async fn early_request_filter(
         &self,
         session: &mut Session,
@@ -410,6 +410,8 @@ impl ProxyHttp for StoaProxy {
         connections::head_received(session);
         if session.is_http2() {
             ctx.lane = Lane::Proxy(Why::H2);
+            // Before anything reads the head: every lane and every fetch sees one field.
+            crate::upstream::headers::join_cookies(session.req_header_mut())?;
         }
         crate::upstream::headers::fold_content_length(session.req_header_mut())
     }

@@ -83,6 +83,28 @@ pub fn fold_content_length(req: &mut RequestHeader) -> pingora::Result<()> {
     req.insert_header(http::header::CONTENT_LENGTH, first)
 }
 
+/// Joins the `Cookie` fields of an HTTP/2 request into one, `; `-separated, as RFC 9113
+/// §8.2.3 requires before it goes on over HTTP/1.1 (HTTP/2 clients send each cookie in a
+/// field of its own; an HTTP/1.1 upstream reads one line). Nothing is allocated unless
+/// there are two or more.
+pub fn join_cookies(req: &mut RequestHeader) -> pingora::Result<()> {
+    let mut fields = req.headers.get_all(http::header::COOKIE).iter();
+    let (Some(_), Some(_)) = (fields.next(), fields.next()) else {
+        return Ok(());
+    };
+    let joined = req
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    let value = HeaderValue::from_bytes(&joined).map_err(|_| {
+        pingora::Error::explain(pingora::ErrorType::InvalidHTTPHeader, "a cookie field")
+    })?;
+    req.insert_header(http::header::COOKIE, value)
+}
+
 /// Whether a header is part of a message's framing: never dropped for being named in
 /// `Connection` (the length or chunking of the body must stay known).
 fn is_framing(name: &str) -> bool {
@@ -403,6 +425,27 @@ pub(crate) mod tests {
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn an_http2_requests_cookie_fields_go_on_as_one() {
+        let mut req = RequestHeader::build("GET", b"/menu", None).unwrap();
+        req.append_header("cookie", "a=1").unwrap();
+        req.append_header("x-other", "x").unwrap();
+        req.append_header("cookie", "b=2").unwrap();
+        req.append_header("cookie", "c=3").unwrap();
+        join_cookies(&mut req).unwrap();
+        let cookies: Vec<&[u8]> = req
+            .headers
+            .get_all("cookie")
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(cookies, [&b"a=1; b=2; c=3"[..]]);
+        let mut one = RequestHeader::build("GET", b"/menu", None).unwrap();
+        one.append_header("cookie", "a=1; b=2").unwrap();
+        join_cookies(&mut one).unwrap();
+        assert_eq!(one.headers.get("cookie").unwrap(), "a=1; b=2");
     }
 
     #[test]
