@@ -228,7 +228,10 @@ impl Front {
                     {
                         Ok(Forwarded::Through) => Ok(()),
                         Ok(Forwarded::Relay(relay)) => {
-                            return self.relay(forwarder, relay, session, &mut ctx).await
+                            // Boxed: its future is larger than the rest of a request's,
+                            // hits included.
+                            let relayed = self.relay(forwarder, relay, session, &mut ctx);
+                            return Box::pin(relayed).await;
                         }
                         Err(e) => Err(e),
                     }
@@ -323,9 +326,9 @@ impl Front {
         let mut session = ServerSession::H1(v1);
         session.set_keepalive(keepalive(shutdown));
         session.set_connection_user_context(Some(Box::new(ctx)));
-        let (stream, _) = self
-            .proxy
-            .process_new_http(session, shutdown)
+        // Boxed: pingora's proxy's future is about 10 KiB, and would otherwise be part of
+        // every request's future, allocated and moved whole whichever lane it takes.
+        let (stream, _) = Box::pin(self.proxy.process_new_http(session, shutdown))
             .await?
             .consume();
         connections::fence(&stream, None);
