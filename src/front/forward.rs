@@ -17,12 +17,13 @@
 //!
 //! Most requests skip pingora's client session and the server session's answer objects:
 //! the head sent upstream is written as bytes ([`pass::upstream_wire`], the lines
-//! `upstream_request_filter` would make); the answer's head is read and parsed once by the
-//! forwarder (`upstream_head`); and a plain answer to a GET is relayed past the server
-//! session ([`Relay`], the lines `response_filter` and the session would write). A head the
-//! client session must write (a sampled request, a HEAD), or an answer the sessions must
-//! frame (chunked, ended by a close, 1xx, 204, 304...), takes the sessions, the client
-//! session reading again the bytes the forwarder read (`rewound`).
+//! `upstream_request_filter` would make); for a keep-alive HTTP/1.1 GET, the answer's head
+//! is read and parsed once by the forwarder (`upstream_head`), and a plain answer is relayed
+//! past the server session ([`Relay`], the lines `response_filter` and the session would
+//! write). A head the client session must write (a sampled request, a HEAD), the answer to
+//! any other request, or an answer the sessions must frame (chunked, ended by a close, 1xx,
+//! 204, 304...) takes the sessions, the client session reading again the bytes the
+//! forwarder read, if it read any (`rewound`).
 
 use std::time::Duration;
 
@@ -89,17 +90,16 @@ impl Forwarder {
             Some(wire) => Outgoing::Wire(wire),
             None => Outgoing::Head(upstream_head(stoa, session, ctx).await?),
         };
+        // Whether a plain answer could go past the session: if not, the session reads it.
+        let relay = may_relay && relayable(session, stoa.draining());
         let mut up = match self
-            .exchange(stoa, session, ctx, &link, out, body.as_ref())
+            .exchange(stoa, session, ctx, &link, out, body.as_ref(), relay)
             .await?
         {
             Answer::Session(up) => *up,
             Answer::Plain(stream, plain) => {
                 let targeted = &ctx.gateway.config.cache.targeted_field;
-                let head = (may_relay && relayable(session, stoa.draining()))
-                    .then(|| write::passed_head(&plain, targeted, &ctx.decorations(false)))
-                    .flatten();
-                if let Some(head) = head {
+                if let Some(head) = write::passed_head(&plain, targeted, &ctx.decorations(false)) {
                     // A GET: nothing to invalidate after it.
                     pass::answered(ctx);
                     return Ok(Forwarded::Relay(Relay {
@@ -222,10 +222,12 @@ impl Forwarder {
             .map_err(Error::into_up)
     }
 
-    /// Writes the request upstream and reads the first answer's head. As pingora's proxy
+    /// Writes the request upstream and reads the first answer's head (itself, when `relay`
+    /// says a plain answer may be relayed; else with pingora's session). As pingora's proxy
     /// does, an idempotent request whose kept-alive connection the upstream closed meanwhile
     /// (closed or reset before a byte of the answer) is sent once more on a new connection,
     /// with its head built again from the client's.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
         stoa: &StoaProxy,
@@ -234,6 +236,7 @@ impl Forwarder {
         link: &Link,
         out: Outgoing,
         body: Option<&Bytes>,
+        relay: bool,
     ) -> Result<Answer> {
         let peer = &link.peer;
         let (stream, reused) = match self.idle.take(link.pool_key) {
@@ -245,7 +248,7 @@ impl Forwarder {
             Outgoing::Wire(wire) => Some(wire.clone()),
             Outgoing::Head(_) => None,
         };
-        let mut e = match attempt(stream, peer, out, body).await {
+        let mut e = match attempt(stream, peer, out, body, relay).await {
             Ok(up) => return Ok(up),
             Err(e) => e,
         };
@@ -262,7 +265,7 @@ impl Forwarder {
             None => Outgoing::Head(upstream_head(stoa, session, ctx).await?),
         };
         let stream = self.connect(peer).await?;
-        attempt(stream, peer, out, body).await
+        attempt(stream, peer, out, body, relay).await
     }
 }
 
@@ -340,17 +343,25 @@ enum Outgoing {
 }
 
 /// Sends `out` (and `body`, with a head) on `stream`, then reads the first answer's head:
-/// pingora's session reads it, unless the request went as bytes and the answer is plain.
+/// pingora's session reads it, unless the request went as bytes, may be relayed (`relay`)
+/// and the answer is plain.
 async fn attempt(
     mut stream: Stream,
     peer: &HttpPeer,
     out: Outgoing,
     body: Option<&Bytes>,
+    relay: bool,
 ) -> Result<Answer> {
     match out {
         Outgoing::Head(req) => {
             let mut up = session_on(stream, peer);
             send(&mut up, req, body).await?;
+            Ok(Answer::Session(Box::new(up)))
+        }
+        Outgoing::Wire(wire) if !relay => {
+            write_wire(&mut stream, &wire, peer.options.write_timeout).await?;
+            let mut up = session_on(stream, peer);
+            up.read_response().await.map_err(Error::into_up)?;
             Ok(Answer::Session(Box::new(up)))
         }
         Outgoing::Wire(wire) => {

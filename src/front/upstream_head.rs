@@ -1,5 +1,6 @@
 //! The head of an upstream's answer as the forwarder reads it itself, without pingora's
-//! client session: read once, parsed once by `httparse` with the session's parser settings,
+//! client session, when the answer could be relayed past the server session (a keep-alive
+//! HTTP/1.1 GET): read once, parsed once by `httparse` with the session's parser settings,
 //! and kept as ranges of the bytes read. Only a plain answer is kept this way (see
 //! [`Plain`]); any other goes to pingora's session with the bytes read ([`super::rewound`]),
 //! which frames it.
