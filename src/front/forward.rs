@@ -99,7 +99,12 @@ impl Forwarder {
             Answer::Session(up) => *up,
             Answer::Plain(stream, plain) => {
                 let targeted = &ctx.gateway.config.cache.targeted_field;
-                if let Some(head) = write::passed_head(&plain, targeted, &ctx.decorations(false)) {
+                // Draining may have begun while the upstream answered: the session then
+                // writes the answer, and closes the connection after it.
+                let head = (!stoa.draining())
+                    .then(|| write::passed_head(&plain, targeted, &ctx.decorations(false)))
+                    .flatten();
+                if let Some(head) = head {
                     // A GET: nothing to invalidate after it.
                     pass::answered(ctx);
                     return Ok(Forwarded::Relay(Relay {
