@@ -658,7 +658,6 @@ async fn h2_request(
     path: &str,
     body: Option<&'static str>,
 ) -> (u16, Vec<(String, String)>, String) {
-    let mut send = send.clone().ready().await.expect("connection open");
     let mut req = http::Request::builder()
         .method(method)
         .uri(format!("http://stoa.test{path}"));
@@ -666,34 +665,15 @@ async fn h2_request(
         // As browsers send them over HTTP/2: a field per cookie (RFC 9113 §8.2.3).
         req = req.header("cookie", "a=1").header("cookie", "b=2");
     }
-    let req = req.body(()).unwrap();
-    let (resp, mut stream) = send
-        .send_request(req, body.is_none())
-        .expect("request sent");
-    if let Some(body) = body {
-        stream
-            .send_data(bytes::Bytes::from_static(body.as_bytes()), true)
-            .unwrap();
-    }
-    let (parts, mut recv) = resp.await.expect("answer").into_parts();
-    let mut data = Vec::new();
-    while let Some(chunk) = recv.data().await {
-        let chunk = chunk.expect("body");
-        let _ = recv.flow_control().release_capacity(chunk.len());
-        data.extend_from_slice(&chunk);
-    }
-    let mut headers: Vec<(String, String)> = parts
-        .headers
+    let body = body.map(|b| bytes::Bytes::from_static(b.as_bytes()));
+    let (status, got, data) = common::h2::request(send, req.body(()).unwrap(), body).await;
+    let mut headers: Vec<(String, String)> = got
         .iter()
         .filter(|(k, _)| *k != "date" && *k != "x-request-id")
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
         .collect();
     headers.sort();
-    (
-        parts.status.as_u16(),
-        headers,
-        String::from_utf8_lossy(&data).into_owned(),
-    )
+    (status, headers, String::from_utf8_lossy(&data).into_owned())
 }
 
 /// HTTP/2 streams without a body are forwarded by the front's forwarder (lane `forward`),

@@ -118,9 +118,7 @@ impl Forwarder {
                     }));
                 }
                 // The session writes it: it reads the answer again from the bytes read.
-                let mut up = session_on(rewound::rewind(stream, plain.buf), &link.peer);
-                up.read_response().await.map_err(Error::into_up)?;
-                up
+                read_by_session(rewound::rewind(stream, plain.buf), &link.peer).await?
             }
         };
         // Informational answers (`103 Early Hints`...) pass on as they came, as pingora's
@@ -363,22 +361,20 @@ async fn attempt(
             send(&mut up, req, body).await?;
             Ok(Answer::Session(Box::new(up)))
         }
-        Outgoing::Wire(wire) if !relay => {
-            write_wire(&mut stream, &wire, peer.options.write_timeout).await?;
-            let mut up = session_on(stream, peer);
-            up.read_response().await.map_err(Error::into_up)?;
-            Ok(Answer::Session(Box::new(up)))
-        }
         Outgoing::Wire(wire) => {
             write_wire(&mut stream, &wire, peer.options.write_timeout).await?;
+            if !relay {
+                return Ok(Answer::Session(Box::new(
+                    read_by_session(stream, peer).await?,
+                )));
+            }
             let read = upstream_head::read(&mut stream, peer.options.read_timeout)
                 .await
                 .map_err(Error::into_up)?;
             match read {
                 upstream_head::Read::Plain(plain) => Ok(Answer::Plain(stream, plain)),
                 upstream_head::Read::Other(bytes) => {
-                    let mut up = session_on(rewound::rewind(stream, bytes), peer);
-                    up.read_response().await.map_err(Error::into_up)?;
+                    let up = read_by_session(rewound::rewind(stream, bytes), peer).await?;
                     Ok(Answer::Session(Box::new(up)))
                 }
             }
@@ -479,6 +475,13 @@ async fn write_piece(down: &mut ServerSession, piece: &[u8]) -> Result<bool> {
             Ok(true)
         }
     }
+}
+
+/// The answer's head on `stream`, read by an HTTP/1 client session ([`session_on`]).
+async fn read_by_session(stream: Stream, peer: &HttpPeer) -> Result<UpstreamSession> {
+    let mut up = session_on(stream, peer);
+    up.read_response().await.map_err(Error::into_up)?;
+    Ok(up)
 }
 
 /// An HTTP/1 client session on `stream` with the peer's timeouts.

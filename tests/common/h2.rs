@@ -32,14 +32,26 @@ pub async fn get_with_scheme(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, http::HeaderMap, Bytes) {
-    let mut send = send.clone().ready().await.expect("connection open");
     let mut req = http::Request::get(format!("{scheme}://localhost{path}"));
     for (name, value) in headers {
         req = req.header(*name, *value);
     }
-    let (resp, _) = send
-        .send_request(req.body(()).unwrap(), true)
+    request(send, req.body(()).unwrap(), None).await
+}
+
+/// Sends `req` (then `body` in a DATA frame, if any): status, headers and body.
+pub async fn request(
+    send: &SendRequest<Bytes>,
+    req: http::Request<()>,
+    body: Option<Bytes>,
+) -> (u16, http::HeaderMap, Bytes) {
+    let mut send = send.clone().ready().await.expect("connection open");
+    let (resp, mut stream) = send
+        .send_request(req, body.is_none())
         .expect("request sent");
+    if let Some(body) = body {
+        stream.send_data(body, true).unwrap();
+    }
     let (parts, mut body) = resp.await.expect("answer").into_parts();
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
