@@ -138,6 +138,51 @@ async fn a_fill_that_raced_an_invalidation_is_refused_by_redis() {
     ));
 }
 
+/// A fill whose lease a purge ended finishes (refused) after another node took the key's
+/// next lease: winding up, it must not take that next lease out of the set of leases, or a
+/// tag purge that follows would not find it, and a fill that read the upstream before that
+/// purge would be stored.
+#[tokio::test]
+async fn a_refused_fill_winding_up_leaves_the_next_lease_where_purges_find_it() {
+    let redis = RedisServer::start();
+    let (a, _) = tier(&redis, "a").await;
+    let (b, b_metrics) = tier(&redis, "b").await;
+    let k = key("/api/items/1");
+    // Node a's fill is in flight when a purge of its path ends its lease ...
+    let first = lease(&a, &k).await;
+    let path = Invalidation {
+        what: PurgeWhat::Path {
+            route: "items".into(),
+            path: "/api/items/1".into(),
+        },
+        soft: false,
+    };
+    a.purge_shared(&path).await.expect("the tier is up");
+    // ... node b takes the key's next lease and reads the upstream ...
+    let second = lease(&b, &k).await;
+    // ... node a's fill comes back and is refused ...
+    a.after_fetch(&k, first, Some(&entry(b"older".to_vec())))
+        .await;
+    // ... then a tag purge is acknowledged while b's fill is in flight.
+    let tags = Invalidation {
+        what: PurgeWhat::Tags {
+            tags: vec!["anything".into()],
+            routes: None,
+        },
+        soft: false,
+    };
+    a.purge_shared(&tags).await.expect("the tier is up");
+    let refused = counter(&b_metrics, "refused");
+    b.after_fetch(&k, second, Some(&entry(b"old".to_vec())))
+        .await;
+    assert_eq!(
+        counter(&b_metrics, "refused"),
+        refused + 1,
+        "the fill that read the upstream before the tag purge is refused"
+    );
+    assert_eq!(counter(&b_metrics, "stored"), 0);
+}
+
 #[tokio::test]
 async fn a_fill_redis_cannot_store_gives_the_lease_back_at_once() {
     let redis = RedisServer::start();

@@ -541,7 +541,7 @@ impl Tier {
         let index = self.index_key(key.route());
         let member = index_member(key, &hash);
         let leases = self.leases_key();
-        let lease_member = format!("{}\n{hash}", key.route());
+        let lease_member = lease_member(key, &hash, &token);
         let mut add = redis::cmd("SADD");
         add.arg(self.routes_key()).arg(key.route());
         let indexed = self
@@ -688,9 +688,11 @@ impl Tier {
                 .try_run(|mut c| async move { call.invoke_async::<Value>(&mut c).await })
                 .await;
         }
+        // This lease's own member only: the key's next lease (another fill's, taken once a
+        // purge ended this one) stays where a tag purge finds it.
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(self.leases_key())
-            .arg(format!("{}\n{}", key.route(), lease.hash));
+            .arg(lease_member(key, &lease.hash, &lease.token));
         let _ = self.command(zrem).await;
     }
 
@@ -724,10 +726,17 @@ impl Tier {
     /// them before they do.
     async fn tagged_hashes(&self, tags: &[String], routes: Option<&[String]>) -> Vec<String> {
         let in_routes = |route: &str| routes.is_none_or(|rs| rs.iter().any(|r| r == route));
+        // Members past their score belong to fills that stopped renewing (their node died).
+        let mut prune = redis::cmd("ZREMRANGEBYSCORE");
+        prune.arg(self.leases_key()).arg("-inf").arg(wall_now());
+        let _ = self.command(prune).await;
         let leases = self.members(&self.leases_key()).await;
         let ended: Vec<String> = leases
             .iter()
-            .filter_map(|m| m.split_once('\n'))
+            .filter_map(|m| {
+                let mut parts = m.splitn(3, '\n');
+                Some((parts.next()?, parts.next()?))
+            })
             .filter(|(route, _)| in_routes(route))
             .map(|(_, hash)| hash.to_string())
             .collect();
@@ -736,21 +745,19 @@ impl Tier {
         let mut hashes = Vec::new();
         for tag in tags {
             let tag_key = self.tag_key(tag);
+            let mut named = Vec::new();
             for member in self.members(&tag_key).await {
                 let mut parts = member.splitn(3, '\n');
-                if let (Some(route), Some(_), Some(hash)) =
-                    (parts.next(), parts.next(), parts.next())
-                {
-                    if in_routes(route) {
-                        hashes.push(hash.to_string());
-                    }
-                }
+                let hash = match (parts.next(), parts.next(), parts.next()) {
+                    (Some(route), Some(_), Some(hash)) if in_routes(route) => hash.to_string(),
+                    _ => continue,
+                };
+                hashes.push(hash);
+                named.push(member);
             }
-            if routes.is_none() {
-                let mut del = redis::cmd("DEL");
-                del.arg(&tag_key);
-                let _ = self.command(del).await;
-            }
+            // The members read, not the whole set: one a fill entered since (its lease taken
+            // after the leases above were ended) stays, for the next purge of the tag.
+            self.remove_members(&tag_key, &named).await;
         }
         hashes
     }
@@ -812,11 +819,7 @@ impl Tier {
                     .filter_map(|m| m.split_once('\n'))
                     .map(|(_, hash)| hash.to_string()),
             );
-            for chunk in doomed.chunks(1000) {
-                let mut zrem = redis::cmd("ZREM");
-                zrem.arg(&index).arg(chunk);
-                let _ = self.command(zrem).await;
-            }
+            self.remove_members(&index, &doomed).await;
         }
         hashes
     }
@@ -856,6 +859,15 @@ impl Tier {
             .run(|mut c| async move { call.invoke_async::<i64>(&mut c).await })
             .await;
         0
+    }
+
+    /// Removes `members` from the sorted set `key`, a thousand at a time.
+    async fn remove_members(&self, key: &str, members: &[String]) {
+        for chunk in members.chunks(1000) {
+            let mut zrem = redis::cmd("ZREM");
+            zrem.arg(key).arg(chunk);
+            let _ = self.command(zrem).await;
+        }
     }
 
     /// Every member of a sorted set.
@@ -1128,6 +1140,13 @@ impl Tier {
 
 /// How many purge scripts run at once (pipelined on the connection).
 const PURGE_PARALLEL: usize = 256;
+
+/// A member of the set of leases: the key's route, its hash and the lease's token. The
+/// token makes it this lease's alone: a fill winding up removes its own member, never that
+/// of the key's next lease.
+fn lease_member(key: &CacheKey, hash: &str, token: &str) -> String {
+    format!("{}\n{hash}\n{token}", key.route())
+}
 
 /// A route index's member: the key's path and hash.
 fn index_member(key: &CacheKey, hash: &str) -> String {
