@@ -37,7 +37,6 @@ use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::Stream;
 use pingora::protocols::ALPN;
 use pingora::protocols::{Peek, Ssl, IO};
-use pingora::proxy::Session;
 use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -46,6 +45,7 @@ use tokio::time::{Instant, Sleep};
 use crate::chunked::{Chunked, Fed};
 use crate::config::ConnectionLimits;
 use crate::error::StoaError;
+use crate::exchange::Exchange;
 use crate::gateway::Gateway;
 use crate::lifecycle::{Lifecycle, OpenConnection};
 
@@ -570,8 +570,8 @@ impl Guarded {
 }
 
 /// The guarded stream under a session, if it is one.
-fn guarded(session: &Session) -> Option<&Guarded> {
-    let stream: &dyn IO = &**session.downstream_session.stream()?;
+fn guarded(session: &impl Exchange) -> Option<&Guarded> {
+    let stream: &dyn IO = &**session.stream()?;
     stream.as_any().downcast_ref::<Guarded>()
 }
 
@@ -610,7 +610,7 @@ pub fn head_begun(stream: &Stream) {
 
 /// The proxy read a request head: the body deadline starts (if there is a body), and the
 /// answer closes the connection if it is the connection's last (`server.keepalive_requests`).
-pub fn head_received(session: &mut Session) {
+pub fn head_received(session: &mut impl Exchange) {
     let has_body = !session.is_body_empty();
     let Some(may_continue) = guarded(session).map(|conn| conn.head_received(has_body)) else {
         return;
@@ -625,14 +625,14 @@ pub fn head_received(session: &mut Session) {
 }
 
 /// The proxy read the whole request body.
-pub fn body_received(session: &Session) {
+pub fn body_received(session: &impl Exchange) {
     if let Some(conn) = guarded(session) {
         conn.body_received();
     }
 }
 
 /// The request is answered: the connection is idle until the next one.
-pub fn request_done(session: &Session) {
+pub fn request_done(session: &impl Exchange) {
     if let Some(conn) = guarded(session) {
         conn.request_done();
     }

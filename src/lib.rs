@@ -13,6 +13,7 @@ pub mod config;
 pub mod connections;
 pub mod control;
 pub mod error;
+pub mod exchange;
 pub mod front;
 pub mod gateway;
 pub mod lane;

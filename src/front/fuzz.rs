@@ -10,6 +10,9 @@
 //!   with the bytes read (pipelining on), on the `proxy` lanes a session on a stream fenced
 //!   where the front fences it ([`Chunked`] for a chunked body); delivered whole, split at
 //!   every byte and in random pieces;
+//!   on the `answer` lane the head the front's exchange makes of the same bytes
+//!   ([`super::exchange::request_header`]) must be the one pingora's session reads, with the
+//!   same answer as to whether the connection goes on;
 //! - **pingora**: pingora's HTTP/1 server session alone, request after request;
 //! - **RFC 9112**: `httparse` and the framing rules of RFC 9112 §6 written out here, with
 //!   stoa's own refusals (issue 24's strict heads) as expected differences.
@@ -317,6 +320,9 @@ async fn stoa(gateway: &Gateway, pieces: Vec<Vec<u8>>) -> Vec<StoaSeen> {
                 ProxyFence::Open => Fence::Open,
             };
         }
+        // On the `answer` lane, the front's exchange reads the head from these bytes.
+        let exchange_head = (lane == Lane::Answer && head.origin_form)
+            .then(|| bytes::Bytes::copy_from_slice(&buf[..head.len]));
         let mut v1 = SessionV1::new(stream.take().expect("the stream"));
         // The front's own lanes keep what is read past a request; pingora's proxy does not.
         v1.set_pipelining_enabled(!proxied);
@@ -336,6 +342,12 @@ async fn stoa(gateway: &Gateway, pieces: Vec<Vec<u8>>) -> Vec<StoaSeen> {
             Ok(false) => return out,
             Err(e) => {
                 out.push(refused(format!("pingora: {:?}", e.etype())));
+                return out;
+            }
+        }
+        if let Some(bytes) = exchange_head {
+            if let Some(why) = exchange_differs(&bytes, &session, head.close) {
+                out.push(refused(format!("DIVERGENT exchange head: {why}")));
                 return out;
             }
         }
@@ -418,6 +430,42 @@ async fn stoa(gateway: &Gateway, pieces: Vec<Vec<u8>>) -> Vec<StoaSeen> {
             carried = None;
         }
     }
+}
+
+/// How the head the front's exchange makes of `bytes` (see `exchange::request_header`)
+/// differs from the one pingora's `session` read, and whether the connection goes on after
+/// the answer; `None` when they agree (or the exchange leaves the head to pingora).
+fn exchange_differs(bytes: &bytes::Bytes, session: &ServerSession, close: bool) -> Option<String> {
+    let ours = super::exchange::request_header(bytes)?;
+    let theirs = session.req_header();
+    let fields = |h: &http::HeaderMap| -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    };
+    let keeps = !close && super::exchange::keeps_alive(&ours);
+    let pingora_keeps = match session {
+        ServerSession::H1(v1) => v1.will_keepalive(),
+        _ => false,
+    };
+    (ours.method != theirs.method
+        || ours.uri != theirs.uri
+        || ours.version != theirs.version
+        || fields(&ours.headers) != fields(&theirs.headers)
+        || keeps != pingora_keeps)
+        .then(|| {
+            format!(
+                "{} {} {:?} {:?} keep-alive {keeps}, pingora {} {} {:?} {:?} keep-alive {pingora_keeps}",
+                ours.method,
+                ours.uri,
+                ours.version,
+                fields(&ours.headers),
+                theirs.method,
+                theirs.uri,
+                theirs.version,
+                fields(&theirs.headers)
+            )
+        })
 }
 
 /// The request target at the start of `buf` as `httparse` reads it.

@@ -14,13 +14,15 @@
 //!   (stoa answers: cached and aggregate routes, stoa's own errors), `forward` (a plain
 //!   pass-through request, [`forward`]) or `proxy:<why>` (pingora's `HttpProxy`). The lane
 //!   is in the access log and the request metrics ([`crate::lane`]);
-//! - **answer and forward**: a pingora HTTP/1 session parses the head from the bytes read,
-//!   and the front runs the phases pingora's proxy would ([`StoaProxy`]:
-//!   `early_request_filter`, [`StoaProxy::serve`], the forwarder, the log), without the
-//!   proxy's per-request machinery. An answer from an entry goes out as bytes past the
-//!   session when it can ([`write`]), otherwise through it; the forwarder reads the
-//!   upstream's answer head itself (`upstream_head`) and relays a plain answer past the
-//!   session, its upstream connections the worker's own ([`pool`]);
+//! - **answer**: the front runs the phases pingora's proxy would ([`StoaProxy`]:
+//!   [`StoaProxy::head_read`], [`StoaProxy::serve`], the log) on its own exchange
+//!   ([`exchange`]), with the head it read, never read twice; an answer from an entry goes
+//!   out as bytes ([`write`]). pingora's HTTP/1 session is made only when something must go
+//!   through it (a body to read, any other answer);
+//! - **forward**: a pingora HTTP/1 session parses the head from the bytes read, the same
+//!   phases run, and the forwarder sends it upstream, reads the upstream's answer head
+//!   itself (`upstream_head`) and relays a plain answer past the session, its upstream
+//!   connections the worker's own ([`pool`]);
 //! - **proxy**: pingora's proxy gets the request's bytes and the context the front made for
 //!   it (as the connection's context, `ProxyHttp::on_connection_reuse`); reads are fenced at
 //!   the request's end ([`crate::connections::fence`], or for a chunked body
@@ -33,6 +35,7 @@
 //! Every lane answers a request the same way: the phases, the error table, the access log,
 //! the metrics and the connection's deadlines are the same code.
 
+pub mod exchange;
 pub mod forward;
 #[cfg(test)]
 mod fuzz;
@@ -52,7 +55,7 @@ use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::http::v1::server::HttpSession as SessionV1;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
-use pingora::proxy::{HttpProxy, ProxyHttp, Session};
+use pingora::proxy::{HttpProxy, Session};
 use pingora::server::ShutdownWatch;
 use pingora::{Error, ErrorType};
 use tokio::io::AsyncWriteExt;
@@ -62,9 +65,11 @@ use crate::chunked::{Chunked, Fed};
 use crate::config::ServerSettings;
 use crate::connections;
 use crate::error::StoaError;
+use crate::exchange::Exchange;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, Reply, RequestCtx, Seen, StoaProxy};
+use exchange::FrontExchange;
 use forward::{Forwarded, Forwarder};
 use head::{Body, Head, Read};
 use lane::Lane;
@@ -155,7 +160,11 @@ impl Front {
         ctx.lane = lane;
         ctx.routing = routing;
         match lane {
-            Lane::Answer | Lane::Forward => self.run(stream, buf, head.close, ctx, shutdown).await,
+            Lane::Answer => match FrontExchange::new(stream, buf, &head) {
+                Ok(exchange) => self.answer(exchange, ctx).await,
+                Err((stream, buf)) => self.run(stream, buf, head.close, ctx, shutdown).await,
+            },
+            Lane::Forward => self.run(stream, buf, head.close, ctx, shutdown).await,
             Lane::Proxy(_) => {
                 let next = self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await;
                 // pingora's proxy keeps alive a connection whose `close` is not in the first
@@ -171,9 +180,45 @@ impl Front {
         }
     }
 
-    /// Runs a request on the front (lanes `answer` and `forward`): pingora's HTTP/1 session
-    /// parses its head from the bytes read, and the front runs the phases. `close`: the head
-    /// asked for the connection to close after it.
+    /// Answers a request on the `answer` lane with the head the front read: the phases run
+    /// on the front's exchange, an answer from an entry goes out as bytes, and pingora's
+    /// session is made only if something must go through it ([`FrontExchange`]).
+    async fn answer(&self, mut exchange: FrontExchange, mut ctx: RequestCtx) -> Option<Next> {
+        let reply = match self.stoa.head_read(&mut exchange, &mut ctx) {
+            Ok(()) => self.stoa.serve(&mut exchange, &mut ctx).await,
+            Err(e) => Err(e),
+        };
+        let done = match reply {
+            Ok(Reply::Written) => Ok(()),
+            Ok(Reply::Entry(hit)) => {
+                let deco = ctx.decorations(self.stoa.draining());
+                if let Some(wire) = write::entry(&exchange, &hit, &deco) {
+                    let sent = Some((wire.status, wire.body_bytes));
+                    self.stoa.finish_request(&exchange, None, &mut ctx, sent);
+                    let (mut stream, next) = exchange.into_next().await?;
+                    write::send(&mut stream, &wire).await.ok()?;
+                    return Some((stream, next));
+                }
+                self.stoa.write_entry(&mut exchange, &ctx, &hit).await
+            }
+            // The lane said stoa answers it (the same configuration decided both).
+            Ok(Reply::Upstream) => Error::e_explain(
+                ErrorType::InternalError,
+                "a pass-through request on the answer lane",
+            ),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            return self.failed(&mut exchange, &mut ctx, &e).await;
+        }
+        self.stoa.finish_request(&exchange, None, &mut ctx, None);
+        exchange.into_next().await
+    }
+
+    /// Runs a request on the front with pingora's HTTP/1 session, which parses its head from
+    /// the bytes read (the `forward` lane, and heads the front's exchange does not take);
+    /// the front runs the phases. `close`: the head asked for the connection to close
+    /// after it.
     async fn run(
         &self,
         stream: Stream,
@@ -203,7 +248,7 @@ impl Front {
                 return self.refuse(v1.into_inner(), &err, &[], ctx.gateway).await;
             }
         }
-        let reply = match self.stoa.early_request_filter(&mut session, &mut ctx).await {
+        let reply = match self.stoa.head_read(&mut session, &mut ctx) {
             Ok(()) => self.stoa.serve(&mut session, &mut ctx).await,
             Err(e) => Err(e),
         };
@@ -337,9 +382,14 @@ impl Front {
 
     /// As `HttpProxy` does with a failed phase or proxying: stoa's error answer (unless an
     /// answer was under way), the log, and the connection closes.
-    async fn failed(&self, session: &mut Session, ctx: &mut RequestCtx, e: &Error) -> Option<Next> {
-        self.stoa.fail_to_proxy(session, e, ctx).await;
-        if !self.stoa.suppress_error_log(session, ctx, e) {
+    async fn failed(
+        &self,
+        session: &mut impl Exchange,
+        ctx: &mut RequestCtx,
+        e: &Error,
+    ) -> Option<Next> {
+        self.stoa.answer_failure(session, e, ctx).await;
+        if !proxy::quiet_failure(e) {
             tracing::error!("request failed: {e}");
         }
         self.stoa.finish_request(session, Some(e), ctx, None);

@@ -9,13 +9,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::protocols::http::date::get_cached_date;
-use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
-use pingora::proxy::Session;
 use pingora::ErrorType;
 use tokio::io::AsyncWriteExt;
 
 use super::upstream_head::Plain;
+use crate::exchange::Exchange;
 use crate::proxy::answer::{entry_headers, AnswerHeaders, Decorations};
 use crate::proxy::Hit;
 use crate::upstream::headers::{self, put_line};
@@ -44,12 +43,12 @@ const SET_PER_ANSWER: [http::HeaderName; 5] = [
 /// `None` when the session must write it: not an HTTP/1.1 keep-alive session, an answer
 /// that closes the connection, or a stored head that has a header the rate limiter sets
 /// (the session's answer would replace it).
-pub fn entry(session: &Session, hit: &Hit, deco: &Decorations<'_>) -> Option<Wire> {
-    let ServerSession::H1(v1) = &*session.downstream_session else {
+pub fn entry(session: &impl Exchange, hit: &Hit, deco: &Decorations<'_>) -> Option<Wire> {
+    if session.is_http2() {
         return None;
-    };
-    let req = v1.req_header();
-    if deco.close || req.version != http::Version::HTTP_11 || !v1.will_keepalive() {
+    }
+    let req = session.req_header();
+    if deco.close || req.version != http::Version::HTTP_11 || !session.will_keepalive() {
         return None;
     }
     let (stored, body, wire) = hit

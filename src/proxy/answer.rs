@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::Session;
 use pingora::ErrorType;
 
 use crate::cache::origin::{has_no_body, Streaming};
@@ -19,6 +18,7 @@ use crate::upstream::headers;
 
 use super::cache_status;
 use super::range::Ranged;
+use crate::exchange::Exchange;
 
 /// Headers added to every answer of a request: its id and its rate-limit state.
 pub struct Decorations<'a> {
@@ -133,7 +133,11 @@ fn age_value(secs: u64) -> Result<http::HeaderValue> {
 
 /// Writes one of stoa's own JSON errors. The connection is only kept if the request body
 /// was fully read, so an unread body can never be mistaken for the next request.
-pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_>) -> Result<()> {
+pub async fn error(
+    session: &mut impl Exchange,
+    err: &StoaError,
+    deco: &Decorations<'_>,
+) -> Result<()> {
     let req = session.req_header();
     crate::status::errors::record(
         req.method.as_str(),
@@ -168,7 +172,7 @@ pub async fn error(session: &mut Session, err: &StoaError, deco: &Decorations<'_
 }
 
 /// Writes a cached (or fetched) answer from memory, with `X-Cache` and `Age`.
-pub async fn entry(session: &mut Session, hit: &Hit, deco: &Decorations<'_>) -> Result<()> {
+pub async fn entry(session: &mut impl Exchange, hit: &Hit, deco: &Decorations<'_>) -> Result<()> {
     let req = session.req_header();
     let head_only = req.method == http::Method::HEAD;
     let accept = req.headers.get(http::header::ACCEPT_ENCODING);
@@ -286,7 +290,7 @@ impl AnswerHeaders for Placeheld<'_> {
 /// `416` with `Content-Range: bytes */len` and no body. Both carry `X-Cache`, `Age` and
 /// the headers of every answer.
 pub async fn part(
-    session: &mut Session,
+    session: &mut impl Exchange,
     entry: &Arc<Entry>,
     status: CacheStatus,
     ranged: Ranged,
@@ -354,7 +358,7 @@ pub async fn part(
 /// memory stays at a chunk or so however large it is. An upstream failing midway cuts
 /// the connection (the head is out): the error returned is the upstream's.
 pub async fn stream(
-    session: &mut Session,
+    session: &mut impl Exchange,
     mut streaming: Box<Streaming>,
     status: CacheStatus,
     deco: &Decorations<'_>,

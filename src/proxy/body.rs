@@ -4,10 +4,10 @@
 use bytes::Bytes;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
-use pingora::proxy::Session;
 use pingora::ErrorType;
 
 use crate::error::StoaError;
+use crate::exchange::Exchange;
 
 /// `Err` (413) when the length a request announces is over `limit`.
 pub fn announced_within(req: &RequestHeader, limit: u64) -> std::result::Result<(), StoaError> {
@@ -43,7 +43,7 @@ pub fn client_gone(e: &Error) -> bool {
 
 /// Reads the whole request body, or says it is over `limit` or malformed.
 pub async fn read_body(
-    session: &mut Session,
+    session: &mut impl Exchange,
     limit: u64,
 ) -> Result<std::result::Result<Bytes, StoaError>> {
     if session.is_body_empty() {

@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::proxy::Session;
 
 use super::answer::{Decorations, Hit};
 use super::cache_status::{self, BypassWhy};
@@ -20,6 +19,7 @@ use crate::cache::tags::Tags;
 use crate::cache::{CacheStatus, CachedRoute, Served};
 use crate::config::CacheSettings;
 use crate::connections;
+use crate::exchange::Exchange;
 use crate::gateway::Route;
 use crate::lifecycle::Lifecycle;
 use crate::upstream::headers::private_fetch_headers;
@@ -27,7 +27,7 @@ use crate::upstream::headers::private_fetch_headers;
 /// Answers a request on the cached route `route`, sent upstream as `upstream_path`: writes
 /// the answer, or leaves an answer from an entry whole to the caller to write (`Some`).
 pub async fn serve(
-    session: &mut Session,
+    session: &mut impl Exchange,
     ctx: &mut RequestCtx,
     lifecycle: &Lifecycle,
     route: &Route,
@@ -263,7 +263,7 @@ fn ranged(req: &RequestHeader, entry: &Entry, status: CacheStatus) -> Ranged {
 /// guide caches (from the variant the client's `Accept-Encoding` picks), with `Age` and
 /// `X-Cache`; no body, no `Content-Length`.
 async fn not_modified(
-    session: &mut Session,
+    session: &mut impl Exchange,
     entry: &Entry,
     status: CacheStatus,
     deco: &Decorations<'_>,

@@ -33,6 +33,7 @@ use pingora::ErrorType;
 use crate::cache::CacheStatus;
 use crate::connections;
 use crate::error::StoaError;
+use crate::exchange::Exchange;
 use crate::gateway::{Gateway, Route, UNMATCHED_ROUTE};
 use crate::lane::{Lane, Why};
 use crate::lifecycle::Lifecycle;
@@ -67,16 +68,13 @@ pub trait PassThrough: Send + Sync {
 /// The address a request came from (the peer of its connection; a proxy's, when it came
 /// through one). Its client, as the rate limiter and the access log know it, is
 /// [`client_addr`] of it.
-fn peer_addr(session: &Session) -> Option<IpAddr> {
-    session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip())
+fn peer_addr(session: &impl Exchange) -> Option<IpAddr> {
+    session.peer_ip()
 }
 
 /// Whether the request came over TLS (the TLS listener).
-fn over_tls(session: &Session) -> bool {
-    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+fn over_tls(session: &impl Exchange) -> bool {
+    session.over_tls()
 }
 
 impl StoaProxy {
@@ -97,7 +95,7 @@ impl StoaProxy {
     /// Writes one of stoa's own errors as the answer.
     async fn answer_error(
         &self,
-        session: &mut Session,
+        session: &mut impl Exchange,
         ctx: &RequestCtx,
         err: &StoaError,
     ) -> Result<()> {
@@ -147,7 +145,7 @@ pub fn route(
 /// announced body size). `Ok` is the route (borrowed from `gateway`) and the upstream path
 /// and query; `Err` the answer.
 fn route_request<'g>(
-    session: &Session,
+    session: &impl Exchange,
     ctx: &mut RequestCtx,
     gateway: &'g Gateway,
 ) -> std::result::Result<(&'g Route, String), StoaError> {
@@ -196,7 +194,7 @@ pub enum Reply {
 impl StoaProxy {
     /// `request_filter`, but an answer from an entry is left to the caller to write
     /// ([`StoaProxy::write_entry`] writes it through the session).
-    pub async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<Reply> {
+    pub async fn serve(&self, session: &mut impl Exchange, ctx: &mut RequestCtx) -> Result<Reply> {
         ctx.request_id =
             request_id::for_request(session.req_header(), ctx.gateway.config.server.request_id);
         let req = session.req_header();
@@ -225,10 +223,43 @@ impl StoaProxy {
         Ok(Reply::Upstream)
     }
 
+    /// Once the request head is read, before any module (pingora's
+    /// `early_request_filter`): its connection's head deadline is met; an HTTP/2 request's
+    /// cookie fields become one; repeated identical `Content-Length` lines, one.
+    pub fn head_read(&self, session: &mut impl Exchange, ctx: &mut RequestCtx) -> Result<()> {
+        connections::head_received(session);
+        if session.is_http2() {
+            ctx.lane = Lane::Proxy(Why::H2);
+            // Before anything reads the head: every lane and every fetch sees one field.
+            crate::upstream::headers::join_cookies(session.req_header_mut())?;
+        }
+        crate::upstream::headers::fold_content_length(session.req_header_mut())
+    }
+
+    /// Answers a failed request with stoa's error for `e`, if the client is still there and
+    /// nothing was written yet (pingora's `fail_to_proxy`); the status, 0 when none.
+    pub async fn answer_failure(
+        &self,
+        session: &mut impl Exchange,
+        e: &Error,
+        ctx: &RequestCtx,
+    ) -> u16 {
+        let Some(err) = fail::classify(e, ctx.route(), ctx.gateway.max_body_bytes) else {
+            return 0;
+        };
+        if session.response_written().is_none() {
+            let deco = ctx.decorations(true);
+            if let Err(write_err) = answer::error(session, &err, &deco).await {
+                tracing::debug!("could not send the error response: {write_err}");
+            }
+        }
+        err.status().as_u16()
+    }
+
     /// Writes an answer from an entry through the session.
     pub async fn write_entry(
         &self,
-        session: &mut Session,
+        session: &mut impl Exchange,
         ctx: &RequestCtx,
         hit: &Hit,
     ) -> Result<()> {
@@ -260,7 +291,7 @@ impl StoaProxy {
     /// `sent`: the status and body bytes of an answer written past the session, if it was.
     pub fn finish_request(
         &self,
-        session: &Session,
+        session: &impl Exchange,
         e: Option<&Error>,
         ctx: &mut RequestCtx,
         sent: Option<(u16, u64)>,
@@ -286,7 +317,7 @@ impl StoaProxy {
     /// What a request's record needs of its session, taken before the session gives its
     /// connection up for an answer relayed past it, which is recorded once sent
     /// ([`StoaProxy::record_taken`]); the connection turns idle.
-    pub fn take_record(&self, session: &Session, ctx: &RequestCtx) -> Taken {
+    pub fn take_record(&self, session: &impl Exchange, ctx: &RequestCtx) -> Taken {
         connections::request_done(session);
         let req = session.req_header();
         Taken {
@@ -317,8 +348,18 @@ impl StoaProxy {
     }
 }
 
+/// Whether a failure is a client's mistake or departure, not an error of stoa's: logged at
+/// debug here (the access log has the answer), and not at ERROR by whoever reports it.
+pub fn quiet_failure(e: &Error) -> bool {
+    let clients = fail::is_clients(e);
+    if clients {
+        tracing::debug!("request failed on the client's side: {e}");
+    }
+    clients
+}
+
 /// The client the rate limiter sees, behind trusted proxies too.
-fn client_of(session: &Session, ctx: &RequestCtx) -> Option<IpAddr> {
+fn client_of(session: &impl Exchange, ctx: &RequestCtx) -> Option<IpAddr> {
     let headers = &session.req_header().headers;
     peer_addr(session).map(|peer| client_addr(peer, headers, &ctx.gateway.trusted_proxies))
 }
@@ -407,13 +448,7 @@ impl ProxyHttp for StoaProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        connections::head_received(session);
-        if session.is_http2() {
-            ctx.lane = Lane::Proxy(Why::H2);
-            // Before anything reads the head: every lane and every fetch sees one field.
-            crate::upstream::headers::join_cookies(session.req_header_mut())?;
-        }
-        crate::upstream::headers::fold_content_length(session.req_header_mut())
+        self.head_read(session, ctx)
     }
 
     /// The front hands pingora's proxy a request with the context it made for it (its
@@ -523,20 +558,8 @@ impl ProxyHttp for StoaProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let Some(err) = fail::classify(e, ctx.route(), ctx.gateway.max_body_bytes) else {
-            return FailToProxy {
-                error_code: 0,
-                can_reuse_downstream: false,
-            };
-        };
-        if session.response_written().is_none() {
-            let deco = ctx.decorations(true);
-            if let Err(write_err) = answer::error(session, &err, &deco).await {
-                tracing::debug!("could not send the error response: {write_err}");
-            }
-        }
         FailToProxy {
-            error_code: err.status().as_u16(),
+            error_code: self.answer_failure(session, e, ctx).await,
             can_reuse_downstream: false,
         }
     }
@@ -544,11 +567,7 @@ impl ProxyHttp for StoaProxy {
     /// A client's mistake or departure is not an error of stoa's: logged at debug (the
     /// access log has the answer), not at ERROR. Returning `true` keeps pingora quiet.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, e: &Error) -> bool {
-        let clients = fail::is_clients(e);
-        if clients {
-            tracing::debug!("request failed on the client's side: {e}");
-        }
-        clients
+        quiet_failure(e)
     }
 
     /// Runs last, for every request however it ended: the connection turns idle, the
