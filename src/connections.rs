@@ -436,6 +436,11 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        // Pieces of one answer written together (the front's byte writer): one write as
+        // they are, with nothing gathered before them to send first.
+        if this.out.is_empty() && bufs.len() > 1 {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        }
         let len = bufs.iter().map(|b| b.len()).sum();
         if ready!(this.poll_gather(cx, len))? {
             for b in bufs {

@@ -201,23 +201,25 @@ impl Gateway {
             None => (path_and_query, None),
         };
         let path = normalize_path(path, mode)?;
-        let (index, uri) = match self.routes.lookup(method, &path) {
-            Lookup::Found(index, route, captures) => {
-                let uri = upstream_uri(
+        let found = match self.routes.lookup(method, &path) {
+            Lookup::Found(index, route, captures) => Some((
+                index,
+                upstream_uri(
                     route.upstream().map_or("", |u| u.base_path.as_str()),
                     route.spec.rewrite.as_ref(),
                     &captures,
                     &path,
                     query,
-                )?;
-                (index, uri)
-            }
-            _ => {
-                return Err(StoaError::NoRoute {
-                    path: path.into_owned(),
-                })
-            }
+                ),
+            )),
+            _ => None,
         };
+        let Some((index, uri)) = found else {
+            return Err(StoaError::NoRoute {
+                path: path.into_owned(),
+            });
+        };
+        let uri = uri?;
         let route = self
             .routes
             .routes()

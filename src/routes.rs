@@ -71,7 +71,8 @@ pub struct PathTemplate {
 /// Parameters captured by a match, as slices of the request path (still percent-encoded).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Captures<'a> {
-    values: Vec<(&'a str, &'a str)>,
+    /// Held in place up to four (a route's usual few): no allocation per request.
+    values: smallvec::SmallVec<[(&'a str, &'a str); 4]>,
 }
 
 impl<'a> Captures<'a> {

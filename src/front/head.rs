@@ -231,21 +231,33 @@ pub enum Read {
 /// Bytes of a head read at once from an idle connection.
 const FIRST_READ: usize = 4096;
 
+thread_local! {
+    /// A buffer for [`first_bytes`] that a poll found nothing to read into, for the next
+    /// poll on this worker (a connection waits for its next request at least once per
+    /// request: without it, that wait would take a buffer and give it back each time).
+    static SPARE: std::cell::Cell<Option<BytesMut>> = const { std::cell::Cell::new(None) };
+}
+
 /// The first bytes of a connection's next request; `None` when it ended first. A buffer is
-/// taken for each poll and dropped when the socket has nothing (the runtime knows when it
-/// has: no system call then), so an idle connection holds none; and a readable socket is
-/// read at once, not asked first whether it is readable (a zero-length read, one system
-/// call more per request).
+/// taken for each poll (the worker's spare, else a new one) and given back when the socket
+/// has nothing (the runtime knows when it has: no system call then), so an idle connection
+/// holds none; and a readable socket is read at once, not asked first whether it is
+/// readable (a zero-length read, one system call more per request).
 pub async fn first_bytes(stream: &mut Stream) -> std::io::Result<Option<BytesMut>> {
     poll_fn(|cx| {
         // Not zeroed: `read_buf` fills the spare capacity as it is.
-        let mut buf = BytesMut::with_capacity(FIRST_READ);
+        let mut buf = SPARE
+            .take()
+            .unwrap_or_else(|| BytesMut::with_capacity(FIRST_READ));
         let read = std::pin::pin!(stream.read_buf(&mut buf));
         match std::future::Future::poll(read, cx) {
             std::task::Poll::Ready(Ok(0)) => std::task::Poll::Ready(Ok(None)),
             std::task::Poll::Ready(Ok(_)) => std::task::Poll::Ready(Ok(Some(buf))),
             std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
-            std::task::Poll::Pending => std::task::Poll::Pending,
+            std::task::Poll::Pending => {
+                SPARE.set(Some(buf));
+                std::task::Poll::Pending
+            }
         }
     })
     .await

@@ -307,7 +307,7 @@ impl Validator<'_> {
                         format!("routes[{i}].legs[{j}].path"),
                         format!("{} {:?} matches no route", leg.method, leg.path.source),
                     ),
-                }
+                };
             }
             updates.push((
                 k,
