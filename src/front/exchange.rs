@@ -5,6 +5,7 @@
 //! byte writer does not write): it then reads the head from the same bytes, and takes over
 //! the header stoa's phases may have changed.
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -21,6 +22,14 @@ use super::head::{Body, Head, MAX_HEADERS};
 use super::Next;
 use crate::exchange::Exchange;
 
+/// What becomes of a connection once its answer is written ([`FrontExchange::into_next`]).
+pub enum After {
+    /// The connection and the bytes of the next request read with this one, if it goes on.
+    Done(Option<Next>),
+    /// pingora's session holds it, to end the answer with.
+    Session(Box<ServerSession>),
+}
+
 /// A request on the `answer` lane, with its connection.
 pub struct FrontExchange {
     header: RequestHeader,
@@ -35,8 +44,8 @@ pub struct FrontExchange {
     keepalive: bool,
     /// A read timeout set before pingora's session was made, for it.
     read_timeout: Option<Option<Duration>>,
-    /// pingora's session, once made.
-    session: Option<Session>,
+    /// pingora's session, once made (boxed: a request's future holds this exchange).
+    session: Option<Box<Session>>,
 }
 
 impl FrontExchange {
@@ -101,7 +110,7 @@ impl FrontExchange {
                 session.downstream_session.req_header_mut(),
                 &mut self.header,
             );
-            self.session = Some(session);
+            self.session = Some(Box::new(session));
         }
         match &mut self.session {
             Some(session) => Ok(session),
@@ -109,17 +118,18 @@ impl FrontExchange {
         }
     }
 
-    /// The connection once the answer is written, with the bytes read past the request,
-    /// if it may carry another.
-    pub async fn into_next(self) -> Option<Next> {
+    /// The connection once the answer is written: with the bytes read past the request if
+    /// it may carry another, or with pingora's session if one was made (which ends the
+    /// answer: [`super::finish`]).
+    pub fn into_next(self) -> After {
         if let Some(session) = self.session {
-            return super::finish(session.downstream_session).await;
+            return After::Session(session.downstream_session);
         }
         if !self.keepalive || self.body != Body::Length(0) {
-            return None;
+            return After::Done(None);
         }
         let next = (!self.rest.is_empty()).then_some(self.rest);
-        Some((self.stream?, next))
+        After::Done(self.stream.map(|stream| (stream, next)))
     }
 
     fn stream_ref(&self) -> Option<&Stream> {
@@ -165,7 +175,7 @@ impl Exchange for FrontExchange {
 
     fn will_keepalive(&self) -> bool {
         match &self.session {
-            Some(session) => Exchange::will_keepalive(session),
+            Some(session) => Exchange::will_keepalive(&**session),
             None => self.keepalive,
         }
     }
@@ -210,33 +220,43 @@ impl Exchange for FrontExchange {
             .map_or(0, |s| s.downstream_session.body_bytes_sent())
     }
 
-    async fn read_request_body(&mut self) -> Result<Option<Bytes>> {
-        if self.session.is_none() && self.body == Body::Length(0) {
-            return Ok(None);
-        }
-        self.session()
-            .await?
-            .downstream_session
-            .read_request_body()
-            .await
+    // The three below are boxed: they may make pingora's session, whose reading of the
+    // head is a large future, and an answer from an entry (the front's hits) needs none of
+    // them; unboxed, every request's future would carry it.
+
+    fn read_request_body(&mut self) -> impl Future<Output = Result<Option<Bytes>>> + Send {
+        Box::pin(async move {
+            if self.session.is_none() && self.body == Body::Length(0) {
+                return Ok(None);
+            }
+            self.session()
+                .await?
+                .downstream_session
+                .read_request_body()
+                .await
+        })
     }
 
-    async fn write_response_header(
+    fn write_response_header(
         &mut self,
         resp: Box<ResponseHeader>,
         end_of_stream: bool,
-    ) -> Result<()> {
-        let session = self.session().await?;
-        Exchange::write_response_header(session, resp, end_of_stream).await
+    ) -> impl Future<Output = Result<()>> + Send {
+        Box::pin(async move {
+            let session = self.session().await?;
+            Exchange::write_response_header(session, resp, end_of_stream).await
+        })
     }
 
-    async fn write_response_body(
+    fn write_response_body(
         &mut self,
         data: Option<Bytes>,
         end_of_stream: bool,
-    ) -> Result<()> {
-        let session = self.session().await?;
-        Exchange::write_response_body(session, data, end_of_stream).await
+    ) -> impl Future<Output = Result<()>> + Send {
+        Box::pin(async move {
+            let session = self.session().await?;
+            Exchange::write_response_body(session, data, end_of_stream).await
+        })
     }
 }
 

@@ -69,7 +69,7 @@ use crate::exchange::Exchange;
 use crate::gateway::Gateway;
 use crate::lifecycle::Lifecycle;
 use crate::proxy::{self, Reply, RequestCtx, Seen, StoaProxy};
-use exchange::FrontExchange;
+use exchange::{After, FrontExchange};
 use forward::{Forwarded, Forwarder};
 use head::{Body, Head, Read};
 use lane::Lane;
@@ -152,7 +152,9 @@ impl Front {
         let gateway = self.gateway.load_full();
         let (buf, head) = match head::read(&mut stream, carried).await {
             Read::Whole(buf, head) => (buf, head),
-            Read::Refused(err, buf) => return self.refuse(stream, &err, &buf, gateway).await,
+            Read::Refused(err, buf) => {
+                return Box::pin(self.refuse(stream, &err, &buf, gateway)).await
+            }
             Read::Closed => return None,
         };
         let (lane, routing) = lane::choose(&head, &buf, &gateway, self.forwarder.is_some());
@@ -162,11 +164,16 @@ impl Front {
         match lane {
             Lane::Answer => match FrontExchange::new(stream, buf, &head) {
                 Ok(exchange) => self.answer(exchange, ctx).await,
-                Err((stream, buf)) => self.run(stream, buf, head.close, ctx, shutdown).await,
+                Err((stream, buf)) => {
+                    Box::pin(self.run(stream, buf, head.close, ctx, shutdown)).await
+                }
             },
-            Lane::Forward => self.run(stream, buf, head.close, ctx, shutdown).await,
+            // Boxed, here and above: a request's future is allocated and moved whole when its
+            // bytes arrive, and the compiler lays `run`'s state beside the answer's rather
+            // than over it; hits would copy both.
+            Lane::Forward => Box::pin(self.run(stream, buf, head.close, ctx, shutdown)).await,
             Lane::Proxy(_) => {
-                let next = self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await;
+                let next = Box::pin(self.hand_to_proxy(stream, buf, &head, ctx, shutdown)).await;
                 // pingora's proxy keeps alive a connection whose `close` is not in the first
                 // `Connection` field; it closes here, its answer sent.
                 match next {
@@ -195,11 +202,11 @@ impl Front {
                 if let Some(wire) = write::entry(&exchange, &hit, &deco) {
                     let sent = Some((wire.status, wire.body_bytes));
                     self.stoa.finish_request(&exchange, None, &mut ctx, sent);
-                    let (mut stream, next) = exchange.into_next().await?;
+                    let (mut stream, next) = after(exchange.into_next()).await?;
                     write::send(&mut stream, &wire).await.ok()?;
                     return Some((stream, next));
                 }
-                self.stoa.write_entry(&mut exchange, &ctx, &hit).await
+                Box::pin(self.stoa.write_entry(&mut exchange, &ctx, &hit)).await
             }
             // The lane said stoa answers it (the same configuration decided both).
             Ok(Reply::Upstream) => Error::e_explain(
@@ -209,10 +216,10 @@ impl Front {
             Err(e) => Err(e),
         };
         if let Err(e) = done {
-            return self.failed(&mut exchange, &mut ctx, &e).await;
+            return Box::pin(self.failed(&mut exchange, &mut ctx, &e)).await;
         }
         self.stoa.finish_request(&exchange, None, &mut ctx, None);
-        exchange.into_next().await
+        after(exchange.into_next()).await
     }
 
     /// Runs a request on the front with pingora's HTTP/1 session, which parses its head from
@@ -371,9 +378,10 @@ impl Front {
         let mut session = ServerSession::H1(v1);
         session.set_keepalive(keepalive(shutdown));
         session.set_connection_user_context(Some(Box::new(ctx)));
-        // Boxed: pingora's proxy's future is about 10 KiB, and would otherwise be part of
-        // every request's future, allocated and moved whole whichever lane it takes.
-        let (stream, _) = Box::pin(self.proxy.process_new_http(session, shutdown))
+        // pingora's proxy's future is about 10 KiB: this whole call is boxed (`serve`).
+        let (stream, _) = self
+            .proxy
+            .process_new_http(session, shutdown)
             .await?
             .consume();
         connections::fence(&stream, None);
@@ -436,6 +444,15 @@ async fn finish(session: Box<ServerSession>) -> Option<Next> {
     };
     v1.finish_body().await.ok()?;
     Some(v1.reuse().await.ok()??.into_parts())
+}
+
+/// The connection after an answer on the `answer` lane (see [`exchange::After`]).
+async fn after(after: After) -> Option<Next> {
+    match after {
+        After::Done(next) => next,
+        // Boxed: answers from entries, the front's hits, never take this path.
+        After::Session(session) => Box::pin(finish(session)).await,
+    }
 }
 
 /// The keep-alive of a connection's next session: none once the service is stopping.

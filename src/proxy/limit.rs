@@ -88,7 +88,8 @@ pub async fn admit_async(
     };
     let policy = limiter.settings();
     let client = client_key(peer, headers, &policy.client, &gateway.trusted_proxies);
-    let checked = crate::ratelimit::cluster::check(limiter, cluster, &client).await;
+    // Boxed: a round trip to Redis, and a future the hit path would otherwise carry.
+    let checked = Box::pin(crate::ratelimit::cluster::check(limiter, cluster, &client)).await;
     settle(decision, route, limiter, &client, checked)
 }
 
