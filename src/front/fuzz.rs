@@ -5,7 +5,7 @@
 //! and white space, obs-fold, bare LF, NUL, repeated `Host`, `Content-Length` and
 //! `Transfer-Encoding`, both framings together, chunked bodies with extensions and trailers,
 //! broken ones). Each stream is read three ways:
-//! - **stoa**: the front's own steps, as `Front::serve` runs them: [`head::read`],
+//! - **stoa**: the front's own steps, as `Front::start` and the lanes run them: [`head::read`],
 //!   [`lane::choose`], then on the `answer` and `forward` lanes pingora's HTTP/1 session
 //!   with the bytes read (pipelining on), on the `proxy` lanes a session on a stream fenced
 //!   where the front fences it ([`Chunked`] for a chunked body); delivered whole, split at
@@ -394,7 +394,7 @@ async fn stoa(gateway: &Gateway, pieces: Vec<Vec<u8>>) -> Vec<StoaSeen> {
             }
         }
         let reusable = session.finish().await.ok().flatten();
-        // As `Front::serve` does after the proxy.
+        // As `Front::proxied` does after the proxy.
         let reusable = reusable.filter(|_| !head.close);
         let (keeps, end) = match reusable {
             Some(r) => {

@@ -85,6 +85,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// this one.
 type Next = (Stream, Option<BytesMut>);
 
+/// A request running on its lane ([`Front::start`]).
+type Running<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Option<Next>> + Send + 'a>>;
+
 /// The proxy's app: the front, with pingora's proxy behind it.
 pub struct Front {
     proxy: Arc<HttpProxy<StoaProxy>>,
@@ -141,49 +144,50 @@ impl Front {
         }
     }
 
-    /// Serves the request whose bytes start `carried` or the stream: reads its head,
-    /// chooses its lane, and runs it there; the connection, if it may carry another.
-    async fn serve(
-        &self,
-        mut stream: Stream,
-        carried: Option<BytesMut>,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Next> {
-        let gateway = self.gateway.load_full();
-        let (buf, head) = match head::read(&mut stream, carried).await {
-            Read::Whole(buf, head) => (buf, head),
-            Read::Refused(err, buf) => {
-                return Box::pin(self.refuse(stream, &err, &buf, gateway)).await
-            }
-            Read::Closed => return None,
-        };
+    /// Chooses the lane of the request whose head (`head`) starts `buf`, and starts it
+    /// there. Its state is allocated now, sized to its lane (the states of the others are not
+    /// in it), moved once into that allocation, and given back when it is answered; the
+    /// connection, if it may carry another.
+    fn start<'a>(
+        &'a self,
+        stream: Stream,
+        buf: BytesMut,
+        head: Head,
+        gateway: Arc<Gateway>,
+        shutdown: &'a ShutdownWatch,
+    ) -> Running<'a> {
         let (lane, routing) = lane::choose(&head, &buf, &gateway, self.forwarder.is_some());
         let mut ctx = RequestCtx::new(self.lifecycle.track(), gateway);
         ctx.lane = lane;
         ctx.routing = routing;
         match lane {
             Lane::Answer => match FrontExchange::new(stream, buf, &head) {
-                Ok(exchange) => self.answer(exchange, ctx).await,
-                Err((stream, buf)) => {
-                    Box::pin(self.run(stream, buf, head.close, ctx, shutdown)).await
-                }
+                Ok(exchange) => Box::pin(self.answer(exchange, ctx)),
+                Err((stream, buf)) => Box::pin(self.run(stream, buf, head.close, ctx, shutdown)),
             },
-            // Boxed, here and above: a request's future is allocated and moved whole when its
-            // bytes arrive, and the compiler lays `run`'s state beside the answer's rather
-            // than over it; hits would copy both.
-            Lane::Forward => Box::pin(self.run(stream, buf, head.close, ctx, shutdown)).await,
-            Lane::Proxy(_) => {
-                let next = Box::pin(self.hand_to_proxy(stream, buf, &head, ctx, shutdown)).await;
-                // pingora's proxy keeps alive a connection whose `close` is not in the first
-                // `Connection` field; it closes here, its answer sent.
-                match next {
-                    Some((mut stream, _)) if head.close => {
-                        let _ = stream.shutdown().await;
-                        None
-                    }
-                    next => next,
-                }
+            Lane::Forward => Box::pin(self.run(stream, buf, head.close, ctx, shutdown)),
+            Lane::Proxy(_) => Box::pin(self.proxied(stream, buf, head, ctx, shutdown)),
+        }
+    }
+
+    /// Runs a request on pingora's proxy ([`Front::hand_to_proxy`]).
+    async fn proxied(
+        &self,
+        stream: Stream,
+        buf: BytesMut,
+        head: Head,
+        ctx: RequestCtx,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Next> {
+        let next = self.hand_to_proxy(stream, buf, &head, ctx, shutdown).await;
+        // pingora's proxy keeps alive a connection whose `close` is not in the first
+        // `Connection` field; it closes here, its answer sent.
+        match next {
+            Some((mut stream, _)) if head.close => {
+                let _ = stream.shutdown().await;
+                None
             }
+            next => next,
         }
     }
 
@@ -378,7 +382,8 @@ impl Front {
         let mut session = ServerSession::H1(v1);
         session.set_keepalive(keepalive(shutdown));
         session.set_connection_user_context(Some(Box::new(ctx)));
-        // pingora's proxy's future is about 10 KiB: this whole call is boxed (`serve`).
+        // pingora's proxy's future is about 10 KiB: it is in this lane's state alone
+        // (`Front::start`).
         let (stream, _) = self
             .proxy
             .process_new_http(session, shutdown)
@@ -484,9 +489,16 @@ impl ServerApp for Front {
                     _ = closing.wait_for(|closed| *closed) => return None,
                 }
             }
-            // Boxed: a request's state is taken when its bytes are there, and given back
-            // when it is answered.
-            (stream, carried) = Box::pin(self.serve(stream, carried.take(), shutdown)).await?;
+            let gateway = self.gateway.load_full();
+            let (buf, head) = match head::read(&mut stream, carried.take()).await {
+                Read::Whole(buf, head) => (buf, head),
+                Read::Refused(err, buf) => {
+                    Box::pin(self.refuse(stream, &err, &buf, gateway)).await;
+                    return None;
+                }
+                Read::Closed => return None,
+            };
+            (stream, carried) = self.start(stream, buf, head, gateway, shutdown).await?;
         }
     }
 
