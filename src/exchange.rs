@@ -21,10 +21,12 @@ pub trait Exchange: Send {
 
     fn req_header_mut(&mut self) -> &mut RequestHeader;
 
-    /// The address of the connection's peer (a proxy's, when the request came through one).
+    /// The address a request came from: the peer of its connection (a proxy's, when it
+    /// came through one). Its client, as the rate limiter and the access log know it, is
+    /// `crate::ratelimit::client_addr` of it.
     fn peer_ip(&self) -> Option<IpAddr>;
 
-    /// Whether the request came over TLS.
+    /// Whether the request came over TLS (the TLS listener).
     fn over_tls(&self) -> bool;
 
     fn is_http2(&self) -> bool;
@@ -143,4 +145,10 @@ impl Exchange for Session {
     ) -> impl Future<Output = Result<()>> + Send {
         Session::write_response_body(self, data, end_of_stream)
     }
+}
+
+/// The address of a connection's peer, from its stream.
+pub fn peer_of(stream: &Stream) -> Option<IpAddr> {
+    let peer = stream.get_socket_digest()?.peer_addr()?.as_inet()?.ip();
+    Some(peer)
 }

@@ -131,13 +131,6 @@ impl FrontExchange {
         let next = (!self.rest.is_empty()).then_some(self.rest);
         After::Done(self.stream.map(|stream| (stream, next)))
     }
-
-    fn stream_ref(&self) -> Option<&Stream> {
-        match &self.session {
-            Some(session) => session.downstream_session.stream(),
-            None => self.stream.as_ref(),
-        }
-    }
 }
 
 impl Exchange for FrontExchange {
@@ -156,13 +149,11 @@ impl Exchange for FrontExchange {
     }
 
     fn peer_ip(&self) -> Option<IpAddr> {
-        let digest = self.stream_ref()?.get_socket_digest()?;
-        digest.peer_addr()?.as_inet().map(|a| a.ip())
+        crate::exchange::peer_of(self.stream()?)
     }
 
     fn over_tls(&self) -> bool {
-        self.stream_ref()
-            .is_some_and(|s| s.get_ssl_digest().is_some())
+        self.stream().is_some_and(|s| s.get_ssl_digest().is_some())
     }
 
     fn is_http2(&self) -> bool {
@@ -170,7 +161,10 @@ impl Exchange for FrontExchange {
     }
 
     fn stream(&self) -> Option<&Stream> {
-        self.stream_ref()
+        match &self.session {
+            Some(session) => session.downstream_session.stream(),
+            None => self.stream.as_ref(),
+        }
     }
 
     fn will_keepalive(&self) -> bool {

@@ -425,11 +425,8 @@ impl Front {
         ctx.lane = Lane::Answer;
         let (method, target) = head::request_line(buf);
         let path = target.split('?').next().unwrap_or_default();
-        let client = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         let seen = Seen {
-            client,
+            client: crate::exchange::peer_of(&stream),
             method: &method,
             path,
             status: err.status().as_u16(),

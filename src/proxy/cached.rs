@@ -11,7 +11,7 @@ use super::answer::{Decorations, Hit};
 use super::cache_status::{self, BypassWhy};
 use super::ctx::RequestCtx;
 use super::range::{self, Ranged};
-use super::{answer, body, limit, over_tls, peer_addr};
+use super::{answer, body, limit};
 use crate::cache::control::Validators;
 use crate::cache::origin::FetchRequest;
 use crate::cache::store::Entry;
@@ -74,7 +74,7 @@ pub async fn serve(
     // A private request always fetches, so a `misses` policy counts it now; a shared one
     // only when it would lead a flight (`serve_miss` asks). The client is identified only
     // then, so hits cost nothing here.
-    let peer = peer_addr(session);
+    let peer = session.peer_ip();
     let miss_limit = limit::on_misses(route);
     let admit = |decision: &mut _, headers: &http::HeaderMap| match miss_limit {
         Some(limiter) => limit::admit(
@@ -114,7 +114,7 @@ pub async fn serve(
     } else if private {
         let mut fetch = FetchRequest {
             method,
-            headers: private_fetch_headers(req, peer, over_tls(session), &ctx.request_id),
+            headers: private_fetch_headers(req, peer, session.over_tls(), &ctx.request_id),
             path_and_query: upstream_path,
             body,
             tags: Tags::new(),

@@ -65,18 +65,6 @@ pub trait PassThrough: Send + Sync {
     ) -> Result<()>;
 }
 
-/// The address a request came from (the peer of its connection; a proxy's, when it came
-/// through one). Its client, as the rate limiter and the access log know it, is
-/// [`client_addr`] of it.
-fn peer_addr(session: &impl Exchange) -> Option<IpAddr> {
-    session.peer_ip()
-}
-
-/// Whether the request came over TLS (the TLS listener).
-fn over_tls(session: &impl Exchange) -> bool {
-    session.over_tls()
-}
-
 impl StoaProxy {
     pub fn new(gateway: Arc<ArcSwap<Gateway>>, lifecycle: Arc<Lifecycle>) -> Self {
         StoaProxy {
@@ -207,7 +195,7 @@ impl StoaProxy {
                 return Ok(Reply::Written);
             }
         };
-        let peer = peer_addr(session);
+        let peer = session.peer_ip();
         if let Err(e) = admit_request(session.req_header(), peer, ctx, &gateway, route).await {
             self.answer_error(session, ctx, &e).await?;
             return Ok(Reply::Written);
@@ -361,7 +349,9 @@ pub fn quiet_failure(e: &Error) -> bool {
 /// The client the rate limiter sees, behind trusted proxies too.
 fn client_of(session: &impl Exchange, ctx: &RequestCtx) -> Option<IpAddr> {
     let headers = &session.req_header().headers;
-    peer_addr(session).map(|peer| client_addr(peer, headers, &ctx.gateway.trusted_proxies))
+    session
+        .peer_ip()
+        .map(|peer| client_addr(peer, headers, &ctx.gateway.trusted_proxies))
 }
 
 /// The end of a request's record: its upstream slot freed, its trace finished, and

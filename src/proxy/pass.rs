@@ -10,10 +10,10 @@ use pingora::proxy::Session;
 use pingora::ErrorType;
 
 use super::ctx::RequestCtx;
-use super::{over_tls, peer_addr};
 use crate::cache::purge::{Invalidation, PurgeWhat};
 use crate::cache::tags::group_invalidation;
 use crate::error::StoaError;
+use crate::exchange::Exchange;
 use crate::gateway::Route;
 use crate::upstream::headers;
 use crate::upstream::link::Link;
@@ -79,8 +79,8 @@ pub fn upstream_head(
     headers::forward(
         upstream_request,
         link.client().host_header(),
-        peer_addr(session),
-        over_tls(session),
+        session.peer_ip(),
+        session.over_tls(),
         &ctx.request_id,
     )
 }
@@ -113,8 +113,8 @@ pub fn upstream_wire(
         req,
         target,
         link.client().host_header(),
-        peer_addr(session),
-        over_tls(session),
+        session.peer_ip(),
+        session.over_tls(),
         &ctx.request_id,
         body,
     )
